@@ -1,0 +1,31 @@
+//! The stage contract between the operator (or the local runner) and `pretrain-worker`: environment
+//! variables and exit codes.
+
+/// Environment variable with the run name (`metadata.name`).
+pub const ENV_RUN: &str = "PRETRAIN_RUN";
+/// Environment variable with the store URL (overrides `spec.storage.url`).
+pub const ENV_STORE: &str = "PRETRAIN_STORE";
+/// Rank of this process in its gang.
+pub const ENV_RANK: &str = "RANK";
+/// Processes in the gang.
+pub const ENV_WORLD_SIZE: &str = "WORLD_SIZE";
+/// Rendezvous host (rank 0).
+pub const ENV_MASTER_ADDR: &str = "MASTER_ADDR";
+/// Rendezvous port.
+pub const ENV_MASTER_PORT: &str = "MASTER_PORT";
+/// Index of this pod in an Indexed Job (sharded stages).
+pub const ENV_JOB_COMPLETION_INDEX: &str = "JOB_COMPLETION_INDEX";
+
+/// Exit codes of `pretrain-worker`.
+pub mod exit {
+    /// The stage committed its outputs (or found them committed already).
+    pub const DONE: i32 = 0;
+    /// The stage failed; the last stderr line says why.
+    pub const FAILED: i32 = 1;
+    /// The spec or the command line is invalid; retrying cannot help.
+    pub const INVALID: i32 = 2;
+    /// This build of the worker does not implement the stage.
+    pub const UNAVAILABLE: i32 = 3;
+    /// The stage checkpointed on SIGTERM and wants to be resumed (EX_TEMPFAIL).
+    pub const RESUME: i32 = 75;
+}

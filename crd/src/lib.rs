@@ -1,0 +1,19 @@
+//! The `PretrainRun` API: types with their defaults, the CRD, validation, and the stage list.
+//!
+//! The one config type the operator writes and the worker reads. No I/O beyond reading a manifest
+//! file, no async runtime, no Kubernetes client.
+
+pub mod contract;
+pub mod manifest;
+mod schema;
+pub mod spec;
+pub mod stage;
+pub mod status;
+pub mod validate;
+
+pub use manifest::{ManifestError, load, parse};
+pub use schema::{crd, crd_yaml};
+pub use spec::{PretrainRun, PretrainRunSpec};
+pub use stage::Stage;
+pub use status::PretrainRunStatus;
+pub use validate::{FieldError, ValidationErrors, validate, validate_spec};

@@ -1,0 +1,80 @@
+//! `pretrain`: validate manifests, print the CRD, and run a manifest on this machine.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use pretrain_crd::Stage;
+use pretrain_operator::local::{self, RunOptions};
+
+#[derive(Debug, Parser)]
+#[command(name = "pretrain", version, about = "Train Llama-style models from raw text, on one machine or a cluster")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Check a manifest; prints `ok`, or every error with its field path (exit code 2).
+    Validate {
+        /// The PretrainRun manifest.
+        file: PathBuf,
+    },
+    /// Print the PretrainRun CustomResourceDefinition as YAML.
+    Crd,
+    /// Run a manifest's stages on this machine, skipping stages already committed.
+    Run {
+        /// The PretrainRun manifest.
+        file: PathBuf,
+        /// Store URL to use instead of spec.storage.url (e.g. file://./runs).
+        #[arg(long)]
+        store: Option<String>,
+        /// First stage to run.
+        #[arg(long)]
+        from: Option<Stage>,
+        /// Last stage to run.
+        #[arg(long)]
+        until: Option<Stage>,
+        /// The pretrain-worker binary (default: next to this executable, else on PATH).
+        #[arg(long, env = "PRETRAIN_WORKER")]
+        worker: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Validate { file } => match pretrain_crd::load(&file) {
+            Ok(_) => {
+                println!("ok");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Crd => {
+            print!("{}", pretrain_crd::crd_yaml());
+            ExitCode::SUCCESS
+        }
+        Command::Run { file, store, from, until, worker } => {
+            let opts =
+                RunOptions { manifest: file, store, from, until, worker: worker.unwrap_or_else(local::default_worker) };
+            let runtime =
+                tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime starts");
+            match runtime.block_on(local::run(&opts)) {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(local::RunError::Manifest(e)) => {
+                    eprintln!("{e}");
+                    ExitCode::from(2)
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,480 @@
+//! Object storage for runs: a store opened from a URL, the key layout `<run>/<stage>/...`, and the
+//! stage commit of DESIGN.md (`_SUCCESS.json`, written last, naming every output with its sha256).
+//!
+//! Shared by the operator (which only reads commits) and the worker (which writes stage outputs).
+
+use std::fmt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::aws::AmazonS3Builder;
+use object_store::azure::MicrosoftAzureBuilder;
+use object_store::buffered::BufWriter;
+use object_store::gcp::GoogleCloudStorageBuilder;
+use object_store::local::LocalFileSystem;
+use object_store::memory::InMemory;
+use object_store::path::Path;
+use object_store::prefix::PrefixStore;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use pretrain_crd::Stage;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+
+/// The commit marker's file name; written last in a stage directory.
+pub const SUCCESS_FILE: &str = "_SUCCESS.json";
+
+/// Version of the `_SUCCESS.json` format.
+pub const COMMIT_FORMAT_VERSION: u32 = 1;
+
+/// Store failures; each names the URL or key it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The store URL cannot be used.
+    #[error("store URL {url:?}: {reason}")]
+    Url {
+        /// The URL as given.
+        url: String,
+        /// Why it was refused.
+        reason: String,
+    },
+    /// A key is not a safe relative object path.
+    #[error("object key {key:?}: {reason}")]
+    Key {
+        /// The key as given.
+        key: String,
+        /// Why it was refused.
+        reason: String,
+    },
+    /// The object store failed.
+    #[error("{store}/{key}: {source}")]
+    Object {
+        /// Store URL.
+        store: String,
+        /// Key of the object.
+        key: String,
+        /// The underlying error.
+        source: object_store::Error,
+    },
+    /// An object exists but its contents are wrong.
+    #[error("{store}/{key}: {reason}")]
+    Corrupt {
+        /// Store URL.
+        store: String,
+        /// Key of the object.
+        key: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// Store result.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// An object store rooted at a URL.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<dyn ObjectStore>,
+    url: String,
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Store").field("url", &self.url).finish()
+    }
+}
+
+impl Store {
+    /// Opens `file://PATH` (absolute with `file:///`, else relative to the working directory; created
+    /// if missing), `memory://`, `s3://BUCKET[/PREFIX]`, `gs://BUCKET[/PREFIX]` or
+    /// `az://CONTAINER[/PREFIX]`. Cloud credentials and endpoints come from the environment
+    /// (`AWS_*`, `GOOGLE_*`, `AZURE_*`), which in a cluster the storage Secret provides.
+    pub fn open(url: &str) -> Result<Self> {
+        let bad = |reason: String| Error::Url { url: url.to_string(), reason };
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| bad("expected SCHEME://..., with scheme file, s3, gs, az or memory".into()))?;
+        let inner: Arc<dyn ObjectStore> = match scheme {
+            "file" => {
+                if rest.is_empty() {
+                    return Err(bad("names no directory".into()));
+                }
+                std::fs::create_dir_all(rest).map_err(|e| bad(format!("cannot create directory {rest:?}: {e}")))?;
+                Arc::new(LocalFileSystem::new_with_prefix(rest).map_err(|e| bad(e.to_string()))?)
+            }
+            "memory" => Arc::new(InMemory::new()),
+            "s3" | "gs" | "az" => {
+                let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+                if bucket.is_empty() {
+                    return Err(bad("names no bucket".into()));
+                }
+                let store: Arc<dyn ObjectStore> = match scheme {
+                    "s3" => Arc::new(
+                        AmazonS3Builder::from_env().with_bucket_name(bucket).build().map_err(|e| bad(e.to_string()))?,
+                    ),
+                    "gs" => Arc::new(
+                        GoogleCloudStorageBuilder::from_env()
+                            .with_bucket_name(bucket)
+                            .build()
+                            .map_err(|e| bad(e.to_string()))?,
+                    ),
+                    _ => Arc::new(
+                        MicrosoftAzureBuilder::from_env()
+                            .with_container_name(bucket)
+                            .build()
+                            .map_err(|e| bad(e.to_string()))?,
+                    ),
+                };
+                let prefix = prefix.trim_matches('/');
+                if prefix.is_empty() {
+                    store
+                } else {
+                    let prefix = Path::parse(prefix).map_err(|e| bad(format!("bad prefix: {e}")))?;
+                    Arc::new(PrefixStore::new(store, prefix))
+                }
+            }
+            other => return Err(bad(format!("scheme {other:?} is not supported; use file, s3, gs, az or memory"))),
+        };
+        Ok(Self { inner, url: url.trim_end_matches('/').to_string() })
+    }
+
+    /// Wraps an existing object store (tests, fault injection).
+    pub fn from_object_store(inner: Arc<dyn ObjectStore>, url: impl Into<String>) -> Self {
+        Self { inner, url: url.into() }
+    }
+
+    /// The URL the store was opened from.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The underlying object store.
+    pub fn object_store(&self) -> &Arc<dyn ObjectStore> {
+        &self.inner
+    }
+
+    /// The directory of one stage of one run.
+    pub fn stage(&self, run: &str, stage: Stage) -> Result<StageDir> {
+        let run_key = key(run)?;
+        if run_key.parts().count() != 1 {
+            return Err(Error::Key { key: run.into(), reason: "a run name is a single path segment".into() });
+        }
+        Ok(StageDir { store: self.clone(), prefix: run_key.clone().join(stage.as_str()), run: run.into(), stage })
+    }
+
+    fn object_error(&self, key: &Path, source: object_store::Error) -> Error {
+        Error::Object { store: self.url.clone(), key: key.to_string(), source }
+    }
+
+    /// Reads a whole object.
+    pub async fn get(&self, key: &Path) -> Result<Bytes> {
+        let result = self.inner.get(key).await.map_err(|e| self.object_error(key, e))?;
+        result.bytes().await.map_err(|e| self.object_error(key, e))
+    }
+
+    /// Reads a whole object, or `None` if it does not exist.
+    pub async fn get_opt(&self, key: &Path) -> Result<Option<Bytes>> {
+        match self.inner.get(key).await {
+            Ok(result) => result.bytes().await.map(Some).map_err(|e| self.object_error(key, e)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.object_error(key, e)),
+        }
+    }
+
+    /// Writes a whole object (atomically: readers see the old object or the new one).
+    pub async fn put(&self, key: &Path, bytes: Bytes) -> Result<()> {
+        self.inner.put(key, PutPayload::from_bytes(bytes)).await.map_err(|e| self.object_error(key, e))?;
+        Ok(())
+    }
+
+    /// Size of an object, or `None` if it does not exist.
+    pub async fn size(&self, key: &Path) -> Result<Option<u64>> {
+        match self.inner.head(key).await {
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.object_error(key, e)),
+        }
+    }
+
+    /// Every key under `prefix`, sorted.
+    pub async fn list(&self, prefix: &Path) -> Result<Vec<Path>> {
+        let mut keys: Vec<Path> = self
+            .inner
+            .list(Some(prefix))
+            .map_ok(|meta| meta.location)
+            .try_collect()
+            .await
+            .map_err(|e| self.object_error(prefix, e))?;
+        keys.sort();
+        Ok(keys)
+    }
+
+    /// Deletes every object under `prefix`.
+    pub async fn delete_prefix(&self, prefix: &Path) -> Result<usize> {
+        let keys = self.list(prefix).await?;
+        for k in &keys {
+            match self.inner.delete(k).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(self.object_error(k, e)),
+            }
+        }
+        Ok(keys.len())
+    }
+}
+
+/// Parses a relative object key, refusing empty, absolute and `..` paths.
+pub fn key(raw: &str) -> Result<Path> {
+    let refuse = |reason: &str| Error::Key { key: raw.to_string(), reason: reason.to_string() };
+    if raw.is_empty() {
+        return Err(refuse("is empty"));
+    }
+    if raw.starts_with('/') {
+        return Err(refuse("must be relative"));
+    }
+    if raw.split('/').any(|part| part == ".." || part == ".") {
+        return Err(refuse("must not contain '.' or '..' segments"));
+    }
+    Path::parse(raw).map_err(|e| refuse(&e.to_string()))
+}
+
+/// One output file of a stage, as recorded in its commit.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    /// Path relative to the stage directory.
+    pub path: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Hex sha256 of the contents.
+    pub sha256: String,
+}
+
+/// The `_SUCCESS.json` of a stage: the proof that its outputs are complete.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StageCommit {
+    /// Format of this record.
+    pub format_version: u32,
+    /// Run name.
+    pub run: String,
+    /// Stage name.
+    pub stage: Stage,
+    /// `PretrainRunSpec::stage_config_hash` of the spec that produced the outputs.
+    pub config_hash: String,
+    /// Every output file.
+    pub files: Vec<FileEntry>,
+    /// Stage statistics (counts, timings), free-form.
+    pub stats: serde_json::Value,
+    /// Seconds since the Unix epoch when the commit was written.
+    pub committed_at_unix: u64,
+}
+
+/// The directory `<run>/<stage>/` of a store.
+#[derive(Clone, Debug)]
+pub struct StageDir {
+    store: Store,
+    prefix: Path,
+    run: String,
+    stage: Stage,
+}
+
+impl StageDir {
+    /// The store the directory lives in.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The stage this directory belongs to.
+    pub fn stage(&self) -> Stage {
+        self.stage
+    }
+
+    /// The directory's key prefix, `<run>/<stage>`.
+    pub fn prefix(&self) -> &Path {
+        &self.prefix
+    }
+
+    /// The full key of a file in this directory; `name` is relative (`shards/00001.jsonl.zst`).
+    pub fn key(&self, name: &str) -> Result<Path> {
+        let rel = key(name)?;
+        Ok(rel.parts().fold(self.prefix.clone(), |p, part| p.join(part)))
+    }
+
+    /// The URL of a file in this directory, for messages and status.
+    pub fn url(&self, name: &str) -> String {
+        format!("{}/{}/{name}", self.store.url, self.prefix)
+    }
+
+    /// Writes a whole file and returns its commit entry.
+    pub async fn put(&self, name: &str, bytes: Bytes) -> Result<FileEntry> {
+        let entry =
+            FileEntry { path: name.into(), size: bytes.len() as u64, sha256: hex::encode(Sha256::digest(&bytes)) };
+        self.store.put(&self.key(name)?, bytes).await?;
+        Ok(entry)
+    }
+
+    /// Reads a whole file.
+    pub async fn get(&self, name: &str) -> Result<Bytes> {
+        self.store.get(&self.key(name)?).await
+    }
+
+    /// Streams a file in (multipart on cloud stores), hashing as it goes.
+    pub fn writer(&self, name: &str) -> Result<FileWriter> {
+        let key = self.key(name)?;
+        Ok(FileWriter {
+            inner: BufWriter::new(Arc::clone(&self.store.inner), key.clone()),
+            store: self.store.clone(),
+            key,
+            name: name.into(),
+            hasher: Sha256::new(),
+            size: 0,
+        })
+    }
+
+    /// The stage's commit, whatever spec produced it; `None` if the stage never committed.
+    pub async fn commit_record(&self) -> Result<Option<StageCommit>> {
+        let key = self.key(SUCCESS_FILE)?;
+        let Some(bytes) = self.store.get_opt(&key).await? else {
+            return Ok(None);
+        };
+        let corrupt = |reason: String| Error::Corrupt { store: self.store.url.clone(), key: key.to_string(), reason };
+        let commit: StageCommit =
+            serde_json::from_slice(&bytes).map_err(|e| corrupt(format!("not a stage commit: {e}")))?;
+        if commit.format_version > COMMIT_FORMAT_VERSION {
+            return Err(corrupt(format!(
+                "format version {} is newer than this build understands ({COMMIT_FORMAT_VERSION})",
+                commit.format_version
+            )));
+        }
+        if commit.stage != self.stage || commit.run != self.run {
+            return Err(corrupt(format!(
+                "records {}/{} instead of {}/{}",
+                commit.run, commit.stage, self.run, self.stage
+            )));
+        }
+        Ok(Some(commit))
+    }
+
+    /// The stage's commit if it was made by a spec with `config_hash`.
+    pub async fn committed(&self, config_hash: &str) -> Result<Option<StageCommit>> {
+        Ok(self.commit_record().await?.filter(|c| c.config_hash == config_hash))
+    }
+
+    /// Commits the stage: checks that every listed file is present with its recorded size, then
+    /// writes `_SUCCESS.json` last. Until this returns, the stage counts as not done.
+    pub async fn commit(
+        &self,
+        config_hash: &str,
+        mut files: Vec<FileEntry>,
+        stats: serde_json::Value,
+    ) -> Result<StageCommit> {
+        files.sort_by(|a, b| a.path.cmp(&b.path));
+        for w in files.windows(2) {
+            if w[0].path == w[1].path {
+                return Err(Error::Key { key: w[0].path.clone(), reason: "listed twice in the commit".into() });
+            }
+        }
+        for f in &files {
+            if f.path == SUCCESS_FILE {
+                return Err(Error::Key { key: f.path.clone(), reason: "is the commit marker itself".into() });
+            }
+            let key = self.key(&f.path)?;
+            match self.store.size(&key).await? {
+                Some(size) if size == f.size => {}
+                found => {
+                    return Err(Error::Corrupt {
+                        store: self.store.url.clone(),
+                        key: key.to_string(),
+                        reason: format!("expected {} bytes before commit, found {found:?}", f.size),
+                    });
+                }
+            }
+        }
+        let commit = StageCommit {
+            format_version: COMMIT_FORMAT_VERSION,
+            run: self.run.clone(),
+            stage: self.stage,
+            config_hash: config_hash.into(),
+            files,
+            stats,
+            committed_at_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        };
+        let json = serde_json::to_vec_pretty(&commit).expect("a commit serialises to JSON");
+        self.store.put(&self.key(SUCCESS_FILE)?, Bytes::from(json)).await?;
+        Ok(commit)
+    }
+
+    /// Re-reads every file of a commit and checks its size and sha256.
+    pub async fn verify(&self, commit: &StageCommit) -> Result<()> {
+        for f in &commit.files {
+            let bytes = self.get(&f.path).await?;
+            let sha = hex::encode(Sha256::digest(&bytes));
+            if bytes.len() as u64 != f.size || sha != f.sha256 {
+                return Err(Error::Corrupt {
+                    store: self.store.url.clone(),
+                    key: self.key(&f.path)?.to_string(),
+                    reason: format!(
+                        "expected {} bytes with sha256 {}, found {} bytes with sha256 {sha}",
+                        f.size,
+                        f.sha256,
+                        bytes.len()
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the commit marker (the stage counts as not done; outputs stay until overwritten).
+    pub async fn uncommit(&self) -> Result<()> {
+        let key = self.key(SUCCESS_FILE)?;
+        match self.store.inner.delete(&key).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.store.object_error(&key, e)),
+        }
+    }
+}
+
+/// A streaming upload that hashes what it writes.
+pub struct FileWriter {
+    inner: BufWriter,
+    store: Store,
+    key: Path,
+    name: String,
+    hasher: Sha256,
+    size: u64,
+}
+
+impl fmt::Debug for FileWriter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FileWriter").field("key", &self.key).field("size", &self.size).finish()
+    }
+}
+
+impl FileWriter {
+    /// Appends bytes.
+    pub async fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        self.hasher.update(bytes);
+        self.size += bytes.len() as u64;
+        self.inner.write_all(bytes).await.map_err(|e| self.io_error(e))
+    }
+
+    /// Completes the upload; the object becomes visible only now.
+    pub async fn finish(mut self) -> Result<FileEntry> {
+        self.inner.shutdown().await.map_err(|e| self.io_error(e))?;
+        Ok(FileEntry { path: self.name, size: self.size, sha256: hex::encode(self.hasher.finalize()) })
+    }
+
+    /// Abandons the upload, leaving no object behind.
+    pub async fn abort(mut self) -> Result<()> {
+        self.inner.abort().await.map_err(|e| self.store.object_error(&self.key, e))
+    }
+
+    fn io_error(&self, e: std::io::Error) -> Error {
+        let source = object_store::Error::Generic { store: "upload", source: Box::new(e) };
+        self.store.object_error(&self.key, source)
+    }
+}

@@ -1,0 +1,7 @@
+//! `pretrain-worker`: the processes that do a stage's work. A stage reads its spec, finds its inputs
+//! under `<store>/<run>/<upstream>/`, writes its outputs under `<store>/<run>/<stage>/` and commits
+//! them with `_SUCCESS.json` last. The worker never talks to Kubernetes.
+
+pub mod context;
+
+pub use context::{Context, ContextError};

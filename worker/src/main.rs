@@ -1,0 +1,56 @@
+//! `pretrain-worker <stage> --spec FILE|URL`: one process of one stage, following the stage contract
+//! (exit codes in `pretrain_crd::contract::exit`, a one-line reason on stderr when it fails).
+
+use clap::Parser;
+use pretrain_crd::Stage;
+use pretrain_crd::contract::exit;
+use pretrain_worker::{Context, ContextError};
+
+#[derive(Debug, Parser)]
+#[command(name = "pretrain-worker", version, about = "Runs one stage of a PretrainRun")]
+struct Cli {
+    /// Stage to run: data-prep, tokenize, train, long-context or eval.
+    stage: Stage,
+    /// The PretrainRun manifest: a file path or an object-store URL.
+    #[arg(long)]
+    spec: String,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime starts");
+    let code = runtime.block_on(run(cli));
+    std::process::exit(code);
+}
+
+async fn run(cli: Cli) -> i32 {
+    let ctx = match Context::from_env(cli.stage, &cli.spec).await {
+        Ok(ctx) => ctx,
+        Err(e @ (ContextError::Manifest(_) | ContextError::Env { .. })) => {
+            eprintln!("{e}");
+            return exit::INVALID;
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            return exit::FAILED;
+        }
+    };
+    match ctx.dir.committed(&ctx.config_hash()).await {
+        Ok(Some(_)) => {
+            println!("{}: outputs already committed for this spec; nothing to do", ctx.stage);
+            return exit::DONE;
+        }
+        Ok(None) => {}
+        Err(e) => {
+            eprintln!("{e}");
+            return exit::FAILED;
+        }
+    }
+    match ctx.stage {
+        // Stages land one by one; until then the worker says so and the runner stops there.
+        Stage::DataPrep | Stage::Tokenize | Stage::Train | Stage::LongContext | Stage::Eval => {
+            eprintln!("stage {} is not implemented in pretrain-worker {}", ctx.stage, env!("CARGO_PKG_VERSION"));
+            exit::UNAVAILABLE
+        }
+    }
+}
