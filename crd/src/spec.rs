@@ -3,6 +3,9 @@
 //! Defaults live in `Default` impls and `#[serde(default)]`, so a manifest parsed by the CLI and one
 //! defaulted by the API server (from the generated schema) resolve to the same values.
 
+// kube's `printcolumn(...)` repeats argument names by design; clippy reads them as duplicates.
+#![allow(clippy::duplicated_attributes)]
+
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;

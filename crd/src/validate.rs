@@ -356,12 +356,12 @@ fn model(m: &Model, e: &mut Errors) {
         e.push(field(&[heads, kv_heads]), "heads and kvHeads must be at least 1");
         return;
     }
-    if c.dim % c.heads != 0 {
+    if !c.dim.is_multiple_of(c.heads) {
         e.push(field(&[heads, dim]), format!("dim ({}) must be a multiple of heads ({})", c.dim, c.heads));
-    } else if (c.dim / c.heads) % 2 != 0 {
+    } else if !(c.dim / c.heads).is_multiple_of(2) {
         e.push(field(&[dim, heads]), format!("head dimension dim / heads = {} must be even for RoPE", c.dim / c.heads));
     }
-    if c.heads % c.kv_heads != 0 {
+    if !c.heads.is_multiple_of(c.kv_heads) {
         e.push(
             field(&[kv_heads, heads]),
             format!("heads ({}) must be a multiple of kvHeads ({})", c.heads, c.kv_heads),
@@ -389,7 +389,7 @@ fn train(spec: &PretrainRunSpec, e: &mut Errors) {
     e.check(t.micro_batch_size >= 1, "spec.train.microBatchSize", "must be at least 1");
     let ranks = t.resources.ranks();
     let per_step = u64::from(t.seq_len) * u64::from(t.micro_batch_size) * ranks;
-    if per_step > 0 && t.global_batch_tokens % per_step != 0 {
+    if per_step > 0 && !t.global_batch_tokens.is_multiple_of(per_step) {
         e.push(
             "spec.train.globalBatchTokens",
             format!(

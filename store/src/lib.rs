@@ -54,8 +54,8 @@ pub enum Error {
         store: String,
         /// Key of the object.
         key: String,
-        /// The underlying error.
-        source: object_store::Error,
+        /// The underlying error (boxed: it is large and errors travel far).
+        source: Box<object_store::Error>,
     },
     /// An object exists but its contents are wrong.
     #[error("{store}/{key}: {reason}")]
@@ -91,6 +91,12 @@ impl Store {
     /// `az://CONTAINER[/PREFIX]`. Cloud credentials and endpoints come from the environment
     /// (`AWS_*`, `GOOGLE_*`, `AZURE_*`), which in a cluster the storage Secret provides.
     pub fn open(url: &str) -> Result<Self> {
+        Self::open_with(url, &[])
+    }
+
+    /// Like [`Store::open`], with object_store configuration keys applied over the environment
+    /// (`aws_endpoint`, `aws_allow_http`, `google_service_account`, `azure_storage_account_name`, ...).
+    pub fn open_with(url: &str, options: &[(&str, &str)]) -> Result<Self> {
         let bad = |reason: String| Error::Url { url: url.to_string(), reason };
         let (scheme, rest) = url
             .split_once("://")
@@ -109,22 +115,29 @@ impl Store {
                 if bucket.is_empty() {
                     return Err(bad("names no bucket".into()));
                 }
+                let option_error = |k: &str, e: object_store::Error| bad(format!("option {k:?}: {e}"));
                 let store: Arc<dyn ObjectStore> = match scheme {
-                    "s3" => Arc::new(
-                        AmazonS3Builder::from_env().with_bucket_name(bucket).build().map_err(|e| bad(e.to_string()))?,
-                    ),
-                    "gs" => Arc::new(
-                        GoogleCloudStorageBuilder::from_env()
-                            .with_bucket_name(bucket)
-                            .build()
-                            .map_err(|e| bad(e.to_string()))?,
-                    ),
-                    _ => Arc::new(
-                        MicrosoftAzureBuilder::from_env()
-                            .with_container_name(bucket)
-                            .build()
-                            .map_err(|e| bad(e.to_string()))?,
-                    ),
+                    "s3" => {
+                        let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
+                        for (k, v) in options {
+                            b = b.with_config(k.parse().map_err(|e| option_error(k, e))?, *v);
+                        }
+                        Arc::new(b.build().map_err(|e| bad(e.to_string()))?)
+                    }
+                    "gs" => {
+                        let mut b = GoogleCloudStorageBuilder::from_env().with_bucket_name(bucket);
+                        for (k, v) in options {
+                            b = b.with_config(k.parse().map_err(|e| option_error(k, e))?, *v);
+                        }
+                        Arc::new(b.build().map_err(|e| bad(e.to_string()))?)
+                    }
+                    _ => {
+                        let mut b = MicrosoftAzureBuilder::from_env().with_container_name(bucket);
+                        for (k, v) in options {
+                            b = b.with_config(k.parse().map_err(|e| option_error(k, e))?, *v);
+                        }
+                        Arc::new(b.build().map_err(|e| bad(e.to_string()))?)
+                    }
                 };
                 let prefix = prefix.trim_matches('/');
                 if prefix.is_empty() {
@@ -160,11 +173,11 @@ impl Store {
         if run_key.parts().count() != 1 {
             return Err(Error::Key { key: run.into(), reason: "a run name is a single path segment".into() });
         }
-        Ok(StageDir { store: self.clone(), prefix: run_key.clone().join(stage.as_str()), run: run.into(), stage })
+        Ok(StageDir { store: self.clone(), prefix: run_key.join(stage.as_str()), run: run.into(), stage })
     }
 
     fn object_error(&self, key: &Path, source: object_store::Error) -> Error {
-        Error::Object { store: self.url.clone(), key: key.to_string(), source }
+        Error::Object { store: self.url.clone(), key: key.to_string(), source: Box::new(source) }
     }
 
     /// Reads a whole object.

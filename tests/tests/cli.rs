@@ -1,0 +1,154 @@
+//! The `pretrain` command line as a user meets it: validate, crd, run.
+
+use std::process::{Command, Output};
+
+use bytes::Bytes;
+use pretrain_crd::Stage;
+use pretrain_store::Store;
+use pretrain_tests::{bin, repo};
+
+fn pretrain(args: &[&str]) -> Output {
+    Command::new(bin("pretrain")).args(args).current_dir(repo()).output().expect("pretrain runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn validate_accepts_the_examples() {
+    for example in ["examples/tiny.yaml", "examples/multinode-gpu.yaml"] {
+        let out = pretrain(&["validate", example]);
+        assert!(out.status.success(), "{example}: {}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), "ok\n");
+    }
+}
+
+#[test]
+fn validate_lists_every_error_and_exits_2() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("bad.yaml");
+    let manifest = std::fs::read_to_string(repo().join("examples/tiny.yaml"))
+        .unwrap()
+        .replace("globalBatchTokens: 16384", "globalBatchTokens: 16000")
+        .replace("vocabSize: 4096", "vocabSize: 4096\n    vocabsize: 1");
+    std::fs::write(&file, manifest).unwrap();
+    let out = pretrain(&["validate", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("2 error(s)"), "{stderr}");
+    assert!(stderr.contains("  spec.tokenizer.vocabsize: unknown field"), "{stderr}");
+    assert!(
+        stderr.contains(
+            "  spec.train.globalBatchTokens: must be a multiple of seqLen x microBatchSize x data-parallel ranks (256 x 16 x 1 = 4096), got 16000"
+        ),
+        "{stderr}"
+    );
+
+    let out = pretrain(&["validate", "no/such/file.yaml"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).starts_with("no/such/file.yaml: cannot read"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn crd_prints_the_chart_copy() {
+    let out = pretrain(&["crd"]);
+    assert!(out.status.success());
+    let committed = std::fs::read_to_string(repo().join("charts/pretrain-operator/crds/pretrainrun.yaml")).unwrap();
+    assert_eq!(text(&out.stdout), committed);
+}
+
+/// A manifest whose store is a fresh temporary directory.
+fn manifest_in(tmp: &std::path::Path) -> (std::path::PathBuf, String) {
+    let store = format!("file://{}", tmp.join("store").display());
+    let manifest = std::fs::read_to_string(repo().join("examples/tiny.yaml"))
+        .unwrap()
+        .replace("url: file://runs", &format!("url: {store}"));
+    let file = tmp.join("run.yaml");
+    std::fs::write(&file, manifest).unwrap();
+    (file, store)
+}
+
+#[test]
+fn run_skips_committed_stages_and_stops_at_the_first_unavailable_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (file, store_url) = manifest_in(tmp.path());
+    let run = pretrain_crd::load(&file).unwrap();
+
+    // Commit data-prep and tokenize as if they had run for this exact spec.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let store = Store::open(&store_url).unwrap();
+        for stage in [Stage::DataPrep, Stage::Tokenize] {
+            let dir = store.stage("tiny", stage).unwrap();
+            let entry = dir.put("out.txt", Bytes::from_static(b"done")).await.unwrap();
+            dir.commit(&run.spec.stage_config_hash(stage), vec![entry], serde_json::json!({})).await.unwrap();
+        }
+    });
+
+    let out = pretrain(&["run", file.to_str().unwrap(), "--until", "tokenize"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert_eq!(
+        stdout,
+        "data-prep: outputs committed for this spec; skipped\ntokenize: outputs committed for this spec; skipped\n"
+    );
+
+    let out = pretrain(&["run", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stdout).contains("train: starting"), "{}", text(&out.stdout));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("error: stage train cannot run: stage train is not implemented in pretrain-worker"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn run_redoes_a_stage_whose_config_changed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (file, store_url) = manifest_in(tmp.path());
+    let run = pretrain_crd::load(&file).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let dir = Store::open(&store_url).unwrap().stage("tiny", Stage::DataPrep).unwrap();
+        let mut other = run.spec.clone();
+        other.data.held_out_fraction = 0.3;
+        dir.commit(&other.stage_config_hash(Stage::DataPrep), vec![], serde_json::json!({})).await.unwrap();
+    });
+    let out = pretrain(&["run", file.to_str().unwrap(), "--until", "data-prep"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stdout).starts_with("data-prep: starting"), "{}", text(&out.stdout));
+}
+
+#[test]
+fn run_refuses_bad_stage_ranges_and_a_memory_store() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (file, _) = manifest_in(tmp.path());
+    let file = file.to_str().unwrap();
+
+    let out = pretrain(&["run", file, "--from", "eval", "--until", "train"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("--from eval comes after --until train"), "{}", text(&out.stderr));
+
+    let out = pretrain(&["run", file, "--until", "nope"]);
+    assert_eq!(out.status.code(), Some(2), "clap rejects an unknown stage");
+    assert!(text(&out.stderr).contains("unknown stage \"nope\""), "{}", text(&out.stderr));
+
+    let out = pretrain(&["run", file, "--store", "memory://"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("memory:// lives inside one process"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn worker_refuses_a_run_name_that_contradicts_the_spec() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (file, _) = manifest_in(tmp.path());
+    let out = Command::new(bin("pretrain-worker"))
+        .args(["data-prep", "--spec", file.to_str().unwrap()])
+        .env("PRETRAIN_RUN", "other")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(pretrain_crd::contract::exit::INVALID));
+    assert!(text(&out.stderr).contains("PRETRAIN_RUN=\"other\""), "{}", text(&out.stderr));
+}
