@@ -3,5 +3,6 @@
 //! them with `_SUCCESS.json` last. The worker never talks to Kubernetes.
 
 pub mod context;
+pub mod data;
 
 pub use context::{Context, ContextError};

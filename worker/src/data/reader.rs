@@ -1,0 +1,303 @@
+//! Raw inputs to documents: WARC (HTML responses are extracted), JSONL (plain, `.gz`, `.zst`) and
+//! plain text, from local paths or object-store URLs with globs. Streaming: one record or line in
+//! memory at a time. A malformed record is reported with its file and offset and skipped; a source
+//! that cannot be opened is an error naming it.
+
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+
+use pretrain_crd::spec::{Extract, SourceFormat};
+
+use super::extract::extract;
+use super::warc::{WarcReader, http_payload};
+
+/// A document as read from its source, before any filter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawDocument {
+    /// Stable id: the record id, the JSON `id`, or `file:line`.
+    pub id: String,
+    /// The text (extracted, for HTML).
+    pub text: String,
+    /// Where the document came from on the web, when known.
+    pub url: Option<String>,
+    /// The page title, when known.
+    pub title: Option<String>,
+}
+
+/// A record that was skipped, and why.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Skipped {
+    /// File it was in.
+    pub file: String,
+    /// Byte offset (WARC) or line number (JSONL) in the file.
+    pub offset: u64,
+    /// Why it was skipped.
+    pub reason: String,
+}
+
+/// What a reader yields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Item {
+    /// A document.
+    Document(RawDocument),
+    /// A record that could not be used.
+    Skipped(Skipped),
+}
+
+/// A source that cannot be read at all.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// Opening or reading the file failed.
+    #[error("{file}: {source}")]
+    Io {
+        /// The file or URL.
+        file: String,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The glob is malformed or matched nothing.
+    #[error("{url}: {reason}")]
+    Source {
+        /// The source URL.
+        url: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// How to read one source's files.
+#[derive(Debug, Clone)]
+pub struct ReadOptions<'a> {
+    /// File format.
+    pub format: SourceFormat,
+    /// JSON field that holds the text.
+    pub text_field: &'a str,
+    /// Larger documents are skipped.
+    pub max_document_bytes: u64,
+    /// HTML extraction settings.
+    pub extract: &'a Extract,
+}
+
+/// The local files a source URL names, sorted: a path, `file://` URL, or glob (`*`, `?`, `[..]`, `**`).
+pub fn local_files(url: &str) -> Result<Vec<PathBuf>, ReadError> {
+    let pattern = url.strip_prefix("file://").unwrap_or(url);
+    let source_error = |reason: String| ReadError::Source { url: url.into(), reason };
+    let paths = glob::glob(pattern).map_err(|e| source_error(format!("bad glob: {e}")))?;
+    let mut files = Vec::new();
+    for entry in paths {
+        let path = entry.map_err(|e| ReadError::Io { file: e.path().display().to_string(), source: e.into() })?;
+        if path.is_file() {
+            files.push(path);
+        }
+    }
+    files.sort();
+    if files.is_empty() {
+        return Err(source_error("matches no file".into()));
+    }
+    Ok(files)
+}
+
+/// Reads one file, passing every document and every skipped record to `emit`.
+pub fn read_file(path: &Path, options: &ReadOptions<'_>, emit: &mut dyn FnMut(Item)) -> Result<(), ReadError> {
+    let name = path.display().to_string();
+    let io_error = |source: io::Error| ReadError::Io { file: name.clone(), source };
+    let file = File::open(path).map_err(io_error)?;
+    let lower = name.to_ascii_lowercase();
+    match options.format {
+        SourceFormat::Warc => {
+            let gzip = lower.ends_with(".gz");
+            read_warc(BufReader::with_capacity(1 << 20, file), gzip, &name, options, emit);
+            Ok(())
+        }
+        SourceFormat::Jsonl => {
+            let reader = decompressed(file, &lower).map_err(io_error)?;
+            read_jsonl(reader, &name, options, emit);
+            Ok(())
+        }
+        SourceFormat::Text => {
+            let mut reader = decompressed(file, &lower).map_err(io_error)?;
+            let mut bytes = Vec::new();
+            let n = reader.by_ref().take(options.max_document_bytes + 1).read_to_end(&mut bytes).map_err(io_error)?;
+            if n as u64 > options.max_document_bytes {
+                emit(Item::Skipped(Skipped {
+                    file: name,
+                    offset: 0,
+                    reason: format!(
+                        "document exceeds the {}-byte limit (maxDocumentBytes)",
+                        options.max_document_bytes
+                    ),
+                }));
+                return Ok(());
+            }
+            match String::from_utf8(bytes) {
+                Ok(text) => emit(Item::Document(RawDocument { id: name, text, url: None, title: None })),
+                Err(e) => emit(Item::Skipped(Skipped {
+                    file: name,
+                    offset: e.utf8_error().valid_up_to() as u64,
+                    reason: "invalid UTF-8".into(),
+                })),
+            }
+            Ok(())
+        }
+        SourceFormat::Parquet => Err(ReadError::Source {
+            url: name,
+            reason: "Parquet sources are not supported by this build of pretrain-worker yet".into(),
+        }),
+    }
+}
+
+/// The file's bytes, decompressed by extension (`.gz`, `.zst`).
+fn decompressed(file: File, lower_name: &str) -> io::Result<Box<dyn BufRead>> {
+    let buffered = BufReader::with_capacity(1 << 20, file);
+    Ok(if lower_name.ends_with(".gz") {
+        Box::new(BufReader::new(flate2::bufread::MultiGzDecoder::new(buffered)))
+    } else if lower_name.ends_with(".zst") || lower_name.ends_with(".zstd") {
+        Box::new(BufReader::new(zstd::Decoder::with_buffer(buffered)?))
+    } else {
+        Box::new(buffered)
+    })
+}
+
+fn read_warc<R: BufRead + std::io::Seek>(
+    input: R,
+    gzip: bool,
+    name: &str,
+    options: &ReadOptions<'_>,
+    emit: &mut dyn FnMut(Item),
+) {
+    let skip = |offset, reason: String| Item::Skipped(Skipped { file: name.to_string(), offset, reason });
+    for item in WarcReader::new(input, gzip, options.max_document_bytes) {
+        let record = match item {
+            Ok(record) => record,
+            Err(damage) => {
+                emit(skip(damage.offset, damage.reason));
+                continue;
+            }
+        };
+        let kind = record.header("WARC-Type").unwrap_or_default().to_ascii_lowercase();
+        let url = record.header("WARC-Target-URI").map(str::to_string);
+        let id = record.header("WARC-Record-ID").map_or_else(|| format!("{name}@{}", record.offset), str::to_string);
+        match kind.as_str() {
+            "response" => {
+                let (content_type, body) = match http_payload(&record.block) {
+                    Ok(payload) => payload,
+                    Err(reason) => {
+                        emit(skip(record.offset, reason));
+                        continue;
+                    }
+                };
+                let is_html = content_type.as_deref().is_none_or(|t| t.contains("html"));
+                if !is_html {
+                    emit(skip(record.offset, format!("content type {} is not HTML", content_type.unwrap_or_default())));
+                    continue;
+                }
+                let Ok(html) = std::str::from_utf8(body) else {
+                    emit(skip(record.offset, "invalid UTF-8".into()));
+                    continue;
+                };
+                match extract(html, options.extract) {
+                    Ok(page) => emit(Item::Document(RawDocument { id, text: page.text, url, title: page.title })),
+                    Err(reason) => emit(skip(record.offset, reason)),
+                }
+            }
+            // WET files: the text was extracted already.
+            "conversion" => match String::from_utf8(record.block) {
+                Ok(text) => emit(Item::Document(RawDocument { id, text, url, title: None })),
+                Err(_) => emit(skip(record.offset, "invalid UTF-8".into())),
+            },
+            // warcinfo, request, metadata, revisit: not documents.
+            _ => {}
+        }
+    }
+}
+
+fn read_jsonl(mut input: Box<dyn BufRead>, name: &str, options: &ReadOptions<'_>, emit: &mut dyn FnMut(Item)) {
+    let skip = |line: u64, reason: String| Item::Skipped(Skipped { file: name.to_string(), offset: line, reason });
+    let mut buf = Vec::new();
+    let mut line_no = 0u64;
+    loop {
+        line_no += 1;
+        match read_bounded_line(&mut input, options.max_document_bytes, &mut buf) {
+            Ok(Line::End) => return,
+            Ok(Line::TooLong) => {
+                emit(skip(
+                    line_no,
+                    format!("line exceeds the {}-byte limit (maxDocumentBytes)", options.max_document_bytes),
+                ));
+                continue;
+            }
+            Ok(Line::Complete) => {}
+            Err(e) => {
+                // A damaged compressed stream cannot be resumed; what was read so far stands.
+                emit(skip(line_no, format!("unreadable from here on: {e}")));
+                return;
+            }
+        }
+        if buf.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let value: serde_json::Value = match serde_json::from_slice(&buf) {
+            Ok(v) => v,
+            Err(e) => {
+                emit(skip(line_no, format!("invalid JSON: {e}")));
+                continue;
+            }
+        };
+        let Some(text) = value.get(options.text_field).and_then(|t| t.as_str()) else {
+            emit(skip(line_no, format!("no string field {:?}", options.text_field)));
+            continue;
+        };
+        let id = match value.get("id") {
+            Some(serde_json::Value::String(s)) => s.clone(),
+            Some(serde_json::Value::Number(n)) => n.to_string(),
+            _ => format!("{name}:{line_no}"),
+        };
+        let field = |k: &str| value.get(k).and_then(|v| v.as_str()).map(str::to_string);
+        emit(Item::Document(RawDocument { id, text: text.to_string(), url: field("url"), title: field("title") }));
+    }
+}
+
+enum Line {
+    Complete,
+    TooLong,
+    End,
+}
+
+/// Reads one line into `buf` unless it is longer than `max` bytes, in which case the rest of the line
+/// is skipped without being held in memory.
+fn read_bounded_line<R: BufRead + ?Sized>(r: &mut R, max: u64, buf: &mut Vec<u8>) -> io::Result<Line> {
+    buf.clear();
+    let mut too_long = false;
+    let mut any = false;
+    loop {
+        let available = r.fill_buf()?;
+        if available.is_empty() {
+            return Ok(if !any {
+                Line::End
+            } else if too_long {
+                Line::TooLong
+            } else {
+                Line::Complete
+            });
+        }
+        any = true;
+        let (chunk, done) = match memchr::memchr(b'\n', available) {
+            Some(i) => (&available[..i], Some(i + 1)),
+            None => (available, None),
+        };
+        if !too_long {
+            if (buf.len() + chunk.len()) as u64 > max {
+                too_long = true;
+                buf.clear();
+            } else {
+                buf.extend_from_slice(chunk);
+            }
+        }
+        let used = done.unwrap_or(available.len());
+        r.consume(used);
+        if done.is_some() {
+            return Ok(if too_long { Line::TooLong } else { Line::Complete });
+        }
+    }
+}

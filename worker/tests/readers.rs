@@ -1,0 +1,164 @@
+//! Readers on real and damaged files: every bad record is counted with its file and offset, the rest
+//! is read.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use flate2::Compression;
+use flate2::write::GzEncoder;
+use pretrain_crd::spec::{Extract, SourceFormat};
+use pretrain_worker::data::reader::{Item, ReadOptions, local_files, read_file};
+
+fn corpus(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/corpus").join(name)
+}
+
+fn read(path: &Path, format: SourceFormat, max: u64) -> (Vec<pretrain_worker::data::reader::RawDocument>, Vec<String>) {
+    let extract = Extract::default();
+    let options = ReadOptions { format, text_field: "text", max_document_bytes: max, extract: &extract };
+    let (mut docs, mut skipped) = (Vec::new(), Vec::new());
+    read_file(path, &options, &mut |item| match item {
+        Item::Document(d) => docs.push(d),
+        Item::Skipped(s) => skipped.push(format!("{}@{}: {}", s.file.rsplit('/').next().unwrap(), s.offset, s.reason)),
+    })
+    .unwrap();
+    (docs, skipped)
+}
+
+fn warc_record(uri: &str, html: &str) -> Vec<u8> {
+    let http = format!("HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\n\r\n{html}");
+    let mut rec = format!(
+        "WARC/1.0\r\nWARC-Type: response\r\nWARC-Target-URI: {uri}\r\nWARC-Record-ID: <urn:{uri}>\r\nContent-Length: {}\r\n\r\n",
+        http.len()
+    )
+    .into_bytes();
+    rec.extend_from_slice(http.as_bytes());
+    rec.extend_from_slice(b"\r\n\r\n");
+    rec
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    let mut enc = GzEncoder::new(Vec::new(), Compression::fast());
+    enc.write_all(bytes).unwrap();
+    enc.finish().unwrap()
+}
+
+fn page(n: usize) -> String {
+    format!(
+        "<html><head><title>Page {n}</title></head><body><main><p>Paragraph number {n} of the test crawl.</p></main></body></html>"
+    )
+}
+
+#[test]
+fn warc_gz_survives_a_truncated_member_and_garbage() {
+    let tmp = tempfile::tempdir().unwrap();
+    let members: Vec<Vec<u8>> = (0..5).map(|i| gzip(&warc_record(&format!("https://x/{i}"), &page(i)))).collect();
+    let mut file = Vec::new();
+    file.extend_from_slice(&members[0]);
+    let damaged_at = file.len();
+    file.extend_from_slice(&members[1][..members[1].len() / 2]); // truncated member
+    file.extend_from_slice(&members[2]);
+    file.extend_from_slice(b"\x00\x01garbage between members\x1f\x1f");
+    file.extend_from_slice(&members[3]);
+    file.extend_from_slice(&members[4]);
+    let path = tmp.path().join("crawl.warc.gz");
+    std::fs::write(&path, &file).unwrap();
+
+    let (docs, skipped) = read(&path, SourceFormat::Warc, 1 << 20);
+    let urls: Vec<&str> = docs.iter().map(|d| d.url.as_deref().unwrap()).collect();
+    assert_eq!(urls, ["https://x/0", "https://x/2", "https://x/3", "https://x/4"]);
+    assert_eq!(docs[0].title.as_deref(), Some("Page 0"));
+    assert_eq!(docs[0].text, "Paragraph number 0 of the test crawl.");
+    assert_eq!(skipped.len(), 2, "{skipped:?}");
+    assert!(skipped[0].starts_with(&format!("crawl.warc.gz@{damaged_at}: ")), "{skipped:?}");
+}
+
+#[test]
+fn plain_warc_resumes_after_a_broken_record_and_skips_oversized_ones() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut file = warc_record("https://x/a", &page(1));
+    file.extend_from_slice(b"WARC/1.0\r\nWARC-Type: response\r\nContent-Length: banana\r\n\r\nnoise\r\n\r\n");
+    file.extend_from_slice(&warc_record("https://x/big", &"<p>big</p>".repeat(1000)));
+    file.extend_from_slice(&warc_record("https://x/b", &page(2)));
+    let path = tmp.path().join("plain.warc");
+    std::fs::write(&path, &file).unwrap();
+    let (docs, skipped) = read(&path, SourceFormat::Warc, 4096);
+    let urls: Vec<&str> = docs.iter().map(|d| d.url.as_deref().unwrap()).collect();
+    assert_eq!(urls, ["https://x/a", "https://x/b"]);
+    assert_eq!(skipped.len(), 2, "{skipped:?}");
+    assert!(skipped[0].contains("Content-Length is not a number"), "{skipped:?}");
+    assert!(skipped[1].contains("exceeds the 4096-byte limit"), "{skipped:?}");
+}
+
+#[test]
+fn jsonl_counts_broken_lines_and_keeps_the_rest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lines = [
+        r#"{"id": "a", "text": "first"}"#,
+        r#"{"text": "no closing brace""#,
+        r#"{"id": 7, "content": "wrong field"}"#,
+        &format!(r#"{{"id": "huge", "text": "{}"}}"#, "x".repeat(5000)),
+        "",
+        r#"{"text": "last", "url": "https://y"}"#,
+    ];
+    let mut raw = lines.join("\n").into_bytes();
+    raw.extend_from_slice(b"\n{\"text\": \"bad \xff utf8\"}\n");
+    let path = tmp.path().join("docs.jsonl.gz");
+    std::fs::write(&path, gzip(&raw)).unwrap();
+    let (docs, skipped) = read(&path, SourceFormat::Jsonl, 1000);
+    let ids: Vec<&str> = docs.iter().map(|d| d.id.as_str()).collect();
+    assert_eq!(ids[0], "a");
+    assert!(ids[1].ends_with("docs.jsonl.gz:6"), "{ids:?}");
+    assert_eq!(docs[1].url.as_deref(), Some("https://y"));
+    assert_eq!(skipped.len(), 4, "{skipped:#?}");
+    assert!(skipped[0].starts_with("docs.jsonl.gz@2: invalid JSON"));
+    assert!(skipped[1].starts_with("docs.jsonl.gz@3: no string field \"text\""));
+    assert!(skipped[2].starts_with("docs.jsonl.gz@4: line exceeds the 1000-byte limit"));
+    assert!(skipped[3].starts_with("docs.jsonl.gz@7: invalid JSON"));
+
+    // A truncated gzip stream keeps what was read and reports where it stopped.
+    let whole = gzip(lines[0].repeat(1).as_bytes());
+    let mut many = Vec::new();
+    for _ in 0..2000 {
+        many.extend_from_slice(lines[0].as_bytes());
+        many.push(b'\n');
+    }
+    let compressed = gzip(&many);
+    std::fs::write(&path, &compressed[..compressed.len() - 40]).unwrap();
+    let (docs, skipped) = read(&path, SourceFormat::Jsonl, 1000);
+    assert!(docs.len() > 1000 && docs.len() < 2000, "{}", docs.len());
+    assert_eq!(skipped.len(), 1);
+    assert!(skipped[0].contains("unreadable from here on"), "{skipped:?}");
+    assert!(!whole.is_empty());
+}
+
+#[test]
+fn globs_expand_sorted_and_an_empty_match_names_the_source() {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ["b.jsonl", "a.jsonl", "c.txt"] {
+        std::fs::write(tmp.path().join(name), "{}").unwrap();
+    }
+    let files = local_files(&format!("{}/*.jsonl", tmp.path().display())).unwrap();
+    let names: Vec<&str> = files.iter().map(|p| p.file_name().unwrap().to_str().unwrap()).collect();
+    assert_eq!(names, ["a.jsonl", "b.jsonl"]);
+    let err = local_files(&format!("file://{}/*.parquet", tmp.path().display())).unwrap_err().to_string();
+    assert!(err.ends_with("*.parquet: matches no file"), "{err}");
+}
+
+#[test]
+fn shared_corpus_reads_without_damage() {
+    let (code, skipped) = read(&corpus("code-python-stdlib.jsonl.gz"), SourceFormat::Jsonl, 8 << 20);
+    assert_eq!((code.len(), skipped.len()), (168, 0));
+    let (legal, skipped) = read(&corpus("legal-debian.jsonl.gz"), SourceFormat::Jsonl, 8 << 20);
+    assert_eq!((legal.len(), skipped.len()), (726, 0));
+}
+
+/// The whole crawl (6,023 pages): slow in debug builds, so run it with
+/// `cargo test -p pretrain-worker --release -- --ignored`.
+#[test]
+#[ignore]
+fn shared_warc_reads_every_page() {
+    let (docs, skipped) = read(&corpus("web-rustdocs-1.95.warc.gz"), SourceFormat::Warc, 8 << 20);
+    assert_eq!(docs.len() + skipped.len(), 6023, "{skipped:?}");
+    assert!(skipped.len() < 10, "{skipped:?}");
+}
