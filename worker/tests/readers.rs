@@ -117,7 +117,6 @@ fn jsonl_counts_broken_lines_and_keeps_the_rest() {
     assert!(skipped[3].starts_with("docs.jsonl.gz@7: invalid JSON"));
 
     // A truncated gzip stream keeps what was read and reports where it stopped.
-    let whole = gzip(lines[0].repeat(1).as_bytes());
     let mut many = Vec::new();
     for _ in 0..2000 {
         many.extend_from_slice(lines[0].as_bytes());
@@ -129,7 +128,6 @@ fn jsonl_counts_broken_lines_and_keeps_the_rest() {
     assert!(docs.len() > 1000 && docs.len() < 2000, "{}", docs.len());
     assert_eq!(skipped.len(), 1);
     assert!(skipped[0].contains("unreadable from here on"), "{skipped:?}");
-    assert!(!whole.is_empty());
 }
 
 #[test]

@@ -101,8 +101,7 @@ pub fn words(text: &str) -> Vec<&str> {
             rest = &rest[n..];
         }
         // Trailing punctuation and contractions.
-        loop {
-            let Some(c) = rest.chars().next_back() else { break };
+        while let Some(c) = rest.chars().next_back() {
             if is_punct(c) && rest.len() > c.len_utf8() {
                 let n = if c == '.' { rest.len() - rest.trim_end_matches('.').len() } else { c.len_utf8() };
                 let n = if n == rest.len() { c.len_utf8() } else { n };
@@ -353,7 +352,7 @@ fn count_sentences(line: &str) -> usize {
     let mut seen_end = false;
     for w in words(line) {
         let single_terminal = w.chars().count() == 1 && w.chars().all(is_terminal);
-        if seen_end && !single_terminal && !w.chars().all(|c| is_punct(c)) {
+        if seen_end && !single_terminal && !w.chars().all(is_punct) {
             count += 1;
             seen_end = false;
         } else if single_terminal {

@@ -3,6 +3,7 @@
 //! `reader` turns WARC/JSONL/text files into documents (`warc` frames WARC records, `extract` turns
 //! HTML into main-content text).
 
+pub mod dedup;
 pub mod extract;
 pub mod filters;
 pub mod reader;
