@@ -19,10 +19,35 @@ pub struct Page {
 }
 
 /// Elements whose content is never text of the page.
-const ALWAYS_SKIPPED: &[&str] = &[
-    "head", "script", "style", "noscript", "template", "svg", "math", "iframe", "object", "embed", "canvas", "nav",
-    "aside", "footer", "header", "form", "button", "select", "option", "textarea", "input", "label", "dialog", "menu",
-];
+fn always_skipped(name: &str) -> bool {
+    matches!(
+        name,
+        "head"
+            | "script"
+            | "style"
+            | "noscript"
+            | "template"
+            | "svg"
+            | "math"
+            | "iframe"
+            | "object"
+            | "embed"
+            | "canvas"
+            | "nav"
+            | "aside"
+            | "footer"
+            | "header"
+            | "form"
+            | "button"
+            | "select"
+            | "option"
+            | "textarea"
+            | "input"
+            | "label"
+            | "dialog"
+            | "menu"
+    )
+}
 
 /// Words in a class or id that mark boilerplate containers.
 const BOILERPLATE: &[&str] = &[
@@ -60,40 +85,42 @@ const BOILERPLATE: &[&str] = &[
 ];
 
 /// Elements that end a line of text.
-const BLOCKS: &[&str] = &[
-    "p",
-    "div",
-    "br",
-    "hr",
-    "li",
-    "ul",
-    "ol",
-    "dl",
-    "dt",
-    "dd",
-    "h1",
-    "h2",
-    "h3",
-    "h4",
-    "h5",
-    "h6",
-    "pre",
-    "blockquote",
-    "section",
-    "article",
-    "main",
-    "table",
-    "tr",
-    "td",
-    "th",
-    "caption",
-    "figcaption",
-    "figure",
-    "details",
-    "summary",
-    "address",
-    "body",
-];
+fn is_block(name: &str) -> bool {
+    matches!(
+        name,
+        "p" | "div"
+            | "br"
+            | "hr"
+            | "li"
+            | "ul"
+            | "ol"
+            | "dl"
+            | "dt"
+            | "dd"
+            | "h1"
+            | "h2"
+            | "h3"
+            | "h4"
+            | "h5"
+            | "h6"
+            | "pre"
+            | "blockquote"
+            | "section"
+            | "article"
+            | "main"
+            | "table"
+            | "tr"
+            | "td"
+            | "th"
+            | "caption"
+            | "figcaption"
+            | "figure"
+            | "details"
+            | "summary"
+            | "address"
+            | "body"
+    )
+}
 
 fn is_boilerplate(element: &scraper::node::Element) -> bool {
     let marked = |value: Option<&str>| {
@@ -113,7 +140,7 @@ fn is_boilerplate(element: &scraper::node::Element) -> bool {
 
 fn skipped(element: &scraper::node::Element, options: &Extract) -> bool {
     let name = element.name();
-    ALWAYS_SKIPPED.contains(&name)
+    always_skipped(name)
         || (!options.include_tables && name == "table")
         || (!options.include_code && (name == "pre" || name == "code"))
         || (options.main_content_only && is_boilerplate(element))
@@ -207,7 +234,7 @@ pub fn extract(html: &str, options: &Extract) -> Result<Page, String> {
                         if e.name() == "pre" {
                             pre_depth += 1;
                         }
-                        if BLOCKS.contains(&e.name()) {
+                        if is_block(e.name()) {
                             out.push('\n');
                         }
                     }
@@ -232,7 +259,7 @@ pub fn extract(html: &str, options: &Extract) -> Result<Page, String> {
                     if e.name() == "pre" {
                         pre_depth = pre_depth.saturating_sub(1);
                     }
-                    if BLOCKS.contains(&e.name()) {
+                    if is_block(e.name()) {
                         out.push('\n');
                     }
                 }

@@ -7,6 +7,9 @@
 //! The two agree on ordinary prose; counts can differ by a token on abbreviations and URLs.
 
 use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
+
+use xxhash_rust::xxh3::xxh3_64;
 
 use pretrain_crd::spec::{C4, Filters, FineWeb, GopherQuality, GopherRepetition, Language};
 
@@ -177,13 +180,41 @@ pub fn gopher_quality(cfg: &GopherQuality, text: &str, words: &[&str]) -> Result
     Ok(())
 }
 
-/// (duplicate elements, characters in the duplicates): every occurrence after the first counts.
+/// A hasher for keys that are already 64-bit hashes (xxh3 of the text they stand for). Two texts
+/// with equal 64-bit hashes count as equal; at these set sizes a collision is vanishingly unlikely.
+#[derive(Default)]
+struct PreHashed(u64);
+
+impl Hasher for PreHashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, _: &[u8]) {
+        unreachable!("only u64 keys are hashed")
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type HashedSet = HashSet<u64, BuildHasherDefault<PreHashed>>;
+type HashedMap<V> = HashMap<u64, V, BuildHasherDefault<PreHashed>>;
+
+/// Hash of n consecutive word hashes.
+fn gram_hash(word_hashes: &[u64]) -> u64 {
+    word_hashes
+        .iter()
+        .fold(0x243F_6A88_85A3_08D3u64, |h, w| (h.rotate_left(23) ^ w).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+}
+
+/// (elements, duplicate elements, characters in the duplicates): every occurrence after the first
+/// counts.
 fn duplicates<'a>(items: impl Iterator<Item = &'a str>) -> (usize, usize, usize) {
-    let mut seen = HashSet::new();
+    let mut seen = HashedSet::default();
     let (mut total, mut dups, mut dup_chars) = (0, 0, 0);
     for item in items {
         total += 1;
-        if !seen.insert(item) {
+        if !seen.insert(xxh3_64(item.as_bytes())) {
             dups += 1;
             dup_chars += chars(item);
         }
@@ -212,19 +243,21 @@ pub fn gopher_repetition(cfg: &GopherRepetition, text: &str, words: &[&str]) -> 
     if dup_chars as f64 / len as f64 > cfg.dup_line_char_fraction {
         return Err("dup_line_char_frac".into());
     }
+    let word_hashes: Vec<u64> = words.iter().map(|w| xxh3_64(w.as_bytes())).collect();
+    let word_chars: Vec<usize> = words.iter().map(|w| chars(w)).collect();
     for limit in &cfg.top_ngrams {
         let n = limit.n as usize;
         if words.len() < n {
             continue;
         }
-        // Count n-grams by their word slices; the top one is the most frequent, earliest on ties.
-        let mut counts: HashMap<&[&str], (usize, usize)> = HashMap::new();
-        for (i, gram) in words.windows(n).enumerate() {
-            counts.entry(gram).or_insert((0, i)).0 += 1;
+        // The most frequent n-gram, the earliest on ties, weighted by its length with spaces.
+        let mut counts: HashedMap<(usize, usize)> = HashedMap::default();
+        for (i, gram) in word_hashes.windows(n).enumerate() {
+            counts.entry(gram_hash(gram)).or_insert((0, i)).0 += 1;
         }
-        let (gram, (count, _)) =
-            counts.iter().max_by(|a, b| a.1.0.cmp(&b.1.0).then(b.1.1.cmp(&a.1.1))).expect("at least one n-gram");
-        let gram_chars = gram.iter().map(|w| chars(w)).sum::<usize>() + n - 1;
+        let &(count, first) =
+            counts.values().max_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1))).expect("at least one n-gram");
+        let gram_chars = word_chars[first..first + n].iter().sum::<usize>() + n - 1;
         if (gram_chars * count) as f64 / len as f64 > limit.max_fraction {
             return Err(format!("top_{n}_gram"));
         }
@@ -234,16 +267,14 @@ pub fn gopher_repetition(cfg: &GopherRepetition, text: &str, words: &[&str]) -> 
         if words.len() < n {
             continue;
         }
-        let mut seen: HashSet<&[&str]> = HashSet::new();
+        let mut seen = HashedSet::default();
         let (mut i, mut repeated) = (0, 0);
         while i + n <= words.len() {
-            let gram = &words[i..i + n];
-            if seen.contains(gram) {
-                repeated += gram.iter().map(|w| chars(w)).sum::<usize>();
-                i += n;
-            } else {
-                seen.insert(gram);
+            if seen.insert(gram_hash(&word_hashes[i..i + n])) {
                 i += 1;
+            } else {
+                repeated += word_chars[i..i + n].iter().sum::<usize>();
+                i += n;
             }
         }
         if repeated as f64 / len as f64 > limit.max_fraction {
