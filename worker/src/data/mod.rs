@@ -1,10 +1,15 @@
-//! The data-prep stage: raw crawls and dumps in, clean documents out.
+//! The data-prep stage's building blocks: raw crawls and dumps in, clean documents out.
 //!
-//! `reader` turns WARC/JSONL/text files into documents (`warc` frames WARC records, `extract` turns
-//! HTML into main-content text).
+//! - `reader`: WARC/JSONL/text files (local paths and globs) to documents; `warc` frames WARC records
+//!   and survives damaged gzip members; `extract` turns HTML into main-content text.
+//! - `filters`: Gopher quality and repetition, C4, FineWeb and language rules, with DataTrove's
+//!   thresholds and drop reasons.
+//! - `quality`: the trainable hashed n-gram logistic-regression scorer.
+//! - `dedup`: exact keys, MinHash signatures, LSH bands verified by signature Jaccard, union-find.
 
 pub mod dedup;
 pub mod extract;
 pub mod filters;
+pub mod quality;
 pub mod reader;
 pub mod warc;
