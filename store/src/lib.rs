@@ -223,6 +223,27 @@ impl Store {
         Ok(keys)
     }
 
+    /// Streams an object into a local file (created or truncated), never holding it whole in memory.
+    pub async fn download(&self, key: &Path, dest: &std::path::Path) -> Result<u64> {
+        use futures::StreamExt;
+        let result = self.inner.get(key).await.map_err(|e| self.object_error(key, e))?;
+        let mut stream = result.into_stream();
+        let local = |e: std::io::Error| Error::Corrupt {
+            store: self.url.clone(),
+            key: key.to_string(),
+            reason: format!("cannot write {}: {e}", dest.display()),
+        };
+        let mut file = tokio::fs::File::create(dest).await.map_err(local)?;
+        let mut written = 0u64;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| self.object_error(key, e))?;
+            file.write_all(&chunk).await.map_err(local)?;
+            written += chunk.len() as u64;
+        }
+        file.flush().await.map_err(local)?;
+        Ok(written)
+    }
+
     /// Deletes every object under `prefix`.
     pub async fn delete_prefix(&self, prefix: &Path) -> Result<usize> {
         let keys = self.list(prefix).await?;

@@ -143,6 +143,34 @@ fn globs_expand_sorted_and_an_empty_match_names_the_source() {
     assert!(err.ends_with("*.parquet: matches no file"), "{err}");
 }
 
+#[tokio::test]
+async fn object_store_globs_list_from_the_literal_prefix_and_download() {
+    use pretrain_store::{Store, key};
+    let store = Store::open("memory://").unwrap();
+    for k in
+        ["crawl/seg-1/warc/a.warc.gz", "crawl/seg-2/warc/b.warc.gz", "crawl/seg-2/wet/c.warc.gz", "other/d.warc.gz"]
+    {
+        store.put(&key(k).unwrap(), bytes::Bytes::from(k.as_bytes().to_vec())).await.unwrap();
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let files = pretrain_worker::data::reader::remote_files(
+        &store,
+        "s3://b/crawl/*/warc/*.warc.gz",
+        "crawl/*/warc/*.warc.gz",
+        tmp.path(),
+    )
+    .await
+    .unwrap();
+    let names: Vec<String> = files.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+    assert_eq!(names, ["000000-a.warc.gz", "000001-b.warc.gz"]);
+    assert_eq!(std::fs::read(&files[1]).unwrap(), b"crawl/seg-2/warc/b.warc.gz");
+    let err = pretrain_worker::data::reader::remote_files(&store, "s3://b/x/*.jsonl", "x/*.jsonl", tmp.path())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert_eq!(err, "s3://b/x/*.jsonl: matches no object");
+}
+
 #[test]
 fn shared_corpus_reads_without_damage() {
     let (code, skipped) = read(&corpus("code-python-stdlib.jsonl.gz"), SourceFormat::Jsonl, 8 << 20);

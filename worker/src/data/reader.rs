@@ -98,6 +98,45 @@ pub fn local_files(url: &str) -> Result<Vec<PathBuf>, ReadError> {
     Ok(files)
 }
 
+/// The objects a source names in an object store, sorted and downloaded (streamed) into `dest`.
+/// `url` is the source URL for messages (`s3://bucket/crawl/*/warc/*.warc.gz`), `pattern` its key
+/// glob inside the bucket (`crawl/*/warc/*.warc.gz`). Listing starts at the pattern's literal prefix,
+/// so a glob deep in a bucket does not list the whole bucket.
+pub async fn remote_files(
+    store: &pretrain_store::Store,
+    url: &str,
+    pattern: &str,
+    dest: &Path,
+) -> Result<Vec<PathBuf>, ReadError> {
+    let source_error = |reason: String| ReadError::Source { url: url.into(), reason };
+    let matcher = glob::Pattern::new(pattern).map_err(|e| source_error(format!("bad glob: {e}")))?;
+    let literal_end = pattern.find(['*', '?', '[']).unwrap_or(pattern.len());
+    let prefix = pattern[..literal_end].rsplit_once('/').map_or("", |(dir, _)| dir);
+    let keys = if prefix.is_empty() {
+        store.list(&Default::default()).await
+    } else {
+        match pretrain_store::key(prefix) {
+            Ok(key) => store.list(&key).await,
+            Err(e) => return Err(source_error(e.to_string())),
+        }
+    }
+    .map_err(|e| source_error(e.to_string()))?;
+    let options = glob::MatchOptions { require_literal_separator: true, ..Default::default() };
+    let matched: Vec<_> = keys.into_iter().filter(|k| matcher.matches_with(k.as_ref(), options)).collect();
+    if matched.is_empty() {
+        return Err(source_error("matches no object".into()));
+    }
+    let mut files = Vec::with_capacity(matched.len());
+    for (i, key) in matched.iter().enumerate() {
+        // Keep the extension: readers pick decompression by it.
+        let name = key.filename().unwrap_or("object");
+        let path = dest.join(format!("{i:06}-{name}"));
+        store.download(key, &path).await.map_err(|e| source_error(e.to_string()))?;
+        files.push(path);
+    }
+    Ok(files)
+}
+
 /// Reads one file, passing every document and every skipped record to `emit`.
 pub fn read_file(path: &Path, options: &ReadOptions<'_>, emit: &mut dyn FnMut(Item)) -> Result<(), ReadError> {
     let name = path.display().to_string();
