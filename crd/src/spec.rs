@@ -806,16 +806,18 @@ impl Model {
 
 impl ModelConfig {
     /// Parameters for a given vocabulary size (embeddings, blocks, norms, LM head).
+    /// Saturates instead of overflowing, so an absurd (invalid) shape cannot panic.
     pub fn parameters(&self, vocab_size: u32) -> u64 {
         let (d, f, v) = (u64::from(self.dim), u64::from(self.ffn_dim), u64::from(vocab_size));
-        let head_dim = d / u64::from(self.heads);
-        let kv = head_dim * u64::from(self.kv_heads);
-        let attention = d * d * 2 + d * kv * 2;
-        let mlp = 3 * d * f;
-        let norms = 2 * d;
-        let blocks = u64::from(self.layers) * (attention + mlp + norms);
-        let head = if self.tie_embeddings { 0 } else { v * d };
-        v * d + blocks + d + head
+        let head_dim = d.checked_div(u64::from(self.heads)).unwrap_or(0);
+        let kv = head_dim.saturating_mul(u64::from(self.kv_heads));
+        let attention = d.saturating_mul(d).saturating_mul(2).saturating_add(d.saturating_mul(kv).saturating_mul(2));
+        let mlp = d.saturating_mul(f).saturating_mul(3);
+        let per_block = attention.saturating_add(mlp).saturating_add(2 * d);
+        let blocks = u64::from(self.layers).saturating_mul(per_block);
+        let embedding = v.saturating_mul(d);
+        let head = if self.tie_embeddings { 0 } else { embedding };
+        embedding.saturating_add(blocks).saturating_add(d).saturating_add(head)
     }
 }
 

@@ -77,6 +77,9 @@ impl Errors {
 /// Longest run name: stage Job names append `-long-context` and must stay within 63 characters.
 pub const MAX_RUN_NAME_LEN: usize = 50;
 
+/// Largest `data.maxDocumentBytes`: one document is held in memory whole.
+pub const MAX_DOCUMENT_BYTES: u64 = 1 << 30;
+
 /// Store URL schemes the run can use.
 pub const STORE_SCHEMES: [&str; 5] = ["file", "s3", "gs", "az", "memory"];
 
@@ -118,8 +121,11 @@ fn spec_rules(spec: &PretrainRunSpec, e: &mut Errors) {
     }
     data(&spec.data, e);
     tokenizer(&spec.tokenizer, e);
+    let before = e.0.len();
     model(&spec.model, e);
-    train(spec, e);
+    // Step counts derive from the model's size; a broken shape would make them meaningless.
+    let model_ok = e.0.len() == before;
+    train(spec, e, model_ok);
     if let Some(lc) = &spec.long_context {
         long_context(lc, &spec.train, e);
     }
@@ -223,7 +229,11 @@ fn data(d: &Data, e: &mut Errors) {
         format!("must be at least 0 and below 0.5, got {}", d.held_out_fraction),
     );
     e.check((1..=10_000).contains(&d.shards), "spec.data.shards", "must be between 1 and 10000");
-    e.check(d.max_document_bytes > 0, "spec.data.maxDocumentBytes", "must be greater than 0");
+    e.check(
+        (1..=MAX_DOCUMENT_BYTES).contains(&d.max_document_bytes),
+        "spec.data.maxDocumentBytes",
+        format!("must be between 1 and {MAX_DOCUMENT_BYTES} (1 GiB), got {}", d.max_document_bytes),
+    );
 }
 
 fn source(s: &Source, path: &str, global: &Filters, e: &mut Errors) {
@@ -349,11 +359,19 @@ fn model(m: &Model, e: &mut Errors) {
     };
     let (dim, heads, kv_heads) =
         ((m.dim.is_some(), "dim"), (m.heads.is_some(), "heads"), (m.kv_heads.is_some(), "kvHeads"));
-    e.check(c.dim >= 8, field(&[dim]), "dim must be at least 8");
-    e.check(c.layers >= 1, field(&[(m.layers.is_some(), "layers")]), "layers must be at least 1");
-    e.check(c.ffn_dim >= 1, field(&[(m.ffn_dim.is_some(), "ffnDim")]), "ffnDim must be at least 1");
-    if c.heads == 0 || c.kv_heads == 0 {
-        e.push(field(&[heads, kv_heads]), "heads and kvHeads must be at least 1");
+    e.check((8..=65_536).contains(&c.dim), field(&[dim]), format!("dim must be between 8 and 65536, got {}", c.dim));
+    e.check(
+        (1..=1024).contains(&c.layers),
+        field(&[(m.layers.is_some(), "layers")]),
+        format!("layers must be between 1 and 1024, got {}", c.layers),
+    );
+    e.check(
+        (1..=1 << 20).contains(&c.ffn_dim),
+        field(&[(m.ffn_dim.is_some(), "ffnDim")]),
+        format!("ffnDim must be between 1 and 1048576, got {}", c.ffn_dim),
+    );
+    if c.heads == 0 || c.kv_heads == 0 || c.heads > 1024 {
+        e.push(field(&[heads, kv_heads]), "heads and kvHeads must be between 1 and 1024");
         return;
     }
     if !c.dim.is_multiple_of(c.heads) {
@@ -379,7 +397,7 @@ fn model(m: &Model, e: &mut Errors) {
     );
 }
 
-fn train(spec: &PretrainRunSpec, e: &mut Errors) {
+fn train(spec: &PretrainRunSpec, e: &mut Errors, model_ok: bool) {
     let t = &spec.train;
     e.check(
         (16..=1 << 20).contains(&t.seq_len),
@@ -388,8 +406,16 @@ fn train(spec: &PretrainRunSpec, e: &mut Errors) {
     );
     e.check(t.micro_batch_size >= 1, "spec.train.microBatchSize", "must be at least 1");
     let ranks = t.resources.ranks();
-    let per_step = u64::from(t.seq_len) * u64::from(t.micro_batch_size) * ranks;
-    if per_step > 0 && !t.global_batch_tokens.is_multiple_of(per_step) {
+    let per_step = u64::from(t.seq_len).saturating_mul(u64::from(t.micro_batch_size)).saturating_mul(ranks);
+    if t.global_batch_tokens < per_step.max(1) {
+        e.push(
+            "spec.train.globalBatchTokens",
+            format!(
+                "must be at least seqLen x microBatchSize x data-parallel ranks ({} x {} x {ranks} = {per_step}), got {}",
+                t.seq_len, t.micro_batch_size, t.global_batch_tokens
+            ),
+        );
+    } else if per_step > 0 && !t.global_batch_tokens.is_multiple_of(per_step) {
         e.push(
             "spec.train.globalBatchTokens",
             format!(
@@ -427,13 +453,15 @@ fn train(spec: &PretrainRunSpec, e: &mut Errors) {
     e.positive(o.eps, "spec.train.optimizer.eps");
     e.check(o.grad_clip >= 0.0, "spec.train.optimizer.gradClip", "must be 0 (off) or more");
 
-    let steps = spec.train_steps();
     let s = &t.schedule;
-    e.check(
-        s.warmup_steps < steps.max(1),
-        "spec.train.schedule.warmupSteps",
-        format!("must be fewer than the run's {steps} optimizer steps, got {}", s.warmup_steps),
-    );
+    if model_ok && t.global_batch_tokens > 0 {
+        let steps = spec.train_steps();
+        e.check(
+            s.warmup_steps < steps.max(1),
+            "spec.train.schedule.warmupSteps",
+            format!("must be fewer than the run's {steps} optimizer steps, got {}", s.warmup_steps),
+        );
+    }
     if s.kind == ScheduleKind::Wsd {
         e.check(
             s.decay_fraction > 0.0 && s.decay_fraction <= 1.0,
@@ -529,7 +557,9 @@ fn dns_subdomain(s: &str) -> Result<(), String> {
 impl PretrainRunSpec {
     /// The train stage's token budget: as set, or 20 tokens per parameter (Chinchilla).
     pub fn train_tokens(&self) -> u64 {
-        self.train.tokens.unwrap_or_else(|| 20 * self.model.resolved().parameters(self.tokenizer.vocab_size))
+        self.train
+            .tokens
+            .unwrap_or_else(|| self.model.resolved().parameters(self.tokenizer.vocab_size).saturating_mul(20))
     }
 
     /// Optimizer steps of the train stage (the budget rounded up to whole global batches).

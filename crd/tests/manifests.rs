@@ -115,9 +115,22 @@ fn broken_manifests_give_exact_errors() {
         ),
         (
             &[("spec.train.resources.nodes", "2"), ("spec.train.resources.gpusPerNode", "8")],
-            "spec.train.globalBatchTokens: must be a multiple of seqLen x microBatchSize x data-parallel ranks (256 x 4 x 16 = 16384), got 4096",
+            "spec.train.globalBatchTokens: must be at least seqLen x microBatchSize x data-parallel ranks (256 x 4 x 16 = 16384), got 4096",
         ),
         (&[("spec.model.heads", "12")], "spec.model.heads: dim (256) must be a multiple of heads (12)"),
+        (
+            &[("spec.model.heads", "0"), ("spec.train.tokens", "~")],
+            "spec.model.heads: heads and kvHeads must be between 1 and 1024",
+        ),
+        (&[("spec.model.dim", "131072")], "spec.model.dim: dim must be between 8 and 65536, got 131072"),
+        (
+            &[("spec.train.globalBatchTokens", "0")],
+            "spec.train.globalBatchTokens: must be at least seqLen x microBatchSize x data-parallel ranks (256 x 4 x 1 = 1024), got 0",
+        ),
+        (
+            &[("spec.data.maxDocumentBytes", "18446744073709551615")],
+            "spec.data.maxDocumentBytes: must be between 1 and 1073741824 (1 GiB), got 18446744073709551615",
+        ),
         (&[("spec.model.kvHeads", "3")], "spec.model.kvHeads: heads (8) must be a multiple of kvHeads (3)"),
         (&[("spec.model.dim", "264")], "spec.model.dim: head dimension dim / heads = 33 must be even for RoPE"),
         (&[("spec.tokenizer.vocabsize", "8000")], "spec.tokenizer.vocabsize: unknown field"),

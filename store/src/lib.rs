@@ -244,9 +244,11 @@ impl Store {
         Ok(written)
     }
 
-    /// Deletes every object under `prefix`.
+    /// Deletes every object under `prefix`, commit markers first, so that an interrupted delete never
+    /// leaves a `_SUCCESS.json` pointing at deleted files.
     pub async fn delete_prefix(&self, prefix: &Path) -> Result<usize> {
-        let keys = self.list(prefix).await?;
+        let mut keys = self.list(prefix).await?;
+        keys.sort_by_key(|k| k.filename() != Some(SUCCESS_FILE));
         for k in &keys {
             match self.inner.delete(k).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}

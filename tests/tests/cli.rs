@@ -69,22 +69,24 @@ fn manifest_in(tmp: &std::path::Path) -> (std::path::PathBuf, String) {
     (file, store)
 }
 
+/// Commits `stage` of run "tiny" as if it had run for a spec with `config_hash`.
+fn commit_as_done(store_url: &str, stage: Stage, config_hash: &str) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let dir = Store::open(store_url).unwrap().stage("tiny", stage).unwrap();
+        let entry = dir.put("out.txt", Bytes::from_static(b"done")).await.unwrap();
+        dir.commit(config_hash, vec![entry], serde_json::json!({})).await.unwrap();
+    });
+}
+
 #[test]
 fn run_skips_committed_stages_and_stops_at_the_first_unavailable_one() {
     let tmp = tempfile::tempdir().unwrap();
     let (file, store_url) = manifest_in(tmp.path());
     let run = pretrain_crd::load(&file).unwrap();
-
-    // Commit data-prep and tokenize as if they had run for this exact spec.
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let store = Store::open(&store_url).unwrap();
-        for stage in [Stage::DataPrep, Stage::Tokenize] {
-            let dir = store.stage("tiny", stage).unwrap();
-            let entry = dir.put("out.txt", Bytes::from_static(b"done")).await.unwrap();
-            dir.commit(&run.spec.stage_config_hash(stage), vec![entry], serde_json::json!({})).await.unwrap();
-        }
-    });
+    for stage in [Stage::DataPrep, Stage::Tokenize] {
+        commit_as_done(&store_url, stage, &run.spec.stage_config_hash(stage));
+    }
 
     let out = pretrain(&["run", file.to_str().unwrap(), "--until", "tokenize"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -108,14 +110,9 @@ fn run_skips_committed_stages_and_stops_at_the_first_unavailable_one() {
 fn run_redoes_a_stage_whose_config_changed() {
     let tmp = tempfile::tempdir().unwrap();
     let (file, store_url) = manifest_in(tmp.path());
-    let run = pretrain_crd::load(&file).unwrap();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let dir = Store::open(&store_url).unwrap().stage("tiny", Stage::DataPrep).unwrap();
-        let mut other = run.spec.clone();
-        other.data.held_out_fraction = 0.3;
-        dir.commit(&other.stage_config_hash(Stage::DataPrep), vec![], serde_json::json!({})).await.unwrap();
-    });
+    let mut other = pretrain_crd::load(&file).unwrap().spec;
+    other.data.held_out_fraction = 0.3;
+    commit_as_done(&store_url, Stage::DataPrep, &other.stage_config_hash(Stage::DataPrep));
     let out = pretrain(&["run", file.to_str().unwrap(), "--until", "data-prep"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stdout).starts_with("data-prep: starting"), "{}", text(&out.stdout));
@@ -134,6 +131,15 @@ fn run_refuses_bad_stage_ranges_and_a_memory_store() {
     let out = pretrain(&["run", file, "--until", "nope"]);
     assert_eq!(out.status.code(), Some(2), "clap rejects an unknown stage");
     assert!(text(&out.stderr).contains("unknown stage \"nope\""), "{}", text(&out.stderr));
+
+    let out = pretrain(&["run", file, "--from", "train"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr)
+            .contains("--from train: stage data-prep has no committed outputs for this spec; run it first"),
+        "{}",
+        text(&out.stderr)
+    );
 
     let out = pretrain(&["run", file, "--store", "memory://"]);
     assert_eq!(out.status.code(), Some(1));

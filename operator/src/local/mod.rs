@@ -4,6 +4,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use pretrain_crd::contract::{
     ENV_JOB_COMPLETION_INDEX, ENV_MASTER_ADDR, ENV_MASTER_PORT, ENV_RANK, ENV_RUN, ENV_STORE, ENV_WORLD_SIZE, exit,
@@ -58,8 +60,8 @@ pub enum RunError {
         /// The worker's explanation.
         reason: String,
     },
-    /// A stage checkpointed and stopped (Ctrl-C or SIGTERM); rerunning resumes it.
-    #[error("stage {stage} checkpointed and stopped; run the same command again to resume")]
+    /// Interrupted (Ctrl-C) at or before a stage; a running stage was asked to checkpoint first.
+    #[error("interrupted at stage {stage}; run the same command again to resume")]
     Interrupted {
         /// The stage.
         stage: Stage,
@@ -79,7 +81,7 @@ pub struct RunOptions {
     pub manifest: PathBuf,
     /// Store URL overriding `spec.storage.url`.
     pub store: Option<String>,
-    /// First stage to run (earlier ones must be committed already, or are run if not).
+    /// First stage to run; the stages before it must be committed already for this spec.
     pub from: Option<Stage>,
     /// Last stage to run.
     pub until: Option<Stage>,
@@ -110,8 +112,22 @@ pub async fn run(opts: &RunOptions) -> Result<Vec<(Stage, StageOutcome)>, RunErr
     let stages = selected_stages(&run, opts.from, opts.until)?;
     let manifest = std::path::absolute(&opts.manifest).unwrap_or_else(|_| opts.manifest.clone());
     let name = run.metadata.name.clone().unwrap_or_default();
+    if let Some(&first) = stages.first() {
+        for earlier in run.spec.stages().into_iter().take_while(|s| *s != first) {
+            let hash = run.spec.stage_config_hash(earlier);
+            if store.stage(&name, earlier)?.committed(&hash).await?.is_none() {
+                return Err(RunError::StageRange(format!(
+                    "--from {first}: stage {earlier} has no committed outputs for this spec; run it first"
+                )));
+            }
+        }
+    }
+    let interrupt = Interrupt::install();
     let mut outcomes = Vec::new();
     for stage in stages {
+        if interrupt.requested() {
+            return Err(RunError::Interrupted { stage });
+        }
         let hash = run.spec.stage_config_hash(stage);
         let dir = store.stage(&name, stage)?;
         if dir.committed(&hash).await?.is_some() {
@@ -120,7 +136,7 @@ pub async fn run(opts: &RunOptions) -> Result<Vec<(Stage, StageOutcome)>, RunErr
             continue;
         }
         println!("{stage}: starting");
-        run_worker(&opts.worker, stage, &manifest, &name, &store_url).await?;
+        run_worker(&opts.worker, stage, &manifest, &name, &store_url, &interrupt).await?;
         if dir.committed(&hash).await?.is_none() {
             return Err(RunError::NotCommitted { stage });
         }
@@ -150,8 +166,47 @@ fn list(stages: &[Stage]) -> String {
     stages.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
 }
 
-/// Runs one worker process, echoing its stderr, forwarding Ctrl-C as SIGTERM.
-async fn run_worker(worker: &Path, stage: Stage, manifest: &Path, run: &str, store: &str) -> Result<(), RunError> {
+/// Ctrl-C for the whole run: remembered, and forwarded as SIGTERM to the running worker.
+#[derive(Debug, Clone, Default)]
+struct Interrupt {
+    requested: Arc<AtomicBool>,
+    child: Arc<Mutex<Option<u32>>>,
+}
+
+impl Interrupt {
+    fn install() -> Self {
+        let interrupt = Self::default();
+        let listener = interrupt.clone();
+        tokio::spawn(async move {
+            while tokio::signal::ctrl_c().await.is_ok() {
+                listener.requested.store(true, Ordering::SeqCst);
+                if let Some(pid) = *listener.child.lock().expect("child slot") {
+                    terminate(pid);
+                }
+            }
+        });
+        interrupt
+    }
+
+    fn requested(&self) -> bool {
+        self.requested.load(Ordering::SeqCst)
+    }
+
+    fn set_child(&self, pid: Option<u32>) {
+        *self.child.lock().expect("child slot") = pid;
+    }
+}
+
+/// Runs one worker process, echoing its stderr; the last meaningful stderr line is the reason given
+/// when it fails.
+async fn run_worker(
+    worker: &Path,
+    stage: Stage,
+    manifest: &Path,
+    run: &str,
+    store: &str,
+    interrupt: &Interrupt,
+) -> Result<(), RunError> {
     let mut child = tokio::process::Command::new(worker)
         .arg(stage.as_str())
         .arg("--spec")
@@ -168,34 +223,33 @@ async fn run_worker(worker: &Path, stage: Stage, manifest: &Path, run: &str, sto
         .kill_on_drop(true)
         .spawn()
         .map_err(|source| RunError::Spawn { worker: worker.to_path_buf(), source })?;
+    interrupt.set_child(child.id());
 
     let stderr = child.stderr.take().expect("stderr is piped");
     let echo = tokio::spawn(async move {
         let mut last = String::new();
-        let mut lines = BufReader::new(stderr).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
+        let mut reader = BufReader::new(stderr);
+        let mut raw = Vec::new();
+        // Bytes, not strings: a non-UTF-8 line must not stop the draining (the worker would get EPIPE).
+        while matches!(reader.read_until(b'\n', &mut raw).await, Ok(n) if n > 0) {
+            let line = String::from_utf8_lossy(&raw).trim_end().to_string();
+            raw.clear();
             eprintln!("{line}");
-            if !line.trim().is_empty() {
+            if !line.trim().is_empty() && !line.starts_with("note: run with `RUST_BACKTRACE") {
                 last = line;
             }
         }
         last
     });
 
-    let status = tokio::select! {
-        status = child.wait() => status,
-        _ = tokio::signal::ctrl_c() => {
-            if let Some(pid) = child.id() {
-                terminate(pid);
-            }
-            child.wait().await
-        }
-    }
-    .map_err(|source| RunError::Spawn { worker: worker.to_path_buf(), source })?;
+    let status = child.wait().await.map_err(|source| RunError::Spawn { worker: worker.to_path_buf(), source });
+    interrupt.set_child(None);
+    let status = status?;
     let reason = echo.await.unwrap_or_default();
     match status.code() {
         Some(exit::DONE) => Ok(()),
         Some(exit::RESUME) => Err(RunError::Interrupted { stage }),
+        _ if interrupt.requested() => Err(RunError::Interrupted { stage }),
         Some(exit::UNAVAILABLE) => Err(RunError::Unavailable { stage, reason }),
         code => Err(RunError::StageFailed { stage, code, reason }),
     }

@@ -105,6 +105,9 @@ pub fn words(text: &str) -> Vec<&str> {
         }
         // Trailing punctuation and contractions.
         while let Some(c) = rest.chars().next_back() {
+            if rest.bytes().all(|b| b == b'.') {
+                break; // a standalone ellipsis is one token
+            }
             if is_punct(c) && rest.len() > c.len_utf8() {
                 let n = if c == '.' { rest.len() - rest.trim_end_matches('.').len() } else { c.len_utf8() };
                 let n = if n == rest.len() { c.len_utf8() } else { n };
@@ -133,43 +136,44 @@ fn chars(s: &str) -> usize {
     s.chars().count()
 }
 
-/// Gopher quality rules; `words` are `words(text)`.
+/// Gopher quality rules; `words` are `words(text)`. As in DataTrove, a threshold of 0 turns its rule off.
 pub fn gopher_quality(cfg: &GopherQuality, text: &str, words: &[&str]) -> Result<(), Reason> {
     let n_words = words.len();
     let non_symbol: Vec<&&str> = words.iter().filter(|w| w.chars().any(|c| !is_punct(c))).collect();
     let n = non_symbol.len() as u64;
-    if n < cfg.min_words {
+    if cfg.min_words > 0 && n < cfg.min_words {
         return Err("gopher_short_doc".into());
     }
-    if n > cfg.max_words {
+    if cfg.max_words > 0 && n > cfg.max_words {
         return Err("gopher_long_doc".into());
     }
     let avg = non_symbol.iter().map(|w| chars(w)).sum::<usize>() as f64 / n.max(1) as f64;
-    if avg < cfg.min_avg_word_length {
+    if cfg.min_avg_word_length > 0.0 && avg < cfg.min_avg_word_length {
         return Err("gopher_below_avg_threshold".into());
     }
-    if avg > cfg.max_avg_word_length {
+    if cfg.max_avg_word_length > 0.0 && avg > cfg.max_avg_word_length {
         return Err("gopher_above_avg_threshold".into());
     }
     let per_word = |count: usize| count as f64 / n_words.max(1) as f64;
-    if per_word(text.matches('#').count()) > cfg.max_symbol_word_ratio {
+    let symbols = cfg.max_symbol_word_ratio > 0.0;
+    if symbols && per_word(text.matches('#').count()) > cfg.max_symbol_word_ratio {
         return Err("gopher_too_many_hashes".into());
     }
-    if per_word(text.matches("...").count() + text.matches('…').count()) > cfg.max_symbol_word_ratio {
+    if symbols && per_word(text.matches("...").count() + text.matches('…').count()) > cfg.max_symbol_word_ratio {
         return Err("gopher_too_many_ellipsis".into());
     }
     let lines: Vec<&str> = text.lines().collect();
     let per_line = |count: usize| count as f64 / lines.len().max(1) as f64;
     let bullets = lines.iter().filter(|l| l.trim_start().starts_with(['•', '-'])).count();
-    if per_line(bullets) > cfg.max_bullet_lines_ratio {
+    if cfg.max_bullet_lines_ratio > 0.0 && per_line(bullets) > cfg.max_bullet_lines_ratio {
         return Err("gopher_too_many_bullets".into());
     }
     let ellipses = lines.iter().filter(|l| l.trim_end().ends_with("...") || l.trim_end().ends_with('…')).count();
-    if per_line(ellipses) > cfg.max_ellipsis_lines_ratio {
+    if cfg.max_ellipsis_lines_ratio > 0.0 && per_line(ellipses) > cfg.max_ellipsis_lines_ratio {
         return Err("gopher_too_many_end_ellipsis".into());
     }
     let alpha = words.iter().filter(|w| w.chars().any(char::is_alphabetic)).count();
-    if per_word(alpha) < cfg.min_alpha_words_ratio {
+    if cfg.min_alpha_words_ratio > 0.0 && per_word(alpha) < cfg.min_alpha_words_ratio {
         return Err("gopher_below_alpha_threshold".into());
     }
     const STOP_WORDS: [&str; 8] = ["the", "be", "to", "of", "and", "that", "have", "with"];
@@ -223,6 +227,7 @@ fn duplicates<'a>(items: impl Iterator<Item = &'a str>) -> (usize, usize, usize)
 }
 
 /// Gopher repetition rules. An empty text is dropped (`dup_para_char_frac`: nothing but repetition).
+/// As in DataTrove, a fraction of 0 turns the paragraph and line rules off (not the n-gram ones).
 pub fn gopher_repetition(cfg: &GopherRepetition, text: &str, words: &[&str]) -> Result<(), Reason> {
     let len = chars(text);
     if len == 0 {
@@ -230,17 +235,17 @@ pub fn gopher_repetition(cfg: &GopherRepetition, text: &str, words: &[&str]) -> 
     }
     let paragraphs = split_runs(text.trim(), 2);
     let (total, dups, dup_chars) = duplicates(paragraphs.into_iter());
-    if dups as f64 / total as f64 > cfg.dup_para_fraction {
+    if cfg.dup_para_fraction > 0.0 && dups as f64 / total as f64 > cfg.dup_para_fraction {
         return Err("dup_para_frac".into());
     }
-    if dup_chars as f64 / len as f64 > cfg.dup_para_char_fraction {
+    if cfg.dup_para_char_fraction > 0.0 && dup_chars as f64 / len as f64 > cfg.dup_para_char_fraction {
         return Err("dup_para_char_frac".into());
     }
     let (total, dups, dup_chars) = duplicates(split_runs(text, 1).into_iter());
-    if dups as f64 / total as f64 > cfg.dup_line_fraction {
+    if cfg.dup_line_fraction > 0.0 && dups as f64 / total as f64 > cfg.dup_line_fraction {
         return Err("dup_line_frac".into());
     }
-    if dup_chars as f64 / len as f64 > cfg.dup_line_char_fraction {
+    if cfg.dup_line_char_fraction > 0.0 && dup_chars as f64 / len as f64 > cfg.dup_line_char_fraction {
         return Err("dup_line_char_frac".into());
     }
     let word_hashes: Vec<u64> = words.iter().map(|w| xxh3_64(w.as_bytes())).collect();
@@ -593,6 +598,8 @@ mod tests {
             ]
         );
         assert_eq!(words("a\tb\u{a0}c \u{3000}d"), ["a", "b", "c", "d"]);
+        assert_eq!(words("Wait ... then"), ["Wait", "...", "then"]);
+        assert_eq!(count_sentences("Wait ... then it went on."), 1);
     }
 
     #[test]
@@ -610,6 +617,9 @@ mod tests {
         let no_stop = "Quick brown foxes jump over lazy dogs while cats sleep quietly nearby today";
         assert_eq!(gq(no_stop), Err("gopher_enough_stop_words".into()));
         assert_eq!(gopher_quality(&GopherQuality::default(), FRODO, &words(FRODO)), Ok(()), "51 words >= 50");
+        let hashes_allowed = GopherQuality { max_symbol_word_ratio: 0.0, min_alpha_words_ratio: 0.0, ..small_gopher() };
+        let csharp = format!("{FRODO} We write C# and F# code ... with it.");
+        assert_eq!(gopher_quality(&hashes_allowed, &csharp, &words(&csharp)), Ok(()), "0 turns the rule off");
     }
 
     #[test]

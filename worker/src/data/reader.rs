@@ -157,7 +157,11 @@ pub fn read_file(path: &Path, options: &ReadOptions<'_>, emit: &mut dyn FnMut(It
         SourceFormat::Text => {
             let mut reader = decompressed(file, &lower).map_err(io_error)?;
             let mut bytes = Vec::new();
-            let n = reader.by_ref().take(options.max_document_bytes + 1).read_to_end(&mut bytes).map_err(io_error)?;
+            let n = reader
+                .by_ref()
+                .take(options.max_document_bytes.saturating_add(1))
+                .read_to_end(&mut bytes)
+                .map_err(io_error)?;
             if n as u64 > options.max_document_bytes {
                 emit(Item::Skipped(Skipped {
                     file: name,

@@ -106,8 +106,12 @@ impl<R: BufRead + Seek> WarcReader<R> {
         loop {
             if self.member.is_none() {
                 let mut input = self.input.take()?;
-                if matches!(input.fill_buf(), Ok([]) | Err(_)) {
-                    return None;
+                match input.fill_buf() {
+                    Ok([]) => return None,
+                    Ok(_) => {}
+                    Err(e) => {
+                        return Some(Err(Damaged { offset: input.consumed, reason: format!("read error: {e}") }));
+                    }
                 }
                 let offset = input.consumed;
                 self.member = Some((BufReader::with_capacity(64 << 10, GzDecoder::new(input)), offset));
@@ -216,7 +220,8 @@ fn read_record<R: BufRead>(r: &mut R, offset: u64, max_block: u64) -> Result<Opt
         }
         return Ok(Some(Parsed::TooLarge(length)));
     }
-    let mut block = Vec::with_capacity(length as usize);
+    // Grow as data arrives: a damaged Content-Length must not reserve gigabytes up front.
+    let mut block = Vec::with_capacity(length.min(1 << 20) as usize);
     let got = r.by_ref().take(length).read_to_end(&mut block).map_err(|e| e.to_string())?;
     if (got as u64) < length {
         return Err(format!("truncated record: expected {length} bytes, got {got}"));
@@ -224,24 +229,35 @@ fn read_record<R: BufRead>(r: &mut R, offset: u64, max_block: u64) -> Result<Opt
     Ok(Some(Parsed::Record(Record { headers, block, offset })))
 }
 
-/// Moves to the next possible gzip member start (a 0x1f byte), past the current byte if `skip_current`.
+/// Moves to the next gzip member header (`1f 8b 08`), past the current byte if `skip_current`. A
+/// header split across the buffer boundary is taken as a candidate; a false one is skipped later.
 fn skip_to_gzip_candidate<R: BufRead>(r: &mut R, skip_current: bool) {
-    let mut first = skip_current;
+    let mut from = usize::from(skip_current);
     loop {
         let Ok(buf) = r.fill_buf() else { return };
         if buf.is_empty() {
             return;
         }
-        let start = usize::from(first);
-        first = false;
-        match memchr::memchr(0x1f, &buf[start.min(buf.len())..]) {
+        let mut found = None;
+        let mut at = from.min(buf.len());
+        while let Some(i) = memchr::memchr(0x1f, &buf[at..]) {
+            let candidate = at + i;
+            let next = &buf[candidate + 1..buf.len().min(candidate + 3)];
+            if next.len() < 2 || next == [0x8b, 0x08] {
+                found = Some(candidate);
+                break;
+            }
+            at = candidate + 1;
+        }
+        match found {
             Some(i) => {
-                r.consume(start + i);
+                r.consume(i);
                 return;
             }
             None => {
                 let n = buf.len();
                 r.consume(n);
+                from = 0;
             }
         }
     }
@@ -269,10 +285,13 @@ fn skip_to_version_line<R: BufRead>(r: &mut R) {
 
 /// The HTTP payload of a `response` record block: (content type, body), or why it has none.
 pub fn http_payload(block: &[u8]) -> Result<(Option<String>, &[u8]), String> {
-    let end = memchr::memmem::find(block, b"\r\n\r\n")
-        .map(|i| (i, i + 4))
-        .or_else(|| memchr::memmem::find(block, b"\n\n").map(|i| (i, i + 2)))
-        .ok_or("HTTP response without a header/body separator")?;
+    // The first blank line ends the headers, whichever line ending the server used.
+    let crlf = memchr::memmem::find(block, b"\r\n\r\n").map(|i| (i, i + 4));
+    let lf = memchr::memmem::find(block, b"\n\n").map(|i| (i, i + 2));
+    let end = match (crlf, lf) {
+        (Some(a), Some(b)) => a.min(b),
+        (a, b) => a.or(b).ok_or("HTTP response without a header/body separator")?,
+    };
     let head = String::from_utf8_lossy(&block[..end.0]);
     let mut lines = head.lines();
     let status = lines.next().unwrap_or_default();
