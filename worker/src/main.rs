@@ -4,6 +4,7 @@
 use clap::Parser;
 use pretrain_crd::Stage;
 use pretrain_crd::contract::exit;
+use pretrain_worker::data::stage::{DataPrepError, Phase};
 use pretrain_worker::{Context, ContextError};
 
 #[derive(Debug, Parser)]
@@ -14,6 +15,17 @@ struct Cli {
     /// The PretrainRun manifest: a file path or an object-store URL.
     #[arg(long)]
     spec: String,
+    /// For sharded stages: `map` runs the shard of JOB_COMPLETION_INDEX, `reduce` the cross-shard
+    /// step, `all` both in this process.
+    #[arg(long, value_enum, default_value_t = PhaseArg::All)]
+    phase: PhaseArg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum PhaseArg {
+    All,
+    Map,
+    Reduce,
 }
 
 fn main() {
@@ -47,8 +59,33 @@ async fn run(cli: Cli) -> i32 {
         }
     }
     match ctx.stage {
+        Stage::DataPrep => {
+            let phase = match cli.phase {
+                PhaseArg::All => Phase::All,
+                PhaseArg::Map => Phase::Map(ctx.shard_index),
+                PhaseArg::Reduce => Phase::Reduce,
+            };
+            match pretrain_worker::data::stage::run(&ctx, phase).await {
+                Ok(Some(commit)) => {
+                    println!("data-prep: committed {} files", commit.files.len());
+                    exit::DONE
+                }
+                Ok(None) => {
+                    println!("data-prep: map shard {} done", ctx.shard_index);
+                    exit::DONE
+                }
+                Err(e @ DataPrepError::Unsupported(_)) => {
+                    eprintln!("{e}");
+                    exit::INVALID
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    exit::FAILED
+                }
+            }
+        }
         // Stages land one by one; until then the worker says so and the runner stops there.
-        Stage::DataPrep | Stage::Tokenize | Stage::Train | Stage::LongContext | Stage::Eval => {
+        Stage::Tokenize | Stage::Train | Stage::LongContext | Stage::Eval => {
             eprintln!("stage {} is not implemented in pretrain-worker {}", ctx.stage, env!("CARGO_PKG_VERSION"));
             exit::UNAVAILABLE
         }

@@ -12,4 +12,5 @@ pub mod extract;
 pub mod filters;
 pub mod quality;
 pub mod reader;
+pub mod stage;
 pub mod warc;

@@ -26,7 +26,7 @@ pub struct RawDocument {
 }
 
 /// A record that was skipped, and why.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Skipped {
     /// File it was in.
     pub file: String,
@@ -98,16 +98,15 @@ pub fn local_files(url: &str) -> Result<Vec<PathBuf>, ReadError> {
     Ok(files)
 }
 
-/// The objects a source names in an object store, sorted and downloaded (streamed) into `dest`.
-/// `url` is the source URL for messages (`s3://bucket/crawl/*/warc/*.warc.gz`), `pattern` its key
-/// glob inside the bucket (`crawl/*/warc/*.warc.gz`). Listing starts at the pattern's literal prefix,
-/// so a glob deep in a bucket does not list the whole bucket.
-pub async fn remote_files(
+/// The keys a source names in an object store, sorted. `url` is the source URL for messages
+/// (`s3://bucket/crawl/*/warc/*.warc.gz`), `pattern` its key glob inside the bucket
+/// (`crawl/*/warc/*.warc.gz`). Listing starts at the pattern's literal prefix, so a glob deep in a
+/// bucket does not list the whole bucket.
+pub async fn remote_keys(
     store: &pretrain_store::Store,
     url: &str,
     pattern: &str,
-    dest: &Path,
-) -> Result<Vec<PathBuf>, ReadError> {
+) -> Result<Vec<object_store::path::Path>, ReadError> {
     let source_error = |reason: String| ReadError::Source { url: url.into(), reason };
     let matcher = glob::Pattern::new(pattern).map_err(|e| source_error(format!("bad glob: {e}")))?;
     let literal_end = pattern.find(['*', '?', '[']).unwrap_or(pattern.len());
@@ -126,13 +125,33 @@ pub async fn remote_files(
     if matched.is_empty() {
         return Err(source_error("matches no object".into()));
     }
-    let mut files = Vec::with_capacity(matched.len());
-    for (i, key) in matched.iter().enumerate() {
-        // Keep the extension: readers pick decompression by it.
-        let name = key.filename().unwrap_or("object");
-        let path = dest.join(format!("{i:06}-{name}"));
-        store.download(key, &path).await.map_err(|e| source_error(e.to_string()))?;
-        files.push(path);
+    Ok(matched)
+}
+
+/// Downloads (streams) one source object into `dest_dir`, keeping its extension (readers pick
+/// decompression by it); `n` keeps names unique.
+pub async fn download(
+    store: &pretrain_store::Store,
+    url: &str,
+    key: &object_store::path::Path,
+    dest_dir: &Path,
+    n: usize,
+) -> Result<PathBuf, ReadError> {
+    let path = dest_dir.join(format!("{n:06}-{}", key.filename().unwrap_or("object")));
+    store.download(key, &path).await.map_err(|e| ReadError::Source { url: url.into(), reason: e.to_string() })?;
+    Ok(path)
+}
+
+/// Every object a source names, downloaded into `dest` (see `remote_keys`).
+pub async fn remote_files(
+    store: &pretrain_store::Store,
+    url: &str,
+    pattern: &str,
+    dest: &Path,
+) -> Result<Vec<PathBuf>, ReadError> {
+    let mut files = Vec::new();
+    for (i, key) in remote_keys(store, url, pattern).await?.iter().enumerate() {
+        files.push(download(store, url, key, dest, i).await?);
     }
     Ok(files)
 }

@@ -1,0 +1,702 @@
+//! The data-prep stage: map shards read, extract and filter their slice of the inputs; the reduce
+//! deduplicates across all shards, splits off the held-out set, mixes categories and orders the
+//! documents, then writes `jsonl.zst` shards and commits.
+//!
+//! Layout under `<run>/data-prep/`:
+//! - `map/<shard>-of-<shards>/{docs.jsonl.zst, keys.bin, _DONE.json}`: one map shard's kept documents,
+//!   their dedup keys, and its statistics (written last).
+//! - `shards/NNNNN.jsonl.zst`, `heldout/00000.jsonl.zst`: the training stream and the held-out split;
+//!   each line is `{id, text, source, category, url?, title?}`.
+//!
+//! Results do not depend on the shard count: every document has a canonical position (input file,
+//! then record), dedup keeps the first of each cluster in that order, and every random choice is a
+//! hash of the seed and that position.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::File;
+use std::io::{BufRead, BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use pretrain_crd::spec::{Data, OrderStrategy, QualityClassifier, Source};
+use pretrain_store::{FileEntry, StageCommit, StageDir, Store};
+use serde::{Deserialize, Serialize};
+use xxhash_rust::xxh3::xxh3_64_with_seed;
+
+use super::dedup::{MinHasher, exact_key, near_duplicate_survivors};
+use super::filters::{Verdict, apply};
+use super::reader::{self, Item, ReadOptions};
+use crate::Context;
+
+/// Why the stage failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DataPrepError {
+    /// A source could not be listed or read.
+    #[error(transparent)]
+    Read(#[from] reader::ReadError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] pretrain_store::Error),
+    /// Local scratch files failed.
+    #[error("scratch file {path}: {source}")]
+    Scratch {
+        /// The file.
+        path: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The spec asks for something this stage cannot do yet, or map shards are missing.
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+type Result<T, E = DataPrepError> = std::result::Result<T, E>;
+
+fn scratch(path: &Path) -> impl Fn(std::io::Error) -> DataPrepError + '_ {
+    move |source| DataPrepError::Scratch { path: path.display().to_string(), source }
+}
+
+/// Which part of the stage a process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// One map shard.
+    Map(u32),
+    /// The cross-shard reduce (needs every map shard done).
+    Reduce,
+    /// Every map shard, then the reduce (one process does it all).
+    All,
+}
+
+/// One input file of the run, in canonical order.
+#[derive(Debug, Clone)]
+struct Input {
+    source: usize,
+    /// The file's path or URL, for messages.
+    name: String,
+    location: Location,
+}
+
+#[derive(Debug, Clone)]
+enum Location {
+    Local(PathBuf),
+    Remote { store: Store, key: object_store::path::Path },
+}
+
+/// Lists every input file of every source, sources in spec order, files sorted.
+async fn inputs(data: &Data) -> Result<Vec<Input>> {
+    let mut all = Vec::new();
+    for (i, source) in data.sources.iter().enumerate() {
+        match source.url.split_once("://") {
+            Some((scheme @ ("s3" | "gs" | "az"), rest)) => {
+                let (bucket, pattern) = rest.split_once('/').unwrap_or((rest, ""));
+                let store = Store::open(&format!("{scheme}://{bucket}"))?;
+                for key in reader::remote_keys(&store, &source.url, pattern).await? {
+                    let name = format!("{scheme}://{bucket}/{key}");
+                    all.push(Input { source: i, name, location: Location::Remote { store: store.clone(), key } });
+                }
+            }
+            _ => {
+                for path in reader::local_files(&source.url)? {
+                    all.push(Input { source: i, name: path.display().to_string(), location: Location::Local(path) });
+                }
+            }
+        }
+    }
+    Ok(all)
+}
+
+/// Bumped when the output format changes, so committed outputs of an older format are redone.
+pub const OUTPUT_VERSION: u32 = 1;
+
+/// One document line of every data-prep file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DocumentLine {
+    /// Source-given or derived id.
+    pub id: String,
+    /// The cleaned text.
+    pub text: String,
+    /// Source name.
+    pub source: String,
+    /// Category (for the mix and the reports).
+    pub category: String,
+    /// Page URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Page title.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+}
+
+/// Per-document dedup record in `keys.bin`.
+#[derive(Debug, Clone, PartialEq)]
+struct KeyRecord {
+    input: u32,
+    seq: u32,
+    source: u16,
+    bytes: u32,
+    exact: u128,
+    signature: Vec<u64>,
+}
+
+impl KeyRecord {
+    fn write(&self, out: &mut impl Write) -> std::io::Result<()> {
+        out.write_all(&self.input.to_le_bytes())?;
+        out.write_all(&self.seq.to_le_bytes())?;
+        out.write_all(&self.source.to_le_bytes())?;
+        out.write_all(&self.bytes.to_le_bytes())?;
+        out.write_all(&self.exact.to_le_bytes())?;
+        for h in &self.signature {
+            out.write_all(&h.to_le_bytes())?;
+        }
+        Ok(())
+    }
+
+    fn parse_all(bytes: &[u8], signature_len: usize) -> Option<Vec<Self>> {
+        let size = 30 + 8 * signature_len;
+        if !bytes.len().is_multiple_of(size) {
+            return None;
+        }
+        let u32_at = |b: &[u8], i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
+        Some(
+            bytes
+                .chunks_exact(size)
+                .map(|r| KeyRecord {
+                    input: u32_at(r, 0),
+                    seq: u32_at(r, 4),
+                    source: u16::from_le_bytes(r[8..10].try_into().expect("2 bytes")),
+                    bytes: u32_at(r, 10),
+                    exact: u128::from_le_bytes(r[14..30].try_into().expect("16 bytes")),
+                    signature: r[30..]
+                        .chunks_exact(8)
+                        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+                        .collect(),
+                })
+                .collect(),
+        )
+    }
+}
+
+/// What one map shard saw.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MapStats {
+    /// Input files read.
+    pub files: u64,
+    /// Documents read, per source.
+    pub read: BTreeMap<String, u64>,
+    /// Documents kept by the rule filters, per source.
+    pub kept: BTreeMap<String, u64>,
+    /// Documents dropped, per filter and reason (`c4/too_few_sentences`).
+    pub dropped: BTreeMap<String, u64>,
+    /// Lines removed by C4 from kept documents, per reason.
+    pub lines_removed: BTreeMap<String, u64>,
+    /// Empty documents dropped after cleaning.
+    pub empty: u64,
+    /// Records skipped as malformed.
+    pub malformed: u64,
+    /// The first malformed records, with file and offset.
+    pub malformed_examples: Vec<reader::Skipped>,
+}
+
+impl MapStats {
+    fn merge(&mut self, other: &MapStats) {
+        let add = |a: &mut BTreeMap<String, u64>, b: &BTreeMap<String, u64>| {
+            for (k, v) in b {
+                *a.entry(k.clone()).or_default() += v;
+            }
+        };
+        self.files += other.files;
+        add(&mut self.read, &other.read);
+        add(&mut self.kept, &other.kept);
+        add(&mut self.dropped, &other.dropped);
+        add(&mut self.lines_removed, &other.lines_removed);
+        self.empty += other.empty;
+        self.malformed += other.malformed;
+        let room = MALFORMED_EXAMPLES.saturating_sub(self.malformed_examples.len());
+        self.malformed_examples.extend(other.malformed_examples.iter().take(room).cloned());
+    }
+}
+
+const MALFORMED_EXAMPLES: usize = 100;
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct MapDone {
+    config_hash: String,
+    documents: u64,
+    stats: MapStats,
+}
+
+fn map_dir(shard: u32, shards: u32) -> String {
+    format!("map/{shard:05}-of-{shards:05}")
+}
+
+fn hasher(data: &Data, seed: u64) -> Option<MinHasher> {
+    let m = &data.dedup.minhash;
+    m.enabled.then(|| MinHasher::new(m.ngram, m.buckets, m.hashes_per_bucket, seed))
+}
+
+fn check_supported(data: &Data) -> Result<()> {
+    if data.quality.classifier != QualityClassifier::None {
+        return Err(DataPrepError::Unsupported(
+            "spec.data.quality.classifier: model-based scoring is not wired into the data-prep stage of this build yet; use none".into(),
+        ));
+    }
+    if data.order.strategy == OrderStrategy::InContext
+        || (data.order.strategy == OrderStrategy::Curriculum
+            && data.order.curriculum_by == pretrain_crd::spec::CurriculumKey::Quality)
+    {
+        return Err(DataPrepError::Unsupported(
+            "spec.data.order: in-context ordering and a quality curriculum are not available in this build yet; use shuffle or curriculum by length".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Runs the stage's `phase` and returns the commit when the reduce ran.
+pub async fn run(ctx: &Context, phase: Phase) -> Result<Option<StageCommit>> {
+    let data = &ctx.run.spec.data;
+    check_supported(data)?;
+    let hash = ctx.config_hash();
+    match phase {
+        Phase::Map(shard) => {
+            map_shard(ctx, shard, &hash).await?;
+            Ok(None)
+        }
+        Phase::Reduce => reduce(ctx, &hash).await.map(Some),
+        Phase::All => {
+            for shard in 0..data.shards {
+                map_shard(ctx, shard, &hash).await?;
+            }
+            reduce(ctx, &hash).await.map(Some)
+        }
+    }
+}
+
+async fn map_done(dir: &StageDir, shard: u32, shards: u32, hash: &str) -> Result<Option<MapDone>> {
+    let key = dir.key(&format!("{}/_DONE.json", map_dir(shard, shards)))?;
+    let Some(bytes) = dir.store().get_opt(&key).await? else { return Ok(None) };
+    let done: MapDone = serde_json::from_slice(&bytes).map_err(|e| pretrain_store::Error::Corrupt {
+        store: dir.store().url().into(),
+        key: key.to_string(),
+        reason: e.to_string(),
+    })?;
+    Ok((done.config_hash == hash).then_some(done))
+}
+
+async fn map_shard(ctx: &Context, shard: u32, hash: &str) -> Result<()> {
+    let data = ctx.run.spec.data.clone();
+    let shards = data.shards;
+    if shard >= shards {
+        return Err(DataPrepError::Unsupported(format!(
+            "map shard {shard} does not exist: spec.data.shards is {shards}"
+        )));
+    }
+    if map_done(&ctx.dir, shard, shards, hash).await?.is_some() {
+        return Ok(());
+    }
+    let all = inputs(&data).await?;
+    let tmp = tempfile::tempdir().map_err(scratch(Path::new("tempdir")))?;
+    // Fetch this shard's remote inputs first; the map itself is synchronous CPU work.
+    let mut mine = Vec::new();
+    for (index, input) in all.into_iter().enumerate() {
+        if index as u32 % shards != shard {
+            continue;
+        }
+        let path = match &input.location {
+            Location::Local(p) => p.clone(),
+            Location::Remote { store, key } => reader::download(store, &input.name, key, tmp.path(), index).await?,
+        };
+        mine.push((index as u32, input, path));
+    }
+    let seed = ctx.run.spec.seed;
+    let out = tmp.path().to_path_buf();
+    let (documents, stats) = tokio::task::spawn_blocking(move || map_files(&data, seed, &mine, &out))
+        .await
+        .expect("the map task does not panic")?;
+
+    let dir_name = map_dir(shard, shards);
+    for file in ["docs.jsonl.zst", "keys.bin"] {
+        upload(&ctx.dir, &tmp.path().join(file), &format!("{dir_name}/{file}")).await?;
+    }
+    let done = MapDone { config_hash: hash.into(), documents, stats };
+    let json = serde_json::to_vec_pretty(&done).expect("stats serialise");
+    ctx.dir.put(&format!("{dir_name}/_DONE.json"), Bytes::from(json)).await?;
+    Ok(())
+}
+
+/// Streams a local file into the stage directory.
+async fn upload(dir: &StageDir, local: &Path, name: &str) -> Result<FileEntry> {
+    let mut writer = dir.writer(name)?;
+    let mut file = File::open(local).map_err(scratch(local))?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(scratch(local))?;
+        if n == 0 {
+            break;
+        }
+        writer.write(&buf[..n]).await?;
+    }
+    Ok(writer.finish().await?)
+}
+
+fn map_files(data: &Data, seed: u64, inputs: &[(u32, Input, PathBuf)], out: &Path) -> Result<(u64, MapStats)> {
+    let docs_path = out.join("docs.jsonl.zst");
+    let keys_path = out.join("keys.bin");
+    let mut docs = zstd::Encoder::new(BufWriter::new(File::create(&docs_path).map_err(scratch(&docs_path))?), 3)
+        .map_err(scratch(&docs_path))?;
+    let mut keys = BufWriter::new(File::create(&keys_path).map_err(scratch(&keys_path))?);
+    let minhash = hasher(data, seed);
+    let mut stats = MapStats::default();
+    let mut documents = 0u64;
+    let mut lines_removed: HashMap<&'static str, u64> = HashMap::new();
+    let mut write_error = None;
+    for (index, input, path) in inputs {
+        let source: &Source = &data.sources[input.source];
+        let filters = pretrain_crd::manifest::source_filters(&data.filters, source, "filters")
+            .map_err(|e| DataPrepError::Unsupported(format!("{}", e[0])))?;
+        let format = source.resolved_format().expect("validated: every source has a format");
+        let options = ReadOptions {
+            format,
+            text_field: &source.text_field,
+            max_document_bytes: data.max_document_bytes,
+            extract: &data.extract,
+        };
+        stats.files += 1;
+        let mut seq = 0u32;
+        reader::read_file(path, &options, &mut |item| match item {
+            Item::Skipped(mut s) => {
+                stats.malformed += 1;
+                if stats.malformed_examples.len() < MALFORMED_EXAMPLES {
+                    s.file = input.name.clone();
+                    stats.malformed_examples.push(s);
+                }
+            }
+            Item::Document(doc) => {
+                seq += 1;
+                *stats.read.entry(source.name.clone()).or_default() += 1;
+                let text = match apply(&filters, &doc.text, &mut lines_removed) {
+                    Verdict::Keep(text) => text,
+                    Verdict::Drop { filter, reason } => {
+                        *stats.dropped.entry(format!("{filter}/{reason}")).or_default() += 1;
+                        return;
+                    }
+                };
+                if text.trim().is_empty() {
+                    stats.empty += 1;
+                    return;
+                }
+                *stats.kept.entry(source.name.clone()).or_default() += 1;
+                let record = KeyRecord {
+                    input: *index,
+                    seq,
+                    source: input.source as u16,
+                    bytes: text.len().min(u32::MAX as usize) as u32,
+                    exact: exact_key(&text),
+                    signature: minhash.as_ref().map(|m| m.signature(&text)).unwrap_or_default(),
+                };
+                let line = DocumentLine {
+                    id: doc.id,
+                    text,
+                    source: source.name.clone(),
+                    category: source.category().to_string(),
+                    url: doc.url,
+                    title: doc.title,
+                };
+                let result = serde_json::to_writer(&mut docs, &line)
+                    .map_err(std::io::Error::other)
+                    .and_then(|()| docs.write_all(b"\n"))
+                    .and_then(|()| record.write(&mut keys));
+                if let Err(e) = result {
+                    write_error.get_or_insert(e);
+                }
+                documents += 1;
+            }
+        })?;
+        if let Some(e) = write_error.take() {
+            return Err(scratch(out)(e));
+        }
+    }
+    docs.finish().and_then(|mut w| w.flush()).map_err(scratch(&docs_path))?;
+    keys.flush().map_err(scratch(&keys_path))?;
+    stats.lines_removed = lines_removed.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    Ok((documents, stats))
+}
+
+/// Where one kept document goes: held out, or `copies` times into the training stream.
+#[derive(Debug, Clone, Copy)]
+struct Placement {
+    held_out: bool,
+    copies: u32,
+}
+
+/// A uniform number in [0, 1) from the seed, a purpose, and a document's canonical position.
+fn unit(seed: u64, purpose: u64, input: u32, seq: u32) -> f64 {
+    let h = xxh3_64_with_seed(&[u64::from(input) << 32 | u64::from(seq), purpose].map(u64::to_le_bytes).concat(), seed);
+    (h >> 11) as f64 / (1u64 << 53) as f64
+}
+
+async fn reduce(ctx: &Context, hash: &str) -> Result<StageCommit> {
+    let spec = &ctx.run.spec;
+    let data = &spec.data;
+    let shards = data.shards;
+    let signature_len = hasher(data, spec.seed)
+        .map_or(0, |_| (data.dedup.minhash.buckets * data.dedup.minhash.hashes_per_bucket) as usize);
+
+    // Every map shard must be done for this spec.
+    let mut stats = MapStats::default();
+    let mut missing = Vec::new();
+    let mut records: Vec<(u32, usize, KeyRecord)> = Vec::new();
+    for shard in 0..shards {
+        let Some(done) = map_done(&ctx.dir, shard, shards, hash).await? else {
+            missing.push(shard);
+            continue;
+        };
+        stats.merge(&done.stats);
+        let key = ctx.dir.key(&format!("{}/keys.bin", map_dir(shard, shards)))?;
+        let bytes = ctx.dir.store().get(&key).await?;
+        let parsed = KeyRecord::parse_all(&bytes, signature_len).ok_or_else(|| pretrain_store::Error::Corrupt {
+            store: ctx.dir.store().url().into(),
+            key: key.to_string(),
+            reason: "not a whole number of key records".into(),
+        })?;
+        records.extend(parsed.into_iter().enumerate().map(|(i, r)| (shard, i, r)));
+    }
+    if !missing.is_empty() {
+        return Err(DataPrepError::Unsupported(format!(
+            "map shards {missing:?} of {shards} have not finished for this spec; run them before the reduce"
+        )));
+    }
+
+    // Canonical order: input file, then record, whatever the shard count.
+    records.sort_by_key(|(_, _, r)| (r.input, r.seq));
+    let total = records.len();
+    let mut seen = HashSet::new();
+    let exact_survivor: Vec<bool> = records.iter().map(|(_, _, r)| !data.dedup.exact || seen.insert(r.exact)).collect();
+    let exact_removed = exact_survivor.iter().filter(|s| !**s).count();
+    let mut survivor = exact_survivor.clone();
+    let mut near_removed = 0;
+    if let Some(minhash) = hasher(data, spec.seed) {
+        let candidates: Vec<usize> = (0..total).filter(|&i| exact_survivor[i]).collect();
+        let signatures: Vec<Vec<u64>> = candidates.iter().map(|&i| records[i].2.signature.clone()).collect();
+        let keep = near_duplicate_survivors(&minhash, &signatures, data.dedup.minhash.jaccard_threshold);
+        for (slot, &i) in candidates.iter().enumerate() {
+            if !keep[slot] {
+                survivor[i] = false;
+                near_removed += 1;
+            }
+        }
+    }
+
+    // Held-out split, then the mix by bytes per category.
+    let category_of = |r: &KeyRecord| data.sources[r.source as usize].category().to_string();
+    let held_out: Vec<bool> =
+        records.iter().map(|(_, _, r)| unit(spec.seed, 1, r.input, r.seq) < data.held_out_fraction).collect();
+    let mut bytes_by_category: BTreeMap<String, u64> = BTreeMap::new();
+    for (i, (_, _, r)) in records.iter().enumerate() {
+        if survivor[i] && !held_out[i] {
+            *bytes_by_category.entry(category_of(r)).or_default() += u64::from(r.bytes);
+        }
+    }
+    let epochs = mix_epochs(&bytes_by_category, &data.mix.weights, data.mix.max_epochs);
+    let mut placements: HashMap<(u32, usize), Placement> = HashMap::new();
+    for (i, (shard, pos, r)) in records.iter().enumerate() {
+        if !survivor[i] {
+            continue;
+        }
+        let copies = if held_out[i] {
+            0
+        } else {
+            let e = epochs.get(&category_of(r)).copied().unwrap_or(0.0);
+            let whole = e.floor();
+            whole as u32 + u32::from(unit(spec.seed, 2, r.input, r.seq) < e - whole)
+        };
+        placements.insert((*shard, *pos), Placement { held_out: held_out[i], copies });
+    }
+
+    // Order: every training copy gets a position in the stream.
+    let mut stream: Vec<(u32, usize, u32, u64)> = Vec::new(); // shard, pos, copy, sort key
+    for (i, (shard, pos, r)) in records.iter().enumerate() {
+        let Some(p) = placements.get(&(*shard, *pos)) else { continue };
+        for copy in 0..p.copies {
+            let key = match data.order.strategy {
+                OrderStrategy::Curriculum => (u64::from(r.bytes) << 24) | (i as u64 & 0xFF_FFFF),
+                _ => xxh3_64_with_seed(
+                    &[u64::from(r.input), u64::from(r.seq), u64::from(copy)].map(u64::to_le_bytes).concat(),
+                    spec.seed ^ 3,
+                ),
+            };
+            stream.push((*shard, *pos, copy, key));
+        }
+    }
+    stream.sort_by_key(|&(_, _, _, key)| key);
+    let train_docs = stream.len();
+    let out_shards = shards as usize;
+    let mut position: HashMap<(u32, usize), Vec<usize>> = HashMap::new();
+    for (p, &(shard, pos, _, _)) in stream.iter().enumerate() {
+        position.entry((shard, pos)).or_default().push(p);
+    }
+    drop(stream);
+
+    // Route documents to output shards on local disk, then sort each shard by position.
+    let tmp = tempfile::tempdir().map_err(scratch(Path::new("tempdir")))?;
+    let route_path = |k: usize| tmp.path().join(format!("route-{k:05}.bin"));
+    let heldout_path = tmp.path().join("heldout.bin");
+    let mut routes: Vec<BufWriter<File>> = (0..=out_shards)
+        .map(|k| {
+            let p = if k == out_shards { heldout_path.clone() } else { route_path(k) };
+            File::create(&p).map(BufWriter::new).map_err(scratch(&p))
+        })
+        .collect::<Result<_>>()?;
+    let mut category_docs: BTreeMap<String, u64> = BTreeMap::new();
+    let mut category_bytes_out: BTreeMap<String, u64> = BTreeMap::new();
+    let mut heldout_docs = 0u64;
+    for shard in 0..shards {
+        let local = tmp.path().join("map-docs.jsonl.zst");
+        let key = ctx.dir.key(&format!("{}/docs.jsonl.zst", map_dir(shard, shards)))?;
+        ctx.dir.store().download(&key, &local).await?;
+        let decoder = zstd::Decoder::new(File::open(&local).map_err(scratch(&local))?).map_err(scratch(&local))?;
+        for (pos, line) in BufReader::new(decoder).split(b'\n').enumerate() {
+            let line = line.map_err(scratch(&local))?;
+            let Some(p) = placements.get(&(shard, pos)) else { continue };
+            if p.held_out {
+                heldout_docs += 1;
+                write_routed(&mut routes[out_shards], (u64::from(shard) << 32) | pos as u64, &line)
+                    .map_err(scratch(&heldout_path))?;
+                continue;
+            }
+            let doc: DocumentLine =
+                serde_json::from_slice(&line).map_err(|e| scratch(&local)(std::io::Error::other(e)))?;
+            for &at in position.get(&(shard, pos)).map(Vec::as_slice).unwrap_or_default() {
+                let k = at * out_shards / train_docs.max(1);
+                write_routed(&mut routes[k], at as u64, &line).map_err(scratch(&route_path(k)))?;
+                *category_docs.entry(doc.category.clone()).or_default() += 1;
+                *category_bytes_out.entry(doc.category.clone()).or_default() += doc.text.len() as u64;
+            }
+        }
+    }
+    for (k, w) in routes.iter_mut().enumerate() {
+        w.flush().map_err(scratch(&route_path(k)))?;
+    }
+    drop(routes);
+
+    let mut files = Vec::new();
+    for k in 0..=out_shards {
+        let (src, name) = if k == out_shards {
+            (heldout_path.clone(), "heldout/00000.jsonl.zst".to_string())
+        } else {
+            (route_path(k), format!("shards/{k:05}.jsonl.zst"))
+        };
+        files.push(write_sorted(&ctx.dir, &src, &name).await?);
+    }
+
+    let total_out: u64 = category_bytes_out.values().sum();
+    let realised: BTreeMap<&String, f64> =
+        category_bytes_out.iter().map(|(c, b)| (c, *b as f64 / total_out.max(1) as f64)).collect();
+    let commit_stats = serde_json::json!({
+        "outputVersion": OUTPUT_VERSION,
+        "map": stats,
+        "dedup": {"candidates": total, "exactRemoved": exact_removed, "nearRemoved": near_removed},
+        "heldOut": {"documents": heldout_docs},
+        "mix": {
+            "bytesBeforeMix": bytes_by_category,
+            "epochs": epochs,
+            "documents": category_docs,
+            "bytes": category_bytes_out,
+            "realisedShare": realised,
+        },
+        "train": {"documents": train_docs, "shards": out_shards},
+    });
+    Ok(ctx.dir.commit(hash, files, commit_stats).await?)
+}
+
+fn write_routed(out: &mut impl Write, position: u64, line: &[u8]) -> std::io::Result<()> {
+    out.write_all(&position.to_le_bytes())?;
+    out.write_all(&(line.len() as u64).to_le_bytes())?;
+    out.write_all(line)
+}
+
+/// Reads a routed file, sorts its lines by position, and writes them as one `jsonl.zst` file.
+async fn write_sorted(dir: &StageDir, routed: &Path, name: &str) -> Result<FileEntry> {
+    let mut raw = Vec::new();
+    File::open(routed).and_then(|mut f| f.read_to_end(&mut raw)).map_err(scratch(routed))?;
+    let mut lines: Vec<(u64, &[u8])> = Vec::new();
+    let mut at = 0;
+    while at + 16 <= raw.len() {
+        let pos = u64::from_le_bytes(raw[at..at + 8].try_into().expect("8 bytes"));
+        let len = u64::from_le_bytes(raw[at + 8..at + 16].try_into().expect("8 bytes")) as usize;
+        lines.push((pos, &raw[at + 16..at + 16 + len]));
+        at += 16 + len;
+    }
+    lines.sort_by_key(|(pos, _)| *pos);
+    let mut encoder = zstd::Encoder::new(Vec::new(), 3).map_err(scratch(routed))?;
+    let mut writer = dir.writer(name)?;
+    for (_, line) in lines {
+        encoder.write_all(line).and_then(|()| encoder.write_all(b"\n")).map_err(scratch(routed))?;
+        if encoder.get_ref().len() > 1 << 20 {
+            let chunk = std::mem::take(encoder.get_mut());
+            writer.write(&chunk).await?;
+        }
+    }
+    let rest = encoder.finish().map_err(scratch(routed))?;
+    writer.write(&rest).await?;
+    Ok(writer.finish().await?)
+}
+
+/// Epochs per category so that categories get `weights` shares of the bytes: the largest total that
+/// keeps every category within `max_epochs`, and no larger than needed to use the most plentiful
+/// category once. Empty weights keep the natural proportions (one epoch each).
+pub fn mix_epochs(
+    bytes: &BTreeMap<String, u64>,
+    weights: &BTreeMap<String, f64>,
+    max_epochs: f64,
+) -> BTreeMap<String, f64> {
+    if weights.is_empty() {
+        return bytes.keys().map(|c| (c.clone(), 1.0)).collect();
+    }
+    let total_weight: f64 = weights.iter().filter(|(c, _)| bytes.get(*c).is_some_and(|b| *b > 0)).map(|(_, w)| w).sum();
+    if total_weight <= 0.0 {
+        return bytes.keys().map(|c| (c.clone(), 0.0)).collect();
+    }
+    let share = |c: &str| weights.get(c).copied().unwrap_or(0.0) / total_weight;
+    let mut use_all = 0.0f64; // total bytes if the most plentiful category is used once
+    let mut cap = f64::INFINITY; // total bytes allowed by max_epochs
+    for (c, &b) in bytes {
+        let s = share(c);
+        if s > 0.0 && b > 0 {
+            use_all = use_all.max(b as f64 / s);
+            cap = cap.min(b as f64 * max_epochs / s);
+        }
+    }
+    let total = use_all.min(cap);
+    bytes.iter().map(|(c, &b)| (c.clone(), if b == 0 { 0.0 } else { share(c) * total / b as f64 })).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mix_upsamples_scarce_categories_within_max_epochs() {
+        let bytes: BTreeMap<String, u64> = [("web".into(), 900), ("code".into(), 100)].into();
+        let weights: BTreeMap<String, f64> = [("web".into(), 0.5), ("code".into(), 0.5)].into();
+        let e = mix_epochs(&bytes, &weights, 4.0);
+        // Using all web (900) at 50% would need 9 epochs of code; capped at 4 -> total 800.
+        assert!((e["code"] - 4.0).abs() < 1e-9, "{e:?}");
+        assert!((e["web"] - 400.0 / 900.0).abs() < 1e-9, "{e:?}");
+        let natural = mix_epochs(&bytes, &BTreeMap::new(), 4.0);
+        assert_eq!(natural["web"], 1.0);
+        let generous = mix_epochs(&bytes, &weights, 10.0);
+        assert!((generous["web"] - 1.0).abs() < 1e-9 && (generous["code"] - 9.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn key_records_round_trip() {
+        let r = KeyRecord { input: 3, seq: 9, source: 2, bytes: 77, exact: u128::MAX - 5, signature: vec![1, 2, 3] };
+        let mut buf = Vec::new();
+        r.write(&mut buf).unwrap();
+        r.write(&mut buf).unwrap();
+        assert_eq!(KeyRecord::parse_all(&buf, 3).unwrap(), vec![r.clone(), r]);
+        assert!(KeyRecord::parse_all(&buf[1..], 3).is_none());
+    }
+}

@@ -1,0 +1,143 @@
+//! The data-prep stage end to end on a small planted corpus: dedup across files and shards, the
+//! held-out split, the mix, and results that do not depend on the shard count.
+
+use std::io::Read;
+use std::path::Path;
+
+use pretrain_crd::Stage;
+use pretrain_worker::Context;
+use pretrain_worker::data::stage::{DocumentLine, Phase, run};
+
+fn words(seed: u64, n: usize) -> Vec<String> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            format!("w{}", state % 3000)
+        })
+        .collect()
+}
+
+fn line(id: &str, text: &str) -> String {
+    serde_json::json!({"id": id, "text": text}).to_string()
+}
+
+/// web: 40 documents + an exact duplicate (case and spacing differ) + a near duplicate + a broken line;
+/// code: 20 documents + a near duplicate of a web document.
+fn corpus(dir: &Path) {
+    let mut web: Vec<String> = (0..40).map(|i| line(&format!("web-{i}"), &words(i, 300).join(" "))).collect();
+    web.push(line("web-dup-exact", &words(3, 300).join("  ").to_uppercase()));
+    let mut near = words(5, 300);
+    near[100] = "changed".into();
+    web.push(line("web-dup-near", &near.join(" ")));
+    web.push("{\"id\": \"broken\", \"text\": ".into());
+    std::fs::write(dir.join("web.jsonl"), web.join("\n")).unwrap();
+
+    let mut code: Vec<String> = (100..120).map(|i| line(&format!("code-{i}"), &words(i, 100).join(" "))).collect();
+    let mut cross = words(7, 300);
+    cross[10] = "edited".into();
+    code.push(line("code-dup-of-web-7", &cross.join(" ")));
+    std::fs::write(dir.join("code.jsonl"), code.join("\n")).unwrap();
+}
+
+fn manifest(dir: &Path, name: &str, shards: u32) -> std::path::PathBuf {
+    let off = "{enabled: false}";
+    let text = format!(
+        r#"apiVersion: pretrain.dev/v1alpha1
+kind: PretrainRun
+metadata: {{name: {name}}}
+spec:
+  storage: {{url: "file://{store}"}}
+  seed: 7
+  data:
+    sources:
+      - {{name: web, url: "{web}"}}
+      - {{name: code, url: "{code}"}}
+    filters: {{gopherQuality: {off}, gopherRepetition: {off}, c4: {off}, fineweb: {off}, language: {off}}}
+    mix: {{weights: {{web: 0.5, code: 0.5}}, maxEpochs: 4}}
+    heldOutFraction: 0.2
+    shards: {shards}
+  model: {{preset: tiny}}
+  train: {{seqLen: 64, tokens: 100000, globalBatchTokens: 1024, microBatchSize: 16, schedule: {{warmupSteps: 1}}, resources: {{gpusPerNode: 0}}}}
+"#,
+        store = dir.join("store").display(),
+        web = dir.join("web.jsonl").display(),
+        code = dir.join("code.jsonl").display(),
+    );
+    let path = dir.join(format!("{name}.yaml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn read_jsonl_zst(path: &Path) -> Vec<DocumentLine> {
+    let mut text = String::new();
+    zstd::Decoder::new(std::fs::File::open(path).unwrap()).unwrap().read_to_string(&mut text).unwrap();
+    text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+struct Output {
+    stream: Vec<String>,
+    heldout: Vec<String>,
+    stats: serde_json::Value,
+}
+
+async fn prepare(dir: &Path, name: &str, shards: u32) -> Output {
+    let ctx = Context::from_env(Stage::DataPrep, manifest(dir, name, shards).to_str().unwrap()).await.unwrap();
+    let commit = run(&ctx, Phase::All).await.unwrap().expect("the reduce commits");
+    assert!(ctx.dir.committed(&ctx.config_hash()).await.unwrap().is_some());
+    let stage = dir.join("store").join(name).join("data-prep");
+    let mut stream = Vec::new();
+    for k in 0..shards {
+        stream.extend(read_jsonl_zst(&stage.join(format!("shards/{k:05}.jsonl.zst"))).into_iter().map(|d| d.id));
+    }
+    let heldout = read_jsonl_zst(&stage.join("heldout/00000.jsonl.zst")).into_iter().map(|d| d.id).collect();
+    Output { stream, heldout, stats: commit.stats }
+}
+
+#[tokio::test]
+async fn dedups_splits_and_mixes_identically_for_1_and_4_shards() {
+    let tmp = tempfile::tempdir().unwrap();
+    corpus(tmp.path());
+    let one = prepare(tmp.path(), "one", 1).await;
+    let four = prepare(tmp.path(), "four", 4).await;
+
+    assert_eq!(one.stream, four.stream, "the training stream does not depend on the shard count");
+    assert_eq!(one.heldout, four.heldout);
+    assert_eq!(one.stats["dedup"], four.stats["dedup"]);
+
+    let dedup = &one.stats["dedup"];
+    assert_eq!(dedup["exactRemoved"], 1, "{dedup}");
+    assert_eq!(dedup["nearRemoved"], 2, "{dedup}");
+    for gone in ["web-dup-exact", "web-dup-near", "code-dup-of-web-7"] {
+        assert!(!one.stream.contains(&gone.to_string()) && !one.heldout.contains(&gone.to_string()), "{gone}");
+    }
+    assert_eq!(one.stats["map"]["malformed"], 1);
+    assert!(one.stats["map"]["malformedExamples"][0]["file"].as_str().unwrap().ends_with("web.jsonl"));
+
+    // Held-out documents never appear in the training stream.
+    assert!(!one.heldout.is_empty(), "{}", one.stats);
+    assert!(one.heldout.iter().all(|id| !one.stream.contains(id)));
+
+    // Code is a third of web's bytes, so the 50/50 mix repeats code documents (within maxEpochs).
+    let share = one.stats["mix"]["realisedShare"]["code"].as_f64().unwrap();
+    assert!((share - 0.5).abs() < 0.1, "realised code share {share}");
+    let code_copies = one.stream.iter().filter(|id| id.starts_with("code-")).count();
+    assert!(code_copies > 20, "code was upsampled: {code_copies}");
+    let epochs = one.stats["mix"]["epochs"]["code"].as_f64().unwrap();
+    assert!(epochs > 1.0 && epochs <= 4.0, "{epochs}");
+}
+
+#[tokio::test]
+async fn reduce_names_the_map_shards_that_are_missing() {
+    let tmp = tempfile::tempdir().unwrap();
+    corpus(tmp.path());
+    let ctx = Context::from_env(Stage::DataPrep, manifest(tmp.path(), "partial", 3).to_str().unwrap()).await.unwrap();
+    run(&ctx, Phase::Map(1)).await.unwrap();
+    let err = run(&ctx, Phase::Reduce).await.unwrap_err().to_string();
+    assert_eq!(err, "map shards [0, 2] of 3 have not finished for this spec; run them before the reduce");
+    run(&ctx, Phase::Map(0)).await.unwrap();
+    run(&ctx, Phase::Map(2)).await.unwrap();
+    assert!(run(&ctx, Phase::Reduce).await.unwrap().is_some());
+}
