@@ -141,3 +141,68 @@ async fn reduce_names_the_map_shards_that_are_missing() {
     run(&ctx, Phase::Map(2)).await.unwrap();
     assert!(run(&ctx, Phase::Reduce).await.unwrap().is_some());
 }
+
+#[tokio::test]
+async fn ngram_quality_classifier_trained_from_reference_sources_keeps_the_good_documents() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let prose = |i: u64| {
+        let topics = ["the river", "a new library", "the council", "our school", "the old bridge", "a local farm"];
+        let verbs = ["opened", "was repaired", "discussed plans for", "welcomed visitors to", "described"];
+        format!(
+            "Last week {} {} the town. Residents said that {} {} the area, and many of them were pleased with the result.",
+            topics[(i % 6) as usize],
+            verbs[(i / 6 % 5) as usize],
+            topics[((i + 3) % 6) as usize],
+            verbs[((i + 1) % 5) as usize]
+        )
+    };
+    let spam = |i: u64| {
+        let words =
+            ["cheap", "click", "buy", "now", "free", "casino", "win", "best", "deal", "online", "offer", "bonus"];
+        (0..30).map(|k| words[((i * 5 + k * 7) % 12) as usize]).collect::<Vec<_>>().join(" ")
+    };
+    let write = |name: &str, docs: Vec<String>| {
+        let lines: Vec<String> = docs.iter().enumerate().map(|(i, t)| line(&format!("{name}-{i}"), t)).collect();
+        std::fs::write(dir.join(format!("{name}.jsonl")), lines.join("\n")).unwrap();
+    };
+    write("good", (0..60).map(prose).collect());
+    write("spam", (0..60).map(spam).collect());
+    write("crawl", (0..40).map(|i| if i % 2 == 0 { prose(i + 100) } else { spam(i + 100) }).collect());
+    let off = "{enabled: false}";
+    let manifest = format!(
+        r#"apiVersion: pretrain.dev/v1alpha1
+kind: PretrainRun
+metadata: {{name: quality}}
+spec:
+  storage: {{url: "file://{d}/store"}}
+  data:
+    sources:
+      - {{name: good, url: "{d}/good.jsonl", category: reference}}
+      - {{name: spam, url: "{d}/spam.jsonl", category: spam}}
+      - {{name: crawl, url: "{d}/crawl.jsonl", category: web}}
+    filters: {{gopherQuality: {off}, gopherRepetition: {off}, c4: {off}, fineweb: {off}, language: {off}}}
+    dedup: {{exact: false, minhash: {off}}}
+    quality: {{classifier: ngram, referenceSources: [good], categories: [web]}}
+    heldOutFraction: 0
+    shards: 2
+  model: {{preset: tiny}}
+  train: {{seqLen: 64, tokens: 100000, globalBatchTokens: 1024, microBatchSize: 16, schedule: {{warmupSteps: 1}}, resources: {{gpusPerNode: 0}}}}
+"#,
+        d = dir.display()
+    );
+    std::fs::write(dir.join("q.yaml"), manifest).unwrap();
+    let ctx = Context::from_env(Stage::DataPrep, dir.join("q.yaml").to_str().unwrap()).await.unwrap();
+    let commit = run(&ctx, Phase::All).await.unwrap().unwrap();
+    assert_eq!(commit.stats["quality"]["removed"]["web"], 20, "{}", commit.stats["quality"]);
+    let stage = dir.join("store/quality/data-prep");
+    assert!(stage.join("quality/model.bin").is_file());
+    let mut kept = Vec::new();
+    for k in 0..2 {
+        kept.extend(read_jsonl_zst(&stage.join(format!("shards/{k:05}.jsonl.zst"))));
+    }
+    let crawl: Vec<&DocumentLine> = kept.iter().filter(|d| d.source == "crawl").collect();
+    assert_eq!(crawl.len(), 20);
+    assert!(crawl.iter().all(|d| d.text.starts_with("Last week")), "only the prose of the crawl is kept");
+    assert_eq!(kept.iter().filter(|d| d.source == "spam").count(), 60, "unscored categories are untouched");
+}

@@ -25,6 +25,7 @@ use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use super::dedup::{MinHasher, exact_key, near_duplicate_survivors};
 use super::filters::{Verdict, apply};
+use super::quality::{QualityError, QualityModel, Training, top_fraction_threshold};
 use super::reader::{self, Item, ReadOptions};
 use crate::Context;
 
@@ -134,6 +135,8 @@ struct KeyRecord {
     seq: u32,
     source: u16,
     bytes: u32,
+    /// Quality score in [0, 1]; 1 when no classifier runs.
+    score: f32,
     exact: u128,
     signature: Vec<u64>,
 }
@@ -144,6 +147,7 @@ impl KeyRecord {
         out.write_all(&self.seq.to_le_bytes())?;
         out.write_all(&self.source.to_le_bytes())?;
         out.write_all(&self.bytes.to_le_bytes())?;
+        out.write_all(&self.score.to_le_bytes())?;
         out.write_all(&self.exact.to_le_bytes())?;
         for h in &self.signature {
             out.write_all(&h.to_le_bytes())?;
@@ -152,7 +156,7 @@ impl KeyRecord {
     }
 
     fn parse_all(bytes: &[u8], signature_len: usize) -> Option<Vec<Self>> {
-        let size = 30 + 8 * signature_len;
+        let size = 34 + 8 * signature_len;
         if !bytes.len().is_multiple_of(size) {
             return None;
         }
@@ -165,8 +169,9 @@ impl KeyRecord {
                     seq: u32_at(r, 4),
                     source: u16::from_le_bytes(r[8..10].try_into().expect("2 bytes")),
                     bytes: u32_at(r, 10),
-                    exact: u128::from_le_bytes(r[14..30].try_into().expect("16 bytes")),
-                    signature: r[30..]
+                    score: f32::from_le_bytes(r[14..18].try_into().expect("4 bytes")),
+                    exact: u128::from_le_bytes(r[18..34].try_into().expect("16 bytes")),
+                    signature: r[34..]
                         .chunks_exact(8)
                         .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
                         .collect(),
@@ -237,20 +242,139 @@ fn hasher(data: &Data, seed: u64) -> Option<MinHasher> {
 }
 
 fn check_supported(data: &Data) -> Result<()> {
-    if data.quality.classifier != QualityClassifier::None {
+    if data.quality.classifier == QualityClassifier::Bert {
         return Err(DataPrepError::Unsupported(
-            "spec.data.quality.classifier: model-based scoring is not wired into the data-prep stage of this build yet; use none".into(),
+            "spec.data.quality.classifier: the BERT scorer is not in this build yet; use ngram or none".into(),
         ));
     }
-    if data.order.strategy == OrderStrategy::InContext
-        || (data.order.strategy == OrderStrategy::Curriculum
-            && data.order.curriculum_by == pretrain_crd::spec::CurriculumKey::Quality)
+    if data.order.strategy == OrderStrategy::Curriculum
+        && data.order.curriculum_by == pretrain_crd::spec::CurriculumKey::Quality
+        && data.quality.classifier == QualityClassifier::None
     {
         return Err(DataPrepError::Unsupported(
-            "spec.data.order: in-context ordering and a quality curriculum are not available in this build yet; use shuffle or curriculum by length".into(),
+            "spec.data.order.curriculumBy: quality needs a quality classifier (spec.data.quality.classifier)".into(),
+        ));
+    }
+    if data.order.strategy == OrderStrategy::InContext {
+        return Err(DataPrepError::Unsupported(
+            "spec.data.order.strategy: in-context ordering is not in this build yet; use shuffle or curriculum".into(),
         ));
     }
     Ok(())
+}
+
+/// Where the trained (or given) quality model is kept for every map shard.
+const QUALITY_MODEL: &str = "quality/model.bin";
+
+/// The n-gram quality model: loaded from `modelUrl`, else from an earlier map shard, else trained
+/// here from `labelledUrl` or from the reference sources against the rest (deterministic, so
+/// every shard that trains it gets the same model).
+async fn quality_model(ctx: &Context, all: &[Input]) -> Result<Option<QualityModel>> {
+    let q = &ctx.run.spec.data.quality;
+    if q.classifier != QualityClassifier::Ngram {
+        return Ok(None);
+    }
+    let bad_model = |url: &str, e: QualityError| DataPrepError::Unsupported(format!("{url}: {e}"));
+    if let Some(url) = &q.model_url {
+        let bytes = fetch(url).await?;
+        return QualityModel::from_bytes(&bytes).map(Some).map_err(|e| bad_model(url, e));
+    }
+    let key = ctx.dir.key(QUALITY_MODEL)?;
+    if let Some(bytes) = ctx.dir.store().get_opt(&key).await? {
+        return QualityModel::from_bytes(&bytes).map(Some).map_err(|e| bad_model(&ctx.dir.url(QUALITY_MODEL), e));
+    }
+    let data = ctx.run.spec.data.clone();
+    let examples: Vec<(String, bool)> = match &q.labelled_url {
+        Some(url) => labelled_examples(url, &fetch(url).await?)?,
+        None => {
+            let tmp = tempfile::tempdir().map_err(scratch(Path::new("tempdir")))?;
+            let mut local = Vec::new();
+            for (i, input) in all.iter().enumerate() {
+                let path = match &input.location {
+                    Location::Local(p) => p.clone(),
+                    Location::Remote { store, key } => reader::download(store, &input.name, key, tmp.path(), i).await?,
+                };
+                local.push((input.source, path));
+            }
+            tokio::task::spawn_blocking(move || reference_examples(&data, &local))
+                .await
+                .expect("sampling does not panic")?
+        }
+    };
+    let borrowed: Vec<(&str, bool)> = examples.iter().map(|(t, y)| (t.as_str(), *y)).collect();
+    let training = Training { seed: ctx.run.spec.seed, ..Training::default() };
+    let model = QualityModel::train(&borrowed, training)
+        .map_err(|e| DataPrepError::Unsupported(format!("spec.data.quality: {e}")))?;
+    ctx.dir.put(QUALITY_MODEL, Bytes::from(model.to_bytes())).await?;
+    Ok(Some(model))
+}
+
+/// Reads a small file from a local path or a store URL.
+async fn fetch(url: &str) -> Result<Bytes> {
+    match url.split_once("://") {
+        Some((scheme, _)) if scheme != "file" => {
+            let (dir, name) = url.rsplit_once('/').unwrap_or((url, ""));
+            Ok(Store::open(dir)?.get(&pretrain_store::key(name)?).await?)
+        }
+        _ => {
+            let path = Path::new(url.strip_prefix("file://").unwrap_or(url));
+            std::fs::read(path).map(Bytes::from).map_err(scratch(path))
+        }
+    }
+}
+
+/// `{text, label}` lines; a label is true/false, 1/0, or "good"/"bad"/"hq"/"lq".
+fn labelled_examples(url: &str, bytes: &[u8]) -> Result<Vec<(String, bool)>> {
+    let mut out = Vec::new();
+    for (i, line) in bytes.split(|b| *b == b'\n').enumerate() {
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let bad = |why: &str| DataPrepError::Unsupported(format!("{url}:{}: {why}", i + 1));
+        let value: serde_json::Value = serde_json::from_slice(line).map_err(|e| bad(&format!("invalid JSON: {e}")))?;
+        let text = value.get("text").and_then(|t| t.as_str()).ok_or_else(|| bad("no string field \"text\""))?;
+        let label = match value.get("label") {
+            Some(serde_json::Value::Bool(b)) => *b,
+            Some(serde_json::Value::Number(n)) => n.as_f64().is_some_and(|x| x > 0.5),
+            Some(serde_json::Value::String(s)) => matches!(s.as_str(), "good" | "hq" | "positive" | "1" | "true"),
+            _ => return Err(bad("no label (true/false, 1/0 or \"good\"/\"bad\")")),
+        };
+        out.push((text.to_string(), label));
+    }
+    Ok(out)
+}
+
+/// Most documents sampled per class when training from sources.
+const QUALITY_SAMPLE: usize = 20_000;
+
+/// Positive examples: documents of the reference sources; negative: the other sources' documents,
+/// both as extracted (before the rule filters), the first `QUALITY_SAMPLE` of each in canonical order.
+fn reference_examples(data: &Data, inputs: &[(usize, PathBuf)]) -> Result<Vec<(String, bool)>> {
+    let reference: HashSet<&str> = data.quality.reference_sources.iter().map(String::as_str).collect();
+    let (mut positive, mut negative) = (Vec::new(), Vec::new());
+    for (source_index, path) in inputs {
+        let source = &data.sources[*source_index];
+        let is_reference = reference.contains(source.name.as_str());
+        let wanted = if is_reference { &mut positive } else { &mut negative };
+        if wanted.len() >= QUALITY_SAMPLE {
+            continue;
+        }
+        let options = ReadOptions {
+            format: source.resolved_format().expect("validated: every source has a format"),
+            text_field: &source.text_field,
+            max_document_bytes: data.max_document_bytes,
+            extract: &data.extract,
+        };
+        reader::read_file(path, &options, &mut |item| {
+            if let Item::Document(d) = item
+                && wanted.len() < QUALITY_SAMPLE
+            {
+                wanted.push((d.text, is_reference));
+            }
+        })?;
+    }
+    positive.extend(negative);
+    Ok(positive)
 }
 
 /// Runs the stage's `phase` and returns the commit when the reduce ran.
@@ -296,6 +420,7 @@ async fn map_shard(ctx: &Context, shard: u32, hash: &str) -> Result<()> {
         return Ok(());
     }
     let all = inputs(&data).await?;
+    let model = quality_model(ctx, &all).await?;
     let tmp = tempfile::tempdir().map_err(scratch(Path::new("tempdir")))?;
     // Fetch this shard's remote inputs first; the map itself is synchronous CPU work.
     let mut mine = Vec::new();
@@ -311,7 +436,7 @@ async fn map_shard(ctx: &Context, shard: u32, hash: &str) -> Result<()> {
     }
     let seed = ctx.run.spec.seed;
     let out = tmp.path().to_path_buf();
-    let (documents, stats) = tokio::task::spawn_blocking(move || map_files(&data, seed, &mine, &out))
+    let (documents, stats) = tokio::task::spawn_blocking(move || map_files(&data, seed, model.as_ref(), &mine, &out))
         .await
         .expect("the map task does not panic")?;
 
@@ -340,7 +465,13 @@ async fn upload(dir: &StageDir, local: &Path, name: &str) -> Result<FileEntry> {
     Ok(writer.finish().await?)
 }
 
-fn map_files(data: &Data, seed: u64, inputs: &[(u32, Input, PathBuf)], out: &Path) -> Result<(u64, MapStats)> {
+fn map_files(
+    data: &Data,
+    seed: u64,
+    model: Option<&QualityModel>,
+    inputs: &[(u32, Input, PathBuf)],
+    out: &Path,
+) -> Result<(u64, MapStats)> {
     let docs_path = out.join("docs.jsonl.zst");
     let keys_path = out.join("keys.bin");
     let mut docs = zstd::Encoder::new(BufWriter::new(File::create(&docs_path).map_err(scratch(&docs_path))?), 3)
@@ -392,6 +523,7 @@ fn map_files(data: &Data, seed: u64, inputs: &[(u32, Input, PathBuf)], out: &Pat
                     seq,
                     source: input.source as u16,
                     bytes: text.len().min(u32::MAX as usize) as u32,
+                    score: model.map_or(1.0, |m| m.score(&text)),
                     exact: exact_key(&text),
                     signature: minhash.as_ref().map(|m| m.signature(&text)).unwrap_or_default(),
                 };
@@ -471,9 +603,47 @@ async fn reduce(ctx: &Context, hash: &str) -> Result<StageCommit> {
     // Canonical order: input file, then record, whatever the shard count.
     records.sort_by_key(|(_, _, r)| (r.input, r.seq));
     let total = records.len();
+
+    // Quality: a threshold, or the top fraction of each scored category.
+    let category_of = |r: &KeyRecord| data.sources[r.source as usize].category().to_string();
+    let q = &data.quality;
+    let scored = |category: &str| q.categories.is_empty() || q.categories.iter().any(|c| c == category);
+    let mut cut: BTreeMap<String, f32> = BTreeMap::new();
+    if q.classifier != QualityClassifier::None {
+        let mut by_category: BTreeMap<String, Vec<f32>> = BTreeMap::new();
+        for (_, _, r) in &records {
+            by_category.entry(category_of(r)).or_default().push(r.score);
+        }
+        for (category, scores) in by_category {
+            if scored(&category) {
+                let threshold = match q.keep_top_fraction {
+                    Some(fraction) => top_fraction_threshold(&scores, fraction),
+                    None => q.threshold as f32,
+                };
+                cut.insert(category, threshold);
+            }
+        }
+    }
+    let mut quality_removed: BTreeMap<String, u64> = BTreeMap::new();
+    let passes_quality: Vec<bool> = records
+        .iter()
+        .map(|(_, _, r)| {
+            let category = category_of(r);
+            let keep = cut.get(&category).is_none_or(|t| r.score >= *t);
+            if !keep {
+                *quality_removed.entry(category).or_default() += 1;
+            }
+            keep
+        })
+        .collect();
+
     let mut seen = HashSet::new();
-    let exact_survivor: Vec<bool> = records.iter().map(|(_, _, r)| !data.dedup.exact || seen.insert(r.exact)).collect();
-    let exact_removed = exact_survivor.iter().filter(|s| !**s).count();
+    let exact_survivor: Vec<bool> = records
+        .iter()
+        .zip(&passes_quality)
+        .map(|((_, _, r), pass)| *pass && (!data.dedup.exact || seen.insert(r.exact)))
+        .collect();
+    let exact_removed = exact_survivor.iter().zip(&passes_quality).filter(|(s, p)| **p && !**s).count();
     let mut survivor = exact_survivor.clone();
     let mut near_removed = 0;
     if let Some(minhash) = hasher(data, spec.seed) {
@@ -489,7 +659,6 @@ async fn reduce(ctx: &Context, hash: &str) -> Result<StageCommit> {
     }
 
     // Held-out split, then the mix by bytes per category.
-    let category_of = |r: &KeyRecord| data.sources[r.source as usize].category().to_string();
     let held_out: Vec<bool> =
         records.iter().map(|(_, _, r)| unit(spec.seed, 1, r.input, r.seq) < data.held_out_fraction).collect();
     let mut bytes_by_category: BTreeMap<String, u64> = BTreeMap::new();
@@ -520,7 +689,11 @@ async fn reduce(ctx: &Context, hash: &str) -> Result<StageCommit> {
         let Some(p) = placements.get(&(*shard, *pos)) else { continue };
         for copy in 0..p.copies {
             let key = match data.order.strategy {
-                OrderStrategy::Curriculum => (u64::from(r.bytes) << 24) | (i as u64 & 0xFF_FFFF),
+                // Easy first: shortest (or lowest-scoring) documents first, canonical order on ties.
+                OrderStrategy::Curriculum if data.order.curriculum_by == pretrain_crd::spec::CurriculumKey::Quality => {
+                    (u64::from((r.score.clamp(0.0, 1.0) * 1e6) as u32) << 32) | i as u64
+                }
+                OrderStrategy::Curriculum => (u64::from(r.bytes) << 32) | i as u64,
                 _ => xxh3_64_with_seed(
                     &[u64::from(r.input), u64::from(r.seq), u64::from(copy)].map(u64::to_le_bytes).concat(),
                     spec.seed ^ 3,
@@ -596,6 +769,7 @@ async fn reduce(ctx: &Context, hash: &str) -> Result<StageCommit> {
     let commit_stats = serde_json::json!({
         "outputVersion": OUTPUT_VERSION,
         "map": stats,
+        "quality": {"thresholds": cut, "removed": quality_removed},
         "dedup": {"candidates": total, "exactRemoved": exact_removed, "nearRemoved": near_removed},
         "heldOut": {"documents": heldout_docs},
         "mix": {
@@ -692,7 +866,15 @@ mod tests {
 
     #[test]
     fn key_records_round_trip() {
-        let r = KeyRecord { input: 3, seq: 9, source: 2, bytes: 77, exact: u128::MAX - 5, signature: vec![1, 2, 3] };
+        let r = KeyRecord {
+            input: 3,
+            seq: 9,
+            source: 2,
+            bytes: 77,
+            score: 0.25,
+            exact: u128::MAX - 5,
+            signature: vec![1, 2, 3],
+        };
         let mut buf = Vec::new();
         r.write(&mut buf).unwrap();
         r.write(&mut buf).unwrap();
