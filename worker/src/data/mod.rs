@@ -10,6 +10,7 @@
 pub mod dedup;
 pub mod extract;
 pub mod filters;
+pub mod order;
 pub mod quality;
 pub mod reader;
 pub mod stage;

@@ -25,6 +25,7 @@ use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use super::dedup::{MinHasher, exact_key, near_duplicate_survivors};
 use super::filters::{Verdict, apply};
+use super::order::{Item as OrderItem, in_context, top_terms};
 use super::quality::{QualityError, QualityModel, Training, top_fraction_threshold};
 use super::reader::{self, Item, ReadOptions};
 use crate::Context;
@@ -255,11 +256,6 @@ fn check_supported(data: &Data) -> Result<()> {
             "spec.data.order.curriculumBy: quality needs a quality classifier (spec.data.quality.classifier)".into(),
         ));
     }
-    if data.order.strategy == OrderStrategy::InContext {
-        return Err(DataPrepError::Unsupported(
-            "spec.data.order.strategy: in-context ordering is not in this build yet; use shuffle or curriculum".into(),
-        ));
-    }
     Ok(())
 }
 
@@ -441,7 +437,7 @@ async fn map_shard(ctx: &Context, shard: u32, hash: &str) -> Result<()> {
         .expect("the map task does not panic")?;
 
     let dir_name = map_dir(shard, shards);
-    for file in ["docs.jsonl.zst", "keys.bin"] {
+    for file in ["docs.jsonl.zst", "keys.bin", "terms.bin"] {
         upload(&ctx.dir, &tmp.path().join(file), &format!("{dir_name}/{file}")).await?;
     }
     let done = MapDone { config_hash: hash.into(), documents, stats };
@@ -477,6 +473,10 @@ fn map_files(
     let mut docs = zstd::Encoder::new(BufWriter::new(File::create(&docs_path).map_err(scratch(&docs_path))?), 3)
         .map_err(scratch(&docs_path))?;
     let mut keys = BufWriter::new(File::create(&keys_path).map_err(scratch(&keys_path))?);
+    // Topic terms for in-context ordering (empty for other orders).
+    let terms_path = out.join("terms.bin");
+    let mut terms = BufWriter::new(File::create(&terms_path).map_err(scratch(&terms_path))?);
+    let in_context = data.order.strategy == OrderStrategy::InContext;
     let minhash = hasher(data, seed);
     let mut stats = MapStats::default();
     let mut documents = 0u64;
@@ -538,7 +538,8 @@ fn map_files(
                 let result = serde_json::to_writer(&mut docs, &line)
                     .map_err(std::io::Error::other)
                     .and_then(|()| docs.write_all(b"\n"))
-                    .and_then(|()| record.write(&mut keys));
+                    .and_then(|()| record.write(&mut keys))
+                    .and_then(|()| if in_context { write_terms(&mut terms, &top_terms(&line.text)) } else { Ok(()) });
                 if let Err(e) = result {
                     write_error.get_or_insert(e);
                 }
@@ -551,6 +552,7 @@ fn map_files(
     }
     docs.finish().and_then(|mut w| w.flush()).map_err(scratch(&docs_path))?;
     keys.flush().map_err(scratch(&keys_path))?;
+    terms.flush().map_err(scratch(&terms_path))?;
     stats.lines_removed = lines_removed.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
     Ok((documents, stats))
 }
@@ -579,6 +581,7 @@ async fn reduce(ctx: &Context, hash: &str) -> Result<StageCommit> {
     let mut stats = MapStats::default();
     let mut missing = Vec::new();
     let mut records: Vec<(u32, usize, KeyRecord)> = Vec::new();
+    let mut doc_terms: HashMap<(u32, usize), Vec<(u32, u16)>> = HashMap::new();
     for shard in 0..shards {
         let Some(done) = map_done(&ctx.dir, shard, shards, hash).await? else {
             missing.push(shard);
@@ -592,6 +595,18 @@ async fn reduce(ctx: &Context, hash: &str) -> Result<StageCommit> {
             key: key.to_string(),
             reason: "not a whole number of key records".into(),
         })?;
+        if data.order.strategy == OrderStrategy::InContext {
+            let key = ctx.dir.key(&format!("{}/terms.bin", map_dir(shard, shards)))?;
+            let bytes = ctx.dir.store().get(&key).await?;
+            let parsed_terms = parse_terms(&bytes).filter(|t| t.len() == parsed.len()).ok_or_else(|| {
+                pretrain_store::Error::Corrupt {
+                    store: ctx.dir.store().url().into(),
+                    key: key.to_string(),
+                    reason: "term lists do not match the key records".into(),
+                }
+            })?;
+            doc_terms.extend(parsed_terms.into_iter().enumerate().map(|(i, t)| ((shard, i), t)));
+        }
         records.extend(parsed.into_iter().enumerate().map(|(i, r)| (shard, i, r)));
     }
     if !missing.is_empty() {
@@ -703,6 +718,23 @@ async fn reduce(ctx: &Context, hash: &str) -> Result<StageCommit> {
         }
     }
     stream.sort_by_key(|&(_, _, _, key)| key);
+    if data.order.strategy == OrderStrategy::InContext {
+        // Contexts of train.seqLen tokens, at about 4 bytes a token.
+        let canonical: HashMap<(u32, usize), usize> =
+            records.iter().enumerate().map(|(i, (shard, pos, _))| ((*shard, *pos), i)).collect();
+        let terms: Vec<Vec<(u32, u16)>> =
+            records.iter().map(|(shard, pos, _)| doc_terms.remove(&(*shard, *pos)).unwrap_or_default()).collect();
+        let items: Vec<OrderItem> = stream
+            .iter()
+            .map(|(shard, pos, _, _)| {
+                let doc = canonical[&(*shard, *pos)];
+                OrderItem { doc, bytes: records[doc].2.bytes }
+            })
+            .collect();
+        let context_bytes = u64::from(spec.train.seq_len) * 4;
+        let order = in_context(&items, &terms, context_bytes, spec.seed);
+        stream = order.into_iter().map(|i| stream[i]).collect();
+    }
     let train_docs = stream.len();
     let out_shards = shards as usize;
     let mut position: HashMap<(u32, usize), Vec<usize>> = HashMap::new();
@@ -782,6 +814,34 @@ async fn reduce(ctx: &Context, hash: &str) -> Result<StageCommit> {
         "train": {"documents": train_docs, "shards": out_shards},
     });
     Ok(ctx.dir.commit(hash, files, commit_stats).await?)
+}
+
+fn write_terms(out: &mut impl Write, terms: &[(u32, u16)]) -> std::io::Result<()> {
+    out.write_all(&[terms.len() as u8])?;
+    for (t, c) in terms {
+        out.write_all(&t.to_le_bytes())?;
+        out.write_all(&c.to_le_bytes())?;
+    }
+    Ok(())
+}
+
+fn parse_terms(bytes: &[u8]) -> Option<Vec<Vec<(u32, u16)>>> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < bytes.len() {
+        let n = usize::from(bytes[at]);
+        at += 1;
+        let end = at + n * 6;
+        let chunk = bytes.get(at..end)?;
+        out.push(
+            chunk
+                .chunks_exact(6)
+                .map(|c| (u32::from_le_bytes(c[..4].try_into().expect("4 bytes")), u16::from_le_bytes([c[4], c[5]])))
+                .collect(),
+        );
+        at = end;
+    }
+    Some(out)
 }
 
 fn write_routed(out: &mut impl Write, position: u64, line: &[u8]) -> std::io::Result<()> {
