@@ -188,3 +188,70 @@ fn shared_warc_reads_every_page() {
     assert_eq!(docs.len() + skipped.len(), 6023, "{skipped:?}");
     assert!(skipped.len() < 10, "{skipped:?}");
 }
+
+#[test]
+fn parquet_reads_the_text_column_and_skips_bad_rows() {
+    use std::sync::Arc;
+
+    use parquet::data_type::{ByteArray, ByteArrayType, Int64Type};
+    use parquet::file::properties::WriterProperties;
+    use parquet::file::writer::SerializedFileWriter;
+    use parquet::schema::parser::parse_message_type;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("code.parquet");
+    let schema = Arc::new(
+        parse_message_type(
+            "message doc { required int64 id; optional binary content (UTF8); required binary lang (UTF8); }",
+        )
+        .unwrap(),
+    );
+    let mut writer =
+        SerializedFileWriter::new(std::fs::File::create(&path).unwrap(), schema, Arc::new(WriterProperties::default()))
+            .unwrap();
+    let mut group = writer.next_row_group().unwrap();
+    let ids = [10i64, 11, 12, 13];
+    // Row 12 has no content; row 13 is larger than the limit.
+    let contents: Vec<ByteArray> = ["def f():\n    return 1\n", "print('hi')\n", &"x".repeat(500)]
+        .iter()
+        .map(|s| ByteArray::from(s.as_bytes().to_vec()))
+        .collect();
+    let definition = [1i16, 1, 0, 1];
+    let langs: Vec<ByteArray> = (0..4).map(|_| ByteArray::from("python")).collect();
+    let mut column = group.next_column().unwrap().unwrap();
+    column.typed::<Int64Type>().write_batch(&ids, None, None).unwrap();
+    column.close().unwrap();
+    let mut column = group.next_column().unwrap().unwrap();
+    column.typed::<ByteArrayType>().write_batch(&contents, Some(&definition), None).unwrap();
+    column.close().unwrap();
+    let mut column = group.next_column().unwrap().unwrap();
+    column.typed::<ByteArrayType>().write_batch(&langs, None, None).unwrap();
+    column.close().unwrap();
+    group.close().unwrap();
+    writer.close().unwrap();
+
+    let extract = Extract::default();
+    let options = ReadOptions {
+        format: SourceFormat::Parquet,
+        text_field: "content",
+        max_document_bytes: 100,
+        extract: &extract,
+    };
+    let (mut docs, mut skipped) = (Vec::new(), Vec::new());
+    read_file(&path, &options, &mut |item| match item {
+        Item::Document(d) => docs.push((d.id, d.text)),
+        Item::Skipped(s) => skipped.push((s.offset, s.reason)),
+    })
+    .unwrap();
+    assert_eq!(docs, [("10".into(), "def f():\n    return 1\n".into()), ("11".into(), "print('hi')\n".into())]);
+    assert_eq!(skipped.len(), 2, "{skipped:?}");
+    assert_eq!(skipped[0], (2, "no string in column \"content\"".into()));
+    assert!(skipped[1].1.contains("exceeds the 100-byte limit"), "{skipped:?}");
+
+    let missing = ReadOptions { text_field: "text", ..options };
+    let err = read_file(&path, &missing, &mut |_| {}).unwrap_err().to_string();
+    assert!(err.ends_with("code.parquet: has no column \"text\""), "{err}");
+    std::fs::write(&path, b"not parquet at all").unwrap();
+    let err = read_file(&path, &options, &mut |_| {}).unwrap_err().to_string();
+    assert!(err.contains("not a readable Parquet file"), "{err}");
+}

@@ -202,11 +202,80 @@ pub fn read_file(path: &Path, options: &ReadOptions<'_>, emit: &mut dyn FnMut(It
             }
             Ok(())
         }
-        SourceFormat::Parquet => Err(ReadError::Source {
-            url: name,
-            reason: "Parquet sources are not supported by this build of pretrain-worker yet".into(),
-        }),
+        SourceFormat::Parquet => read_parquet(file, &name, options, emit),
     }
+}
+
+/// Reads the text column (and `id`, `url`, `title` when present) of a Parquet file, row group by row
+/// group; only those columns are decoded. A row whose text is missing or too large is skipped with
+/// its row number.
+fn read_parquet(
+    file: File,
+    name: &str,
+    options: &ReadOptions<'_>,
+    emit: &mut dyn FnMut(Item),
+) -> Result<(), ReadError> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    use parquet::record::Field;
+    use parquet::schema::types::Type;
+
+    let source_error = |reason: String| ReadError::Source { url: name.into(), reason };
+    let reader =
+        SerializedFileReader::new(file).map_err(|e| source_error(format!("not a readable Parquet file: {e}")))?;
+    let wanted = [options.text_field, "id", "url", "title"];
+    let schema = reader.metadata().file_metadata().schema_descr_ptr();
+    let fields: Vec<_> =
+        schema.root_schema().get_fields().iter().filter(|f| wanted.contains(&f.name())).cloned().collect();
+    if !fields.iter().any(|f| f.name() == options.text_field) {
+        return Err(source_error(format!("has no column {:?}", options.text_field)));
+    }
+    let projection = Type::group_type_builder(schema.root_schema().name())
+        .with_fields(fields)
+        .build()
+        .map_err(|e| source_error(e.to_string()))?;
+    let rows = reader.get_row_iter(Some(projection)).map_err(|e| source_error(e.to_string()))?;
+    let skip = |row: u64, reason: String| Item::Skipped(Skipped { file: name.to_string(), offset: row, reason });
+    for (row_no, row) in rows.enumerate() {
+        let row_no = row_no as u64;
+        let row = match row {
+            Ok(row) => row,
+            Err(e) => {
+                // A damaged page ends what can be read of this file.
+                emit(skip(row_no, format!("unreadable from here on: {e}")));
+                return Ok(());
+            }
+        };
+        let (mut text, mut id, mut url, mut title) = (None, None, None, None);
+        for (column, value) in row.get_column_iter() {
+            let string = match value {
+                Field::Str(s) => Some(s.clone()),
+                Field::Long(n) => Some(n.to_string()),
+                Field::Int(n) => Some(n.to_string()),
+                _ => None,
+            };
+            match column.as_str() {
+                c if c == options.text_field => text = string,
+                "id" => id = string,
+                "url" => url = string,
+                "title" => title = string,
+                _ => {}
+            }
+        }
+        let Some(text) = text else {
+            emit(skip(row_no, format!("no string in column {:?}", options.text_field)));
+            continue;
+        };
+        if text.len() as u64 > options.max_document_bytes {
+            emit(skip(
+                row_no,
+                format!("document exceeds the {}-byte limit (maxDocumentBytes)", options.max_document_bytes),
+            ));
+            continue;
+        }
+        let id = id.unwrap_or_else(|| format!("{name}#{row_no}"));
+        emit(Item::Document(RawDocument { id, text, url, title }));
+    }
+    Ok(())
 }
 
 /// The file's bytes, decompressed by extension (`.gz`, `.zst`).
