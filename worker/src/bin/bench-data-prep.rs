@@ -1,4 +1,5 @@
-//! Benchmark: WARC reading + HTML extraction + rule filters on a crawl, one core.
+//! Benchmark: WARC reading + HTML extraction + rule filters on a crawl, then exact and MinHash dedup
+//! of every extracted page, one core.
 //!
 //!     cargo run --release -p pretrain-worker --bin bench-data-prep -- ../shared/corpus/web-rustdocs-1.95.warc.gz
 //!
@@ -12,6 +13,7 @@ use std::io::BufReader;
 use std::time::Instant;
 
 use pretrain_crd::spec::{Extract, Filters};
+use pretrain_worker::data::dedup::{MinHasher, exact_key, near_duplicate_survivors};
 use pretrain_worker::data::extract::extract;
 use pretrain_worker::data::filters::{Verdict, apply};
 use pretrain_worker::data::warc::{WarcReader, http_payload};
@@ -33,6 +35,7 @@ fn main() {
     let (mut pages, mut html_bytes, mut extracted, mut kept, mut skipped) = (0u64, 0u64, 0u64, 0u64, 0u64);
     let mut dropped: BTreeMap<&'static str, u64> = BTreeMap::new();
     let mut lines_dropped: HashMap<&'static str, u64> = HashMap::new();
+    let mut texts: Vec<String> = Vec::new();
     let (mut extract_time, mut filter_time) = (0.0, 0.0);
     for item in reader {
         let Ok(record) = item else {
@@ -61,13 +64,26 @@ fn main() {
         };
         extracted += 1;
         let t = Instant::now();
-        match apply(&filters, &page.text, &mut lines_dropped) {
+        let verdict = apply(&filters, &page.text, &mut lines_dropped);
+        filter_time += t.elapsed().as_secs_f64();
+        texts.push(page.text);
+        match verdict {
             Verdict::Keep(_) => kept += 1,
             Verdict::Drop { filter, .. } => *dropped.entry(filter).or_default() += 1,
         }
-        filter_time += t.elapsed().as_secs_f64();
     }
     let secs = start.elapsed().as_secs_f64();
+
+    // Dedup of every extracted page (not only the kept ones, to exercise it on more text).
+    let dedup_start = Instant::now();
+    let minhash = MinHasher::new(5, 14, 8, 1234);
+    let mut seen = std::collections::HashSet::new();
+    let unique: Vec<&String> = texts.iter().filter(|t| seen.insert(exact_key(t))).collect();
+    let signatures: Vec<Vec<u64>> = unique.iter().map(|t| minhash.signature(t)).collect();
+    let signature_secs = dedup_start.elapsed().as_secs_f64();
+    let survivors = near_duplicate_survivors(&minhash, &signatures, 0.75);
+    let dedup_secs = dedup_start.elapsed().as_secs_f64();
+    let text_mb = texts.iter().map(String::len).sum::<usize>() as f64 / 1e6;
     let mb = html_bytes as f64 / 1e6;
     println!("file: {path}");
     println!("pages: {pages} ({mb:.1} MB of HTML), unreadable or skipped: {skipped}");
@@ -88,6 +104,18 @@ fn main() {
     let mut lines: Vec<_> = lines_dropped.into_iter().collect();
     lines.sort();
     println!("C4 lines removed: {lines:?}");
+    println!(
+        "dedup of {} extracted pages ({text_mb:.1} MB of text): {dedup_secs:.2} s ({:.0} docs/s, {:.1} MB/s; signatures {signature_secs:.2} s)",
+        texts.len(),
+        texts.len() as f64 / dedup_secs,
+        text_mb / dedup_secs
+    );
+    println!(
+        "  exact duplicates removed {}, near duplicates removed {}, kept {}",
+        texts.len() - unique.len(),
+        survivors.iter().filter(|s| !**s).count(),
+        survivors.iter().filter(|s| **s).count()
+    );
     if let Some(b) = baseline {
         println!("baseline: {b:.1} s -> speed-up {:.1}x", b / secs);
     }
