@@ -42,7 +42,9 @@ fn corpus(dir: &Path) {
     std::fs::write(dir.join("code.jsonl"), code.join("\n")).unwrap();
 }
 
-fn manifest(dir: &Path, name: &str, shards: u32) -> std::path::PathBuf {
+/// Writes the manifest of run `name` (store in `dir/store`, rule filters off): `data` is the YAML
+/// under `spec.data` after `filters`, `train` the flow mapping of `spec.train`.
+fn write_manifest(dir: &Path, name: &str, data: &str, train: &str) -> std::path::PathBuf {
     let off = "{enabled: false}";
     let text = format!(
         r#"apiVersion: pretrain.dev/v1alpha1
@@ -52,23 +54,39 @@ spec:
   storage: {{url: "file://{store}"}}
   seed: 7
   data:
-    sources:
-      - {{name: web, url: "{web}"}}
-      - {{name: code, url: "{code}"}}
     filters: {{gopherQuality: {off}, gopherRepetition: {off}, c4: {off}, fineweb: {off}, language: {off}}}
-    mix: {{weights: {{web: 0.5, code: 0.5}}, maxEpochs: 4}}
-    heldOutFraction: 0.2
-    shards: {shards}
+{data}
   model: {{preset: tiny}}
-  train: {{seqLen: 64, tokens: 100000, globalBatchTokens: 1024, microBatchSize: 16, schedule: {{warmupSteps: 1}}, resources: {{gpusPerNode: 0}}}}
+  train: {train}
 "#,
         store = dir.join("store").display(),
-        web = dir.join("web.jsonl").display(),
-        code = dir.join("code.jsonl").display(),
     );
     let path = dir.join(format!("{name}.yaml"));
     std::fs::write(&path, text).unwrap();
     path
+}
+
+const SMALL_TRAIN: &str = "{seqLen: 64, tokens: 100000, globalBatchTokens: 1024, microBatchSize: 16, schedule: {warmupSteps: 1}, resources: {gpusPerNode: 0}}";
+
+fn manifest(dir: &Path, name: &str, shards: u32) -> std::path::PathBuf {
+    let data = format!(
+        "    sources:\n      - {{name: web, url: \"{web}\"}}\n      - {{name: code, url: \"{code}\"}}\n    mix: {{weights: {{web: 0.5, code: 0.5}}, maxEpochs: 4}}\n    heldOutFraction: 0.2\n    shards: {shards}",
+        web = dir.join("web.jsonl").display(),
+        code = dir.join("code.jsonl").display(),
+    );
+    write_manifest(dir, name, &data, SMALL_TRAIN)
+}
+
+/// Runs data-prep of a manifest to its commit; returns the commit stats and the training stream.
+async fn prepare_all(manifest: &Path, shards: u32) -> (serde_json::Value, Vec<DocumentLine>) {
+    let ctx = Context::from_env(Stage::DataPrep, manifest.to_str().unwrap()).await.unwrap();
+    let commit = run(&ctx, Phase::All).await.unwrap().expect("the reduce commits");
+    let stage = manifest.parent().unwrap().join("store").join(ctx.run_name()).join("data-prep");
+    let mut stream = Vec::new();
+    for k in 0..shards {
+        stream.extend(read_jsonl_zst(&stage.join(format!("shards/{k:05}.jsonl.zst"))));
+    }
+    (commit.stats, stream)
 }
 
 fn read_jsonl_zst(path: &Path) -> Vec<DocumentLine> {
@@ -84,16 +102,10 @@ struct Output {
 }
 
 async fn prepare(dir: &Path, name: &str, shards: u32) -> Output {
-    let ctx = Context::from_env(Stage::DataPrep, manifest(dir, name, shards).to_str().unwrap()).await.unwrap();
-    let commit = run(&ctx, Phase::All).await.unwrap().expect("the reduce commits");
-    assert!(ctx.dir.committed(&ctx.config_hash()).await.unwrap().is_some());
+    let (stats, stream) = prepare_all(&manifest(dir, name, shards), shards).await;
     let stage = dir.join("store").join(name).join("data-prep");
-    let mut stream = Vec::new();
-    for k in 0..shards {
-        stream.extend(read_jsonl_zst(&stage.join(format!("shards/{k:05}.jsonl.zst"))).into_iter().map(|d| d.id));
-    }
     let heldout = read_jsonl_zst(&stage.join("heldout/00000.jsonl.zst")).into_iter().map(|d| d.id).collect();
-    Output { stream, heldout, stats: commit.stats }
+    Output { stream: stream.into_iter().map(|d| d.id).collect(), heldout, stats }
 }
 
 #[tokio::test]
@@ -169,38 +181,13 @@ async fn ngram_quality_classifier_trained_from_reference_sources_keeps_the_good_
     write("good", (0..60).map(prose).collect());
     write("spam", (0..60).map(spam).collect());
     write("crawl", (0..40).map(|i| if i % 2 == 0 { prose(i + 100) } else { spam(i + 100) }).collect());
-    let off = "{enabled: false}";
-    let manifest = format!(
-        r#"apiVersion: pretrain.dev/v1alpha1
-kind: PretrainRun
-metadata: {{name: quality}}
-spec:
-  storage: {{url: "file://{d}/store"}}
-  data:
-    sources:
-      - {{name: good, url: "{d}/good.jsonl", category: reference}}
-      - {{name: spam, url: "{d}/spam.jsonl", category: spam}}
-      - {{name: crawl, url: "{d}/crawl.jsonl", category: web}}
-    filters: {{gopherQuality: {off}, gopherRepetition: {off}, c4: {off}, fineweb: {off}, language: {off}}}
-    dedup: {{exact: false, minhash: {off}}}
-    quality: {{classifier: ngram, referenceSources: [good], categories: [web]}}
-    heldOutFraction: 0
-    shards: 2
-  model: {{preset: tiny}}
-  train: {{seqLen: 64, tokens: 100000, globalBatchTokens: 1024, microBatchSize: 16, schedule: {{warmupSteps: 1}}, resources: {{gpusPerNode: 0}}}}
-"#,
+    let data = format!(
+        "    sources:\n      - {{name: good, url: \"{d}/good.jsonl\", category: reference}}\n      - {{name: spam, url: \"{d}/spam.jsonl\", category: spam}}\n      - {{name: crawl, url: \"{d}/crawl.jsonl\", category: web}}\n    dedup: {{exact: false, minhash: {{enabled: false}}}}\n    quality: {{classifier: ngram, referenceSources: [good], categories: [web]}}\n    heldOutFraction: 0\n    shards: 2",
         d = dir.display()
     );
-    std::fs::write(dir.join("q.yaml"), manifest).unwrap();
-    let ctx = Context::from_env(Stage::DataPrep, dir.join("q.yaml").to_str().unwrap()).await.unwrap();
-    let commit = run(&ctx, Phase::All).await.unwrap().unwrap();
-    assert_eq!(commit.stats["quality"]["removed"]["web"], 20, "{}", commit.stats["quality"]);
-    let stage = dir.join("store/quality/data-prep");
-    assert!(stage.join("quality/model.bin").is_file());
-    let mut kept = Vec::new();
-    for k in 0..2 {
-        kept.extend(read_jsonl_zst(&stage.join(format!("shards/{k:05}.jsonl.zst"))));
-    }
+    let (stats, kept) = prepare_all(&write_manifest(dir, "quality", &data, SMALL_TRAIN), 2).await;
+    assert_eq!(stats["quality"]["removed"]["web"], 20, "{}", stats["quality"]);
+    assert!(dir.join("store/quality/data-prep/quality/model.bin").is_file());
     let crawl: Vec<&DocumentLine> = kept.iter().filter(|d| d.source == "crawl").collect();
     assert_eq!(crawl.len(), 20);
     assert!(crawl.iter().all(|d| d.text.starts_with("Last week")), "only the prose of the crawl is kept");
@@ -220,32 +207,13 @@ async fn in_context_order_puts_related_documents_side_by_side() {
         })
         .collect();
     std::fs::write(dir.join("web.jsonl"), docs.join("\n")).unwrap();
-    let off = "{enabled: false}";
-    let manifest = format!(
-        r#"apiVersion: pretrain.dev/v1alpha1
-kind: PretrainRun
-metadata: {{name: ordered}}
-spec:
-  storage: {{url: "file://{d}/store"}}
-  data:
-    sources: [{{name: web, url: "{d}/web.jsonl"}}]
-    filters: {{gopherQuality: {off}, gopherRepetition: {off}, c4: {off}, fineweb: {off}, language: {off}}}
-    order: {{strategy: in-context}}
-    heldOutFraction: 0
-    shards: 2
-  model: {{preset: tiny}}
-  train: {{seqLen: 1024, tokens: 100000, globalBatchTokens: 16384, microBatchSize: 16, schedule: {{warmupSteps: 1}}, resources: {{gpusPerNode: 0}}}}
-"#,
+    let data = format!(
+        "    sources: [{{name: web, url: \"{d}/web.jsonl\"}}]\n    order: {{strategy: in-context}}\n    heldOutFraction: 0\n    shards: 2",
         d = dir.display()
     );
-    std::fs::write(dir.join("o.yaml"), manifest).unwrap();
-    let ctx = Context::from_env(Stage::DataPrep, dir.join("o.yaml").to_str().unwrap()).await.unwrap();
-    run(&ctx, Phase::All).await.unwrap().unwrap();
-    let stage = dir.join("store/ordered/data-prep");
-    let mut stream = Vec::new();
-    for k in 0..2 {
-        stream.extend(read_jsonl_zst(&stage.join(format!("shards/{k:05}.jsonl.zst"))).into_iter().map(|d| d.id));
-    }
+    let train = "{seqLen: 1024, tokens: 100000, globalBatchTokens: 16384, microBatchSize: 16, schedule: {warmupSteps: 1}, resources: {gpusPerNode: 0}}";
+    let (_, stream) = prepare_all(&write_manifest(dir, "ordered", &data, train), 2).await;
+    let stream: Vec<String> = stream.into_iter().map(|d| d.id).collect();
     assert_eq!(stream.len(), 48);
     let topic = |id: &str| id.split('-').next().unwrap().to_string();
     let same = stream.windows(2).filter(|w| topic(&w[0]) == topic(&w[1])).count();
