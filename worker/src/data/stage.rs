@@ -259,13 +259,16 @@ fn check_supported(data: &Data) -> Result<()> {
     Ok(())
 }
 
-/// Where the trained (or given) quality model is kept for every map shard.
-const QUALITY_MODEL: &str = "quality/model.bin";
+/// Where the trained quality model is kept for every map shard; keyed by the config hash so a model
+/// trained for other settings is never reused.
+fn quality_model_name(hash: &str) -> String {
+    format!("quality/model-{}.bin", &hash[..hash.len().min(16)])
+}
 
 /// The n-gram quality model: loaded from `modelUrl`, else from an earlier map shard, else trained
 /// here from `labelledUrl` or from the reference sources against the rest (deterministic, so
 /// every shard that trains it gets the same model).
-async fn quality_model(ctx: &Context, all: &[Input]) -> Result<Option<QualityModel>> {
+async fn quality_model(ctx: &Context, hash: &str, all: &[Input]) -> Result<Option<QualityModel>> {
     let q = &ctx.run.spec.data.quality;
     if q.classifier != QualityClassifier::Ngram {
         return Ok(None);
@@ -275,9 +278,10 @@ async fn quality_model(ctx: &Context, all: &[Input]) -> Result<Option<QualityMod
         let bytes = fetch(url).await?;
         return QualityModel::from_bytes(&bytes).map(Some).map_err(|e| bad_model(url, e));
     }
-    let key = ctx.dir.key(QUALITY_MODEL)?;
+    let name = quality_model_name(hash);
+    let key = ctx.dir.key(&name)?;
     if let Some(bytes) = ctx.dir.store().get_opt(&key).await? {
-        return QualityModel::from_bytes(&bytes).map(Some).map_err(|e| bad_model(&ctx.dir.url(QUALITY_MODEL), e));
+        return QualityModel::from_bytes(&bytes).map(Some).map_err(|e| bad_model(&ctx.dir.url(&name), e));
     }
     let data = ctx.run.spec.data.clone();
     let examples: Vec<(String, bool)> = match &q.labelled_url {
@@ -301,7 +305,7 @@ async fn quality_model(ctx: &Context, all: &[Input]) -> Result<Option<QualityMod
     let training = Training { seed: ctx.run.spec.seed, ..Training::default() };
     let model = QualityModel::train(&borrowed, training)
         .map_err(|e| DataPrepError::Unsupported(format!("spec.data.quality: {e}")))?;
-    ctx.dir.put(QUALITY_MODEL, Bytes::from(model.to_bytes())).await?;
+    ctx.dir.put(&name, Bytes::from(model.to_bytes())).await?;
     Ok(Some(model))
 }
 
@@ -416,7 +420,7 @@ async fn map_shard(ctx: &Context, shard: u32, hash: &str) -> Result<()> {
         return Ok(());
     }
     let all = inputs(&data).await?;
-    let model = quality_model(ctx, &all).await?;
+    let model = quality_model(ctx, hash, &all).await?;
     let tmp = tempfile::tempdir().map_err(scratch(Path::new("tempdir")))?;
     // Fetch this shard's remote inputs first; the map itself is synchronous CPU work.
     let mut mine = Vec::new();
