@@ -3,6 +3,8 @@
 
 use xxhash_rust::xxh3::{xxh3_64_with_seed, xxh3_128};
 
+use super::random::splitmix;
+
 /// Hash of a document's normalised text: lowercase, whitespace runs collapsed. Equal hashes are
 /// exact duplicates.
 pub fn exact_key(text: &str) -> u128 {
@@ -24,15 +26,6 @@ fn mul_mod(a: u64, b: u64) -> u64 {
     let folded = (product & u128::from(MERSENNE_61)) + (product >> 61);
     let folded = folded as u64;
     if folded >= MERSENNE_61 { folded - MERSENNE_61 } else { folded }
-}
-
-/// SplitMix64: the seeded stream the permutations are drawn from.
-fn splitmix(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 /// MinHash over word n-gram shingles with `bands x rows` universal hash permutations.
@@ -155,10 +148,10 @@ impl UnionFind {
 /// for each document whether it survives (the first document of each cluster does).
 ///
 /// Band keys are sorted and scanned run by run, so the working set is the key list, not a map.
-pub fn near_duplicate_survivors(hasher: &MinHasher, signatures: &[Signature], threshold: f64) -> Vec<bool> {
+pub fn near_duplicate_survivors<S: AsRef<[u64]>>(hasher: &MinHasher, signatures: &[S], threshold: f64) -> Vec<bool> {
     let mut keyed: Vec<(u64, u32)> = Vec::with_capacity(signatures.len() * hasher.bands);
     for (i, sig) in signatures.iter().enumerate() {
-        keyed.extend(hasher.band_keys(sig).into_iter().map(|k| (k, i as u32)));
+        keyed.extend(hasher.band_keys(sig.as_ref()).into_iter().map(|k| (k, i as u32)));
     }
     keyed.sort_unstable();
     let mut sets = UnionFind::new(signatures.len());
@@ -169,7 +162,8 @@ pub fn near_duplicate_survivors(hasher: &MinHasher, signatures: &[Signature], th
         for &(_, other) in &run[1..] {
             if other != first
                 && sets.find(first) != sets.find(other)
-                && jaccard_estimate(&signatures[first as usize], &signatures[other as usize]) >= threshold
+                && jaccard_estimate(signatures[first as usize].as_ref(), signatures[other as usize].as_ref())
+                    >= threshold
             {
                 sets.union(first, other);
             }

@@ -12,6 +12,7 @@ pub mod extract;
 pub mod filters;
 pub mod order;
 pub mod quality;
+pub mod random;
 pub mod reader;
 pub mod stage;
 pub mod warc;

@@ -11,6 +11,8 @@ use std::collections::HashMap;
 
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
+use super::random::shuffle;
+
 /// Terms kept per document.
 pub const TERMS_PER_DOCUMENT: usize = 32;
 
@@ -39,14 +41,6 @@ pub struct Item {
     pub doc: usize,
     /// Bytes of text (a proxy for tokens).
     pub bytes: u32,
-}
-
-fn splitmix(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 /// The order of `items` (a permutation of their indices) that packs related documents into contexts
@@ -99,11 +93,7 @@ pub fn in_context(items: &[Item], terms: &[Vec<(u32, u16)>], context_bytes: u64,
     }
 
     let mut starts: Vec<usize> = (0..items.len()).collect();
-    let mut state = seed ^ 0x1c_9e7e;
-    for i in (1..starts.len()).rev() {
-        let j = (splitmix(&mut state) % (i as u64 + 1)) as usize;
-        starts.swap(i, j);
-    }
+    shuffle(&mut starts, &mut (seed ^ 0x1c_9e7e));
     let mut visited = vec![false; items.len()];
     let mut order = Vec::with_capacity(items.len());
     for &start in &starts {
@@ -140,6 +130,7 @@ pub fn in_context(items: &[Item], terms: &[Vec<(u32, u16)>], context_bytes: u64,
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::random::splitmix;
 
     /// Ten topics with their own vocabularies, eight documents each, shuffled together.
     #[test]
@@ -187,10 +178,7 @@ mod tests {
             same as f64 / pairs as f64
         };
         let mut shuffled: Vec<usize> = (0..80).collect();
-        let mut s = 9u64;
-        for i in (1..80).rev() {
-            shuffled.swap(i, (splitmix(&mut s) % (i as u64 + 1)) as usize);
-        }
+        shuffle(&mut shuffled, &mut 9u64);
         let (packed, random) = (same_topic(&order), same_topic(&shuffled));
         assert!(packed > 0.75 && random < 0.3, "same-topic neighbours: in-context {packed:.2}, shuffled {random:.2}");
         assert_eq!(order, in_context(&items, &terms, context, 1), "deterministic");

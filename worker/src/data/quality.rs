@@ -7,6 +7,8 @@
 
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
+use super::random::shuffle;
+
 /// Hash buckets of the feature space (2^20).
 pub const DEFAULT_BUCKETS: u32 = 1 << 20;
 
@@ -152,18 +154,6 @@ impl QualityModel {
         let bias = f32::from_le_bytes(bytes[12..16].try_into().expect("4 bytes"));
         let weights = bytes[16..].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect();
         Ok(Self { weights, bias })
-    }
-}
-
-/// Fisher-Yates with SplitMix64.
-fn shuffle(items: &mut [usize], state: &mut u64) {
-    for i in (1..items.len()).rev() {
-        *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = *state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        let j = ((z ^ (z >> 31)) % (i as u64 + 1)) as usize;
-        items.swap(i, j);
     }
 }
 

@@ -578,8 +578,9 @@ async fn reduce(ctx: &Context, hash: &str) -> Result<StageCommit> {
     let spec = &ctx.run.spec;
     let data = &spec.data;
     let shards = data.shards;
-    let signature_len = hasher(data, spec.seed)
-        .map_or(0, |_| (data.dedup.minhash.buckets * data.dedup.minhash.hashes_per_bucket) as usize);
+    let minhash = hasher(data, spec.seed);
+    let signature_len =
+        minhash.as_ref().map_or(0, |_| (data.dedup.minhash.buckets * data.dedup.minhash.hashes_per_bucket) as usize);
 
     // Every map shard must be done for this spec.
     let mut stats = MapStats::default();
@@ -665,10 +666,10 @@ async fn reduce(ctx: &Context, hash: &str) -> Result<StageCommit> {
     let exact_removed = exact_survivor.iter().zip(&passes_quality).filter(|(s, p)| **p && !**s).count();
     let mut survivor = exact_survivor.clone();
     let mut near_removed = 0;
-    if let Some(minhash) = hasher(data, spec.seed) {
+    if let Some(minhash) = &minhash {
         let candidates: Vec<usize> = (0..total).filter(|&i| exact_survivor[i]).collect();
-        let signatures: Vec<Vec<u64>> = candidates.iter().map(|&i| records[i].2.signature.clone()).collect();
-        let keep = near_duplicate_survivors(&minhash, &signatures, data.dedup.minhash.jaccard_threshold);
+        let signatures: Vec<&[u64]> = candidates.iter().map(|&i| records[i].2.signature.as_slice()).collect();
+        let keep = near_duplicate_survivors(minhash, &signatures, data.dedup.minhash.jaccard_threshold);
         for (slot, &i) in candidates.iter().enumerate() {
             if !keep[slot] {
                 survivor[i] = false;
