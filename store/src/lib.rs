@@ -349,6 +349,30 @@ impl StageDir {
         Ok(entry)
     }
 
+    /// Streams a local file in as `name`, hashing it on the way, without holding it in memory.
+    pub async fn put_file(&self, name: &str, local: &std::path::Path) -> Result<FileEntry> {
+        use tokio::io::AsyncReadExt;
+        let mut writer = self.writer(name)?;
+        let read_error = |e: std::io::Error| Error::Corrupt {
+            store: self.store.url.clone(),
+            key: name.into(),
+            reason: format!("cannot read {}: {e}", local.display()),
+        };
+        let mut file = tokio::fs::File::open(local).await.map_err(read_error)?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = file.read(&mut buf).await.map_err(read_error)?;
+            if n == 0 {
+                break;
+            }
+            if let Err(e) = writer.write(&buf[..n]).await {
+                let _ = writer.abort().await;
+                return Err(e);
+            }
+        }
+        writer.finish().await
+    }
+
     /// Reads a whole file.
     pub async fn get(&self, name: &str) -> Result<Bytes> {
         self.store.get(&self.key(name)?).await

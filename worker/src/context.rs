@@ -15,8 +15,8 @@ pub enum ContextError {
     /// The spec is unreadable or invalid.
     #[error(transparent)]
     Manifest(#[from] ManifestError),
-    /// The spec could not be fetched from the store.
-    #[error("spec {url}: {source}")]
+    /// The spec (or another named input) could not be fetched.
+    #[error("{url}: {source}")]
     SpecFetch {
         /// Where the spec was looked for.
         url: String,
@@ -120,13 +120,24 @@ pub async fn read_spec(spec: &str) -> Result<PretrainRun, ContextError> {
         let path = spec.strip_prefix("file://").unwrap_or(spec);
         return Ok(pretrain_crd::load(Path::new(path))?);
     }
-    let fetch_error = |source| ContextError::SpecFetch { url: spec.into(), source };
-    let (dir, name) = spec.rsplit_once('/').ok_or_else(|| {
-        fetch_error(pretrain_store::Error::Url { url: spec.into(), reason: "names no object".into() })
+    let bytes = read_url(spec).await?;
+    let text = String::from_utf8_lossy(&bytes);
+    Ok(pretrain_crd::parse(&text, spec)?)
+}
+
+/// Reads a whole object named by a URL: a local path, `file://`, or any store URL.
+pub async fn read_url(url: &str) -> Result<bytes::Bytes, ContextError> {
+    let fetch_error = |source| ContextError::SpecFetch { url: url.into(), source };
+    if !url.contains("://") || url.starts_with("file://") {
+        let path = url.strip_prefix("file://").unwrap_or(url);
+        return tokio::fs::read(path).await.map(bytes::Bytes::from).map_err(|e| {
+            fetch_error(pretrain_store::Error::Corrupt { store: "file://".into(), key: path.into(), reason: e.to_string() })
+        });
+    }
+    let (dir, name) = url.rsplit_once('/').ok_or_else(|| {
+        fetch_error(pretrain_store::Error::Url { url: url.into(), reason: "names no object".into() })
     })?;
     let store = Store::open(dir).map_err(fetch_error)?;
     let key = pretrain_store::key(name).map_err(fetch_error)?;
-    let bytes = store.get(&key).await.map_err(fetch_error)?;
-    let text = String::from_utf8_lossy(&bytes);
-    Ok(pretrain_crd::parse(&text, spec)?)
+    store.get(&key).await.map_err(fetch_error)
 }

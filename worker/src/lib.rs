@@ -4,5 +4,6 @@
 
 pub mod context;
 pub mod data;
+pub mod tokenize;
 
 pub use context::{Context, ContextError};

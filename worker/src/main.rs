@@ -84,8 +84,30 @@ async fn run(cli: Cli) -> i32 {
                 }
             }
         }
+        Stage::Tokenize => {
+            use pretrain_worker::tokenize::stage::{self, Phase};
+            let phase = match cli.phase {
+                PhaseArg::All => Phase::All,
+                PhaseArg::Map => Phase::Map(ctx.shard_index),
+                PhaseArg::Reduce => Phase::Reduce,
+            };
+            match stage::run(&ctx, phase).await {
+                Ok(Some(commit)) => {
+                    println!("tokenize: committed {} files", commit.files.len());
+                    exit::DONE
+                }
+                Ok(None) => {
+                    println!("tokenize: map task {} done", ctx.shard_index);
+                    exit::DONE
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    if e.is_invalid() { exit::INVALID } else { exit::FAILED }
+                }
+            }
+        }
         // Stages land one by one; until then the worker says so and the runner stops there.
-        Stage::Tokenize | Stage::Train | Stage::LongContext | Stage::Eval => {
+        Stage::Train | Stage::LongContext | Stage::Eval => {
             eprintln!("stage {} is not implemented in pretrain-worker {}", ctx.stage, env!("CARGO_PKG_VERSION"));
             exit::UNAVAILABLE
         }

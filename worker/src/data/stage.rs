@@ -442,27 +442,12 @@ async fn map_shard(ctx: &Context, shard: u32, hash: &str) -> Result<()> {
 
     let dir_name = map_dir(shard, shards);
     for file in ["docs.jsonl.zst", "keys.bin", "terms.bin"] {
-        upload(&ctx.dir, &tmp.path().join(file), &format!("{dir_name}/{file}")).await?;
+        ctx.dir.put_file(&format!("{dir_name}/{file}"), &tmp.path().join(file)).await?;
     }
     let done = MapDone { config_hash: hash.into(), documents, stats };
     let json = serde_json::to_vec_pretty(&done).expect("stats serialise");
     ctx.dir.put(&format!("{dir_name}/_DONE.json"), Bytes::from(json)).await?;
     Ok(())
-}
-
-/// Streams a local file into the stage directory.
-async fn upload(dir: &StageDir, local: &Path, name: &str) -> Result<FileEntry> {
-    let mut writer = dir.writer(name)?;
-    let mut file = File::open(local).map_err(scratch(local))?;
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf).map_err(scratch(local))?;
-        if n == 0 {
-            break;
-        }
-        writer.write(&buf[..n]).await?;
-    }
-    Ok(writer.finish().await?)
 }
 
 fn map_files(

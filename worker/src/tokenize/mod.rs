@@ -1,0 +1,11 @@
+//! The tokenize stage: train a byte-level BPE tokenizer on a sample of the clean shards, report its
+//! compression, and encode every shard into token shards for training.
+
+pub mod bytelevel;
+pub mod encoder;
+pub mod shard;
+pub mod stage;
+pub mod train;
+
+pub use encoder::{Encoder, EncoderError};
+pub use shard::{ShardError, ShardWriter, TokenShard};

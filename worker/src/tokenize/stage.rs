@@ -1,0 +1,587 @@
+//! The tokenize stage: tokenizer, token shards, compression report.
+//!
+//! Layout under `<run>/tokenize/`:
+//! - `tokenizer.json`: the tokenizer, trained here or copied from `tokenizer.url`;
+//!   `tokenizer.meta.json` (written after it) records the spec hash it was made for and its sha256.
+//! - `shards/NNNNN.tok`: data-prep's `shards/NNNNN.jsonl.zst`, encoded (format in [`super::shard`]);
+//!   `map/NNNNN.json` marks one as done (map task `NNNNN` of a sharded run).
+//! - `heldout/00000.tok`: the held-out split, encoded by the reduce, which also measures compression.
+//!
+//! Documents keep data-prep's order (in-context groups stay adjacent), each followed by the
+//! end-of-sequence token.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use pretrain_crd::Stage;
+use pretrain_store::{FileEntry, StageCommit, StageDir};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use xxhash_rust::xxh3::xxh3_64_with_seed;
+
+use super::encoder::{Encoder, EncoderError};
+use super::shard::{ShardError, ShardWriter};
+use super::train::{TrainError, train_bpe};
+use crate::Context;
+use crate::data::stage::DocumentLine;
+
+/// Why the stage failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizeError {
+    /// data-prep has not committed outputs for this spec.
+    #[error("{0}")]
+    Upstream(String),
+    /// The spec asks for something impossible (a shard that does not exist, a tokenizer without an
+    /// end-of-sequence token, too small a corpus).
+    #[error("{0}")]
+    Invalid(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] pretrain_store::Error),
+    /// `tokenizer.url` could not be read.
+    #[error(transparent)]
+    Fetch(#[from] crate::ContextError),
+    /// Tokenizer training failed.
+    #[error(transparent)]
+    Train(#[from] TrainError),
+    /// The tokenizer failed to load or encode.
+    #[error(transparent)]
+    Encoder(#[from] EncoderError),
+    /// A token shard could not be written.
+    #[error(transparent)]
+    Shard(#[from] ShardError),
+    /// An input line is not a data-prep document.
+    #[error("{file}:{line}: {reason}")]
+    Input {
+        /// The input file.
+        file: String,
+        /// 1-based line.
+        line: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Local scratch files failed.
+    #[error("scratch file {path}: {source}")]
+    Scratch {
+        /// The file.
+        path: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+impl TokenizeError {
+    /// Whether retrying cannot help: the spec or the corpus must change.
+    pub fn is_invalid(&self) -> bool {
+        matches!(self, Self::Invalid(_) | Self::Train(TrainError::TooSmall { .. } | TrainError::Unreachable { .. }))
+    }
+}
+
+type Result<T, E = TokenizeError> = std::result::Result<T, E>;
+
+fn scratch(path: &Path) -> impl Fn(std::io::Error) -> TokenizeError + '_ {
+    move |source| TokenizeError::Scratch { path: path.display().to_string(), source }
+}
+
+/// Which part of the stage a process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Encode data-prep shard `n` (training the tokenizer first if no task has yet).
+    Map(u32),
+    /// Check every shard, encode the held-out split, report, commit.
+    Reduce,
+    /// Everything in this process.
+    All,
+}
+
+/// End-of-sequence tokens looked for, in order, in a tokenizer given by URL.
+const SEPARATORS: [&str; 5] = ["<|eos|>", "<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>"];
+
+/// `tokenizer.meta.json`: which spec the stored tokenizer belongs to.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+struct TokenizerMeta {
+    config_hash: String,
+    sha256: String,
+    size: u64,
+    vocab_size: u32,
+    separator: String,
+    /// `None` when copied from `tokenizer.url`.
+    training: Option<TrainingStats>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+struct TrainingStats {
+    sample_documents: u64,
+    sample_bytes: u64,
+    seconds: f64,
+}
+
+/// Per-category counts of one encoded file.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Counts {
+    /// Documents.
+    pub documents: u64,
+    /// Tokens, separators included.
+    pub tokens: u64,
+    /// UTF-8 bytes of text.
+    pub bytes: u64,
+    /// Characters of text.
+    pub chars: u64,
+}
+
+impl Counts {
+    fn add(&mut self, other: &Counts) {
+        self.documents += other.documents;
+        self.tokens += other.tokens;
+        self.bytes += other.bytes;
+        self.chars += other.chars;
+    }
+}
+
+/// `map/NNNNN.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct MapDone {
+    config_hash: String,
+    tokenizer_sha256: String,
+    file: FileEntry,
+    categories: BTreeMap<String, Counts>,
+    seconds: f64,
+}
+
+/// The committed data-prep outputs this stage reads.
+#[derive(Debug)]
+struct Upstream {
+    dir: StageDir,
+    /// `shards/NNNNN.jsonl.zst`, in order.
+    shards: Vec<String>,
+    heldout: Option<String>,
+    /// Bytes of training text, when data-prep recorded it.
+    train_bytes: Option<u64>,
+}
+
+async fn upstream(ctx: &Context) -> Result<Upstream> {
+    let dir = ctx.dir.store().stage(ctx.run_name(), Stage::DataPrep)?;
+    let hash = ctx.run.spec.stage_config_hash(Stage::DataPrep);
+    let Some(commit) = dir.committed(&hash).await? else {
+        return Err(TokenizeError::Upstream(format!(
+            "data-prep has not committed outputs for this spec at {}; run it first",
+            dir.url("_SUCCESS.json")
+        )));
+    };
+    let shards: Vec<String> = commit
+        .files
+        .iter()
+        .map(|f| f.path.clone())
+        .filter(|p| p.starts_with("shards/") && p.ends_with(".jsonl.zst"))
+        .collect();
+    let heldout = commit.files.iter().map(|f| f.path.clone()).find(|p| p.starts_with("heldout/"));
+    let train_bytes = commit.stats["mix"]["bytes"].as_object().map(|m| m.values().filter_map(|v| v.as_u64()).sum());
+    Ok(Upstream { dir, shards, heldout, train_bytes })
+}
+
+/// Runs the stage's `phase`; returns the commit when the reduce ran.
+pub async fn run(ctx: &Context, phase: Phase) -> Result<Option<StageCommit>> {
+    let hash = ctx.config_hash();
+    let upstream = upstream(ctx).await?;
+    if upstream.shards.is_empty() {
+        return Err(TokenizeError::Invalid(format!(
+            "data-prep committed no training shards under {}: nothing to tokenize",
+            upstream.dir.url("shards/")
+        )));
+    }
+    match phase {
+        Phase::Map(k) => {
+            map_shard(ctx, &upstream, &hash, k).await?;
+            Ok(None)
+        }
+        Phase::Reduce => reduce(ctx, &upstream, &hash).await.map(Some),
+        Phase::All => {
+            for k in 0..upstream.shards.len() as u32 {
+                map_shard(ctx, &upstream, &hash, k).await?;
+            }
+            reduce(ctx, &upstream, &hash).await.map(Some)
+        }
+    }
+}
+
+/// The stored tokenizer if it was made for this spec; otherwise trains (or fetches) and stores it.
+///
+/// Training is deterministic, so map tasks that race here store identical files.
+async fn tokenizer(ctx: &Context, upstream: &Upstream, hash: &str) -> Result<(Arc<Encoder>, TokenizerMeta)> {
+    if let Some(meta) = ctx.dir.store().get_opt(&ctx.dir.key("tokenizer.meta.json")?).await?
+        && let Ok(meta) = serde_json::from_slice::<TokenizerMeta>(&meta)
+        && meta.config_hash == hash
+    {
+        let json = ctx.dir.get("tokenizer.json").await?;
+        if hex::encode(Sha256::digest(&json)) == meta.sha256 {
+            let text = String::from_utf8_lossy(&json);
+            return Ok((Arc::new(Encoder::from_json(&text)?), meta));
+        }
+        eprintln!("tokenize: {} does not match its meta file; making it again", ctx.dir.url("tokenizer.json"));
+    }
+    let spec = &ctx.run.spec.tokenizer;
+    let (json, training) = match &spec.url {
+        Some(url) => {
+            let bytes = crate::context::read_url(url).await?;
+            let json = String::from_utf8(bytes.to_vec())
+                .map_err(|e| TokenizeError::Invalid(format!("tokenizer.url {url}: not UTF-8: {e}")))?;
+            (json, None)
+        }
+        None => {
+            let started = Instant::now();
+            let sample = sample(ctx, upstream).await?;
+            let sample_bytes = sample.iter().map(|t| t.len() as u64).sum();
+            let documents = sample.len() as u64;
+            let mut specials: Vec<String> =
+                pretrain_crd::spec::BUILTIN_SPECIAL_TOKENS.iter().map(|s| (*s).to_string()).collect();
+            specials.extend(spec.special_tokens.iter().filter(|s| !specials.contains(s)).cloned().collect::<Vec<_>>());
+            let vocab_size = spec.vocab_size;
+            println!("tokenize: training a {vocab_size}-token BPE on {documents} documents ({sample_bytes} bytes)");
+            let trained = tokio::task::spawn_blocking(move || train_bpe(&sample, vocab_size, &specials))
+                .await
+                .expect("tokenizer training does not panic")?;
+            let seconds = started.elapsed().as_secs_f64();
+            println!("tokenize: trained in {seconds:.1} s");
+            (trained.json, Some(TrainingStats { sample_documents: documents, sample_bytes, seconds }))
+        }
+    };
+    let encoder = Encoder::from_json(&json).map_err(|e| match &spec.url {
+        Some(url) => TokenizeError::Invalid(format!("tokenizer.url {url}: {e}")),
+        None => e.into(),
+    })?;
+    let separator = SEPARATORS.iter().find(|s| encoder.special(s).is_some()).ok_or_else(|| {
+        TokenizeError::Invalid(format!(
+            "tokenizer.url {}: has none of the end-of-sequence tokens {SEPARATORS:?} as a special token",
+            spec.url.as_deref().unwrap_or_default()
+        ))
+    })?;
+    if !encoder.is_fast() {
+        println!("tokenize: the tokenizer is not plain byte-level BPE; encoding through the tokenizers library");
+    }
+    let entry = ctx.dir.put("tokenizer.json", Bytes::from(json)).await?;
+    let meta = TokenizerMeta {
+        config_hash: hash.into(),
+        sha256: entry.sha256,
+        size: entry.size,
+        vocab_size: encoder.vocab_size(),
+        separator: (*separator).to_string(),
+        training,
+    };
+    ctx.dir.put("tokenizer.meta.json", Bytes::from(serde_json::to_vec_pretty(&meta).expect("meta serialises"))).await?;
+    Ok((Arc::new(encoder), meta))
+}
+
+/// About `tokenizer.trainSampleBytes` of training text, drawn from every shard with the same
+/// probability so categories come in their mix proportion; which lines are drawn depends only on the seed.
+async fn sample(ctx: &Context, upstream: &Upstream) -> Result<Vec<String>> {
+    let want = ctx.run.spec.tokenizer.train_sample_bytes;
+    let rate = upstream.train_bytes.filter(|&t| t > 0).map_or(1.0, |t| (want as f64 / t as f64).min(1.0));
+    let seed = ctx.run.spec.seed;
+    let tmp = tempfile::tempdir().map_err(scratch(Path::new("tempdir")))?;
+    let mut texts = Vec::new();
+    let mut bytes = 0u64;
+    for (k, name) in upstream.shards.iter().enumerate() {
+        let local = fetch(&upstream.dir, name, tmp.path()).await?;
+        let display = upstream.dir.url(name);
+        let rest = want.saturating_sub(bytes);
+        let (drawn, drawn_bytes) = tokio::task::spawn_blocking(move || {
+            let mut drawn = Vec::new();
+            let mut drawn_bytes = 0u64;
+            for_each_line(&local, &display, |line_no, line| {
+                let h = xxh3_64_with_seed(&[k as u64, line_no].map(u64::to_le_bytes).concat(), seed ^ 0x7e57);
+                if drawn_bytes >= rest || (h >> 11) as f64 / (1u64 << 53) as f64 >= rate {
+                    return Ok(());
+                }
+                let doc = parse(&display, line_no, line)?;
+                drawn_bytes += doc.text.len() as u64;
+                drawn.push(doc.text);
+                Ok(())
+            })?;
+            Ok::<_, TokenizeError>((drawn, drawn_bytes))
+        })
+        .await
+        .expect("sampling does not panic")?;
+        texts.extend(drawn);
+        bytes += drawn_bytes;
+    }
+    Ok(texts)
+}
+
+async fn fetch(dir: &StageDir, name: &str, tmp: &Path) -> Result<PathBuf> {
+    let local = tmp.join(name.replace('/', "_"));
+    dir.store().download(&dir.key(name)?, &local).await?;
+    Ok(local)
+}
+
+fn parse(file: &str, line_no: u64, line: &[u8]) -> Result<DocumentLine> {
+    serde_json::from_slice(line).map_err(|e| TokenizeError::Input {
+        file: file.into(),
+        line: line_no + 1,
+        reason: format!("not a data-prep document: {e}"),
+    })
+}
+
+/// Calls `f(line_number, line)` for every line of a `jsonl.zst` file (0-based numbers).
+fn for_each_line(path: &Path, display: &str, mut f: impl FnMut(u64, &[u8]) -> Result<()>) -> Result<()> {
+    let file = File::open(path).map_err(scratch(path))?;
+    let decoder = zstd::Decoder::new(file).map_err(scratch(path))?;
+    let mut reader = BufReader::with_capacity(1 << 20, decoder);
+    let mut line = Vec::new();
+    let mut n = 0u64;
+    loop {
+        line.clear();
+        let read = reader.read_until(b'\n', &mut line).map_err(|e| TokenizeError::Input {
+            file: display.into(),
+            line: n + 1,
+            reason: e.to_string(),
+        })?;
+        if read == 0 {
+            return Ok(());
+        }
+        if line.last() == Some(&b'\n') {
+            line.pop();
+        }
+        if !line.is_empty() {
+            f(n, &line)?;
+        }
+        n += 1;
+    }
+}
+
+/// Text of documents encoded per parallel batch.
+const BATCH_BYTES: usize = 4 << 20;
+
+/// Encodes a data-prep `jsonl.zst` file into a token shard; returns counts per category.
+pub fn encode_file(
+    encoder: &Encoder,
+    separator: u32,
+    input: &Path,
+    display: &str,
+    output: &Path,
+) -> Result<BTreeMap<String, Counts>> {
+    let mut writer = ShardWriter::create(output, encoder.vocab_size())?;
+    let mut counts: BTreeMap<String, Counts> = BTreeMap::new();
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<DocumentLine>>(2);
+    std::thread::scope(|scope| {
+        // Decompress and parse on one thread while the pool encodes the previous batch.
+        let reader = scope.spawn(move || {
+            let mut batch = Vec::new();
+            let mut batch_bytes = 0;
+            for_each_line(input, display, |line_no, line| {
+                let doc = parse(display, line_no, line)?;
+                batch_bytes += doc.text.len();
+                batch.push(doc);
+                if batch_bytes >= BATCH_BYTES {
+                    batch_bytes = 0;
+                    // A closed channel means the encoder failed; its error is the one reported.
+                    let _ = tx.send(std::mem::take(&mut batch));
+                }
+                Ok(())
+            })?;
+            let _ = tx.send(batch);
+            Ok::<_, TokenizeError>(())
+        });
+        let encoded = (|| {
+            for batch in rx {
+                let texts: Vec<&str> = batch.iter().map(|d| d.text.as_str()).collect();
+                let ids = encoder.encode_batch(&texts)?;
+                for (doc, mut tokens) in batch.iter().zip(ids) {
+                    tokens.push(separator);
+                    writer.push(&tokens)?;
+                    let c = counts.entry(doc.category.clone()).or_default();
+                    c.documents += 1;
+                    c.tokens += tokens.len() as u64;
+                    c.bytes += doc.text.len() as u64;
+                    c.chars += doc.text.chars().count() as u64;
+                }
+            }
+            Ok::<_, TokenizeError>(())
+        })();
+        let read = reader.join().expect("the reader thread does not panic");
+        encoded.and(read)
+    })?;
+    writer.finish()?;
+    Ok(counts)
+}
+
+fn map_name(k: u32) -> String {
+    format!("map/{k:05}.json")
+}
+
+fn shard_name(k: u32) -> String {
+    format!("shards/{k:05}.tok")
+}
+
+async fn map_done(ctx: &Context, k: u32) -> Result<Option<MapDone>> {
+    let key = ctx.dir.key(&map_name(k))?;
+    let Some(bytes) = ctx.dir.store().get_opt(&key).await? else { return Ok(None) };
+    serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+        pretrain_store::Error::Corrupt { store: ctx.dir.store().url().into(), key: key.to_string(), reason: e.to_string() }
+            .into()
+    })
+}
+
+async fn map_shard(ctx: &Context, upstream: &Upstream, hash: &str, k: u32) -> Result<()> {
+    let Some(input) = upstream.shards.get(k as usize) else {
+        return Err(TokenizeError::Invalid(format!(
+            "map task {k} does not exist: data-prep committed {} shards",
+            upstream.shards.len()
+        )));
+    };
+    let (encoder, meta) = tokenizer(ctx, upstream, hash).await?;
+    if let Some(done) = map_done(ctx, k).await?
+        && done.config_hash == hash
+        && done.tokenizer_sha256 == meta.sha256
+    {
+        return Ok(());
+    }
+    let started = Instant::now();
+    let tmp = tempfile::tempdir().map_err(scratch(Path::new("tempdir")))?;
+    let local = fetch(&upstream.dir, input, tmp.path()).await?;
+    let output = tmp.path().join("out.tok");
+    let separator = encoder.special(&meta.separator).expect("the separator was checked when the tokenizer loaded");
+    let display = upstream.dir.url(input);
+    let out = output.clone();
+    let categories =
+        tokio::task::spawn_blocking(move || encode_file(&encoder, separator, &local, &display, &out))
+            .await
+            .expect("encoding does not panic")?;
+    let file = ctx.dir.put_file(&shard_name(k), &output).await?;
+    let seconds = started.elapsed().as_secs_f64();
+    let total = categories.values().fold(Counts::default(), |mut a, c| {
+        a.add(c);
+        a
+    });
+    println!(
+        "tokenize: shard {}/{}: {} documents, {} tokens, {:.2} bytes/token, {:.1} MB/s",
+        k + 1,
+        upstream.shards.len(),
+        total.documents,
+        total.tokens,
+        total.bytes as f64 / total.tokens.max(1) as f64,
+        total.bytes as f64 / 1e6 / seconds.max(1e-9)
+    );
+    let done = MapDone { config_hash: hash.into(), tokenizer_sha256: meta.sha256, file, categories, seconds };
+    ctx.dir.put(&map_name(k), Bytes::from(serde_json::to_vec_pretty(&done).expect("marker serialises"))).await?;
+    Ok(())
+}
+
+/// Bytes and characters per token of one category.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Compression {
+    /// What was measured.
+    #[serde(flatten)]
+    pub counts: Counts,
+    /// UTF-8 bytes per token (separators not counted as tokens).
+    pub bytes_per_token: f64,
+    /// Characters per token.
+    pub chars_per_token: f64,
+}
+
+fn compression(counts: &Counts) -> Compression {
+    let tokens = counts.tokens.saturating_sub(counts.documents).max(1) as f64;
+    Compression {
+        counts: counts.clone(),
+        bytes_per_token: counts.bytes as f64 / tokens,
+        chars_per_token: counts.chars as f64 / tokens,
+    }
+}
+
+async fn reduce(ctx: &Context, upstream: &Upstream, hash: &str) -> Result<StageCommit> {
+    let (encoder, meta) = tokenizer(ctx, upstream, hash).await?;
+    let mut files = vec![FileEntry { path: "tokenizer.json".into(), size: meta.size, sha256: meta.sha256.clone() }];
+    let mut train: BTreeMap<String, Counts> = BTreeMap::new();
+    let mut shards = Vec::new();
+    let mut missing = Vec::new();
+    for k in 0..upstream.shards.len() as u32 {
+        match map_done(ctx, k).await? {
+            Some(done) if done.config_hash == hash && done.tokenizer_sha256 == meta.sha256 => {
+                for (category, c) in &done.categories {
+                    train.entry(category.clone()).or_default().add(c);
+                }
+                let total = done.categories.values().fold(Counts::default(), |mut a, c| {
+                    a.add(c);
+                    a
+                });
+                shards.push(serde_json::json!({"file": done.file.path, "documents": total.documents, "tokens": total.tokens}));
+                files.push(done.file);
+            }
+            _ => missing.push(k),
+        }
+    }
+    if !missing.is_empty() {
+        return Err(TokenizeError::Upstream(format!(
+            "map tasks {missing:?} of {} have not finished for this spec and tokenizer; run them before the reduce",
+            upstream.shards.len()
+        )));
+    }
+
+    // The held-out split: encoded for evaluation, and the text the compression report is measured on.
+    let mut heldout = BTreeMap::new();
+    if let Some(name) = &upstream.heldout {
+        let tmp = tempfile::tempdir().map_err(scratch(Path::new("tempdir")))?;
+        let local = fetch(&upstream.dir, name, tmp.path()).await?;
+        let output = tmp.path().join("heldout.tok");
+        let separator = encoder.special(&meta.separator).expect("the separator was checked when the tokenizer loaded");
+        let display = upstream.dir.url(name);
+        let (enc, out) = (Arc::clone(&encoder), output.clone());
+        heldout = tokio::task::spawn_blocking(move || encode_file(&enc, separator, &local, &display, &out))
+            .await
+            .expect("encoding does not panic")?;
+        files.push(ctx.dir.put_file("heldout/00000.tok", &output).await?);
+    }
+    let report: BTreeMap<String, Compression> = heldout.iter().map(|(c, n)| (c.clone(), compression(n))).collect();
+    let all_heldout = heldout.values().fold(Counts::default(), |mut a, c| {
+        a.add(c);
+        a
+    });
+    print_report(meta.vocab_size, &report, &compression(&all_heldout));
+
+    let stats = serde_json::json!({
+        "tokenizer": {
+            "sha256": meta.sha256,
+            "vocabSize": meta.vocab_size,
+            "requestedVocabSize": ctx.run.spec.tokenizer.vocab_size,
+            "separator": meta.separator,
+            "trained": meta.training,
+            "url": ctx.run.spec.tokenizer.url,
+            "fastPath": encoder.is_fast(),
+        },
+        "tokens": {
+            "train": train.iter().map(|(c, n)| (c.clone(), n.tokens)).collect::<BTreeMap<_, _>>(),
+            "heldout": heldout.iter().map(|(c, n)| (c.clone(), n.tokens)).collect::<BTreeMap<_, _>>(),
+        },
+        "documents": {
+            "train": train.iter().map(|(c, n)| (c.clone(), n.documents)).collect::<BTreeMap<_, _>>(),
+            "heldout": all_heldout.documents,
+        },
+        "compression": {"heldout": report, "all": compression(&all_heldout)},
+        "shards": shards,
+    });
+    Ok(ctx.dir.commit(hash, files, stats).await?)
+}
+
+fn print_report(vocab_size: u32, report: &BTreeMap<String, Compression>, all: &Compression) {
+    if report.is_empty() {
+        println!("tokenize: no held-out documents (data.heldOutFraction is 0); no compression report");
+        return;
+    }
+    println!("tokenize: vocabulary {vocab_size}; compression on the held-out split:");
+    println!("  {:<16} {:>9} {:>12} {:>12} {:>11} {:>11}", "category", "documents", "bytes", "tokens", "bytes/tok", "chars/tok");
+    for (category, c) in report.iter().chain([(&"all".to_string(), all)]) {
+        println!(
+            "  {:<16} {:>9} {:>12} {:>12} {:>11.3} {:>11.3}",
+            category, c.counts.documents, c.counts.bytes, c.counts.tokens, c.bytes_per_token, c.chars_per_token
+        );
+    }
+}
