@@ -131,12 +131,16 @@ pub async fn read_url(url: &str) -> Result<bytes::Bytes, ContextError> {
     if !url.contains("://") || url.starts_with("file://") {
         let path = url.strip_prefix("file://").unwrap_or(url);
         return tokio::fs::read(path).await.map(bytes::Bytes::from).map_err(|e| {
-            fetch_error(pretrain_store::Error::Corrupt { store: "file://".into(), key: path.into(), reason: e.to_string() })
+            fetch_error(pretrain_store::Error::Corrupt {
+                store: "file://".into(),
+                key: path.into(),
+                reason: e.to_string(),
+            })
         });
     }
-    let (dir, name) = url.rsplit_once('/').ok_or_else(|| {
-        fetch_error(pretrain_store::Error::Url { url: url.into(), reason: "names no object".into() })
-    })?;
+    let (dir, name) = url
+        .rsplit_once('/')
+        .ok_or_else(|| fetch_error(pretrain_store::Error::Url { url: url.into(), reason: "names no object".into() }))?;
     let store = Store::open(dir).map_err(fetch_error)?;
     let key = pretrain_store::key(name).map_err(fetch_error)?;
     store.get(&key).await.map_err(fetch_error)

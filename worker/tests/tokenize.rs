@@ -20,7 +20,10 @@ fn shared(name: &str) -> PathBuf {
 fn jsonl_gz(path: &Path, limit: usize) -> Vec<String> {
     let mut text = String::new();
     flate2::read::GzDecoder::new(std::fs::File::open(path).unwrap()).read_to_string(&mut text).unwrap();
-    text.lines().take(limit).map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["text"].as_str().unwrap().to_string()).collect()
+    text.lines()
+        .take(limit)
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["text"].as_str().unwrap().to_string())
+        .collect()
 }
 
 /// Texts with what byte-level BPE must not damage: scripts, emoji, combining marks, odd whitespace.
@@ -205,8 +208,7 @@ async fn token_shards_decode_to_the_data_prep_documents_in_order() {
         assert_eq!(decoded, expected, "shard {k}");
         train_docs += expected.len() as u64;
     }
-    let heldout: Vec<String> =
-        read_docs(&prep.join("heldout/00000.jsonl.zst")).into_iter().map(|d| d.text).collect();
+    let heldout: Vec<String> = read_docs(&prep.join("heldout/00000.jsonl.zst")).into_iter().map(|d| d.text).collect();
     assert!(!heldout.is_empty());
     assert_eq!(decode_shard(&encoder, &stage.join("heldout/00000.tok")), heldout);
 
@@ -222,9 +224,8 @@ async fn token_shards_decode_to_the_data_prep_documents_in_order() {
     assert_eq!(stats["tokenizer"]["vocabSize"], 600);
     let counted: u64 = stats["documents"]["train"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum();
     assert_eq!(counted, train_docs);
-    let shard_tokens: u64 = (0..3)
-        .map(|k| TokenShard::open(&stage.join(format!("shards/{k:05}.tok"))).unwrap().len())
-        .sum();
+    let shard_tokens: u64 =
+        (0..3).map(|k| TokenShard::open(&stage.join(format!("shards/{k:05}.tok"))).unwrap().len()).sum();
     let train_tokens: u64 = stats["tokens"]["train"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum();
     assert_eq!(train_tokens, shard_tokens);
     for category in ["web", "code"] {

@@ -347,7 +347,9 @@ fn pair_key(left: u32, right: u32) -> u64 {
 /// `Some(add_prefix_space)` when the pre-tokenizer is the byte-level split with its regex.
 fn byte_level_pre_tokenizer(pre: &Value) -> Option<bool> {
     match pre["type"].as_str()? {
-        "ByteLevel" if pre["use_regex"].as_bool() != Some(false) => Some(pre["add_prefix_space"].as_bool() == Some(true)),
+        "ByteLevel" if pre["use_regex"].as_bool() != Some(false) => {
+            Some(pre["add_prefix_space"].as_bool() == Some(true))
+        }
         "Sequence" => match pre["pretokenizers"].as_array()?.as_slice() {
             [only] => byte_level_pre_tokenizer(only),
             _ => None,

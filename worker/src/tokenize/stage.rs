@@ -425,8 +425,12 @@ async fn map_done(ctx: &Context, k: u32) -> Result<Option<MapDone>> {
     let key = ctx.dir.key(&map_name(k))?;
     let Some(bytes) = ctx.dir.store().get_opt(&key).await? else { return Ok(None) };
     serde_json::from_slice(&bytes).map(Some).map_err(|e| {
-        pretrain_store::Error::Corrupt { store: ctx.dir.store().url().into(), key: key.to_string(), reason: e.to_string() }
-            .into()
+        pretrain_store::Error::Corrupt {
+            store: ctx.dir.store().url().into(),
+            key: key.to_string(),
+            reason: e.to_string(),
+        }
+        .into()
     })
 }
 
@@ -451,10 +455,9 @@ async fn map_shard(ctx: &Context, upstream: &Upstream, hash: &str, k: u32) -> Re
     let separator = encoder.special(&meta.separator).expect("the separator was checked when the tokenizer loaded");
     let display = upstream.dir.url(input);
     let out = output.clone();
-    let categories =
-        tokio::task::spawn_blocking(move || encode_file(&encoder, separator, &local, &display, &out))
-            .await
-            .expect("encoding does not panic")?;
+    let categories = tokio::task::spawn_blocking(move || encode_file(&encoder, separator, &local, &display, &out))
+        .await
+        .expect("encoding does not panic")?;
     let file = ctx.dir.put_file(&shard_name(k), &output).await?;
     let seconds = started.elapsed().as_secs_f64();
     let total = categories.values().fold(Counts::default(), |mut a, c| {
@@ -513,7 +516,9 @@ async fn reduce(ctx: &Context, upstream: &Upstream, hash: &str) -> Result<StageC
                     a.add(c);
                     a
                 });
-                shards.push(serde_json::json!({"file": done.file.path, "documents": total.documents, "tokens": total.tokens}));
+                shards.push(
+                    serde_json::json!({"file": done.file.path, "documents": total.documents, "tokens": total.tokens}),
+                );
                 files.push(done.file);
             }
             _ => missing.push(k),
@@ -577,7 +582,10 @@ fn print_report(vocab_size: u32, report: &BTreeMap<String, Compression>, all: &C
         return;
     }
     println!("tokenize: vocabulary {vocab_size}; compression on the held-out split:");
-    println!("  {:<16} {:>9} {:>12} {:>12} {:>11} {:>11}", "category", "documents", "bytes", "tokens", "bytes/tok", "chars/tok");
+    println!(
+        "  {:<16} {:>9} {:>12} {:>12} {:>11} {:>11}",
+        "category", "documents", "bytes", "tokens", "bytes/tok", "chars/tok"
+    );
     for (category, c) in report.iter().chain([(&"all".to_string(), all)]) {
         println!(
             "  {:<16} {:>9} {:>12} {:>12} {:>11.3} {:>11.3}",
