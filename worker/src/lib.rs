@@ -4,6 +4,7 @@
 
 pub mod context;
 pub mod data;
+pub mod model;
 pub mod tokenize;
 
 pub use context::{Context, ContextError};

@@ -1,0 +1,382 @@
+//! The Llama architecture in candle: token embedding, blocks of [RMSNorm -> attention with RoPE and
+//! grouped-query attention -> residual -> RMSNorm -> SwiGLU MLP -> residual], final RMSNorm, LM head
+//! (optionally tied to the embedding).
+//!
+//! Parameters are named as in Hugging Face `LlamaForCausalLM` (`model.layers.0.self_attn.q_proj.weight`,
+//! ...), so checkpoints export without renaming. Every operation used has a backward pass; weights are
+//! fp32 `Var`s and the forward pass can compute in bf16 from them.
+
+pub mod rope;
+
+use std::collections::HashMap;
+
+use candle_core::{D, DType, Device, Result, Tensor, Var};
+use pretrain_crd::spec::ModelConfig;
+
+pub use rope::{Rope, Scaling};
+
+/// The model's shape.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LlamaConfig {
+    /// Vocabulary (the tokenizer's, special tokens included).
+    pub vocab_size: usize,
+    /// Hidden size.
+    pub dim: usize,
+    /// Blocks.
+    pub layers: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads (divides `heads`).
+    pub kv_heads: usize,
+    /// SwiGLU hidden size.
+    pub ffn_dim: usize,
+    /// RoPE base.
+    pub rope_base: f64,
+    /// RMSNorm epsilon.
+    pub norm_eps: f64,
+    /// LM head shares the embedding.
+    pub tie_embeddings: bool,
+}
+
+/// Where a parameter sits, for weight decay and initialisation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParamKind {
+    /// Token embedding.
+    Embedding,
+    /// RMSNorm gain.
+    Norm,
+    /// A projection feeding the residual stream (`o_proj`, `down_proj`).
+    OutProjection,
+    /// Any other matrix.
+    Matrix,
+}
+
+impl LlamaConfig {
+    /// The spec's model with the tokenizer's vocabulary.
+    pub fn from_spec(model: &ModelConfig, vocab_size: u32) -> Self {
+        Self {
+            vocab_size: vocab_size as usize,
+            dim: model.dim as usize,
+            layers: model.layers as usize,
+            heads: model.heads as usize,
+            kv_heads: model.kv_heads as usize,
+            ffn_dim: model.ffn_dim as usize,
+            rope_base: model.rope_base,
+            norm_eps: model.norm_eps,
+            tie_embeddings: model.tie_embeddings,
+        }
+    }
+
+    /// Size of one attention head.
+    pub fn head_dim(&self) -> usize {
+        self.dim / self.heads
+    }
+
+    /// Every parameter: name, shape and kind, in name order.
+    pub fn params(&self) -> Vec<(String, Vec<usize>, ParamKind)> {
+        let (d, hd, f) = (self.dim, self.head_dim(), self.ffn_dim);
+        let mut all = vec![
+            ("model.embed_tokens.weight".to_string(), vec![self.vocab_size, d], ParamKind::Embedding),
+            ("model.norm.weight".to_string(), vec![d], ParamKind::Norm),
+        ];
+        if !self.tie_embeddings {
+            all.push(("lm_head.weight".into(), vec![self.vocab_size, d], ParamKind::Matrix));
+        }
+        for l in 0..self.layers {
+            let p = format!("model.layers.{l}");
+            all.extend([
+                (format!("{p}.input_layernorm.weight"), vec![d], ParamKind::Norm),
+                (format!("{p}.post_attention_layernorm.weight"), vec![d], ParamKind::Norm),
+                (format!("{p}.self_attn.q_proj.weight"), vec![self.heads * hd, d], ParamKind::Matrix),
+                (format!("{p}.self_attn.k_proj.weight"), vec![self.kv_heads * hd, d], ParamKind::Matrix),
+                (format!("{p}.self_attn.v_proj.weight"), vec![self.kv_heads * hd, d], ParamKind::Matrix),
+                (format!("{p}.self_attn.o_proj.weight"), vec![d, self.heads * hd], ParamKind::OutProjection),
+                (format!("{p}.mlp.gate_proj.weight"), vec![f, d], ParamKind::Matrix),
+                (format!("{p}.mlp.up_proj.weight"), vec![f, d], ParamKind::Matrix),
+                (format!("{p}.mlp.down_proj.weight"), vec![d, f], ParamKind::OutProjection),
+            ]);
+        }
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
+    /// Parameter count.
+    pub fn parameters(&self) -> u64 {
+        self.params().iter().map(|(_, shape, _)| shape.iter().product::<usize>() as u64).sum()
+    }
+
+    /// Training FLOPs per token at `seq_len`: 6 per weight of every matrix multiply (the LM head
+    /// included, the embedding lookup not) plus the attention scores and values, `12 x layers x dim x
+    /// seq_len` (PaLM's estimate, without exploiting causality).
+    pub fn flops_per_token(&self, seq_len: usize) -> f64 {
+        let matmul: u64 = self
+            .params()
+            .iter()
+            .filter(|(_, _, kind)| matches!(kind, ParamKind::Matrix | ParamKind::OutProjection))
+            .map(|(_, shape, _)| shape.iter().product::<usize>() as u64)
+            .sum();
+        let head = if self.tie_embeddings { (self.vocab_size * self.dim) as u64 } else { 0 };
+        6.0 * (matmul + head) as f64 + 12.0 * (self.layers * self.dim * seq_len) as f64
+    }
+
+    /// Why this shape cannot be built, if it cannot.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        if self.heads == 0 || self.dim % self.heads != 0 {
+            return Err(format!("dim {} is not a multiple of heads {}", self.dim, self.heads));
+        }
+        if self.kv_heads == 0 || self.heads % self.kv_heads != 0 {
+            return Err(format!("heads {} is not a multiple of kvHeads {}", self.heads, self.kv_heads));
+        }
+        if self.head_dim() % 2 != 0 {
+            return Err(format!("head size {} is odd; RoPE rotates pairs", self.head_dim()));
+        }
+        Ok(())
+    }
+}
+
+/// The trainable weights, by name.
+#[derive(Debug)]
+pub struct Params {
+    names: Vec<String>,
+    kinds: Vec<ParamKind>,
+    vars: Vec<Var>,
+    index: HashMap<String, usize>,
+}
+
+/// A deterministic normal generator (SplitMix64 + Box-Muller), so that a seed fixes the initial weights
+/// on every machine.
+fn normals(seed: u64, n: usize, std: f64) -> Vec<f32> {
+    let mut state = seed;
+    let mut next = || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let mut out = Vec::with_capacity(n + 1);
+    while out.len() < n {
+        let (u1, u2) = (next().max(f64::MIN_POSITIVE), next());
+        let r = (-2.0 * u1.ln()).sqrt() * std;
+        let theta = 2.0 * std::f64::consts::PI * u2;
+        out.push((r * theta.cos()) as f32);
+        out.push((r * theta.sin()) as f32);
+    }
+    out.truncate(n);
+    out
+}
+
+impl Params {
+    /// Initial weights: matrices ~ N(0, 0.02), residual projections scaled by 1/sqrt(2 x layers),
+    /// norm gains 1.
+    pub fn init(config: &LlamaConfig, seed: u64, device: &Device) -> Result<Self> {
+        let mut tensors = Vec::new();
+        for (i, (name, shape, kind)) in config.params().into_iter().enumerate() {
+            let n: usize = shape.iter().product();
+            let values = match kind {
+                ParamKind::Norm => vec![1f32; n],
+                ParamKind::OutProjection => normals(seed ^ (i as u64) << 20, n, 0.02 / (2.0 * config.layers as f64).sqrt()),
+                ParamKind::Embedding | ParamKind::Matrix => normals(seed ^ (i as u64) << 20, n, 0.02),
+            };
+            tensors.push((name, kind, Tensor::from_vec(values, shape, device)?));
+        }
+        Self::from_tensors(tensors)
+    }
+
+    fn from_tensors(tensors: Vec<(String, ParamKind, Tensor)>) -> Result<Self> {
+        let mut params = Self { names: Vec::new(), kinds: Vec::new(), vars: Vec::new(), index: HashMap::new() };
+        for (name, kind, tensor) in tensors {
+            params.index.insert(name.clone(), params.names.len());
+            params.names.push(name);
+            params.kinds.push(kind);
+            params.vars.push(Var::from_tensor(&tensor)?);
+        }
+        Ok(params)
+    }
+
+    /// Weights read from `tensors` (a loaded checkpoint), checked against the config: every name
+    /// present with its shape, nothing extra.
+    pub fn from_named(config: &LlamaConfig, mut tensors: HashMap<String, Tensor>, device: &Device) -> std::result::Result<Self, String> {
+        let mut out = Vec::new();
+        for (name, shape, kind) in config.params() {
+            let t = tensors.remove(&name).ok_or_else(|| format!("missing tensor {name}"))?;
+            if t.dims() != shape.as_slice() {
+                return Err(format!("tensor {name} has shape {:?}, the config needs {shape:?}", t.dims()));
+            }
+            let t = t.to_dtype(DType::F32).and_then(|t| t.to_device(device)).map_err(|e| e.to_string())?;
+            out.push((name, kind, t));
+        }
+        if let Some(extra) = tensors.keys().next() {
+            return Err(format!("unexpected tensor {extra}"));
+        }
+        Self::from_tensors(out).map_err(|e| e.to_string())
+    }
+
+    /// A weight by name.
+    pub fn get(&self, name: &str) -> &Tensor {
+        self.vars[self.index[name]].as_tensor()
+    }
+
+    /// Names, kinds and variables, in name order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, ParamKind, &Var)> {
+        self.names.iter().zip(&self.kinds).zip(&self.vars).map(|((n, k), v)| (n.as_str(), *k, v))
+    }
+
+    /// Number of tensors.
+    pub fn len(&self) -> usize {
+        self.vars.len()
+    }
+
+    /// Whether there are no tensors.
+    pub fn is_empty(&self) -> bool {
+        self.vars.is_empty()
+    }
+}
+
+/// The model: shape, weights, RoPE tables.
+#[derive(Debug)]
+pub struct Llama {
+    /// The shape.
+    pub config: LlamaConfig,
+    /// The weights.
+    pub params: Params,
+    rope: Rope,
+    /// Attention logit multiplier on top of 1/sqrt(head_dim) (YaRN's temperature).
+    attention_factor: f64,
+}
+
+impl Llama {
+    /// A model over `params` for sequences up to `max_seq_len` with the given RoPE scaling.
+    pub fn new(config: LlamaConfig, params: Params, max_seq_len: usize, scaling: Scaling, device: &Device) -> Result<Self> {
+        let rope = Rope::new(config.head_dim(), max_seq_len, config.rope_base, scaling, device)?;
+        Ok(Self { config, params, rope, attention_factor: rope::attention_factor(scaling) })
+    }
+
+    /// Logits `[batch, seq, vocab]` (fp32) for token ids `[batch, seq]`, computing in `dtype`.
+    pub fn forward(&self, ids: &Tensor, dtype: DType) -> Result<Tensor> {
+        let c = &self.config;
+        let (b, t) = ids.dims2()?;
+        let w = |name: &str| self.params.get(name).to_dtype(dtype);
+        let linear = |x: &Tensor, name: &str| -> Result<Tensor> { x.matmul(&w(name)?.t()?) };
+        let (hd, h, kv) = (c.head_dim(), c.heads, c.kv_heads);
+        let scale = self.attention_factor / (hd as f64).sqrt();
+        let mask = causal_mask(t, ids.device())?.to_dtype(dtype)?;
+
+        let mut x = w("model.embed_tokens.weight")?.index_select(&ids.flatten_all()?, 0)?; // [b*t, dim]
+        for l in 0..c.layers {
+            let p = format!("model.layers.{l}");
+            let hidden = rms_norm(&x, &w(&format!("{p}.input_layernorm.weight"))?, c.norm_eps)?;
+            let heads = |name: &str, n: usize| -> Result<Tensor> {
+                linear(&hidden, &format!("{p}.self_attn.{name}.weight"))?.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
+            };
+            let q = self.rope.apply(&heads("q_proj", h)?)?;
+            let k = repeat_kv(&self.rope.apply(&heads("k_proj", kv)?)?, h / kv)?;
+            let v = repeat_kv(&heads("v_proj", kv)?, h / kv)?;
+            let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(&mask)?;
+            let attn = softmax_last_dim(&scores)?.matmul(&v)?; // [b, h, t, hd]
+            let attn = attn.transpose(1, 2)?.reshape((b * t, h * hd))?;
+            x = (x + linear(&attn, &format!("{p}.self_attn.o_proj.weight"))?)?;
+
+            let hidden = rms_norm(&x, &w(&format!("{p}.post_attention_layernorm.weight"))?, c.norm_eps)?;
+            let gate = linear(&hidden, &format!("{p}.mlp.gate_proj.weight"))?.silu()?;
+            let up = linear(&hidden, &format!("{p}.mlp.up_proj.weight"))?;
+            x = (x + linear(&(gate * up)?, &format!("{p}.mlp.down_proj.weight"))?)?;
+        }
+        let x = rms_norm(&x, &w("model.norm.weight")?, c.norm_eps)?;
+        let head = if c.tie_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
+        linear(&x, head)?.to_dtype(DType::F32)?.reshape((b, t, c.vocab_size))
+    }
+
+    /// Mean next-token cross-entropy of `inputs` against `targets` (both `[batch, seq]`), and the logits.
+    pub fn loss(&self, inputs: &Tensor, targets: &Tensor, dtype: DType) -> Result<(Tensor, Tensor)> {
+        let logits = self.forward(inputs, dtype)?;
+        let (b, t, v) = logits.dims3()?;
+        let loss = candle_nn::loss::cross_entropy(&logits.reshape((b * t, v))?, &targets.flatten_all()?)?;
+        Ok((loss, logits))
+    }
+}
+
+/// `x * w / sqrt(mean(x^2) + eps)` over the last dimension, in fp32 whatever the input.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x32 = x.to_dtype(DType::F32)?;
+    let mean = x32.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = x32.broadcast_div(&(mean + eps)?.sqrt()?)?;
+    normed.to_dtype(dtype)?.broadcast_mul(weight)
+}
+
+/// Softmax over the last dimension, built from differentiable operations.
+fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// 0 on and below the diagonal, -inf above: `[t, t]`.
+fn causal_mask(t: usize, device: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..t).flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY })).collect();
+    Tensor::from_vec(mask, (t, t), device)
+}
+
+/// Repeats each key/value head `n` times: `[b, kv, t, d]` -> `[b, kv * n, t, d]`.
+fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
+    if n == 1 {
+        return Ok(x.clone());
+    }
+    let (b, kv, t, d) = x.dims4()?;
+    Tensor::cat(&vec![x; n], 2)?.reshape((b, kv * n, t, d))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> LlamaConfig {
+        LlamaConfig {
+            vocab_size: 64,
+            dim: 32,
+            layers: 2,
+            heads: 4,
+            kv_heads: 2,
+            ffn_dim: 48,
+            rope_base: 10_000.0,
+            norm_eps: 1e-5,
+            tie_embeddings: true,
+        }
+    }
+
+    #[test]
+    fn counts_parameters_like_the_preset_formula() {
+        let c = tiny();
+        let per_layer = 2 * 32 + 32 * 32 + 2 * (16 * 32) + 32 * 32 + 3 * 48 * 32;
+        assert_eq!(c.parameters(), (64 * 32 + 32 + 2 * per_layer) as u64);
+        let spec = pretrain_crd::spec::ModelPreset::Tiny.config();
+        assert_eq!(LlamaConfig::from_spec(&spec, 4096).parameters(), spec.parameters(4096));
+    }
+
+    #[test]
+    fn forward_is_causal_and_gradients_reach_every_weight() {
+        let dev = Device::Cpu;
+        let c = tiny();
+        let model = Llama::new(c.clone(), Params::init(&c, 1, &dev).unwrap(), 16, Scaling::None, &dev).unwrap();
+        let ids = Tensor::new(&[[1u32, 5, 9, 3, 7, 2]], &dev).unwrap();
+        let changed = Tensor::new(&[[1u32, 5, 9, 3, 7, 60]], &dev).unwrap();
+        let a = model.forward(&ids, DType::F32).unwrap();
+        let b = model.forward(&changed, DType::F32).unwrap();
+        assert_eq!(a.dims(), [1, 6, 64]);
+        // Changing the last token changes nothing before it.
+        let prefix = |t: &Tensor| t.narrow(1, 0, 5).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(prefix(&a), prefix(&b));
+        let targets = Tensor::new(&[[5u32, 9, 3, 7, 2, 1]], &dev).unwrap();
+        let (loss, _) = model.loss(&ids, &targets, DType::F32).unwrap();
+        let loss_value = loss.to_scalar::<f32>().unwrap();
+        assert!((loss_value - (64f32).ln()).abs() < 0.1, "near-uniform at init: {loss_value}");
+        let grads = loss.backward().unwrap();
+        for (name, _, var) in model.params.iter() {
+            let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
+            let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(norm > 0.0 && norm.is_finite(), "{name}: {norm}");
+        }
+    }
+}
