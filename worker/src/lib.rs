@@ -6,5 +6,6 @@ pub mod context;
 pub mod data;
 pub mod model;
 pub mod tokenize;
+pub mod train;
 
 pub use context::{Context, ContextError};

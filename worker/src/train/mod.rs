@@ -1,0 +1,5 @@
+//! The train stage: the loop, AdamW, schedules, the prefetching loader, checkpoints.
+
+pub mod loader;
+pub mod optim;
+pub mod schedule;
