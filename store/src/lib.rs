@@ -244,6 +244,14 @@ impl Store {
         Ok(written)
     }
 
+    /// Deletes one object; a missing object is not an error.
+    pub async fn delete(&self, key: &Path) -> Result<()> {
+        match self.inner.delete(key).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.object_error(key, e)),
+        }
+    }
+
     /// Deletes every object under `prefix`, commit markers first, so that an interrupted delete never
     /// leaves a `_SUCCESS.json` pointing at deleted files.
     pub async fn delete_prefix(&self, prefix: &Path) -> Result<usize> {

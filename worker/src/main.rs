@@ -2,6 +2,11 @@
 //! (exit codes in `pretrain_crd::contract::exit`, a one-line reason on stderr when it fails).
 
 use clap::Parser;
+
+// Training allocates and frees large tensors every step; mimalloc reuses them instead of returning
+// them to the kernel and faulting fresh zeroed pages in (glibc's behaviour above its mmap threshold).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use pretrain_crd::Stage;
 use pretrain_crd::contract::exit;
 use pretrain_worker::data::stage::{DataPrepError, Phase};
@@ -106,8 +111,29 @@ async fn run(cli: Cli) -> i32 {
                 }
             }
         }
+        Stage::Train => {
+            use pretrain_worker::train::stage::{self, Outcome, TrainError};
+            match stage::run(&ctx, stage::stop_flag()).await {
+                Ok(Outcome::Done(commit)) => {
+                    println!("train: committed {} files", commit.files.len());
+                    exit::DONE
+                }
+                Ok(Outcome::Preempted { step }) => {
+                    eprintln!("train: stopped on SIGTERM after checkpointing step {step}; resume to continue");
+                    exit::RESUME
+                }
+                Err(e @ TrainError::Invalid(_)) => {
+                    eprintln!("{e}");
+                    exit::INVALID
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    exit::FAILED
+                }
+            }
+        }
         // Stages land one by one; until then the worker says so and the runner stops there.
-        Stage::Train | Stage::LongContext | Stage::Eval => {
+        Stage::LongContext | Stage::Eval => {
             eprintln!("stage {} is not implemented in pretrain-worker {}", ctx.stage, env!("CARGO_PKG_VERSION"));
             exit::UNAVAILABLE
         }

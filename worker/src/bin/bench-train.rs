@@ -1,0 +1,84 @@
+//! Benchmark: training throughput of the Llama presets on this machine's CPU cores.
+//!
+//!     cargo run --release -p pretrain-worker --bin bench-train -- [--preset tiny|llama-125m] [--steps 5]
+//!
+//! Runs forward, backward and AdamW on random tokens (fp32, micro-batch x seq-len as given) and prints
+//! tokens/s with a breakdown; `scripts/bench-train.sh` runs the same shapes in PyTorch for the ratio.
+
+use std::time::Instant;
+
+// Training allocates and frees large tensors every step; mimalloc reuses them instead of returning
+// them to the kernel and faulting fresh zeroed pages in (glibc's behaviour above its mmap threshold).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use candle_core::{DType, Device, Tensor};
+use pretrain_crd::spec::ModelPreset;
+use pretrain_worker::model::{Llama, LlamaConfig, Params, Scaling};
+use pretrain_worker::train::optim::{AdamW, AdamWConfig, clip};
+
+fn main() {
+    let mut preset = "tiny".to_string();
+    let mut steps = 5usize;
+    let mut batch = 8usize;
+    let mut seq = 256usize;
+    let mut vocab = 32_000u32;
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let value = args.next().unwrap_or_else(|| panic!("{flag} needs a value"));
+        match flag.as_str() {
+            "--preset" => preset = value,
+            "--steps" => steps = value.parse().expect("a number"),
+            "--batch" => batch = value.parse().expect("a number"),
+            "--seq" => seq = value.parse().expect("a number"),
+            "--vocab" => vocab = value.parse().expect("a number"),
+            other => panic!("unknown flag {other}"),
+        }
+    }
+    let spec = match preset.as_str() {
+        "tiny" => ModelPreset::Tiny,
+        "llama-125m" => ModelPreset::Llama125m,
+        other => panic!("preset {other}: tiny or llama-125m"),
+    }
+    .config();
+    let dev = Device::Cpu;
+    let config = LlamaConfig::from_spec(&spec, vocab);
+    let model = Llama::new(config.clone(), Params::init(&config, 1, &dev).unwrap(), seq, Scaling::None, &dev).unwrap();
+    let mut opt = AdamW::new(AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 }, &model.params).unwrap();
+    let tokens: Vec<u32> = (0..batch * (seq + 1)).map(|i| ((i * 2_654_435_761) % vocab as usize) as u32).collect();
+    let inputs = Tensor::from_vec(tokens[..batch * seq].to_vec(), (batch, seq), &dev).unwrap();
+    let targets = Tensor::from_vec(tokens[batch..].to_vec(), (batch, seq), &dev).unwrap();
+    println!(
+        "{preset}: {} parameters, batch {batch} x {seq}, vocab {vocab}, {} threads",
+        config.parameters(),
+        rayon::current_num_threads()
+    );
+    let (mut fwd, mut bwd, mut upd) = (0.0, 0.0, 0.0);
+    for step in 0..=steps {
+        let t0 = Instant::now();
+        let (loss, _) = model.loss(&inputs, &targets, DType::F32).unwrap();
+        let _ = loss.to_scalar::<f32>().unwrap();
+        let t1 = Instant::now();
+        let store = loss.backward().unwrap();
+        let t2 = Instant::now();
+        let mut grads: Vec<Tensor> = model.params.iter().map(|(_, _, v)| store.get(v.as_tensor()).unwrap().clone()).collect();
+        clip(&mut grads, 1.0).unwrap();
+        opt.step(&model.params, &grads, 1e-4).unwrap();
+        let t3 = Instant::now();
+        if step > 0 {
+            // step 0 warms caches and allocations
+            fwd += (t1 - t0).as_secs_f64();
+            bwd += (t2 - t1).as_secs_f64();
+            upd += (t3 - t2).as_secs_f64();
+        }
+    }
+    let total = fwd + bwd + upd;
+    let tokens_per_s = (steps * batch * seq) as f64 / total;
+    println!(
+        "pretrain (candle): {tokens_per_s:.0} tokens/s; per step forward {:.3} s, backward {:.3} s, optimizer {:.3} s",
+        fwd / steps as f64,
+        bwd / steps as f64,
+        upd / steps as f64
+    );
+    println!("RESULT tokens_per_s={tokens_per_s:.1}");
+}

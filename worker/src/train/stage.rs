@@ -1,0 +1,506 @@
+//! The train stage's loop: resume or initialise, then for every optimizer step accumulate gradients
+//! over micro-batches, clip, watch for loss spikes, update, log, and checkpoint.
+
+use std::collections::VecDeque;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use bytes::Bytes;
+use candle_core::{DType, Device, Tensor};
+use pretrain_crd::Stage;
+use pretrain_crd::spec::{Precision, SpikeAction};
+use pretrain_store::{FileEntry, StageCommit, StageDir};
+
+use super::checkpoint::{self, Snapshot, TrainState};
+use super::loader::{BatchShape, Prefetcher, TokenStream};
+use super::optim::{AdamW, AdamWConfig, clip};
+use super::schedule::learning_rate;
+use crate::Context;
+use crate::model::{Llama, LlamaConfig, Params, Scaling};
+
+/// Why training stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// An upstream stage has not committed, or the spec cannot be trained as written.
+    #[error("{0}")]
+    Invalid(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] pretrain_store::Error),
+    /// Saving or loading a checkpoint failed.
+    #[error(transparent)]
+    Checkpoint(#[from] checkpoint::CheckpointError),
+    /// A token shard is unreadable.
+    #[error(transparent)]
+    Shard(#[from] crate::tokenize::ShardError),
+    /// The tensor library failed.
+    #[error("model: {0}")]
+    Model(#[from] candle_core::Error),
+    /// Local scratch files failed.
+    #[error("scratch: {0}")]
+    Scratch(#[from] std::io::Error),
+    /// The loss became NaN or infinite.
+    #[error("loss is {loss} at step {step}; lower train.optimizer.lr or enable gradient clipping")]
+    Diverged {
+        /// The step.
+        step: u64,
+        /// The loss.
+        loss: f64,
+    },
+}
+
+type Result<T, E = TrainError> = std::result::Result<T, E>;
+
+/// How a run of the loop ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Every step ran and the stage committed.
+    Done(Box<StageCommit>),
+    /// Stopped on request (SIGTERM) after checkpointing step `step`.
+    Preempted {
+        /// Steps completed and saved.
+        step: u64,
+    },
+}
+
+/// Set by SIGTERM; the loop checkpoints and stops at the end of the current step.
+pub fn stop_flag() -> Arc<AtomicBool> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let set = Arc::clone(&flag);
+    tokio::spawn(async move {
+        if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            term.recv().await;
+            set.store(true, Ordering::SeqCst);
+        }
+    });
+    flag
+}
+
+/// The token shards of a committed stage, as local files (local stores are read in place; others
+/// are downloaded to `cache`).
+pub async fn local_shards(dir: &StageDir, files: &[FileEntry], prefix: &str, cache: &std::path::Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let root = dir.store().url().strip_prefix("file://").map(PathBuf::from);
+    for f in files.iter().filter(|f| f.path.starts_with(prefix) && f.path.ends_with(".tok")) {
+        let key = dir.key(&f.path)?;
+        let path = match &root {
+            Some(root) => root.join(key.as_ref()),
+            None => {
+                let local = cache.join(f.path.replace('/', "_"));
+                if std::fs::metadata(&local).map(|m| m.len()).ok() != Some(f.size) {
+                    dir.store().download(&key, &local).await?;
+                }
+                local
+            }
+        };
+        out.push(path);
+    }
+    Ok(out)
+}
+
+/// Loss-spike detection: z-score of a step's loss against a rolling window of the previous ones.
+#[derive(Debug, Clone)]
+pub struct SpikeDetector {
+    window: VecDeque<f64>,
+    size: usize,
+    z: f64,
+}
+
+impl SpikeDetector {
+    /// A detector over `size` steps flagging losses `z` standard deviations above the mean (z = 0 disables).
+    pub fn new(size: usize, z: f64, history: &[f64]) -> Self {
+        let skip = history.len().saturating_sub(size);
+        Self { window: history[skip..].iter().copied().collect(), size, z }
+    }
+
+    /// Whether `loss` is a spike; normal losses join the window, spikes do not.
+    pub fn observe(&mut self, loss: f64) -> Option<f64> {
+        if self.z > 0.0 && self.window.len() >= self.size {
+            let n = self.window.len() as f64;
+            let mean = self.window.iter().sum::<f64>() / n;
+            let var = self.window.iter().map(|l| (l - mean).powi(2)).sum::<f64>() / n;
+            let z = (loss - mean) / var.sqrt().max(1e-8);
+            if z > self.z {
+                return Some(z);
+            }
+        }
+        self.window.push_back(loss);
+        if self.window.len() > self.size {
+            self.window.pop_front();
+        }
+        None
+    }
+
+    /// The window, for checkpoints.
+    pub fn history(&self) -> Vec<f64> {
+        self.window.iter().copied().collect()
+    }
+}
+
+/// Peak FLOP/s the MFU estimate divides by: `PRETRAIN_PEAK_FLOPS`, or bf16 dense peaks of known
+/// GPUs, or for CPUs 32 fp32 FLOPs per cycle per core at 3 GHz (two AVX2 FMA units).
+fn peak_flops(device: &Device, gpu_type: Option<&str>) -> f64 {
+    if let Some(v) = std::env::var("PRETRAIN_PEAK_FLOPS").ok().and_then(|v| v.parse().ok()) {
+        return v;
+    }
+    if device.is_cuda() {
+        let name = gpu_type.unwrap_or("").to_ascii_uppercase();
+        return if name.contains("H200") || name.contains("H100") {
+            989e12
+        } else if name.contains("A100") {
+            312e12
+        } else {
+            989e12
+        };
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    cores * 32.0 * 3e9
+}
+
+fn device(ctx: &Context) -> Result<Device> {
+    if ctx.run.spec.train.resources.gpus_per_node == 0 {
+        return Ok(Device::Cpu);
+    }
+    let local = std::env::var("LOCAL_RANK").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+    Device::new_cuda(local).map_err(|e| {
+        TrainError::Invalid(format!(
+            "train.resources.gpusPerNode is {} but no CUDA device is usable ({e}); build with --features cuda or set gpusPerNode: 0",
+            ctx.run.spec.train.resources.gpus_per_node
+        ))
+    })
+}
+
+/// Runs the stage to its commit, or until SIGTERM.
+pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
+    let spec = &ctx.run.spec;
+    let hash = ctx.config_hash();
+    let tok_dir = ctx.dir.store().stage(ctx.run_name(), Stage::Tokenize)?;
+    let Some(tok) = tok_dir.committed(&spec.stage_config_hash(Stage::Tokenize)).await? else {
+        return Err(TrainError::Invalid(format!(
+            "tokenize has not committed outputs for this spec at {}; run it first",
+            tok_dir.url("_SUCCESS.json")
+        )));
+    };
+    let vocab = tok.stats["tokenizer"]["vocabSize"].as_u64().ok_or_else(|| {
+        TrainError::Invalid(format!("{} records no tokenizer.vocabSize", tok_dir.url("_SUCCESS.json")))
+    })? as u32;
+    let cache = tempfile::tempdir()?;
+    let train_paths = local_shards(&tok_dir, &tok.files, "shards/", cache.path()).await?;
+    let heldout_paths = local_shards(&tok_dir, &tok.files, "heldout/", cache.path()).await?;
+    let stream = Arc::new(TokenStream::open(&train_paths)?);
+    if stream.len() < u64::from(spec.train.seq_len) + 1 {
+        return Err(TrainError::Invalid(format!(
+            "the token shards hold {} tokens, fewer than one sequence of train.seqLen {}",
+            stream.len(),
+            spec.train.seq_len
+        )));
+    }
+    let heldout = if heldout_paths.is_empty() { None } else { Some(TokenStream::open(&heldout_paths)?) };
+
+    let device = device(ctx)?;
+    let dtype = match (spec.train.precision, device.is_cuda()) {
+        (Precision::Fp32, _) | (Precision::Auto, false) => DType::F32,
+        (Precision::Bf16, false) => {
+            return Err(TrainError::Invalid("train.precision bf16 needs GPUs (train.resources.gpusPerNode > 0)".into()));
+        }
+        (Precision::Bf16 | Precision::Auto, true) => DType::BF16,
+    };
+    let config = LlamaConfig::from_spec(&spec.model.resolved(), vocab);
+    config.check().map_err(TrainError::Invalid)?;
+    let seq_len = spec.train.seq_len as usize;
+    let world = ctx.world_size as usize;
+    let shape = BatchShape {
+        seq_len,
+        sequences: (spec.train.global_batch_tokens / spec.train.seq_len as u64) as usize,
+        rank: ctx.rank as usize,
+        world,
+    };
+    let micro = spec.train.micro_batch_size as usize;
+    if shape.per_rank() == 0 || shape.per_rank() % micro != 0 {
+        return Err(TrainError::Invalid(format!(
+            "train.globalBatchTokens {} gives {} sequences per rank, not a multiple of train.microBatchSize {micro}",
+            spec.train.global_batch_tokens,
+            shape.per_rank()
+        )));
+    }
+    let total_steps = spec.train_steps();
+    let opt_config = AdamWConfig::from_spec(&spec.train.optimizer);
+
+    // Resume from the newest valid checkpoint, or start from the seed.
+    let resumed = checkpoint::load_latest(&ctx.dir, &device).await?;
+    let (params, mut optimizer, mut state) = match resumed {
+        Some(loaded) => {
+            if loaded.state.model != config {
+                return Err(TrainError::Invalid(format!(
+                    "checkpoint {} was trained with model {:?}, but the spec gives {:?}; delete the stage's checkpoints or restore the model settings",
+                    ctx.dir.url(&format!("ckpt/{}", loaded.name)),
+                    loaded.state.model,
+                    config
+                )));
+            }
+            if loaded.state.config_hash != hash {
+                eprintln!("train: {} was made with other training settings; resuming with the current ones", loaded.name);
+            }
+            let params = Params::from_named(&config, loaded.model, &device).map_err(|e| {
+                TrainError::Invalid(format!("checkpoint {}: {e}", loaded.name))
+            })?;
+            let mut optimizer = AdamW::new(opt_config, &params)?;
+            optimizer
+                .restore(&params, loaded.optim, loaded.state.optimizer_updates)
+                .map_err(|e| TrainError::Invalid(format!("checkpoint {}: {e}", loaded.name)))?;
+            println!("train: resuming from {} (step {} of {total_steps})", loaded.name, loaded.state.step);
+            (params, optimizer, loaded.state)
+        }
+        None => {
+            let params = Params::init(&config, spec.seed, &device)?;
+            let optimizer = AdamW::new(opt_config, &params)?;
+            let state = TrainState {
+                format_version: checkpoint::FORMAT_VERSION,
+                step: 0,
+                tokens_seen: 0,
+                cursor: 0,
+                optimizer_updates: 0,
+                lr: 0.0,
+                rng_seed: spec.seed,
+                world_size: ctx.world_size,
+                config_hash: hash.clone(),
+                model: config.clone(),
+                seq_len,
+                loss: None,
+                loss_window: Vec::new(),
+            };
+            (params, optimizer, state)
+        }
+    };
+    state.config_hash = hash.clone();
+    state.world_size = ctx.world_size;
+    let mut model = Llama::new(config.clone(), params, seq_len, Scaling::None, &device)?;
+    println!(
+        "train: {} parameters, {:.2} GFLOPs/token, {total_steps} steps of {} tokens, {} on {device:?}",
+        config.parameters(),
+        config.flops_per_token(seq_len) / 1e9,
+        spec.train.global_batch_tokens,
+        if dtype == DType::BF16 { "bf16" } else { "fp32" }
+    );
+
+    // Metrics: the JSONL so far (up to the resumed step), then one line per step.
+    let metrics_path = cache.path().join("metrics.jsonl");
+    let mut metrics_lines = Vec::new();
+    if let Some(old) = ctx.dir.store().get_opt(&ctx.dir.key("metrics.jsonl")?).await? {
+        for line in String::from_utf8_lossy(&old).lines() {
+            let step = serde_json::from_str::<serde_json::Value>(line).ok().and_then(|v| v["step"].as_u64());
+            if step.is_some_and(|s| s <= state.step) {
+                metrics_lines.push(line.to_string());
+            }
+        }
+    }
+    let mut metrics = std::fs::File::create(&metrics_path)?;
+    for line in &metrics_lines {
+        writeln!(metrics, "{line}")?;
+    }
+
+    let spike = &spec.train.loss_spike;
+    let mut detector = SpikeDetector::new(spike.window as usize, spike.z_score, &state.loss_window);
+    let mut prefetch = Prefetcher::start(Arc::clone(&stream), shape, state.step, total_steps, state.cursor, 4);
+    let peak = peak_flops(&device, spec.train.resources.gpu_type.as_deref());
+    let flops_per_token = config.flops_per_token(seq_len);
+    let every = spec.train.checkpoint.every_steps.max(1);
+    let keep = spec.train.checkpoint.keep;
+    let mut saving: Option<tokio::task::JoinHandle<Result<Vec<FileEntry>, checkpoint::CheckpointError>>> = None;
+    let mut last_files: Vec<FileEntry> = Vec::new();
+    let mut last_print = Instant::now();
+    let run_start = Instant::now();
+    let start_step = state.step;
+
+    while state.step < total_steps {
+        let Some(batch) = prefetch.next() else { break };
+        let step_start = Instant::now();
+        let accum = shape.per_rank() / micro;
+        let mut grads: Vec<Tensor> = Vec::new();
+        let mut loss_sum = 0f64;
+        for m in 0..accum {
+            let range = m * micro * seq_len..(m + 1) * micro * seq_len;
+            let inputs = Tensor::from_slice(&batch.inputs[range.clone()], (micro, seq_len), &device)?;
+            let targets = Tensor::from_slice(&batch.targets[range], (micro, seq_len), &device)?;
+            let (loss, _) = model.loss(&inputs, &targets, dtype)?;
+            loss_sum += f64::from(loss.to_scalar::<f32>()?);
+            let store = (loss / accum as f64)?.backward()?;
+            for (i, (name, _, var)) in model.params.iter().enumerate() {
+                let g = store.get(var.as_tensor()).cloned().ok_or_else(|| {
+                    TrainError::Model(candle_core::Error::Msg(format!("no gradient for {name}")))
+                })?;
+                if m == 0 {
+                    grads.push(g);
+                } else {
+                    grads[i] = (&grads[i] + g)?;
+                }
+            }
+        }
+        // Data-parallel ranks average their gradients here (the collective lands with its issue).
+        let loss = loss_sum / accum as f64;
+        if !loss.is_finite() {
+            return Err(TrainError::Diverged { step: state.step, loss });
+        }
+        let grad_norm = clip(&mut grads, spec.train.optimizer.grad_clip)?;
+        let lr = learning_rate(state.step, total_steps, &spec.train.schedule, &spec.train.optimizer);
+        let mut event = None;
+        match detector.observe(loss) {
+            Some(z) => {
+                eprintln!("train: loss spike at step {}: {loss:.4} is {z:.1} standard deviations above the window", state.step);
+                match spike.action {
+                    SpikeAction::Log => optimizer.step(&model.params, &grads, lr)?,
+                    SpikeAction::Skip => event = Some("skipped"),
+                    SpikeAction::Rollback => {
+                        event = Some("rolled-back");
+                        if let Some(loaded) = checkpoint::load_latest(&ctx.dir, &device).await? {
+                            let params = Params::from_named(&config, loaded.model, &device).map_err(TrainError::Invalid)?;
+                            let mut restored = AdamW::new(AdamWConfig::from_spec(&spec.train.optimizer), &params)?;
+                            restored.restore(&params, loaded.optim, loaded.state.optimizer_updates).map_err(TrainError::Invalid)?;
+                            model = Llama::new(config.clone(), params, seq_len, Scaling::None, &device)?;
+                            optimizer = restored;
+                            eprintln!("train: rolled back to {}; continuing past the batch", loaded.name);
+                        }
+                    }
+                }
+            }
+            None => optimizer.step(&model.params, &grads, lr)?,
+        }
+        state.step += 1;
+        state.tokens_seen += spec.train.global_batch_tokens;
+        state.cursor = batch.cursor_after;
+        state.optimizer_updates = optimizer.updates;
+        state.lr = lr;
+        state.loss = Some(loss);
+        state.loss_window = detector.history();
+
+        let seconds = step_start.elapsed().as_secs_f64();
+        let tokens_per_s = spec.train.global_batch_tokens as f64 / seconds / world as f64;
+        let mfu = flops_per_token * tokens_per_s / peak;
+        let mut line = serde_json::json!({
+            "step": state.step, "loss": loss, "gradNorm": grad_norm, "lr": lr, "tokens": state.tokens_seen,
+            "tokensPerSecond": tokens_per_s, "mfu": mfu, "seconds": seconds,
+        });
+        if let Some(e) = event {
+            line["event"] = e.into();
+        }
+        let checkpointing = state.step % every == 0 || state.step == total_steps || stop.load(Ordering::SeqCst);
+        if checkpointing && let Some(heldout) = &heldout {
+            let heldout_loss = evaluate(&model, heldout, seq_len, micro, dtype, &device)?;
+            line["heldoutLoss"] = heldout_loss.into();
+        }
+        writeln!(metrics, "{line}")?;
+        if last_print.elapsed().as_secs_f64() >= 5.0 || state.step == total_steps || state.step == start_step + 1 {
+            last_print = Instant::now();
+            let done = (state.step - start_step) as f64;
+            let eta = run_start.elapsed().as_secs_f64() / done * (total_steps - state.step) as f64;
+            println!(
+                "train: step {}/{total_steps} loss {loss:.4} lr {lr:.2e} grad-norm {grad_norm:.3} {tokens_per_s:.0} tok/s MFU {:.1}% eta {}",
+                state.step,
+                mfu * 100.0,
+                format_seconds(eta)
+            );
+        }
+
+        if checkpointing {
+            if let Some(previous) = saving.take() {
+                last_files = previous.await.expect("the checkpoint task does not panic")?;
+            }
+            metrics.flush()?;
+            let snapshot = Snapshot::take(state.clone(), named(&model), optimizer.state(&model.params))?;
+            let metrics_bytes = Bytes::from(std::fs::read(&metrics_path)?);
+            let (dir, keep) = (ctx.dir.clone(), keep);
+            saving = Some(tokio::spawn(async move {
+                let files = checkpoint::save(&dir, snapshot, keep).await?;
+                dir.put("metrics.jsonl", metrics_bytes).await?;
+                Ok(files)
+            }));
+            if stop.load(Ordering::SeqCst) {
+                let files = saving.take().expect("just started").await.expect("the checkpoint task does not panic")?;
+                drop(files);
+                println!("train: checkpointed step {} on SIGTERM", state.step);
+                return Ok(Outcome::Preempted { step: state.step });
+            }
+        }
+    }
+    if let Some(previous) = saving.take() {
+        last_files = previous.await.expect("the checkpoint task does not panic")?;
+    }
+    metrics.flush()?;
+    if last_files.is_empty() {
+        // Everything was already trained (resumed at the last step): commit the newest checkpoint.
+        let loaded = checkpoint::load_latest(&ctx.dir, &device).await?.ok_or_else(|| {
+            TrainError::Invalid("no checkpoint to commit".into())
+        })?;
+        last_files = loaded.files;
+    }
+    let metrics_entry = ctx.dir.put_file("metrics.jsonl", &metrics_path).await?;
+    let mut files = last_files;
+    files.push(metrics_entry);
+    let stats = serde_json::json!({
+        "steps": state.step,
+        "tokens": state.tokens_seen,
+        "finalLoss": state.loss,
+        "parameters": config.parameters(),
+        "flopsPerToken": flops_per_token,
+        "model": config,
+        "checkpoint": checkpoint::dir_name(state.step),
+        "seconds": run_start.elapsed().as_secs_f64(),
+        "epochs": state.tokens_seen as f64 / stream.len() as f64,
+    });
+    let commit = ctx.dir.commit(&hash, files, stats).await?;
+    Ok(Outcome::Done(Box::new(commit)))
+}
+
+/// Weights as named tensors.
+fn named(model: &Llama) -> Vec<(String, Tensor)> {
+    model.params.iter().map(|(n, _, v)| (n.to_string(), v.as_tensor().clone())).collect()
+}
+
+/// Mean loss over up to 8 micro-batches of held-out sequences (the same ones every time).
+pub fn evaluate(model: &Llama, stream: &TokenStream, seq_len: usize, micro: usize, dtype: DType, device: &Device) -> Result<f64> {
+    let available = (stream.len().saturating_sub(1) / seq_len as u64) as usize;
+    let sequences = available.min(8 * micro).max(1);
+    let shape = BatchShape { seq_len, sequences, rank: 0, world: 1 };
+    let batch = shape.batch(stream, 0, 0);
+    let mut total = 0f64;
+    let mut n = 0;
+    for chunk in (0..sequences).collect::<Vec<_>>().chunks(micro) {
+        let range = chunk[0] * seq_len..(chunk[chunk.len() - 1] + 1) * seq_len;
+        let inputs = Tensor::from_slice(&batch.inputs[range.clone()], (chunk.len(), seq_len), device)?;
+        let targets = Tensor::from_slice(&batch.targets[range], (chunk.len(), seq_len), device)?;
+        let (loss, _) = model.loss(&inputs, &targets.detach(), dtype)?;
+        total += f64::from(loss.detach().to_scalar::<f32>()?) * chunk.len() as f64;
+        n += chunk.len();
+    }
+    Ok(total / n as f64)
+}
+
+fn format_seconds(s: f64) -> String {
+    if !s.is_finite() {
+        return "?".into();
+    }
+    let s = s as u64;
+    if s >= 3600 { format!("{}h{:02}m", s / 3600, s % 3600 / 60) } else { format!("{}m{:02}s", s / 60, s % 60) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spike_detector_flags_outliers_and_keeps_them_out_of_the_window() {
+        let mut d = SpikeDetector::new(4, 3.0, &[]);
+        for l in [2.0, 2.1, 1.9, 2.0] {
+            assert_eq!(d.observe(l), None);
+        }
+        assert!(d.observe(9.0).is_some());
+        assert_eq!(d.history(), [2.0, 2.1, 1.9, 2.0]);
+        assert_eq!(d.observe(2.05), None);
+        let restored = SpikeDetector::new(4, 3.0, &d.history());
+        assert_eq!(restored.history(), d.history());
+        assert_eq!(SpikeDetector::new(4, 0.0, &[1.0; 4]).observe(100.0), None);
+    }
+}
