@@ -17,6 +17,7 @@ use pretrain_crd::spec::ModelPreset;
 use pretrain_worker::model::{Llama, LlamaConfig, Params, Scaling};
 use pretrain_worker::train::optim::{AdamW, AdamWConfig, clip};
 
+
 fn main() {
     let mut preset = "tiny".to_string();
     let mut steps = 5usize;
@@ -81,4 +82,61 @@ fn main() {
         upd / steps as f64
     );
     println!("RESULT tokens_per_s={tokens_per_s:.1}");
+    checkpoint_times(&model, &opt);
+}
+
+/// Checkpoint save and load time of this model, against the disk's sequential write speed.
+fn checkpoint_times(model: &Llama, opt: &AdamW) {
+    use pretrain_worker::train::checkpoint::{self, Snapshot, TrainState};
+    use std::io::Write;
+    let tmp = tempfile::tempdir().expect("a temporary directory");
+    let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
+    let store = pretrain_store::Store::open(&format!("file://{}", tmp.path().display())).expect("a file store");
+    let dir = store.stage("bench", pretrain_crd::Stage::Train).expect("a stage directory");
+    let state = TrainState {
+        format_version: checkpoint::FORMAT_VERSION,
+        step: 1,
+        tokens_seen: 0,
+        cursor: 0,
+        optimizer_updates: opt.updates,
+        lr: 0.0,
+        rng_seed: 1,
+        world_size: 1,
+        config_hash: String::new(),
+        model: model.config.clone(),
+        seq_len: 0,
+        loss: None,
+        loss_window: Vec::new(),
+    };
+    let named: Vec<(String, Tensor)> = model.params.iter().map(|(n, _, v)| (n.to_string(), v.as_tensor().clone())).collect();
+    let t = Instant::now();
+    let snapshot = Snapshot::take(state, named, opt.state(&model.params)).expect("snapshot");
+    let snapshot_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let files = runtime.block_on(checkpoint::save(&dir, snapshot, 1)).expect("save");
+    let save_s = t.elapsed().as_secs_f64();
+    let bytes: u64 = files.iter().map(|f| f.size).sum();
+    let t = Instant::now();
+    runtime.block_on(checkpoint::load_latest(&dir, &Device::Cpu)).expect("load").expect("a checkpoint");
+    let load_s = t.elapsed().as_secs_f64();
+    // The disk: the same number of bytes written sequentially and synced.
+    let path = tmp.path().join("disk-speed");
+    let block = vec![7u8; 8 << 20];
+    let t = Instant::now();
+    let mut f = std::fs::File::create(&path).expect("create");
+    let mut written = 0u64;
+    while written < bytes {
+        f.write_all(&block).expect("write");
+        written += block.len() as u64;
+    }
+    f.sync_all().expect("sync");
+    let disk_s = t.elapsed().as_secs_f64();
+    let mb = bytes as f64 / 1e6;
+    println!(
+        "checkpoint {mb:.1} MB: snapshot in the step loop {:.3} s; background save {save_s:.2} s ({:.0} MB/s, with sha256); load + verify {load_s:.2} s ({:.0} MB/s); disk sequential write {:.0} MB/s",
+        snapshot_s,
+        mb / save_s,
+        mb / load_s,
+        written as f64 / 1e6 / disk_s
+    );
 }

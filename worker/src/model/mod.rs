@@ -6,6 +6,7 @@
 //! ...), so checkpoints export without renaming. Every operation used has a backward pass; weights are
 //! fp32 `Var`s and the forward pass can compute in bf16 from them.
 
+pub mod fused;
 pub mod rope;
 
 use std::collections::HashMap;
@@ -261,7 +262,6 @@ impl Llama {
         let linear = |x: &Tensor, name: &str| -> Result<Tensor> { x.matmul(&w(name)?.t()?) };
         let (hd, h, kv) = (c.head_dim(), c.heads, c.kv_heads);
         let scale = self.attention_factor / (hd as f64).sqrt();
-        let mask = causal_mask(t, ids.device())?.to_dtype(dtype)?;
 
         let mut x = w("model.embed_tokens.weight")?.index_select(&ids.flatten_all()?, 0)?; // [b*t, dim]
         for l in 0..c.layers {
@@ -273,8 +273,8 @@ impl Llama {
             let q = self.rope.apply(&heads("q_proj", h)?)?;
             let k = repeat_kv(&self.rope.apply(&heads("k_proj", kv)?)?, h / kv)?;
             let v = repeat_kv(&heads("v_proj", kv)?, h / kv)?;
-            let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(&mask)?;
-            let attn = softmax_last_dim(&scores)?.matmul(&v)?; // [b, h, t, hd]
+            let probs = fused::causal_softmax(&q.matmul(&k.t()?.contiguous()?)?, scale)?;
+            let attn = probs.matmul(&v)?; // [b, h, t, hd]
             let attn = attn.transpose(1, 2)?.reshape((b * t, h * hd))?;
             x = (x + linear(&attn, &format!("{p}.self_attn.o_proj.weight"))?)?;
 
@@ -292,7 +292,7 @@ impl Llama {
     pub fn loss(&self, inputs: &Tensor, targets: &Tensor, dtype: DType) -> Result<(Tensor, Tensor)> {
         let logits = self.forward(inputs, dtype)?;
         let (b, t, v) = logits.dims3()?;
-        let loss = candle_nn::loss::cross_entropy(&logits.reshape((b * t, v))?, &targets.flatten_all()?)?;
+        let loss = fused::cross_entropy(&logits.reshape((b * t, v))?, &targets.flatten_all()?)?;
         Ok((loss, logits))
     }
 }
@@ -304,19 +304,6 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let mean = x32.sqr()?.mean_keepdim(D::Minus1)?;
     let normed = x32.broadcast_div(&(mean + eps)?.sqrt()?)?;
     normed.to_dtype(dtype)?.broadcast_mul(weight)
-}
-
-/// Softmax over the last dimension, built from differentiable operations.
-fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
-}
-
-/// 0 on and below the diagonal, -inf above: `[t, t]`.
-fn causal_mask(t: usize, device: &Device) -> Result<Tensor> {
-    let mask: Vec<f32> = (0..t).flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY })).collect();
-    Tensor::from_vec(mask, (t, t), device)
 }
 
 /// Repeats each key/value head `n` times: `[b, kv, t, d]` -> `[b, kv * n, t, d]`.
