@@ -72,10 +72,13 @@ fn tiny_model_overfits_one_batch() {
     let config = golden_config();
     let model = Llama::new(config.clone(), Params::init(&config, 5, &dev).unwrap(), 32, Scaling::None, &dev).unwrap();
     let tokens: Vec<u32> = (0..4 * 17).map(|i| ((i * 7 + i / 5) % 64) as u32).collect();
-    let rows = |offset: usize| -> Vec<u32> { (0..4).flat_map(|r| tokens[r * 17 + offset..r * 17 + offset + 16].to_vec()).collect() };
+    let rows = |offset: usize| -> Vec<u32> {
+        (0..4).flat_map(|r| tokens[r * 17 + offset..r * 17 + offset + 16].to_vec()).collect()
+    };
     let inputs = Tensor::from_vec(rows(0), (4, 16), &dev).unwrap();
     let targets = Tensor::from_vec(rows(1), (4, 16), &dev).unwrap();
-    let mut opt = AdamW::new(AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.0 }, &model.params).unwrap();
+    let mut opt =
+        AdamW::new(AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.0 }, &model.params).unwrap();
     let mut last = f32::MAX;
     for _ in 0..150 {
         let (loss, _) = model.loss(&inputs, &targets, DType::F32).unwrap();
@@ -84,7 +87,8 @@ fn tiny_model_overfits_one_batch() {
             break;
         }
         let store = loss.backward().unwrap();
-        let mut grads: Vec<Tensor> = model.params.iter().map(|(_, _, v)| store.get(v.as_tensor()).unwrap().clone()).collect();
+        let mut grads: Vec<Tensor> =
+            model.params.iter().map(|(_, _, v)| store.get(v.as_tensor()).unwrap().clone()).collect();
         clip(&mut grads, 1.0).unwrap();
         opt.step(&model.params, &grads, 1e-2).unwrap();
     }

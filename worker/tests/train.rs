@@ -148,7 +148,10 @@ fn killed_and_resumed_runs_end_with_identical_weights() {
     assert_eq!(worker("train", &termed).status().unwrap().code(), Some(exit::DONE));
     assert_eq!(model_sha(&commit(&store, "termed")), model_sha(&reference));
     let metrics = std::fs::read_to_string(store.join("termed/train/metrics.jsonl")).unwrap();
-    let steps: Vec<u64> = metrics.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap()).collect();
+    let steps: Vec<u64> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap())
+        .collect();
     assert_eq!(steps, (1..=STEPS).collect::<Vec<_>>(), "one metrics line per step across the restart");
 
     // Retention keeps the newest two checkpoints (deleting files; the file store leaves empty folders).

@@ -17,7 +17,6 @@ use pretrain_crd::spec::ModelPreset;
 use pretrain_worker::model::{Llama, LlamaConfig, Params, Scaling};
 use pretrain_worker::train::optim::{AdamW, AdamWConfig, clip};
 
-
 fn main() {
     let mut preset = "tiny".to_string();
     let mut steps = 5usize;
@@ -45,7 +44,8 @@ fn main() {
     let dev = Device::Cpu;
     let config = LlamaConfig::from_spec(&spec, vocab);
     let model = Llama::new(config.clone(), Params::init(&config, 1, &dev).unwrap(), seq, Scaling::None, &dev).unwrap();
-    let mut opt = AdamW::new(AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 }, &model.params).unwrap();
+    let mut opt =
+        AdamW::new(AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 }, &model.params).unwrap();
     let tokens: Vec<u32> = (0..batch * (seq + 1)).map(|i| ((i * 2_654_435_761) % vocab as usize) as u32).collect();
     let inputs = Tensor::from_vec(tokens[..batch * seq].to_vec(), (batch, seq), &dev).unwrap();
     let targets = Tensor::from_vec(tokens[batch..].to_vec(), (batch, seq), &dev).unwrap();
@@ -62,7 +62,8 @@ fn main() {
         let t1 = Instant::now();
         let store = loss.backward().unwrap();
         let t2 = Instant::now();
-        let mut grads: Vec<Tensor> = model.params.iter().map(|(_, _, v)| store.get(v.as_tensor()).unwrap().clone()).collect();
+        let mut grads: Vec<Tensor> =
+            model.params.iter().map(|(_, _, v)| store.get(v.as_tensor()).unwrap().clone()).collect();
         clip(&mut grads, 1.0).unwrap();
         opt.step(&model.params, &grads, 1e-4).unwrap();
         let t3 = Instant::now();
@@ -108,7 +109,8 @@ fn checkpoint_times(model: &Llama, opt: &AdamW) {
         loss: None,
         loss_window: Vec::new(),
     };
-    let named: Vec<(String, Tensor)> = model.params.iter().map(|(n, _, v)| (n.to_string(), v.as_tensor().clone())).collect();
+    let named: Vec<(String, Tensor)> =
+        model.params.iter().map(|(n, _, v)| (n.to_string(), v.as_tensor().clone())).collect();
     let t = Instant::now();
     let snapshot = Snapshot::take(state, named, opt.state(&model.params)).expect("snapshot");
     let snapshot_s = t.elapsed().as_secs_f64();

@@ -9,9 +9,8 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Layout,
 use rayon::prelude::*;
 
 fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let (start, end) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("{what}: input must be contiguous")))?;
+    let (start, end) =
+        l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg(format!("{what}: input must be contiguous")))?;
     Ok(&s.as_slice::<f32>()?[start..end])
 }
 
@@ -21,7 +20,8 @@ pub fn causal_softmax(scores: &Tensor, scale: f64) -> Result<Tensor> {
         return scores.contiguous()?.apply_op1(CausalSoftmax { scale: scale as f32 });
     }
     let t = scores.dim(D::Minus1)?;
-    let mask: Vec<f32> = (0..t).flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY })).collect();
+    let mask: Vec<f32> =
+        (0..t).flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY })).collect();
     let mask = Tensor::from_vec(mask, (t, t), scores.device())?.to_dtype(scores.dtype())?;
     let x = (scores * scale)?.broadcast_add(&mask)?;
     let max = x.max_keepdim(D::Minus1)?.detach();
@@ -112,7 +112,8 @@ impl CustomOp2 for CrossEntropy {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s1, l1, self.name())?;
         let (n, v) = l1.shape().dims2()?;
-        let (start, end) = l2.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("targets must be contiguous".into()))?;
+        let (start, end) =
+            l2.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("targets must be contiguous".into()))?;
         let targets = &s2.as_slice::<u32>()?[start..end];
         if targets.len() != n {
             candle_core::bail!("cross-entropy: {} targets for {n} rows", targets.len());
@@ -125,7 +126,13 @@ impl CustomOp2 for CrossEntropy {
         Ok((CpuStorage::F32(losses), Shape::from(n)))
     }
 
-    fn bwd(&self, logits: &Tensor, targets: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = logits.apply_op3_no_bwd(targets, &grad_res.contiguous()?, &CrossEntropyGrad)?;
         Ok((Some(grad), None))
     }
@@ -150,17 +157,20 @@ impl CustomOp3 for CrossEntropyGrad {
     ) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s1, l1, self.name())?;
         let (_, v) = l1.shape().dims2()?;
-        let (start, end) = l2.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("targets must be contiguous".into()))?;
+        let (start, end) =
+            l2.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("targets must be contiguous".into()))?;
         let targets = &s2.as_slice::<u32>()?[start..end];
         let g = contiguous_f32(s3, l3, self.name())?;
         let mut dx = vec![0f32; x.len()];
-        dx.par_chunks_mut(v).zip(x.par_chunks(v)).zip(targets.par_iter().zip(g.par_iter())).for_each(|((out, row), (&t, &g))| {
-            let lse = log_sum_exp(row);
-            for (o, &x) in out.iter_mut().zip(row) {
-                *o = g * (x - lse).exp();
-            }
-            out[t as usize] -= g;
-        });
+        dx.par_chunks_mut(v).zip(x.par_chunks(v)).zip(targets.par_iter().zip(g.par_iter())).for_each(
+            |((out, row), (&t, &g))| {
+                let lse = log_sum_exp(row);
+                for (o, &x) in out.iter_mut().zip(row) {
+                    *o = g * (x - lse).exp();
+                }
+                out[t as usize] -= g;
+            },
+        );
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }
@@ -185,8 +195,12 @@ mod tests {
         let weights = Tensor::randn(0f32, 1.0, (2, 3, 5, 5), &dev).unwrap();
         let fused = causal_softmax(&scores, 0.7).unwrap();
         let composed = {
-            let mask: Vec<f32> = (0..5).flat_map(|i| (0..5).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY })).collect();
-            let x = (scores.as_tensor() * 0.7).unwrap().broadcast_add(&Tensor::from_vec(mask, (5, 5), &dev).unwrap()).unwrap();
+            let mask: Vec<f32> =
+                (0..5).flat_map(|i| (0..5).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY })).collect();
+            let x = (scores.as_tensor() * 0.7)
+                .unwrap()
+                .broadcast_add(&Tensor::from_vec(mask, (5, 5), &dev).unwrap())
+                .unwrap();
             candle_nn::ops::softmax(&x, D::Minus1).unwrap()
         };
         close(&fused, &composed);

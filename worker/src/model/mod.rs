@@ -123,13 +123,13 @@ impl LlamaConfig {
 
     /// Why this shape cannot be built, if it cannot.
     pub fn check(&self) -> std::result::Result<(), String> {
-        if self.heads == 0 || self.dim % self.heads != 0 {
+        if self.heads == 0 || !self.dim.is_multiple_of(self.heads) {
             return Err(format!("dim {} is not a multiple of heads {}", self.dim, self.heads));
         }
-        if self.kv_heads == 0 || self.heads % self.kv_heads != 0 {
+        if self.kv_heads == 0 || !self.heads.is_multiple_of(self.kv_heads) {
             return Err(format!("heads {} is not a multiple of kvHeads {}", self.heads, self.kv_heads));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return Err(format!("head size {} is odd; RoPE rotates pairs", self.head_dim()));
         }
         Ok(())
@@ -177,7 +177,9 @@ impl Params {
             let n: usize = shape.iter().product();
             let values = match kind {
                 ParamKind::Norm => vec![1f32; n],
-                ParamKind::OutProjection => normals(seed ^ (i as u64) << 20, n, 0.02 / (2.0 * config.layers as f64).sqrt()),
+                ParamKind::OutProjection => {
+                    normals(seed ^ (i as u64) << 20, n, 0.02 / (2.0 * config.layers as f64).sqrt())
+                }
                 ParamKind::Embedding | ParamKind::Matrix => normals(seed ^ (i as u64) << 20, n, 0.02),
             };
             tensors.push((name, kind, Tensor::from_vec(values, shape, device)?));
@@ -198,7 +200,11 @@ impl Params {
 
     /// Weights read from `tensors` (a loaded checkpoint), checked against the config: every name
     /// present with its shape, nothing extra.
-    pub fn from_named(config: &LlamaConfig, mut tensors: HashMap<String, Tensor>, device: &Device) -> std::result::Result<Self, String> {
+    pub fn from_named(
+        config: &LlamaConfig,
+        mut tensors: HashMap<String, Tensor>,
+        device: &Device,
+    ) -> std::result::Result<Self, String> {
         let mut out = Vec::new();
         for (name, shape, kind) in config.params() {
             let t = tensors.remove(&name).ok_or_else(|| format!("missing tensor {name}"))?;
@@ -249,7 +255,13 @@ pub struct Llama {
 
 impl Llama {
     /// A model over `params` for sequences up to `max_seq_len` with the given RoPE scaling.
-    pub fn new(config: LlamaConfig, params: Params, max_seq_len: usize, scaling: Scaling, device: &Device) -> Result<Self> {
+    pub fn new(
+        config: LlamaConfig,
+        params: Params,
+        max_seq_len: usize,
+        scaling: Scaling,
+        device: &Device,
+    ) -> Result<Self> {
         let rope = Rope::new(config.head_dim(), max_seq_len, config.rope_base, scaling, device)?;
         Ok(Self { config, params, rope, attention_factor: rope::attention_factor(scaling) })
     }
@@ -268,7 +280,10 @@ impl Llama {
             let p = format!("model.layers.{l}");
             let hidden = rms_norm(&x, &w(&format!("{p}.input_layernorm.weight"))?, c.norm_eps)?;
             let heads = |name: &str, n: usize| -> Result<Tensor> {
-                linear(&hidden, &format!("{p}.self_attn.{name}.weight"))?.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
+                linear(&hidden, &format!("{p}.self_attn.{name}.weight"))?
+                    .reshape((b, t, n, hd))?
+                    .transpose(1, 2)?
+                    .contiguous()
             };
             let q = self.rope.apply(&heads("q_proj", h)?)?;
             let k = repeat_kv(&self.rope.apply(&heads("k_proj", kv)?)?, h / kv)?;

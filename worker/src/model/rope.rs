@@ -147,7 +147,8 @@ mod tests {
         let rope = Rope::new(8, 4, 10_000.0, Scaling::None, &dev).unwrap();
         let x = Tensor::arange(0f32, 64.0, &dev).unwrap().reshape((1, 2, 4, 8)).unwrap();
         let y = rope.apply(&x).unwrap();
-        let norm = |t: &Tensor| t.sqr().unwrap().sum_keepdim(3).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let norm =
+            |t: &Tensor| t.sqr().unwrap().sum_keepdim(3).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         for (a, b) in norm(&x).iter().zip(norm(&y)) {
             assert!((a - b).abs() / a.max(1.0) < 1e-5);
         }

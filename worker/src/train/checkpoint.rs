@@ -78,7 +78,11 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// Deep copies on the host: the step loop can go on changing the originals.
-    pub fn take(state: TrainState, model: Vec<(String, Tensor)>, optim: Vec<(String, Tensor)>) -> candle_core::Result<Self> {
+    pub fn take(
+        state: TrainState,
+        model: Vec<(String, Tensor)>,
+        optim: Vec<(String, Tensor)>,
+    ) -> candle_core::Result<Self> {
         let host = |all: Vec<(String, Tensor)>| -> candle_core::Result<Vec<(String, Tensor)>> {
             all.into_iter().map(|(n, t)| Ok((n, t.to_device(&Device::Cpu)?.copy()?))).collect()
         };
@@ -130,16 +134,21 @@ pub async fn save(dir: &StageDir, snapshot: Snapshot, keep: u32) -> Result<Vec<F
     dir.put(&format!("ckpt/{name}/MANIFEST.json"), Bytes::from(json)).await?;
     dir.put("ckpt/latest", Bytes::from(name.clone())).await?;
     retain(dir, keep).await?;
-    Ok(files.into_iter().map(|mut f| {
-        f.path = format!("ckpt/{name}/{}", f.path);
-        f
-    }).collect())
+    Ok(files
+        .into_iter()
+        .map(|mut f| {
+            f.path = format!("ckpt/{name}/{}", f.path);
+            f
+        })
+        .collect())
 }
 
 fn write_local(dir: &Path, snapshot: &Snapshot) -> Result<(), String> {
     let to_map = |all: &[(String, Tensor)]| all.iter().cloned().collect::<HashMap<String, Tensor>>();
-    candle_core::safetensors::save(&to_map(&snapshot.model), dir.join("model.safetensors")).map_err(|e| e.to_string())?;
-    candle_core::safetensors::save(&to_map(&snapshot.optim), dir.join("optim.safetensors")).map_err(|e| e.to_string())?;
+    candle_core::safetensors::save(&to_map(&snapshot.model), dir.join("model.safetensors"))
+        .map_err(|e| e.to_string())?;
+    candle_core::safetensors::save(&to_map(&snapshot.optim), dir.join("optim.safetensors"))
+        .map_err(|e| e.to_string())?;
     let state = serde_json::to_vec_pretty(&snapshot.state).map_err(|e| e.to_string())?;
     std::fs::write(dir.join("state.json"), state).map_err(|e| e.to_string())
 }
@@ -196,7 +205,9 @@ pub async fn load_latest(dir: &StageDir, device: &Device) -> Result<Option<Loade
     for step in steps(dir).await? {
         match load(dir, step, device).await? {
             Ok(loaded) => return Ok(Some(loaded)),
-            Err(reason) => eprintln!("train: skipping checkpoint {}: {reason}", dir.url(&format!("ckpt/{}", dir_name(step)))),
+            Err(reason) => {
+                eprintln!("train: skipping checkpoint {}: {reason}", dir.url(&format!("ckpt/{}", dir_name(step))))
+            }
         }
     }
     Ok(None)
@@ -220,7 +231,8 @@ pub async fn load(dir: &StageDir, step: u64, device: &Device) -> Result<Result<L
             return Ok(Err(format!("{} is missing or not {} bytes", f.path, f.size)));
         }
         dir.store().download(&key, &local).await?;
-        let sha = sha256_file(&local).map_err(|e| CheckpointError::Local { name: name.clone(), reason: e.to_string() })?;
+        let sha =
+            sha256_file(&local).map_err(|e| CheckpointError::Local { name: name.clone(), reason: e.to_string() })?;
         if sha != f.sha256 {
             return Ok(Err(format!("{} has sha256 {sha}, the manifest says {}", f.path, f.sha256)));
         }
@@ -230,11 +242,15 @@ pub async fn load(dir: &StageDir, step: u64, device: &Device) -> Result<Result<L
             return Ok(Err(format!("the manifest lists no {needed}")));
         }
     }
-    let state: TrainState = match std::fs::read(tmp.path().join("state.json")).map_err(|e| e.to_string()).and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string())) {
+    let state: TrainState = match std::fs::read(tmp.path().join("state.json"))
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+    {
         Ok(s) => s,
         Err(e) => return Ok(Err(format!("state.json: {e}"))),
     };
-    let read = |file: &str| candle_core::safetensors::load(tmp.path().join(file), device).map_err(|e| format!("{file}: {e}"));
+    let read =
+        |file: &str| candle_core::safetensors::load(tmp.path().join(file), device).map_err(|e| format!("{file}: {e}"));
     let (model, optim) = match (read("model.safetensors"), read("optim.safetensors")) {
         (Ok(m), Ok(o)) => (m, o),
         (Err(e), _) | (_, Err(e)) => return Ok(Err(e)),

@@ -160,8 +160,13 @@ impl Prefetcher {
         Self { rx: Some(rx), thread: Some(thread) }
     }
 
+}
+
+impl Iterator for Prefetcher {
+    type Item = Batch;
+
     /// The next batch; `None` after the last step.
-    pub fn next(&mut self) -> Option<Batch> {
+    fn next(&mut self) -> Option<Batch> {
         self.rx.as_ref()?.recv().ok()
     }
 }
@@ -183,7 +188,9 @@ mod tests {
 
     fn stream(dir: &std::path::Path) -> TokenStream {
         let mut paths = Vec::new();
-        for (k, docs) in [vec![(0..10).collect::<Vec<u32>>()], vec![(10..13).collect(), (13..25).collect()]].iter().enumerate() {
+        for (k, docs) in
+            [vec![(0..10).collect::<Vec<u32>>()], vec![(10..13).collect(), (13..25).collect()]].iter().enumerate()
+        {
             let path = dir.join(format!("{k}.tok"));
             let mut w = ShardWriter::create(&path, 100).unwrap();
             for d in docs {

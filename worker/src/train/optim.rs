@@ -147,7 +147,8 @@ mod tests {
         let before: Vec<Vec<f32>> =
             params.iter().map(|(_, _, v)| v.flatten_all().unwrap().to_vec1().unwrap()).collect();
         let grads: Vec<Tensor> = params.iter().map(|(_, _, v)| v.ones_like().unwrap()).collect();
-        let mut opt = AdamW::new(AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.5 }, &params).unwrap();
+        let mut opt =
+            AdamW::new(AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.5 }, &params).unwrap();
         opt.step(&params, &grads, 0.01).unwrap();
         for ((_, kind, v), b) in params.iter().zip(&before) {
             let after: Vec<f32> = v.flatten_all().unwrap().to_vec1().unwrap();

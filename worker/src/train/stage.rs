@@ -81,7 +81,12 @@ pub fn stop_flag() -> Arc<AtomicBool> {
 
 /// The token shards of a committed stage, as local files (local stores are read in place; others
 /// are downloaded to `cache`).
-pub async fn local_shards(dir: &StageDir, files: &[FileEntry], prefix: &str, cache: &std::path::Path) -> Result<Vec<PathBuf>> {
+pub async fn local_shards(
+    dir: &StageDir,
+    files: &[FileEntry],
+    prefix: &str,
+    cache: &std::path::Path,
+) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     let root = dir.store().url().strip_prefix("file://").map(PathBuf::from);
     for f in files.iter().filter(|f| f.path.starts_with(prefix) && f.path.ends_with(".tok")) {
@@ -204,7 +209,9 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
     let dtype = match (spec.train.precision, device.is_cuda()) {
         (Precision::Fp32, _) | (Precision::Auto, false) => DType::F32,
         (Precision::Bf16, false) => {
-            return Err(TrainError::Invalid("train.precision bf16 needs GPUs (train.resources.gpusPerNode > 0)".into()));
+            return Err(TrainError::Invalid(
+                "train.precision bf16 needs GPUs (train.resources.gpusPerNode > 0)".into(),
+            ));
         }
         (Precision::Bf16 | Precision::Auto, true) => DType::BF16,
     };
@@ -219,7 +226,7 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
         world,
     };
     let micro = spec.train.micro_batch_size as usize;
-    if shape.per_rank() == 0 || shape.per_rank() % micro != 0 {
+    if shape.per_rank() == 0 || !shape.per_rank().is_multiple_of(micro) {
         return Err(TrainError::Invalid(format!(
             "train.globalBatchTokens {} gives {} sequences per rank, not a multiple of train.microBatchSize {micro}",
             spec.train.global_batch_tokens,
@@ -242,11 +249,13 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
                 )));
             }
             if loaded.state.config_hash != hash {
-                eprintln!("train: {} was made with other training settings; resuming with the current ones", loaded.name);
+                eprintln!(
+                    "train: {} was made with other training settings; resuming with the current ones",
+                    loaded.name
+                );
             }
-            let params = Params::from_named(&config, loaded.model, &device).map_err(|e| {
-                TrainError::Invalid(format!("checkpoint {}: {e}", loaded.name))
-            })?;
+            let params = Params::from_named(&config, loaded.model, &device)
+                .map_err(|e| TrainError::Invalid(format!("checkpoint {}: {e}", loaded.name)))?;
             let mut optimizer = AdamW::new(opt_config, &params)?;
             optimizer
                 .restore(&params, loaded.optim, loaded.state.optimizer_updates)
@@ -329,9 +338,10 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
             loss_sum += f64::from(loss.to_scalar::<f32>()?);
             let store = (loss / accum as f64)?.backward()?;
             for (i, (name, _, var)) in model.params.iter().enumerate() {
-                let g = store.get(var.as_tensor()).cloned().ok_or_else(|| {
-                    TrainError::Model(candle_core::Error::Msg(format!("no gradient for {name}")))
-                })?;
+                let g = store
+                    .get(var.as_tensor())
+                    .cloned()
+                    .ok_or_else(|| TrainError::Model(candle_core::Error::Msg(format!("no gradient for {name}"))))?;
                 if m == 0 {
                     grads.push(g);
                 } else {
@@ -349,16 +359,22 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
         let mut event = None;
         match detector.observe(loss) {
             Some(z) => {
-                eprintln!("train: loss spike at step {}: {loss:.4} is {z:.1} standard deviations above the window", state.step);
+                eprintln!(
+                    "train: loss spike at step {}: {loss:.4} is {z:.1} standard deviations above the window",
+                    state.step
+                );
                 match spike.action {
                     SpikeAction::Log => optimizer.step(&model.params, &grads, lr)?,
                     SpikeAction::Skip => event = Some("skipped"),
                     SpikeAction::Rollback => {
                         event = Some("rolled-back");
                         if let Some(loaded) = checkpoint::load_latest(&ctx.dir, &device).await? {
-                            let params = Params::from_named(&config, loaded.model, &device).map_err(TrainError::Invalid)?;
+                            let params =
+                                Params::from_named(&config, loaded.model, &device).map_err(TrainError::Invalid)?;
                             let mut restored = AdamW::new(AdamWConfig::from_spec(&spec.train.optimizer), &params)?;
-                            restored.restore(&params, loaded.optim, loaded.state.optimizer_updates).map_err(TrainError::Invalid)?;
+                            restored
+                                .restore(&params, loaded.optim, loaded.state.optimizer_updates)
+                                .map_err(TrainError::Invalid)?;
                             model = Llama::new(config.clone(), params, seq_len, Scaling::None, &device)?;
                             optimizer = restored;
                             eprintln!("train: rolled back to {}; continuing past the batch", loaded.name);
@@ -431,9 +447,9 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
     metrics.flush()?;
     if last_files.is_empty() {
         // Everything was already trained (resumed at the last step): commit the newest checkpoint.
-        let loaded = checkpoint::load_latest(&ctx.dir, &device).await?.ok_or_else(|| {
-            TrainError::Invalid("no checkpoint to commit".into())
-        })?;
+        let loaded = checkpoint::load_latest(&ctx.dir, &device)
+            .await?
+            .ok_or_else(|| TrainError::Invalid("no checkpoint to commit".into()))?;
         last_files = loaded.files;
     }
     let metrics_entry = ctx.dir.put_file("metrics.jsonl", &metrics_path).await?;
@@ -460,7 +476,14 @@ fn named(model: &Llama) -> Vec<(String, Tensor)> {
 }
 
 /// Mean loss over up to 8 micro-batches of held-out sequences (the same ones every time).
-pub fn evaluate(model: &Llama, stream: &TokenStream, seq_len: usize, micro: usize, dtype: DType, device: &Device) -> Result<f64> {
+pub fn evaluate(
+    model: &Llama,
+    stream: &TokenStream,
+    seq_len: usize,
+    micro: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<f64> {
     let available = (stream.len().saturating_sub(1) / seq_len as u64) as usize;
     let sequences = available.min(8 * micro).max(1);
     let shape = BatchShape { seq_len, sequences, rank: 0, world: 1 };
