@@ -30,7 +30,7 @@ fn validate_lists_every_error_and_exits_2() {
     let file = tmp.path().join("bad.yaml");
     let manifest = std::fs::read_to_string(repo().join("examples/tiny.yaml"))
         .unwrap()
-        .replace("globalBatchTokens: 16384", "globalBatchTokens: 16000")
+        .replace("globalBatchTokens: 8192", "globalBatchTokens: 8000")
         .replace("vocabSize: 4096", "vocabSize: 4096\n    vocabsize: 1");
     std::fs::write(&file, manifest).unwrap();
     let out = pretrain(&["validate", file.to_str().unwrap()]);
@@ -40,7 +40,7 @@ fn validate_lists_every_error_and_exits_2() {
     assert!(stderr.contains("  spec.tokenizer.vocabsize: unknown field"), "{stderr}");
     assert!(
         stderr.contains(
-            "  spec.train.globalBatchTokens: must be a multiple of seqLen x microBatchSize x data-parallel ranks (256 x 16 x 1 = 4096), got 16000"
+            "  spec.train.globalBatchTokens: must be a multiple of seqLen x microBatchSize x data-parallel ranks (256 x 16 x 1 = 4096), got 8000"
         ),
         "{stderr}"
     );
@@ -110,7 +110,7 @@ fn run_skips_committed_stages_and_stops_at_the_first_unavailable_one() {
     let tmp = tempfile::tempdir().unwrap();
     let (file, store_url) = manifest_in(tmp.path());
     let run = pretrain_crd::load(&file).unwrap();
-    for stage in [Stage::DataPrep, Stage::Tokenize] {
+    for stage in [Stage::DataPrep, Stage::Tokenize, Stage::Train] {
         commit_as_done(&store_url, stage, &run.spec.stage_config_hash(stage));
     }
 
@@ -124,10 +124,14 @@ fn run_skips_committed_stages_and_stops_at_the_first_unavailable_one() {
 
     let out = pretrain(&["run", file.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out.stdout).contains("train: starting"), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains("train: outputs committed for this spec; skipped\neval: starting"),
+        "{}",
+        text(&out.stdout)
+    );
     let stderr = text(&out.stderr);
     assert!(
-        stderr.contains("error: stage train cannot run: stage train is not implemented in pretrain-worker"),
+        stderr.contains("error: stage eval cannot run: stage eval is not implemented in pretrain-worker"),
         "{stderr}"
     );
 }

@@ -159,7 +159,6 @@ impl Prefetcher {
             .expect("the prefetch thread starts");
         Self { rx: Some(rx), thread: Some(thread) }
     }
-
 }
 
 impl Iterator for Prefetcher {
