@@ -4,20 +4,14 @@
 use std::io::Read;
 use std::path::Path;
 
+mod common;
+
 use pretrain_crd::Stage;
 use pretrain_worker::Context;
 use pretrain_worker::data::stage::{DocumentLine, Phase, run};
 
 fn words(seed: u64, n: usize) -> Vec<String> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            format!("w{}", state % 3000)
-        })
-        .collect()
+    common::words(seed, n, |state| format!("w{}", state % 3000))
 }
 
 fn line(id: &str, text: &str) -> String {
@@ -45,25 +39,7 @@ fn corpus(dir: &Path) {
 /// Writes the manifest of run `name` (store in `dir/store`, rule filters off): `data` is the YAML
 /// under `spec.data` after `filters`, `train` the flow mapping of `spec.train`.
 fn write_manifest(dir: &Path, name: &str, data: &str, train: &str) -> std::path::PathBuf {
-    let off = "{enabled: false}";
-    let text = format!(
-        r#"apiVersion: pretrain.dev/v1alpha1
-kind: PretrainRun
-metadata: {{name: {name}}}
-spec:
-  storage: {{url: "file://{store}"}}
-  seed: 7
-  data:
-    filters: {{gopherQuality: {off}, gopherRepetition: {off}, c4: {off}, fineweb: {off}, language: {off}}}
-{data}
-  model: {{preset: tiny}}
-  train: {train}
-"#,
-        store = dir.join("store").display(),
-    );
-    let path = dir.join(format!("{name}.yaml"));
-    std::fs::write(&path, text).unwrap();
-    path
+    common::write_manifest(dir, name, 7, data, &format!("  model: {{preset: tiny}}\n  train: {train}"))
 }
 
 const SMALL_TRAIN: &str = "{seqLen: 64, tokens: 100000, globalBatchTokens: 1024, microBatchSize: 16, schedule: {warmupSteps: 1}, resources: {gpusPerNode: 0}}";

@@ -6,6 +6,8 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+mod common;
+
 use pretrain_crd::Stage;
 use pretrain_worker::Context;
 use pretrain_worker::data::stage::DocumentLine;
@@ -101,16 +103,7 @@ fn python_tokenizers_loads_the_file_and_encodes_identically() {
 }
 
 fn words(seed: u64, n: usize) -> String {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            format!("word{} ünï{}", state % 700, state % 13)
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
+    common::words(seed, n, |state| format!("word{} ünï{}", state % 700, state % 13)).join(" ")
 }
 
 /// Two categories of generated documents.
@@ -124,33 +117,15 @@ fn corpus(dir: &Path, docs: u64) {
 }
 
 fn manifest(dir: &Path, name: &str, shards: u32, tokenizer: &str) -> PathBuf {
-    let off = "{enabled: false}";
-    let text = format!(
-        r#"apiVersion: pretrain.dev/v1alpha1
-kind: PretrainRun
-metadata: {{name: {name}}}
-spec:
-  storage: {{url: "file://{store}"}}
-  seed: 7
-  data:
-    sources:
-      - {{name: web, url: "{web}"}}
-      - {{name: code, url: "{code}"}}
-    filters: {{gopherQuality: {off}, gopherRepetition: {off}, c4: {off}, fineweb: {off}, language: {off}}}
-    dedup: {{exact: false, minhash: {off}}}
-    heldOutFraction: 0.1
-    shards: {shards}
-  tokenizer: {tokenizer}
-  model: {{preset: tiny}}
-  train: {{seqLen: 64, tokens: 100000, globalBatchTokens: 1024, microBatchSize: 16, schedule: {{warmupSteps: 1}}, resources: {{gpusPerNode: 0}}}}
-"#,
-        store = dir.join("store").display(),
+    let data = format!(
+        "    sources:\n      - {{name: web, url: \"{web}\"}}\n      - {{name: code, url: \"{code}\"}}\n    dedup: {{exact: false, minhash: {{enabled: false}}}}\n    heldOutFraction: 0.1\n    shards: {shards}",
         web = dir.join("web.jsonl").display(),
         code = dir.join("code.jsonl").display(),
     );
-    let path = dir.join(format!("{name}.yaml"));
-    std::fs::write(&path, text).unwrap();
-    path
+    let rest = format!(
+        "  tokenizer: {tokenizer}\n  model: {{preset: tiny}}\n  train: {{seqLen: 64, tokens: 100000, globalBatchTokens: 1024, microBatchSize: 16, schedule: {{warmupSteps: 1}}, resources: {{gpusPerNode: 0}}}}"
+    );
+    common::write_manifest(dir, name, 7, &data, &rest)
 }
 
 async fn data_prep(manifest: &Path) {

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
+mod common;
+
 use candle_core::{Device, Tensor};
 use pretrain_crd::Stage;
 use pretrain_crd::contract::exit;
@@ -15,16 +17,7 @@ use pretrain_worker::model::LlamaConfig;
 use pretrain_worker::train::checkpoint::{self, Snapshot, TrainState};
 
 fn words(seed: u64, n: usize) -> String {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            format!("w{}", state % 50)
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
+    common::words(seed, n, |state| format!("w{}", state % 50)).join(" ")
 }
 
 const STEPS: u64 = 30;
@@ -33,21 +26,12 @@ fn manifest(dir: &Path, name: &str, model: &str) -> PathBuf {
     let docs: Vec<String> =
         (0..200).map(|i| serde_json::json!({"id": format!("d{i}"), "text": words(i, 60)}).to_string()).collect();
     std::fs::write(dir.join("docs.jsonl"), docs.join("\n")).unwrap();
-    let off = "{enabled: false}";
-    let text = format!(
-        r#"apiVersion: pretrain.dev/v1alpha1
-kind: PretrainRun
-metadata: {{name: {name}}}
-spec:
-  storage: {{url: "file://{store}"}}
-  seed: 11
-  data:
-    sources: [{{name: web, url: "{docs}"}}]
-    filters: {{gopherQuality: {off}, gopherRepetition: {off}, c4: {off}, fineweb: {off}, language: {off}}}
-    dedup: {{exact: false, minhash: {off}}}
-    heldOutFraction: 0.1
-    shards: 2
-  tokenizer: {{vocabSize: 300}}
+    let data = format!(
+        "    sources: [{{name: web, url: \"{docs}\"}}]\n    dedup: {{exact: false, minhash: {{enabled: false}}}}\n    heldOutFraction: 0.1\n    shards: 2",
+        docs = dir.join("docs.jsonl").display()
+    );
+    let rest = format!(
+        r#"  tokenizer: {{vocabSize: 300}}
   model: {model}
   train:
     seqLen: 32
@@ -57,15 +41,10 @@ spec:
     optimizer: {{lr: 0.003, minLr: 0.0003}}
     schedule: {{warmupSteps: 3}}
     checkpoint: {{everySteps: 3, keep: 2}}
-    resources: {{gpusPerNode: 0}}
-"#,
-        store = dir.join("store").display(),
-        docs = dir.join("docs.jsonl").display(),
+    resources: {{gpusPerNode: 0}}"#,
         tokens = STEPS * 256,
     );
-    let path = dir.join(format!("{name}.yaml"));
-    std::fs::write(&path, text).unwrap();
-    path
+    common::write_manifest(dir, name, 11, &data, &rest)
 }
 
 const MODEL: &str = "{preset: tiny, dim: 64, layers: 2, heads: 4, kvHeads: 2, ffnDim: 128}";
