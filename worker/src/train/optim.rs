@@ -29,21 +29,26 @@ impl AdamWConfig {
     }
 }
 
-/// AdamW state: first and second moments per parameter (fp32) and the update count.
+/// AdamW state: first and second moments per parameter (fp32), stored together as `[2, numel]`
+/// (row 0 the first moment, row 1 the second), and the update count.
 #[derive(Debug)]
 pub struct AdamW {
     config: AdamWConfig,
-    m: Vec<Tensor>,
-    v: Vec<Tensor>,
+    moments: Vec<Tensor>,
     /// Updates applied so far (bias correction uses it).
     pub updates: u64,
+    /// Use the fused CPU kernel where it applies (the composed path serves other devices).
+    fused: bool,
 }
 
 impl AdamW {
     /// Zero moments for `params`.
     pub fn new(config: AdamWConfig, params: &Params) -> Result<Self> {
-        let zeros = || params.iter().map(|(_, _, v)| v.as_tensor().zeros_like()).collect::<Result<Vec<_>>>();
-        Ok(Self { config, m: zeros()?, v: zeros()?, updates: 0 })
+        let moments = params
+            .iter()
+            .map(|(_, _, v)| Tensor::zeros((2, v.elem_count()), DType::F32, v.device()))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { config, moments, updates: 0, fused: true })
     }
 
     /// One update with `grads` (in `params` order, already averaged and clipped) at learning rate `lr`.
@@ -53,30 +58,49 @@ impl AdamW {
         let c1 = 1.0 - b1.powi(self.updates as i32);
         let c2 = 1.0 - b2.powi(self.updates as i32);
         for (i, ((_, kind, var), g)) in params.iter().zip(grads).enumerate() {
-            let g = g.to_dtype(DType::F32)?;
-            let m = ((&self.m[i] * b1)? + (&g * (1.0 - b1))?)?;
-            let v = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
-            let update = ((&m / c1)? / ((&v / c2)?.sqrt()? + self.config.eps)?)?;
-            let p = &var.as_tensor().detach();
-            let decayed = match kind {
-                ParamKind::Matrix | ParamKind::OutProjection if self.config.weight_decay > 0.0 => {
-                    (p * (1.0 - lr * self.config.weight_decay))?
-                }
-                _ => p.clone(),
+            let decay = match kind {
+                ParamKind::Matrix | ParamKind::OutProjection => self.config.weight_decay,
+                _ => 0.0,
             };
-            var.set(&(decayed - (update * lr)?)?)?;
-            self.m[i] = m;
-            self.v[i] = v;
+            let p = var.as_tensor().detach();
+            let g = g.to_dtype(DType::F32)?.detach();
+            if self.fused && p.device().is_cpu() && p.dtype() == DType::F32 {
+                // One pass over p, g, m, v: the new weights and moments, stacked as [3, n].
+                let op = FusedAdamW {
+                    lr: lr as f32,
+                    beta1: b1 as f32,
+                    beta2: b2 as f32,
+                    c1: c1 as f32,
+                    c2: c2 as f32,
+                    eps: self.config.eps as f32,
+                    decay: (lr * decay) as f32,
+                };
+                let out = p.flatten_all()?.apply_op3_no_bwd(&g.flatten_all()?.contiguous()?, &self.moments[i], &op)?;
+                var.set(&out.get(0)?.reshape(p.shape())?)?;
+                self.moments[i] = out.narrow(0, 1, 2)?.contiguous()?;
+                continue;
+            }
+            let g = g.flatten_all()?;
+            let m = ((self.moments[i].get(0)? * b1)? + (&g * (1.0 - b1))?)?;
+            let v = ((self.moments[i].get(1)? * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+            let update = ((&m / c1)? / ((&v / c2)?.sqrt()? + self.config.eps)?)?;
+            let decayed = if decay > 0.0 { (&p * (1.0 - lr * decay))? } else { p.clone() };
+            var.set(&(decayed - (update.reshape(p.shape())? * lr)?)?)?;
+            self.moments[i] = Tensor::stack(&[&m, &v], 0)?;
         }
         Ok(())
     }
 
-    /// The moments as named tensors (`exp_avg.<param>`, `exp_avg_sq.<param>`), for checkpoints.
+    /// The moments as named tensors (`exp_avg.<param>`, `exp_avg_sq.<param>`, shaped like the
+    /// parameter), for checkpoints.
     pub fn state(&self, params: &Params) -> Vec<(String, Tensor)> {
-        let mut out = Vec::with_capacity(2 * self.m.len());
-        for (i, (name, _, _)) in params.iter().enumerate() {
-            out.push((format!("exp_avg.{name}"), self.m[i].clone()));
-            out.push((format!("exp_avg_sq.{name}"), self.v[i].clone()));
+        let mut out = Vec::with_capacity(2 * self.moments.len());
+        for ((name, _, var), mv) in params.iter().zip(&self.moments) {
+            let shape = var.as_tensor().shape();
+            let row =
+                |r: usize| mv.get(r).and_then(|t| t.reshape(shape)).expect("a moment row has the parameter's size");
+            out.push((format!("exp_avg.{name}"), row(0)));
+            out.push((format!("exp_avg_sq.{name}"), row(1)));
         }
         out
     }
@@ -89,17 +113,90 @@ impl AdamW {
         updates: u64,
     ) -> std::result::Result<(), String> {
         for (i, (name, _, var)) in params.iter().enumerate() {
-            for (prefix, slot) in [("exp_avg", &mut self.m[i]), ("exp_avg_sq", &mut self.v[i])] {
+            let mut rows = Vec::with_capacity(2);
+            for prefix in ["exp_avg", "exp_avg_sq"] {
                 let key = format!("{prefix}.{name}");
                 let t = saved.remove(&key).ok_or_else(|| format!("missing optimizer tensor {key}"))?;
                 if t.dims() != var.as_tensor().dims() {
                     return Err(format!("optimizer tensor {key} has shape {:?}", t.dims()));
                 }
-                *slot = t.to_dtype(DType::F32).and_then(|t| t.to_device(var.device())).map_err(|e| e.to_string())?;
+                rows.push(
+                    t.to_dtype(DType::F32)
+                        .and_then(|t| t.to_device(var.device()))
+                        .and_then(|t| t.flatten_all())
+                        .map_err(|e| e.to_string())?,
+                );
             }
+            self.moments[i] = Tensor::stack(&rows, 0).map_err(|e| e.to_string())?;
         }
         self.updates = updates;
         Ok(())
+    }
+}
+
+/// AdamW for one fp32 parameter on the CPU: inputs `p [n]`, `g [n]`, moments `[2, n]`; output
+/// `[3, n]`: the new weights, first and second moments.
+struct FusedAdamW {
+    lr: f32,
+    beta1: f32,
+    beta2: f32,
+    c1: f32,
+    c2: f32,
+    eps: f32,
+    /// `lr * weight_decay` (0 for norms and embeddings).
+    decay: f32,
+}
+
+impl candle_core::CustomOp3 for FusedAdamW {
+    fn name(&self) -> &'static str {
+        "fused-adamw"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+        s3: &candle_core::CpuStorage,
+        l3: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        fn view<'a>(s: &'a candle_core::CpuStorage, l: &candle_core::Layout) -> Result<&'a [f32]> {
+            let (a, b) = l
+                .contiguous_offsets()
+                .ok_or_else(|| candle_core::Error::Msg("fused-adamw: inputs must be contiguous".into()))?;
+            Ok(&s.as_slice::<f32>()?[a..b])
+        }
+        let (p, g, mv) = (view(s1, l1)?, view(s2, l2)?, view(s3, l3)?);
+        let n = p.len();
+        if g.len() != n || mv.len() != 2 * n {
+            candle_core::bail!("fused-adamw: {n} weights, {} gradients, {} moments", g.len(), mv.len());
+        }
+        let (m, v) = mv.split_at(n);
+        let mut out = vec![0f32; 3 * n];
+        let (new_p, rest) = out.split_at_mut(n);
+        let (new_m, new_v) = rest.split_at_mut(n);
+        const CHUNK: usize = 1 << 14;
+        new_p
+            .par_chunks_mut(CHUNK)
+            .zip(new_m.par_chunks_mut(CHUNK))
+            .zip(new_v.par_chunks_mut(CHUNK))
+            .enumerate()
+            .for_each(|(c, ((np, nm), nv))| {
+                let at = c * CHUNK;
+                for k in 0..np.len() {
+                    let i = at + k;
+                    let gi = g[i];
+                    let mi = self.beta1 * m[i] + (1.0 - self.beta1) * gi;
+                    let vi = self.beta2 * v[i] + (1.0 - self.beta2) * gi * gi;
+                    let update = (mi / self.c1) / ((vi / self.c2).sqrt() + self.eps);
+                    np[k] = p[i] * (1.0 - self.decay) - self.lr * update;
+                    nm[k] = mi;
+                    nv[k] = vi;
+                }
+            });
+        Ok((candle_core::CpuStorage::F32(out), candle_core::Shape::from((3, n))))
     }
 }
 
@@ -162,6 +259,42 @@ mod tests {
             }
         }
         assert_eq!(opt.state(&params).len(), 2 * params.len());
+    }
+
+    #[test]
+    fn fused_and_composed_updates_agree() {
+        let c = LlamaConfig {
+            vocab_size: 8,
+            dim: 4,
+            layers: 1,
+            heads: 2,
+            kv_heads: 1,
+            ffn_dim: 8,
+            rope_base: 10_000.0,
+            norm_eps: 1e-5,
+            tie_embeddings: false,
+        };
+        let config = AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
+        let (a, b) = (Params::init(&c, 3, &Device::Cpu).unwrap(), Params::init(&c, 3, &Device::Cpu).unwrap());
+        let mut fused = AdamW::new(config.clone(), &a).unwrap();
+        let mut composed = AdamW::new(config, &b).unwrap();
+        composed.fused = false;
+        for step in 0..3 {
+            let grads: Vec<Tensor> =
+                a.iter().map(|(_, _, v)| (v.as_tensor().sin().unwrap() * (step as f64 + 1.0)).unwrap()).collect();
+            fused.step(&a, &grads, 0.01).unwrap();
+            composed.step(&b, &grads, 0.01).unwrap();
+        }
+        for ((_, _, x), (_, _, y)) in a.iter().zip(b.iter()) {
+            let x: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+            let y: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+            for (x, y) in x.iter().zip(&y) {
+                assert!((x - y).abs() < 1e-5, "{x} vs {y}");
+            }
+        }
+        let (sa, sb) = (fused.state(&a), composed.state(&b));
+        assert_eq!(sa.len(), sb.len());
+        assert_eq!(sa[0].1.dims(), a.get(&sa[0].0["exp_avg.".len()..]).dims());
     }
 
     #[test]
