@@ -138,6 +138,14 @@ pub struct Counts {
 }
 
 impl Counts {
+    /// The sum of per-category counts.
+    fn total<'a>(all: impl IntoIterator<Item = &'a Counts>) -> Counts {
+        all.into_iter().fold(Counts::default(), |mut sum, c| {
+            sum.add(c);
+            sum
+        })
+    }
+
     fn add(&mut self, other: &Counts) {
         self.documents += other.documents;
         self.tokens += other.tokens;
@@ -198,17 +206,28 @@ pub async fn run(ctx: &Context, phase: Phase) -> Result<Option<StageCommit>> {
             upstream.dir.url("shards/")
         )));
     }
+    if let Phase::Map(k) = phase
+        && k as usize >= upstream.shards.len()
+    {
+        return Err(TokenizeError::Invalid(format!(
+            "map task {k} does not exist: data-prep committed {} shards",
+            upstream.shards.len()
+        )));
+    }
+    // One tokenizer for everything this process does.
+    let (encoder, meta) = tokenizer(ctx, &upstream, &hash).await?;
+    let tok = (&encoder, &meta);
     match phase {
         Phase::Map(k) => {
-            map_shard(ctx, &upstream, &hash, k).await?;
+            map_shard(ctx, &upstream, &hash, tok, k).await?;
             Ok(None)
         }
-        Phase::Reduce => reduce(ctx, &upstream, &hash).await.map(Some),
+        Phase::Reduce => reduce(ctx, &upstream, &hash, tok).await.map(Some),
         Phase::All => {
             for k in 0..upstream.shards.len() as u32 {
-                map_shard(ctx, &upstream, &hash, k).await?;
+                map_shard(ctx, &upstream, &hash, tok, k).await?;
             }
-            reduce(ctx, &upstream, &hash).await.map(Some)
+            reduce(ctx, &upstream, &hash, tok).await.map(Some)
         }
     }
 }
@@ -434,14 +453,14 @@ async fn map_done(ctx: &Context, k: u32) -> Result<Option<MapDone>> {
     })
 }
 
-async fn map_shard(ctx: &Context, upstream: &Upstream, hash: &str, k: u32) -> Result<()> {
-    let Some(input) = upstream.shards.get(k as usize) else {
-        return Err(TokenizeError::Invalid(format!(
-            "map task {k} does not exist: data-prep committed {} shards",
-            upstream.shards.len()
-        )));
-    };
-    let (encoder, meta) = tokenizer(ctx, upstream, hash).await?;
+async fn map_shard(
+    ctx: &Context,
+    upstream: &Upstream,
+    hash: &str,
+    (encoder, meta): (&Arc<Encoder>, &TokenizerMeta),
+    k: u32,
+) -> Result<()> {
+    let input = &upstream.shards[k as usize];
     if let Some(done) = map_done(ctx, k).await?
         && done.config_hash == hash
         && done.tokenizer_sha256 == meta.sha256
@@ -454,16 +473,13 @@ async fn map_shard(ctx: &Context, upstream: &Upstream, hash: &str, k: u32) -> Re
     let output = tmp.path().join("out.tok");
     let separator = encoder.special(&meta.separator).expect("the separator was checked when the tokenizer loaded");
     let display = upstream.dir.url(input);
-    let out = output.clone();
-    let categories = tokio::task::spawn_blocking(move || encode_file(&encoder, separator, &local, &display, &out))
+    let (enc, out) = (Arc::clone(encoder), output.clone());
+    let categories = tokio::task::spawn_blocking(move || encode_file(&enc, separator, &local, &display, &out))
         .await
         .expect("encoding does not panic")?;
     let file = ctx.dir.put_file(&shard_name(k), &output).await?;
     let seconds = started.elapsed().as_secs_f64();
-    let total = categories.values().fold(Counts::default(), |mut a, c| {
-        a.add(c);
-        a
-    });
+    let total = Counts::total(categories.values());
     println!(
         "tokenize: shard {}/{}: {} documents, {} tokens, {:.2} bytes/token, {:.1} MB/s",
         k + 1,
@@ -473,7 +489,7 @@ async fn map_shard(ctx: &Context, upstream: &Upstream, hash: &str, k: u32) -> Re
         total.bytes as f64 / total.tokens.max(1) as f64,
         total.bytes as f64 / 1e6 / seconds.max(1e-9)
     );
-    let done = MapDone { config_hash: hash.into(), tokenizer_sha256: meta.sha256, file, categories, seconds };
+    let done = MapDone { config_hash: hash.into(), tokenizer_sha256: meta.sha256.clone(), file, categories, seconds };
     ctx.dir.put(&map_name(k), Bytes::from(serde_json::to_vec_pretty(&done).expect("marker serialises"))).await?;
     Ok(())
 }
@@ -500,8 +516,12 @@ fn compression(counts: &Counts) -> Compression {
     }
 }
 
-async fn reduce(ctx: &Context, upstream: &Upstream, hash: &str) -> Result<StageCommit> {
-    let (encoder, meta) = tokenizer(ctx, upstream, hash).await?;
+async fn reduce(
+    ctx: &Context,
+    upstream: &Upstream,
+    hash: &str,
+    (encoder, meta): (&Arc<Encoder>, &TokenizerMeta),
+) -> Result<StageCommit> {
     let mut files = vec![FileEntry { path: "tokenizer.json".into(), size: meta.size, sha256: meta.sha256.clone() }];
     let mut train: BTreeMap<String, Counts> = BTreeMap::new();
     let mut shards = Vec::new();
@@ -512,10 +532,7 @@ async fn reduce(ctx: &Context, upstream: &Upstream, hash: &str) -> Result<StageC
                 for (category, c) in &done.categories {
                     train.entry(category.clone()).or_default().add(c);
                 }
-                let total = done.categories.values().fold(Counts::default(), |mut a, c| {
-                    a.add(c);
-                    a
-                });
+                let total = Counts::total(done.categories.values());
                 shards.push(
                     serde_json::json!({"file": done.file.path, "documents": total.documents, "tokens": total.tokens}),
                 );
@@ -539,17 +556,14 @@ async fn reduce(ctx: &Context, upstream: &Upstream, hash: &str) -> Result<StageC
         let output = tmp.path().join("heldout.tok");
         let separator = encoder.special(&meta.separator).expect("the separator was checked when the tokenizer loaded");
         let display = upstream.dir.url(name);
-        let (enc, out) = (Arc::clone(&encoder), output.clone());
+        let (enc, out) = (Arc::clone(encoder), output.clone());
         heldout = tokio::task::spawn_blocking(move || encode_file(&enc, separator, &local, &display, &out))
             .await
             .expect("encoding does not panic")?;
         files.push(ctx.dir.put_file("heldout/00000.tok", &output).await?);
     }
     let report: BTreeMap<String, Compression> = heldout.iter().map(|(c, n)| (c.clone(), compression(n))).collect();
-    let all_heldout = heldout.values().fold(Counts::default(), |mut a, c| {
-        a.add(c);
-        a
-    });
+    let all_heldout = Counts::total(heldout.values());
     print_report(meta.vocab_size, &report, &compression(&all_heldout));
 
     let stats = serde_json::json!({
