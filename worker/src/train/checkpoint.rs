@@ -134,13 +134,7 @@ pub async fn save(dir: &StageDir, snapshot: Snapshot, keep: u32) -> Result<Vec<F
     dir.put(&format!("ckpt/{name}/MANIFEST.json"), Bytes::from(json)).await?;
     dir.put("ckpt/latest", Bytes::from(name.clone())).await?;
     retain(dir, keep).await?;
-    Ok(files
-        .into_iter()
-        .map(|mut f| {
-            f.path = format!("ckpt/{name}/{}", f.path);
-            f
-        })
-        .collect())
+    Ok(in_stage_dir(&name, files))
 }
 
 fn write_local(dir: &Path, snapshot: &Snapshot) -> Result<(), String> {
@@ -255,15 +249,19 @@ pub async fn load(dir: &StageDir, step: u64, device: &Device) -> Result<Result<L
         (Ok(m), Ok(o)) => (m, o),
         (Err(e), _) | (_, Err(e)) => return Ok(Err(e)),
     };
-    let files = manifest
-        .files
+    let files = in_stage_dir(&name, manifest.files);
+    Ok(Ok(Loaded { name, state, model, optim, files }))
+}
+
+/// Manifest entries (paths relative to checkpoint `name`) with paths relative to the stage directory.
+fn in_stage_dir(name: &str, files: Vec<FileEntry>) -> Vec<FileEntry> {
+    files
         .into_iter()
         .map(|mut f| {
             f.path = format!("ckpt/{name}/{}", f.path);
             f
         })
-        .collect();
-    Ok(Ok(Loaded { name, state, model, optim, files }))
+        .collect()
 }
 
 fn sha256_file(path: &Path) -> std::io::Result<String> {

@@ -254,14 +254,10 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
                     loaded.name
                 );
             }
-            let params = Params::from_named(&config, loaded.model, &device)
-                .map_err(|e| TrainError::Invalid(format!("checkpoint {}: {e}", loaded.name)))?;
-            let mut optimizer = AdamW::new(opt_config, &params)?;
-            optimizer
-                .restore(&params, loaded.optim, loaded.state.optimizer_updates)
-                .map_err(|e| TrainError::Invalid(format!("checkpoint {}: {e}", loaded.name)))?;
-            println!("train: resuming from {} (step {} of {total_steps})", loaded.name, loaded.state.step);
-            (params, optimizer, loaded.state)
+            let (name, state) = (loaded.name.clone(), loaded.state.clone());
+            let (params, optimizer) = restore(loaded, &config, opt_config, &device)?;
+            println!("train: resuming from {name} (step {} of {total_steps})", state.step);
+            (params, optimizer, state)
         }
         None => {
             let params = Params::init(&config, spec.seed, &device)?;
@@ -369,15 +365,12 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
                     SpikeAction::Rollback => {
                         event = Some("rolled-back");
                         if let Some(loaded) = checkpoint::load_latest(&ctx.dir, &device).await? {
-                            let params =
-                                Params::from_named(&config, loaded.model, &device).map_err(TrainError::Invalid)?;
-                            let mut restored = AdamW::new(AdamWConfig::from_spec(&spec.train.optimizer), &params)?;
-                            restored
-                                .restore(&params, loaded.optim, loaded.state.optimizer_updates)
-                                .map_err(TrainError::Invalid)?;
+                            let name = loaded.name.clone();
+                            let opt_config = AdamWConfig::from_spec(&spec.train.optimizer);
+                            let (params, restored) = restore(loaded, &config, opt_config, &device)?;
                             model = Llama::new(config.clone(), params, seq_len, Scaling::None, &device)?;
                             optimizer = restored;
-                            eprintln!("train: rolled back to {}; continuing past the batch", loaded.name);
+                            eprintln!("train: rolled back to {name}; continuing past the batch");
                         }
                     }
                 }
@@ -468,6 +461,20 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
     });
     let commit = ctx.dir.commit(&hash, files, stats).await?;
     Ok(Outcome::Done(Box::new(commit)))
+}
+
+/// The weights and optimizer of a loaded checkpoint.
+fn restore(
+    loaded: checkpoint::Loaded,
+    config: &LlamaConfig,
+    opt_config: AdamWConfig,
+    device: &Device,
+) -> Result<(Params, AdamW)> {
+    let invalid = |e: String| TrainError::Invalid(format!("checkpoint {}: {e}", loaded.name));
+    let params = Params::from_named(config, loaded.model, device).map_err(invalid)?;
+    let mut optimizer = AdamW::new(opt_config, &params)?;
+    optimizer.restore(&params, loaded.optim, loaded.state.optimizer_updates).map_err(invalid)?;
+    Ok((params, optimizer))
 }
 
 /// Weights as named tensors.
