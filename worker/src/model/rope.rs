@@ -69,7 +69,8 @@ pub fn attention_factor(scaling: Scaling) -> f64 {
     }
 }
 
-/// `cos` and `sin` tables, `[seq_len, head_dim / 2]`.
+/// `cos` and `sin` tables, `[seq_len, head_dim]`: each frequency's value stands in both halves, as
+/// "rotate half" pairs dimension `i` with `i + head_dim / 2`.
 #[derive(Debug, Clone)]
 pub struct Rope {
     cos: Tensor,
@@ -80,29 +81,26 @@ impl Rope {
     /// Tables for positions `0..seq_len`.
     pub fn new(head_dim: usize, seq_len: usize, base: f64, scaling: Scaling, device: &Device) -> Result<Self> {
         let freqs = inv_freq(head_dim, base, scaling);
-        let half = freqs.len();
-        let mut cos = Vec::with_capacity(seq_len * half);
-        let mut sin = Vec::with_capacity(seq_len * half);
+        let mut cos = Vec::with_capacity(seq_len * head_dim);
+        let mut sin = Vec::with_capacity(seq_len * head_dim);
         for p in 0..seq_len {
-            for f in &freqs {
+            for f in freqs.iter().chain(&freqs) {
                 let angle = p as f64 * f;
                 cos.push(angle.cos() as f32);
                 sin.push(angle.sin() as f32);
             }
         }
         Ok(Self {
-            cos: Tensor::from_vec(cos, (seq_len, half), device)?,
-            sin: Tensor::from_vec(sin, (seq_len, half), device)?,
+            cos: Tensor::from_vec(cos, (seq_len, head_dim), device)?,
+            sin: Tensor::from_vec(sin, (seq_len, head_dim), device)?,
         })
     }
 
     /// Rotates `x` of shape `[batch, heads, seq, head_dim]` (differentiable).
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
         let (_, _, seq, dim) = x.dims4()?;
-        let cos = self.cos.narrow(0, 0, seq)?.to_dtype(x.dtype())?;
-        let sin = self.sin.narrow(0, 0, seq)?.to_dtype(x.dtype())?;
-        let cos = Tensor::cat(&[&cos, &cos], D::Minus1)?.reshape((1, 1, seq, dim))?;
-        let sin = Tensor::cat(&[&sin, &sin], D::Minus1)?.reshape((1, 1, seq, dim))?;
+        let table = |t: &Tensor| t.narrow(0, 0, seq)?.to_dtype(x.dtype())?.reshape((1, 1, seq, dim));
+        let (cos, sin) = (table(&self.cos)?, table(&self.sin)?);
         let x1 = x.narrow(D::Minus1, 0, dim / 2)?;
         let x2 = x.narrow(D::Minus1, dim / 2, dim / 2)?;
         let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
