@@ -109,8 +109,7 @@ fn checkpoint_times(model: &Llama, opt: &AdamW) {
         loss: None,
         loss_window: Vec::new(),
     };
-    let named: Vec<(String, Tensor)> =
-        model.params.iter().map(|(n, _, v)| (n.to_string(), v.as_tensor().clone())).collect();
+    let named = model.params.named();
     let t = Instant::now();
     let snapshot = Snapshot::take(state, named, opt.state(&model.params)).expect("snapshot");
     let snapshot_s = t.elapsed().as_secs_f64();

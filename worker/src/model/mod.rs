@@ -230,6 +230,11 @@ impl Params {
         self.names.iter().zip(&self.kinds).zip(&self.vars).map(|((n, k), v)| (n.as_str(), *k, v))
     }
 
+    /// The weights as named tensors (sharing storage with the variables).
+    pub fn named(&self) -> Vec<(String, Tensor)> {
+        self.iter().map(|(n, _, v)| (n.to_string(), v.as_tensor().clone())).collect()
+    }
+
     /// Number of tensors.
     pub fn len(&self) -> usize {
         self.vars.len()

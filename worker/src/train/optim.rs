@@ -227,9 +227,9 @@ mod tests {
     use crate::model::LlamaConfig;
     use candle_core::Device;
 
-    #[test]
-    fn first_update_moves_each_weight_by_lr_and_decays_only_matrices() {
-        let c = LlamaConfig {
+    /// A one-block model small enough to check updates element by element.
+    fn small(tie_embeddings: bool) -> LlamaConfig {
+        LlamaConfig {
             vocab_size: 8,
             dim: 4,
             layers: 1,
@@ -238,8 +238,13 @@ mod tests {
             ffn_dim: 8,
             rope_base: 10_000.0,
             norm_eps: 1e-5,
-            tie_embeddings: true,
-        };
+            tie_embeddings,
+        }
+    }
+
+    #[test]
+    fn first_update_moves_each_weight_by_lr_and_decays_only_matrices() {
+        let c = small(true);
         let params = Params::init(&c, 3, &Device::Cpu).unwrap();
         let before: Vec<Vec<f32>> =
             params.iter().map(|(_, _, v)| v.flatten_all().unwrap().to_vec1().unwrap()).collect();
@@ -263,17 +268,7 @@ mod tests {
 
     #[test]
     fn fused_and_composed_updates_agree() {
-        let c = LlamaConfig {
-            vocab_size: 8,
-            dim: 4,
-            layers: 1,
-            heads: 2,
-            kv_heads: 1,
-            ffn_dim: 8,
-            rope_base: 10_000.0,
-            norm_eps: 1e-5,
-            tie_embeddings: false,
-        };
+        let c = small(false);
         let config = AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
         let (a, b) = (Params::init(&c, 3, &Device::Cpu).unwrap(), Params::init(&c, 3, &Device::Cpu).unwrap());
         let mut fused = AdamW::new(config.clone(), &a).unwrap();

@@ -418,7 +418,7 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
                 last_files = previous.await.expect("the checkpoint task does not panic")?;
             }
             metrics.flush()?;
-            let snapshot = Snapshot::take(state.clone(), named(&model), optimizer.state(&model.params))?;
+            let snapshot = Snapshot::take(state.clone(), model.params.named(), optimizer.state(&model.params))?;
             let metrics_bytes = Bytes::from(std::fs::read(&metrics_path)?);
             let (dir, keep) = (ctx.dir.clone(), keep);
             saving = Some(tokio::spawn(async move {
@@ -475,11 +475,6 @@ fn restore(
     let mut optimizer = AdamW::new(opt_config, &params)?;
     optimizer.restore(&params, loaded.optim, loaded.state.optimizer_updates).map_err(invalid)?;
     Ok((params, optimizer))
-}
-
-/// Weights as named tensors.
-fn named(model: &Llama) -> Vec<(String, Tensor)> {
-    model.params.iter().map(|(n, _, v)| (n.to_string(), v.as_tensor().clone())).collect()
 }
 
 /// Mean loss over up to 8 micro-batches of held-out sequences (the same ones every time).
