@@ -19,6 +19,7 @@ fn golden_config() -> LlamaConfig {
         rope_base: 10_000.0,
         norm_eps: 1e-5,
         tie_embeddings: true,
+        rope_scaling: Scaling::None,
     }
 }
 
@@ -50,7 +51,7 @@ fn logits_loss_and_gradients_match_pytorch() {
 
     let config = golden_config();
     let params = Params::from_named(&config, all, &dev).unwrap();
-    let model = Llama::new(config, params, 16, Scaling::None, &dev).unwrap();
+    let model = Llama::new(config, params, 16, &dev).unwrap();
     let (loss, logits) = model.loss(&inputs, &targets, DType::F32).unwrap();
     let logits_err = relative_error(&values(&logits), &values(&logits_ref));
     assert!(logits_err < 1e-4, "logits differ by {logits_err}");
@@ -70,7 +71,7 @@ fn logits_loss_and_gradients_match_pytorch() {
 fn tiny_model_overfits_one_batch() {
     let dev = Device::Cpu;
     let config = golden_config();
-    let model = Llama::new(config.clone(), Params::init(&config, 5, &dev).unwrap(), 32, Scaling::None, &dev).unwrap();
+    let model = Llama::new(config.clone(), Params::init(&config, 5, &dev).unwrap(), 32, &dev).unwrap();
     let tokens: Vec<u32> = (0..4 * 17).map(|i| ((i * 7 + i / 5) % 64) as u32).collect();
     let rows = |offset: usize| -> Vec<u32> {
         (0..4).flat_map(|r| tokens[r * 17 + offset..r * 17 + offset + 16].to_vec()).collect()

@@ -14,7 +14,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use candle_core::{DType, Device, Tensor};
 use pretrain_crd::spec::ModelPreset;
-use pretrain_worker::model::{Llama, LlamaConfig, Params, Scaling};
+use pretrain_worker::model::{Llama, LlamaConfig, Params};
 use pretrain_worker::train::optim::{AdamW, AdamWConfig, clip};
 
 fn main() {
@@ -43,7 +43,7 @@ fn main() {
     .config();
     let dev = Device::Cpu;
     let config = LlamaConfig::from_spec(&spec, vocab);
-    let model = Llama::new(config.clone(), Params::init(&config, 1, &dev).unwrap(), seq, Scaling::None, &dev).unwrap();
+    let model = Llama::new(config.clone(), Params::init(&config, 1, &dev).unwrap(), seq, &dev).unwrap();
     let mut opt =
         AdamW::new(AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 }, &model.params).unwrap();
     let tokens: Vec<u32> = (0..batch * (seq + 1)).map(|i| ((i * 2_654_435_761) % vocab as usize) as u32).collect();

@@ -38,6 +38,9 @@ pub struct LlamaConfig {
     pub norm_eps: f64,
     /// LM head shares the embedding.
     pub tie_embeddings: bool,
+    /// RoPE rescaling (set by long-context training; none for a base model).
+    #[serde(default, skip_serializing_if = "Scaling::is_none")]
+    pub rope_scaling: Scaling,
 }
 
 /// Where a parameter sits, for weight decay and initialisation.
@@ -66,6 +69,7 @@ impl LlamaConfig {
             rope_base: model.rope_base,
             norm_eps: model.norm_eps,
             tie_embeddings: model.tie_embeddings,
+            rope_scaling: Scaling::None,
         }
     }
 
@@ -258,27 +262,62 @@ pub struct Llama {
     attention_factor: f64,
 }
 
+/// Keys and values of the positions already run, per layer, for generation one token at a time.
+#[derive(Debug, Default)]
+pub struct KvCache {
+    layers: Vec<(Tensor, Tensor)>,
+    len: usize,
+}
+
+impl KvCache {
+    /// An empty cache.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Positions cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
 impl Llama {
-    /// A model over `params` for sequences up to `max_seq_len` with the given RoPE scaling.
-    pub fn new(
-        config: LlamaConfig,
-        params: Params,
-        max_seq_len: usize,
-        scaling: Scaling,
-        device: &Device,
-    ) -> Result<Self> {
+    /// A model over `params` for sequences up to `max_seq_len`, with the RoPE scaling of `config`.
+    pub fn new(config: LlamaConfig, params: Params, max_seq_len: usize, device: &Device) -> Result<Self> {
+        let scaling = config.rope_scaling;
         let rope = Rope::new(config.head_dim(), max_seq_len, config.rope_base, scaling, device)?;
         Ok(Self { config, params, rope, attention_factor: rope::attention_factor(scaling) })
     }
 
+    /// Positions the model was built for (its RoPE tables).
+    pub fn max_seq_len(&self) -> usize {
+        self.rope.len()
+    }
+
     /// Logits `[batch, seq, vocab]` (fp32) for token ids `[batch, seq]`, computing in `dtype`.
     pub fn forward(&self, ids: &Tensor, dtype: DType) -> Result<Tensor> {
+        self.run(ids, dtype, None)
+    }
+
+    /// Logits for `ids` `[batch, new]` following the positions in `cache`, which then holds them too.
+    /// Inference only: the cache keeps no gradients.
+    pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache, dtype: DType) -> Result<Tensor> {
+        self.run(ids, dtype, Some(cache))
+    }
+
+    fn run(&self, ids: &Tensor, dtype: DType, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         let c = &self.config;
         let (b, t) = ids.dims2()?;
         let w = |name: &str| self.params.get(name).to_dtype(dtype);
         let linear = |x: &Tensor, name: &str| -> Result<Tensor> { x.matmul(&w(name)?.t()?) };
         let (hd, h, kv) = (c.head_dim(), c.heads, c.kv_heads);
         let scale = self.attention_factor / (hd as f64).sqrt();
+        let offset = cache.as_ref().map_or(0, |c| c.len);
 
         let mut x = w("model.embed_tokens.weight")?.index_select(&ids.flatten_all()?, 0)?; // [b*t, dim]
         for l in 0..c.layers {
@@ -290,11 +329,34 @@ impl Llama {
                     .transpose(1, 2)?
                     .contiguous()
             };
-            let q = self.rope.apply(&heads("q_proj", h)?)?;
-            let k = repeat_kv(&self.rope.apply(&heads("k_proj", kv)?)?, h / kv)?;
-            let v = repeat_kv(&heads("v_proj", kv)?, h / kv)?;
-            let probs = fused::causal_softmax(&q.matmul(&k.t()?.contiguous()?)?, scale)?;
-            let attn = probs.matmul(&v)?; // [b, h, t, hd]
+            let q = self.rope.apply_at(&heads("q_proj", h)?, offset)?;
+            let mut k = self.rope.apply_at(&heads("k_proj", kv)?, offset)?;
+            let mut v = heads("v_proj", kv)?;
+            let attn = match cache.as_deref_mut() {
+                None => {
+                    let (k, v) = (repeat_kv(&k, h / kv)?, repeat_kv(&v, h / kv)?);
+                    fused::causal_softmax(&q.matmul(&k.t()?.contiguous()?)?, scale)?.matmul(&v)?
+                }
+                Some(cache) => {
+                    if let Some((pk, pv)) = cache.layers.get(l) {
+                        k = Tensor::cat(&[pk, &k], 2)?;
+                        v = Tensor::cat(&[pv, &v], 2)?;
+                    }
+                    if cache.layers.len() > l {
+                        cache.layers[l] = (k.clone(), v.clone());
+                    } else {
+                        cache.layers.push((k.clone(), v.clone()));
+                    }
+                    let (k, v) = (repeat_kv(&k, h / kv)?, repeat_kv(&v, h / kv)?);
+                    let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
+                    let scores = if t > 1 {
+                        scores.broadcast_add(&offset_mask(t, offset, dtype, ids.device())?)?
+                    } else {
+                        scores
+                    };
+                    candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(dtype)?.matmul(&v)?
+                }
+            }; // [b, h, t, hd]
             let attn = attn.transpose(1, 2)?.reshape((b * t, h * hd))?;
             x = (x + linear(&attn, &format!("{p}.self_attn.o_proj.weight"))?)?;
 
@@ -302,6 +364,9 @@ impl Llama {
             let gate = linear(&hidden, &format!("{p}.mlp.gate_proj.weight"))?.silu()?;
             let up = linear(&hidden, &format!("{p}.mlp.up_proj.weight"))?;
             x = (x + linear(&(gate * up)?, &format!("{p}.mlp.down_proj.weight"))?)?;
+        }
+        if let Some(cache) = cache {
+            cache.len += t;
         }
         let x = rms_norm(&x, &w("model.norm.weight")?, c.norm_eps)?;
         let head = if c.tie_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
@@ -315,6 +380,14 @@ impl Llama {
         let loss = fused::cross_entropy(&logits.reshape((b * t, v))?, &targets.flatten_all()?)?;
         Ok((loss, logits))
     }
+}
+
+/// `[t, offset + t]` additive mask: query `i` (at position `offset + i`) sees keys up to its own position.
+fn offset_mask(t: usize, offset: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let total = offset + t;
+    let mask: Vec<f32> =
+        (0..t).flat_map(|i| (0..total).map(move |j| if j <= offset + i { 0.0 } else { f32::NEG_INFINITY })).collect();
+    Tensor::from_vec(mask, (t, total), device)?.to_dtype(dtype)
 }
 
 /// `x * w / sqrt(mean(x^2) + eps)` over the last dimension, in fp32 whatever the input.
@@ -350,6 +423,7 @@ mod tests {
             rope_base: 10_000.0,
             norm_eps: 1e-5,
             tie_embeddings: true,
+            rope_scaling: Scaling::None,
         }
     }
 
@@ -366,7 +440,7 @@ mod tests {
     fn forward_is_causal_and_gradients_reach_every_weight() {
         let dev = Device::Cpu;
         let c = tiny();
-        let model = Llama::new(c.clone(), Params::init(&c, 1, &dev).unwrap(), 16, Scaling::None, &dev).unwrap();
+        let model = Llama::new(c.clone(), Params::init(&c, 1, &dev).unwrap(), 16, &dev).unwrap();
         let ids = Tensor::new(&[[1u32, 5, 9, 3, 7, 2]], &dev).unwrap();
         let changed = Tensor::new(&[[1u32, 5, 9, 3, 7, 60]], &dev).unwrap();
         let a = model.forward(&ids, DType::F32).unwrap();
@@ -384,6 +458,35 @@ mod tests {
             let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
             let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(norm > 0.0 && norm.is_finite(), "{name}: {norm}");
+        }
+    }
+
+    #[test]
+    fn cached_generation_matches_the_full_forward_pass() {
+        let dev = Device::Cpu;
+        for scaling in [Scaling::None, Scaling::Yarn { factor: 2.0, original_len: 8 }] {
+            let c = LlamaConfig { rope_scaling: scaling, ..tiny() };
+            let model = Llama::new(c.clone(), Params::init(&c, 3, &dev).unwrap(), 16, &dev).unwrap();
+            let ids = [4u32, 8, 15, 16, 23, 42, 7, 1];
+            let full = model.forward(&Tensor::new(&ids[..], &dev).unwrap().unsqueeze(0).unwrap(), DType::F32).unwrap();
+            let mut cache = KvCache::new();
+            // A prompt of 5 positions, then one token at a time.
+            let mut parts = vec![
+                model
+                    .forward_cached(
+                        &Tensor::new(&ids[..5], &dev).unwrap().unsqueeze(0).unwrap(),
+                        &mut cache,
+                        DType::F32,
+                    )
+                    .unwrap(),
+            ];
+            for &id in &ids[5..] {
+                parts.push(model.forward_cached(&Tensor::new(&[[id]], &dev).unwrap(), &mut cache, DType::F32).unwrap());
+            }
+            assert_eq!(cache.len(), 8);
+            let cached = Tensor::cat(&parts, 1).unwrap();
+            let diff = (full - cached).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff < 1e-4, "{scaling:?}: {diff}");
         }
     }
 }

@@ -6,9 +6,14 @@
 use candle_core::{D, Device, Result, Tensor};
 
 /// How frequencies are rescaled for a context `factor` times longer than the one trained on.
-#[derive(Debug, Clone, Copy, PartialEq)]
+///
+/// Serialised as in Hugging Face `rope_scaling` (`{"type": "yarn", "factor": 4.0, ...}`); `none` is
+/// the default and left out of a config.
+#[derive(Debug, Clone, Copy, PartialEq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase", rename_all_fields = "camelCase")]
 pub enum Scaling {
     /// Plain RoPE.
+    #[default]
     None,
     /// Positions divided by `factor` (position interpolation).
     Linear {
@@ -31,6 +36,19 @@ pub enum Scaling {
     },
 }
 
+impl Scaling {
+    /// Whether this is plain RoPE.
+    pub fn is_none(&self) -> bool {
+        matches!(self, Scaling::None)
+    }
+}
+
+/// The NTK-aware base for a context `factor` times longer: `base * factor^(d / (d - 2))`, which
+/// divides the lowest frequency by exactly `factor` and leaves the highest unchanged.
+pub fn ntk_base(base: f64, factor: f64, head_dim: usize) -> f64 {
+    base * factor.powf(head_dim as f64 / (head_dim as f64 - 2.0))
+}
+
 /// Inverse frequencies (`head_dim / 2` of them) for `base` and `scaling`.
 pub fn inv_freq(head_dim: usize, base: f64, scaling: Scaling) -> Vec<f64> {
     let half = head_dim / 2;
@@ -38,7 +56,7 @@ pub fn inv_freq(head_dim: usize, base: f64, scaling: Scaling) -> Vec<f64> {
     match scaling {
         Scaling::None => plain(base),
         Scaling::Linear { factor } => plain(base).into_iter().map(|f| f / factor).collect(),
-        Scaling::Ntk { factor } => plain(base * factor.powf(head_dim as f64 / (head_dim as f64 - 2.0))),
+        Scaling::Ntk { factor } => plain(ntk_base(base, factor, head_dim)),
         Scaling::Yarn { factor, original_len } => {
             let (beta_fast, beta_slow) = (32.0, 1.0);
             // The dimension index at which a frequency makes `rotations` turns over the trained context.
@@ -96,10 +114,22 @@ impl Rope {
         })
     }
 
-    /// Rotates `x` of shape `[batch, heads, seq, head_dim]` (differentiable).
+    /// Rotates `x` of shape `[batch, heads, seq, head_dim]` at positions `0..seq` (differentiable).
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply_at(x, 0)
+    }
+
+    /// Rotates `x` of shape `[batch, heads, seq, head_dim]` at positions `offset..offset + seq`.
+    pub fn apply_at(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
         let (_, _, seq, dim) = x.dims4()?;
-        let table = |t: &Tensor| t.narrow(0, 0, seq)?.to_dtype(x.dtype())?.reshape((1, 1, seq, dim));
+        if offset + seq > self.len() {
+            candle_core::bail!(
+                "position {} is beyond the {} positions the RoPE tables were built for",
+                offset + seq - 1,
+                self.len()
+            );
+        }
+        let table = |t: &Tensor| t.narrow(0, offset, seq)?.to_dtype(x.dtype())?.reshape((1, 1, seq, dim));
         let (cos, sin) = (table(&self.cos)?, table(&self.sin)?);
         let x1 = x.narrow(D::Minus1, 0, dim / 2)?;
         let x2 = x.narrow(D::Minus1, dim / 2, dim / 2)?;
@@ -122,21 +152,94 @@ impl Rope {
 mod tests {
     use super::*;
 
+    fn close(a: f64, b: f64) -> bool {
+        (a - b).abs() <= 1e-12 * a.abs().max(b.abs()).max(1.0)
+    }
+
     #[test]
-    fn scalings_keep_high_frequencies_and_stretch_low_ones() {
+    fn none_is_the_llama_formula() {
+        let f = inv_freq(64, 10_000.0, Scaling::None);
+        assert_eq!(f.len(), 32);
+        for (i, v) in f.iter().enumerate() {
+            assert!(close(*v, 1.0 / 10_000f64.powf(2.0 * i as f64 / 64.0)), "{i}: {v}");
+        }
+    }
+
+    #[test]
+    fn linear_divides_every_frequency_by_the_factor() {
         let plain = inv_freq(64, 10_000.0, Scaling::None);
-        assert_eq!(plain[0], 1.0);
         let linear = inv_freq(64, 10_000.0, Scaling::Linear { factor: 4.0 });
-        assert!((linear[5] - plain[5] / 4.0).abs() < 1e-15);
-        let ntk = inv_freq(64, 10_000.0, Scaling::Ntk { factor: 4.0 });
-        assert_eq!(ntk[0], 1.0);
-        // The lowest frequency is divided by exactly the factor under NTK.
-        assert!((ntk[31] / plain[31] - 0.25).abs() < 1e-2, "{}", ntk[31] / plain[31]);
-        let yarn = inv_freq(64, 10_000.0, Scaling::Yarn { factor: 4.0, original_len: 256 });
+        for (p, l) in plain.iter().zip(&linear) {
+            assert!(close(*l, p / 4.0));
+        }
+        // Position interpolation: position 4p under factor 4 is plain position p.
+        let dev = Device::Cpu;
+        let a = Rope::new(16, 64, 10_000.0, Scaling::None, &dev).unwrap();
+        let b = Rope::new(16, 64, 10_000.0, Scaling::Linear { factor: 4.0 }, &dev).unwrap();
+        let row = |r: &Rope, p: usize| r.cos.get(p).unwrap().to_vec1::<f32>().unwrap();
+        for p in [1, 5, 15] {
+            for (x, y) in row(&a, p).iter().zip(row(&b, 4 * p)) {
+                assert!((x - y).abs() < 1e-5);
+            }
+        }
+    }
+
+    #[test]
+    fn ntk_is_a_new_base_by_the_formula() {
+        // base' = base * s^(d / (d - 2)), and the frequencies are plain RoPE at base'.
+        let (base, s, d) = (10_000f64, 8f64, 64usize);
+        let expected = base * s.powf(64.0 / 62.0);
+        assert!(close(ntk_base(base, s, d), expected));
+        let ntk = inv_freq(d, base, Scaling::Ntk { factor: s });
+        for (i, v) in ntk.iter().enumerate() {
+            assert!(close(*v, expected.powf(-(2.0 * i as f64) / d as f64)));
+        }
+        // The highest frequency is kept; the lowest is divided by exactly s.
+        let plain = inv_freq(d, base, Scaling::None);
+        assert_eq!(ntk[0], plain[0]);
+        assert!(close(ntk[31] * s, plain[31]));
+    }
+
+    #[test]
+    fn yarn_ramps_from_extrapolation_to_interpolation() {
+        let (base, s, d, len) = (10_000f64, 4f64, 64usize, 256usize);
+        let yarn = inv_freq(d, base, Scaling::Yarn { factor: s, original_len: len });
+        let plain = inv_freq(d, base, Scaling::None);
+        // The YaRN paper's boundaries: the dimension where a frequency turns r times over the
+        // trained context, d ln(L / (2 pi r)) / (2 ln base), for r = 32 (keep) and r = 1 (interpolate).
+        let at = |r: f64| d as f64 * (len as f64 / (r * 2.0 * std::f64::consts::PI)).ln() / (2.0 * base.ln());
+        let (low, high) = (at(32.0).floor().max(0.0), at(1.0).ceil());
+        assert!(low < high && high < 32.0, "{low} {high}");
+        for i in 0..32 {
+            let gamma = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+            assert!(close(yarn[i], plain[i] * (1.0 - gamma) + plain[i] / s * gamma), "{i}");
+        }
         assert_eq!(yarn[0], plain[0]);
-        assert!((yarn[31] - plain[31] / 4.0).abs() < 1e-12);
-        assert!(attention_factor(Scaling::Yarn { factor: 4.0, original_len: 256 }) > 1.0);
-        assert_eq!(attention_factor(Scaling::Ntk { factor: 4.0 }), 1.0);
+        assert!(close(yarn[31], plain[31] / s));
+        // Attention temperature sqrt(1/t) = 0.1 ln s + 1 on both q and k: logits times its square.
+        let t = attention_factor(Scaling::Yarn { factor: s, original_len: len });
+        assert!(close(t, (0.1 * s.ln() + 1.0).powi(2)));
+        assert_eq!(attention_factor(Scaling::Ntk { factor: s }), 1.0);
+        assert_eq!(attention_factor(Scaling::Linear { factor: s }), 1.0);
+    }
+
+    #[test]
+    fn scaling_serialises_like_hugging_face_rope_scaling() {
+        let y = Scaling::Yarn { factor: 4.0, original_len: 256 };
+        let json = serde_json::to_value(y).unwrap();
+        assert_eq!(json, serde_json::json!({"type": "yarn", "factor": 4.0, "originalLen": 256}));
+        assert_eq!(serde_json::from_value::<Scaling>(json).unwrap(), y);
+        assert_eq!(serde_json::from_value::<Scaling>(serde_json::json!({"type": "none"})).unwrap(), Scaling::None);
+    }
+
+    #[test]
+    fn positions_past_the_tables_are_an_error() {
+        let dev = Device::Cpu;
+        let rope = Rope::new(8, 4, 10_000.0, Scaling::None, &dev).unwrap();
+        let x = Tensor::zeros((1, 1, 2, 8), candle_core::DType::F32, &dev).unwrap();
+        assert!(rope.apply_at(&x, 2).is_ok());
+        let err = rope.apply_at(&x, 3).unwrap_err().to_string();
+        assert!(err.contains("position 4 is beyond the 4 positions"), "{err}");
     }
 
     #[test]

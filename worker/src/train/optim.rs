@@ -239,6 +239,7 @@ mod tests {
             rope_base: 10_000.0,
             norm_eps: 1e-5,
             tie_embeddings,
+            rope_scaling: Default::default(),
         }
     }
 

@@ -19,7 +19,7 @@ use super::loader::{BatchShape, Prefetcher, TokenStream};
 use super::optim::{AdamW, AdamWConfig, clip};
 use super::schedule::learning_rate;
 use crate::Context;
-use crate::model::{Llama, LlamaConfig, Params, Scaling};
+use crate::model::{Llama, LlamaConfig, Params};
 
 /// Why training stopped early.
 #[derive(Debug, thiserror::Error)]
@@ -282,7 +282,7 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
     };
     state.config_hash = hash.clone();
     state.world_size = ctx.world_size;
-    let mut model = Llama::new(config.clone(), params, seq_len, Scaling::None, &device)?;
+    let mut model = Llama::new(config.clone(), params, seq_len, &device)?;
     println!(
         "train: {} parameters, {:.2} GFLOPs/token, {total_steps} steps of {} tokens, {} on {device:?}",
         config.parameters(),
@@ -368,7 +368,7 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
                             let name = loaded.name.clone();
                             let opt_config = AdamWConfig::from_spec(&spec.train.optimizer);
                             let (params, restored) = restore(loaded, &config, opt_config, &device)?;
-                            model = Llama::new(config.clone(), params, seq_len, Scaling::None, &device)?;
+                            model = Llama::new(config.clone(), params, seq_len, &device)?;
                             optimizer = restored;
                             eprintln!("train: rolled back to {name}; continuing past the batch");
                         }
