@@ -4,6 +4,7 @@
 
 pub mod context;
 pub mod data;
+pub mod eval;
 pub mod model;
 pub mod tokenize;
 pub mod train;

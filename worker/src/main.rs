@@ -24,6 +24,10 @@ struct Cli {
     /// step, `all` both in this process.
     #[arg(long, value_enum, default_value_t = PhaseArg::All)]
     phase: PhaseArg,
+    /// For eval: measure one checkpoint (`train`, `train/40`, `long-context/step-000000012`) and write
+    /// its report under eval/checkpoints/ instead of evaluating the run's final checkpoints.
+    #[arg(long)]
+    checkpoint: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -53,11 +57,11 @@ async fn run(cli: Cli) -> i32 {
         }
     };
     match ctx.dir.committed(&ctx.config_hash()).await {
-        Ok(Some(_)) => {
+        Ok(Some(_)) if cli.checkpoint.is_none() => {
             println!("{}: outputs already committed for this spec; nothing to do", ctx.stage);
             return exit::DONE;
         }
-        Ok(None) => {}
+        Ok(_) => {}
         Err(e) => {
             eprintln!("{e}");
             return exit::FAILED;
@@ -111,15 +115,15 @@ async fn run(cli: Cli) -> i32 {
                 }
             }
         }
-        Stage::Train => {
+        Stage::Train | Stage::LongContext => {
             use pretrain_worker::train::stage::{self, Outcome, TrainError};
             match stage::run(&ctx, stage::stop_flag()).await {
                 Ok(Outcome::Done(commit)) => {
-                    println!("train: committed {} files", commit.files.len());
+                    println!("{}: committed {} files", ctx.stage, commit.files.len());
                     exit::DONE
                 }
                 Ok(Outcome::Preempted { step }) => {
-                    eprintln!("train: stopped on SIGTERM after checkpointing step {step}; resume to continue");
+                    eprintln!("{}: stopped on SIGTERM after checkpointing step {step}; resume to continue", ctx.stage);
                     exit::RESUME
                 }
                 Err(e @ TrainError::Invalid(_)) => {
@@ -132,10 +136,23 @@ async fn run(cli: Cli) -> i32 {
                 }
             }
         }
-        // Stages land one by one; until then the worker says so and the runner stops there.
-        Stage::LongContext | Stage::Eval => {
-            eprintln!("stage {} is not implemented in pretrain-worker {}", ctx.stage, env!("CARGO_PKG_VERSION"));
-            exit::UNAVAILABLE
+        Stage::Eval => {
+            use pretrain_worker::eval::{EvalError, stage};
+            match stage::run(&ctx, cli.checkpoint.as_deref()).await {
+                Ok(Some(commit)) => {
+                    println!("eval: committed {} files", commit.files.len());
+                    exit::DONE
+                }
+                Ok(None) => exit::DONE,
+                Err(e @ (EvalError::Invalid(_) | EvalError::Task { .. })) => {
+                    eprintln!("{e}");
+                    exit::INVALID
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    exit::FAILED
+                }
+            }
         }
     }
 }

@@ -5,7 +5,8 @@
 
 use candle_core::{D, Device, Result, Tensor};
 
-/// How frequencies are rescaled for a context `factor` times longer than the one trained on.
+/// How frequencies are rescaled for a context `factor` times longer than the one trained on. (NTK-aware
+/// scaling is a new base, [`ntk_base`], with no scaling.)
 ///
 /// Serialised as in Hugging Face `rope_scaling` (`{"type": "yarn", "factor": 4.0, ...}`); `none` is
 /// the default and left out of a config.
@@ -17,11 +18,6 @@ pub enum Scaling {
     None,
     /// Positions divided by `factor` (position interpolation).
     Linear {
-        /// New length / trained length.
-        factor: f64,
-    },
-    /// NTK-aware: the base grows to `base * factor^(d / (d - 2))`, stretching low frequencies most.
-    Ntk {
         /// New length / trained length.
         factor: f64,
     },
@@ -56,7 +52,6 @@ pub fn inv_freq(head_dim: usize, base: f64, scaling: Scaling) -> Vec<f64> {
     match scaling {
         Scaling::None => plain(base),
         Scaling::Linear { factor } => plain(base).into_iter().map(|f| f / factor).collect(),
-        Scaling::Ntk { factor } => plain(ntk_base(base, factor, head_dim)),
         Scaling::Yarn { factor, original_len } => {
             let (beta_fast, beta_slow) = (32.0, 1.0);
             // The dimension index at which a frequency makes `rotations` turns over the trained context.
@@ -190,7 +185,7 @@ mod tests {
         let (base, s, d) = (10_000f64, 8f64, 64usize);
         let expected = base * s.powf(64.0 / 62.0);
         assert!(close(ntk_base(base, s, d), expected));
-        let ntk = inv_freq(d, base, Scaling::Ntk { factor: s });
+        let ntk = inv_freq(d, ntk_base(base, s, d), Scaling::None);
         for (i, v) in ntk.iter().enumerate() {
             assert!(close(*v, expected.powf(-(2.0 * i as f64) / d as f64)));
         }
@@ -219,7 +214,6 @@ mod tests {
         // Attention temperature sqrt(1/t) = 0.1 ln s + 1 on both q and k: logits times its square.
         let t = attention_factor(Scaling::Yarn { factor: s, original_len: len });
         assert!(close(t, (0.1 * s.ln() + 1.0).powi(2)));
-        assert_eq!(attention_factor(Scaling::Ntk { factor: s }), 1.0);
         assert_eq!(attention_factor(Scaling::Linear { factor: s }), 1.0);
     }
 

@@ -607,3 +607,47 @@ fn print_report(vocab_size: u32, report: &BTreeMap<String, Compression>, all: &C
         );
     }
 }
+
+/// A committed tokenize stage as the model stages read it: its directory, commit record, tokenizer
+/// and document separator.
+#[derive(Debug)]
+pub struct Tokenized {
+    /// The stage directory.
+    pub dir: StageDir,
+    /// Its commit record.
+    pub commit: StageCommit,
+    /// The tokenizer.
+    pub encoder: Encoder,
+    /// Id of the token that ends every document.
+    pub separator: u32,
+}
+
+impl Tokenized {
+    /// Loads the tokenize stage committed for `ctx`'s spec; the error says what to run first.
+    pub async fn load(ctx: &Context) -> std::result::Result<Self, String> {
+        let dir = ctx.dir.store().stage(ctx.run_name(), Stage::Tokenize).map_err(|e| e.to_string())?;
+        let commit = dir
+            .committed(&ctx.run.spec.stage_config_hash(Stage::Tokenize))
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| {
+                format!(
+                    "tokenize has not committed outputs for this spec at {}; run it first",
+                    dir.url("_SUCCESS.json")
+                )
+            })?;
+        let json = dir.get("tokenizer.json").await.map_err(|e| e.to_string())?;
+        let text = String::from_utf8(json.to_vec()).map_err(|_| format!("{}: not UTF-8", dir.url("tokenizer.json")))?;
+        let encoder = Encoder::from_json(&text).map_err(|e| format!("{}: {e}", dir.url("tokenizer.json")))?;
+        let name = commit.stats["tokenizer"]["separator"].as_str().unwrap_or("<|eos|>");
+        let separator = encoder
+            .special(name)
+            .ok_or_else(|| format!("{}: the separator {name:?} is not a special token", dir.url("tokenizer.json")))?;
+        Ok(Self { dir, commit, encoder, separator })
+    }
+
+    /// Vocabulary size.
+    pub fn vocab_size(&self) -> u32 {
+        self.encoder.vocab_size()
+    }
+}

@@ -6,6 +6,10 @@
 //! from the cursor (inputs and their next-token targets); data-parallel rank `r` of `w` takes the
 //! `r`-th of `w` equal slices. The cursor (a token position in the repeated stream) is all that a
 //! checkpoint needs to resume the exact same batches, whatever the number of ranks.
+//!
+//! Long-context training reorders the stream by document, longest first
+//! ([`TokenStream::long_documents_first`]), so that its few steps see whole long documents rather
+//! than windows spanning many short ones.
 
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, sync_channel};
@@ -20,6 +24,9 @@ pub struct TokenStream {
     /// Prefix sums of shard lengths.
     starts: Vec<u64>,
     total: u64,
+    /// A document order over the stream: `(start in the stream, length)` per segment, and prefix sums
+    /// of the lengths. `None` reads the shards in their own order.
+    order: Option<(Vec<(u64, u64)>, Vec<u64>)>,
 }
 
 impl TokenStream {
@@ -42,7 +49,38 @@ impl TokenStream {
             total += shard.len();
             shards.push(shard);
         }
-        Ok(Self { shards, starts, total })
+        Ok(Self { shards, starts, total, order: None })
+    }
+
+    /// The same tokens with whole documents ordered longest first (ties in stream order).
+    pub fn long_documents_first(mut self) -> Self {
+        let mut docs: Vec<(u64, u64)> = Vec::new();
+        for (shard, start) in self.shards.iter().zip(&self.starts) {
+            docs.extend((0..shard.documents()).map(|d| {
+                let r = shard.document_range(d);
+                (start + r.start, r.end - r.start)
+            }));
+        }
+        docs.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        let mut prefix = Vec::with_capacity(docs.len());
+        let mut at = 0;
+        for (_, len) in &docs {
+            prefix.push(at);
+            at += len;
+        }
+        debug_assert_eq!(at, self.total);
+        self.order = Some((docs, prefix));
+        self
+    }
+
+    /// The longest document, in tokens.
+    pub fn longest_document(&self) -> u64 {
+        self.shards
+            .iter()
+            .flat_map(|s| (0..s.documents()).map(|d| s.document_range(d)))
+            .map(|r| r.end - r.start)
+            .max()
+            .unwrap_or(0)
     }
 
     /// Tokens in one pass over the data.
@@ -63,6 +101,22 @@ impl TokenStream {
     /// Appends `n` tokens starting at stream position `at` (wrapping into the next epoch).
     pub fn read(&self, mut at: u64, mut n: u64, out: &mut Vec<u32>) {
         assert!(self.total > 0, "reading an empty stream");
+        let Some((segments, prefix)) = &self.order else {
+            return self.read_in_order(at, n, out);
+        };
+        while n > 0 {
+            let pos = at % self.total;
+            let k = prefix.partition_point(|&s| s <= pos) - 1;
+            let (start, len) = segments[k];
+            let within = pos - prefix[k];
+            let take = n.min(len - within);
+            self.read_in_order(start + within, take, out);
+            at += take;
+            n -= take;
+        }
+    }
+
+    fn read_in_order(&self, mut at: u64, mut n: u64, out: &mut Vec<u32>) {
         while n > 0 {
             let pos = at % self.total;
             let k = self.starts.partition_point(|&s| s <= pos) - 1;
@@ -212,6 +266,22 @@ mod tests {
         out.clear();
         s.read(23, 4, &mut out);
         assert_eq!(out, [23, 24, 0, 1]);
+    }
+
+    #[test]
+    fn long_documents_come_first_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = stream(dir.path()).long_documents_first();
+        assert_eq!(s.len(), 25);
+        assert_eq!(s.longest_document(), 12);
+        let mut out = Vec::new();
+        s.read(0, 25, &mut out);
+        let expected: Vec<u32> = (13..25).chain(0..10).chain(10..13).collect();
+        assert_eq!(out, expected);
+        out.clear();
+        s.read(20, 8, &mut out);
+        // Positions 20.. are the end of the 10-token document, the 3-token one, then the next epoch.
+        assert_eq!(out, [8, 9, 10, 11, 12, 13, 14, 15]);
     }
 
     #[test]

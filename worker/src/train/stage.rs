@@ -10,8 +10,9 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use candle_core::{DType, Device, Tensor};
+use pretrain_crd::PretrainRunSpec;
 use pretrain_crd::Stage;
-use pretrain_crd::spec::{Precision, SpikeAction};
+use pretrain_crd::spec::{LongContext, Optimizer, Precision, RopeScalingKind, Schedule, SpikeAction};
 use pretrain_store::{FileEntry, StageCommit, StageDir};
 
 use super::checkpoint::{self, Snapshot, TrainState};
@@ -19,7 +20,10 @@ use super::loader::{BatchShape, Prefetcher, TokenStream};
 use super::optim::{AdamW, AdamWConfig, clip};
 use super::schedule::learning_rate;
 use crate::Context;
-use crate::model::{Llama, LlamaConfig, Params};
+use crate::eval::{Scorer, probe_logprobs};
+use crate::model::rope::ntk_base;
+use crate::model::{Llama, LlamaConfig, Params, Scaling};
+use crate::tokenize::stage::Tokenized;
 
 /// Why training stopped early.
 #[derive(Debug, thiserror::Error)]
@@ -178,31 +182,166 @@ fn device(ctx: &Context) -> Result<Device> {
     })
 }
 
-/// Runs the stage to its commit, or until SIGTERM.
+/// What one run of the loop trains: the train stage from a seed, or long-context continuation from
+/// train's final weights.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// The stage, for messages.
+    pub label: &'static str,
+    /// The model, RoPE scaling included.
+    pub config: LlamaConfig,
+    /// Tokens per sequence.
+    pub seq_len: usize,
+    /// Sequences per optimizer step, all ranks together.
+    pub sequences: usize,
+    /// Sequences per forward pass.
+    pub micro: usize,
+    /// Optimizer steps.
+    pub total_steps: u64,
+    /// Optimizer settings.
+    pub optimizer: Optimizer,
+    /// Learning-rate schedule.
+    pub schedule: Schedule,
+    /// Initial weights.
+    pub start: Start,
+    /// Read whole documents longest first (long-context) instead of in shard order.
+    pub long_documents_first: bool,
+}
+
+/// Where a job's weights come from when it has no checkpoint of its own yet.
+#[derive(Debug, Clone)]
+pub enum Start {
+    /// Freshly initialised from the seed.
+    Seed(u64),
+    /// A committed checkpoint of another stage (weights only: fresh optimizer and schedule).
+    Weights {
+        /// The stage directory holding it.
+        dir: StageDir,
+        /// Its step.
+        step: u64,
+    },
+}
+
+impl Job {
+    /// Tokens per optimizer step.
+    pub fn step_tokens(&self) -> u64 {
+        (self.sequences * self.seq_len) as u64
+    }
+
+    /// The train stage's job.
+    pub fn train(spec: &PretrainRunSpec, vocab: u32) -> Self {
+        let t = &spec.train;
+        Self {
+            label: "train",
+            config: LlamaConfig::from_spec(&spec.model.resolved(), vocab),
+            seq_len: t.seq_len as usize,
+            sequences: (t.global_batch_tokens / u64::from(t.seq_len)) as usize,
+            micro: t.micro_batch_size as usize,
+            total_steps: spec.train_steps(),
+            optimizer: t.optimizer.clone(),
+            schedule: t.schedule.clone(),
+            start: Start::Seed(spec.seed),
+            long_documents_first: false,
+        }
+    }
+
+    /// The long-context job: train's model with the new RoPE, `tokensFraction` of train's token
+    /// budget at the new length, train's optimizer settings with a warmup of at most a tenth of the
+    /// steps, starting from the final checkpoint that train committed.
+    pub async fn long_context(ctx: &Context, vocab: u32) -> Result<Self> {
+        let spec = &ctx.run.spec;
+        let lc = spec
+            .long_context
+            .as_ref()
+            .ok_or_else(|| TrainError::Invalid("the spec has no longContext section".into()))?;
+        let train_dir = ctx.dir.store().stage(ctx.run_name(), Stage::Train)?;
+        let Some(commit) = train_dir.committed(&spec.stage_config_hash(Stage::Train)).await? else {
+            return Err(TrainError::Invalid(format!(
+                "train has not committed outputs for this spec at {}; run it first",
+                train_dir.url("_SUCCESS.json")
+            )));
+        };
+        let step = commit.stats["steps"]
+            .as_u64()
+            .ok_or_else(|| TrainError::Invalid(format!("{} records no steps", train_dir.url("_SUCCESS.json"))))?;
+        let base = Self::train(spec, vocab);
+        let seq_len = lc.seq_len as usize;
+        let world = ctx.world_size as usize;
+        let micro = match lc.micro_batch_size {
+            Some(m) => m as usize,
+            None => (base.micro * base.seq_len / seq_len).max(1),
+        };
+        // Keep train's tokens per step where the new length allows, in whole micro-batches per rank.
+        let unit = micro * world;
+        let sequences = ((spec.train.global_batch_tokens as usize / seq_len) / unit).max(1) * unit;
+        let step_tokens = (sequences * seq_len) as u64;
+        let tokens = (spec.train_tokens() as f64 * lc.tokens_fraction).ceil() as u64;
+        let total_steps = tokens.div_ceil(step_tokens).max(1);
+        let mut schedule = spec.train.schedule.clone();
+        schedule.warmup_steps = schedule.warmup_steps.min(total_steps.div_ceil(10));
+        let (rope_base, rope_scaling) = long_context_rope(&base.config, lc, spec.train.seq_len as usize);
+        Ok(Self {
+            label: "long-context",
+            config: LlamaConfig { rope_base, rope_scaling, ..base.config },
+            seq_len,
+            sequences,
+            micro,
+            total_steps,
+            optimizer: spec.train.optimizer.clone(),
+            schedule,
+            start: Start::Weights { dir: train_dir, step },
+            long_documents_first: true,
+        })
+    }
+}
+
+/// The RoPE base and scaling of long-context training: `ntk` is a new base by its formula, `linear`
+/// and `yarn` keep the base and rescale, `none` keeps everything; an explicit `base` replaces the base
+/// (and, for `ntk`, the computed one). The factor defaults to the ratio of sequence lengths.
+pub fn long_context_rope(model: &LlamaConfig, lc: &LongContext, train_seq_len: usize) -> (f64, Scaling) {
+    let factor = lc.rope.factor.unwrap_or(lc.seq_len as f64 / train_seq_len as f64);
+    let base = lc.rope.base.unwrap_or(model.rope_base);
+    match lc.rope.scaling {
+        RopeScalingKind::None => (base, Scaling::None),
+        RopeScalingKind::Ntk => {
+            (lc.rope.base.unwrap_or(ntk_base(model.rope_base, factor, model.head_dim())), Scaling::None)
+        }
+        RopeScalingKind::Linear => (base, Scaling::Linear { factor }),
+        RopeScalingKind::Yarn => (base, Scaling::Yarn { factor, original_len: train_seq_len }),
+    }
+}
+
+/// Runs the train or long-context stage (as `ctx.stage` says) to its commit, or until SIGTERM.
 pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
     let spec = &ctx.run.spec;
     let hash = ctx.config_hash();
-    let tok_dir = ctx.dir.store().stage(ctx.run_name(), Stage::Tokenize)?;
-    let Some(tok) = tok_dir.committed(&spec.stage_config_hash(Stage::Tokenize)).await? else {
-        return Err(TrainError::Invalid(format!(
-            "tokenize has not committed outputs for this spec at {}; run it first",
-            tok_dir.url("_SUCCESS.json")
-        )));
+    let tok = Tokenized::load(ctx).await.map_err(TrainError::Invalid)?;
+    let vocab = tok.vocab_size();
+    let job = match ctx.stage {
+        Stage::LongContext => Job::long_context(ctx, vocab).await?,
+        _ => Job::train(spec, vocab),
     };
-    let vocab = tok.stats["tokenizer"]["vocabSize"].as_u64().ok_or_else(|| {
-        TrainError::Invalid(format!("{} records no tokenizer.vocabSize", tok_dir.url("_SUCCESS.json")))
-    })? as u32;
+    let label = job.label;
     let cache = tempfile::tempdir()?;
-    let train_paths = local_shards(&tok_dir, &tok.files, "shards/", cache.path()).await?;
-    let heldout_paths = local_shards(&tok_dir, &tok.files, "heldout/", cache.path()).await?;
-    let stream = Arc::new(TokenStream::open(&train_paths)?);
-    if stream.len() < u64::from(spec.train.seq_len) + 1 {
+    let train_paths = local_shards(&tok.dir, &tok.commit.files, "shards/", cache.path()).await?;
+    let heldout_paths = local_shards(&tok.dir, &tok.commit.files, "heldout/", cache.path()).await?;
+    let mut stream = TokenStream::open(&train_paths)?;
+    if stream.len() < job.seq_len as u64 + 1 {
         return Err(TrainError::Invalid(format!(
-            "the token shards hold {} tokens, fewer than one sequence of train.seqLen {}",
+            "the token shards hold {} tokens, fewer than one sequence of {} tokens",
             stream.len(),
-            spec.train.seq_len
+            job.seq_len
         )));
     }
+    if job.long_documents_first {
+        stream = stream.long_documents_first();
+        println!(
+            "{label}: longest documents first (the longest has {} tokens; sequences have {})",
+            stream.longest_document(),
+            job.seq_len
+        );
+    }
+    let stream = Arc::new(stream);
     let heldout = if heldout_paths.is_empty() { None } else { Some(TokenStream::open(&heldout_paths)?) };
 
     let device = device(ctx)?;
@@ -215,28 +354,24 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
         }
         (Precision::Bf16 | Precision::Auto, true) => DType::BF16,
     };
-    let config = LlamaConfig::from_spec(&spec.model.resolved(), vocab);
+    let config = job.config.clone();
     config.check().map_err(TrainError::Invalid)?;
-    let seq_len = spec.train.seq_len as usize;
+    let seq_len = job.seq_len;
     let world = ctx.world_size as usize;
-    let shape = BatchShape {
-        seq_len,
-        sequences: (spec.train.global_batch_tokens / spec.train.seq_len as u64) as usize,
-        rank: ctx.rank as usize,
-        world,
-    };
-    let micro = spec.train.micro_batch_size as usize;
+    let shape = BatchShape { seq_len, sequences: job.sequences, rank: ctx.rank as usize, world };
+    let micro = job.micro;
     if shape.per_rank() == 0 || !shape.per_rank().is_multiple_of(micro) {
         return Err(TrainError::Invalid(format!(
-            "train.globalBatchTokens {} gives {} sequences per rank, not a multiple of train.microBatchSize {micro}",
-            spec.train.global_batch_tokens,
+            "{label}: {} sequences per step give {} per rank, not a multiple of the micro-batch size {micro}",
+            job.sequences,
             shape.per_rank()
         )));
     }
-    let total_steps = spec.train_steps();
-    let opt_config = AdamWConfig::from_spec(&spec.train.optimizer);
+    let total_steps = job.total_steps;
+    let step_tokens = job.step_tokens();
+    let opt_config = AdamWConfig::from_spec(&job.optimizer);
 
-    // Resume from the newest valid checkpoint, or start from the seed.
+    // Resume from the newest valid checkpoint, or start from the seed or the given weights.
     let resumed = checkpoint::load_latest(&ctx.dir, &device).await?;
     let (params, mut optimizer, mut state) = match resumed {
         Some(loaded) => {
@@ -250,18 +385,29 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
             }
             if loaded.state.config_hash != hash {
                 eprintln!(
-                    "train: {} was made with other training settings; resuming with the current ones",
+                    "{label}: {} was made with other training settings; resuming with the current ones",
                     loaded.name
                 );
             }
             let (name, state) = (loaded.name.clone(), loaded.state.clone());
-            let (params, optimizer) = restore(loaded, &config, opt_config, &device)?;
-            println!("train: resuming from {name} (step {} of {total_steps})", state.step);
+            let (params, optimizer) = restore(loaded, &config, opt_config.clone(), &device)?;
+            println!("{label}: resuming from {name} (step {} of {total_steps})", state.step);
             (params, optimizer, state)
         }
         None => {
-            let params = Params::init(&config, spec.seed, &device)?;
-            let optimizer = AdamW::new(opt_config, &params)?;
+            let params = match &job.start {
+                Start::Seed(seed) => Params::init(&config, *seed, &device)?,
+                Start::Weights { dir, step } => {
+                    let url = dir.url(&format!("ckpt/{}", checkpoint::dir_name(*step)));
+                    let loaded = checkpoint::load(dir, *step, &device)
+                        .await?
+                        .map_err(|e| TrainError::Invalid(format!("starting weights {url}: {e}")))?;
+                    println!("{label}: starting from the weights of {url}");
+                    Params::from_named(&config, loaded.model, &device)
+                        .map_err(|e| TrainError::Invalid(format!("starting weights {url}: {e}")))?
+                }
+            };
+            let optimizer = AdamW::new(opt_config.clone(), &params)?;
             let state = TrainState {
                 format_version: checkpoint::FORMAT_VERSION,
                 step: 0,
@@ -284,12 +430,14 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
     state.world_size = ctx.world_size;
     let mut model = Llama::new(config.clone(), params, seq_len, &device)?;
     println!(
-        "train: {} parameters, {:.2} GFLOPs/token, {total_steps} steps of {} tokens, {} on {device:?}",
+        "{label}: {} parameters, {:.2} GFLOPs/token, {total_steps} steps of {step_tokens} tokens at {seq_len}, RoPE base {} {}, {} on {device:?}",
         config.parameters(),
         config.flops_per_token(seq_len) / 1e9,
-        spec.train.global_batch_tokens,
+        config.rope_base,
+        serde_json::to_string(&config.rope_scaling).unwrap_or_default(),
         if dtype == DType::BF16 { "bf16" } else { "fp32" }
     );
+    let probes = &spec.eval.probes;
 
     // Metrics: the JSONL so far (up to the resumed step), then one line per step.
     let metrics_path = cache.path().join("metrics.jsonl");
@@ -350,13 +498,13 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
         if !loss.is_finite() {
             return Err(TrainError::Diverged { step: state.step, loss });
         }
-        let grad_norm = clip(&mut grads, spec.train.optimizer.grad_clip)?;
-        let lr = learning_rate(state.step, total_steps, &spec.train.schedule, &spec.train.optimizer);
+        let grad_norm = clip(&mut grads, job.optimizer.grad_clip)?;
+        let lr = learning_rate(state.step, total_steps, &job.schedule, &job.optimizer);
         let mut event = None;
         match detector.observe(loss) {
             Some(z) => {
                 eprintln!(
-                    "train: loss spike at step {}: {loss:.4} is {z:.1} standard deviations above the window",
+                    "{label}: loss spike at step {}: {loss:.4} is {z:.1} standard deviations above the window",
                     state.step
                 );
                 match spike.action {
@@ -366,11 +514,10 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
                         event = Some("rolled-back");
                         if let Some(loaded) = checkpoint::load_latest(&ctx.dir, &device).await? {
                             let name = loaded.name.clone();
-                            let opt_config = AdamWConfig::from_spec(&spec.train.optimizer);
-                            let (params, restored) = restore(loaded, &config, opt_config, &device)?;
+                            let (params, restored) = restore(loaded, &config, opt_config.clone(), &device)?;
                             model = Llama::new(config.clone(), params, seq_len, &device)?;
                             optimizer = restored;
-                            eprintln!("train: rolled back to {name}; continuing past the batch");
+                            eprintln!("{label}: rolled back to {name}; continuing past the batch");
                         }
                     }
                 }
@@ -378,7 +525,7 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
             None => optimizer.step(&model.params, &grads, lr)?,
         }
         state.step += 1;
-        state.tokens_seen += spec.train.global_batch_tokens;
+        state.tokens_seen += step_tokens;
         state.cursor = batch.cursor_after;
         state.optimizer_updates = optimizer.updates;
         state.lr = lr;
@@ -386,7 +533,7 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
         state.loss_window = detector.history();
 
         let seconds = step_start.elapsed().as_secs_f64();
-        let tokens_per_s = spec.train.global_batch_tokens as f64 / seconds / world as f64;
+        let tokens_per_s = step_tokens as f64 / seconds / world as f64;
         let mfu = flops_per_token * tokens_per_s / peak;
         let mut line = serde_json::json!({
             "step": state.step, "loss": loss, "gradNorm": grad_norm, "lr": lr, "tokens": state.tokens_seen,
@@ -400,13 +547,24 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
             let heldout_loss = evaluate(&model, heldout, seq_len, micro, dtype, &device)?;
             line["heldoutLoss"] = heldout_loss.into();
         }
+        if checkpointing && !probes.is_empty() {
+            let scorer = Scorer::new(&model, dtype);
+            let logprobs = probe_logprobs(&scorer, &tok.encoder, tok.separator, probes)
+                .map_err(|e| TrainError::Invalid(format!("spec.eval.probes: {e}")))?;
+            line["probes"] = probes
+                .iter()
+                .zip(logprobs)
+                .map(|(p, lp)| (p.name.clone(), serde_json::Value::from(lp)))
+                .collect::<serde_json::Map<String, serde_json::Value>>()
+                .into();
+        }
         writeln!(metrics, "{line}")?;
         if last_print.elapsed().as_secs_f64() >= 5.0 || state.step == total_steps || state.step == start_step + 1 {
             last_print = Instant::now();
             let done = (state.step - start_step) as f64;
             let eta = run_start.elapsed().as_secs_f64() / done * (total_steps - state.step) as f64;
             println!(
-                "train: step {}/{total_steps} loss {loss:.4} lr {lr:.2e} grad-norm {grad_norm:.3} {tokens_per_s:.0} tok/s MFU {:.1}% eta {}",
+                "{label}: step {}/{total_steps} loss {loss:.4} lr {lr:.2e} grad-norm {grad_norm:.3} {tokens_per_s:.0} tok/s MFU {:.1}% eta {}",
                 state.step,
                 mfu * 100.0,
                 format_seconds(eta)
@@ -429,7 +587,7 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
             if stop.load(Ordering::SeqCst) {
                 let files = saving.take().expect("just started").await.expect("the checkpoint task does not panic")?;
                 drop(files);
-                println!("train: checkpointed step {} on SIGTERM", state.step);
+                println!("{label}: checkpointed step {} on SIGTERM", state.step);
                 return Ok(Outcome::Preempted { step: state.step });
             }
         }
@@ -456,6 +614,9 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
         "flopsPerToken": flops_per_token,
         "model": config,
         "checkpoint": checkpoint::dir_name(state.step),
+        "seqLen": seq_len,
+        "ropeBase": config.rope_base,
+        "ropeScaling": config.rope_scaling,
         "seconds": run_start.elapsed().as_secs_f64(),
         "epochs": state.tokens_seen as f64 / stream.len() as f64,
     });

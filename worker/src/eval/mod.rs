@@ -1,0 +1,73 @@
+//! The eval stage and the measurements it is made of: held-out perplexity and bits per byte,
+//! probability probes, cloze and generative benchmarks, passkey retrieval.
+
+pub mod passkey;
+pub mod score;
+pub mod stage;
+pub mod tasks;
+
+use pretrain_crd::spec::Probe;
+
+pub use score::{Request, Scored, Scorer};
+
+use crate::tokenize::{Encoder, EncoderError};
+
+/// Why an evaluation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    /// Upstream outputs are missing or the spec cannot be evaluated as written.
+    #[error("{0}")]
+    Invalid(String),
+    /// A line of a task file is malformed.
+    #[error("{file}:{line}: {reason}")]
+    Task {
+        /// The task file.
+        file: String,
+        /// 1-based line.
+        line: usize,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] pretrain_store::Error),
+    /// Loading a checkpoint failed.
+    #[error(transparent)]
+    Checkpoint(#[from] crate::train::checkpoint::CheckpointError),
+    /// The tensor library failed.
+    #[error("model: {0}")]
+    Model(#[from] candle_core::Error),
+    /// Text could not be encoded.
+    #[error("tokenizer: {0}")]
+    Encoder(#[from] EncoderError),
+    /// Local scratch files failed.
+    #[error("scratch: {0}")]
+    Scratch(#[from] std::io::Error),
+}
+
+/// A text request encoded as the model saw documents in training: the separator that ends the
+/// previous document, then the context; the continuation encoded on its own.
+pub fn encode_request(
+    encoder: &Encoder,
+    separator: u32,
+    context: &str,
+    continuation: &str,
+) -> Result<Request, EncoderError> {
+    let mut ctx = vec![separator];
+    ctx.extend(encoder.encode(context)?);
+    Ok(Request { context: ctx, continuation: encoder.encode(continuation)? })
+}
+
+/// The log-probability (natural log) of each probe's target after its prompt.
+pub fn probe_logprobs(
+    scorer: &Scorer<'_>,
+    encoder: &Encoder,
+    separator: u32,
+    probes: &[Probe],
+) -> Result<Vec<f64>, EvalError> {
+    let requests = probes
+        .iter()
+        .map(|p| encode_request(encoder, separator, &p.prompt, &p.target))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(scorer.loglikelihood(&requests)?.into_iter().map(|s| s.logprob).collect())
+}
