@@ -547,7 +547,7 @@ pub fn markdown(run: &str, report: &Report) -> String {
     for c in &report.checkpoints {
         let _ = writeln!(
             md,
-            "## {} ({} step {}, {} tokens, trained at {} tokens, RoPE base {}{})\n",
+            "## {} ({} step {}, {} tokens, trained at {} tokens, RoPE base {:.1}{})\n",
             c.label,
             c.stage,
             c.step,

@@ -430,11 +430,14 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
     state.world_size = ctx.world_size;
     let mut model = Llama::new(config.clone(), params, seq_len, &device)?;
     println!(
-        "{label}: {} parameters, {:.2} GFLOPs/token, {total_steps} steps of {step_tokens} tokens at {seq_len}, RoPE base {} {}, {} on {device:?}",
+        "{label}: {} parameters, {:.2} GFLOPs/token, {total_steps} steps of {step_tokens} tokens at {seq_len}, RoPE base {:.0}{}, {} on {device:?}",
         config.parameters(),
         config.flops_per_token(seq_len) / 1e9,
         config.rope_base,
-        serde_json::to_string(&config.rope_scaling).unwrap_or_default(),
+        match config.rope_scaling {
+            Scaling::None => String::new(),
+            s => format!(" scaled {}", serde_json::to_string(&s).unwrap_or_default()),
+        },
         if dtype == DType::BF16 { "bf16" } else { "fp32" }
     );
     let probes = &spec.eval.probes;

@@ -1,0 +1,305 @@
+//! Eval measurements checked against independent computations, passkey retrieval on a model trained
+//! for it, and the long-context and eval stages end to end through the `pretrain-worker` binary.
+
+use std::path::Path;
+use std::process::Command;
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use pretrain_crd::contract::exit;
+use pretrain_crd::spec::Probe;
+use pretrain_worker::eval::stage::{HeldOutDoc, perplexity};
+use pretrain_worker::eval::{Scorer, passkey, probe_logprobs};
+use pretrain_worker::model::rope::ntk_base;
+use pretrain_worker::model::{Llama, LlamaConfig, Params, Scaling};
+use pretrain_worker::tokenize::Encoder;
+use pretrain_worker::tokenize::train::train_bpe;
+use pretrain_worker::train::optim::{AdamW, AdamWConfig};
+
+fn config(vocab: usize) -> LlamaConfig {
+    LlamaConfig {
+        vocab_size: vocab,
+        dim: 64,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        ffn_dim: 128,
+        rope_base: 10_000.0,
+        norm_eps: 1e-5,
+        tie_embeddings: true,
+        rope_scaling: Scaling::None,
+    }
+}
+
+/// Log-softmax of one row, in f64.
+fn log_softmax(row: &[f32]) -> Vec<f64> {
+    let m = row.iter().fold(f32::MIN, |a, &b| a.max(b)) as f64;
+    let z = row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
+    row.iter().map(|&v| v as f64 - m - z).collect()
+}
+
+/// Sum of next-token log-probabilities of `seq[1..]` by one plain forward pass.
+fn direct_logprob(model: &Llama, seq: &[u32], from: usize) -> f64 {
+    let ids = Tensor::new(&seq[..seq.len() - 1], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let logits = model.forward(&ids, DType::F32).unwrap().get(0).unwrap().to_vec2::<f32>().unwrap();
+    (from..seq.len()).map(|p| log_softmax(&logits[p - 1])[seq[p] as usize]).sum()
+}
+
+#[test]
+fn perplexity_is_exp_of_the_mean_nll_computed_independently() {
+    let dev = Device::Cpu;
+    let c = config(40);
+    let model = Llama::new(c.clone(), Params::init(&c, 4, &dev).unwrap(), 16, &dev).unwrap();
+    let doc = |category: &str, n: usize, k: u32| HeldOutDoc {
+        category: category.into(),
+        text: "x".repeat(n * 3),
+        tokens: (0..n as u32).map(|i| 2 + (i * k) % 37).chain([1]).collect(),
+    };
+    let docs = vec![doc("web", 20, 3), doc("code", 7, 5), doc("web", 30, 7)];
+    let scorer = Scorer::new(&model, DType::F32);
+    let got = perplexity(&scorer, &docs, 1, 16).unwrap();
+
+    // Independently: each category's stream after a separator, in windows of 16 predictions.
+    let mut total = (0.0, 0u64, 0u64);
+    for category in ["code", "web"] {
+        let mut stream = vec![1u32];
+        let mut bytes = 0;
+        for d in docs.iter().filter(|d| d.category == category) {
+            stream.extend(&d.tokens);
+            bytes += d.text.len() as u64;
+        }
+        let mut nll = 0.0;
+        let mut start = 0;
+        while start + 1 < stream.len() {
+            let end = (start + 17).min(stream.len());
+            nll -= direct_logprob(&model, &stream[start..end], 1);
+            start += 16;
+        }
+        let n = stream.len() as u64 - 1;
+        let p = &got[category];
+        assert_eq!((p.tokens, p.bytes), (n, bytes));
+        assert!((p.perplexity - (nll / n as f64).exp()).abs() < 1e-6 * p.perplexity, "{category}");
+        let bpb = nll / std::f64::consts::LN_2 / bytes as f64;
+        assert!((p.bits_per_byte - bpb).abs() < 1e-6 * bpb);
+        total = (total.0 + nll, total.1 + n, total.2 + bytes);
+    }
+    let all = &got["all"];
+    assert_eq!((all.tokens, all.bytes, all.documents), (total.1, total.2, 3));
+    assert!((all.perplexity - (total.0 / total.1 as f64).exp()).abs() < 1e-6 * all.perplexity);
+}
+
+fn tokenizer(texts: &[String], vocab: u32) -> Encoder {
+    let specials: Vec<String> = ["<|bos|>", "<|eos|>", "<|pad|>"].map(String::from).to_vec();
+    Encoder::from_json(&train_bpe(texts, vocab, &specials).unwrap().json).unwrap()
+}
+
+#[test]
+fn probe_logprobs_match_a_direct_forward_pass() {
+    let texts = common::words(3, 3000, |s| format!("word{}", s % 40));
+    let texts: Vec<String> = texts.chunks(50).map(|c| c.join(" ")).collect();
+    let enc = tokenizer(&texts, 280);
+    let sep = enc.special("<|eos|>").unwrap();
+    let dev = Device::Cpu;
+    let c = config(enc.vocab_size() as usize);
+    let model = Llama::new(c.clone(), Params::init(&c, 8, &dev).unwrap(), 64, &dev).unwrap();
+    let probes = vec![
+        Probe { name: "a".into(), prompt: "word1 word2".into(), target: " word3 word4".into() },
+        Probe { name: "b".into(), prompt: "word39".into(), target: " word7".into() },
+    ];
+    let got = probe_logprobs(&Scorer::new(&model, DType::F32), &enc, sep, &probes).unwrap();
+    for (p, lp) in probes.iter().zip(got) {
+        let prompt = enc.encode(&p.prompt).unwrap();
+        let target = enc.encode(&p.target).unwrap();
+        let seq: Vec<u32> = [sep].iter().chain(&prompt).chain(&target).copied().collect();
+        let want = direct_logprob(&model, &seq, 1 + prompt.len());
+        assert!((lp - want).abs() < 1e-4, "{}: {lp} vs {want}", p.name);
+        assert!(lp < 0.0);
+    }
+}
+
+/// About a minute in release mode, far longer in debug builds, so CI leaves it out; run it with
+/// `cargo test --release -p pretrain-worker --test eval -- --ignored`.
+#[test]
+#[ignore = "trains a model for a minute; run with --release -- --ignored"]
+fn passkey_retrieval_beats_chance_on_a_model_trained_for_it() {
+    // A tokenizer that knows the passkey prompt's words, and a model trained on passkey prompts
+    // followed by their key: to lower the loss it must learn to copy the key from the needle.
+    const LENGTH: usize = 96;
+    let keys = common::words(5, 4000, |s| (10_000 + s % 90_000).to_string());
+    let sample: Vec<String> = keys
+        .chunks(40)
+        .map(|k| {
+            k.iter()
+                .map(|k| format!("The grass is green. The pass key is {k}. Remember it. {k} is the pass key. There and back again. There is important info hidden inside a lot of irrelevant text. Find it and memorize it. I will quiz you about the important info there. What is the pass key? The pass key is {k}. The sky is blue. The sun is yellow. Here we go."))
+                .collect::<String>()
+        })
+        .collect();
+    let enc = tokenizer(&sample, 400);
+    let sep = enc.special("<|eos|>").unwrap();
+    let examples: Vec<Vec<u32>> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| {
+            let (mut ids, answer) =
+                passkey::prompt(&enc, sep, LENGTH, k.parse().unwrap(), (i % 11) as f64 / 10.0).unwrap();
+            ids.extend(answer);
+            ids
+        })
+        .collect();
+    let t = examples.iter().map(Vec::len).min().unwrap();
+    let dev = Device::Cpu;
+    let c = LlamaConfig { dim: 96, ffn_dim: 192, ..config(enc.vocab_size() as usize) };
+    let model = Llama::new(c.clone(), Params::init(&c, 2, &dev).unwrap(), LENGTH, &dev).unwrap();
+    let mut opt =
+        AdamW::new(AdamWConfig { weight_decay: 0.0, ..AdamWConfig::from_spec(&Default::default()) }, &model.params)
+            .unwrap();
+    let batch = 16;
+    const STEPS: usize = 1500;
+    for step in 0..STEPS {
+        let rows: Vec<u32> = (0..batch)
+            .flat_map(|b| {
+                let e = &examples[(step * batch + b) % examples.len()];
+                e[e.len() - t..].to_vec()
+            })
+            .collect();
+        let all = Tensor::from_vec(rows, (batch, t), &dev).unwrap();
+        let (inputs, targets) = (all.narrow(1, 0, t - 1).unwrap(), all.narrow(1, 1, t - 1).unwrap());
+        let (loss, _) = model.loss(&inputs, &targets, DType::F32).unwrap();
+        let grads = loss.backward().unwrap();
+        let g: Vec<Tensor> = model.params.iter().map(|(_, _, v)| grads.get(v.as_tensor()).unwrap().clone()).collect();
+        let lr = 3e-3 * ((step + 1) as f64 / 20.0).min(1.0);
+        opt.step(&model.params, &g, lr).unwrap();
+    }
+    let scorer = Scorer::new(&model, DType::F32);
+    let result = passkey::run(&scorer, &enc, sep, LENGTH, 10, 99).unwrap();
+    // Chance for a five-digit key is 1 in 90,000 per trial.
+    assert!(result.correct >= 3, "{result:?}");
+    let untrained = Llama::new(c.clone(), Params::init(&c, 2, &dev).unwrap(), LENGTH, &dev).unwrap();
+    let before = passkey::run(&Scorer::new(&untrained, DType::F32), &enc, sep, LENGTH, 10, 99).unwrap();
+    assert!(result.key_logprob > before.key_logprob + 5.0, "{result:?} vs {before:?}");
+}
+
+fn worker(stage: &str, spec: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pretrain-worker"));
+    cmd.arg(stage).arg("--spec").arg(spec);
+    cmd
+}
+
+fn run_ok(stage: &str, spec: &Path) -> String {
+    let out = worker(stage, spec).output().unwrap();
+    assert!(out.status.success(), "{stage}: {}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn json(path: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap()
+}
+
+#[test]
+fn long_context_continues_from_train_and_eval_reports_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let words = |seed: u64, n: usize| common::words(seed, n, |s| format!("w{}", s % 50)).join(" ");
+    let docs: Vec<String> = (0..200)
+        .map(|i| serde_json::json!({"id": format!("d{i}"), "text": format!("{}. {}.", words(i, 40 + i as usize % 80), words(i + 1000, 30))}).to_string())
+        .collect();
+    std::fs::write(dir.path().join("docs.jsonl"), docs.join("\n")).unwrap();
+    std::fs::write(
+        dir.path().join("task.jsonl"),
+        "{\"context\": \"w1 w2\", \"choices\": [\" w3\", \" w4\"], \"answer\": 0}\n",
+    )
+    .unwrap();
+    let data = format!(
+        "    sources: [{{name: web, url: \"{}\"}}]\n    dedup: {{exact: false, minhash: {{enabled: false}}}}\n    heldOutFraction: 0.1\n    shards: 1",
+        dir.path().join("docs.jsonl").display()
+    );
+    let rest = |task: &str| {
+        format!(
+            r#"  tokenizer: {{vocabSize: 300}}
+  model: {{preset: tiny, dim: 64, layers: 2, heads: 4, kvHeads: 2, ffnDim: 128}}
+  train:
+    seqLen: 32
+    tokens: 5120
+    globalBatchTokens: 256
+    microBatchSize: 4
+    optimizer: {{lr: 0.003, minLr: 0.0003}}
+    schedule: {{warmupSteps: 3}}
+    checkpoint: {{everySteps: 5, keep: 2}}
+    resources: {{gpusPerNode: 0}}
+  longContext: {{seqLen: 128, rope: {{scaling: ntk}}, tokensFraction: 0.25}}
+  eval:
+    probes: [{{name: w1, prompt: "w1", target: " w2"}}]
+    benchmarks: [{{name: mine, url: "{task}", format: cloze}}]
+    passkey: {{lengths: [96], trials: 2}}"#
+        )
+    };
+    let task = dir.path().join("task.jsonl");
+    let spec = common::write_manifest(dir.path(), "lc", 3, &data, &rest(&task.display().to_string()));
+    for stage in ["data-prep", "tokenize", "train"] {
+        run_ok(stage, &spec);
+    }
+    let out = run_ok("long-context", &spec);
+    assert!(out.contains("long-context: starting from the weights of"), "{out}");
+    let store = dir.path().join("store/lc");
+    let train = json(&store.join("train/_SUCCESS.json"));
+    let lc = json(&store.join("long-context/_SUCCESS.json"));
+    // 25% of 5,120 tokens in steps of two 128-token sequences: 5 steps.
+    assert_eq!(lc["stats"]["steps"], 5);
+    assert_eq!(lc["stats"]["seqLen"], 128);
+    let want = ntk_base(10_000.0, 4.0, 16);
+    assert!((lc["stats"]["ropeBase"].as_f64().unwrap() - want).abs() < 1e-6, "{}", lc["stats"]["ropeBase"]);
+    // It continued from train's weights: its first loss is near train's last, far below ln(vocab).
+    let first_lc: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(store.join("long-context/metrics.jsonl")).unwrap().lines().next().unwrap(),
+    )
+    .unwrap();
+    let train_final = train["stats"]["finalLoss"].as_f64().unwrap();
+    assert!(first_lc["loss"].as_f64().unwrap() < train_final + 0.5, "{first_lc} vs {train_final}");
+    // Probes were recorded at train's checkpoints.
+    let metrics = std::fs::read_to_string(store.join("train/metrics.jsonl")).unwrap();
+    assert!(metrics.lines().filter(|l| l.contains("\"probes\"")).count() >= 4, "{metrics}");
+
+    let out = run_ok("eval", &spec);
+    assert!(out.contains("## base vs long-context"), "{out}");
+    let report = json(&store.join("eval/eval.json"));
+    let checkpoints = report["checkpoints"].as_array().unwrap();
+    assert_eq!(checkpoints.len(), 2);
+    assert_eq!(checkpoints[0]["label"], "base");
+    assert_eq!(checkpoints[1]["label"], "long-context");
+    for c in checkpoints {
+        let all = &c["perplexity"]["all"];
+        assert!(all["tokens"].as_u64().unwrap() > 100);
+        let (loss, ppl) = (all["loss"].as_f64().unwrap(), all["perplexity"].as_f64().unwrap());
+        assert!((ppl - loss.exp()).abs() < 1e-9 * ppl);
+        assert_eq!(c["benchmarks"]["mine"]["items"], 1);
+        assert!(c["benchmarks"]["heldout-next-sentence"]["items"].as_u64().unwrap() > 0, "{c}");
+        assert_eq!(c["passkey"][0]["length"], 96);
+        assert!(c["probes"]["w1"].as_f64().unwrap() < 0.0);
+    }
+    assert!(report["probeHistory"].as_array().unwrap().len() >= 5);
+    let md = std::fs::read_to_string(store.join("eval/report.md")).unwrap();
+    assert!(md.contains("## Probes across checkpoints"), "{md}");
+    assert!(md.contains("| passkey at 96 tokens |"), "{md}");
+
+    // One checkpoint on demand, written beside the committed report.
+    // (20 steps, a checkpoint every 5, two kept: 15 and 20.)
+    let out = worker("eval", &spec).args(["--checkpoint", "train/15"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let one = json(&store.join("eval/checkpoints/train-step-000000015/eval.json"));
+    assert_eq!(one["checkpoints"][0]["step"], 15);
+    let out = worker("eval", &spec).args(["--checkpoint", "train/5"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(exit::INVALID), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // A malformed task file fails with its file and line.
+    std::fs::write(
+        dir.path().join("bad.jsonl"),
+        "{\"context\": \"a\", \"choices\": [\" b\", \" c\"], \"answer\": 0}\n{\"context\": \"a\"}\n",
+    )
+    .unwrap();
+    let bad = dir.path().join("bad.jsonl");
+    let spec = common::write_manifest(dir.path(), "lc", 3, &data, &rest(&bad.display().to_string()));
+    let out = worker("eval", &spec).output().unwrap();
+    assert_eq!(out.status.code(), Some(exit::INVALID));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("bad.jsonl:2: missing field `choices`"), "{stderr}");
+}
