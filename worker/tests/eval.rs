@@ -199,14 +199,23 @@ fn json(path: &Path) -> serde_json::Value {
 #[test]
 fn long_context_continues_from_train_and_eval_reports_both() {
     let dir = tempfile::tempdir().unwrap();
-    let words = |seed: u64, n: usize| common::words(seed, n, |s| format!("w{}", s % 50)).join(" ");
-    let docs: Vec<String> = (0..200)
-        .map(|i| serde_json::json!({"id": format!("d{i}"), "text": format!("{}. {}.", words(i, 40 + i as usize % 80), words(i + 1000, 30))}).to_string())
+    const SYLLABLES: [&str; 10] = ["ka", "lo", "mi", "ne", "ru", "sa", "to", "vi", "ze", "po"];
+    let words = |seed: u64, n: usize| {
+        common::words(seed, n, |s| format!("{}{}", SYLLABLES[(s % 10) as usize], SYLLABLES[(s / 10 % 5) as usize]))
+            .join(" ")
+    };
+    // Documents of 4 to 23 sentences of 5 to 12 words.
+    let docs: Vec<String> = (0..200u64)
+        .map(|i| {
+            let text: Vec<String> =
+                (0..4 + i % 20).map(|k| format!("{}.", words(i * 100 + k, 5 + ((i + k) % 8) as usize))).collect();
+            serde_json::json!({"id": format!("d{i}"), "text": text.join(" ")}).to_string()
+        })
         .collect();
     std::fs::write(dir.path().join("docs.jsonl"), docs.join("\n")).unwrap();
     std::fs::write(
         dir.path().join("task.jsonl"),
-        "{\"context\": \"w1 w2\", \"choices\": [\" w3\", \" w4\"], \"answer\": 0}\n",
+        "{\"context\": \"kalo mika\", \"choices\": [\" neru\", \" saka\"], \"answer\": 0}\n",
     )
     .unwrap();
     let data = format!(
@@ -228,9 +237,9 @@ fn long_context_continues_from_train_and_eval_reports_both() {
     resources: {{gpusPerNode: 0}}
   longContext: {{seqLen: 128, rope: {{scaling: ntk}}, tokensFraction: 0.25}}
   eval:
-    probes: [{{name: w1, prompt: "w1", target: " w2"}}]
+    probes: [{{name: kalo, prompt: "kalo", target: " mika"}}]
     benchmarks: [{{name: mine, url: "{task}", format: cloze}}]
-    passkey: {{lengths: [96], trials: 2}}"#
+    passkey: {{lengths: [400], trials: 2}}"#
         )
     };
     let task = dir.path().join("task.jsonl");
@@ -273,13 +282,13 @@ fn long_context_continues_from_train_and_eval_reports_both() {
         assert!((ppl - loss.exp()).abs() < 1e-9 * ppl);
         assert_eq!(c["benchmarks"]["mine"]["items"], 1);
         assert!(c["benchmarks"]["heldout-next-sentence"]["items"].as_u64().unwrap() > 0, "{c}");
-        assert_eq!(c["passkey"][0]["length"], 96);
-        assert!(c["probes"]["w1"].as_f64().unwrap() < 0.0);
+        assert_eq!(c["passkey"][0]["length"], 400);
+        assert!(c["probes"]["kalo"].as_f64().unwrap() < 0.0);
     }
     assert!(report["probeHistory"].as_array().unwrap().len() >= 5);
     let md = std::fs::read_to_string(store.join("eval/report.md")).unwrap();
     assert!(md.contains("## Probes across checkpoints"), "{md}");
-    assert!(md.contains("| passkey at 96 tokens |"), "{md}");
+    assert!(md.contains("| passkey at 400 tokens |"), "{md}");
 
     // One checkpoint on demand, written beside the committed report.
     // (20 steps, a checkpoint every 5, two kept: 15 and 20.)
