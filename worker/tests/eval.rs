@@ -287,6 +287,21 @@ fn long_context_continues_from_train_and_eval_reports_both() {
     .unwrap();
     let train_final = train["stats"]["finalLoss"].as_f64().unwrap();
     assert!(first_lc["loss"].as_f64().unwrap() < train_final + 0.5, "{first_lc} vs {train_final}");
+    // Resuming works as in train: with the commit removed, the stage resumes from its last checkpoint.
+    std::fs::remove_file(store.join("long-context/_SUCCESS.json")).unwrap();
+    let out = run_ok("long-context", &spec);
+    assert!(out.contains("long-context: resuming from step-000000005 (step 5 of 5)"), "{out}");
+    let again = json(&store.join("long-context/_SUCCESS.json"));
+    let model_sha = |c: &serde_json::Value| {
+        c["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["path"].as_str().unwrap().ends_with("model.safetensors"))
+            .unwrap()["sha256"]
+            .clone()
+    };
+    assert_eq!(model_sha(&again), model_sha(&lc));
     // Probes were recorded at train's checkpoints.
     let metrics = std::fs::read_to_string(store.join("train/metrics.jsonl")).unwrap();
     assert!(metrics.lines().filter(|l| l.contains("\"probes\"")).count() >= 4, "{metrics}");
