@@ -24,9 +24,17 @@ pub struct TokenStream {
     /// Prefix sums of shard lengths.
     starts: Vec<u64>,
     total: u64,
-    /// A document order over the stream: `(start in the stream, length)` per segment, and prefix sums
-    /// of the lengths. `None` reads the shards in their own order.
-    order: Option<(Vec<(u64, u64)>, Vec<u64>)>,
+    /// A document order over the stream; `None` reads the shards in their own order.
+    order: Option<DocumentOrder>,
+}
+
+/// Documents of a stream in another order.
+#[derive(Debug)]
+struct DocumentOrder {
+    /// `(start in the stream, length)` of each document, in the new order.
+    segments: Vec<(u64, u64)>,
+    /// Prefix sums of the lengths: where each document starts in the reordered stream.
+    starts: Vec<u64>,
 }
 
 impl TokenStream {
@@ -69,7 +77,7 @@ impl TokenStream {
             at += len;
         }
         debug_assert_eq!(at, self.total);
-        self.order = Some((docs, prefix));
+        self.order = Some(DocumentOrder { segments: docs, starts: prefix });
         self
     }
 
@@ -101,7 +109,7 @@ impl TokenStream {
     /// Appends `n` tokens starting at stream position `at` (wrapping into the next epoch).
     pub fn read(&self, mut at: u64, mut n: u64, out: &mut Vec<u32>) {
         assert!(self.total > 0, "reading an empty stream");
-        let Some((segments, prefix)) = &self.order else {
+        let Some(DocumentOrder { segments, starts: prefix }) = &self.order else {
             return self.read_in_order(at, n, out);
         };
         while n > 0 {
