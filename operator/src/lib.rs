@@ -1,5 +1,7 @@
 //! The PretrainRun operator and the `pretrain` command line.
 //!
-//! `local` runs a manifest's stages on one machine as child `pretrain-worker` processes.
+//! `plan` decides what to run next from a spec and observed stage states (pure); `local` executes its
+//! decisions on one machine as child `pretrain-worker` processes.
 
 pub mod local;
+pub mod plan;

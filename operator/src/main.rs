@@ -39,6 +39,20 @@ enum Command {
         /// The pretrain-worker binary (default: next to this executable, else on PATH).
         #[arg(long, env = "PRETRAIN_WORKER")]
         worker: Option<PathBuf>,
+        /// Processes for the map tasks of sharded stages (data-prep, tokenize).
+        #[arg(long, default_value_t = 1)]
+        workers: usize,
+    },
+    /// Where the runs of a store stand: each stage's phase, attempts, times and newest checkpoint.
+    Status {
+        /// The run (metadata.name); all runs with state when left out.
+        run: Option<String>,
+        /// The store; defaults to the manifest's, else file://runs.
+        #[arg(long, env = "PRETRAIN_STORE")]
+        store: Option<String>,
+        /// A manifest naming the run and its store.
+        #[arg(long, short = 'f')]
+        file: Option<PathBuf>,
     },
 }
 
@@ -59,9 +73,38 @@ fn main() -> ExitCode {
             print!("{}", pretrain_crd::crd_yaml());
             ExitCode::SUCCESS
         }
-        Command::Run { file, store, from, until, worker } => {
-            let opts =
-                RunOptions { manifest: file, store, from, until, worker: worker.unwrap_or_else(local::default_worker) };
+        Command::Status { run, store, file } => {
+            let manifest = match file.as_deref().map(pretrain_crd::load).transpose() {
+                Ok(m) => m,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let store = store
+                .or_else(|| manifest.as_ref().map(|m| m.spec.storage.url.clone()))
+                .unwrap_or_else(|| "file://runs".into());
+            let run = run.or_else(|| manifest.as_ref().and_then(|m| m.metadata.name.clone()));
+            let runtime =
+                tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime starts");
+            match runtime.block_on(local::status(&store, run.as_deref())) {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Run { file, store, from, until, worker, workers } => {
+            if workers == 0 {
+                eprintln!("--workers must be at least 1");
+                return ExitCode::from(2);
+            }
+            let worker = worker.unwrap_or_else(local::default_worker);
+            let opts = RunOptions { manifest: file, store, from, until, worker, workers };
             let runtime =
                 tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime starts");
             match runtime.block_on(local::run(&opts)) {

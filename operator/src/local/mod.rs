@@ -1,7 +1,13 @@
-//! The embedded executor: runs a manifest's stages in order on this machine, each as a child
-//! `pretrain-worker <stage>` process following the stage contract, skipping stages whose outputs are
-//! already committed for the same config.
+//! The embedded executor: runs a manifest's stages on this machine as child `pretrain-worker <stage>`
+//! processes following the stage contract. What runs next is the planner's decision (`crate::plan`,
+//! shared with the operator): stages committed for the same config are skipped, sharded stages fan
+//! their map tasks out over `--workers` processes, and a training stage that fails resumes from its
+//! last checkpoint within `train.maxRestarts`. Stage phases, attempts and times go to a sled database
+//! (`state`) that `pretrain status` reads.
 
+pub mod state;
+
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,6 +19,9 @@ use pretrain_crd::contract::{
 use pretrain_crd::{PretrainRun, Stage};
 use pretrain_store::Store;
 use tokio::io::{AsyncBufReadExt, BufReader};
+
+use crate::plan::{self, Action, Layout, Observed};
+use state::{Phase, StageRecord, StateDb};
 
 /// Why a local run stopped.
 #[derive(Debug, thiserror::Error)]
@@ -42,24 +51,21 @@ pub enum RunError {
         /// The OS error.
         source: std::io::Error,
     },
-    /// A stage failed.
-    #[error("stage {stage} failed (exit code {code:?}): {reason}")]
+    /// A stage failed and is not retried (again).
+    #[error("stage {stage} failed (exit code {code:?}){}: {reason}", retries(*.attempts))]
     StageFailed {
         /// The stage.
         stage: Stage,
         /// Its exit code, `None` if killed by a signal.
         code: Option<i32>,
+        /// Attempts made.
+        attempts: u32,
         /// The last line it wrote to stderr.
         reason: String,
     },
-    /// The worker does not implement a stage yet.
-    #[error("stage {stage} cannot run: {reason}")]
-    Unavailable {
-        /// The stage.
-        stage: Stage,
-        /// The worker's explanation.
-        reason: String,
-    },
+    /// The run state database cannot be used.
+    #[error("{0}")]
+    State(String),
     /// Interrupted (Ctrl-C) at or before a stage; a running stage was asked to checkpoint first.
     #[error("interrupted at stage {stage}; run the same command again to resume")]
     Interrupted {
@@ -72,6 +78,10 @@ pub enum RunError {
         /// The stage.
         stage: Stage,
     },
+}
+
+fn retries(attempts: u32) -> String {
+    if attempts > 1 { format!(" {attempts} times") } else { String::new() }
 }
 
 /// What to run.
@@ -87,6 +97,8 @@ pub struct RunOptions {
     pub until: Option<Stage>,
     /// The `pretrain-worker` binary.
     pub worker: PathBuf,
+    /// Processes for the map tasks of sharded stages (1: each sharded stage in one process).
+    pub workers: usize,
 }
 
 /// What happened to each stage.
@@ -122,28 +134,293 @@ pub async fn run(opts: &RunOptions) -> Result<Vec<(Stage, StageOutcome)>, RunErr
             }
         }
     }
+    let db = StateDb::open(&store_url).map_err(RunError::State)?;
     let interrupt = Interrupt::install();
     let mut outcomes = Vec::new();
-    for stage in stages {
+    let mut observed = BTreeMap::new();
+    for &stage in &stages {
+        let hash = run.spec.stage_config_hash(stage);
+        if store.stage(&name, stage)?.committed(&hash).await?.is_some() {
+            println!("{stage}: outputs committed for this spec; skipped");
+            observed.insert(stage, Observed::Committed);
+            outcomes.push((stage, StageOutcome::Skipped));
+            if db.get(&name, stage).is_none_or(|r| r.config_hash != hash) {
+                let record = StageRecord { phase: Phase::Skipped, ..record(&hash) };
+                db.put(&name, stage, &record).map_err(RunError::State)?;
+            }
+        }
+    }
+    let ctx = WorkerContext { worker: &opts.worker, manifest: &manifest, run: &name, store: &store_url };
+    loop {
+        let (stage, attempt, layout) = match plan::next(&run.spec, &stages, &observed) {
+            Action::Finished => return Ok(outcomes),
+            Action::Failed { stage, reason } => {
+                let (code, attempts) = match observed.get(&stage) {
+                    Some(Observed::Failed { attempts, .. }) => {
+                        (db.get(&name, stage).and_then(|r| r.exit_code), *attempts)
+                    }
+                    _ => (None, 0),
+                };
+                return Err(RunError::StageFailed { stage, code, attempts, reason });
+            }
+            Action::Run { stage, attempt, layout } => (stage, attempt, layout),
+        };
         if interrupt.requested() {
             return Err(RunError::Interrupted { stage });
         }
         let hash = run.spec.stage_config_hash(stage);
-        let dir = store.stage(&name, stage)?;
-        if dir.committed(&hash).await?.is_some() {
-            println!("{stage}: outputs committed for this spec; skipped");
-            outcomes.push((stage, StageOutcome::Skipped));
-            continue;
+        let allowed = plan::attempts_allowed(&run.spec, stage);
+        if attempt == 1 {
+            println!("{stage}: starting");
+        } else {
+            println!(
+                "{stage}: attempt {attempt} of {allowed}{}",
+                if stage.is_training() { ", resuming from the last checkpoint" } else { "" }
+            );
         }
-        println!("{stage}: starting");
-        run_worker(&opts.worker, stage, &manifest, &name, &store_url, &interrupt).await?;
-        if dir.committed(&hash).await?.is_none() {
-            return Err(RunError::NotCommitted { stage });
+        db.update(
+            &name,
+            stage,
+            || record(&hash),
+            |r| {
+                *r = StageRecord {
+                    phase: Phase::Running,
+                    attempts: attempt,
+                    started: Some(state::now()),
+                    ..record(&hash)
+                };
+            },
+        )
+        .map_err(RunError::State)?;
+        let result = run_stage(&ctx, stage, layout, opts.workers, &interrupt).await;
+        let finished = Some(state::now());
+        match result {
+            Ok(()) => {
+                if store.stage(&name, stage)?.committed(&hash).await?.is_none() {
+                    return Err(RunError::NotCommitted { stage });
+                }
+                db.update(
+                    &name,
+                    stage,
+                    || record(&hash),
+                    |r| {
+                        r.phase = Phase::Committed;
+                        r.finished = finished;
+                    },
+                )
+                .map_err(RunError::State)?;
+                println!("{stage}: committed");
+                observed.insert(stage, Observed::Committed);
+                outcomes.push((stage, StageOutcome::Completed));
+            }
+            Err(WorkerExit::Interrupted) => {
+                db.update(
+                    &name,
+                    stage,
+                    || record(&hash),
+                    |r| {
+                        r.phase = Phase::Interrupted;
+                        r.finished = finished;
+                    },
+                )
+                .map_err(RunError::State)?;
+                return Err(RunError::Interrupted { stage });
+            }
+            Err(WorkerExit::Spawn(e)) => return Err(e),
+            Err(WorkerExit::Failed { code, reason }) => {
+                let permanent = matches!(code, Some(exit::INVALID | exit::UNAVAILABLE));
+                db.update(
+                    &name,
+                    stage,
+                    || record(&hash),
+                    |r| {
+                        r.phase = Phase::Failed;
+                        r.finished = finished;
+                        r.exit_code = code;
+                        r.reason = Some(reason.clone());
+                    },
+                )
+                .map_err(RunError::State)?;
+                if !permanent && attempt < allowed {
+                    eprintln!("{stage}: attempt {attempt} failed (exit code {code:?}): {reason}");
+                }
+                observed.insert(stage, Observed::Failed { attempts: attempt, permanent, reason });
+            }
         }
-        println!("{stage}: committed");
-        outcomes.push((stage, StageOutcome::Completed));
     }
-    Ok(outcomes)
+}
+
+/// A fresh record for a stage of config `hash`.
+fn record(hash: &str) -> StageRecord {
+    StageRecord {
+        phase: Phase::Running,
+        config_hash: hash.to_string(),
+        attempts: 0,
+        started: None,
+        finished: None,
+        exit_code: None,
+        reason: None,
+        runner_pid: Some(std::process::id()),
+    }
+}
+
+/// `pretrain status`: every stage of `run` (or of every run with state) as the state database and the
+/// store see it: phase, attempts, times, and for training stages the newest checkpoint.
+pub async fn status(store_url: &str, run: Option<&str>) -> Result<String, RunError> {
+    use std::fmt::Write as _;
+    let db = StateDb::open(store_url).map_err(RunError::State)?;
+    let store = Store::open(store_url)?;
+    let runs = match run {
+        Some(r) => vec![r.to_string()],
+        None => db.runs(),
+    };
+    let mut out = String::new();
+    if runs.is_empty() {
+        let _ = writeln!(out, "no runs have state in {}", db.path().display());
+    }
+    for name in runs {
+        let _ = writeln!(out, "run {name} (store {store_url})");
+        let _ =
+            writeln!(out, "  {:<13} {:<12} {:>8}  {:<24} {:>9}  note", "stage", "phase", "attempts", "started", "took");
+        for stage in Stage::ALL {
+            let Some(r) = db.get(&name, stage) else { continue };
+            let alive = r.runner_pid.is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+            let phase = match r.phase {
+                Phase::Running if !alive => "stopped".to_string(),
+                p => serde_json::to_value(p).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(),
+            };
+            let took = match (r.started, r.finished.or(alive.then(state::now))) {
+                (Some(a), Some(b)) if b >= a => format_duration(b - a),
+                _ => "-".into(),
+            };
+            let mut note = r.reason.clone().filter(|_| r.phase == Phase::Failed).unwrap_or_default();
+            if stage.is_training() {
+                let dir = store.stage(&name, stage)?;
+                if let Some(latest) = store.get_opt(&dir.key("ckpt/latest")?).await? {
+                    let latest = String::from_utf8_lossy(&latest).trim().to_string();
+                    let state = store.get_opt(&dir.key(&format!("ckpt/{latest}/state.json"))?).await?;
+                    let loss = state
+                        .and_then(|s| serde_json::from_slice::<serde_json::Value>(&s).ok())
+                        .and_then(|v| v["loss"].as_f64());
+                    note = format!(
+                        "{}checkpoint {latest}{}",
+                        if note.is_empty() { String::new() } else { format!("{note}; ") },
+                        loss.map(|l| format!(" (loss {l:.4})")).unwrap_or_default()
+                    );
+                }
+            }
+            let _ = writeln!(
+                out,
+                "  {:<13} {:<12} {:>8}  {:<24} {:>9}  {note}",
+                stage.as_str(),
+                phase,
+                if r.attempts == 0 { "-".to_string() } else { r.attempts.to_string() },
+                r.started.map(state::format_time).unwrap_or_else(|| "-".into()),
+                took
+            );
+        }
+    }
+    Ok(out)
+}
+
+fn format_duration(s: u64) -> String {
+    if s >= 3600 { format!("{}h{:02}m", s / 3600, s % 3600 / 60) } else { format!("{}m{:02}s", s / 60, s % 60) }
+}
+
+/// How a worker process (or a stage's processes) ended, when not with a commit.
+#[derive(Debug)]
+enum WorkerExit {
+    /// Stopped on request after checkpointing (or before starting).
+    Interrupted,
+    /// Exited with `code` (`None`: killed by a signal), saying `reason` last.
+    Failed { code: Option<i32>, reason: String },
+    /// Could not be started.
+    Spawn(RunError),
+}
+
+/// What every worker of the run is started with.
+struct WorkerContext<'a> {
+    worker: &'a Path,
+    manifest: &'a Path,
+    run: &'a str,
+    store: &'a str,
+}
+
+/// Runs one attempt of `stage` laid out as `layout`.
+async fn run_stage(
+    ctx: &WorkerContext<'_>,
+    stage: Stage,
+    layout: Layout,
+    workers: usize,
+    interrupt: &Interrupt,
+) -> Result<(), WorkerExit> {
+    match layout {
+        Layout::Sharded { shards } if workers > 1 && shards > 1 => {
+            // Map tasks over `workers` processes, each with its share of the cores, then the reduce.
+            let threads = (std::thread::available_parallelism().map_or(1, |n| n.get()) / workers).max(1);
+            let mut next = 0u32;
+            let mut running = tokio::task::JoinSet::new();
+            let mut failure = None;
+            while next < shards || !running.is_empty() {
+                while failure.is_none() && next < shards && running.len() < workers && !interrupt.requested() {
+                    let task = Task { phase: "map", index: next, threads: Some(threads) };
+                    let owned = OwnedContext::from(ctx);
+                    let interrupt = interrupt.clone();
+                    running.spawn(async move { run_worker(&owned.borrow(), stage, task, &interrupt).await });
+                    next += 1;
+                }
+                match running.join_next().await {
+                    Some(Ok(Ok(()))) => {}
+                    Some(Ok(Err(e))) => failure = failure.or(Some(e)),
+                    Some(Err(join)) => {
+                        failure = failure.or(Some(WorkerExit::Failed { code: None, reason: join.to_string() }))
+                    }
+                    None => break,
+                }
+                if interrupt.requested() && failure.is_none() && running.is_empty() {
+                    failure = Some(WorkerExit::Interrupted);
+                }
+            }
+            if let Some(f) = failure {
+                return Err(f);
+            }
+            run_worker(ctx, stage, Task { phase: "reduce", index: 0, threads: None }, interrupt).await
+        }
+        // Locally a gang runs as one process (data-parallel ranks on one machine are one process).
+        _ => run_worker(ctx, stage, Task { phase: "all", index: 0, threads: None }, interrupt).await,
+    }
+}
+
+/// One process of a stage.
+#[derive(Debug, Clone, Copy)]
+struct Task {
+    phase: &'static str,
+    index: u32,
+    /// Threads it may use (`RAYON_NUM_THREADS`), when sharing the machine with other tasks.
+    threads: Option<usize>,
+}
+
+/// A `WorkerContext` that can move into a task.
+struct OwnedContext {
+    worker: PathBuf,
+    manifest: PathBuf,
+    run: String,
+    store: String,
+}
+
+impl OwnedContext {
+    fn from(ctx: &WorkerContext<'_>) -> Self {
+        Self {
+            worker: ctx.worker.to_path_buf(),
+            manifest: ctx.manifest.to_path_buf(),
+            run: ctx.run.to_string(),
+            store: ctx.store.to_string(),
+        }
+    }
+
+    fn borrow(&self) -> WorkerContext<'_> {
+        WorkerContext { worker: &self.worker, manifest: &self.manifest, run: &self.run, store: &self.store }
+    }
 }
 
 /// The run's stages between `from` and `until`, inclusive.
@@ -166,11 +443,11 @@ fn list(stages: &[Stage]) -> String {
     stages.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
 }
 
-/// Ctrl-C for the whole run: remembered, and forwarded as SIGTERM to the running worker.
+/// Ctrl-C for the whole run: remembered, and forwarded as SIGTERM to the running workers.
 #[derive(Debug, Clone, Default)]
 struct Interrupt {
     requested: Arc<AtomicBool>,
-    child: Arc<Mutex<Option<u32>>>,
+    children: Arc<Mutex<Vec<u32>>>,
 }
 
 impl Interrupt {
@@ -180,7 +457,7 @@ impl Interrupt {
         tokio::spawn(async move {
             while tokio::signal::ctrl_c().await.is_ok() {
                 listener.requested.store(true, Ordering::SeqCst);
-                if let Some(pid) = *listener.child.lock().expect("child slot") {
+                for &pid in listener.children.lock().expect("child list").iter() {
                     terminate(pid);
                 }
             }
@@ -192,38 +469,53 @@ impl Interrupt {
         self.requested.load(Ordering::SeqCst)
     }
 
-    fn set_child(&self, pid: Option<u32>) {
-        *self.child.lock().expect("child slot") = pid;
+    fn add_child(&self, pid: Option<u32>) {
+        self.children.lock().expect("child list").extend(pid);
+    }
+
+    fn remove_child(&self, pid: Option<u32>) {
+        self.children.lock().expect("child list").retain(|p| Some(*p) != pid);
     }
 }
 
 /// Runs one worker process, echoing its stderr; the last meaningful stderr line is the reason given
-/// when it fails.
+/// when it fails. The worker gets SIGTERM when this process dies, so that it checkpoints rather than
+/// runs on orphaned.
 async fn run_worker(
-    worker: &Path,
+    ctx: &WorkerContext<'_>,
     stage: Stage,
-    manifest: &Path,
-    run: &str,
-    store: &str,
+    task: Task,
     interrupt: &Interrupt,
-) -> Result<(), RunError> {
-    let mut child = tokio::process::Command::new(worker)
+) -> Result<(), WorkerExit> {
+    if interrupt.requested() {
+        return Err(WorkerExit::Interrupted);
+    }
+    let mut command = tokio::process::Command::new(ctx.worker);
+    command
         .arg(stage.as_str())
         .arg("--spec")
-        .arg(manifest)
-        .env(ENV_RUN, run)
-        .env(ENV_STORE, store)
+        .arg(ctx.manifest)
+        .arg("--phase")
+        .arg(task.phase)
+        .env(ENV_RUN, ctx.run)
+        .env(ENV_STORE, ctx.store)
         .env(ENV_RANK, "0")
         .env(ENV_WORLD_SIZE, "1")
         .env(ENV_MASTER_ADDR, "127.0.0.1")
         .env(ENV_MASTER_PORT, "29500")
-        .env(ENV_JOB_COMPLETION_INDEX, "0")
+        .env(ENV_JOB_COMPLETION_INDEX, task.index.to_string())
         .stdin(Stdio::null())
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
+        .kill_on_drop(true);
+    if let Some(n) = task.threads {
+        command.env("RAYON_NUM_THREADS", n.to_string());
+    }
+    terminate_with_parent(&mut command);
+    let mut child = command
         .spawn()
-        .map_err(|source| RunError::Spawn { worker: worker.to_path_buf(), source })?;
-    interrupt.set_child(child.id());
+        .map_err(|source| WorkerExit::Spawn(RunError::Spawn { worker: ctx.worker.to_path_buf(), source }))?;
+    let pid = child.id();
+    interrupt.add_child(pid);
 
     let stderr = child.stderr.take().expect("stderr is piped");
     let echo = tokio::spawn(async move {
@@ -242,16 +534,30 @@ async fn run_worker(
         last
     });
 
-    let status = child.wait().await.map_err(|source| RunError::Spawn { worker: worker.to_path_buf(), source });
-    interrupt.set_child(None);
-    let status = status?;
+    let status = child.wait().await;
+    interrupt.remove_child(pid);
+    let status =
+        status.map_err(|source| WorkerExit::Spawn(RunError::Spawn { worker: ctx.worker.to_path_buf(), source }))?;
     let reason = echo.await.unwrap_or_default();
     match status.code() {
         Some(exit::DONE) => Ok(()),
-        Some(exit::RESUME) => Err(RunError::Interrupted { stage }),
-        _ if interrupt.requested() => Err(RunError::Interrupted { stage }),
-        Some(exit::UNAVAILABLE) => Err(RunError::Unavailable { stage, reason }),
-        code => Err(RunError::StageFailed { stage, code, reason }),
+        Some(exit::RESUME) => Err(WorkerExit::Interrupted),
+        _ if interrupt.requested() => Err(WorkerExit::Interrupted),
+        code => Err(WorkerExit::Failed { code, reason }),
+    }
+}
+
+/// Has the kernel send the child SIGTERM when this process exits (Linux), so a killed runner leaves
+/// no orphaned worker: training checkpoints and exits, and the next `pretrain run` resumes it.
+#[allow(unsafe_code)]
+fn terminate_with_parent(command: &mut tokio::process::Command) {
+    #[cfg(target_os = "linux")]
+    // SAFETY: the closure runs in the child between fork and exec and only calls prctl(2), which is
+    // async-signal-safe; it allocates nothing and touches no locks.
+    unsafe {
+        command.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM).map_err(std::io::Error::from)
+        });
     }
 }
 
