@@ -52,15 +52,13 @@ pub enum RunError {
         source: std::io::Error,
     },
     /// A stage failed and is not retried (again).
-    #[error("stage {stage} failed (exit code {code:?}){}: {reason}", retries(*.attempts))]
+    #[error("stage {stage} failed (exit code {code:?}): {reason}")]
     StageFailed {
         /// The stage.
         stage: Stage,
         /// Its exit code, `None` if killed by a signal.
         code: Option<i32>,
-        /// Attempts made.
-        attempts: u32,
-        /// The last line it wrote to stderr.
+        /// Why it is not retried, and the last line it wrote to stderr.
         reason: String,
     },
     /// The run state database cannot be used.
@@ -78,10 +76,6 @@ pub enum RunError {
         /// The stage.
         stage: Stage,
     },
-}
-
-fn retries(attempts: u32) -> String {
-    if attempts > 1 { format!(" {attempts} times") } else { String::new() }
 }
 
 /// What to run.
@@ -155,13 +149,8 @@ pub async fn run(opts: &RunOptions) -> Result<Vec<(Stage, StageOutcome)>, RunErr
         let (stage, attempt, layout) = match plan::next(&run.spec, &stages, &observed) {
             Action::Finished => return Ok(outcomes),
             Action::Failed { stage, reason } => {
-                let (code, attempts) = match observed.get(&stage) {
-                    Some(Observed::Failed { attempts, .. }) => {
-                        (db.get(&name, stage).and_then(|r| r.exit_code), *attempts)
-                    }
-                    _ => (None, 0),
-                };
-                return Err(RunError::StageFailed { stage, code, attempts, reason });
+                let code = db.get(&name, stage).and_then(|r| r.exit_code);
+                return Err(RunError::StageFailed { stage, code, reason });
             }
             Action::Run { stage, attempt, layout } => (stage, attempt, layout),
         };

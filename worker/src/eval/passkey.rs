@@ -85,11 +85,11 @@ pub fn run(
         let (ids, answer) = prompt(encoder, separator, length, key, depth)?;
         let generated = scorer.generate(&ids, ANSWER_TOKENS, &|out| {
             // Stop once a number has started and something else follows.
-            let text = encoder.decode(out).unwrap_or_default();
+            let text = encoder.decode_lossy(out).unwrap_or_default();
             let trimmed = text.trim_start();
             trimmed.starts_with(|c: char| c.is_ascii_digit()) && trimmed.contains(|c: char| !c.is_ascii_digit())
         })?;
-        let text = encoder.decode(&generated)?;
+        let text = encoder.decode_lossy(&generated)?;
         let digits: String = text.trim_start().chars().take_while(char::is_ascii_digit).collect();
         if digits == key.to_string() {
             correct += 1;

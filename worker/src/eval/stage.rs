@@ -172,11 +172,11 @@ pub fn run_task(scorer: &Scorer<'_>, encoder: &Encoder, separator: u32, task: &T
                 let prompt = encode_request(encoder, separator, context, "")?.context;
                 let stop = |out: &[u32]| {
                     out.last() == Some(&separator)
-                        || encoder.decode(out).is_ok_and(|t| until.iter().any(|u| t.contains(u.as_str())))
+                        || encoder.decode_lossy(out).is_ok_and(|t| until.iter().any(|u| t.contains(u.as_str())))
                 };
                 let generated = scorer.generate(&prompt, *max_tokens, &stop)?;
                 let ids: Vec<u32> = generated.into_iter().filter(|&t| t != separator).collect();
-                let text = encoder.decode(&ids)?;
+                let text = encoder.decode_lossy(&ids)?;
                 let cut = until.iter().filter_map(|u| text.find(u.as_str())).min().unwrap_or(text.len());
                 let output = text[..cut].trim();
                 correct += usize::from(answers.iter().any(|a| a.trim() == output));

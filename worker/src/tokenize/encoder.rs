@@ -161,6 +161,25 @@ impl Encoder {
             Kind::Library(tokenizer) => tokenizer.decode(ids, false).map_err(|e| EncoderError::Library(e.to_string())),
         }
     }
+
+    /// Decodes generated ids, which may end inside a character or hold bytes that are not UTF-8:
+    /// those become U+FFFD. Ids outside the vocabulary are an error.
+    pub fn decode_lossy(&self, ids: &[u32]) -> Result<String, EncoderError> {
+        match &self.kind {
+            Kind::Fast(bpe) => {
+                let mut bytes = Vec::with_capacity(ids.len() * 4);
+                for &id in ids {
+                    let token = bpe.id_bytes.get(id as usize).ok_or_else(|| {
+                        EncoderError::Decode(format!("id {id} is outside the vocabulary of {}", bpe.id_bytes.len()))
+                    })?;
+                    bytes.extend_from_slice(token);
+                }
+                Ok(String::from_utf8_lossy(&bytes).into_owned())
+            }
+            // The library's decoder is lossy already.
+            Kind::Library(tokenizer) => tokenizer.decode(ids, false).map_err(|e| EncoderError::Library(e.to_string())),
+        }
+    }
 }
 
 /// Byte-level BPE with the merge table of a `tokenizer.json`.

@@ -1,0 +1,187 @@
+//! `pretrain run` end to end: a micro manifest through all five stages (map tasks fanned out over
+//! two workers), a rerun that starts nothing, `pretrain status`, and a runner killed mid-train whose
+//! rerun resumes from the checkpoint to the same final weights as an uninterrupted run.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use pretrain_tests::bin;
+
+fn pretrain(args: &[&str]) -> Output {
+    Command::new(bin("pretrain")).args(args).output().expect("pretrain runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+const SYLLABLES: [&str; 10] = ["ka", "lo", "mi", "ne", "ru", "sa", "to", "vi", "ze", "po"];
+
+/// Prose-like documents of made-up two-syllable words, deterministic in `i`.
+fn document(i: u64) -> String {
+    let mut state = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut word = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        format!("{}{}", SYLLABLES[(state % 10) as usize], SYLLABLES[(state / 10 % 4) as usize])
+    };
+    (0..4 + i % 12)
+        .map(|k| {
+            let words: Vec<String> = (0..5 + (i + k) % 7).map(|_| word()).collect();
+            format!("{}.", words.join(" "))
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// A run named `name` with its store in `dir/store`, over 300 generated documents.
+fn manifest(dir: &Path, name: &str, train_tokens: u64) -> PathBuf {
+    let lines: Vec<String> =
+        (0..300).map(|i| serde_json::json!({"id": format!("d{i}"), "text": document(i)}).to_string()).collect();
+    std::fs::write(dir.join("docs.jsonl"), lines.join("\n")).unwrap();
+    let off = "{enabled: false}";
+    let text = format!(
+        r#"apiVersion: pretrain.dev/v1alpha1
+kind: PretrainRun
+metadata: {{name: {name}}}
+spec:
+  storage: {{url: "file://{store}"}}
+  data:
+    sources: [{{name: web, url: "{docs}"}}]
+    filters: {{gopherQuality: {off}, gopherRepetition: {off}, c4: {off}, fineweb: {off}, language: {off}}}
+    dedup: {{exact: false, minhash: {{enabled: false}}}}
+    heldOutFraction: 0.1
+    shards: 2
+  tokenizer: {{vocabSize: 300}}
+  model: {{preset: tiny, dim: 64, layers: 2, heads: 4, kvHeads: 2, ffnDim: 128}}
+  train:
+    seqLen: 32
+    tokens: {train_tokens}
+    globalBatchTokens: 256
+    microBatchSize: 4
+    optimizer: {{lr: 0.003, minLr: 0.0003}}
+    schedule: {{warmupSteps: 3}}
+    checkpoint: {{everySteps: 5, keep: 2}}
+    resources: {{gpusPerNode: 0}}
+  longContext: {{seqLen: 64, tokensFraction: 0.25}}
+  eval:
+    probes: [{{name: kalo, prompt: "kalo", target: " mika"}}]
+    passkey: {{lengths: [400], trials: 2}}
+"#,
+        store = dir.join("store").display(),
+        docs = dir.join("docs.jsonl").display(),
+    );
+    let path = dir.join(format!("{name}.yaml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn a_micro_manifest_runs_all_five_stages_and_a_rerun_starts_none() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = manifest(tmp.path(), "micro", 5120);
+    let file = file.to_str().unwrap();
+    let out = pretrain(&["run", file, "--workers", "2"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    for stage in ["data-prep", "tokenize", "train", "long-context", "eval"] {
+        assert!(stdout.contains(&format!("{stage}: starting\n")), "{stdout}");
+        assert!(stdout.contains(&format!("{stage}: committed\n")), "{stdout}");
+    }
+    let store = tmp.path().join("store/micro");
+    let report = std::fs::read_to_string(store.join("eval/report.md")).unwrap();
+    assert!(report.contains("## base vs long-context"), "{report}");
+    // The two map tasks each wrote their shard.
+    for stage in ["data-prep", "tokenize"] {
+        let commit = std::fs::read_to_string(store.join(stage).join("_SUCCESS.json")).unwrap();
+        assert!(commit.contains("00001"), "{stage}: {commit}");
+    }
+
+    let out = pretrain(&["status", "-f", file]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let status = text(&out.stdout);
+    for stage in ["data-prep", "tokenize", "train", "long-context", "eval"] {
+        let line = status.lines().find(|l| l.trim_start().starts_with(stage)).unwrap_or_else(|| panic!("{status}"));
+        assert!(line.contains("committed"), "{line}");
+    }
+    assert!(status.contains("checkpoint step-000000020"), "{status}");
+
+    let out = pretrain(&["run", file]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let expected: String = ["data-prep", "tokenize", "train", "long-context", "eval"]
+        .iter()
+        .map(|s| format!("{s}: outputs committed for this spec; skipped\n"))
+        .collect();
+    assert_eq!(text(&out.stdout), expected);
+}
+
+fn model_sha(store: &Path) -> String {
+    let commit: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(store.join("train/_SUCCESS.json")).unwrap()).unwrap();
+    commit["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["path"].as_str().unwrap().ends_with("model.safetensors"))
+        .unwrap()["sha256"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Whether any process's command line mentions `needle`.
+fn process_mentions(needle: &str) -> bool {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(Result::ok)
+        .any(|e| std::fs::read(e.path().join("cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle)))
+}
+
+#[test]
+fn a_killed_runner_leaves_a_checkpoint_and_the_rerun_ends_with_the_same_weights() {
+    let tokens = 60 * 256;
+    let whole = tempfile::tempdir().unwrap();
+    let file = manifest(whole.path(), "kill", tokens);
+    let out = pretrain(&["run", file.to_str().unwrap(), "--until", "train"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let expected = model_sha(&whole.path().join("store/kill"));
+
+    let tmp = tempfile::tempdir().unwrap();
+    let file = manifest(tmp.path(), "kill", tokens);
+    let file = file.to_str().unwrap();
+    let mut runner = Command::new(bin("pretrain"))
+        .args(["run", file, "--until", "train"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let first = tmp.path().join("store/kill/train/ckpt/step-000000005/MANIFEST.json");
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while !first.exists() {
+        assert!(runner.try_wait().unwrap().is_none(), "the run ended before its first checkpoint");
+        assert!(Instant::now() < deadline, "no checkpoint in time");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    runner.kill().unwrap();
+    runner.wait().unwrap();
+    // The worker got SIGTERM from the kernel when the runner died: it checkpoints and exits.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while process_mentions(file) {
+        assert!(Instant::now() < deadline, "the worker outlived its runner");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let latest = std::fs::read_to_string(tmp.path().join("store/kill/train/ckpt/latest")).unwrap();
+    assert!(!tmp.path().join("store/kill/train/_SUCCESS.json").exists(), "killed before the end");
+
+    let out = pretrain(&["status", "-f", file]);
+    let status = text(&out.stdout);
+    let line = status.lines().find(|l| l.trim_start().starts_with("train")).unwrap_or_else(|| panic!("{status}"));
+    assert!(line.contains("stopped") && line.contains(&format!("checkpoint {}", latest.trim())), "{line}");
+
+    let out = pretrain(&["run", file, "--until", "train"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains(&format!("train: resuming from {}", latest.trim())), "{}", text(&out.stdout));
+    assert_eq!(model_sha(&tmp.path().join("store/kill")), expected);
+}
