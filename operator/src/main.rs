@@ -43,6 +43,17 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         workers: usize,
     },
+    /// Write a run's report (Markdown and SVG plots) under <store>/<run>/report/.
+    Report {
+        /// The run (metadata.name).
+        run: Option<String>,
+        /// The store; defaults to the manifest's, else file://runs.
+        #[arg(long, env = "PRETRAIN_STORE")]
+        store: Option<String>,
+        /// A manifest naming the run and its store.
+        #[arg(long, short = 'f')]
+        file: Option<PathBuf>,
+    },
     /// Where the runs of a store stand: each stage's phase, attempts, times and newest checkpoint.
     Status {
         /// The run (metadata.name); all runs with state when left out.
@@ -74,22 +85,41 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Status { run, store, file } => {
-            let manifest = match file.as_deref().map(pretrain_crd::load).transpose() {
-                Ok(m) => m,
-                Err(e) => {
-                    eprintln!("{e}");
-                    return ExitCode::from(2);
-                }
+            let (store, run) = match target(store, run, file) {
+                Ok(t) => t,
+                Err(code) => return code,
             };
-            let store = store
-                .or_else(|| manifest.as_ref().map(|m| m.spec.storage.url.clone()))
-                .unwrap_or_else(|| "file://runs".into());
-            let run = run.or_else(|| manifest.as_ref().and_then(|m| m.metadata.name.clone()));
             let runtime =
                 tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime starts");
             match runtime.block_on(local::status(&store, run.as_deref())) {
                 Ok(text) => {
                     print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Report { run, store, file } => {
+            let (store, run) = match target(store, run, file) {
+                Ok(t) => t,
+                Err(code) => return code,
+            };
+            let Some(run) = run else {
+                eprintln!("name the run: pretrain report RUN, or -f MANIFEST");
+                return ExitCode::from(2);
+            };
+            let runtime =
+                tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime starts");
+            let written = runtime.block_on(async {
+                let s = pretrain_store::Store::open(&store)?;
+                local::report::write(&s, &run).await
+            });
+            match written {
+                Ok(keys) => {
+                    println!("{}", local::report_location(&store, &keys[0]));
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
@@ -120,4 +150,23 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// The store and run a command is about: `--store`/`RUN`, else the manifest's, else `file://runs`.
+fn target(
+    store: Option<String>,
+    run: Option<String>,
+    file: Option<PathBuf>,
+) -> Result<(String, Option<String>), ExitCode> {
+    let manifest = match file.as_deref().map(pretrain_crd::load).transpose() {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("{e}");
+            return Err(ExitCode::from(2));
+        }
+    };
+    let store =
+        store.or_else(|| manifest.as_ref().map(|m| m.spec.storage.url.clone())).unwrap_or_else(|| "file://runs".into());
+    let run = run.or_else(|| manifest.as_ref().and_then(|m| m.metadata.name.clone()));
+    Ok((store, run))
 }

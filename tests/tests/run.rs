@@ -93,6 +93,18 @@ fn a_micro_manifest_runs_all_five_stages_and_a_rerun_starts_none() {
     let store = tmp.path().join("store/micro");
     let report = std::fs::read_to_string(store.join("eval/report.md")).unwrap();
     assert!(report.contains("## base vs long-context"), "{report}");
+    // The run's report: every section, and the plots it links.
+    let page_path = store.join("report/README.md");
+    assert!(stdout.contains(&format!("report: {}", page_path.display())), "{stdout}");
+    let page = std::fs::read_to_string(&page_path).unwrap();
+    for section in ["## Data", "## Tokenizer", "## Training", "## Evaluation", "### base vs long-context"] {
+        assert!(page.contains(section), "{section} missing from\n{page}");
+    }
+    for plot in ["loss.svg", "lr.svg", "throughput.svg", "probes.svg"] {
+        assert!(page.contains(&format!("]({plot})")), "{plot} not linked");
+        let svg = std::fs::read_to_string(store.join("report").join(plot)).unwrap();
+        assert!(svg.starts_with("<svg"), "{plot}");
+    }
     // The two map tasks each wrote their shard.
     for stage in ["data-prep", "tokenize"] {
         let commit = std::fs::read_to_string(store.join(stage).join("_SUCCESS.json")).unwrap();

@@ -5,6 +5,7 @@
 //! last checkpoint within `train.maxRestarts`. Stage phases, attempts and times go to a sled database
 //! (`state`) that `pretrain status` reads.
 
+pub mod report;
 pub mod state;
 
 use std::collections::BTreeMap;
@@ -147,7 +148,15 @@ pub async fn run(opts: &RunOptions) -> Result<Vec<(Stage, StageOutcome)>, RunErr
     let ctx = WorkerContext { worker: &opts.worker, manifest: &manifest, run: &name, store: &store_url };
     loop {
         let (stage, attempt, layout) = match plan::next(&run.spec, &stages, &observed) {
-            Action::Finished => return Ok(outcomes),
+            Action::Finished => {
+                if outcomes.iter().any(|(_, o)| *o == StageOutcome::Completed) {
+                    match report::write(&store, &name).await {
+                        Ok(keys) => println!("report: {}", report_location(&store_url, &keys[0])),
+                        Err(e) => eprintln!("report: not written: {e}"),
+                    }
+                }
+                return Ok(outcomes);
+            }
             Action::Failed { stage, reason } => {
                 let code = db.get(&name, stage).and_then(|r| r.exit_code);
                 return Err(RunError::StageFailed { stage, code, reason });
@@ -236,6 +245,14 @@ pub async fn run(opts: &RunOptions) -> Result<Vec<(Stage, StageOutcome)>, RunErr
                 observed.insert(stage, Observed::Failed { attempts: attempt, permanent, reason });
             }
         }
+    }
+}
+
+/// Where a report key can be opened: a local path for `file://` stores, else its URL.
+pub fn report_location(store_url: &str, key: &str) -> String {
+    match store_url.strip_prefix("file://") {
+        Some(root) => Path::new(root).join(key).display().to_string(),
+        None => format!("{}/{key}", store_url.trim_end_matches('/')),
     }
 }
 
