@@ -34,7 +34,7 @@ pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) 
     if x0 > x1 {
         return None;
     }
-    if x1 - x0 < f64::EPSILON {
+    if x1 <= x0 {
         x1 = x0 + 1.0;
     }
     let pad = ((y1 - y0) * 0.05).max(1e-9);
@@ -143,7 +143,7 @@ pub async fn write(store: &Store, run: &str) -> Result<Vec<String>, pretrain_sto
         );
         if let Some(dropped) = s["map"]["dropped"].as_object() {
             let mut rules: Vec<(&String, u64)> = dropped.iter().filter_map(|(k, v)| Some((k, v.as_u64()?))).collect();
-            rules.sort_by(|a, b| b.1.cmp(&a.1));
+            rules.sort_by_key(|r| std::cmp::Reverse(r.1));
             let _ = writeln!(md, "\n| rule | documents removed |\n|---|---:|");
             for (rule, n) in rules {
                 let _ = writeln!(md, "| {rule} | {n} |");
