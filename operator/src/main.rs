@@ -85,7 +85,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Status { run, store, file } => {
-            let (store, run) = match target(store, run, file) {
+            let (store, run) = match target(store, run, file.as_deref()) {
                 Ok(t) => t,
                 Err(code) => return code,
             };
@@ -103,7 +103,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Report { run, store, file } => {
-            let (store, run) = match target(store, run, file) {
+            let (store, run) = match target(store, run, file.as_deref()) {
                 Ok(t) => t,
                 Err(code) => return code,
             };
@@ -156,9 +156,9 @@ fn main() -> ExitCode {
 fn target(
     store: Option<String>,
     run: Option<String>,
-    file: Option<PathBuf>,
+    file: Option<&std::path::Path>,
 ) -> Result<(String, Option<String>), ExitCode> {
-    let manifest = match file.as_deref().map(pretrain_crd::load).transpose() {
+    let manifest = match file.map(pretrain_crd::load).transpose() {
         Ok(m) => m,
         Err(e) => {
             eprintln!("{e}");
