@@ -16,6 +16,29 @@ pub const ENV_MASTER_PORT: &str = "MASTER_PORT";
 /// Index of this pod in an Indexed Job (sharded stages).
 pub const ENV_JOB_COMPLETION_INDEX: &str = "JOB_COMPLETION_INDEX";
 
+/// Set to `json` by a runner that draws progress bars: the worker then reports progress as
+/// [`PROGRESS_PREFIX`] lines on stdout instead of its periodic log lines.
+pub const ENV_PROGRESS: &str = "PRETRAIN_PROGRESS";
+/// Prefix of a progress line, followed by a JSON [`ProgressEvent`].
+pub const PROGRESS_PREFIX: &str = "@progress ";
+
+/// One progress report of a worker process.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ProgressEvent {
+    /// What is progressing (`train`, `data-prep map 1`, ...).
+    pub label: String,
+    /// Unit of `done` and `total` (`steps`, `documents`, ...).
+    pub unit: String,
+    /// Units done.
+    pub done: u64,
+    /// Units in all, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total: Option<u64>,
+    /// The latest numbers worth showing (loss, rate, ...).
+    #[serde(default)]
+    pub message: String,
+}
+
 /// Exit codes of `pretrain-worker`.
 pub mod exit {
     /// The stage committed its outputs (or found them committed already).

@@ -6,6 +6,7 @@ pub mod context;
 pub mod data;
 pub mod eval;
 pub mod model;
+pub mod progress;
 pub mod tokenize;
 pub mod train;
 

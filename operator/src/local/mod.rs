@@ -15,7 +15,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use pretrain_crd::contract::{
-    ENV_JOB_COMPLETION_INDEX, ENV_MASTER_ADDR, ENV_MASTER_PORT, ENV_RANK, ENV_RUN, ENV_STORE, ENV_WORLD_SIZE, exit,
+    ENV_JOB_COMPLETION_INDEX, ENV_MASTER_ADDR, ENV_MASTER_PORT, ENV_PROGRESS, ENV_RANK, ENV_RUN, ENV_STORE,
+    ENV_WORLD_SIZE, PROGRESS_PREFIX, exit,
 };
 use pretrain_crd::{PretrainRun, Stage};
 use pretrain_store::Store;
@@ -145,7 +146,9 @@ pub async fn run(opts: &RunOptions) -> Result<Vec<(Stage, StageOutcome)>, RunErr
             }
         }
     }
-    let ctx = WorkerContext { worker: &opts.worker, manifest: &manifest, run: &name, store: &store_url };
+    // Live progress bars on a terminal; plain log lines otherwise.
+    let bars = std::io::IsTerminal::is_terminal(&std::io::stdout()).then(indicatif::MultiProgress::new);
+    let ctx = WorkerContext { worker: &opts.worker, manifest: &manifest, run: &name, store: &store_url, bars };
     loop {
         let (stage, attempt, layout) = match plan::next(&run.spec, &stages, &observed) {
             Action::Finished => {
@@ -350,6 +353,8 @@ struct WorkerContext<'a> {
     manifest: &'a Path,
     run: &'a str,
     store: &'a str,
+    /// Where workers' progress is drawn, when stdout is a terminal.
+    bars: Option<indicatif::MultiProgress>,
 }
 
 /// Runs one attempt of `stage` laid out as `layout`.
@@ -412,6 +417,7 @@ struct OwnedContext {
     manifest: PathBuf,
     run: String,
     store: String,
+    bars: Option<indicatif::MultiProgress>,
 }
 
 impl OwnedContext {
@@ -421,11 +427,18 @@ impl OwnedContext {
             manifest: ctx.manifest.to_path_buf(),
             run: ctx.run.to_string(),
             store: ctx.store.to_string(),
+            bars: ctx.bars.clone(),
         }
     }
 
     fn borrow(&self) -> WorkerContext<'_> {
-        WorkerContext { worker: &self.worker, manifest: &self.manifest, run: &self.run, store: &self.store }
+        WorkerContext {
+            worker: &self.worker,
+            manifest: &self.manifest,
+            run: &self.run,
+            store: &self.store,
+            bars: self.bars.clone(),
+        }
     }
 }
 
@@ -516,6 +529,9 @@ async fn run_worker(
     if let Some(n) = task.threads {
         command.env("RAYON_NUM_THREADS", n.to_string());
     }
+    if ctx.bars.is_some() {
+        command.env(ENV_PROGRESS, "json").stdout(Stdio::piped());
+    }
     terminate_with_parent(&mut command);
     let mut child = command
         .spawn()
@@ -523,6 +539,9 @@ async fn run_worker(
     let pid = child.id();
     interrupt.add_child(pid);
 
+    let bars = ctx.bars.clone();
+    let draw =
+        child.stdout.take().map(|stdout| tokio::spawn(draw_progress(stdout, bars.clone().expect("piped for bars"))));
     let stderr = child.stderr.take().expect("stderr is piped");
     let echo = tokio::spawn(async move {
         let mut last = String::new();
@@ -532,7 +551,10 @@ async fn run_worker(
         while matches!(reader.read_until(b'\n', &mut raw).await, Ok(n) if n > 0) {
             let line = String::from_utf8_lossy(&raw).trim_end().to_string();
             raw.clear();
-            eprintln!("{line}");
+            match &bars {
+                Some(bars) => bars.suspend(|| eprintln!("{line}")),
+                None => eprintln!("{line}"),
+            }
             if !line.trim().is_empty() && !line.starts_with("note: run with `RUST_BACKTRACE") {
                 last = line;
             }
@@ -545,11 +567,56 @@ async fn run_worker(
     let status =
         status.map_err(|source| WorkerExit::Spawn(RunError::Spawn { worker: ctx.worker.to_path_buf(), source }))?;
     let reason = echo.await.unwrap_or_default();
+    if let Some(draw) = draw {
+        let _ = draw.await;
+    }
     match status.code() {
         Some(exit::DONE) => Ok(()),
         Some(exit::RESUME) => Err(WorkerExit::Interrupted),
         _ if interrupt.requested() => Err(WorkerExit::Interrupted),
         code => Err(WorkerExit::Failed { code, reason }),
+    }
+}
+
+/// Draws a worker's `@progress` lines as bars (one per label) and prints its other lines above them.
+async fn draw_progress(stdout: tokio::process::ChildStdout, bars: indicatif::MultiProgress) {
+    use indicatif::{ProgressBar, ProgressStyle};
+    let mut drawn: BTreeMap<String, ProgressBar> = BTreeMap::new();
+    let mut reader = BufReader::new(stdout);
+    let mut raw = Vec::new();
+    while matches!(reader.read_until(b'\n', &mut raw).await, Ok(n) if n > 0) {
+        let line = String::from_utf8_lossy(&raw).trim_end().to_string();
+        raw.clear();
+        let event = line
+            .strip_prefix(PROGRESS_PREFIX)
+            .and_then(|json| serde_json::from_str::<pretrain_crd::contract::ProgressEvent>(json).ok());
+        let Some(event) = event else {
+            let _ = bars.println(&line);
+            continue;
+        };
+        let bar = drawn.entry(event.label.clone()).or_insert_with(|| {
+            let bar = match event.total {
+                Some(total) => ProgressBar::new(total).with_style(
+                    ProgressStyle::with_template(
+                        "{prefix:>18} {bar:28.cyan/blue} {pos}/{len} {msg} [{elapsed_precise}]",
+                    )
+                    .expect("template parses")
+                    .progress_chars("=> "),
+                ),
+                None => ProgressBar::new_spinner().with_style(
+                    ProgressStyle::with_template("{prefix:>18} {spinner} {pos} {msg} ({per_sec}) [{elapsed_precise}]")
+                        .expect("template parses"),
+                ),
+            };
+            let bar = bars.add(bar.with_prefix(event.label.clone()));
+            bar.enable_steady_tick(std::time::Duration::from_millis(200));
+            bar
+        });
+        bar.set_position(event.done);
+        bar.set_message(format!("{} {}", event.unit, event.message).trim().to_string());
+    }
+    for bar in drawn.into_values() {
+        bar.finish();
     }
 }
 

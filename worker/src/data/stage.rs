@@ -29,6 +29,7 @@ use super::order::{Item as OrderItem, in_context, top_terms};
 use super::quality::{QualityError, QualityModel, Training, top_fraction_threshold};
 use super::reader::{self, Item, ReadOptions};
 use crate::Context;
+use crate::progress::Progress;
 
 /// Why the stage failed.
 #[derive(Debug, thiserror::Error)]
@@ -436,9 +437,11 @@ async fn map_shard(ctx: &Context, shard: u32, hash: &str) -> Result<()> {
     }
     let seed = ctx.run.spec.seed;
     let out = tmp.path().to_path_buf();
-    let (documents, stats) = tokio::task::spawn_blocking(move || map_files(&data, seed, model.as_ref(), &mine, &out))
-        .await
-        .expect("the map task does not panic")?;
+    let mut progress = Progress::new(format!("data-prep map {shard}"), "documents", None);
+    let (documents, stats) =
+        tokio::task::spawn_blocking(move || map_files(&data, seed, model.as_ref(), &mine, &out, &mut progress))
+            .await
+            .expect("the map task does not panic")?;
 
     let dir_name = map_dir(shard, shards);
     for file in ["docs.jsonl.zst", "keys.bin", "terms.bin"] {
@@ -456,7 +459,9 @@ fn map_files(
     model: Option<&QualityModel>,
     inputs: &[(u32, Input, PathBuf)],
     out: &Path,
+    progress: &mut Progress,
 ) -> Result<(u64, MapStats)> {
+    let mut read = 0u64;
     let docs_path = out.join("docs.jsonl.zst");
     let keys_path = out.join("keys.bin");
     let mut docs = zstd::Encoder::new(BufWriter::new(File::create(&docs_path).map_err(scratch(&docs_path))?), 3)
@@ -494,6 +499,8 @@ fn map_files(
             }
             Item::Document(doc) => {
                 seq += 1;
+                read += 1;
+                progress.update(read, || format!("{} files", stats.files));
                 *stats.read.entry(source.name.clone()).or_default() += 1;
                 let text = match apply(&filters, &doc.text, &mut lines_removed) {
                     Verdict::Keep(text) => text,

@@ -21,6 +21,7 @@ use super::{EvalError, Request, Scorer, encode_request, probe_logprobs};
 use crate::Context;
 use crate::data::stage::DocumentLine;
 use crate::model::{Llama, LlamaConfig, Params};
+use crate::progress::Progress;
 use crate::tokenize::Encoder;
 use crate::tokenize::stage::Tokenized;
 use crate::train::checkpoint;
@@ -306,13 +307,26 @@ fn device(ctx: &Context) -> Result<Device> {
     Device::new_cuda(0).map_err(|e| EvalError::Invalid(format!("no CUDA device is usable ({e}); set gpusPerNode: 0")))
 }
 
+impl Suite<'_> {
+    /// Measurements taken per checkpoint (for progress).
+    fn measurements(&self) -> u64 {
+        (2 + self.tasks.len() + self.passkey_lengths.len()) as u64
+    }
+}
+
 async fn evaluate_checkpoint(
     suite: &Suite<'_>,
     label: &str,
     dir: &StageDir,
     step: u64,
     device: &Device,
+    progress: &mut (Progress, u64),
 ) -> Result<CheckpointReport> {
+    let mut tick = |what: &str| {
+        progress.1 += 1;
+        let done = progress.1;
+        progress.0.update(done, || format!("{label}: {what}"));
+    };
     let started = std::time::Instant::now();
     let url = dir.url(&format!("ckpt/{}", checkpoint::dir_name(step)));
     let loaded = checkpoint::load(dir, step, device).await?.map_err(|e| EvalError::Invalid(format!("{url}: {e}")))?;
@@ -328,6 +342,7 @@ async fn evaluate_checkpoint(
     println!("eval: {label}: {url} (trained at {seq_len} tokens)");
 
     let perplexity = perplexity(&scorer, &suite.docs, separator, seq_len)?;
+    tick("perplexity");
     if let Some(all) = perplexity.get("all") {
         println!(
             "eval: {label}: held-out loss {:.4}, perplexity {:.2}, {:.4} bits/byte over {} tokens",
@@ -335,16 +350,19 @@ async fn evaluate_checkpoint(
         );
     }
     let probes = probe_logprobs(&scorer, encoder, separator, suite.probes)?;
+    tick("probes");
     let probes = suite.probes.iter().zip(probes).map(|(p, lp)| (p.name.clone(), lp)).collect();
     let mut benchmarks = BTreeMap::new();
     for task in &suite.tasks {
         let r = run_task(&scorer, encoder, separator, task)?;
+        tick(&task.name);
         println!("eval: {label}: {} {:.3} over {} items (chance {:.3})", task.name, r.score, r.items, r.chance);
         benchmarks.insert(task.name.clone(), r);
     }
     let mut passkeys = Vec::new();
     for &length in &suite.passkey_lengths {
         let r = passkey::run(&scorer, encoder, separator, length, suite.passkey_trials, suite.seed)?;
+        tick(&format!("passkey {length}"));
         println!(
             "eval: {label}: passkey at {length} tokens {}/{} (key log-prob {:.2})",
             r.correct, r.trials, r.key_logprob
@@ -494,8 +512,10 @@ pub async fn run(ctx: &Context, only: Option<&str>) -> Result<Option<StageCommit
     }
 
     let mut checkpoints = Vec::new();
+    let total = suite.measurements() * targets.len() as u64;
+    let mut progress = (Progress::new("eval", "measurements", Some(total)), 0);
     for (label, dir, step) in &targets {
-        checkpoints.push(evaluate_checkpoint(&suite, label, dir, *step, &device).await?);
+        checkpoints.push(evaluate_checkpoint(&suite, label, dir, *step, &device, &mut progress).await?);
     }
     let mut probe_rows = Vec::new();
     for stage in [Stage::Train, Stage::LongContext] {

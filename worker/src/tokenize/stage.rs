@@ -29,6 +29,7 @@ use super::shard::{ShardError, ShardWriter};
 use super::train::{TrainError, train_bpe};
 use crate::Context;
 use crate::data::stage::DocumentLine;
+use crate::progress::Progress;
 
 /// Why the stage failed.
 #[derive(Debug, thiserror::Error)]
@@ -386,6 +387,7 @@ pub fn encode_file(
     input: &Path,
     display: &str,
     output: &Path,
+    progress: &mut Progress,
 ) -> Result<BTreeMap<String, Counts>> {
     let mut writer = ShardWriter::create(output, encoder.vocab_size())?;
     let mut counts: BTreeMap<String, Counts> = BTreeMap::new();
@@ -422,6 +424,8 @@ pub fn encode_file(
                     c.bytes += doc.text.len() as u64;
                     c.chars += doc.text.chars().count() as u64;
                 }
+                let total = Counts::total(counts.values());
+                progress.update(total.documents, || format!("{} tokens", total.tokens));
             }
             Ok::<_, TokenizeError>(())
         })();
@@ -474,9 +478,11 @@ async fn map_shard(
     let separator = encoder.special(&meta.separator).expect("the separator was checked when the tokenizer loaded");
     let display = upstream.dir.url(input);
     let (enc, out) = (Arc::clone(encoder), output.clone());
-    let categories = tokio::task::spawn_blocking(move || encode_file(&enc, separator, &local, &display, &out))
-        .await
-        .expect("encoding does not panic")?;
+    let mut progress = Progress::new(format!("tokenize map {k}"), "documents", None);
+    let categories =
+        tokio::task::spawn_blocking(move || encode_file(&enc, separator, &local, &display, &out, &mut progress))
+            .await
+            .expect("encoding does not panic")?;
     let file = ctx.dir.put_file(&shard_name(k), &output).await?;
     let seconds = started.elapsed().as_secs_f64();
     let total = Counts::total(categories.values());
@@ -557,9 +563,11 @@ async fn reduce(
         let separator = encoder.special(&meta.separator).expect("the separator was checked when the tokenizer loaded");
         let display = upstream.dir.url(name);
         let (enc, out) = (Arc::clone(encoder), output.clone());
-        heldout = tokio::task::spawn_blocking(move || encode_file(&enc, separator, &local, &display, &out))
-            .await
-            .expect("encoding does not panic")?;
+        let mut progress = Progress::new("tokenize held-out", "documents", None);
+        heldout =
+            tokio::task::spawn_blocking(move || encode_file(&enc, separator, &local, &display, &out, &mut progress))
+                .await
+                .expect("encoding does not panic")?;
         files.push(ctx.dir.put_file("heldout/00000.tok", &output).await?);
     }
     let report: BTreeMap<String, Compression> = heldout.iter().map(|(c, n)| (c.clone(), compression(n))).collect();

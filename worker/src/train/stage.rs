@@ -23,6 +23,7 @@ use crate::Context;
 use crate::eval::{Scorer, probe_logprobs};
 use crate::model::rope::ntk_base;
 use crate::model::{Llama, LlamaConfig, Params, Scaling};
+use crate::progress::Progress;
 use crate::tokenize::stage::Tokenized;
 
 /// Why training stopped early.
@@ -468,6 +469,7 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
     let mut saving: Option<tokio::task::JoinHandle<Result<Vec<FileEntry>, checkpoint::CheckpointError>>> = None;
     let mut last_files: Vec<FileEntry> = Vec::new();
     let mut last_print = Instant::now();
+    let mut progress = Progress::new(label, "steps", Some(total_steps));
     let run_start = Instant::now();
     let start_step = state.step;
 
@@ -562,15 +564,22 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
                 .into();
         }
         writeln!(metrics, "{line}")?;
-        if last_print.elapsed().as_secs_f64() >= 5.0 || state.step == total_steps || state.step == start_step + 1 {
-            last_print = Instant::now();
+        let eta = || {
             let done = (state.step - start_step) as f64;
-            let eta = run_start.elapsed().as_secs_f64() / done * (total_steps - state.step) as f64;
+            format_seconds(run_start.elapsed().as_secs_f64() / done * (total_steps - state.step) as f64)
+        };
+        progress.update(state.step, || {
+            format!("loss {loss:.4} lr {lr:.2e} {tokens_per_s:.0} tok/s MFU {:.1}% eta {}", mfu * 100.0, eta())
+        });
+        if !progress.reporting()
+            && (last_print.elapsed().as_secs_f64() >= 5.0 || state.step == total_steps || state.step == start_step + 1)
+        {
+            last_print = Instant::now();
             println!(
                 "{label}: step {}/{total_steps} loss {loss:.4} lr {lr:.2e} grad-norm {grad_norm:.3} {tokens_per_s:.0} tok/s MFU {:.1}% eta {}",
                 state.step,
                 mfu * 100.0,
-                format_seconds(eta)
+                eta()
             );
         }
 
