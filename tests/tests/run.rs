@@ -111,6 +111,20 @@ fn a_micro_manifest_runs_all_five_stages_and_a_rerun_starts_none() {
         assert!(commit.contains("00001"), "{stage}: {commit}");
     }
 
+    // Asked for progress reports (as the runner does on a terminal), a worker writes `@progress` lines
+    // ending at its total.
+    let out = Command::new(bin("pretrain-worker"))
+        .args(["eval", "--spec", file, "--checkpoint", "train"])
+        .env("PRETRAIN_PROGRESS", "json")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let last = stdout.lines().filter_map(|l| l.strip_prefix("@progress ")).last().unwrap_or_else(|| panic!("{stdout}"));
+    let event: serde_json::Value = serde_json::from_str(last).unwrap();
+    assert_eq!(event["label"], "eval");
+    assert_eq!(event["done"], event["total"], "{event}");
+
     let out = pretrain(&["status", "-f", file]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let status = text(&out.stdout);
