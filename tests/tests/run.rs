@@ -120,7 +120,8 @@ fn a_micro_manifest_runs_all_five_stages_and_a_rerun_starts_none() {
         .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
-    let last = stdout.lines().filter_map(|l| l.strip_prefix("@progress ")).last().unwrap_or_else(|| panic!("{stdout}"));
+    let last =
+        stdout.lines().filter_map(|l| l.strip_prefix("@progress ")).next_back().unwrap_or_else(|| panic!("{stdout}"));
     let event: serde_json::Value = serde_json::from_str(last).unwrap();
     assert_eq!(event["label"], "eval");
     assert_eq!(event["done"], event["total"], "{event}");

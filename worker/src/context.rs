@@ -63,6 +63,21 @@ impl Context {
         self.run.metadata.name.as_deref().unwrap_or_default()
     }
 
+    /// The device model stages compute on: the CPU when `train.resources.gpusPerNode` is 0, else the
+    /// CUDA device of `LOCAL_RANK` (0 by default).
+    pub fn device(&self) -> Result<candle_core::Device, String> {
+        let gpus = self.run.spec.train.resources.gpus_per_node;
+        if gpus == 0 {
+            return Ok(candle_core::Device::Cpu);
+        }
+        let local = std::env::var("LOCAL_RANK").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+        candle_core::Device::new_cuda(local).map_err(|e| {
+            format!(
+                "train.resources.gpusPerNode is {gpus} but no CUDA device is usable ({e}); build with --features cuda or set gpusPerNode: 0"
+            )
+        })
+    }
+
     /// The config hash the stage's commit must carry.
     pub fn config_hash(&self) -> String {
         self.run.spec.stage_config_hash(self.stage)

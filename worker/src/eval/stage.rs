@@ -300,13 +300,6 @@ struct Suite<'a> {
     probes: &'a [pretrain_crd::spec::Probe],
 }
 
-fn device(ctx: &Context) -> Result<Device> {
-    if ctx.run.spec.train.resources.gpus_per_node == 0 {
-        return Ok(Device::Cpu);
-    }
-    Device::new_cuda(0).map_err(|e| EvalError::Invalid(format!("no CUDA device is usable ({e}); set gpusPerNode: 0")))
-}
-
 impl Suite<'_> {
     /// Measurements taken per checkpoint (for progress).
     fn measurements(&self) -> u64 {
@@ -477,7 +470,7 @@ pub async fn run(ctx: &Context, only: Option<&str>) -> Result<Option<StageCommit
         seed: spec.seed,
         probes: &spec.eval.probes,
     };
-    let device = device(ctx)?;
+    let device = ctx.device().map_err(EvalError::Invalid)?;
     let store = ctx.dir.store();
 
     // Which checkpoints.

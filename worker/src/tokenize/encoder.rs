@@ -148,16 +148,7 @@ impl Encoder {
     /// Decodes ids back to text (special tokens as their content).
     pub fn decode(&self, ids: &[u32]) -> Result<String, EncoderError> {
         match &self.kind {
-            Kind::Fast(bpe) => {
-                let mut bytes = Vec::with_capacity(ids.len() * 4);
-                for &id in ids {
-                    let token = bpe.id_bytes.get(id as usize).ok_or_else(|| {
-                        EncoderError::Decode(format!("id {id} is outside the vocabulary of {}", bpe.id_bytes.len()))
-                    })?;
-                    bytes.extend_from_slice(token);
-                }
-                String::from_utf8(bytes).map_err(|e| EncoderError::Decode(e.to_string()))
-            }
+            Kind::Fast(bpe) => String::from_utf8(bpe.bytes(ids)?).map_err(|e| EncoderError::Decode(e.to_string())),
             Kind::Library(tokenizer) => tokenizer.decode(ids, false).map_err(|e| EncoderError::Library(e.to_string())),
         }
     }
@@ -166,16 +157,7 @@ impl Encoder {
     /// those become U+FFFD. Ids outside the vocabulary are an error.
     pub fn decode_lossy(&self, ids: &[u32]) -> Result<String, EncoderError> {
         match &self.kind {
-            Kind::Fast(bpe) => {
-                let mut bytes = Vec::with_capacity(ids.len() * 4);
-                for &id in ids {
-                    let token = bpe.id_bytes.get(id as usize).ok_or_else(|| {
-                        EncoderError::Decode(format!("id {id} is outside the vocabulary of {}", bpe.id_bytes.len()))
-                    })?;
-                    bytes.extend_from_slice(token);
-                }
-                Ok(String::from_utf8_lossy(&bytes).into_owned())
-            }
+            Kind::Fast(bpe) => Ok(String::from_utf8_lossy(&bpe.bytes(ids)?).into_owned()),
             // The library's decoder is lossy already.
             Kind::Library(tokenizer) => tokenizer.decode(ids, false).map_err(|e| EncoderError::Library(e.to_string())),
         }
@@ -197,6 +179,18 @@ struct ByteBpe {
 }
 
 impl ByteBpe {
+    /// The bytes of `ids`, back to back.
+    fn bytes(&self, ids: &[u32]) -> Result<Vec<u8>, EncoderError> {
+        let mut bytes = Vec::with_capacity(ids.len() * 4);
+        for &id in ids {
+            let token = self.id_bytes.get(id as usize).ok_or_else(|| {
+                EncoderError::Decode(format!("id {id} is outside the vocabulary of {}", self.id_bytes.len()))
+            })?;
+            bytes.extend_from_slice(token);
+        }
+        Ok(bytes)
+    }
+
     /// The fast path, when the tokenizer is plain byte-level BPE; `None` for anything else.
     fn from_json(json: &Value) -> Option<Self> {
         let model = &json["model"];

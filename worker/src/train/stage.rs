@@ -170,19 +170,6 @@ fn peak_flops(device: &Device, gpu_type: Option<&str>) -> f64 {
     cores * 32.0 * 3e9
 }
 
-fn device(ctx: &Context) -> Result<Device> {
-    if ctx.run.spec.train.resources.gpus_per_node == 0 {
-        return Ok(Device::Cpu);
-    }
-    let local = std::env::var("LOCAL_RANK").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
-    Device::new_cuda(local).map_err(|e| {
-        TrainError::Invalid(format!(
-            "train.resources.gpusPerNode is {} but no CUDA device is usable ({e}); build with --features cuda or set gpusPerNode: 0",
-            ctx.run.spec.train.resources.gpus_per_node
-        ))
-    })
-}
-
 /// What one run of the loop trains: the train stage from a seed, or long-context continuation from
 /// train's final weights.
 #[derive(Debug, Clone)]
@@ -345,7 +332,7 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
     let stream = Arc::new(stream);
     let heldout = if heldout_paths.is_empty() { None } else { Some(TokenStream::open(&heldout_paths)?) };
 
-    let device = device(ctx)?;
+    let device = ctx.device().map_err(TrainError::Invalid)?;
     let dtype = match (spec.train.precision, device.is_cuda()) {
         (Precision::Fp32, _) | (Precision::Auto, false) => DType::F32,
         (Precision::Bf16, false) => {
