@@ -318,6 +318,7 @@ fn long_context_continues_from_train_and_eval_reports_both() {
         assert!(all["tokens"].as_u64().unwrap() > 100);
         let (loss, ppl) = (all["loss"].as_f64().unwrap(), all["perplexity"].as_f64().unwrap());
         assert!((ppl - loss.exp()).abs() < 1e-9 * ppl);
+        assert!(all["unigramLoss"].as_f64().unwrap() > 0.0, "{all}");
         assert_eq!(c["benchmarks"]["mine"]["items"], 1);
         assert!(c["benchmarks"]["heldout-next-sentence"]["items"].as_u64().unwrap() > 0, "{c}");
         assert_eq!(c["passkey"][0]["length"], 400);

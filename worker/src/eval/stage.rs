@@ -25,6 +25,7 @@ use crate::progress::Progress;
 use crate::tokenize::Encoder;
 use crate::tokenize::stage::Tokenized;
 use crate::train::checkpoint;
+use crate::train::loader::TokenStream;
 
 type Result<T, E = EvalError> = std::result::Result<T, E>;
 
@@ -49,6 +50,10 @@ pub struct Perplexity {
     pub perplexity: f64,
     /// `nll / ln 2 / bytes`: comparable across tokenizers.
     pub bits_per_byte: f64,
+    /// Mean NLL per token of the same tokens under the training data's unigram distribution: the
+    /// loss of a model that ignores context (the baseline a trained model must beat).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unigram_loss: Option<f64>,
 }
 
 impl Perplexity {
@@ -62,7 +67,54 @@ impl Perplexity {
             loss,
             perplexity: loss.exp(),
             bits_per_byte: nll / std::f64::consts::LN_2 / bytes.max(1) as f64,
+            unigram_loss: None,
         }
+    }
+}
+
+/// Natural-log unigram probabilities of the training tokens (add-one smoothed), counted over at most
+/// `cap` tokens of the shards.
+pub fn unigram_logprobs(stream: &TokenStream, vocab: usize, cap: u64) -> Vec<f64> {
+    let mut counts = vec![1u64; vocab];
+    let n = stream.len().min(cap);
+    let mut buf = Vec::with_capacity(1 << 20);
+    let mut at = 0;
+    while at < n {
+        buf.clear();
+        let take = (n - at).min(1 << 20);
+        stream.read(at, take, &mut buf);
+        for &t in &buf {
+            if let Some(c) = counts.get_mut(t as usize) {
+                *c += 1;
+            }
+        }
+        at += take;
+    }
+    let total: u64 = counts.iter().sum();
+    counts.iter().map(|&c| (c as f64 / total as f64).ln()).collect()
+}
+
+/// Adds each category's unigram loss: the mean NLL of its tokens (after the leading separator, as
+/// [`perplexity`] predicts them) under `logprobs`.
+pub fn add_unigram(report: &mut BTreeMap<String, Perplexity>, docs: &[HeldOutDoc], logprobs: &[f64]) {
+    let mut all = (0.0, 0u64);
+    let mut by_category: BTreeMap<&str, (f64, u64)> = BTreeMap::new();
+    for d in docs {
+        let e = by_category.entry(&d.category).or_default();
+        for &t in &d.tokens {
+            let lp = logprobs.get(t as usize).copied().unwrap_or(f64::NEG_INFINITY);
+            e.0 -= lp;
+            e.1 += 1;
+        }
+    }
+    for (category, (nll, n)) in by_category {
+        all = (all.0 + nll, all.1 + n);
+        if let Some(p) = report.get_mut(category) {
+            p.unigram_loss = Some(nll / n.max(1) as f64);
+        }
+    }
+    if let Some(p) = report.get_mut("all") {
+        p.unigram_loss = Some(all.0 / all.1.max(1) as f64);
     }
 }
 
@@ -298,6 +350,8 @@ struct Suite<'a> {
     passkey_trials: usize,
     seed: u64,
     probes: &'a [pretrain_crd::spec::Probe],
+    /// Unigram log-probabilities of the training tokens, when the shards are readable.
+    unigram: Option<Vec<f64>>,
 }
 
 impl Suite<'_> {
@@ -334,12 +388,19 @@ async fn evaluate_checkpoint(
     let (encoder, separator) = (&suite.tok.encoder, suite.tok.separator);
     println!("eval: {label}: {url} (trained at {seq_len} tokens)");
 
-    let perplexity = perplexity(&scorer, &suite.docs, separator, seq_len)?;
+    let mut perplexity = perplexity(&scorer, &suite.docs, separator, seq_len)?;
+    if let Some(u) = &suite.unigram {
+        add_unigram(&mut perplexity, &suite.docs, u);
+    }
     tick("perplexity");
     if let Some(all) = perplexity.get("all") {
         println!(
-            "eval: {label}: held-out loss {:.4}, perplexity {:.2}, {:.4} bits/byte over {} tokens",
-            all.loss, all.perplexity, all.bits_per_byte, all.tokens
+            "eval: {label}: held-out loss {:.4} (unigram {}), perplexity {:.2}, {:.4} bits/byte over {} tokens",
+            all.loss,
+            all.unigram_loss.map_or_else(|| "-".into(), |u| format!("{u:.4}")),
+            all.perplexity,
+            all.bits_per_byte,
+            all.tokens
         );
     }
     let probes = probe_logprobs(&scorer, encoder, separator, suite.probes)?;
@@ -461,7 +522,17 @@ pub async fn run(ctx: &Context, only: Option<&str>) -> Result<Option<StageCommit
         passkey_lengths.push(spec.train.seq_len as usize);
         passkey_lengths.extend(spec.long_context.as_ref().map(|lc| lc.seq_len as usize));
     }
+    let cache = tempfile::tempdir()?;
+    let shards = crate::train::stage::local_shards(&tok.dir, &tok.commit.files, "shards/", cache.path())
+        .await
+        .map_err(|e| EvalError::Invalid(e.to_string()))?;
+    let unigram = match TokenStream::open(&shards) {
+        Ok(stream) if !stream.is_empty() => Some(unigram_logprobs(&stream, tok.vocab_size() as usize, 100_000_000)),
+        Ok(_) => None,
+        Err(e) => return Err(EvalError::Invalid(e.to_string())),
+    };
     let suite = Suite {
+        unigram,
         tok: &tok,
         docs,
         tasks,
@@ -573,12 +644,14 @@ pub fn markdown(run: &str, report: &Report) -> String {
                 format!(", {}", serde_json::to_string(&c.model.rope_scaling).unwrap_or_default())
             }
         );
-        let _ = writeln!(md, "| held-out | documents | tokens | bytes | loss | perplexity | bits/byte |");
-        let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|");
+        let _ =
+            writeln!(md, "| held-out | documents | tokens | bytes | loss | unigram loss | perplexity | bits/byte |");
+        let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|");
         for (cat, p) in &c.perplexity {
+            let unigram = p.unigram_loss.map_or_else(|| "-".into(), |u| format!("{u:.4}"));
             let _ = writeln!(
                 md,
-                "| {cat} | {} | {} | {} | {:.4} | {:.2} | {:.4} |",
+                "| {cat} | {} | {} | {} | {:.4} | {unigram} | {:.2} | {:.4} |",
                 p.documents, p.tokens, p.bytes, p.loss, p.perplexity, p.bits_per_byte
             );
         }
@@ -672,6 +745,21 @@ pub fn markdown(run: &str, report: &Report) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unigram_loss_is_the_mean_nll_of_each_category_s_tokens() {
+        let doc =
+            |category: &str, tokens: Vec<u32>| HeldOutDoc { category: category.into(), text: String::new(), tokens };
+        let docs = vec![doc("web", vec![0, 1, 1]), doc("code", vec![2])];
+        let logprobs = [0.5f64.ln(), 0.25f64.ln(), 0.25f64.ln()];
+        let mut report: BTreeMap<String, Perplexity> =
+            ["web", "code", "all"].iter().map(|c| (c.to_string(), Perplexity::new(1, 1, 1, 1.0))).collect();
+        add_unigram(&mut report, &docs, &logprobs);
+        let close = |a: Option<f64>, b: f64| (a.unwrap() - b).abs() < 1e-12;
+        assert!(close(report["web"].unigram_loss, -(0.5f64.ln() + 2.0 * 0.25f64.ln()) / 3.0));
+        assert!(close(report["code"].unigram_loss, -(0.25f64.ln())));
+        assert!(close(report["all"].unigram_loss, -(0.5f64.ln() + 3.0 * 0.25f64.ln()) / 4.0));
+    }
 
     #[test]
     fn checkpoint_arguments_name_a_stage_and_maybe_a_step() {
