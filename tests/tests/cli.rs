@@ -147,7 +147,16 @@ fn run_redoes_a_stage_whose_config_changed_and_then_skips_it() {
     let file = file.to_str().unwrap();
     let out = pretrain(&["run", file, "--until", "data-prep"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert_eq!(text(&out.stdout), "data-prep: starting\ndata-prep: committed 3 files\ndata-prep: committed\n");
+    // A run that ran a stage ends by writing the run's report.
+    let report = tmp.path().join("store/tiny/report/README.md");
+    assert_eq!(
+        text(&out.stdout),
+        format!(
+            "data-prep: starting\ndata-prep: committed 3 files\ndata-prep: committed\nreport: {}\n",
+            report.display()
+        )
+    );
+    assert!(std::fs::read_to_string(&report).unwrap().contains("## Data"));
     let out = pretrain(&["run", file, "--until", "data-prep"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "data-prep: outputs committed for this spec; skipped\n");
