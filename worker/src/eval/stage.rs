@@ -561,16 +561,7 @@ pub async fn run(ctx: &Context, only: Option<&str>) -> Result<Option<StageCommit
             if stage == Stage::LongContext && spec.long_context.is_none() {
                 continue;
             }
-            let dir = store.stage(ctx.run_name(), stage)?;
-            let Some(commit) = dir.committed(&spec.stage_config_hash(stage)).await? else {
-                return Err(EvalError::Invalid(format!(
-                    "{stage} has not committed outputs for this spec at {}; run it first",
-                    dir.url("_SUCCESS.json")
-                )));
-            };
-            let step = commit.stats["steps"]
-                .as_u64()
-                .ok_or_else(|| EvalError::Invalid(format!("{} records no steps", dir.url("_SUCCESS.json"))))?;
+            let (dir, step) = checkpoint::committed_final(ctx, stage).await?.map_err(EvalError::Invalid)?;
             targets.push((label.to_string(), dir, step));
         }
     }

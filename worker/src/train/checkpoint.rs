@@ -253,6 +253,25 @@ pub async fn load(dir: &StageDir, step: u64, device: &Device) -> Result<Result<L
     Ok(Ok(Loaded { name, state, model, optim, files }))
 }
 
+/// The directory of `stage` (train or long-context) and the step of the final checkpoint it committed
+/// for `ctx`'s spec; the inner error says what to run first.
+pub async fn committed_final(
+    ctx: &crate::Context,
+    stage: pretrain_crd::Stage,
+) -> Result<Result<(StageDir, u64), String>, pretrain_store::Error> {
+    let dir = ctx.dir.store().stage(ctx.run_name(), stage)?;
+    let Some(commit) = dir.committed(&ctx.run.spec.stage_config_hash(stage)).await? else {
+        return Ok(Err(format!(
+            "{stage} has not committed outputs for this spec at {}; run it first",
+            dir.url("_SUCCESS.json")
+        )));
+    };
+    Ok(match commit.stats["steps"].as_u64() {
+        Some(step) => Ok((dir, step)),
+        None => Err(format!("{} records no steps", dir.url("_SUCCESS.json"))),
+    })
+}
+
 /// Manifest entries (paths relative to checkpoint `name`) with paths relative to the stage directory.
 fn in_stage_dir(name: &str, files: Vec<FileEntry>) -> Vec<FileEntry> {
     files

@@ -242,16 +242,7 @@ impl Job {
             .long_context
             .as_ref()
             .ok_or_else(|| TrainError::Invalid("the spec has no longContext section".into()))?;
-        let train_dir = ctx.dir.store().stage(ctx.run_name(), Stage::Train)?;
-        let Some(commit) = train_dir.committed(&spec.stage_config_hash(Stage::Train)).await? else {
-            return Err(TrainError::Invalid(format!(
-                "train has not committed outputs for this spec at {}; run it first",
-                train_dir.url("_SUCCESS.json")
-            )));
-        };
-        let step = commit.stats["steps"]
-            .as_u64()
-            .ok_or_else(|| TrainError::Invalid(format!("{} records no steps", train_dir.url("_SUCCESS.json"))))?;
+        let (train_dir, step) = checkpoint::committed_final(ctx, Stage::Train).await?.map_err(TrainError::Invalid)?;
         let base = Self::train(spec, vocab);
         let seq_len = lc.seq_len as usize;
         let world = ctx.world_size as usize;
