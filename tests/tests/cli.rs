@@ -30,7 +30,7 @@ fn validate_lists_every_error_and_exits_2() {
     let file = tmp.path().join("bad.yaml");
     let manifest = std::fs::read_to_string(repo().join("examples/tiny.yaml"))
         .unwrap()
-        .replace("globalBatchTokens: 8192", "globalBatchTokens: 8000")
+        .replace("globalBatchTokens: 4096", "globalBatchTokens: 8000")
         .replace("vocabSize: 4096", "vocabSize: 4096\n    vocabsize: 1");
     std::fs::write(&file, manifest).unwrap();
     let out = pretrain(&["validate", file.to_str().unwrap()]);

@@ -2,10 +2,14 @@
 //! a thread so that a step never waits for I/O.
 //!
 //! The stream is every shard's tokens back to back (documents already end in `<|eos|>`), repeated in
-//! epochs. Step `s` reads `sequences` windows of `seq_len + 1` tokens starting every `seq_len` tokens
-//! from the cursor (inputs and their next-token targets); data-parallel rank `r` of `w` takes the
-//! `r`-th of `w` equal slices. The cursor (a token position in the repeated stream) is all that a
-//! checkpoint needs to resume the exact same batches, whatever the number of ranks.
+//! epochs, cut into sequences of `seq_len` tokens (each read with its next-token targets). Step `s`
+//! takes the next `sequences` sequence numbers after the cursor; data-parallel rank `r` of `w` takes
+//! the `r`-th of `w` equal slices. Sequence numbers map to places in the stream through a seeded
+//! permutation within windows of [`BatchShape::window`] sequences, reshuffled every epoch: a step
+//! mixes many documents (one long document no longer fills a whole step), while the order data-prep
+//! chose (curriculum, related documents packed together) holds at the scale of a window and every
+//! sequence stays whole. The cursor (a token position in the repeated sequence numbering) is all that
+//! a checkpoint needs to resume the exact same batches, whatever the number of ranks.
 //!
 //! Long-context training reorders the stream by document, longest first
 //! ([`TokenStream::long_documents_first`]), so that its few steps see whole long documents rather
@@ -15,6 +19,7 @@ use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, sync_channel};
 use std::thread::JoinHandle;
 
+use crate::data::random::{shuffle, splitmix};
 use crate::tokenize::{ShardError, TokenShard};
 
 /// The shards of a stream, opened and checked.
@@ -161,6 +166,15 @@ pub struct BatchShape {
     pub rank: usize,
     /// Ranks.
     pub world: usize,
+    /// Sequences shuffled together; 0 or 1 reads the stream in order.
+    pub window: usize,
+    /// Seed of the shuffle.
+    pub seed: u64,
+}
+
+/// Sequences per shuffle window that training uses: at least 1,024 and at least 8 steps' worth.
+pub fn shuffle_window(sequences_per_step: usize) -> usize {
+    (8 * sequences_per_step).max(1024)
 }
 
 impl BatchShape {
@@ -175,15 +189,41 @@ impl BatchShape {
         let t = self.seq_len;
         let mut inputs = Vec::with_capacity(per_rank * t);
         let mut targets = Vec::with_capacity(per_rank * t);
-        let mut window = Vec::with_capacity(t + 1);
+        let mut tokens = Vec::with_capacity(t + 1);
+        let first = cursor / t as u64;
+        let offset = cursor % t as u64;
+        let mut order = None;
         for i in 0..per_rank {
-            let index = (self.rank * per_rank + i) as u64;
-            window.clear();
-            stream.read(cursor + index * t as u64, t as u64 + 1, &mut window);
-            inputs.extend_from_slice(&window[..t]);
-            targets.extend_from_slice(&window[1..]);
+            let number = first + (self.rank * per_rank + i) as u64;
+            tokens.clear();
+            stream.read(self.place(stream, number, &mut order) + offset, t as u64 + 1, &mut tokens);
+            inputs.extend_from_slice(&tokens[..t]);
+            targets.extend_from_slice(&tokens[1..]);
         }
         Batch { step, inputs, targets, cursor_after: cursor + (self.sequences * t) as u64 }
+    }
+
+    /// Where sequence `number` starts in the stream; `order` caches the last window's permutation
+    /// as `(epoch, window, permutation)`.
+    fn place(&self, stream: &TokenStream, number: u64, order: &mut Option<(u64, u64, Vec<u64>)>) -> u64 {
+        let t = self.seq_len as u64;
+        let per_epoch = stream.len() / t;
+        let window = self.window as u64;
+        if window < 2 || per_epoch < 2 {
+            return number * t;
+        }
+        let (epoch, within) = (number / per_epoch, number % per_epoch);
+        let (w, j) = (within / window, within % window);
+        let base = w * window;
+        if !matches!(order, Some((e, k, _)) if *e == epoch && *k == w) {
+            let size = window.min(per_epoch - base);
+            let mut permutation: Vec<u64> = (0..size).collect();
+            let mut state = self.seed ^ splitmix(&mut (epoch.wrapping_mul(0x1_0000_0001) ^ w));
+            shuffle(&mut permutation, &mut state);
+            *order = Some((epoch, w, permutation));
+        }
+        let (_, _, permutation) = order.as_ref().expect("set above");
+        (base + permutation[j as usize]) * t
     }
 }
 
@@ -296,7 +336,7 @@ mod tests {
     fn ranks_split_a_step_and_the_cursor_resumes_it() {
         let dir = tempfile::tempdir().unwrap();
         let s = Arc::new(stream(dir.path()));
-        let shape = |rank, world| BatchShape { seq_len: 3, sequences: 4, rank, world };
+        let shape = |rank, world| BatchShape { seq_len: 3, sequences: 4, rank, world, window: 0, seed: 0 };
         let whole = shape(0, 1).batch(&s, 0, 2);
         assert_eq!(whole.inputs, [2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]);
         assert_eq!(whole.targets, [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]);
@@ -313,5 +353,51 @@ mod tests {
         assert_eq!(resumed.next().as_ref(), Some(&all[3]));
         assert_eq!(resumed.next().as_ref(), Some(&all[4]));
         assert_eq!(resumed.next(), None);
+    }
+
+    #[test]
+    fn shuffled_sequences_cover_each_window_once_per_epoch_and_resume_exactly() {
+        // One 1,000-token document: token i is i, so a sequence's first token says where it starts.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("0.tok");
+        let mut w = ShardWriter::create(&path, 2000).unwrap();
+        w.push(&(0..1000).collect::<Vec<u32>>()).unwrap();
+        w.finish().unwrap();
+        let s = Arc::new(TokenStream::open(&[path]).unwrap());
+        let shape = |rank, world| BatchShape { seq_len: 10, sequences: 4, rank, world, window: 16, seed: 7 };
+        // 100 sequences per epoch: windows of 16 (the last one of 4); 25 steps per epoch.
+        let epoch = |first_step: u64, cursor: u64| -> Vec<Batch> {
+            let mut p = Prefetcher::start(Arc::clone(&s), shape(0, 1), first_step, first_step + 25, cursor, 2);
+            std::iter::from_fn(|| p.next()).collect()
+        };
+        let first = epoch(0, 0);
+        let starts: Vec<u32> = first.iter().flat_map(|b| b.inputs.chunks(10).map(|c| c[0])).collect();
+        for (k, window) in starts.chunks(16).enumerate() {
+            let mut sorted = window.to_vec();
+            sorted.sort_unstable();
+            let expected: Vec<u32> = (0..window.len() as u32).map(|i| (k as u32 * 16 + i) * 10).collect();
+            assert_eq!(sorted, expected, "window {k} is a permutation of its sequences");
+        }
+        assert_ne!(starts[..16], (0..16).map(|i| i * 10).collect::<Vec<u32>>()[..], "the order is shuffled");
+        for b in &first {
+            for (inputs, targets) in b.inputs.chunks(10).zip(b.targets.chunks(10)) {
+                assert_eq!(inputs[0] + 1, targets[0], "targets are the next tokens");
+                assert_eq!(inputs[9] - inputs[0], 9, "sequences stay whole");
+            }
+        }
+        // The next epoch visits the same sequences in another order.
+        let second = epoch(25, first[24].cursor_after);
+        let again: Vec<u32> = second.iter().flat_map(|b| b.inputs.chunks(10).map(|c| c[0])).collect();
+        assert_ne!(again, starts);
+        let mut a = again;
+        a.sort_unstable();
+        let mut b = starts;
+        b.sort_unstable();
+        assert_eq!(a, b);
+        // Resuming mid-epoch from a saved cursor, and splitting a step across ranks, read the same.
+        let resumed = Prefetcher::start(Arc::clone(&s), shape(0, 1), 10, 12, first[9].cursor_after, 2);
+        assert_eq!(resumed.collect::<Vec<_>>(), first[10..12]);
+        let r1 = shape(1, 2).batch(&s, 10, first[9].cursor_after);
+        assert_eq!(r1.inputs, first[10].inputs[20..]);
     }
 }

@@ -16,7 +16,7 @@ use pretrain_crd::spec::{LongContext, Optimizer, Precision, RopeScalingKind, Sch
 use pretrain_store::{FileEntry, StageCommit, StageDir};
 
 use super::checkpoint::{self, Snapshot, TrainState};
-use super::loader::{BatchShape, Prefetcher, TokenStream};
+use super::loader::{BatchShape, Prefetcher, TokenStream, shuffle_window};
 use super::optim::{AdamW, AdamWConfig, clip};
 use super::schedule::learning_rate;
 use crate::Context;
@@ -337,7 +337,14 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
     config.check().map_err(TrainError::Invalid)?;
     let seq_len = job.seq_len;
     let world = ctx.world_size as usize;
-    let shape = BatchShape { seq_len, sequences: job.sequences, rank: ctx.rank as usize, world };
+    let shape = BatchShape {
+        seq_len,
+        sequences: job.sequences,
+        rank: ctx.rank as usize,
+        world,
+        window: shuffle_window(job.sequences),
+        seed: spec.seed,
+    };
     let micro = job.micro;
     if shape.per_rank() == 0 || !shape.per_rank().is_multiple_of(micro) {
         return Err(TrainError::Invalid(format!(
@@ -628,7 +635,8 @@ fn restore(
     Ok((params, optimizer))
 }
 
-/// Mean loss over up to 8 micro-batches of held-out sequences (the same ones every time).
+/// Mean loss over up to 8 micro-batches of held-out sequences: the same ones every time, drawn from
+/// the whole held-out stream.
 pub fn evaluate(
     model: &Llama,
     stream: &TokenStream,
@@ -639,7 +647,7 @@ pub fn evaluate(
 ) -> Result<f64> {
     let available = (stream.len().saturating_sub(1) / seq_len as u64) as usize;
     let sequences = available.min(8 * micro).max(1);
-    let shape = BatchShape { seq_len, sequences, rank: 0, world: 1 };
+    let shape = BatchShape { seq_len, sequences, rank: 0, world: 1, window: available, seed: 0 };
     let batch = shape.batch(stream, 0, 0);
     let mut total = 0f64;
     let mut n = 0;
