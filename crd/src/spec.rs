@@ -192,6 +192,25 @@ pub struct Data {
     #[serde(default = "default_max_document_bytes")]
     #[schemars(range(min = 1))]
     pub max_document_bytes: u64,
+    /// CPU and memory of each data-prep and tokenize pod.
+    #[serde(default)]
+    pub resources: CpuResources,
+}
+
+/// Requests (and limits) of a CPU-only pod.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", default)]
+pub struct CpuResources {
+    /// CPU request per pod.
+    pub cpu: Quantity,
+    /// Memory request and limit per pod.
+    pub memory: Quantity,
+}
+
+impl Default for CpuResources {
+    fn default() -> Self {
+        Self { cpu: Quantity("4".into()), memory: Quantity("16Gi".into()) }
+    }
 }
 
 fn default_held_out_fraction() -> f64 {

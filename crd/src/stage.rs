@@ -86,7 +86,12 @@ impl PretrainRunSpec {
     pub fn stage_config_hash(&self, stage: Stage) -> String {
         let upstream = self.upstream(stage).map(|s| self.stage_config_hash(s));
         let own = match stage {
-            Stage::DataPrep => serde_json::to_value(&self.data),
+            Stage::DataPrep => serde_json::to_value(&self.data).map(|mut data| {
+                if let Some(map) = data.as_object_mut() {
+                    map.remove("resources");
+                }
+                data
+            }),
             Stage::Tokenize => serde_json::to_value(&self.tokenizer),
             Stage::Train => {
                 let mut train = serde_json::to_value(&self.train).expect("train serialises");

@@ -58,9 +58,13 @@ pub struct StageStatus {
     pub name: String,
     /// Stage phase.
     pub phase: StagePhase,
-    /// Attempts started so far (1 on the first run).
+    /// Attempts started so far (1 on the first run); also the number in the attempt's Job names.
     #[serde(default)]
     pub attempts: u32,
+    /// Attempts that failed and count against the restart budget (an attempt that checkpointed
+    /// and stopped on request, for suspend or preemption, does not).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub failures: u32,
     /// RFC 3339 time the current attempt started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_time: Option<String>,
@@ -122,4 +126,8 @@ pub struct Condition {
     /// Human-readable detail.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }

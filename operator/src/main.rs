@@ -1,10 +1,15 @@
-//! `pretrain`: validate manifests, print the CRD, and run a manifest on this machine.
+//! `pretrain`: validate manifests, print the CRD, run a manifest on this machine, print the objects
+//! the operator would create for it, and run the operator.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use pretrain_crd::Stage;
+use pretrain_operator::k8s::controller::{self, Context};
+use pretrain_operator::k8s::leader::Elector;
+use pretrain_operator::k8s::metrics::{self, Metrics};
+use pretrain_operator::k8s::render::{self, RunObjects};
 use pretrain_operator::local::{self, RunOptions};
 
 #[derive(Debug, Parser)]
@@ -23,6 +28,26 @@ enum Command {
     },
     /// Print the PretrainRun CustomResourceDefinition as YAML.
     Crd,
+    /// Print every object the operator creates for a manifest (first attempt of each stage), as YAML.
+    Render {
+        /// The PretrainRun manifest.
+        file: PathBuf,
+        /// Namespace to render into (default: the manifest's, else `default`).
+        #[arg(long, short = 'n')]
+        namespace: Option<String>,
+    },
+    /// Run the operator: reconcile PretrainRuns in every namespace into Jobs (in-cluster or kubeconfig).
+    Operator {
+        /// Address of `/metrics` and `/healthz`.
+        #[arg(long, default_value = "0.0.0.0:8080")]
+        listen: String,
+        /// Lease used for leader election, as NAMESPACE/NAME.
+        #[arg(long, default_value = "pretrain-system/pretrain-operator", env = "PRETRAIN_LEASE")]
+        lease: String,
+        /// Reconcile without leader election (a single replica).
+        #[arg(long)]
+        no_leader_election: bool,
+    },
     /// Run a manifest's stages on this machine, skipping stages already committed.
     Run {
         /// The PretrainRun manifest.
@@ -83,6 +108,43 @@ fn main() -> ExitCode {
         Command::Crd => {
             print!("{}", pretrain_crd::crd_yaml());
             ExitCode::SUCCESS
+        }
+        Command::Render { file, namespace } => {
+            let mut run = match pretrain_crd::load(&file) {
+                Ok(run) => run,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(2);
+                }
+            };
+            if namespace.is_some() {
+                run.metadata.namespace = namespace;
+            }
+            let rendered = RunObjects::new(&run)
+                .map_err(|e| e.to_string())
+                .and_then(|o| o.all().map_err(|e| e.to_string()))
+                .and_then(|objects| render::to_yaml_stream(&objects).map_err(|e| e.to_string()));
+            match rendered {
+                Ok(yaml) => {
+                    print!("{yaml}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Operator { listen, lease, no_leader_election } => {
+            let runtime =
+                tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime starts");
+            match runtime.block_on(operator(&listen, &lease, no_leader_election)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Command::Status { run, store, file } => {
             let (store, run) = match target(store, run, file.as_deref()) {
@@ -169,4 +231,26 @@ fn target(
         store.or_else(|| manifest.as_ref().map(|m| m.spec.storage.url.clone())).unwrap_or_else(|| "file://runs".into());
     let run = run.or_else(|| manifest.as_ref().and_then(|m| m.metadata.name.clone()));
     Ok((store, run))
+}
+
+/// The operator process: metrics and health endpoint, leader election, then the controller.
+async fn operator(listen: &str, lease: &str, no_leader_election: bool) -> anyhow::Result<()> {
+    let client = kube::Client::try_default().await?;
+    let metrics = std::sync::Arc::new(Metrics::default());
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    tokio::spawn(metrics::serve(listener, std::sync::Arc::clone(&metrics)));
+    let ctx = std::sync::Arc::new(Context::new(client.clone(), metrics));
+    if no_leader_election {
+        controller::run(ctx).await;
+        return Ok(());
+    }
+    let (namespace, name) =
+        lease.split_once('/').ok_or_else(|| anyhow::anyhow!("--lease {lease}: expected NAMESPACE/NAME"))?;
+    let identity = std::env::var("POD_NAME").unwrap_or_else(|_| format!("pretrain-operator-{}", std::process::id()));
+    let elector = Elector::new(kube::Api::namespaced(client, namespace), name, &identity, 15);
+    let lost = elector.lead().await;
+    tokio::select! {
+        () = controller::run(ctx) => Ok(()),
+        () = lost => anyhow::bail!("lost the leader lease {lease}; exiting so that a leader takes over"),
+    }
 }

@@ -1,10 +1,12 @@
 //! The planner: from a run's spec and what has been observed of its stages, the next thing to do.
 //! Pure (no client, no I/O, no clock), so both executors share it: the local runner (child processes)
-//! and the operator (Kubernetes Jobs).
+//! and the operator (Kubernetes Jobs, whose attempt bookkeeping is in [`cluster`]).
 
 use std::collections::BTreeMap;
 
 use pretrain_crd::{PretrainRunSpec, Stage};
+
+pub mod cluster;
 
 /// What has been observed of one stage.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,6 +44,41 @@ pub enum Layout {
     },
     /// One process.
     Single,
+}
+
+/// The role of a stage's Job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// The map pods of a sharded stage.
+    Map,
+    /// The reduce pod of a sharded stage.
+    Reduce,
+    /// A training gang.
+    Gang,
+    /// A single pod.
+    Single,
+}
+
+impl Role {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Map => "map",
+            Role::Reduce => "reduce",
+            Role::Gang => "gang",
+            Role::Single => "single",
+        }
+    }
+
+    /// The roles of a layout's Jobs, in the order they run.
+    pub fn of(layout: Layout) -> &'static [Role] {
+        match layout {
+            Layout::Sharded { .. } => &[Role::Map, Role::Reduce],
+            Layout::Gang { .. } => &[Role::Gang],
+            Layout::Single => &[Role::Single],
+        }
+    }
 }
 
 /// The planner's decision.

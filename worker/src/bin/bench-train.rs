@@ -1,9 +1,12 @@
-//! Benchmark: training throughput of the Llama presets on this machine's CPU cores.
+//! Benchmark: training throughput of the Llama presets, on this machine's CPU cores or one GPU.
 //!
-//!     cargo run --release -p pretrain-worker --bin bench-train -- [--preset tiny|llama-125m] [--steps 5]
+//!     cargo run --release -p pretrain-worker --bin bench-train -- [--preset tiny|llama-125m|llama-1b]
+//!         [--steps 5] [--batch 8] [--seq 256] [--vocab 32000] [--device cpu|cuda] [--dtype f32|bf16]
 //!
-//! Runs forward, backward and AdamW on random tokens (fp32, micro-batch x seq-len as given) and prints
-//! tokens/s with a breakdown; `scripts/bench-train.sh` runs the same shapes in PyTorch for the ratio.
+//! Runs forward, backward and AdamW on random tokens (fp32 master weights; compute in `--dtype`) and
+//! prints tokens/s with a breakdown and the model FLOPs utilisation against `--peak-tflops` (989, an
+//! H100's bf16 dense peak, on GPUs); `scripts/bench-train.sh` runs the same shapes in PyTorch on the
+//! CPU for the ratio, `scripts/bench-gpu.sh` on a GPU.
 
 use std::time::Instant;
 
@@ -23,6 +26,9 @@ fn main() {
     let mut batch = 8usize;
     let mut seq = 256usize;
     let mut vocab = 32_000u32;
+    let mut device = "cpu".to_string();
+    let mut dtype = "f32".to_string();
+    let mut peak_tflops = None;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let value = args.next().unwrap_or_else(|| panic!("{flag} needs a value"));
@@ -32,16 +38,30 @@ fn main() {
             "--batch" => batch = value.parse().expect("a number"),
             "--seq" => seq = value.parse().expect("a number"),
             "--vocab" => vocab = value.parse().expect("a number"),
+            "--device" => device = value,
+            "--dtype" => dtype = value,
+            "--peak-tflops" => peak_tflops = Some(value.parse::<f64>().expect("a number")),
             other => panic!("unknown flag {other}"),
         }
     }
     let spec = match preset.as_str() {
         "tiny" => ModelPreset::Tiny,
         "llama-125m" => ModelPreset::Llama125m,
-        other => panic!("preset {other}: tiny or llama-125m"),
+        "llama-1b" => ModelPreset::Llama1b,
+        other => panic!("preset {other}: tiny, llama-125m or llama-1b"),
     }
     .config();
-    let dev = Device::Cpu;
+    let dev = match device.as_str() {
+        "cpu" => Device::Cpu,
+        "cuda" => Device::new_cuda(0).unwrap_or_else(|e| panic!("no CUDA device: {e}")),
+        other => panic!("device {other}: cpu or cuda"),
+    };
+    let dtype = match dtype.as_str() {
+        "f32" => DType::F32,
+        "bf16" => DType::BF16,
+        other => panic!("dtype {other}: f32 or bf16"),
+    };
+    let peak_tflops = peak_tflops.unwrap_or(if dev.is_cuda() { 989.0 } else { 0.0 });
     let config = LlamaConfig::from_spec(&spec, vocab);
     let model = Llama::new(config.clone(), Params::init(&config, 1, &dev).unwrap(), seq, &dev).unwrap();
     let mut opt =
@@ -50,14 +70,14 @@ fn main() {
     let inputs = Tensor::from_vec(tokens[..batch * seq].to_vec(), (batch, seq), &dev).unwrap();
     let targets = Tensor::from_vec(tokens[batch..].to_vec(), (batch, seq), &dev).unwrap();
     println!(
-        "{preset}: {} parameters, batch {batch} x {seq}, vocab {vocab}, {} threads",
+        "{preset}: {} parameters, batch {batch} x {seq}, vocab {vocab}, {dtype:?} on {device} ({} threads)",
         config.parameters(),
         rayon::current_num_threads()
     );
     let (mut fwd, mut bwd, mut upd) = (0.0, 0.0, 0.0);
     for step in 0..=steps {
         let t0 = Instant::now();
-        let (loss, _) = model.loss(&inputs, &targets, DType::F32).unwrap();
+        let (loss, _) = model.loss(&inputs, &targets, dtype).unwrap();
         let _ = loss.to_scalar::<f32>().unwrap();
         let t1 = Instant::now();
         let store = loss.backward().unwrap();
@@ -66,6 +86,7 @@ fn main() {
             model.params.iter().map(|(_, _, v)| store.get(v.as_tensor()).unwrap().clone()).collect();
         clip(&mut grads, 1.0).unwrap();
         opt.step(&model.params, &grads, 1e-4).unwrap();
+        dev.synchronize().unwrap();
         let t3 = Instant::now();
         if step > 0 {
             // step 0 warms caches and allocations
@@ -82,8 +103,15 @@ fn main() {
         bwd / steps as f64,
         upd / steps as f64
     );
+    if peak_tflops > 0.0 {
+        let mfu = tokens_per_s * config.flops_per_token(seq) / (peak_tflops * 1e12);
+        println!("MFU {:.1}% of {peak_tflops} TFLOP/s", 100.0 * mfu);
+        println!("RESULT mfu={mfu:.4}");
+    }
     println!("RESULT tokens_per_s={tokens_per_s:.1}");
-    checkpoint_times(&model, &opt);
+    if !dev.is_cuda() {
+        checkpoint_times(&model, &opt);
+    }
 }
 
 /// Checkpoint save and load time of this model, against the disk's sequential write speed.

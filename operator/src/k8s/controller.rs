@@ -1,0 +1,281 @@
+//! The reconciler: reads a PretrainRun, its Jobs and its store, asks [`decide`] what to do, and
+//! does it with server-side apply (one field manager), deletes, a status patch and Events.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use pretrain_crd::status::RunPhase;
+use pretrain_crd::{PretrainRun, PretrainRunStatus};
+use pretrain_store::Store;
+use serde_json::json;
+
+use super::metrics::Metrics;
+use super::observe::{self, LABEL_JOB_NAME};
+use super::render::{FIELD_MANAGER, LABEL_RUN, RenderError, RunObjects, job_name};
+use crate::plan::cluster::{ClusterView, Decision, JobKey, decide};
+use crate::plan::{Layout, layout};
+
+/// The finalizer that lets the operator stop a deleted run's pods and, when asked, delete its data.
+pub const FINALIZER: &str = "pretrain.dev/cleanup";
+
+/// What goes wrong in a reconcile.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The API server said no.
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    /// The store could not be read.
+    #[error("store: {0}")]
+    Store(#[from] pretrain_store::Error),
+    /// The run could not be rendered.
+    #[error(transparent)]
+    Render(#[from] RenderError),
+}
+
+impl Error {
+    /// The label value of this error kind in metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kube",
+            Error::Store(_) => "store",
+            Error::Render(_) => "render",
+        }
+    }
+}
+
+/// Opens the store of a run (a seam for tests).
+pub type OpenStore = dyn Fn(&PretrainRun) -> Result<Store, pretrain_store::Error> + Send + Sync;
+
+/// What every reconcile shares.
+pub struct Context {
+    /// The API client.
+    pub client: Client,
+    /// Publishes Events.
+    pub recorder: Recorder,
+    /// Opens a run's store.
+    pub open_store: Box<OpenStore>,
+    /// Counters for `/metrics`.
+    pub metrics: Arc<Metrics>,
+    /// The clock, in Unix seconds (a seam for tests).
+    pub now: Box<dyn Fn() -> i64 + Send + Sync>,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context").finish_non_exhaustive()
+    }
+}
+
+impl Context {
+    /// A context for the cluster the client talks to, opening stores from the run's URL with this
+    /// process's credentials (environment, workload identity).
+    pub fn new(client: Client, metrics: Arc<Metrics>) -> Self {
+        let reporter = Reporter { controller: FIELD_MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            open_store: Box::new(|run| Store::open(&run.spec.storage.url)),
+            metrics,
+            now: Box::new(|| jiff::Timestamp::now().as_second()),
+        }
+    }
+}
+
+/// One reconcile of `run`.
+pub async fn reconcile(run: Arc<PretrainRun>, ctx: Arc<Context>) -> Result<Action, Error> {
+    ctx.metrics.reconciled();
+    let objects = RunObjects::new(&run)?;
+    let (name, ns) = (objects.name().to_string(), objects.namespace().to_string());
+    let runs: Api<PretrainRun> = Api::namespaced(ctx.client.clone(), &ns);
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
+
+    if run.metadata.deletion_timestamp.is_some() {
+        return finalize(&run, &objects, &ctx).await;
+    }
+    if !run.finalizers().iter().any(|f| f == FINALIZER) {
+        let mut finalizers = run.finalizers().to_vec();
+        finalizers.push(FINALIZER.into());
+        let patch = json!({"metadata": {"finalizers": finalizers}});
+        runs.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    }
+
+    let status = run.status.clone().unwrap_or_default();
+    if let Err(errors) = pretrain_crd::validate_spec(&run.spec) {
+        let mut failed = status.clone();
+        failed.phase = Some(RunPhase::Failed);
+        failed.reason = Some(format!("invalid spec: {errors}"));
+        failed.observed_generation = run.metadata.generation;
+        if run.status.as_ref() != Some(&failed) {
+            patch_status(&runs, &name, &failed).await?;
+            publish(&ctx, &run, true, "InvalidSpec", format!("invalid spec: {errors}")).await;
+        }
+        return Ok(Action::await_change());
+    }
+
+    let store = (ctx.open_store)(&run)?;
+    let (committed, checkpoint) = observe::store_state(&store, &name, &run.spec).await?;
+    let listed = jobs.list(&ListParams::default().labels(&format!("{LABEL_RUN}={name}"))).await?;
+    let mut views = Vec::new();
+    for job in &listed.items {
+        let pods = if observe::job_outcome(job) == Some(false) {
+            let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+            pods.list(&ListParams::default().labels(&format!("{LABEL_JOB_NAME}={}", job.name_any()))).await?.items
+        } else {
+            Vec::new()
+        };
+        views.extend(observe::job_view(job, &run.spec, &pods));
+    }
+    let view = ClusterView {
+        spec: &run.spec,
+        generation: run.metadata.generation,
+        status: &status,
+        committed: &committed,
+        jobs: &views,
+        checkpoint,
+        now: (ctx.now)(),
+    };
+    let decision = decide(&view);
+    apply(&run, &objects, &decision, &ctx).await?;
+    ctx.metrics.observe_phase(&format!("{ns}/{name}"), decision.status.phase);
+    if decision.status != status {
+        patch_status(&runs, &name, &decision.status).await?;
+    }
+    for event in &decision.events {
+        if event.reason == "StageRestarted" {
+            ctx.metrics.restarted();
+        }
+        publish(&ctx, &run, event.warning, event.reason, event.note.clone()).await;
+    }
+    Ok(decision.requeue_after.map_or_else(Action::await_change, |s| Action::requeue(Duration::from_secs(s))))
+}
+
+/// Creates and stops what `decision` says, in order: the manifest, a gang's Service, the Jobs.
+async fn apply(run: &PretrainRun, objects: &RunObjects<'_>, decision: &Decision, ctx: &Context) -> Result<(), Error> {
+    let ns = objects.namespace();
+    let ssa = PatchParams::apply(FIELD_MANAGER).force();
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), ns);
+    for key in &decision.stop {
+        let name = job_name(objects.name(), key.stage, key.role, key.attempt);
+        // Background propagation: the pods get SIGTERM and their grace period to checkpoint.
+        match jobs.delete(&name, &DeleteParams::background()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if decision.create.is_empty() {
+        return Ok(());
+    }
+    let config_map = objects.config_map()?;
+    let config_maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
+    config_maps.patch(&config_map.name_any(), &ssa, &Patch::Apply(&config_map)).await?;
+    for &JobKey { stage, role, attempt } in &decision.create {
+        if matches!(layout(&run.spec, stage), Layout::Gang { .. }) {
+            let service = objects.service(stage);
+            let services: Api<Service> = Api::namespaced(ctx.client.clone(), ns);
+            services.patch(&service.name_any(), &ssa, &Patch::Apply(&service)).await?;
+        }
+        let job = objects.job(stage, role, attempt);
+        jobs.patch(&job.name_any(), &ssa, &Patch::Apply(&job)).await?;
+    }
+    Ok(())
+}
+
+/// A deleted run: stop its Jobs (their pods checkpoint), delete its store data when the spec asks,
+/// then let it go. Owner references delete the Jobs, Services and ConfigMap afterwards.
+async fn finalize(run: &PretrainRun, objects: &RunObjects<'_>, ctx: &Context) -> Result<Action, Error> {
+    if !run.finalizers().iter().any(|f| f == FINALIZER) {
+        return Ok(Action::await_change());
+    }
+    let name = objects.name();
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), objects.namespace());
+    let listed = jobs.list(&ListParams::default().labels(&format!("{LABEL_RUN}={name}"))).await?;
+    for job in listed.items.iter().filter(|j| observe::job_outcome(j).is_none()) {
+        match jobs.delete(&job.name_any(), &DeleteParams::background()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if run.spec.storage.delete_on_run_delete {
+        let store = (ctx.open_store)(run)?;
+        let prefix = pretrain_store::key(name)?;
+        let removed = store.delete_prefix(&prefix).await?;
+        publish(ctx, run, false, "DataDeleted", format!("deleted {removed} objects under {}", store.url())).await;
+    }
+    ctx.metrics.observe_phase(&format!("{}/{name}", objects.namespace()), None);
+    let finalizers: Vec<String> = run.finalizers().iter().filter(|f| *f != FINALIZER).cloned().collect();
+    let runs: Api<PretrainRun> = Api::namespaced(ctx.client.clone(), objects.namespace());
+    let patch = json!({"metadata": {"finalizers": finalizers}});
+    runs.patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    Ok(Action::await_change())
+}
+
+async fn patch_status(runs: &Api<PretrainRun>, name: &str, status: &PretrainRunStatus) -> Result<(), Error> {
+    let patch = json!({"apiVersion": "pretrain.dev/v1alpha1", "kind": "PretrainRun", "status": status});
+    runs.patch_status(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
+    Ok(())
+}
+
+/// Records an Event on the run; a failure to record one never fails the reconcile.
+async fn publish(ctx: &Context, run: &PretrainRun, warning: bool, reason: &str, note: String) {
+    let event = KubeEvent {
+        type_: if warning { EventType::Warning } else { EventType::Normal },
+        reason: reason.into(),
+        note: Some(note),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &run.object_ref(&())).await {
+        log("warn", &format!("recording event {reason}: {e}"), Some(run));
+    }
+}
+
+/// What to do after a failed reconcile: count it and retry in 30 seconds. (The controller runtime
+/// hands the run and context over by value.)
+#[allow(clippy::needless_pass_by_value)]
+pub fn error_policy(run: Arc<PretrainRun>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.failed(error.kind());
+    log("error", &format!("reconcile failed: {error}"), Some(&run));
+    Action::requeue(Duration::from_secs(30))
+}
+
+/// One structured JSON log line on stdout.
+pub fn log(level: &str, message: &str, run: Option<&PretrainRun>) {
+    let mut line = BTreeMap::from([
+        ("ts", json!(jiff::Timestamp::now().to_string())),
+        ("level", json!(level)),
+        ("msg", json!(message)),
+    ]);
+    if let Some(run) = run {
+        line.insert("run", json!(run.name_any()));
+        line.insert("namespace", json!(run.namespace()));
+    }
+    println!("{}", json!(line));
+}
+
+/// Runs the controller until SIGTERM or Ctrl-C: PretrainRuns and the Jobs they own, every namespace.
+pub async fn run(ctx: Arc<Context>) {
+    let client = ctx.client.clone();
+    let runs: Api<PretrainRun> = Api::all(client.clone());
+    let jobs: Api<Job> = Api::all(client);
+    Controller::new(runs, watcher::Config::default())
+        .owns(jobs, watcher::Config::default().labels(LABEL_RUN))
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                log("warn", &format!("controller: {e}"), None);
+            }
+        })
+        .await;
+}

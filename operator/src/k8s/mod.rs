@@ -1,0 +1,12 @@
+//! The only part of the operator that talks to the API server.
+//!
+//! - [`render`]: the Jobs, Services and ConfigMap of a run, from its spec (pure);
+//! - [`observe`]: Jobs, pods and the store read into the planner's terms;
+//! - [`controller`]: the reconcile loop (server-side apply, status, Events, finalizer);
+//! - [`leader`]: Lease-based leader election; [`metrics`]: Prometheus metrics and health.
+
+pub mod controller;
+pub mod leader;
+pub mod metrics;
+pub mod observe;
+pub mod render;

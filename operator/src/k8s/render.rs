@@ -1,0 +1,440 @@
+//! The objects the operator creates for a run, built from its spec alone (pure: no client, no clock).
+//!
+//! Per run one ConfigMap holds the manifest every pod reads. Per stage attempt:
+//! - data-prep and tokenize: an Indexed Job of `data.shards` map pods (`--phase map`, shard =
+//!   `JOB_COMPLETION_INDEX`), then, once every map pod succeeded, a one-pod reduce Job;
+//! - train and long-context: a headless Service and an Indexed Job with one pod per node, each with
+//!   `gpusPerNode` GPUs, `RANK` = its index, `WORLD_SIZE` = nodes, `MASTER_ADDR` = pod 0's DNS name;
+//! - eval: a one-pod Job (one GPU when training used GPUs).
+//!
+//! Names are deterministic (`<run>-<stage>[-map|-reduce]-<attempt>`), so applying twice is a no-op
+//! and the restart of an attempt is a new name. Every object is owned by the PretrainRun, carries
+//! the run/stage/attempt labels, and every pod runs non-root with a read-only root filesystem.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::batch::v1::{Job, JobSpec};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvFromSource, EnvVar,
+    EnvVarSource, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements,
+    SeccompProfile, SecretEnvSource, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use pretrain_crd::contract::{
+    ENV_JOB_COMPLETION_INDEX, ENV_MASTER_ADDR, ENV_MASTER_PORT, ENV_RANK, ENV_RUN, ENV_STORE, ENV_WORLD_SIZE,
+};
+use pretrain_crd::{PretrainRun, Stage};
+use sha2::{Digest, Sha256};
+
+use crate::plan::{self, Layout, Role};
+
+/// The field manager of every server-side apply.
+pub const FIELD_MANAGER: &str = "pretrain-operator";
+/// Label: the run an object belongs to.
+pub const LABEL_RUN: &str = "pretrain.dev/run";
+/// Label: the stage.
+pub const LABEL_STAGE: &str = "pretrain.dev/stage";
+/// Label: the attempt (1-based).
+pub const LABEL_ATTEMPT: &str = "pretrain.dev/attempt";
+/// Label: `map` or `reduce` for sharded stages, `gang` or `single` for the others.
+pub const LABEL_ROLE: &str = "pretrain.dev/role";
+/// Annotation on a Job: the config hash of its stage when it was created.
+pub const ANNOTATION_CONFIG_HASH: &str = "pretrain.dev/config-hash";
+/// Label Kueue reads to queue a Job.
+pub const LABEL_KUEUE_QUEUE: &str = "kueue.x-k8s.io/queue-name";
+/// Annotation Kubernetes sets on an Indexed Job's pods.
+pub const ANNOTATION_COMPLETION_INDEX: &str = "batch.kubernetes.io/job-completion-index";
+/// Where the manifest is mounted in every pod.
+pub const SPEC_DIR: &str = "/etc/pretrain";
+/// The ConfigMap key (and file name) of the manifest.
+pub const SPEC_KEY: &str = "run.yaml";
+/// The rendezvous port of training gangs.
+pub const MASTER_PORT: u16 = 29500;
+/// Seconds a training pod gets between SIGTERM and SIGKILL: enough to finish a step and write a
+/// checkpoint to object storage.
+pub const TRAINING_GRACE_SECONDS: i64 = 600;
+/// The same for the other stages (their map tasks commit per shard).
+pub const GRACE_SECONDS: i64 = 60;
+/// The non-root user pods run as (the distroless `nonroot` user).
+pub const RUN_AS_USER: i64 = 65532;
+/// Longest object name we generate: Indexed Job pods are named `<job>-<index>-<5 chars>` and their
+/// hostname `<job>-<index>` must fit a 63-character DNS label.
+const MAX_NAME: usize = 52;
+
+/// `parts` joined with `-`, shortened with a hash when longer than a pod's hostname allows.
+pub fn object_name(parts: &[&str]) -> String {
+    let name = parts.join("-");
+    if name.len() <= MAX_NAME {
+        return name;
+    }
+    let hash = hex::encode(&Sha256::digest(name.as_bytes())[..4]);
+    let keep = MAX_NAME - hash.len() - 1;
+    let mut cut = name[..keep].to_string();
+    while cut.ends_with('-') {
+        cut.pop();
+    }
+    format!("{cut}-{hash}")
+}
+
+/// The ConfigMap with the run's manifest.
+pub fn config_map_name(run: &str) -> String {
+    object_name(&[run, "spec"])
+}
+
+/// The Job of one role of a stage attempt.
+pub fn job_name(run: &str, stage: Stage, role: Role, attempt: u32) -> String {
+    let attempt = attempt.to_string();
+    match role {
+        Role::Map | Role::Reduce => object_name(&[run, stage.as_str(), role.as_str(), &attempt]),
+        Role::Gang | Role::Single => object_name(&[run, stage.as_str(), &attempt]),
+    }
+}
+
+/// The headless Service of a training stage's gang (shared by its attempts).
+pub fn service_name(run: &str, stage: Stage) -> String {
+    object_name(&[run, stage.as_str()])
+}
+
+/// Errors that make a run unrenderable.
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    /// The object has no name or namespace, or no uid (needed for owner references).
+    #[error("the PretrainRun has no {0}")]
+    Missing(&'static str),
+    /// The manifest could not be serialised.
+    #[error("serialising the manifest: {0}")]
+    Yaml(#[from] serde_yaml::Error),
+}
+
+/// What every object of a run shares: its name, namespace, owner reference and manifest.
+#[derive(Debug, Clone)]
+pub struct RunObjects<'a> {
+    run: &'a PretrainRun,
+    name: String,
+    namespace: String,
+    owner: OwnerReference,
+}
+
+impl<'a> RunObjects<'a> {
+    /// Reads the run's identity; a run without a uid (not yet stored by the API server) gets an
+    /// owner reference with an empty uid, which is what `pretrain render` prints.
+    pub fn new(run: &'a PretrainRun) -> Result<Self, RenderError> {
+        let name = run.metadata.name.clone().ok_or(RenderError::Missing("metadata.name"))?;
+        let namespace = run.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+        let owner = OwnerReference {
+            api_version: "pretrain.dev/v1alpha1".into(),
+            kind: "PretrainRun".into(),
+            name: name.clone(),
+            uid: run.metadata.uid.clone().unwrap_or_default(),
+            controller: Some(true),
+            block_owner_deletion: Some(true),
+        };
+        Ok(Self { run, name, namespace, owner })
+    }
+
+    /// The run's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The run's namespace.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    fn meta(&self, name: String, labels: BTreeMap<String, String>) -> ObjectMeta {
+        ObjectMeta {
+            name: Some(name),
+            namespace: Some(self.namespace.clone()),
+            labels: Some(labels),
+            owner_references: Some(vec![self.owner.clone()]),
+            ..ObjectMeta::default()
+        }
+    }
+
+    fn labels(&self, stage: Option<(Stage, Role, u32)>) -> BTreeMap<String, String> {
+        let mut labels = BTreeMap::from([
+            ("app.kubernetes.io/name".to_string(), "pretrain".to_string()),
+            ("app.kubernetes.io/managed-by".to_string(), FIELD_MANAGER.to_string()),
+            (LABEL_RUN.to_string(), self.name.clone()),
+        ]);
+        if let Some((stage, role, attempt)) = stage {
+            labels.insert(LABEL_STAGE.into(), stage.as_str().into());
+            labels.insert(LABEL_ROLE.into(), role.as_str().into());
+            labels.insert(LABEL_ATTEMPT.into(), attempt.to_string());
+        }
+        labels
+    }
+
+    /// The ConfigMap holding the manifest as the worker reads it (name, namespace and spec only).
+    pub fn config_map(&self) -> Result<ConfigMap, RenderError> {
+        let manifest = serde_json::json!({
+            "apiVersion": "pretrain.dev/v1alpha1",
+            "kind": "PretrainRun",
+            "metadata": {"name": self.name, "namespace": self.namespace},
+            "spec": self.run.spec,
+        });
+        Ok(ConfigMap {
+            metadata: self.meta(config_map_name(&self.name), self.labels(None)),
+            data: Some(BTreeMap::from([(SPEC_KEY.to_string(), serde_yaml::to_string(&manifest)?)])),
+            ..ConfigMap::default()
+        })
+    }
+
+    /// The headless Service through which a training gang's pods find rank 0.
+    pub fn service(&self, stage: Stage) -> Service {
+        let mut selector = self.labels(None);
+        selector.insert(LABEL_STAGE.into(), stage.as_str().into());
+        Service {
+            metadata: self.meta(service_name(&self.name, stage), selector.clone()),
+            spec: Some(ServiceSpec {
+                cluster_ip: Some("None".into()),
+                selector: Some(selector),
+                // Ranks rendezvous before they are ready.
+                publish_not_ready_addresses: Some(true),
+                ports: Some(vec![ServicePort {
+                    name: Some("rendezvous".into()),
+                    port: i32::from(MASTER_PORT),
+                    ..ServicePort::default()
+                }]),
+                ..ServiceSpec::default()
+            }),
+            ..Service::default()
+        }
+    }
+
+    /// The Job of `role` for attempt `attempt` of `stage`.
+    pub fn job(&self, stage: Stage, role: Role, attempt: u32) -> Job {
+        let spec = &self.run.spec;
+        let name = job_name(&self.name, stage, role, attempt);
+        let labels = self.labels(Some((stage, role, attempt)));
+        let train = &spec.train.resources;
+        let (pods, gpus, cpu, memory) = match role {
+            Role::Map => (spec.data.shards.max(1), 0, &spec.data.resources.cpu, &spec.data.resources.memory),
+            Role::Reduce => (1, 0, &spec.data.resources.cpu, &spec.data.resources.memory),
+            Role::Gang => (train.nodes.max(1), train.gpus_per_node, &train.cpu, &train.memory),
+            Role::Single => (1, train.gpus_per_node.min(1), &train.cpu, &train.memory),
+        };
+        let mut args = vec![stage.as_str().to_string(), "--spec".into(), format!("{SPEC_DIR}/{SPEC_KEY}")];
+        match role {
+            Role::Map => args.extend(["--phase".into(), "map".into()]),
+            Role::Reduce => args.extend(["--phase".into(), "reduce".into()]),
+            Role::Gang | Role::Single => {}
+        }
+        let mut env = vec![
+            env_value(ENV_RUN, &self.name),
+            env_value(ENV_STORE, &spec.storage.url),
+            env_value("TMPDIR", "/tmp"),
+            env_value("HOME", "/tmp"),
+        ];
+        let mut service = None;
+        match role {
+            Role::Map | Role::Gang => {
+                let index = EnvVar {
+                    name: ENV_RANK.into(),
+                    value_from: Some(EnvVarSource {
+                        field_ref: Some(ObjectFieldSelector {
+                            field_path: format!("metadata.annotations['{ANNOTATION_COMPLETION_INDEX}']"),
+                            ..ObjectFieldSelector::default()
+                        }),
+                        ..EnvVarSource::default()
+                    }),
+                    ..EnvVar::default()
+                };
+                env.push(index);
+                env.push(env_value(ENV_WORLD_SIZE, &pods.to_string()));
+                if role == Role::Gang {
+                    let svc = service_name(&self.name, stage);
+                    env.push(env_value(ENV_MASTER_ADDR, &format!("{name}-0.{svc}")));
+                    env.push(env_value(ENV_MASTER_PORT, &MASTER_PORT.to_string()));
+                    service = Some(svc);
+                }
+            }
+            Role::Reduce | Role::Single => {
+                env.push(env_value(ENV_RANK, "0"));
+                env.push(env_value(ENV_WORLD_SIZE, "1"));
+                env.push(env_value(ENV_JOB_COMPLETION_INDEX, "0"));
+            }
+        }
+        let env_from = spec.storage.secret_ref.as_ref().map(|secret| {
+            vec![EnvFromSource {
+                secret_ref: Some(SecretEnvSource { name: secret.name.clone(), optional: Some(false) }),
+                ..EnvFromSource::default()
+            }]
+        });
+        let mut requests = BTreeMap::from([("cpu".to_string(), cpu.clone()), ("memory".to_string(), memory.clone())]);
+        let mut limits = BTreeMap::from([("memory".to_string(), memory.clone())]);
+        if gpus > 0 {
+            let gpus = Quantity(gpus.to_string());
+            requests.insert("nvidia.com/gpu".into(), gpus.clone());
+            limits.insert("nvidia.com/gpu".into(), gpus);
+        }
+        let mut mounts = vec![
+            VolumeMount {
+                name: "spec".into(),
+                mount_path: SPEC_DIR.into(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            },
+            VolumeMount { name: "tmp".into(), mount_path: "/tmp".into(), ..VolumeMount::default() },
+        ];
+        let mut volumes = vec![
+            Volume {
+                name: "spec".into(),
+                config_map: Some(ConfigMapVolumeSource {
+                    name: config_map_name(&self.name),
+                    ..ConfigMapVolumeSource::default()
+                }),
+                ..Volume::default()
+            },
+            Volume { name: "tmp".into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Volume::default() },
+        ];
+        if gpus > 0 {
+            // NCCL exchanges buffers through shared memory; the container default (64 MiB) is too small.
+            mounts.push(VolumeMount { name: "shm".into(), mount_path: "/dev/shm".into(), ..VolumeMount::default() });
+            volumes.push(Volume {
+                name: "shm".into(),
+                empty_dir: Some(EmptyDirVolumeSource {
+                    medium: Some("Memory".into()),
+                    ..EmptyDirVolumeSource::default()
+                }),
+                ..Volume::default()
+            });
+        }
+        let container = Container {
+            name: "worker".into(),
+            image: Some(spec.image.clone()),
+            command: Some(vec!["pretrain-worker".into()]),
+            args: Some(args),
+            env: Some(env),
+            env_from,
+            resources: Some(ResourceRequirements {
+                requests: Some(requests),
+                limits: Some(limits),
+                ..ResourceRequirements::default()
+            }),
+            volume_mounts: Some(mounts),
+            ports: (role == Role::Gang).then(|| {
+                vec![k8s_openapi::api::core::v1::ContainerPort {
+                    name: Some("rendezvous".into()),
+                    container_port: i32::from(MASTER_PORT),
+                    ..Default::default()
+                }]
+            }),
+            security_context: Some(SecurityContext {
+                allow_privilege_escalation: Some(false),
+                read_only_root_filesystem: Some(true),
+                run_as_non_root: Some(true),
+                capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Capabilities::default() }),
+                ..SecurityContext::default()
+            }),
+            termination_message_policy: Some("FallbackToLogsOnError".into()),
+            ..Container::default()
+        };
+        let node_selector = (gpus > 0)
+            .then(|| train.gpu_type.clone())
+            .flatten()
+            .map(|product| BTreeMap::from([("nvidia.com/gpu.product".to_string(), product)]));
+        let grace = if stage.is_training() { TRAINING_GRACE_SECONDS } else { GRACE_SECONDS };
+        let pod = PodSpec {
+            containers: vec![container],
+            restart_policy: Some("Never".into()),
+            termination_grace_period_seconds: Some(grace),
+            subdomain: service,
+            node_selector,
+            automount_service_account_token: Some(false),
+            enable_service_links: Some(false),
+            security_context: Some(PodSecurityContext {
+                run_as_non_root: Some(true),
+                run_as_user: Some(RUN_AS_USER),
+                run_as_group: Some(RUN_AS_USER),
+                fs_group: Some(RUN_AS_USER),
+                seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..SeccompProfile::default() }),
+                ..PodSecurityContext::default()
+            }),
+            volumes: Some(volumes),
+            ..PodSpec::default()
+        };
+        let indexed = matches!(role, Role::Map | Role::Gang);
+        let mut job_labels = labels.clone();
+        let mut suspend = None;
+        if let Some(kueue) = &spec.scheduling.kueue {
+            // Kueue admits the Job by unsuspending it.
+            job_labels.insert(LABEL_KUEUE_QUEUE.into(), kueue.queue_name.clone());
+            suspend = Some(true);
+        }
+        let mut metadata = self.meta(name, job_labels);
+        metadata.annotations =
+            Some(BTreeMap::from([(ANNOTATION_CONFIG_HASH.to_string(), spec.stage_config_hash(stage))]));
+        Job {
+            metadata,
+            spec: Some(JobSpec {
+                completions: Some(pods as i32),
+                parallelism: Some(pods as i32),
+                completion_mode: Some(if indexed { "Indexed" } else { "NonIndexed" }.into()),
+                // Restarts are the operator's decision, from the last checkpoint, for the whole gang.
+                backoff_limit: Some(0),
+                suspend,
+                template: PodTemplateSpec {
+                    metadata: Some(ObjectMeta { labels: Some(labels), ..ObjectMeta::default() }),
+                    spec: Some(pod),
+                },
+                ..JobSpec::default()
+            }),
+            ..Job::default()
+        }
+    }
+
+    /// Every object of the run's first attempt at each stage, in creation order: what
+    /// `pretrain render` prints.
+    pub fn all(&self) -> Result<Vec<Object>, RenderError> {
+        let mut objects = vec![Object::ConfigMap(Box::new(self.config_map()?))];
+        for stage in self.run.spec.stages() {
+            let layout = plan::layout(&self.run.spec, stage);
+            if matches!(layout, Layout::Gang { .. }) {
+                objects.push(Object::Service(Box::new(self.service(stage))));
+            }
+            for &role in Role::of(layout) {
+                objects.push(Object::Job(Box::new(self.job(stage, role, 1))));
+            }
+        }
+        Ok(objects)
+    }
+}
+
+/// One rendered object.
+#[derive(Debug, Clone)]
+pub enum Object {
+    /// The manifest.
+    ConfigMap(Box<ConfigMap>),
+    /// A gang's headless Service.
+    Service(Box<Service>),
+    /// A stage's Job.
+    Job(Box<Job>),
+}
+
+impl Object {
+    /// The object as YAML, with its `apiVersion` and `kind`.
+    pub fn to_yaml(&self) -> Result<String, serde_yaml::Error> {
+        match self {
+            Object::ConfigMap(o) => serde_yaml::to_string(o),
+            Object::Service(o) => serde_yaml::to_string(o),
+            Object::Job(o) => serde_yaml::to_string(o),
+        }
+    }
+}
+
+/// Every object as one multi-document YAML stream.
+pub fn to_yaml_stream(objects: &[Object]) -> Result<String, serde_yaml::Error> {
+    let mut out = String::new();
+    for object in objects {
+        out.push_str("---\n");
+        out.push_str(&object.to_yaml()?);
+    }
+    Ok(out)
+}
+
+fn env_value(name: &str, value: &str) -> EnvVar {
+    EnvVar { name: name.into(), value: Some(value.into()), ..EnvVar::default() }
+}

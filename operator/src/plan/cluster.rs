@@ -1,0 +1,441 @@
+//! The operator's decisions on a cluster, pure: from a run's spec, its last status, the stages the
+//! store has committed and what the API server shows of its Jobs, the next status and the Jobs to
+//! create or stop. [`crate::k8s`] gathers the inputs and carries the decision out.
+//!
+//! Each stage attempt is one set of Jobs named by its attempt number, which lives in the status (so
+//! the restart count survives operator restarts and Job deletion). A stage's status phase says
+//! where its current attempt is: `Running` (its Jobs are in flight), `Failed` (it failed and counts
+//! against the budget), `Pending` (nothing in flight: not started, stopped after a checkpoint, or its
+//! Jobs vanished), `Succeeded`/`Skipped` (committed).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use pretrain_crd::status::{CheckpointStatus, Condition, RunPhase, StagePhase, StageStatus};
+use pretrain_crd::{PretrainRunSpec, PretrainRunStatus, Stage};
+use serde::Deserialize;
+
+use super::{Action, Layout, Observed, Role};
+
+/// What the API server shows of one of the run's Jobs.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct JobView {
+    /// Its stage.
+    pub stage: Stage,
+    /// Its role in the stage.
+    pub role: Role,
+    /// Its attempt.
+    pub attempt: u32,
+    /// Whether it was created for the stage's current config hash.
+    #[serde(default = "yes")]
+    pub current_spec: bool,
+    /// Where it is.
+    pub state: JobState,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Where a Job is.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum JobState {
+    /// Pods pending or running (or waiting for admission).
+    Active,
+    /// Every pod succeeded.
+    Succeeded,
+    /// It failed; how its pods ended.
+    Failed(Failure),
+}
+
+/// How a failed Job's pods ended.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Failure {
+    /// They checkpointed on SIGTERM (exit code 75): resume, not a failure.
+    Resume,
+    /// A failure worth retrying from the checkpoint (a crash, OOM, eviction, node loss, NCCL error).
+    Retry(String),
+    /// Retrying cannot help (invalid spec or input, a worker without the stage).
+    Permanent(String),
+}
+
+/// Everything [`decide`] looks at.
+#[derive(Debug, Clone)]
+pub struct ClusterView<'a> {
+    /// The run's spec.
+    pub spec: &'a PretrainRunSpec,
+    /// `metadata.generation`.
+    pub generation: Option<i64>,
+    /// The status written by the last reconcile.
+    pub status: &'a PretrainRunStatus,
+    /// Stages whose outputs the store has committed for the current spec.
+    pub committed: &'a BTreeSet<Stage>,
+    /// The run's Jobs.
+    pub jobs: &'a [JobView],
+    /// The newest committed training checkpoint.
+    pub checkpoint: Option<CheckpointStatus>,
+    /// Seconds since the Unix epoch.
+    pub now: i64,
+}
+
+/// A Job to create: the first role of a new attempt, or the reduce after its map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct JobKey {
+    /// Its stage.
+    pub stage: Stage,
+    /// Its role.
+    pub role: Role,
+    /// Its attempt.
+    pub attempt: u32,
+}
+
+/// A Kubernetes Event to record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// `Normal` or `Warning`.
+    pub warning: bool,
+    /// CamelCase reason.
+    pub reason: &'static str,
+    /// What happened.
+    pub note: String,
+}
+
+/// What to do.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    /// The status to write.
+    pub status: PretrainRunStatus,
+    /// Jobs to create (with their stage's Service for gangs).
+    pub create: Vec<JobKey>,
+    /// Jobs to stop: their pods get SIGTERM and checkpoint.
+    pub stop: Vec<JobKey>,
+    /// Events for the transitions.
+    pub events: Vec<Event>,
+    /// Reconcile again after this many seconds even if nothing changes.
+    pub requeue_after: Option<u64>,
+}
+
+/// Seconds to wait before restarting after the `failures`-th failure: 10 s doubling to 10 minutes.
+pub fn restart_backoff(failures: u32) -> i64 {
+    (10i64 << failures.saturating_sub(1).min(6)).min(600)
+}
+
+/// How often a run with a stage in flight is looked at (its checkpoint and progress), besides the
+/// Job watches.
+pub const POLL_SECONDS: u64 = 60;
+
+/// Where the current attempt of a stage stands, from its Jobs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Attempt {
+    /// No Job of this attempt exists.
+    Missing,
+    /// Made for another version of the spec.
+    Stale(Vec<JobKey>),
+    /// In flight; `next` is a role whose Job is still to be created.
+    InFlight { next: Option<Role> },
+    /// The last role succeeded.
+    Succeeded,
+    /// A Job failed.
+    Failed(Failure),
+}
+
+fn attempt_state(view: &ClusterView<'_>, stage: Stage, attempt: u32) -> Attempt {
+    let jobs: Vec<&JobView> = view.jobs.iter().filter(|j| j.stage == stage && j.attempt == attempt).collect();
+    if jobs.is_empty() {
+        return Attempt::Missing;
+    }
+    let key = |j: &JobView| JobKey { stage, role: j.role, attempt };
+    if jobs.iter().any(|j| !j.current_spec) {
+        let active = jobs.iter().filter(|j| j.state == JobState::Active).map(|j| key(j)).collect();
+        return Attempt::Stale(active);
+    }
+    if let Some(JobState::Failed(f)) = jobs.iter().map(|j| &j.state).find(|s| matches!(s, JobState::Failed(_))) {
+        return Attempt::Failed(f.clone());
+    }
+    let roles = Role::of(super::layout(view.spec, stage));
+    let done = |role: Role| jobs.iter().any(|j| j.role == role && j.state == JobState::Succeeded);
+    if roles.iter().all(|r| done(*r)) {
+        return Attempt::Succeeded;
+    }
+    // The first role not yet succeeded runs next; create it when no Job of it exists.
+    let next = roles.iter().copied().find(|r| !done(*r)).filter(|r| !jobs.iter().any(|j| j.role == *r));
+    Attempt::InFlight { next }
+}
+
+/// The next status and actions for a run.
+pub fn decide(view: &ClusterView<'_>) -> Decision {
+    let spec = view.spec;
+    let now = format_time(view.now);
+    let old = view.status;
+    let mut status = old.clone();
+    status.last_checkpoint = view.checkpoint.clone().or_else(|| old.last_checkpoint.clone());
+    let spec_changed = old.observed_generation.is_some() && old.observed_generation != view.generation;
+    status.observed_generation = view.generation;
+    // One entry per stage of the spec, in order, keeping what was recorded.
+    let previous: BTreeMap<&str, &StageStatus> = old.stages.iter().map(|s| (s.name.as_str(), s)).collect();
+    status.stages = spec
+        .stages()
+        .into_iter()
+        .map(|stage| {
+            previous.get(stage.as_str()).map_or_else(
+                || StageStatus {
+                    name: stage.as_str().into(),
+                    phase: StagePhase::Pending,
+                    attempts: 0,
+                    failures: 0,
+                    start_time: None,
+                    finish_time: None,
+                    message: None,
+                },
+                |s| (*s).clone(),
+            )
+        })
+        .collect();
+    status.reason = None;
+    let mut decision = Decision { status, create: vec![], stop: vec![], events: vec![], requeue_after: None };
+
+    // A run that failed stays failed until its spec is edited; an edit gives every stage a fresh budget.
+    if old.phase == Some(RunPhase::Failed) {
+        if !spec_changed {
+            decision.status.observed_generation = old.observed_generation;
+            decision.status.reason.clone_from(&old.reason);
+            return decision;
+        }
+        for s in &mut decision.status.stages {
+            if s.phase == StagePhase::Failed {
+                s.phase = StagePhase::Pending;
+            }
+            s.failures = 0;
+        }
+    }
+
+    // What became of each stage's current attempt.
+    let mut permanent = BTreeSet::new();
+    for (i, stage) in spec.stages().into_iter().enumerate() {
+        let s = &mut decision.status.stages[i];
+        if view.committed.contains(&stage) {
+            if !matches!(s.phase, StagePhase::Succeeded | StagePhase::Skipped) {
+                s.phase = if s.attempts == 0 { StagePhase::Skipped } else { StagePhase::Succeeded };
+                s.finish_time.get_or_insert_with(|| now.clone());
+                s.message = None;
+                if s.attempts > 0 {
+                    decision.events.push(Event {
+                        warning: false,
+                        reason: "StageSucceeded",
+                        note: format!("{stage}: outputs committed (attempt {})", s.attempts),
+                    });
+                }
+            }
+            continue;
+        }
+        if matches!(s.phase, StagePhase::Succeeded | StagePhase::Skipped) {
+            // Committed once, no longer for this spec: it runs again.
+            s.phase = StagePhase::Pending;
+            s.failures = 0;
+            s.finish_time = None;
+        }
+        if s.phase != StagePhase::Running {
+            continue;
+        }
+        let ended = |s: &mut StageStatus, phase: StagePhase, message: String| {
+            s.phase = phase;
+            s.finish_time = Some(now.clone());
+            s.message = Some(message);
+        };
+        match attempt_state(view, stage, s.attempts) {
+            Attempt::InFlight { next } => {
+                if let Some(role) = next {
+                    decision.create.push(JobKey { stage, role, attempt: s.attempts });
+                }
+            }
+            Attempt::Stale(active) => {
+                decision.stop.extend(active);
+                ended(s, StagePhase::Pending, "the spec changed; restarting with the new one".into());
+                decision.events.push(Event {
+                    warning: false,
+                    reason: "SpecChanged",
+                    note: format!("{stage}: the spec changed; attempt {} stopped", s.attempts),
+                });
+            }
+            Attempt::Missing => {
+                ended(s, StagePhase::Pending, format!("the Jobs of attempt {} disappeared; resuming", s.attempts));
+            }
+            Attempt::Succeeded => {
+                s.failures += 1;
+                ended(s, StagePhase::Failed, "the stage's pods exited 0 without committing its outputs".into());
+            }
+            Attempt::Failed(Failure::Resume) => {
+                ended(s, StagePhase::Pending, "checkpointed and stopped; resuming".into());
+            }
+            Attempt::Failed(Failure::Retry(reason)) => {
+                s.failures += 1;
+                decision.events.push(Event {
+                    warning: true,
+                    reason: "StageFailed",
+                    note: format!("{stage}: attempt {} failed: {reason}", s.attempts),
+                });
+                ended(s, StagePhase::Failed, reason);
+            }
+            Attempt::Failed(Failure::Permanent(reason)) => {
+                s.failures += 1;
+                permanent.insert(stage);
+                ended(s, StagePhase::Failed, reason);
+            }
+        }
+    }
+
+    // The shared planner picks the stage to work on.
+    let observed: BTreeMap<Stage, Observed> = spec
+        .stages()
+        .into_iter()
+        .zip(&decision.status.stages)
+        .map(|(stage, s)| {
+            let o = if view.committed.contains(&stage) {
+                Observed::Committed
+            } else if s.phase == StagePhase::Failed {
+                Observed::Failed {
+                    attempts: s.failures,
+                    permanent: permanent.contains(&stage),
+                    reason: s.message.clone().unwrap_or_default(),
+                }
+            } else {
+                Observed::Pending
+            };
+            (stage, o)
+        })
+        .collect();
+    let index = |stage: Stage| spec.stages().iter().position(|s| *s == stage).expect("a stage of the spec");
+    match super::next(spec, &spec.stages(), &observed) {
+        Action::Finished => {
+            decision.status.stage = None;
+            set_phase(
+                &mut decision,
+                &now,
+                RunPhase::Succeeded,
+                "AllStagesCommitted",
+                "every stage committed its outputs",
+            );
+        }
+        Action::Failed { stage, reason } => {
+            decision.status.stage = Some(stage.as_str().into());
+            decision.events.push(Event { warning: true, reason: "RunFailed", note: format!("{stage}: {reason}") });
+            decision.status.reason = Some(format!("{stage}: {reason}"));
+            set_phase(&mut decision, &now, RunPhase::Failed, "StageFailed", &format!("{stage}: {reason}"));
+        }
+        Action::Run { stage, layout, .. } => {
+            decision.status.stage = Some(stage.as_str().into());
+            let s = &mut decision.status.stages[index(stage)];
+            if spec.suspend {
+                if s.phase == StagePhase::Running {
+                    decision.stop.extend(in_flight(view, stage, s.attempts));
+                    decision.create.retain(|k| k.stage != stage);
+                    s.phase = StagePhase::Pending;
+                    s.finish_time = Some(now.clone());
+                    s.message = Some("suspended: checkpointing and stopping".into());
+                    decision.events.push(Event {
+                        warning: false,
+                        reason: "Suspended",
+                        note: format!("{stage}: attempt {} asked to checkpoint and stop", s.attempts),
+                    });
+                }
+                set_phase(&mut decision, &now, RunPhase::Suspended, "SpecSuspend", "spec.suspend is true");
+                return decision;
+            }
+            if s.phase != StagePhase::Running {
+                let wait = if s.phase == StagePhase::Failed {
+                    let since = s.finish_time.as_deref().and_then(parse_time).unwrap_or(view.now);
+                    restart_backoff(s.failures) - (view.now - since)
+                } else {
+                    0
+                };
+                if wait > 0 {
+                    decision.requeue_after = Some(wait as u64);
+                    let why = format!("{stage}: restarting in {wait} s after failure {}", s.failures);
+                    decision.status.reason = Some(why.clone());
+                    set_phase(&mut decision, &now, RunPhase::Pending, "RestartBackoff", &why);
+                    return decision;
+                }
+                let resumed = s.attempts > 0;
+                s.attempts += 1;
+                s.phase = StagePhase::Running;
+                s.start_time = Some(now.clone());
+                s.finish_time = None;
+                s.message = None;
+                let first = Role::of(layout)[0];
+                decision.create.push(JobKey { stage, role: first, attempt: s.attempts });
+                decision.events.push(Event {
+                    warning: false,
+                    reason: if resumed { "StageRestarted" } else { "StageStarted" },
+                    note: format!(
+                        "{stage}: attempt {}{}",
+                        s.attempts,
+                        if resumed && stage.is_training() { ", from the last checkpoint" } else { "" }
+                    ),
+                });
+            }
+            let layout_note = match layout {
+                Layout::Sharded { shards } => format!("{shards} shards"),
+                Layout::Gang { nodes, gpus_per_node } => format!("{nodes} nodes x {gpus_per_node} GPUs"),
+                Layout::Single => "1 pod".into(),
+            };
+            set_phase(&mut decision, &now, RunPhase::Running, "StageRunning", &format!("{stage}: {layout_note}"));
+            decision.requeue_after = Some(POLL_SECONDS);
+        }
+    }
+    decision
+}
+
+fn in_flight(view: &ClusterView<'_>, stage: Stage, attempt: u32) -> Vec<JobKey> {
+    view.jobs
+        .iter()
+        .filter(|j| j.stage == stage && j.attempt == attempt && j.state == JobState::Active)
+        .map(|j| JobKey { stage, role: j.role, attempt })
+        .collect()
+}
+
+/// Sets the run phase and its conditions; a condition's transition time changes only with its status.
+fn set_phase(decision: &mut Decision, now: &str, phase: RunPhase, reason: &str, message: &str) {
+    let status = &mut decision.status;
+    status.phase = Some(phase);
+    let started = status.stages.iter().any(|s| s.attempts > 0);
+    let truth = [
+        ("Admitted", started || phase == RunPhase::Running),
+        ("Running", phase == RunPhase::Running),
+        ("Succeeded", phase == RunPhase::Succeeded),
+        ("Failed", phase == RunPhase::Failed),
+        ("Suspended", phase == RunPhase::Suspended),
+    ];
+    let now = Some(now.to_string());
+    for (type_, on) in truth {
+        let value = if on { "True" } else { "False" };
+        let (reason, message) = if on { (Some(reason.to_string()), Some(message.to_string())) } else { (None, None) };
+        match status.conditions.iter_mut().find(|c| c.type_ == type_) {
+            Some(c) => {
+                if c.status != value {
+                    c.status = value.into();
+                    c.last_transition_time = now.clone();
+                }
+                c.reason = reason;
+                c.message = message;
+            }
+            None => status.conditions.push(Condition {
+                type_: type_.into(),
+                status: value.into(),
+                last_transition_time: now.clone(),
+                reason,
+                message,
+            }),
+        }
+    }
+}
+
+/// RFC 3339 in UTC.
+pub fn format_time(unix: i64) -> String {
+    jiff::Timestamp::from_second(unix).map(|t| t.to_string()).unwrap_or_default()
+}
+
+fn parse_time(text: &str) -> Option<i64> {
+    text.parse::<jiff::Timestamp>().ok().map(|t| t.as_second())
+}

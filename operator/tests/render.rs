@@ -1,0 +1,127 @@
+//! What `pretrain render` prints: every object validates against the Kubernetes schemas (the
+//! k8s-openapi types' JSON schemas, and a lossless round trip through the types, which catches a
+//! misspelled field), and the objects say what the operator contract promises.
+
+use std::path::Path;
+
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use pretrain_crd::Stage;
+use pretrain_operator::k8s::render::{Object, RunObjects, job_name, object_name, to_yaml_stream};
+use pretrain_operator::plan::Role;
+use serde_json::Value;
+
+fn fixture(name: &str) -> pretrain_crd::PretrainRun {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
+    pretrain_crd::load(&path).unwrap()
+}
+
+/// Validates `value` against the JSON schema of `T` and checks that it survives `T` unchanged.
+fn check<T: schemars::JsonSchema + serde::de::DeserializeOwned + serde::Serialize>(value: &Value) {
+    let schema = serde_json::to_value(schemars::schema_for!(T)).unwrap();
+    let validator = jsonschema::validator_for(&schema).unwrap();
+    let errors: Vec<String> = validator.iter_errors(value).map(|e| format!("{} at {}", e, e.instance_path())).collect();
+    assert!(errors.is_empty(), "{}: {errors:?}", value["metadata"]["name"]);
+    let typed: T = serde_json::from_value(value.clone()).unwrap();
+    assert_eq!(&serde_json::to_value(typed).unwrap(), value, "a field the type does not know was dropped");
+}
+
+#[test]
+fn every_rendered_object_is_valid_kubernetes() {
+    for name in ["gpu-gang.yaml", "cpu-minimal.yaml"] {
+        let run = fixture(name);
+        let objects = RunObjects::new(&run).unwrap().all().unwrap();
+        let yaml = to_yaml_stream(&objects).unwrap();
+        let docs: Vec<Value> =
+            yaml.split("---\n").filter(|d| !d.trim().is_empty()).map(|d| serde_yaml::from_str(d).unwrap()).collect();
+        assert_eq!(docs.len(), objects.len());
+        for doc in &docs {
+            match doc["kind"].as_str().unwrap() {
+                "ConfigMap" => check::<ConfigMap>(doc),
+                "Service" => check::<Service>(doc),
+                "Job" => check::<Job>(doc),
+                other => panic!("unexpected kind {other}"),
+            }
+            let name = doc["metadata"]["name"].as_str().unwrap();
+            assert!(name.len() <= 52 && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'));
+            assert_eq!(doc["metadata"]["ownerReferences"][0]["kind"], "PretrainRun");
+        }
+    }
+}
+
+#[test]
+fn a_gpu_gang_is_an_indexed_job_with_rendezvous_gpus_and_a_checkpoint_grace_period() {
+    let run = fixture("gpu-gang.yaml"); // 8 shards; 4 nodes x 8 GPUs
+    let objects = RunObjects::new(&run).unwrap().all().unwrap();
+    let kinds: Vec<String> = objects
+        .iter()
+        .map(|o| match o {
+            Object::ConfigMap(c) => format!("ConfigMap {}", c.metadata.name.as_deref().unwrap()),
+            Object::Service(s) => format!("Service {}", s.metadata.name.as_deref().unwrap()),
+            Object::Job(j) => format!("Job {}", j.metadata.name.as_deref().unwrap()),
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "ConfigMap gang-spec",
+            "Job gang-data-prep-map-1",
+            "Job gang-data-prep-reduce-1",
+            "Job gang-tokenize-map-1",
+            "Job gang-tokenize-reduce-1",
+            "Service gang-train",
+            "Job gang-train-1",
+            "Service gang-long-context",
+            "Job gang-long-context-1",
+            "Job gang-eval-1",
+        ]
+    );
+    let objects = RunObjects::new(&run).unwrap();
+    let job = serde_json::to_value(objects.job(Stage::Train, Role::Gang, 3)).unwrap();
+    assert_eq!(job["metadata"]["name"], "gang-train-3");
+    let spec = &job["spec"];
+    assert_eq!((spec["completions"].as_i64(), spec["parallelism"].as_i64()), (Some(4), Some(4)));
+    assert_eq!(spec["completionMode"], "Indexed");
+    assert_eq!(spec["backoffLimit"], 0);
+    let pod = &spec["template"]["spec"];
+    assert_eq!(pod["subdomain"], "gang-train");
+    assert_eq!(pod["restartPolicy"], "Never");
+    assert_eq!(pod["terminationGracePeriodSeconds"], 600);
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    let container = &pod["containers"][0];
+    assert_eq!(container["resources"]["limits"]["nvidia.com/gpu"], "8");
+    assert_eq!(container["args"], serde_json::json!(["train", "--spec", "/etc/pretrain/run.yaml"]));
+    let env: std::collections::BTreeMap<String, Value> = container["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["name"].as_str().unwrap().to_string(), e.get("value").cloned().unwrap_or(e["valueFrom"].clone())))
+        .collect();
+    assert_eq!(env["WORLD_SIZE"], "4");
+    assert_eq!(env["MASTER_ADDR"], "gang-train-3-0.gang-train");
+    assert_eq!(env["MASTER_PORT"], "29500");
+    assert_eq!(env["PRETRAIN_STORE"], "s3://bucket/runs");
+    assert_eq!(
+        env["RANK"]["fieldRef"]["fieldPath"],
+        "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    );
+    assert!(pod["volumes"].as_array().unwrap().iter().any(|v| v["name"] == "shm"), "NCCL gets shared memory");
+    assert_eq!(job["metadata"]["annotations"]["pretrain.dev/config-hash"], run.spec.stage_config_hash(Stage::Train));
+
+    let eval = serde_json::to_value(objects.job(Stage::Eval, Role::Single, 1)).unwrap();
+    assert_eq!(eval["spec"]["completions"], 1);
+    assert_eq!(eval["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"], "1");
+    let map = serde_json::to_value(objects.job(Stage::DataPrep, Role::Map, 1)).unwrap();
+    assert_eq!(map["spec"]["completions"], 8);
+    assert!(map["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu").is_none());
+}
+
+#[test]
+fn long_names_are_shortened_deterministically() {
+    let run = "a-run-whose-name-is-much-longer-than-kubernetes-allows-for-hostnames";
+    let a = job_name(run, Stage::LongContext, Role::Gang, 12);
+    assert!(a.len() <= 52, "{a}");
+    assert_eq!(a, job_name(run, Stage::LongContext, Role::Gang, 12));
+    assert_ne!(a, job_name(run, Stage::LongContext, Role::Gang, 13));
+    assert_eq!(object_name(&["short", "train", "1"]), "short-train-1");
+}
