@@ -1071,6 +1071,19 @@ pub struct LongContext {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub micro_batch_size: Option<u32>,
+    /// Peak learning rate of the continuation; defaults to a tenth of `train.optimizer.lr` (at least
+    /// its `minLr`), so that adapting to the new length does not undo what pretraining learned.
+    /// The schedule is train's, decaying to `train.optimizer.minLr` (or to this, if lower).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0))]
+    pub lr: Option<f64>,
+}
+
+impl LongContext {
+    /// The continuation's peak learning rate under `optimizer` (train's settings).
+    pub fn peak_lr(&self, optimizer: &Optimizer) -> f64 {
+        self.lr.unwrap_or((optimizer.lr / 10.0).max(optimizer.min_lr))
+    }
 }
 
 fn default_tokens_fraction() -> f64 {

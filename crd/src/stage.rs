@@ -102,7 +102,11 @@ impl PretrainRunSpec {
                 }
                 Ok(serde_json::json!({ "model": self.model.resolved(), "train": train, "tokens": self.train_tokens() }))
             }
-            Stage::LongContext => serde_json::to_value(&self.long_context),
+            // The effective peak learning rate, so that a change of its default redoes the stage.
+            Stage::LongContext => serde_json::to_value(&self.long_context).map(|lc| {
+                let lr = self.long_context.as_ref().map(|l| l.peak_lr(&self.train.optimizer));
+                serde_json::json!({ "longContext": lc, "peakLr": lr })
+            }),
             Stage::Eval => serde_json::to_value(&self.eval),
         }
         .expect("spec sections serialise to JSON");

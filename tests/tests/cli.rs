@@ -1,4 +1,4 @@
-//! The `pretrain` command line as a user meets it: validate, crd, run.
+//! The `pretrain` command line as a user meets it: validate, crd, render, run.
 
 use std::process::{Command, Output};
 
@@ -59,6 +59,28 @@ fn crd_prints_the_chart_copy() {
 }
 
 /// A small run "tiny" over two generated JSONL files, with its store in a fresh directory.
+#[test]
+fn render_prints_every_object_of_the_run_and_names_a_bad_manifest() {
+    let out = pretrain(&["render", "examples/multinode-gpu.yaml", "-n", "ml"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let docs: Vec<serde_yaml::Value> = text(&out.stdout)
+        .split("---\n")
+        .filter(|d| !d.trim().is_empty())
+        .map(|d| serde_yaml::from_str(d).unwrap())
+        .collect();
+    let kinds: Vec<String> = docs
+        .iter()
+        .map(|d| format!("{} {}", d["kind"].as_str().unwrap(), d["metadata"]["name"].as_str().unwrap()))
+        .collect();
+    assert_eq!(kinds[0], "ConfigMap llama-1b-web-spec");
+    assert!(kinds.contains(&"Job llama-1b-web-train-1".to_string()), "{kinds:?}");
+    assert!(kinds.contains(&"Service llama-1b-web-train".to_string()), "{kinds:?}");
+    assert!(docs.iter().all(|d| d["metadata"]["namespace"].as_str() == Some("ml")));
+    let out = pretrain(&["render", "no-such.yaml"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("no-such.yaml"), "{}", text(&out.stderr));
+}
+
 fn manifest_in(tmp: &std::path::Path) -> (std::path::PathBuf, String) {
     let store = format!("file://{}", tmp.join("store").display());
     for (name, n) in [("web", 30u64), ("code", 10)] {

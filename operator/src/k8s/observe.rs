@@ -205,4 +205,38 @@ mod tests {
         // Nothing left to read: the node went away with the pods.
         assert!(matches!(classify(&[]), Failure::Retry(m) if m.contains("node lost")));
     }
+
+    #[tokio::test]
+    async fn the_store_says_which_stages_are_committed_and_the_newest_checkpoint_for_this_spec() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(&format!("file://{}", tmp.path().display())).unwrap();
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gpu-gang.yaml");
+        let spec = pretrain_crd::load(&path).unwrap().spec;
+        let commit = |stage: Stage, hash: String| {
+            let store = store.clone();
+            async move {
+                let dir = store.stage("gang", stage).unwrap();
+                let file = dir.put("out.txt", "x".into()).await.unwrap();
+                dir.commit(&hash, vec![file], serde_json::json!({})).await.unwrap();
+            }
+        };
+        commit(Stage::DataPrep, spec.stage_config_hash(Stage::DataPrep)).await;
+        commit(Stage::Tokenize, "an older spec".into()).await;
+        let train = store.stage("gang", Stage::Train).unwrap();
+        let state = |hash: String| serde_json::json!({"step": 40, "tokensSeen": 1_310_720, "configHash": hash, "loss": 3.25, "cursor": 7});
+        train
+            .put("ckpt/step-000000040/state.json", state(spec.stage_config_hash(Stage::Train)).to_string().into())
+            .await
+            .unwrap();
+        train.put("ckpt/latest", "step-000000040".into()).await.unwrap();
+        let (committed, checkpoint) = store_state(&store, "gang", &spec).await.unwrap();
+        assert_eq!(committed.into_iter().collect::<Vec<_>>(), [Stage::DataPrep]);
+        let checkpoint = checkpoint.unwrap();
+        assert_eq!((checkpoint.stage.as_str(), checkpoint.step, checkpoint.tokens), ("train", 40, 1_310_720));
+        assert_eq!(checkpoint.loss, Some(3.25));
+        assert!(checkpoint.url.ends_with("gang/train/ckpt/step-000000040"), "{}", checkpoint.url);
+        // A checkpoint of another spec is not this run's progress.
+        train.put("ckpt/step-000000040/state.json", state("other".into()).to_string().into()).await.unwrap();
+        assert!(store_state(&store, "gang", &spec).await.unwrap().1.is_none());
+    }
 }

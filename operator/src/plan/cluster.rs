@@ -310,6 +310,13 @@ pub fn decide(view: &ClusterView<'_>) -> Decision {
     match super::next(spec, &spec.stages(), &observed) {
         Action::Finished => {
             decision.status.stage = None;
+            if old.phase != Some(RunPhase::Succeeded) {
+                decision.events.push(Event {
+                    warning: false,
+                    reason: "RunSucceeded",
+                    note: "every stage committed its outputs".into(),
+                });
+            }
             set_phase(
                 &mut decision,
                 &now,

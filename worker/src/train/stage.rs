@@ -234,8 +234,9 @@ impl Job {
     }
 
     /// The long-context job: train's model with the new RoPE, `tokensFraction` of train's token
-    /// budget at the new length, train's optimizer settings with a warmup of at most a tenth of the
-    /// steps, starting from the final checkpoint that train committed.
+    /// budget at the new length, train's optimizer settings at `longContext.lr` (a tenth of train's
+    /// peak by default) with a warmup of at most a tenth of the steps, starting from the final
+    /// checkpoint that train committed.
     pub async fn long_context(ctx: &Context, vocab: u32) -> Result<Self> {
         let spec = &ctx.run.spec;
         let lc = spec
@@ -259,6 +260,9 @@ impl Job {
         let mut schedule = spec.train.schedule.clone();
         schedule.warmup_steps = schedule.warmup_steps.min(total_steps.div_ceil(10));
         let (rope_base, rope_scaling) = long_context_rope(&base.config, lc, spec.train.seq_len as usize);
+        let mut optimizer = spec.train.optimizer.clone();
+        optimizer.lr = lc.peak_lr(&spec.train.optimizer);
+        optimizer.min_lr = optimizer.min_lr.min(optimizer.lr);
         Ok(Self {
             label: "long-context",
             config: LlamaConfig { rope_base, rope_scaling, ..base.config },
@@ -266,7 +270,7 @@ impl Job {
             sequences,
             micro,
             total_steps,
-            optimizer: spec.train.optimizer.clone(),
+            optimizer,
             schedule,
             start: Start::Weights { dir: train_dir, step },
             long_documents_first: true,

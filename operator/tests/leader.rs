@@ -1,0 +1,109 @@
+//! Leader election against a `tower-test` mock API server: who may take the Lease, and when.
+
+use http::{Method, Request, Response, StatusCode};
+use kube::client::Body;
+use pretrain_operator::k8s::leader::Elector;
+use serde_json::{Value, json};
+use tower_test::mock::{Handle, SendResponse};
+
+type ApiServer = Handle<Request<Body>, Response<Body>>;
+
+const LEASE: &str = "/apis/coordination.k8s.io/v1/namespaces/pretrain-system/leases/pretrain-operator";
+
+fn elector(identity: &str) -> (Elector, ApiServer) {
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(service, "default");
+    let api = kube::Api::namespaced(client, "pretrain-system");
+    (Elector::new(api, "pretrain-operator", identity, 15), handle)
+}
+
+async fn expect(server: &mut ApiServer, method: Method, path: &str) -> (Value, SendResponse<Response<Body>>) {
+    let (request, send) = server.next_request().await.expect("a request");
+    assert_eq!(request.method(), method);
+    assert_eq!(request.uri().path(), path);
+    let bytes = request.into_body().collect_bytes().await.unwrap();
+    let body = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap() };
+    (body, send)
+}
+
+fn reply(send: SendResponse<Response<Body>>, status: StatusCode, body: &Value) {
+    let response = Response::builder().status(status).body(Body::from(serde_json::to_vec(body).unwrap())).unwrap();
+    send.send_response(response);
+}
+
+fn status(code: u16, reason: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Failure", "message": reason, "reason": reason, "code": code})
+}
+
+fn lease(holder: &str, renewed: &str, transitions: i32) -> Value {
+    json!({
+        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": "pretrain-operator", "namespace": "pretrain-system", "resourceVersion": "41"},
+        "spec": {"holderIdentity": holder, "leaseDurationSeconds": 15, "renewTime": renewed,
+                 "acquireTime": "2026-11-28T09:00:00.000000Z", "leaseTransitions": transitions}
+    })
+}
+
+fn at(text: &str) -> jiff::Timestamp {
+    text.parse().unwrap()
+}
+
+#[tokio::test]
+async fn the_first_replica_creates_the_lease() {
+    let (elector, mut server) = elector("op-a");
+    let answered = tokio::spawn(async move {
+        let (_, send) = expect(&mut server, Method::GET, LEASE).await;
+        reply(send, StatusCode::NOT_FOUND, &status(404, "NotFound"));
+        let (body, send) =
+            expect(&mut server, Method::POST, "/apis/coordination.k8s.io/v1/namespaces/pretrain-system/leases").await;
+        assert_eq!(body["spec"]["holderIdentity"], "op-a");
+        assert_eq!(body["spec"]["leaseDurationSeconds"], 15);
+        assert_eq!(body["spec"]["leaseTransitions"], 0);
+        reply(send, StatusCode::CREATED, &body);
+    });
+    assert!(elector.try_acquire(at("2026-11-28T10:00:00Z")).await.unwrap());
+    answered.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_held_lease_is_left_alone_until_it_expires_then_taken_over() {
+    let (elector, mut server) = elector("op-b");
+    let answered = tokio::spawn(async move {
+        // Renewed 10 s ago: still op-a's; no write.
+        let (_, send) = expect(&mut server, Method::GET, LEASE).await;
+        reply(send, StatusCode::OK, &lease("op-a", "2026-11-28T09:59:50.000000Z", 0));
+        // Renewed 20 s ago (15 s lease): expired; op-b replaces it, carrying its resourceVersion.
+        let (_, send) = expect(&mut server, Method::GET, LEASE).await;
+        reply(send, StatusCode::OK, &lease("op-a", "2026-11-28T09:59:40.000000Z", 0));
+        let (body, send) = expect(&mut server, Method::PUT, LEASE).await;
+        assert_eq!(body["metadata"]["resourceVersion"], "41");
+        assert_eq!(body["spec"]["holderIdentity"], "op-b");
+        assert_eq!(body["spec"]["leaseTransitions"], 1);
+        assert_eq!(body["spec"]["renewTime"], "2026-11-28T10:00:00.000000Z");
+        reply(send, StatusCode::OK, &body);
+    });
+    assert!(!elector.try_acquire(at("2026-11-28T10:00:00Z")).await.unwrap());
+    assert!(elector.try_acquire(at("2026-11-28T10:00:00Z")).await.unwrap());
+    answered.await.unwrap();
+}
+
+#[tokio::test]
+async fn the_holder_renews_and_a_lost_race_is_not_leadership() {
+    let (elector, mut server) = elector("op-a");
+    let answered = tokio::spawn(async move {
+        let (_, send) = expect(&mut server, Method::GET, LEASE).await;
+        reply(send, StatusCode::OK, &lease("op-a", "2026-11-28T09:59:55.000000Z", 3));
+        let (body, send) = expect(&mut server, Method::PUT, LEASE).await;
+        assert_eq!(body["spec"]["leaseTransitions"], 3, "renewing is not a transition");
+        assert_eq!(body["spec"]["acquireTime"], "2026-11-28T09:00:00.000000Z");
+        reply(send, StatusCode::OK, &body);
+        // Someone else wrote the Lease between our read and our write.
+        let (_, send) = expect(&mut server, Method::GET, LEASE).await;
+        reply(send, StatusCode::OK, &lease("op-a", "2026-11-28T09:59:55.000000Z", 3));
+        let (_, send) = expect(&mut server, Method::PUT, LEASE).await;
+        reply(send, StatusCode::CONFLICT, &status(409, "Conflict"));
+    });
+    assert!(elector.try_acquire(at("2026-11-28T10:00:00Z")).await.unwrap());
+    assert!(!elector.try_acquire(at("2026-11-28T10:00:05Z")).await.unwrap());
+    answered.await.unwrap();
+}
