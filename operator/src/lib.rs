@@ -6,3 +6,4 @@
 pub mod k8s;
 pub mod local;
 pub mod plan;
+pub mod schedule;

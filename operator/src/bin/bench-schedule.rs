@@ -1,0 +1,109 @@
+//! Benchmark: one scheduling pass over 1,000 queued runs on 1,000 nodes, against the 50 ms target.
+//!
+//!     cargo run --release -p pretrain-operator --bin bench-schedule
+//!
+//! The cluster: 1,000 8-GPU nodes of two types, half of them busy with 300 running gangs (some
+//! preemptible, with checkpoints of various ages); 1,000 waiting requests of 1 to 16 pods, CPU and
+//! GPU, mixed priorities, most with an expected duration. Prints the median pass time of 7, the
+//! process's peak memory, and the ratio to the target.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use pretrain_operator::schedule::{Gang, Node, Policy, Queue, Request, Resources, Running, schedule};
+
+fn main() {
+    const GIB: u64 = 1 << 30;
+    let mut rng = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let kinds = ["H100", "A100"];
+    let nodes: Vec<Node> = (0..1000)
+        .map(|i| Node {
+            name: format!("node-{i}"),
+            gpu_type: Some(kinds[i % 2].to_string()),
+            allocatable: Resources { gpus: 8, cpu_millis: 96_000, memory: 1024 * GIB },
+            schedulable: i % 50 != 0,
+        })
+        .collect();
+    let queues: Vec<Queue> = ["research", "prod", "eval"]
+        .iter()
+        .map(|q| Queue {
+            name: q.to_string(),
+            gpu_quota: BTreeMap::from([("H100".into(), 3000), ("A100".into(), 3000), ("*".into(), 1000)]),
+            borrowing: *q != "prod",
+        })
+        .collect();
+    let gang = |pods: u32, gpus: u32, kind: Option<&str>| Gang {
+        pods,
+        per_pod: Resources { gpus, cpu_millis: if gpus > 0 { 32_000 } else { 8_000 }, memory: 128 * GIB },
+        gpu_type: kind.map(str::to_string),
+    };
+    // 300 running gangs filling about half the cluster.
+    let mut running = Vec::new();
+    let mut node = 0usize;
+    for i in 0..300 {
+        let pods = [1u32, 1, 2, 2, 4][i % 5];
+        let on: Vec<String> = (0..pods).map(|k| format!("node-{}", (node + 2 * k as usize) % 1000)).collect();
+        node += 2 * pods as usize + 1;
+        running.push(Running {
+            id: format!("running-{i}"),
+            queue: queues[i % 3].name.clone(),
+            priority: (i % 3) as i32,
+            gang: gang(pods, 8, Some(kinds[(node - 1) % 2])),
+            nodes: on,
+            started: 0,
+            last_checkpoint: Some((next() % 3600) as i64),
+            preemptible: i % 4 != 0,
+            expected_end: (i % 5 != 0).then(|| 3600 + (next() % 36_000) as i64),
+        });
+    }
+    let requests: Vec<Request> = (0..1000)
+        .map(|i| {
+            let pods = [1u32, 2, 4, 8, 16][(next() % 5) as usize];
+            let gpus = if i % 4 == 0 { 0 } else { 8 };
+            Request {
+                id: format!("queued-{i}"),
+                queue: queues[i % 3].name.clone(),
+                priority: (next() % 4) as i32,
+                submitted: i as i64,
+                gang: gang(pods, gpus, (gpus > 0 && i % 3 != 0).then_some(kinds[i % 2])),
+                expected_seconds: (i % 7 != 0).then(|| 600 + (next() % 7200) as i64),
+            }
+        })
+        .collect();
+    let mut times = Vec::new();
+    let mut decision = None;
+    for _ in 0..7 {
+        let t = Instant::now();
+        let d = schedule(&nodes, &running, &queues, &requests, 4000, Policy::default());
+        times.push(t.elapsed().as_secs_f64());
+        decision = Some(d);
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    let d = decision.expect("seven passes ran");
+    let peak_kib = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(str::to_string))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+        .unwrap_or(0);
+    println!(
+        "one pass over {} queued runs on {} nodes ({} running): {:.1} ms median of 7 (min {:.1}, max {:.1}); {} admitted, {} preempted, {} waiting; peak memory {:.1} MiB",
+        requests.len(),
+        nodes.len(),
+        running.len(),
+        median * 1e3,
+        times[0] * 1e3,
+        times[times.len() - 1] * 1e3,
+        d.admit.len(),
+        d.preempt.len(),
+        d.waiting.len(),
+        peak_kib as f64 / 1024.0
+    );
+    println!("target 50 ms: {:.2}x of the budget", median / 0.050);
+}
