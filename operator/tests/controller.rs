@@ -63,6 +63,14 @@ fn reply(send: SendResponse<Response<Body>>, body: &Value) {
 }
 
 const APPLY: &str = "force=true&fieldManager=pretrain-operator";
+const LIST_JOBS: &str = "/apis/batch/v1/namespaces/ml/jobs?&labelSelector=pretrain.dev%2Frun%3Dtiny";
+const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/ml/events?";
+const RUN: &str = "/apis/pretrain.dev/v1alpha1/namespaces/ml/pretrainruns/tiny?";
+
+/// The status subresource, written with server-side apply.
+fn status_path() -> String {
+    format!("/apis/pretrain.dev/v1alpha1/namespaces/ml/pretrainruns/tiny/status?&{APPLY}")
+}
 
 fn empty_list(kind: &str) -> Value {
     json!({"apiVersion": "v1", "kind": kind, "metadata": {}, "items": []})
@@ -76,17 +84,11 @@ async fn a_fresh_run_gets_its_finalizer_manifest_first_job_status_and_event() {
     let run = Arc::new(run(&spec(&store), json!({}), None));
     let object = serde_json::to_value(&*run).unwrap();
     let answered = tokio::spawn(async move {
-        let (body, send) =
-            expect(&mut server, Method::PATCH, "/apis/pretrain.dev/v1alpha1/namespaces/ml/pretrainruns/tiny?").await;
+        let (body, send) = expect(&mut server, Method::PATCH, RUN).await;
         assert_eq!(body, json!({"metadata": {"finalizers": [FINALIZER]}}));
         reply(send, &object);
 
-        let (_, send) = expect(
-            &mut server,
-            Method::GET,
-            "/apis/batch/v1/namespaces/ml/jobs?&labelSelector=pretrain.dev%2Frun%3Dtiny",
-        )
-        .await;
+        let (_, send) = expect(&mut server, Method::GET, LIST_JOBS).await;
         reply(send, &empty_list("JobList"));
 
         let (cm, send) =
@@ -116,12 +118,7 @@ async fn a_fresh_run_gets_its_finalizer_manifest_first_job_status_and_event() {
         assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true);
         reply(send, &job);
 
-        let (patch, send) = expect(
-            &mut server,
-            Method::PATCH,
-            &format!("/apis/pretrain.dev/v1alpha1/namespaces/ml/pretrainruns/tiny/status?&{APPLY}"),
-        )
-        .await;
+        let (patch, send) = expect(&mut server, Method::PATCH, &status_path()).await;
         assert_eq!(patch["kind"], "PretrainRun");
         let status = &patch["status"];
         assert_eq!(status["phase"], "Running");
@@ -136,7 +133,7 @@ async fn a_fresh_run_gets_its_finalizer_manifest_first_job_status_and_event() {
         assert_eq!(running["status"], "True");
         reply(send, &object);
 
-        let (event, send) = expect(&mut server, Method::POST, "/apis/events.k8s.io/v1/namespaces/ml/events?").await;
+        let (event, send) = expect(&mut server, Method::POST, EVENTS).await;
         assert_eq!(event["reason"], "StageStarted");
         assert_eq!(event["regarding"]["name"], "tiny");
         assert_eq!(event["type"], "Normal");
@@ -161,12 +158,7 @@ async fn a_failed_map_pod_is_read_from_its_pods_and_counted_in_status() {
     let object = serde_json::to_value(&run).unwrap();
     let run = Arc::new(run);
     let answered = tokio::spawn(async move {
-        let (_, send) = expect(
-            &mut server,
-            Method::GET,
-            "/apis/batch/v1/namespaces/ml/jobs?&labelSelector=pretrain.dev%2Frun%3Dtiny",
-        )
-        .await;
+        let (_, send) = expect(&mut server, Method::GET, LIST_JOBS).await;
         let job = json!({
             "apiVersion": "batch/v1", "kind": "Job",
             "metadata": {"name": "tiny-data-prep-map-1", "namespace": "ml",
@@ -191,12 +183,7 @@ async fn a_failed_map_pod_is_read_from_its_pods_and_counted_in_status() {
         });
         reply(send, &json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": [pod]}));
 
-        let (patch, send) = expect(
-            &mut server,
-            Method::PATCH,
-            &format!("/apis/pretrain.dev/v1alpha1/namespaces/ml/pretrainruns/tiny/status?&{APPLY}"),
-        )
-        .await;
+        let (patch, send) = expect(&mut server, Method::PATCH, &status_path()).await;
         let stage = &patch["status"]["stages"][0];
         assert_eq!(stage["phase"], "Failed");
         assert_eq!(stage["failures"], 1);
@@ -207,7 +194,7 @@ async fn a_failed_map_pod_is_read_from_its_pods_and_counted_in_status() {
         assert_eq!(patch["status"]["phase"], "Pending");
         reply(send, &object);
 
-        let (event, send) = expect(&mut server, Method::POST, "/apis/events.k8s.io/v1/namespaces/ml/events?").await;
+        let (event, send) = expect(&mut server, Method::POST, EVENTS).await;
         assert_eq!(event["type"], "Warning");
         assert_eq!(event["reason"], "StageFailed");
         reply(send, &event);
@@ -229,16 +216,11 @@ async fn an_invalid_spec_fails_the_run_without_creating_anything() {
     let run = Arc::new(run(&bad, json!({"finalizers": [FINALIZER]}), None));
     let object = serde_json::to_value(&*run).unwrap();
     let answered = tokio::spawn(async move {
-        let (patch, send) = expect(
-            &mut server,
-            Method::PATCH,
-            &format!("/apis/pretrain.dev/v1alpha1/namespaces/ml/pretrainruns/tiny/status?&{APPLY}"),
-        )
-        .await;
+        let (patch, send) = expect(&mut server, Method::PATCH, &status_path()).await;
         assert_eq!(patch["status"]["phase"], "Failed");
         assert!(patch["status"]["reason"].as_str().unwrap().contains("longContext.seqLen"), "{patch}");
         reply(send, &object);
-        let (event, send) = expect(&mut server, Method::POST, "/apis/events.k8s.io/v1/namespaces/ml/events?").await;
+        let (event, send) = expect(&mut server, Method::POST, EVENTS).await;
         assert_eq!(event["reason"], "InvalidSpec");
         reply(send, &event);
     });
@@ -260,12 +242,7 @@ async fn deleting_a_run_stops_its_jobs_deletes_its_data_when_asked_and_drops_the
     let run = Arc::new(run(&spec, meta, None));
     let object = serde_json::to_value(&*run).unwrap();
     let answered = tokio::spawn(async move {
-        let (_, send) = expect(
-            &mut server,
-            Method::GET,
-            "/apis/batch/v1/namespaces/ml/jobs?&labelSelector=pretrain.dev%2Frun%3Dtiny",
-        )
-        .await;
+        let (_, send) = expect(&mut server, Method::GET, LIST_JOBS).await;
         let job = |name: &str, status: Value| json!({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name, "namespace": "ml"}, "status": status});
         let items = [
             job("tiny-train-1", json!({"active": 2})),
@@ -277,12 +254,11 @@ async fn deleting_a_run_stops_its_jobs_deletes_its_data_when_asked_and_drops_the
         assert_eq!(body["propagationPolicy"], "Background");
         reply(send, &json!({"apiVersion": "v1", "kind": "Status", "status": "Success", "metadata": {}}));
 
-        let (event, send) = expect(&mut server, Method::POST, "/apis/events.k8s.io/v1/namespaces/ml/events?").await;
+        let (event, send) = expect(&mut server, Method::POST, EVENTS).await;
         assert_eq!(event["reason"], "DataDeleted");
         reply(send, &event);
 
-        let (body, send) =
-            expect(&mut server, Method::PATCH, "/apis/pretrain.dev/v1alpha1/namespaces/ml/pretrainruns/tiny?").await;
+        let (body, send) = expect(&mut server, Method::PATCH, RUN).await;
         assert_eq!(body, json!({"metadata": {"finalizers": ["other.io/keep"]}}));
         reply(send, &object);
     });

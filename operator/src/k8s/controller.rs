@@ -164,13 +164,7 @@ async fn apply(run: &PretrainRun, objects: &RunObjects<'_>, decision: &Decision,
     let ssa = PatchParams::apply(FIELD_MANAGER).force();
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), ns);
     for key in &decision.stop {
-        let name = job_name(objects.name(), key.stage, key.role, key.attempt);
-        // Background propagation: the pods get SIGTERM and their grace period to checkpoint.
-        match jobs.delete(&name, &DeleteParams::background()).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(e)) if e.code == 404 => {}
-            Err(e) => return Err(e.into()),
-        }
+        stop_job(&jobs, &job_name(objects.name(), key.stage, key.role, key.attempt)).await?;
     }
     if decision.create.is_empty() {
         return Ok(());
@@ -200,11 +194,7 @@ async fn finalize(run: &PretrainRun, objects: &RunObjects<'_>, ctx: &Context) ->
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), objects.namespace());
     let listed = jobs.list(&ListParams::default().labels(&format!("{LABEL_RUN}={name}"))).await?;
     for job in listed.items.iter().filter(|j| observe::job_outcome(j).is_none()) {
-        match jobs.delete(&job.name_any(), &DeleteParams::background()).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(e)) if e.code == 404 => {}
-            Err(e) => return Err(e.into()),
-        }
+        stop_job(&jobs, &job.name_any()).await?;
     }
     if run.spec.storage.delete_on_run_delete {
         let store = (ctx.open_store)(run)?;
@@ -218,6 +208,16 @@ async fn finalize(run: &PretrainRun, objects: &RunObjects<'_>, ctx: &Context) ->
     let patch = json!({"metadata": {"finalizers": finalizers}});
     runs.patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
     Ok(Action::await_change())
+}
+
+/// Deletes a Job with background propagation, so its pods get SIGTERM and their grace period to
+/// checkpoint; one already gone is fine.
+async fn stop_job(jobs: &Api<Job>, name: &str) -> Result<(), Error> {
+    match jobs.delete(name, &DeleteParams::background()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 async fn patch_status(runs: &Api<PretrainRun>, name: &str, status: &PretrainRunStatus) -> Result<(), Error> {

@@ -139,10 +139,11 @@ pub async fn store_state(
         if !stage.is_training() {
             continue;
         }
-        let Some(latest) = dir.store().get_opt(&dir.key("ckpt/latest")?).await? else { continue };
-        let name = String::from_utf8_lossy(&latest).trim().to_string();
-        let Some(state) = dir.store().get_opt(&dir.key(&format!("ckpt/{name}/state.json"))?).await? else { continue };
-        if let Ok(state) = serde_json::from_slice::<CheckpointState>(&state)
+        let Some(crate::checkpoints::Newest { name, state: Some(state) }) = crate::checkpoints::newest(&dir).await?
+        else {
+            continue;
+        };
+        if let Ok(state) = serde_json::from_value::<CheckpointState>(state)
             && state.config_hash == hash
         {
             checkpoint = Some(CheckpointStatus {

@@ -305,15 +305,12 @@ pub async fn status(store_url: &str, run: Option<&str>) -> Result<String, RunErr
             let mut note = r.reason.clone().filter(|_| r.phase == Phase::Failed).unwrap_or_default();
             if stage.is_training() {
                 let dir = store.stage(&name, stage)?;
-                if let Some(latest) = store.get_opt(&dir.key("ckpt/latest")?).await? {
-                    let latest = String::from_utf8_lossy(&latest).trim().to_string();
-                    let state = store.get_opt(&dir.key(&format!("ckpt/{latest}/state.json"))?).await?;
-                    let loss = state
-                        .and_then(|s| serde_json::from_slice::<serde_json::Value>(&s).ok())
-                        .and_then(|v| v["loss"].as_f64());
+                if let Some(newest) = crate::checkpoints::newest(&dir).await? {
+                    let loss = newest.state.and_then(|v| v["loss"].as_f64());
                     note = format!(
-                        "{}checkpoint {latest}{}",
+                        "{}checkpoint {}{}",
                         if note.is_empty() { String::new() } else { format!("{note}; ") },
+                        newest.name,
                         loss.map(|l| format!(" (loss {l:.4})")).unwrap_or_default()
                     );
                 }
