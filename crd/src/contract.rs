@@ -51,4 +51,7 @@ pub mod exit {
     pub const UNAVAILABLE: i32 = 3;
     /// The stage checkpointed on SIGTERM and wants to be resumed (EX_TEMPFAIL).
     pub const RESUME: i32 = 75;
+    /// Another rank of the gang died or stalled; this one is healthy. Restart the gang from its
+    /// last checkpoint (the failure is the other rank's, whose exit says why).
+    pub const PEER_LOST: i32 = 76;
 }

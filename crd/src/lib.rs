@@ -5,6 +5,7 @@
 
 pub mod contract;
 pub mod manifest;
+pub mod queue;
 mod schema;
 pub mod spec;
 pub mod stage;
@@ -12,7 +13,8 @@ pub mod status;
 pub mod validate;
 
 pub use manifest::{ManifestError, load, parse};
-pub use schema::{crd, crd_yaml};
+pub use queue::{PretrainQueue, PretrainQueueSpec};
+pub use schema::{crd, crd_yaml, queue_crd};
 pub use spec::{PretrainRun, PretrainRunSpec};
 pub use stage::Stage;
 pub use status::PretrainRunStatus;

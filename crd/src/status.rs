@@ -31,6 +31,40 @@ pub struct PretrainRunStatus {
     /// Admitted, Running, Succeeded, Failed, Suspended.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    /// The cluster scheduler's go-ahead for a stage attempt that needs GPUs, with its nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admission: Option<Admission>,
+    /// The cluster scheduler's request that a running attempt checkpoint and make room.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preemption: Option<Preemption>,
+}
+
+/// A stage attempt admitted by the cluster scheduler.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Admission {
+    /// The stage.
+    pub stage: String,
+    /// The attempt admitted.
+    pub attempt: u32,
+    /// The node each pod of the gang runs on, by index.
+    pub nodes: Vec<String>,
+    /// RFC 3339 time of the admission.
+    pub time: String,
+}
+
+/// A running stage attempt asked to checkpoint and stop for a higher-priority one.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Preemption {
+    /// The stage.
+    pub stage: String,
+    /// The attempt to stop.
+    pub attempt: u32,
+    /// `namespace/run/stage` it makes room for.
+    pub by: String,
+    /// RFC 3339 time of the request.
+    pub time: String,
 }
 
 /// Run phases.
@@ -106,6 +140,9 @@ pub struct CheckpointStatus {
     pub loss: Option<f64>,
     /// Object-store URL of the checkpoint directory.
     pub url: String,
+    /// RFC 3339 time the checkpoint was taken (what preemption would lose counts from here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<String>,
 }
 
 /// A Kubernetes-style condition.

@@ -329,14 +329,30 @@ fn crd_has_status_subresource_and_printer_columns() {
 }
 
 #[test]
+fn the_queue_crd_is_cluster_scoped_with_a_status() {
+    let crd = pretrain_crd::queue_crd();
+    assert_eq!((crd.spec.group.as_str(), crd.spec.scope.as_str()), ("pretrain.dev", "Cluster"));
+    assert_eq!(crd.spec.names.kind, "PretrainQueue");
+    let version = &crd.spec.versions[0];
+    assert!(version.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some());
+    let queue: pretrain_crd::PretrainQueue = serde_yaml::from_str(
+        "apiVersion: pretrain.dev/v1alpha1\nkind: PretrainQueue\nmetadata: {name: research}\nspec: {gpuQuota: {NVIDIA-H100-80GB-HBM3: 64}, borrowing: true}\n",
+    )
+    .unwrap();
+    assert_eq!(queue.spec.gpu_quota["NVIDIA-H100-80GB-HBM3"], 64);
+    assert!(queue.spec.borrowing);
+    assert!(pretrain_crd::crd_yaml().contains("\n---\n"), "both CRDs in one stream");
+}
+
+#[test]
 fn committed_chart_crd_matches_the_generated_one() {
-    let path = repo().join("charts/pretrain-operator/crds/pretrainrun.yaml");
+    let path = repo().join("charts/pretrain-operator/crds/crds.yaml");
     let committed = std::fs::read_to_string(&path).unwrap_or_default();
     assert!(
         committed == pretrain_crd::crd_yaml(),
         "{} is stale; regenerate it with `cargo run -p pretrain-operator --bin pretrain -- crd > {}`",
         path.display(),
-        "charts/pretrain-operator/crds/pretrainrun.yaml"
+        "charts/pretrain-operator/crds/crds.yaml"
     );
 }
 

@@ -6,11 +6,13 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use pretrain_crd::Stage;
+use pretrain_operator::k8s;
 use pretrain_operator::k8s::controller::{self, Context};
 use pretrain_operator::k8s::leader::Elector;
 use pretrain_operator::k8s::metrics::{self, Metrics};
 use pretrain_operator::k8s::render::{self, RunObjects};
 use pretrain_operator::local::{self, RunOptions};
+use pretrain_operator::schedule::Policy;
 
 #[derive(Debug, Parser)]
 #[command(name = "pretrain", version, about = "Train Llama-style models from raw text, on one machine or a cluster")]
@@ -47,6 +49,13 @@ enum Command {
         /// Reconcile without leader election (a single replica).
         #[arg(long)]
         no_leader_election: bool,
+        /// Leave admission of GPU stages to the Kubernetes scheduler (no queues, quota, gangs or
+        /// preemption); runs with `spec.scheduling.kueue` are admitted by Kueue either way.
+        #[arg(long)]
+        no_scheduler: bool,
+        /// Seconds between two passes of the cluster scheduler.
+        #[arg(long, default_value_t = 5)]
+        schedule_every: u64,
     },
     /// Run a manifest's stages on this machine, skipping stages already committed.
     Run {
@@ -83,6 +92,27 @@ enum Command {
     Status {
         /// The run (metadata.name); all runs with state when left out.
         run: Option<String>,
+        /// The store; defaults to the manifest's, else file://runs.
+        #[arg(long, env = "PRETRAIN_STORE")]
+        store: Option<String>,
+        /// A manifest naming the run and its store.
+        #[arg(long, short = 'f')]
+        file: Option<PathBuf>,
+    },
+    /// Write a checkpoint as a Hugging Face Llama directory (config.json, model.safetensors,
+    /// tokenizer.json, tokenizer_config.json, generation_config.json).
+    Export {
+        /// The run (metadata.name); defaults to the manifest's.
+        run: Option<String>,
+        /// Output directory.
+        #[arg(long, short = 'o')]
+        out: PathBuf,
+        /// `latest` (long-context's newest, else train's), `train`, `long-context`, or `train/STEP`.
+        #[arg(long, default_value = "latest")]
+        checkpoint: String,
+        /// Output format; `hf` (Hugging Face transformers) is the one there is.
+        #[arg(long, default_value = "hf", value_parser = ["hf"])]
+        format: String,
         /// The store; defaults to the manifest's, else file://runs.
         #[arg(long, env = "PRETRAIN_STORE")]
         store: Option<String>,
@@ -135,11 +165,38 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Operator { listen, lease, no_leader_election } => {
+        Command::Operator { listen, lease, no_leader_election, no_scheduler, schedule_every } => {
             let runtime =
                 tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime starts");
-            match runtime.block_on(operator(&listen, &lease, no_leader_election)) {
+            let scheduler = (!no_scheduler).then(|| std::time::Duration::from_secs(schedule_every.max(1)));
+            match runtime.block_on(operator(&listen, &lease, no_leader_election, scheduler)) {
                 Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Export { run, out, checkpoint, format: _, store, file } => {
+            let (store, run) = match target(store, run, file.as_deref()) {
+                Ok((store, Some(run))) => (store, run),
+                Ok((_, None)) => {
+                    eprintln!("name the run, or give its manifest with -f");
+                    return ExitCode::from(2);
+                }
+                Err(code) => return code,
+            };
+            let runtime =
+                tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime starts");
+            let exported = runtime.block_on(async {
+                let store = pretrain_store::Store::open(&store)?;
+                pretrain_operator::export::export(&store, &run, &checkpoint, &out).await
+            });
+            match exported {
+                Ok(e) => {
+                    println!("exported {} (step {}) to {}", e.checkpoint, e.step, out.display());
+                    ExitCode::SUCCESS
+                }
                 Err(e) => {
                     eprintln!("error: {e}");
                     ExitCode::FAILURE
@@ -233,15 +290,38 @@ fn target(
     Ok((store, run))
 }
 
-/// The operator process: metrics and health endpoint, leader election, then the controller.
-async fn operator(listen: &str, lease: &str, no_leader_election: bool) -> anyhow::Result<()> {
+/// The operator process: metrics and health endpoint, leader election, then the controller and
+/// (every `scheduler` interval) the cluster scheduler.
+async fn operator(
+    listen: &str,
+    lease: &str,
+    no_leader_election: bool,
+    scheduler: Option<std::time::Duration>,
+) -> anyhow::Result<()> {
     let client = kube::Client::try_default().await?;
     let metrics = std::sync::Arc::new(Metrics::default());
     let listener = tokio::net::TcpListener::bind(listen).await?;
     tokio::spawn(metrics::serve(listener, std::sync::Arc::clone(&metrics)));
-    let ctx = std::sync::Arc::new(Context::new(client.clone(), metrics));
+    let mut ctx = Context::new(client.clone(), metrics);
+    ctx.scheduler = scheduler.is_some();
+    let ctx = std::sync::Arc::new(ctx);
+    let work = {
+        let client = client.clone();
+        async move {
+            let scheduling = async {
+                match scheduler {
+                    Some(every) => k8s::scheduler::run(client, Policy::default(), every).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = controller::run(ctx) => {}
+                () = scheduling => {}
+            }
+        }
+    };
     if no_leader_election {
-        controller::run(ctx).await;
+        work.await;
         return Ok(());
     }
     let (namespace, name) =
@@ -250,7 +330,7 @@ async fn operator(listen: &str, lease: &str, no_leader_election: bool) -> anyhow
     let elector = Elector::new(kube::Api::namespaced(client, namespace), name, &identity, 15);
     let lost = elector.lead().await;
     tokio::select! {
-        () = controller::run(ctx) => Ok(()),
+        () = work => Ok(()),
         () = lost => anyhow::bail!("lost the leader lease {lease}; exiting so that a leader takes over"),
     }
 }

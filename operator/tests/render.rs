@@ -125,3 +125,33 @@ fn long_names_are_shortened_deterministically() {
     assert_ne!(a, job_name(run, Stage::LongContext, Role::Gang, 13));
     assert_eq!(object_name(&["short", "train", "1"]), "short-train-1");
 }
+
+#[test]
+fn an_admitted_gang_is_kept_on_its_nodes_and_tolerates_gpu_taints() {
+    let run = fixture("gpu-gang.yaml");
+    let objects = RunObjects::new(&run).unwrap();
+    let mut job = objects.job(Stage::Train, Role::Gang, 2);
+    pretrain_operator::k8s::render::place_on(&mut job, &["n3".into(), "n1".into(), "n3".into()]);
+    let value = serde_json::to_value(&job).unwrap();
+    check::<Job>(&value);
+    let pod = &value["spec"]["template"]["spec"];
+    let term =
+        &pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0];
+    assert_eq!(
+        term["matchExpressions"][0],
+        serde_json::json!({"key": "kubernetes.io/hostname", "operator": "In", "values": ["n1", "n3"]})
+    );
+    assert_eq!(pod["tolerations"][0]["key"], "nvidia.com/gpu");
+    // CPU stages neither tolerate GPU taints nor get placed.
+    let map = serde_json::to_value(objects.job(Stage::DataPrep, Role::Map, 1)).unwrap();
+    assert!(map["spec"]["template"]["spec"]["tolerations"].is_null());
+}
+
+#[test]
+fn a_kueue_run_creates_suspended_jobs_with_the_queue_label() {
+    let mut run = fixture("gpu-gang.yaml");
+    run.spec.scheduling.kueue = Some(pretrain_crd::spec::Kueue { queue_name: "team-a".into() });
+    let job = serde_json::to_value(RunObjects::new(&run).unwrap().job(Stage::Train, Role::Gang, 1)).unwrap();
+    assert_eq!(job["spec"]["suspend"], true);
+    assert_eq!(job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"], "team-a");
+}

@@ -24,6 +24,9 @@ struct Case {
     jobs: Vec<JobView>,
     #[serde(default)]
     now: i64,
+    /// The operator runs its cluster scheduler (stages that need GPUs wait for `status.admission`).
+    #[serde(default)]
+    scheduler: bool,
     expect: Expect,
 }
 
@@ -39,6 +42,9 @@ struct Expect {
     phase: Option<String>,
     events: Option<Vec<String>>,
     requeue_after: Option<u64>,
+    /// A substring of `status.reason`.
+    reason: Option<String>,
+    queue_position: Option<u32>,
     #[serde(default)]
     stages: BTreeMap<String, StageExpect>,
 }
@@ -96,6 +102,7 @@ fn every_transition_decides_as_the_fixture_says() {
             jobs: &case.jobs,
             checkpoint: None,
             now: case.now,
+            scheduler: case.scheduler,
         };
         let d = decide(&view);
         let mut problems = Vec::new();
@@ -130,6 +137,15 @@ fn every_transition_decides_as_the_fixture_says() {
                 format!("{:?}", d.events.iter().map(|e| e.reason).collect::<Vec<_>>()),
                 format!("{want:?}"),
             );
+        }
+        if let Some(want) = &case.expect.reason {
+            let reason = d.status.reason.clone().unwrap_or_default();
+            if !reason.contains(want.as_str()) {
+                problems.push(format!("reason: {reason:?} lacks {want:?}"));
+            }
+        }
+        if let Some(want) = case.expect.queue_position {
+            check(&mut problems, "queuePosition", format!("{:?}", d.status.queue_position), format!("Some({want})"));
         }
         if let Some(want) = case.expect.requeue_after {
             check(&mut problems, "requeueAfter", format!("{:?}", d.requeue_after), format!("Some({want})"));

@@ -54,7 +54,7 @@ fn validate_lists_every_error_and_exits_2() {
 fn crd_prints_the_chart_copy() {
     let out = pretrain(&["crd"]);
     assert!(out.status.success());
-    let committed = std::fs::read_to_string(repo().join("charts/pretrain-operator/crds/pretrainrun.yaml")).unwrap();
+    let committed = std::fs::read_to_string(repo().join("charts/pretrain-operator/crds/crds.yaml")).unwrap();
     assert_eq!(text(&out.stdout), committed);
 }
 

@@ -135,6 +135,16 @@ fn a_micro_manifest_runs_all_five_stages_and_a_rerun_starts_none() {
     }
     assert!(status.contains("checkpoint step-000000020"), "{status}");
 
+    // The long-context checkpoint as a Hugging Face Llama directory.
+    let hf = tmp.path().join("hf");
+    let out = pretrain(&["export", "-f", file, "--checkpoint", "long-context", "-o", hf.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).starts_with("exported file://"), "{}", text(&out.stdout));
+    check_hf_directory(&hf, 64);
+    let out = pretrain(&["export", "-f", file, "--checkpoint", "train/999", "-o", hf.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("step-000000999"), "{}", text(&out.stderr));
+
     let out = pretrain(&["run", file]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let expected: String = ["data-prep", "tokenize", "train", "long-context", "eval"]
@@ -142,6 +152,60 @@ fn a_micro_manifest_runs_all_five_stages_and_a_rerun_starts_none() {
         .map(|s| format!("{s}: outputs committed for this spec; skipped\n"))
         .collect();
     assert_eq!(text(&out.stdout), expected);
+}
+
+/// An exported directory as `transformers` reads it: a Llama config, and safetensors whose tensor
+/// names and shapes are exactly those `LlamaForCausalLM` of that config has.
+fn check_hf_directory(dir: &Path, seq_len: u64) {
+    let read = |name: &str| std::fs::read(dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let config: serde_json::Value = serde_json::from_slice(&read("config.json")).unwrap();
+    assert_eq!(config["architectures"][0], "LlamaForCausalLM");
+    assert_eq!(config["max_position_embeddings"], seq_len);
+    let tokenizer: serde_json::Value = serde_json::from_slice(&read("tokenizer.json")).unwrap();
+    assert_eq!(tokenizer["model"]["type"], "BPE");
+    let eos = config["eos_token_id"].as_u64().expect("the separator token ends generation");
+    let generation: serde_json::Value = serde_json::from_slice(&read("generation_config.json")).unwrap();
+    assert_eq!(generation["eos_token_id"], eos);
+    let tokenizer_config: serde_json::Value = serde_json::from_slice(&read("tokenizer_config.json")).unwrap();
+    assert_eq!(tokenizer_config["tokenizer_class"], "PreTrainedTokenizerFast");
+
+    let weights = read("model.safetensors");
+    let n = u64::from_le_bytes(weights[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&weights[8..8 + n]).unwrap();
+    let c = |k: &str| config[k].as_u64().unwrap();
+    let (d, v, f, heads, kv) =
+        (c("hidden_size"), c("vocab_size"), c("intermediate_size"), c("num_attention_heads"), c("num_key_value_heads"));
+    let hd = c("head_dim");
+    let mut expected =
+        vec![("model.embed_tokens.weight".to_string(), vec![v, d]), ("model.norm.weight".to_string(), vec![d])];
+    if config["tie_word_embeddings"] == false {
+        expected.push(("lm_head.weight".into(), vec![v, d]));
+    }
+    for l in 0..c("num_hidden_layers") {
+        let p = format!("model.layers.{l}");
+        expected.extend([
+            (format!("{p}.input_layernorm.weight"), vec![d]),
+            (format!("{p}.post_attention_layernorm.weight"), vec![d]),
+            (format!("{p}.self_attn.q_proj.weight"), vec![heads * hd, d]),
+            (format!("{p}.self_attn.k_proj.weight"), vec![kv * hd, d]),
+            (format!("{p}.self_attn.v_proj.weight"), vec![kv * hd, d]),
+            (format!("{p}.self_attn.o_proj.weight"), vec![d, heads * hd]),
+            (format!("{p}.mlp.gate_proj.weight"), vec![f, d]),
+            (format!("{p}.mlp.up_proj.weight"), vec![f, d]),
+            (format!("{p}.mlp.down_proj.weight"), vec![d, f]),
+        ]);
+    }
+    let mut got: Vec<(String, Vec<u64>)> = header
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .map(|(k, t)| {
+            assert_eq!(t["dtype"], "F32", "{k}");
+            (k.clone(), t["shape"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect())
+        })
+        .collect();
+    got.sort();
+    expected.sort();
+    assert_eq!(got, expected);
 }
 
 fn model_sha(store: &Path) -> String {

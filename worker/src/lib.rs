@@ -4,6 +4,7 @@
 
 pub mod context;
 pub mod data;
+pub mod dist;
 pub mod eval;
 pub mod model;
 pub mod progress;

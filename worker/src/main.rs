@@ -115,6 +115,9 @@ async fn run(cli: Cli) -> i32 {
                 }
             }
         }
+        Stage::Train | Stage::LongContext if pretrain_worker::dist::launch::needs_ranks(&ctx) => {
+            pretrain_worker::dist::launch::run_node(&ctx).await
+        }
         Stage::Train | Stage::LongContext => {
             use pretrain_worker::train::stage::{self, Outcome, TrainError};
             match stage::run(&ctx, stage::stop_flag()).await {
@@ -126,9 +129,17 @@ async fn run(cli: Cli) -> i32 {
                     eprintln!("{}: stopped on SIGTERM after checkpointing step {step}; resume to continue", ctx.stage);
                     exit::RESUME
                 }
+                Ok(Outcome::Joined { step }) => {
+                    println!("{}: rank {} trained {step} steps; rank 0 committed", ctx.stage, ctx.rank);
+                    exit::DONE
+                }
                 Err(e @ TrainError::Invalid(_)) => {
                     eprintln!("{e}");
                     exit::INVALID
+                }
+                Err(e @ TrainError::Dist(pretrain_worker::dist::DistError::Peer { .. })) => {
+                    eprintln!("{e}");
+                    exit::PEER_LOST
                 }
                 Err(e) => {
                     eprintln!("{e}");

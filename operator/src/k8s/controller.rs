@@ -20,7 +20,7 @@ use serde_json::json;
 
 use super::metrics::Metrics;
 use super::observe::{self, LABEL_JOB_NAME};
-use super::render::{FIELD_MANAGER, LABEL_RUN, RenderError, RunObjects, job_name};
+use super::render::{self, FIELD_MANAGER, LABEL_RUN, RenderError, RunObjects, job_name};
 use crate::plan::cluster::{ClusterView, Decision, JobKey, decide};
 use crate::plan::{Layout, layout};
 
@@ -67,6 +67,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// The clock, in Unix seconds (a seam for tests).
     pub now: Box<dyn Fn() -> i64 + Send + Sync>,
+    /// Whether the operator's cluster scheduler admits GPU stages (see [`super::scheduler`]).
+    pub scheduler: bool,
 }
 
 impl std::fmt::Debug for Context {
@@ -86,6 +88,7 @@ impl Context {
             open_store: Box::new(|run| Store::open(&run.spec.storage.url)),
             metrics,
             now: Box::new(|| jiff::Timestamp::now().as_second()),
+            scheduler: true,
         }
     }
 }
@@ -142,6 +145,7 @@ pub async fn reconcile(run: Arc<PretrainRun>, ctx: Arc<Context>) -> Result<Actio
         jobs: &views,
         checkpoint,
         now: (ctx.now)(),
+        scheduler: ctx.scheduler,
     };
     let decision = decide(&view);
     apply(&run, &objects, &decision, &ctx).await?;
@@ -178,7 +182,11 @@ async fn apply(run: &PretrainRun, objects: &RunObjects<'_>, decision: &Decision,
             let services: Api<Service> = Api::namespaced(ctx.client.clone(), ns);
             services.patch(&service.name_any(), &ssa, &Patch::Apply(&service)).await?;
         }
-        let job = objects.job(stage, role, attempt);
+        let mut job = objects.job(stage, role, attempt);
+        let admission = decision.status.admission.as_ref();
+        if let Some(a) = admission.filter(|a| a.stage == stage.as_str() && a.attempt == attempt) {
+            render::place_on(&mut job, &a.nodes);
+        }
         jobs.patch(&job.name_any(), &ssa, &Patch::Apply(&job)).await?;
     }
     Ok(())

@@ -3,6 +3,7 @@
 //! - [`render`]: the Jobs, Services and ConfigMap of a run, from its spec (pure);
 //! - [`observe`]: Jobs, pods and the store read into the planner's terms;
 //! - [`controller`]: the reconcile loop (server-side apply, status, Events, finalizer);
+//! - [`scheduler`]: the cluster scheduler's loop (admission, preemption, why-pending);
 //! - [`leader`]: Lease-based leader election; [`metrics`]: Prometheus metrics and health.
 
 pub mod controller;
@@ -10,3 +11,4 @@ pub mod leader;
 pub mod metrics;
 pub mod observe;
 pub mod render;
+pub mod scheduler;

@@ -56,10 +56,12 @@ pub fn job_view(job: &Job, spec: &PretrainRunSpec, pods: &[Pod]) -> Option<JobVi
 
 /// How a failed Job's pods ended. Any worker exit code other than done (0) and resume (75) is a
 /// failure, permanent for invalid-spec (2) and missing-stage (3); pods killed by the kubelet
-/// (OOM, eviction, node loss) are retried; pods that all checkpointed on SIGTERM are resumed.
+/// (OOM, eviction, node loss) are retried; pods that all checkpointed on SIGTERM are resumed. A
+/// rank that stopped because a peer died (76) is retried, but the failed peer's reason wins.
 pub fn classify(pods: &[Pod]) -> Failure {
     let mut resumed = false;
     let mut failure: Option<Failure> = None;
+    let mut peer_lost: Option<String> = None;
     for pod in pods {
         let name = pod.metadata.name.as_deref().unwrap_or("?");
         let status = pod.status.as_ref();
@@ -70,6 +72,13 @@ pub fn classify(pods: &[Pod]) -> Failure {
         match terminated {
             Some(t) if t.exit_code == exit::DONE => {}
             Some(t) if t.exit_code == exit::RESUME => resumed = true,
+            Some(t) if t.exit_code == exit::PEER_LOST => {
+                // A healthy rank that stopped because another one died: the other pod says why.
+                let why = t.message.as_deref().and_then(|m| m.lines().rev().find(|l| !l.trim().is_empty()));
+                peer_lost.get_or_insert_with(|| {
+                    format!("pod {name} lost a peer of its gang: {}", why.map_or("no message", str::trim))
+                });
+            }
             Some(t) => {
                 let last_line = t.message.as_deref().and_then(|m| m.lines().rev().find(|l| !l.trim().is_empty()));
                 let why = match (t.reason.as_deref(), last_line) {
@@ -104,6 +113,7 @@ pub fn classify(pods: &[Pod]) -> Failure {
     }
     match failure {
         Some(f) => f,
+        None if peer_lost.is_some() => Failure::Retry(peer_lost.expect("checked")),
         None if resumed => Failure::Resume,
         // No pod says what happened: they were deleted with their node, or never started.
         None => Failure::Retry("the Job failed and its pods are gone (node lost or pods deleted)".into()),
@@ -119,6 +129,8 @@ struct CheckpointState {
     config_hash: String,
     #[serde(default)]
     loss: Option<f64>,
+    #[serde(default)]
+    saved_unix: Option<i64>,
 }
 
 /// The stages of `spec` whose outputs `store` has committed for the spec, and the newest checkpoint
@@ -152,6 +164,7 @@ pub async fn store_state(
                 tokens: state.tokens_seen,
                 loss: state.loss,
                 url: dir.url(&format!("ckpt/{name}")),
+                time: state.saved_unix.map(crate::plan::cluster::format_time),
             });
         }
     }
@@ -198,6 +211,21 @@ mod tests {
         let invalid =
             [exited("m0", 1, "Error", "x"), exited("m1", exit::INVALID, "Error", "data.sources[0]: no files\n")];
         assert!(matches!(classify(&invalid), Failure::Permanent(m) if m.ends_with("data.sources[0]: no files")));
+        // The ranks that stopped because a peer died do not hide the peer's own reason...
+        let lost = [
+            exited("r0", exit::PEER_LOST, "Error", "all-reduce #9: rank 2: connection lost\n"),
+            exited("r2", 137, "OOMKilled", ""),
+        ];
+        assert_eq!(classify(&lost), Failure::Retry("pod r2 exited with code 137: OOMKilled".into()));
+        // ...and when only they say anything (the dead pod is gone), they are a retry, not a resume.
+        let only_lost = [
+            exited("r0", exit::RESUME, "Error", ""),
+            exited("r1", exit::PEER_LOST, "Error", "all-reduce #9: rank 2: connection lost\n"),
+        ];
+        assert_eq!(
+            classify(&only_lost),
+            Failure::Retry("pod r1 lost a peer of its gang: all-reduce #9: rank 2: connection lost".into())
+        );
         // Every pod checkpointed on SIGTERM: resume, not a failure.
         assert_eq!(
             classify(&[exited("r0", exit::RESUME, "Error", ""), exited("r1", 0, "Completed", "")]),

@@ -15,9 +15,10 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvFromSource, EnvVar,
-    EnvVarSource, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements,
-    SeccompProfile, SecretEnvSource, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvFromSource, EnvVar,
+    EnvVarSource, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, ObjectFieldSelector,
+    PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements, SeccompProfile, SecretEnvSource,
+    SecurityContext, Service, ServicePort, ServiceSpec, Toleration, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
@@ -343,6 +344,15 @@ impl<'a> RunObjects<'a> {
             termination_grace_period_seconds: Some(grace),
             subdomain: service,
             node_selector,
+            // GPU nodes are commonly tainted `nvidia.com/gpu:NoSchedule` to keep other pods off.
+            tolerations: (gpus > 0).then(|| {
+                vec![Toleration {
+                    key: Some("nvidia.com/gpu".into()),
+                    operator: Some("Exists".into()),
+                    effect: Some("NoSchedule".into()),
+                    ..Toleration::default()
+                }]
+            }),
             automount_service_account_token: Some(false),
             enable_service_links: Some(false),
             security_context: Some(PodSecurityContext {
@@ -433,6 +443,30 @@ pub fn to_yaml_stream(objects: &[Object]) -> Result<String, serde_yaml::Error> {
         out.push_str(&object.to_yaml()?);
     }
     Ok(out)
+}
+
+/// Keeps the pods of an admitted gang on the nodes the cluster scheduler chose for it (a required
+/// node affinity on `kubernetes.io/hostname`); the Kubernetes scheduler still binds each pod.
+pub fn place_on(job: &mut Job, nodes: &[String]) {
+    let mut hosts: Vec<String> = nodes.to_vec();
+    hosts.sort();
+    hosts.dedup();
+    let Some(pod) = job.spec.as_mut().and_then(|s| s.template.spec.as_mut()) else { return };
+    let term = NodeSelectorTerm {
+        match_expressions: Some(vec![NodeSelectorRequirement {
+            key: "kubernetes.io/hostname".into(),
+            operator: "In".into(),
+            values: Some(hosts),
+        }]),
+        ..NodeSelectorTerm::default()
+    };
+    pod.affinity = Some(Affinity {
+        node_affinity: Some(NodeAffinity {
+            required_during_scheduling_ignored_during_execution: Some(NodeSelector { node_selector_terms: vec![term] }),
+            ..NodeAffinity::default()
+        }),
+        ..Affinity::default()
+    });
 }
 
 fn env_value(name: &str, value: &str) -> EnvVar {

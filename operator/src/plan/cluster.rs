@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use pretrain_crd::status::{CheckpointStatus, Condition, RunPhase, StagePhase, StageStatus};
+use pretrain_crd::status::{CheckpointStatus, Condition, Preemption, RunPhase, StagePhase, StageStatus};
 use pretrain_crd::{PretrainRunSpec, PretrainRunStatus, Stage};
 use serde::Deserialize;
 
@@ -78,6 +78,18 @@ pub struct ClusterView<'a> {
     pub checkpoint: Option<CheckpointStatus>,
     /// Seconds since the Unix epoch.
     pub now: i64,
+    /// Whether the operator's cluster scheduler admits stages that need GPUs (`status.admission`);
+    /// without it, and for runs handed to Kueue, Jobs are created at once.
+    pub scheduler: bool,
+}
+
+/// Whether a stage of `spec` waits for the cluster scheduler's admission: one that needs GPUs, in
+/// a run not handed to Kueue. CPU stages never hold GPUs and are left to the Kubernetes scheduler.
+pub fn needs_admission(spec: &PretrainRunSpec, stage: Stage) -> bool {
+    spec.scheduling.kueue.is_none()
+        && spec.train.resources.gpus_per_node > 0
+        && stage != Stage::DataPrep
+        && stage != Stage::Tokenize
 }
 
 /// A Job to create: the first role of a new attempt, or the reduce after its map.
@@ -194,6 +206,7 @@ pub fn decide(view: &ClusterView<'_>) -> Decision {
         })
         .collect();
     status.reason = None;
+    status.queue_position = None;
     let mut decision = Decision { status, create: vec![], stop: vec![], events: vec![], requeue_after: None };
 
     // A run that failed stays failed until its spec is edited; an edit gives every stage a fresh budget.
@@ -334,6 +347,33 @@ pub fn decide(view: &ClusterView<'_>) -> Decision {
         Action::Run { stage, layout, .. } => {
             decision.status.stage = Some(stage.as_str().into());
             let s = &mut decision.status.stages[index(stage)];
+            let preempted = |attempt: u32| -> Option<&Preemption> {
+                old.preemption.as_ref().filter(|p| p.stage == stage.as_str() && p.attempt == attempt)
+            };
+            if s.phase == StagePhase::Running
+                && let Some(p) = preempted(s.attempts)
+            {
+                // Make room for a higher-priority gang: the pods checkpoint on SIGTERM, and the stage
+                // queues again for admission; the attempt does not count as a failure.
+                decision.stop.extend(in_flight(view, stage, s.attempts));
+                decision.create.retain(|k| k.stage != stage);
+                s.phase = StagePhase::Pending;
+                s.finish_time = Some(now.clone());
+                let why = format!("preempted by {}: checkpointing and stopping", p.by);
+                s.message = Some(why.clone());
+                decision.events.push(Event {
+                    warning: true,
+                    reason: "Preempted",
+                    note: format!(
+                        "{stage}: attempt {} preempted by {}; it resumes from its checkpoint",
+                        s.attempts, p.by
+                    ),
+                });
+                decision.status.reason = Some(format!("{stage}: {why}"));
+                set_phase(&mut decision, &now, RunPhase::Suspended, "Preempted", &format!("{stage}: {why}"));
+                decision.requeue_after = Some(POLL_SECONDS);
+                return decision;
+            }
             if spec.suspend {
                 if s.phase == StagePhase::Running {
                     decision.stop.extend(in_flight(view, stage, s.attempts));
@@ -362,6 +402,25 @@ pub fn decide(view: &ClusterView<'_>) -> Decision {
                     let why = format!("{stage}: restarting in {wait} s after failure {}", s.failures);
                     decision.status.reason = Some(why.clone());
                     set_phase(&mut decision, &now, RunPhase::Pending, "RestartBackoff", &why);
+                    return decision;
+                }
+                let attempt = s.attempts + 1;
+                let admitted =
+                    old.admission.as_ref().is_some_and(|a| a.stage == stage.as_str() && a.attempt == attempt);
+                if view.scheduler && needs_admission(spec, stage) && !admitted {
+                    // The cluster scheduler writes the admission (and meanwhile why it waits).
+                    decision.status.queue_position = old.queue_position;
+                    let waiting =
+                        old.reason.clone().unwrap_or_else(|| format!("{stage}: waiting for the cluster scheduler"));
+                    decision.status.reason = Some(waiting.clone());
+                    decision.requeue_after = Some(POLL_SECONDS);
+                    match preempted(s.attempts) {
+                        Some(p) if s.attempts > 0 => {
+                            let why = format!("{stage}: preempted by {}; queued again: {waiting}", p.by);
+                            set_phase(&mut decision, &now, RunPhase::Suspended, "Preempted", &why);
+                        }
+                        _ => set_phase(&mut decision, &now, RunPhase::Queued, "WaitingForAdmission", &waiting),
+                    }
                     return decision;
                 }
                 let resumed = s.attempts > 0;

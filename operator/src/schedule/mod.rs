@@ -19,6 +19,8 @@
 //!   `min_runtime` seconds: the set whose release lets it fit and that loses the fewest GPU-seconds of
 //!   work since their last checkpoints. Victims are asked to checkpoint and are requeued, never failed.
 
+pub mod cluster;
+
 use std::collections::{BTreeMap, HashMap};
 
 /// Resources of one pod, or free on one node.

@@ -51,6 +51,10 @@ pub struct TrainState {
     pub loss: Option<f64>,
     /// Recent losses of the spike detector.
     pub loss_window: Vec<f64>,
+    /// When the step loop took the checkpoint (Unix seconds): what a preemption would lose is
+    /// counted from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub saved_unix: Option<u64>,
 }
 
 /// `MANIFEST.json`.

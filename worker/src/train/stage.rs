@@ -20,6 +20,7 @@ use super::loader::{BatchShape, Prefetcher, TokenStream, shuffle_window};
 use super::optim::{AdamW, AdamWConfig, clip};
 use super::schedule::learning_rate;
 use crate::Context;
+use crate::dist::{self, BUCKET_BYTES};
 use crate::eval::{Scorer, probe_logprobs};
 use crate::model::rope::ntk_base;
 use crate::model::{Llama, LlamaConfig, Params, Scaling};
@@ -47,6 +48,9 @@ pub enum TrainError {
     /// Local scratch files failed.
     #[error("scratch: {0}")]
     Scratch(#[from] std::io::Error),
+    /// A data-parallel peer died, stalled or could not be reached.
+    #[error(transparent)]
+    Dist(#[from] crate::dist::DistError),
     /// The loss became NaN or infinite.
     #[error("loss is {loss} at step {step}; lower train.optimizer.lr or enable gradient clipping")]
     Diverged {
@@ -67,6 +71,11 @@ pub enum Outcome {
     /// Stopped on request (SIGTERM) after checkpointing step `step`.
     Preempted {
         /// Steps completed and saved.
+        step: u64,
+    },
+    /// A rank other than 0 trained every step; rank 0 committed the stage.
+    Joined {
+        /// Steps trained.
         step: u64,
     },
 }
@@ -360,6 +369,9 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
     let total_steps = job.total_steps;
     let step_tokens = job.step_tokens();
     let opt_config = AdamWConfig::from_spec(&job.optimizer);
+    // Data-parallel ranks meet before anything is loaded, so a missing rank fails fast.
+    let mut collective = dist::connect(ctx, &device)?;
+    let leader = collective.rank() == 0;
 
     // Resume from the newest valid checkpoint, or start from the seed or the given weights.
     let resumed = checkpoint::load_latest(&ctx.dir, &device).await?;
@@ -397,6 +409,8 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
                         .map_err(|e| TrainError::Invalid(format!("starting weights {url}: {e}")))?
                 }
             };
+            // Every rank initialised the same weights from the seed; rank 0's are authoritative.
+            dist::broadcast_params(collective.as_mut(), &params)?;
             let optimizer = AdamW::new(opt_config.clone(), &params)?;
             let state = TrainState {
                 format_version: checkpoint::FORMAT_VERSION,
@@ -412,12 +426,31 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
                 seq_len,
                 loss: None,
                 loss_window: Vec::new(),
+                saved_unix: None,
             };
             (params, optimizer, state)
         }
     };
     state.config_hash = hash.clone();
+    if state.world_size != ctx.world_size && state.step > 0 {
+        println!(
+            "{label}: checkpoint written by {} ranks, resuming on {}: {} sequences per rank per step, {} micro-batches each",
+            state.world_size,
+            ctx.world_size,
+            shape.per_rank(),
+            shape.per_rank() / micro
+        );
+    }
     state.world_size = ctx.world_size;
+    // Every rank must resume from the same step (a checkpoint written meanwhile could differ).
+    let leader_step = collective.broadcast(&Tensor::new(&[state.step as f32], &device)?, 0)?.to_vec1::<f32>()?[0];
+    if leader_step != state.step as f32 {
+        return Err(TrainError::Invalid(format!(
+            "{label}: rank {} resumed at step {} but rank 0 at step {leader_step}; the ranks see different checkpoints",
+            collective.rank(),
+            state.step
+        )));
+    }
     let mut model = Llama::new(config.clone(), params, seq_len, &device)?;
     println!(
         "{label}: {} parameters, {:.2} GFLOPs/token, {total_steps} steps of {step_tokens} tokens at {seq_len}, RoPE base {:.0}{}, {} on {device:?}",
@@ -487,8 +520,15 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
                 }
             }
         }
-        // Data-parallel ranks average their gradients here (the collective lands with its issue).
-        let loss = loss_sum / accum as f64;
+        // Data-parallel ranks average gradients, loss and the stop request, so every rank applies
+        // the same update and they all stop after the same step.
+        let mut scalars = [(loss_sum / accum as f64) as f32, f32::from(u8::from(stop.load(Ordering::SeqCst)))];
+        dist::all_reduce_gradients(collective.as_mut(), &mut grads, &mut scalars, BUCKET_BYTES)?;
+        let (loss, stopping) = if collective.world() == 1 {
+            (loss_sum / accum as f64, stop.load(Ordering::SeqCst))
+        } else {
+            (f64::from(scalars[0]), scalars[1] > 0.0)
+        };
         if !loss.is_finite() {
             return Err(TrainError::Diverged { step: state.step, loss });
         }
@@ -506,6 +546,11 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
                     SpikeAction::Skip => event = Some("skipped"),
                     SpikeAction::Rollback => {
                         event = Some("rolled-back");
+                        // Rank 0's newest checkpoint must be complete before any rank reads it.
+                        if let Some(previous) = saving.take() {
+                            last_files = previous.await.expect("the checkpoint task does not panic")?;
+                        }
+                        collective.barrier()?;
                         if let Some(loaded) = checkpoint::load_latest(&ctx.dir, &device).await? {
                             let name = loaded.name.clone();
                             let (params, restored) = restore(loaded, &config, opt_config.clone(), &device)?;
@@ -536,7 +581,15 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
         if let Some(e) = event {
             line["event"] = e.into();
         }
-        let checkpointing = state.step % every == 0 || state.step == total_steps || stop.load(Ordering::SeqCst);
+        let checkpointing = state.step % every == 0 || state.step == total_steps || stopping;
+        if !leader {
+            // Rank 0 measures, logs and checkpoints for the gang.
+            if stopping {
+                collective.finish()?;
+                return Ok(Outcome::Preempted { step: state.step });
+            }
+            continue;
+        }
         if checkpointing && let Some(heldout) = &heldout {
             let heldout_loss = evaluate(&model, heldout, seq_len, micro, dtype, &device)?;
             line["heldoutLoss"] = heldout_loss.into();
@@ -577,21 +630,30 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
                 last_files = previous.await.expect("the checkpoint task does not panic")?;
             }
             metrics.flush()?;
+            state.saved_unix =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok().map(|d| d.as_secs());
             let snapshot = Snapshot::take(state.clone(), model.params.named(), optimizer.state(&model.params))?;
             let metrics_bytes = Bytes::from(std::fs::read(&metrics_path)?);
             let (dir, keep) = (ctx.dir.clone(), keep);
             saving = Some(tokio::spawn(async move {
-                let files = checkpoint::save(&dir, snapshot, keep).await?;
+                // Metrics first: a checkpoint is never without the metrics of its steps (a resume
+                // from an older checkpoint drops the lines past it).
                 dir.put("metrics.jsonl", metrics_bytes).await?;
-                Ok(files)
+                checkpoint::save(&dir, snapshot, keep).await
             }));
-            if stop.load(Ordering::SeqCst) {
+            if stopping {
                 let files = saving.take().expect("just started").await.expect("the checkpoint task does not panic")?;
                 drop(files);
                 println!("{label}: checkpointed step {} on SIGTERM", state.step);
+                collective.finish()?;
                 return Ok(Outcome::Preempted { step: state.step });
             }
         }
+    }
+    if !leader {
+        // Wait for rank 0's commit: a gang whose commit failed must not look finished.
+        collective.finish()?;
+        return Ok(Outcome::Joined { step: state.step });
     }
     if let Some(previous) = saving.take() {
         last_files = previous.await.expect("the checkpoint task does not panic")?;
@@ -622,6 +684,7 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
         "epochs": state.tokens_seen as f64 / stream.len() as f64,
     });
     let commit = ctx.dir.commit(&hash, files, stats).await?;
+    collective.finish()?;
     Ok(Outcome::Done(Box::new(commit)))
 }
 

@@ -1,0 +1,238 @@
+//! `pretrain export`: a training checkpoint as a Hugging Face Llama directory that `transformers`
+//! loads with `LlamaForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained`.
+//!
+//! The model already names its tensors as `LlamaForCausalLM` does (an untied `lm_head.weight` only
+//! when embeddings are untied), so `model.safetensors` is copied as it is, after its sha256 is
+//! checked against the checkpoint's `MANIFEST.json`: a torn or corrupted checkpoint is never
+//! exported. `config.json` comes from the checkpoint's `state.json` (the model shape, RoPE base and
+//! scaling, the sequence length trained at), `tokenizer.json` from the tokenize stage.
+
+use std::path::{Path, PathBuf};
+
+use pretrain_crd::Stage;
+use pretrain_store::{StageDir, Store};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+/// Why an export failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] pretrain_store::Error),
+    /// The checkpoint asked for does not exist or is not valid.
+    #[error("{0}")]
+    Checkpoint(String),
+    /// The output directory could not be written.
+    #[error("{path}: {source}")]
+    Output {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        source: std::io::Error,
+    },
+}
+
+/// What was exported.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Exported {
+    /// The checkpoint's URL.
+    pub checkpoint: String,
+    /// Its step.
+    pub step: u64,
+    /// Files written, in order.
+    pub files: Vec<PathBuf>,
+}
+
+/// The checkpoint `which` names in `run`: `latest` (long-context's newest, else train's), a stage
+/// (`train`, `long-context`: its newest), or a stage and step (`train/40`, `train/step-000000040`).
+async fn locate(store: &Store, run: &str, which: &str) -> Result<(StageDir, String), ExportError> {
+    let (stages, step): (Vec<Stage>, Option<&str>) = match which.split_once('/') {
+        _ if which == "latest" => (vec![Stage::LongContext, Stage::Train], None),
+        Some((stage, step)) => (vec![parse_stage(stage)?], Some(step)),
+        None => (vec![parse_stage(which)?], None),
+    };
+    for stage in stages {
+        let dir = store.stage(run, stage)?;
+        let name = match step {
+            Some(step) => {
+                let n: u64 = step.trim_start_matches("step-").parse().map_err(|_| {
+                    ExportError::Checkpoint(format!("--checkpoint {which}: {step:?} is not a step number"))
+                })?;
+                format!("step-{n:09}")
+            }
+            None => match store.get_opt(&dir.key("ckpt/latest")?).await? {
+                Some(latest) => String::from_utf8_lossy(&latest).trim().to_string(),
+                None => continue,
+            },
+        };
+        return Ok((dir, name));
+    }
+    Err(ExportError::Checkpoint(format!(
+        "run {run} in {} has no checkpoint to export (--checkpoint {which})",
+        store.url()
+    )))
+}
+
+fn parse_stage(name: &str) -> Result<Stage, ExportError> {
+    match name.parse::<Stage>() {
+        Ok(stage) if stage.is_training() => Ok(stage),
+        _ => Err(ExportError::Checkpoint(format!(
+            "--checkpoint {name}: expected latest, train, long-context, or one of them with /STEP"
+        ))),
+    }
+}
+
+/// Reads `ckpt/<name>/<file>` and checks it against the manifest's size and sha256.
+async fn verified(dir: &StageDir, name: &str, manifest: &Value, file: &str) -> Result<bytes::Bytes, ExportError> {
+    let url = dir.url(&format!("ckpt/{name}/{file}"));
+    let entry = manifest["files"]
+        .as_array()
+        .and_then(|files| files.iter().find(|f| f["path"] == file))
+        .ok_or_else(|| ExportError::Checkpoint(format!("{url} is not listed in the checkpoint's MANIFEST.json")))?;
+    let bytes = dir.get(&format!("ckpt/{name}/{file}")).await?;
+    let sha = hex::encode(Sha256::digest(&bytes));
+    if entry["sha256"].as_str() != Some(sha.as_str()) || entry["size"].as_u64() != Some(bytes.len() as u64) {
+        return Err(ExportError::Checkpoint(format!(
+            "{url} does not match its MANIFEST.json (size {} sha256 {sha}); the checkpoint is corrupted",
+            bytes.len()
+        )));
+    }
+    Ok(bytes)
+}
+
+/// The Hugging Face `config.json` of a checkpoint's `state.json`, with the separator token's id as
+/// BOS/EOS when the tokenizer has one.
+pub fn hf_config(state: &Value, eos: Option<u64>) -> Result<Value, String> {
+    let m = &state["model"];
+    let int = |k: &str| m[k].as_u64().ok_or_else(|| format!("state.json: model.{k} is missing"));
+    let (dim, heads) = (int("dim")?, int("heads")?);
+    let rope_scaling = match m["ropeScaling"]["type"].as_str() {
+        None | Some("none") => Value::Null,
+        Some("linear") => json!({"rope_type": "linear", "factor": m["ropeScaling"]["factor"]}),
+        Some("yarn") => json!({
+            "rope_type": "yarn",
+            "factor": m["ropeScaling"]["factor"],
+            "original_max_position_embeddings": m["ropeScaling"]["originalLen"],
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+        }),
+        Some(other) => return Err(format!("state.json: RoPE scaling {other:?} has no Hugging Face equivalent")),
+    };
+    Ok(json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": int("vocabSize")?,
+        "hidden_size": dim,
+        "num_hidden_layers": int("layers")?,
+        "num_attention_heads": heads,
+        "num_key_value_heads": int("kvHeads")?,
+        "head_dim": dim / heads.max(1),
+        "intermediate_size": int("ffnDim")?,
+        "hidden_act": "silu",
+        "rms_norm_eps": m["normEps"],
+        "rope_theta": m["ropeBase"],
+        "rope_scaling": rope_scaling,
+        "max_position_embeddings": state["seqLen"],
+        "tie_word_embeddings": m["tieEmbeddings"],
+        "attention_bias": false,
+        "mlp_bias": false,
+        "initializer_range": 0.02,
+        "torch_dtype": "float32",
+        "bos_token_id": eos,
+        "eos_token_id": eos,
+    }))
+}
+
+/// Writes checkpoint `which` of `run` as a Hugging Face Llama directory `out`.
+pub async fn export(store: &Store, run: &str, which: &str, out: &Path) -> Result<Exported, ExportError> {
+    let (dir, name) = locate(store, run, which).await?;
+    let url = dir.url(&format!("ckpt/{name}"));
+    let manifest = store
+        .get_opt(&dir.key(&format!("ckpt/{name}/MANIFEST.json"))?)
+        .await?
+        .ok_or_else(|| ExportError::Checkpoint(format!("{url} has no MANIFEST.json: it is incomplete")))?;
+    let manifest: Value =
+        serde_json::from_slice(&manifest).map_err(|e| ExportError::Checkpoint(format!("{url}/MANIFEST.json: {e}")))?;
+    let state_bytes = verified(&dir, &name, &manifest, "state.json").await?;
+    let state: Value =
+        serde_json::from_slice(&state_bytes).map_err(|e| ExportError::Checkpoint(format!("{url}/state.json: {e}")))?;
+    let weights = verified(&dir, &name, &manifest, "model.safetensors").await?;
+
+    let tokenize = store.stage(run, Stage::Tokenize)?;
+    let tokenizer = tokenize.get("tokenizer.json").await?;
+    let tokenizer_json: Value = serde_json::from_slice(&tokenizer)
+        .map_err(|e| ExportError::Checkpoint(format!("{}: {e}", tokenize.url("tokenizer.json"))))?;
+    // The document separator the tokenize stage put between documents ends a generation.
+    let specials: Vec<(String, u64)> = tokenizer_json["added_tokens"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|t| t["special"] == true)
+        .filter_map(|t| Some((t["content"].as_str()?.to_string(), t["id"].as_u64()?)))
+        .collect();
+    let eos = ["<|eos|>", "<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>"]
+        .iter()
+        .find_map(|s| specials.iter().find(|(c, _)| c == s))
+        .cloned();
+
+    let config =
+        hf_config(&state, eos.as_ref().map(|e| e.1)).map_err(|e| ExportError::Checkpoint(format!("{url}/{e}")))?;
+    let mut tokenizer_config = json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": state["seqLen"],
+        "clean_up_tokenization_spaces": false,
+    });
+    let mut generation = json!({"_from_model_config": true});
+    if let Some((token, id)) = &eos {
+        tokenizer_config["eos_token"] = token.clone().into();
+        tokenizer_config["bos_token"] = token.clone().into();
+        generation["bos_token_id"] = (*id).into();
+        generation["eos_token_id"] = (*id).into();
+    }
+    let pretty = |v: &Value| format!("{}\n", serde_json::to_string_pretty(v).expect("JSON values serialise"));
+    let files: [(&str, Vec<u8>); 5] = [
+        ("config.json", pretty(&config).into_bytes()),
+        ("generation_config.json", pretty(&generation).into_bytes()),
+        ("tokenizer.json", tokenizer.to_vec()),
+        ("tokenizer_config.json", pretty(&tokenizer_config).into_bytes()),
+        ("model.safetensors", weights.to_vec()),
+    ];
+    let write = |path: &Path, bytes: &[u8]| {
+        std::fs::write(path, bytes).map_err(|source| ExportError::Output { path: path.to_path_buf(), source })
+    };
+    std::fs::create_dir_all(out).map_err(|source| ExportError::Output { path: out.to_path_buf(), source })?;
+    let mut written = Vec::new();
+    for (file, bytes) in &files {
+        let path = out.join(file);
+        write(&path, bytes)?;
+        written.push(path);
+    }
+    Ok(Exported { checkpoint: url, step: state["step"].as_u64().unwrap_or_default(), files: written })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_config_maps_our_model_and_rope_scaling_to_hugging_face_names() {
+        let state = json!({"seqLen": 1024, "model": {
+            "vocabSize": 4096, "dim": 128, "layers": 2, "heads": 4, "kvHeads": 2, "ffnDim": 344,
+            "ropeBase": 10000.0, "normEps": 1e-5, "tieEmbeddings": true,
+            "ropeScaling": {"type": "yarn", "factor": 4.0, "originalLen": 256}
+        }});
+        let c = hf_config(&state, Some(1)).unwrap();
+        assert_eq!(c["num_key_value_heads"], 2);
+        assert_eq!(c["head_dim"], 32);
+        assert_eq!(c["max_position_embeddings"], 1024);
+        assert_eq!(c["rope_scaling"]["rope_type"], "yarn");
+        assert_eq!(c["rope_scaling"]["original_max_position_embeddings"], 256);
+        assert_eq!(c["eos_token_id"], 1);
+        let mut plain = state;
+        plain["model"]["ropeScaling"] = Value::Null;
+        assert_eq!(hf_config(&plain, None).unwrap()["rope_scaling"], Value::Null);
+        plain["model"]["dim"] = Value::Null;
+        assert!(hf_config(&plain, None).unwrap_err().contains("model.dim"));
+    }
+}

@@ -1,0 +1,213 @@
+//! Data-parallel training through the `pretrain-worker` binary: 2 and 4 processes reach the weights
+//! of 1 process with the same global batch (to fp32 reduction tolerance); a killed rank makes the
+//! others stop with the peer-lost exit code instead of hanging; a gang of another size resumes
+//! from the checkpoint and ends where the uninterrupted run ends.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+mod common;
+
+use candle_core::{Device, Tensor};
+use pretrain_crd::contract::exit;
+use pretrain_worker::train::checkpoint;
+
+const STEPS: u64 = 24;
+
+/// Run `dp` with its store in `<root>/<store>/store`, reading `<root>/docs.jsonl`.
+fn manifest(root: &Path, store: &str) -> PathBuf {
+    let docs = root.join("docs.jsonl");
+    if !docs.exists() {
+        let words = |seed: u64| common::words(seed, 60, |s| format!("w{}", s % 50)).join(" ");
+        let lines: Vec<String> =
+            (0..200).map(|i| serde_json::json!({"id": format!("d{i}"), "text": words(i)}).to_string()).collect();
+        std::fs::write(&docs, lines.join("\n")).unwrap();
+    }
+    let dir = root.join(store);
+    std::fs::create_dir_all(&dir).unwrap();
+    let data = format!(
+        "    sources: [{{name: web, url: \"{docs}\"}}]\n    dedup: {{exact: false, minhash: {{enabled: false}}}}\n    heldOutFraction: 0.1\n    shards: 1",
+        docs = docs.display()
+    );
+    // 8 sequences per step: 4 micro-batches of 2 on one rank, 2 on each of two, 1 on each of four.
+    let rest = format!(
+        r#"  tokenizer: {{vocabSize: 300}}
+  model: {{preset: tiny, dim: 32, layers: 2, heads: 4, kvHeads: 2, ffnDim: 64}}
+  train:
+    seqLen: 32
+    tokens: {tokens}
+    globalBatchTokens: 256
+    microBatchSize: 2
+    optimizer: {{lr: 0.003, minLr: 0.0003}}
+    schedule: {{warmupSteps: 3}}
+    checkpoint: {{everySteps: 4, keep: 2}}
+    resources: {{gpusPerNode: 0}}"#,
+        tokens = STEPS * 256,
+    );
+    common::write_manifest(&dir, "dp", 7, &data, &rest)
+}
+
+fn worker(stage: &str, spec: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pretrain-worker"));
+    cmd.arg(stage).arg("--spec").arg(spec).stdout(Stdio::null()).env("RAYON_NUM_THREADS", "1");
+    cmd
+}
+
+/// Data-prep and tokenize once in the store of `first`, copied to the stores of the others.
+fn prepare(root: &Path, first: &str, others: &[&str]) {
+    for stage in ["data-prep", "tokenize"] {
+        let status = worker(stage, &root.join(first).join("dp.yaml")).status().unwrap();
+        assert!(status.success(), "{stage}: {status}");
+    }
+    for other in others {
+        copy_dir(&root.join(first).join("store"), &root.join(other).join("store"));
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &to.join(entry.file_name()));
+        } else {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap().local_addr().unwrap().port()
+}
+
+/// Starts the `world` ranks of a train gang.
+fn gang(spec: &Path, world: usize) -> Vec<Child> {
+    let port = free_port().to_string();
+    (0..world)
+        .map(|rank| {
+            worker("train", spec)
+                .env("RANK", rank.to_string())
+                .env("WORLD_SIZE", world.to_string())
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", &port)
+                .env("PRETRAIN_COLLECTIVE_TIMEOUT", "120")
+                .env("PRETRAIN_RENDEZVOUS_TIMEOUT", "120")
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect()
+}
+
+/// Waits for a process, failing the test instead of hanging if it never ends.
+fn wait(child: &mut Child, limit: Duration) -> (Option<i32>, String) {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+            return (status.code(), err);
+        }
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("a rank did not end within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn run_gang(spec: &Path, world: usize) {
+    for (rank, mut child) in gang(spec, world).into_iter().enumerate() {
+        let (code, err) = wait(&mut child, Duration::from_secs(600));
+        assert_eq!(code, Some(exit::DONE), "rank {rank} of {world}: {err}");
+    }
+}
+
+/// The `dp` run's stage directory in the store `name`.
+fn stage_dir(root: &Path, name: &str) -> PathBuf {
+    root.join(name).join("store/dp/train")
+}
+
+fn weights(root: &Path, name: &str) -> HashMap<String, Tensor> {
+    let path = stage_dir(root, name).join("ckpt").join(checkpoint::dir_name(STEPS)).join("model.safetensors");
+    candle_core::safetensors::load(&path, &Device::Cpu).unwrap()
+}
+
+/// Largest absolute difference between two sets of weights.
+fn max_difference(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .map(|(name, t)| {
+            let d = (t - &b[name]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+            d.to_scalar::<f32>().unwrap()
+        })
+        .fold(0.0, f32::max)
+}
+
+fn losses(root: &Path, name: &str) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(stage_dir(root, name).join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn gangs_of_two_and_four_match_one_process_and_survive_a_lost_rank() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let solo = manifest(root, "solo");
+    let specs: Vec<PathBuf> = ["duo", "quad", "killed"].iter().map(|n| manifest(root, n)).collect();
+    prepare(root, "solo", &["duo", "quad", "killed"]);
+
+    let status = worker("train", &solo).env("RANK", "0").env("WORLD_SIZE", "1").status().unwrap();
+    assert_eq!(status.code(), Some(exit::DONE));
+    let reference = weights(root, "solo");
+    let reference_losses = losses(root, "solo");
+    assert_eq!(reference_losses.len() as u64, STEPS);
+
+    // The same global batch split over 2 and 4 processes: the same training, up to the order in
+    // which fp32 gradients are summed.
+    for (run, spec, world) in [("duo", &specs[0], 2), ("quad", &specs[1], 4)] {
+        run_gang(spec, world);
+        let difference = max_difference(&reference, &weights(root, run));
+        println!("{world} ranks: largest weight difference to one process {difference:e}");
+        assert!(difference < 1e-5, "{world} ranks end {difference} away from one process");
+        for ((step, a), (_, b)) in reference_losses.iter().zip(losses(root, run)) {
+            assert!((a - b).abs() < 1e-4, "{world} ranks, step {step}: loss {b} vs {a}");
+        }
+    }
+
+    // Kill rank 1 of 2 once a checkpoint exists: rank 0 stops with the peer-lost code, not a hang.
+    let killed = &specs[2];
+    let mut ranks = gang(killed, 2);
+    let first = stage_dir(root, "killed").join("ckpt").join(checkpoint::dir_name(4)).join("MANIFEST.json");
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while !first.exists() {
+        assert!(ranks.iter_mut().all(|c| c.try_wait().unwrap().is_none()), "a rank ended before checkpoint 4");
+        assert!(Instant::now() < deadline, "no checkpoint 4 in time");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    ranks[1].kill().unwrap();
+    ranks[1].wait().unwrap();
+    let (code, err) = wait(&mut ranks[0], Duration::from_secs(300));
+    assert_eq!(code, Some(exit::PEER_LOST), "rank 0 after rank 1 died: {err}");
+    assert!(err.contains("rank 1"), "rank 0 names the lost rank: {err}");
+    assert!(!stage_dir(root, "killed").join("_SUCCESS.json").exists());
+
+    // A gang of four resumes the run of two and ends where one uninterrupted process ends.
+    run_gang(killed, 4);
+    let difference = max_difference(&reference, &weights(root, "killed"));
+    println!("2 ranks killed, resumed on 4: largest weight difference {difference:e}");
+    assert!(difference < 1e-5, "resumed on 4 ranks, {difference} away from the uninterrupted run");
+    let resumed = losses(root, "killed");
+    assert_eq!(resumed.iter().map(|(s, _)| *s).collect::<Vec<_>>(), (1..=STEPS).collect::<Vec<_>>());
+    for ((step, a), (_, b)) in reference_losses.iter().zip(&resumed) {
+        assert!((a - b).abs() < 1e-4, "resumed, step {step}: loss {b} vs {a}");
+    }
+}
