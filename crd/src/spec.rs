@@ -94,7 +94,8 @@ pub struct PretrainRunSpec {
     pub eval: Eval,
 }
 
-pub(crate) fn default_image() -> String {
+/// The worker image a run gets when its manifest names none.
+pub fn default_image() -> String {
     format!("ghcr.io/pretrain-dev/pretrain-worker:{}", env!("CARGO_PKG_VERSION"))
 }
 

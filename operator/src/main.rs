@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use pretrain_crd::Stage;
 use pretrain_operator::k8s;
-use pretrain_operator::k8s::controller::{self, Context};
+use pretrain_operator::k8s::controller::{self, Context, RunDefaults};
 use pretrain_operator::k8s::leader::Elector;
 use pretrain_operator::k8s::metrics::{self, Metrics};
 use pretrain_operator::k8s::render::{self, RunObjects};
@@ -56,6 +56,12 @@ enum Command {
         /// Seconds between two passes of the cluster scheduler.
         #[arg(long, default_value_t = 5)]
         schedule_every: u64,
+        /// Worker image for runs that keep the built-in default `spec.image`.
+        #[arg(long, env = "PRETRAIN_WORKER_IMAGE")]
+        worker_image: Option<String>,
+        /// Secret with store credentials for runs without `spec.storage.secretRef`.
+        #[arg(long, env = "PRETRAIN_STORAGE_SECRET")]
+        storage_secret: Option<String>,
     },
     /// Run a manifest's stages on this machine, skipping stages already committed.
     Run {
@@ -165,11 +171,20 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Operator { listen, lease, no_leader_election, no_scheduler, schedule_every } => {
+        Command::Operator {
+            listen,
+            lease,
+            no_leader_election,
+            no_scheduler,
+            schedule_every,
+            worker_image,
+            storage_secret,
+        } => {
             let runtime =
                 tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime starts");
             let scheduler = (!no_scheduler).then(|| std::time::Duration::from_secs(schedule_every.max(1)));
-            match runtime.block_on(operator(&listen, &lease, no_leader_election, scheduler)) {
+            let defaults = RunDefaults { worker_image, storage_secret };
+            match runtime.block_on(operator(&listen, &lease, no_leader_election, scheduler, defaults)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e}");
@@ -297,6 +312,7 @@ async fn operator(
     lease: &str,
     no_leader_election: bool,
     scheduler: Option<std::time::Duration>,
+    defaults: RunDefaults,
 ) -> anyhow::Result<()> {
     let client = kube::Client::try_default().await?;
     let metrics = std::sync::Arc::new(Metrics::default());
@@ -304,6 +320,7 @@ async fn operator(
     tokio::spawn(metrics::serve(listener, std::sync::Arc::clone(&metrics)));
     let mut ctx = Context::new(client.clone(), metrics);
     ctx.scheduler = scheduler.is_some();
+    ctx.defaults = defaults;
     let ctx = std::sync::Arc::new(ctx);
     let work = {
         let client = client.clone();

@@ -69,6 +69,36 @@ pub struct Context {
     pub now: Box<dyn Fn() -> i64 + Send + Sync>,
     /// Whether the operator's cluster scheduler admits GPU stages (see [`super::scheduler`]).
     pub scheduler: bool,
+    /// Cluster-wide defaults for what a run leaves out.
+    pub defaults: RunDefaults,
+}
+
+/// What the operator fills in for runs that leave it out (set from the Helm chart's values).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunDefaults {
+    /// The worker image of runs that keep the built-in default `spec.image`.
+    pub worker_image: Option<String>,
+    /// The Secret (in the run's namespace) with store credentials for runs without
+    /// `spec.storage.secretRef`.
+    pub storage_secret: Option<String>,
+}
+
+impl RunDefaults {
+    /// `run` with the defaults filled in.
+    pub fn apply(&self, run: &PretrainRun) -> PretrainRun {
+        let mut run = run.clone();
+        if let Some(image) = &self.worker_image
+            && run.spec.image == pretrain_crd::spec::default_image()
+        {
+            run.spec.image.clone_from(image);
+        }
+        if let Some(secret) = &self.storage_secret
+            && run.spec.storage.secret_ref.is_none()
+        {
+            run.spec.storage.secret_ref = Some(pretrain_crd::spec::SecretRef { name: secret.clone() });
+        }
+        run
+    }
 }
 
 impl std::fmt::Debug for Context {
@@ -89,6 +119,7 @@ impl Context {
             metrics,
             now: Box::new(|| jiff::Timestamp::now().as_second()),
             scheduler: true,
+            defaults: RunDefaults::default(),
         }
     }
 }
@@ -96,7 +127,8 @@ impl Context {
 /// One reconcile of `run`.
 pub async fn reconcile(run: Arc<PretrainRun>, ctx: Arc<Context>) -> Result<Action, Error> {
     ctx.metrics.reconciled();
-    let objects = RunObjects::new(&run)?;
+    let rendered = ctx.defaults.apply(&run);
+    let objects = RunObjects::new(&rendered)?;
     let (name, ns) = (objects.name().to_string(), objects.namespace().to_string());
     let runs: Api<PretrainRun> = Api::namespaced(ctx.client.clone(), &ns);
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
@@ -286,4 +318,28 @@ pub async fn run(ctx: Arc<Context>) {
             }
         })
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_defaults_fill_in_only_what_a_run_leaves_out() {
+        let run: PretrainRun = pretrain_crd::parse(
+            "apiVersion: pretrain.dev/v1alpha1\nkind: PretrainRun\nmetadata: {name: r}\nspec:\n  storage: {url: s3://b/runs}\n  data: {sources: [{name: web, url: s3://b/raw.jsonl}]}\n",
+            "r.yaml",
+        )
+        .unwrap();
+        let defaults =
+            RunDefaults { worker_image: Some("registry.example/worker:2".into()), storage_secret: Some("s3".into()) };
+        let filled = defaults.apply(&run);
+        assert_eq!(filled.spec.image, "registry.example/worker:2");
+        assert_eq!(filled.spec.storage.secret_ref.as_ref().map(|s| s.name.as_str()), Some("s3"));
+        let mut own = run.clone();
+        own.spec.image = "mine:1".into();
+        own.spec.storage.secret_ref = Some(pretrain_crd::spec::SecretRef { name: "mine".into() });
+        assert_eq!(defaults.apply(&own), own);
+        assert_eq!(RunDefaults::default().apply(&run), run);
+    }
 }
