@@ -14,7 +14,7 @@ pub mod validate;
 
 pub use manifest::{ManifestError, load, parse};
 pub use queue::{PretrainQueue, PretrainQueueSpec};
-pub use schema::{crd, crd_yaml, queue_crd};
+pub use schema::{crd, crd_yaml, queue_crd, reference_markdown};
 pub use spec::{PretrainRun, PretrainRunSpec};
 pub use stage::Stage;
 pub use status::PretrainRunStatus;

@@ -345,6 +345,20 @@ fn the_queue_crd_is_cluster_scoped_with_a_status() {
 }
 
 #[test]
+fn the_committed_field_reference_matches_the_schema() {
+    let path = repo().join("docs/crd-reference.md");
+    let committed = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        committed == pretrain_crd::reference_markdown(),
+        "{} is stale; regenerate it with `cargo run -p pretrain-operator --bin pretrain -- crd --reference > docs/crd-reference.md`",
+        path.display()
+    );
+    for field in ["spec.train.optimizer.lr", "spec.data.sources[].url", "spec.longContext.rope.scaling"] {
+        assert!(committed.contains(&format!("| `{field}` |")), "{field} missing from the reference");
+    }
+}
+
+#[test]
 fn committed_chart_crd_matches_the_generated_one() {
     let path = repo().join("charts/pretrain-operator/crds/crds.yaml");
     let committed = std::fs::read_to_string(&path).unwrap_or_default();

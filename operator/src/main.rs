@@ -29,7 +29,11 @@ enum Command {
         file: PathBuf,
     },
     /// Print the PretrainRun CustomResourceDefinition as YAML.
-    Crd,
+    Crd {
+        /// Print the PretrainRun field reference (Markdown) instead.
+        #[arg(long)]
+        reference: bool,
+    },
     /// Print every object the operator creates for a manifest (first attempt of each stage), as YAML.
     Render {
         /// The PretrainRun manifest.
@@ -141,8 +145,8 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Crd => {
-            print!("{}", pretrain_crd::crd_yaml());
+        Command::Crd { reference } => {
+            print!("{}", if reference { pretrain_crd::reference_markdown() } else { pretrain_crd::crd_yaml() });
             ExitCode::SUCCESS
         }
         Command::Render { file, namespace } => {
