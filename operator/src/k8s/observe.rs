@@ -69,18 +69,18 @@ pub fn classify(pods: &[Pod]) -> Failure {
             .and_then(|s| s.container_statuses.as_ref())
             .and_then(|cs| cs.iter().find(|c| c.name == "worker"))
             .and_then(|c| c.state.as_ref()?.terminated.as_ref());
+        let last_line =
+            terminated.and_then(|t| t.message.as_deref()).and_then(|m| m.lines().rev().find(|l| !l.trim().is_empty()));
         match terminated {
             Some(t) if t.exit_code == exit::DONE => {}
             Some(t) if t.exit_code == exit::RESUME => resumed = true,
             Some(t) if t.exit_code == exit::PEER_LOST => {
                 // A healthy rank that stopped because another one died: the other pod says why.
-                let why = t.message.as_deref().and_then(|m| m.lines().rev().find(|l| !l.trim().is_empty()));
                 peer_lost.get_or_insert_with(|| {
-                    format!("pod {name} lost a peer of its gang: {}", why.map_or("no message", str::trim))
+                    format!("pod {name} lost a peer of its gang: {}", last_line.map_or("no message", str::trim))
                 });
             }
             Some(t) => {
-                let last_line = t.message.as_deref().and_then(|m| m.lines().rev().find(|l| !l.trim().is_empty()));
                 let why = match (t.reason.as_deref(), last_line) {
                     (Some(reason), Some(line)) if reason != "Error" => format!("{reason}: {}", line.trim()),
                     (_, Some(line)) => line.trim().to_string(),

@@ -32,6 +32,10 @@ use crate::plan::{self, Layout, Role};
 
 /// The field manager of every server-side apply.
 pub const FIELD_MANAGER: &str = "pretrain-operator";
+/// The extended resource of NVIDIA GPUs.
+pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
+/// The node label naming a node's GPU model (NVIDIA's GPU feature discovery sets it).
+pub const GPU_PRODUCT_LABEL: &str = "nvidia.com/gpu.product";
 /// Label: the run an object belongs to.
 pub const LABEL_RUN: &str = "pretrain.dev/run";
 /// Label: the stage.
@@ -211,12 +215,7 @@ impl<'a> RunObjects<'a> {
         let name = job_name(&self.name, stage, role, attempt);
         let labels = self.labels(Some((stage, role, attempt)));
         let train = &spec.train.resources;
-        let (pods, gpus, cpu, memory) = match role {
-            Role::Map => (spec.data.shards.max(1), 0, &spec.data.resources.cpu, &spec.data.resources.memory),
-            Role::Reduce => (1, 0, &spec.data.resources.cpu, &spec.data.resources.memory),
-            Role::Gang => (train.nodes.max(1), train.gpus_per_node, &train.cpu, &train.memory),
-            Role::Single => (1, train.gpus_per_node.min(1), &train.cpu, &train.memory),
-        };
+        let plan::Pods { count: pods, gpus, cpu, memory } = plan::pods(spec, role);
         let mut args = vec![stage.as_str().to_string(), "--spec".into(), format!("{SPEC_DIR}/{SPEC_KEY}")];
         match role {
             Role::Map => args.extend(["--phase".into(), "map".into()]),
@@ -268,8 +267,8 @@ impl<'a> RunObjects<'a> {
         let mut limits = BTreeMap::from([("memory".to_string(), memory.clone())]);
         if gpus > 0 {
             let gpus = Quantity(gpus.to_string());
-            requests.insert("nvidia.com/gpu".into(), gpus.clone());
-            limits.insert("nvidia.com/gpu".into(), gpus);
+            requests.insert(GPU_RESOURCE.into(), gpus.clone());
+            limits.insert(GPU_RESOURCE.into(), gpus);
         }
         let mut mounts = vec![
             VolumeMount {
@@ -336,7 +335,7 @@ impl<'a> RunObjects<'a> {
         let node_selector = (gpus > 0)
             .then(|| train.gpu_type.clone())
             .flatten()
-            .map(|product| BTreeMap::from([("nvidia.com/gpu.product".to_string(), product)]));
+            .map(|product| BTreeMap::from([(GPU_PRODUCT_LABEL.to_string(), product)]));
         let grace = if stage.is_training() { TRAINING_GRACE_SECONDS } else { GRACE_SECONDS };
         let pod = PodSpec {
             containers: vec![container],
@@ -347,7 +346,7 @@ impl<'a> RunObjects<'a> {
             // GPU nodes are commonly tainted `nvidia.com/gpu:NoSchedule` to keep other pods off.
             tolerations: (gpus > 0).then(|| {
                 vec![Toleration {
-                    key: Some("nvidia.com/gpu".into()),
+                    key: Some(GPU_RESOURCE.into()),
                     operator: Some("Exists".into()),
                     effect: Some("NoSchedule".into()),
                     ..Toleration::default()

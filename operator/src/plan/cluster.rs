@@ -86,10 +86,8 @@ pub struct ClusterView<'a> {
 /// Whether a stage of `spec` waits for the cluster scheduler's admission: one that needs GPUs, in
 /// a run not handed to Kueue. CPU stages never hold GPUs and are left to the Kubernetes scheduler.
 pub fn needs_admission(spec: &PretrainRunSpec, stage: Stage) -> bool {
-    spec.scheduling.kueue.is_none()
-        && spec.train.resources.gpus_per_node > 0
-        && stage != Stage::DataPrep
-        && stage != Stage::Tokenize
+    let first = Role::of(super::layout(spec, stage))[0];
+    spec.scheduling.kueue.is_none() && super::pods(spec, first).gpus > 0
 }
 
 /// A Job to create: the first role of a new attempt, or the reduce after its map.
@@ -502,6 +500,7 @@ pub fn format_time(unix: i64) -> String {
     jiff::Timestamp::from_second(unix).map(|t| t.to_string()).unwrap_or_default()
 }
 
-fn parse_time(text: &str) -> Option<i64> {
+/// Unix seconds of an RFC 3339 time.
+pub fn parse_time(text: &str) -> Option<i64> {
     text.parse::<jiff::Timestamp>().ok().map(|t| t.as_second())
 }

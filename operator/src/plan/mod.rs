@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use pretrain_crd::{PretrainRunSpec, Stage};
 
 pub mod cluster;
@@ -58,6 +59,33 @@ pub enum Role {
     Gang,
     /// A single pod.
     Single,
+}
+
+/// The pods of one role's Job, all alike: what the operator renders and the scheduler places.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Pods<'a> {
+    /// How many.
+    pub count: u32,
+    /// GPUs of each.
+    pub gpus: u32,
+    /// CPU request of each.
+    pub cpu: &'a Quantity,
+    /// Memory request (and limit) of each.
+    pub memory: &'a Quantity,
+}
+
+/// The pods of `role`'s Job in `spec`: `data.shards` map pods and one reduce pod with
+/// `data.resources`, one pod per node with `gpusPerNode` GPUs for a gang, and one pod with at most
+/// one GPU for a single-pod stage, both with `train.resources`.
+pub fn pods(spec: &PretrainRunSpec, role: Role) -> Pods<'_> {
+    let (data, train) = (&spec.data.resources, &spec.train.resources);
+    let (count, gpus, cpu, memory) = match role {
+        Role::Map => (spec.data.shards.max(1), 0, &data.cpu, &data.memory),
+        Role::Reduce => (1, 0, &data.cpu, &data.memory),
+        Role::Gang => (train.nodes.max(1), train.gpus_per_node, &train.cpu, &train.memory),
+        Role::Single => (1, train.gpus_per_node.min(1), &train.cpu, &train.memory),
+    };
+    Pods { count, gpus, cpu, memory }
 }
 
 impl Role {

@@ -22,16 +22,9 @@ use pretrain_crd::status::{Admission, Preemption, RunPhase, StagePhase};
 use pretrain_crd::{PretrainQueue, PretrainRun, PretrainRunStatus, Stage};
 
 use super::{Decision, Gang, Node, Queue, Request, Resources, Running};
-use crate::plan::cluster::{format_time, needs_admission};
-
-/// The node label naming a node's GPU model (NVIDIA's GPU feature discovery sets it).
-pub const GPU_PRODUCT_LABEL: &str = "nvidia.com/gpu.product";
-/// The extended resource of NVIDIA GPUs.
-pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
-/// Pod labels the operator puts on every pod of a stage attempt.
-const LABEL_RUN: &str = "pretrain.dev/run";
-const LABEL_STAGE: &str = "pretrain.dev/stage";
-const LABEL_ATTEMPT: &str = "pretrain.dev/attempt";
+use crate::k8s::render::{GPU_PRODUCT_LABEL, GPU_RESOURCE, LABEL_ATTEMPT, LABEL_RUN, LABEL_STAGE};
+use crate::plan::cluster::{format_time, needs_admission, parse_time};
+use crate::plan::{self, Role};
 
 /// The scheduler's inputs.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -80,23 +73,17 @@ fn resources(map: Option<&BTreeMap<String, Quantity>>) -> Resources {
     }
 }
 
-/// What one pod of `stage` asks for, from the spec (what the operator renders into the Job).
+/// What the first Job of `stage` asks for: the pods the operator renders for it.
 pub fn stage_gang(run: &PretrainRun, stage: Stage) -> Gang {
-    let train = &run.spec.train.resources;
-    let pods = if stage.is_training() { train.nodes.max(1) } else { 1 };
-    let gpus = if stage.is_training() { train.gpus_per_node } else { train.gpus_per_node.min(1) };
-    let requests =
-        BTreeMap::from([("cpu".to_string(), train.cpu.clone()), ("memory".to_string(), train.memory.clone())]);
-    let per_pod = Resources { gpus, ..resources(Some(&requests)) };
-    Gang { pods, per_pod, gpu_type: train.gpu_type.clone() }
+    let role = Role::of(plan::layout(&run.spec, stage))[0];
+    let pods = plan::pods(&run.spec, role);
+    let requests = BTreeMap::from([("cpu".to_string(), pods.cpu.clone()), ("memory".to_string(), pods.memory.clone())]);
+    let per_pod = Resources { gpus: pods.gpus, ..resources(Some(&requests)) };
+    Gang { pods: pods.count, per_pod, gpu_type: run.spec.train.resources.gpu_type.clone() }
 }
 
 fn run_id(run: &PretrainRun, stage: Stage) -> String {
     format!("{}/{}/{stage}", run.namespace().unwrap_or_default(), run.name_any())
-}
-
-fn parse_time(text: &str) -> Option<i64> {
-    text.parse::<jiff::Timestamp>().ok().map(|t| t.as_second())
 }
 
 /// The run's current stage and its status entry.
