@@ -16,6 +16,10 @@ pub const ENV_MASTER_PORT: &str = "MASTER_PORT";
 /// Index of this pod in an Indexed Job (sharded stages).
 pub const ENV_JOB_COMPLETION_INDEX: &str = "JOB_COMPLETION_INDEX";
 
+/// End-of-sequence tokens, in order of preference: the tokenize stage separates documents with the
+/// first of them its tokenizer has as a special token, and an exported model ends generation there.
+pub const SEPARATORS: [&str; 5] = ["<|eos|>", "<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>"];
+
 /// Set to `json` by a runner that draws progress bars: the worker then reports progress as
 /// [`PROGRESS_PREFIX`] lines on stdout instead of its periodic log lines.
 pub const ENV_PROGRESS: &str = "PRETRAIN_PROGRESS";

@@ -171,10 +171,7 @@ pub async fn export(store: &Store, run: &str, which: &str, out: &Path) -> Result
         .filter(|t| t["special"] == true)
         .filter_map(|t| Some((t["content"].as_str()?.to_string(), t["id"].as_u64()?)))
         .collect();
-    let eos = ["<|eos|>", "<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>"]
-        .iter()
-        .find_map(|s| specials.iter().find(|(c, _)| c == s))
-        .cloned();
+    let eos = pretrain_crd::contract::SEPARATORS.iter().find_map(|s| specials.iter().find(|(c, _)| c == s)).cloned();
 
     let config =
         hf_config(&state, eos.as_ref().map(|e| e.1)).map_err(|e| ExportError::Checkpoint(format!("{url}/{e}")))?;

@@ -19,6 +19,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use pretrain_crd::Stage;
+use pretrain_crd::contract::SEPARATORS;
 use pretrain_store::{FileEntry, StageCommit, StageDir};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -99,9 +100,6 @@ pub enum Phase {
     /// Everything in this process.
     All,
 }
-
-/// End-of-sequence tokens looked for, in order, in a tokenizer given by URL.
-const SEPARATORS: [&str; 5] = ["<|eos|>", "<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>"];
 
 /// `tokenizer.meta.json`: which spec the stored tokenizer belongs to.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

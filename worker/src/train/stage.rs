@@ -524,11 +524,9 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
         // the same update and they all stop after the same step.
         let mut scalars = [(loss_sum / accum as f64) as f32, f32::from(u8::from(stop.load(Ordering::SeqCst)))];
         dist::all_reduce_gradients(collective.as_mut(), &mut grads, &mut scalars, BUCKET_BYTES)?;
-        let (loss, stopping) = if collective.world() == 1 {
-            (loss_sum / accum as f64, stop.load(Ordering::SeqCst))
-        } else {
-            (f64::from(scalars[0]), scalars[1] > 0.0)
-        };
+        let stopping = scalars[1] > 0.0;
+        // One process keeps its loss in f64; a gang's is the fp32 mean.
+        let loss = if collective.world() == 1 { loss_sum / accum as f64 } else { f64::from(scalars[0]) };
         if !loss.is_finite() {
             return Err(TrainError::Diverged { step: state.step, loss });
         }
