@@ -7,20 +7,28 @@ use std::fmt;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use object_store::aws::AmazonS3Builder;
 use object_store::azure::MicrosoftAzureBuilder;
-use object_store::buffered::BufWriter;
 use object_store::gcp::GoogleCloudStorageBuilder;
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
+use object_store::multipart::MultipartStore;
 use object_store::path::Path;
 use object_store::prefix::PrefixStore;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload};
 use pretrain_crd::Stage;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
+
+pub mod faults;
+pub mod retry;
+mod upload;
+
+pub use faults::{ENV_FAULTS, Faults, FaultyStore};
+pub use retry::Retry;
+pub use upload::{FileWriter, PART_SIZE};
 
 /// The commit marker's file name; written last in a stage directory.
 pub const SUCCESS_FILE: &str = "_SUCCESS.json";
@@ -47,7 +55,7 @@ pub enum Error {
         /// Why it was refused.
         reason: String,
     },
-    /// The object store failed.
+    /// The object store failed (after the retries transient failures get).
     #[error("{store}/{key}: {source}")]
     Object {
         /// Store URL.
@@ -72,11 +80,15 @@ pub enum Error {
 /// Store result.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// An object store rooted at a URL.
+/// An object store rooted at a URL. Every operation retries transient failures ([`Retry`]);
+/// downloads resume at the byte they stopped at and large uploads resend only the part that failed.
 #[derive(Clone)]
 pub struct Store {
     inner: Arc<dyn ObjectStore>,
+    /// The same store's part-by-part upload interface, where it has one (not local files).
+    multipart: Option<Arc<dyn MultipartStore>>,
     url: String,
+    retry: Retry,
 }
 
 impl fmt::Debug for Store {
@@ -85,11 +97,20 @@ impl fmt::Debug for Store {
     }
 }
 
+type Backend = (Arc<dyn ObjectStore>, Option<Arc<dyn MultipartStore>>);
+
+fn with_multipart<T: ObjectStore + MultipartStore>(store: T) -> Backend {
+    let store = Arc::new(store);
+    (Arc::clone(&store) as Arc<dyn ObjectStore>, Some(store as Arc<dyn MultipartStore>))
+}
+
 impl Store {
     /// Opens `file://PATH` (absolute with `file:///`, else relative to the working directory; created
     /// if missing), `memory://`, `s3://BUCKET[/PREFIX]`, `gs://BUCKET[/PREFIX]` or
     /// `az://CONTAINER[/PREFIX]`. Cloud credentials and endpoints come from the environment
     /// (`AWS_*`, `GOOGLE_*`, `AZURE_*`), which in a cluster the storage Secret provides.
+    ///
+    /// With [`ENV_FAULTS`] set, the store injects the faults it names (reliability drills).
     pub fn open(url: &str) -> Result<Self> {
         Self::open_with(url, &[])
     }
@@ -101,60 +122,81 @@ impl Store {
         let (scheme, rest) = url
             .split_once("://")
             .ok_or_else(|| bad("expected SCHEME://..., with scheme file, s3, gs, az or memory".into()))?;
-        let inner: Arc<dyn ObjectStore> = match scheme {
+        let (inner, multipart): Backend = match scheme {
             "file" => {
                 if rest.is_empty() {
                     return Err(bad("names no directory".into()));
                 }
                 std::fs::create_dir_all(rest).map_err(|e| bad(format!("cannot create directory {rest:?}: {e}")))?;
-                Arc::new(LocalFileSystem::new_with_prefix(rest).map_err(|e| bad(e.to_string()))?)
+                (Arc::new(LocalFileSystem::new_with_prefix(rest).map_err(|e| bad(e.to_string()))?), None)
             }
-            "memory" => Arc::new(InMemory::new()),
+            "memory" => with_multipart(InMemory::new()),
             "s3" | "gs" | "az" => {
                 let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
                 if bucket.is_empty() {
                     return Err(bad("names no bucket".into()));
                 }
+                let prefix = prefix.trim_matches('/');
+                let prefix = if prefix.is_empty() {
+                    Path::default()
+                } else {
+                    Path::parse(prefix).map_err(|e| bad(format!("bad prefix: {e}")))?
+                };
                 let option_error = |k: &str, e: object_store::Error| bad(format!("option {k:?}: {e}"));
-                let store: Arc<dyn ObjectStore> = match scheme {
+                match scheme {
                     "s3" => {
                         let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
                         for (k, v) in options {
                             b = b.with_config(k.parse().map_err(|e| option_error(k, e))?, *v);
                         }
-                        Arc::new(b.build().map_err(|e| bad(e.to_string()))?)
+                        with_multipart(PrefixStore::new(b.build().map_err(|e| bad(e.to_string()))?, prefix))
                     }
                     "gs" => {
                         let mut b = GoogleCloudStorageBuilder::from_env().with_bucket_name(bucket);
                         for (k, v) in options {
                             b = b.with_config(k.parse().map_err(|e| option_error(k, e))?, *v);
                         }
-                        Arc::new(b.build().map_err(|e| bad(e.to_string()))?)
+                        with_multipart(PrefixStore::new(b.build().map_err(|e| bad(e.to_string()))?, prefix))
                     }
                     _ => {
                         let mut b = MicrosoftAzureBuilder::from_env().with_container_name(bucket);
                         for (k, v) in options {
                             b = b.with_config(k.parse().map_err(|e| option_error(k, e))?, *v);
                         }
-                        Arc::new(b.build().map_err(|e| bad(e.to_string()))?)
+                        with_multipart(PrefixStore::new(b.build().map_err(|e| bad(e.to_string()))?, prefix))
                     }
-                };
-                let prefix = prefix.trim_matches('/');
-                if prefix.is_empty() {
-                    store
-                } else {
-                    let prefix = Path::parse(prefix).map_err(|e| bad(format!("bad prefix: {e}")))?;
-                    Arc::new(PrefixStore::new(store, prefix))
                 }
             }
             other => return Err(bad(format!("scheme {other:?} is not supported; use file, s3, gs, az or memory"))),
         };
-        Ok(Self { inner, url: url.trim_end_matches('/').to_string() })
+        let store = Self { inner, multipart, url: url.trim_end_matches('/').to_string(), retry: Retry::default() };
+        match Faults::from_env().map_err(bad)? {
+            Some(faults) => Ok(store.with_faults(faults).0),
+            None => Ok(store),
+        }
     }
 
-    /// Wraps an existing object store (tests, fault injection).
+    /// Wraps an existing object store (tests, fault injection); uploads go through its streaming
+    /// interface.
     pub fn from_object_store(inner: Arc<dyn ObjectStore>, url: impl Into<String>) -> Self {
-        Self { inner, url: url.into() }
+        Self { inner, multipart: None, url: url.into(), retry: Retry::default() }
+    }
+
+    /// The same store with another retry policy.
+    #[must_use]
+    pub fn with_retry(mut self, retry: Retry) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// The same store behind a [`FaultyStore`] injecting `faults`, which is returned too so that a
+    /// test can count what it injected.
+    pub fn with_faults(self, faults: Faults) -> (Self, Arc<FaultyStore>) {
+        let faulty = Arc::new(FaultyStore::new(self.inner, self.multipart.clone(), faults));
+        let multipart = self.multipart.map(|_| Arc::clone(&faulty) as Arc<dyn MultipartStore>);
+        let store =
+            Self { inner: Arc::clone(&faulty) as Arc<dyn ObjectStore>, multipart, url: self.url, retry: self.retry };
+        (store, faulty)
     }
 
     /// The URL the store was opened from.
@@ -162,7 +204,7 @@ impl Store {
         &self.url
     }
 
-    /// The underlying object store.
+    /// The underlying object store (without this type's retries).
     pub fn object_store(&self) -> &Arc<dyn ObjectStore> {
         &self.inner
     }
@@ -182,14 +224,17 @@ impl Store {
 
     /// Reads a whole object.
     pub async fn get(&self, key: &Path) -> Result<Bytes> {
-        let result = self.inner.get(key).await.map_err(|e| self.object_error(key, e))?;
-        result.bytes().await.map_err(|e| self.object_error(key, e))
+        self.get_opt(key).await?.ok_or_else(|| {
+            let source = object_store::Error::NotFound { path: key.to_string(), source: "no such object".into() };
+            self.object_error(key, source)
+        })
     }
 
     /// Reads a whole object, or `None` if it does not exist.
     pub async fn get_opt(&self, key: &Path) -> Result<Option<Bytes>> {
-        match self.inner.get(key).await {
-            Ok(result) => result.bytes().await.map(Some).map_err(|e| self.object_error(key, e)),
+        let read = || async { self.inner.get(key).await?.bytes().await };
+        match self.retry.run(format_args!("get {key}"), read).await {
+            Ok(bytes) => Ok(Some(bytes)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(self.object_error(key, e)),
         }
@@ -197,13 +242,14 @@ impl Store {
 
     /// Writes a whole object (atomically: readers see the old object or the new one).
     pub async fn put(&self, key: &Path, bytes: Bytes) -> Result<()> {
-        self.inner.put(key, PutPayload::from_bytes(bytes)).await.map_err(|e| self.object_error(key, e))?;
+        let write = || self.inner.put(key, PutPayload::from_bytes(bytes.clone()));
+        self.retry.run(format_args!("put {key}"), write).await.map_err(|e| self.object_error(key, e))?;
         Ok(())
     }
 
     /// Size of an object, or `None` if it does not exist.
     pub async fn size(&self, key: &Path) -> Result<Option<u64>> {
-        match self.inner.head(key).await {
+        match self.retry.run(format_args!("head {key}"), || self.inner.head(key)).await {
             Ok(meta) => Ok(Some(meta.size)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(self.object_error(key, e)),
@@ -212,41 +258,87 @@ impl Store {
 
     /// Every key under `prefix`, sorted.
     pub async fn list(&self, prefix: &Path) -> Result<Vec<Path>> {
-        let mut keys: Vec<Path> = self
-            .inner
-            .list(Some(prefix))
-            .map_ok(|meta| meta.location)
-            .try_collect()
-            .await
-            .map_err(|e| self.object_error(prefix, e))?;
+        let listing = || self.inner.list(Some(prefix)).map_ok(|meta| meta.location).try_collect::<Vec<Path>>();
+        let mut keys =
+            self.retry.run(format_args!("list {prefix}"), listing).await.map_err(|e| self.object_error(prefix, e))?;
         keys.sort();
         Ok(keys)
     }
 
     /// Streams an object into a local file (created or truncated), never holding it whole in memory.
+    /// A transfer cut off part way resumes at the byte it reached, from the same version of the
+    /// object.
     pub async fn download(&self, key: &Path, dest: &std::path::Path) -> Result<u64> {
-        use futures::StreamExt;
-        let result = self.inner.get(key).await.map_err(|e| self.object_error(key, e))?;
-        let mut stream = result.into_stream();
         let local = |e: std::io::Error| Error::Corrupt {
             store: self.url.clone(),
             key: key.to_string(),
             reason: format!("cannot write {}: {e}", dest.display()),
         };
         let mut file = tokio::fs::File::create(dest).await.map_err(local)?;
-        let mut written = 0u64;
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| self.object_error(key, e))?;
-            file.write_all(&chunk).await.map_err(local)?;
-            written += chunk.len() as u64;
+        let (mut written, mut expected, mut e_tag) = (0u64, None::<u64>, None::<String>);
+        let mut attempt = 1;
+        loop {
+            let options = GetOptions {
+                range: (written > 0).then_some(GetRange::Offset(written)),
+                if_match: e_tag.clone(),
+                ..GetOptions::default()
+            };
+            let failure = match self.inner.get_opts(key, options).await {
+                Ok(result) => {
+                    if expected.is_none() {
+                        expected = Some(result.meta.size);
+                        e_tag.clone_from(&result.meta.e_tag);
+                    }
+                    let mut stream = result.into_stream();
+                    loop {
+                        match stream.next().await {
+                            Some(Ok(chunk)) => {
+                                file.write_all(&chunk).await.map_err(local)?;
+                                written += chunk.len() as u64;
+                            }
+                            Some(Err(e)) => break Some(e),
+                            None => break None,
+                        }
+                    }
+                }
+                Err(e) => Some(e),
+            };
+            match failure {
+                None => break,
+                Some(e) if expected == Some(written) => {
+                    // Every byte arrived before the failure.
+                    drop(e);
+                    break;
+                }
+                Some(e) if attempt < self.retry.attempts && retry::is_transient(&e) => {
+                    let wait = self.retry.delay(attempt, retry::jitter());
+                    eprintln!(
+                        "store: get {key}: {e}; resuming at byte {written}, retry {attempt}/{} in {} ms",
+                        self.retry.attempts - 1,
+                        wait.as_millis()
+                    );
+                    tokio::time::sleep(wait).await;
+                    attempt += 1;
+                }
+                Some(e) => return Err(self.object_error(key, e)),
+            }
         }
         file.flush().await.map_err(local)?;
+        if let Some(size) = expected
+            && size != written
+        {
+            return Err(Error::Corrupt {
+                store: self.url.clone(),
+                key: key.to_string(),
+                reason: format!("downloaded {written} bytes of an object of {size}"),
+            });
+        }
         Ok(written)
     }
 
     /// Deletes one object; a missing object is not an error.
     pub async fn delete(&self, key: &Path) -> Result<()> {
-        match self.inner.delete(key).await {
+        match self.retry.run(format_args!("delete {key}"), || self.inner.delete(key)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(self.object_error(key, e)),
         }
@@ -258,10 +350,7 @@ impl Store {
         let mut keys = self.list(prefix).await?;
         keys.sort_by_key(|k| k.filename() != Some(SUCCESS_FILE));
         for k in &keys {
-            match self.inner.delete(k).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => return Err(self.object_error(k, e)),
-            }
+            self.delete(k).await?;
         }
         Ok(keys.len())
     }
@@ -357,28 +446,11 @@ impl StageDir {
         Ok(entry)
     }
 
-    /// Streams a local file in as `name`, hashing it on the way, without holding it in memory.
+    /// Uploads a local file as `name`, hashing it on the way, without holding it in memory. A failed
+    /// part is sent again on its own where the store uploads in parts; elsewhere the file is sent
+    /// again from its start.
     pub async fn put_file(&self, name: &str, local: &std::path::Path) -> Result<FileEntry> {
-        use tokio::io::AsyncReadExt;
-        let mut writer = self.writer(name)?;
-        let read_error = |e: std::io::Error| Error::Corrupt {
-            store: self.store.url.clone(),
-            key: name.into(),
-            reason: format!("cannot read {}: {e}", local.display()),
-        };
-        let mut file = tokio::fs::File::open(local).await.map_err(read_error)?;
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = file.read(&mut buf).await.map_err(read_error)?;
-            if n == 0 {
-                break;
-            }
-            if let Err(e) = writer.write(&buf[..n]).await {
-                let _ = writer.abort().await;
-                return Err(e);
-            }
-        }
-        writer.finish().await
+        upload::put_file(&self.store, self.key(name)?, name, local).await
     }
 
     /// Reads a whole file.
@@ -386,17 +458,10 @@ impl StageDir {
         self.store.get(&self.key(name)?).await
     }
 
-    /// Streams a file in (multipart on cloud stores), hashing as it goes.
+    /// Streams a file in (in parts on cloud stores), hashing as it goes; the file appears only when
+    /// [`FileWriter::finish`] returns.
     pub fn writer(&self, name: &str) -> Result<FileWriter> {
-        let key = self.key(name)?;
-        Ok(FileWriter {
-            inner: BufWriter::new(Arc::clone(&self.store.inner), key.clone()),
-            store: self.store.clone(),
-            key,
-            name: name.into(),
-            hasher: Sha256::new(),
-            size: 0,
-        })
+        Ok(FileWriter::new(self.store.clone(), self.key(name)?, name))
     }
 
     /// The stage's commit, whatever spec produced it; `None` if the stage never committed.
@@ -498,51 +563,6 @@ impl StageDir {
 
     /// Removes the commit marker (the stage counts as not done; outputs stay until overwritten).
     pub async fn uncommit(&self) -> Result<()> {
-        let key = self.key(SUCCESS_FILE)?;
-        match self.store.inner.delete(&key).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(self.store.object_error(&key, e)),
-        }
-    }
-}
-
-/// A streaming upload that hashes what it writes.
-pub struct FileWriter {
-    inner: BufWriter,
-    store: Store,
-    key: Path,
-    name: String,
-    hasher: Sha256,
-    size: u64,
-}
-
-impl fmt::Debug for FileWriter {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("FileWriter").field("key", &self.key).field("size", &self.size).finish()
-    }
-}
-
-impl FileWriter {
-    /// Appends bytes.
-    pub async fn write(&mut self, bytes: &[u8]) -> Result<()> {
-        self.hasher.update(bytes);
-        self.size += bytes.len() as u64;
-        self.inner.write_all(bytes).await.map_err(|e| self.io_error(e))
-    }
-
-    /// Completes the upload; the object becomes visible only now.
-    pub async fn finish(mut self) -> Result<FileEntry> {
-        self.inner.shutdown().await.map_err(|e| self.io_error(e))?;
-        Ok(FileEntry { path: self.name, size: self.size, sha256: hex::encode(self.hasher.finalize()) })
-    }
-
-    /// Abandons the upload, leaving no object behind.
-    pub async fn abort(mut self) -> Result<()> {
-        self.inner.abort().await.map_err(|e| self.store.object_error(&self.key, e))
-    }
-
-    fn io_error(&self, e: std::io::Error) -> Error {
-        let source = object_store::Error::Generic { store: "upload", source: Box::new(e) };
-        self.store.object_error(&self.key, source)
+        self.store.delete(&self.key(SUCCESS_FILE)?).await
     }
 }
