@@ -233,7 +233,7 @@ impl Store {
     /// Reads a whole object, or `None` if it does not exist.
     pub async fn get_opt(&self, key: &Path) -> Result<Option<Bytes>> {
         let read = || async { self.inner.get(key).await?.bytes().await };
-        match self.retry.run(format_args!("get {key}"), read).await {
+        match self.retry.run("get", key, read).await {
             Ok(bytes) => Ok(Some(bytes)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(self.object_error(key, e)),
@@ -243,13 +243,13 @@ impl Store {
     /// Writes a whole object (atomically: readers see the old object or the new one).
     pub async fn put(&self, key: &Path, bytes: Bytes) -> Result<()> {
         let write = || self.inner.put(key, PutPayload::from_bytes(bytes.clone()));
-        self.retry.run(format_args!("put {key}"), write).await.map_err(|e| self.object_error(key, e))?;
+        self.retry.run("put", key, write).await.map_err(|e| self.object_error(key, e))?;
         Ok(())
     }
 
     /// Size of an object, or `None` if it does not exist.
     pub async fn size(&self, key: &Path) -> Result<Option<u64>> {
-        match self.retry.run(format_args!("head {key}"), || self.inner.head(key)).await {
+        match self.retry.run("head", key, || self.inner.head(key)).await {
             Ok(meta) => Ok(Some(meta.size)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(self.object_error(key, e)),
@@ -259,8 +259,7 @@ impl Store {
     /// Every key under `prefix`, sorted.
     pub async fn list(&self, prefix: &Path) -> Result<Vec<Path>> {
         let listing = || self.inner.list(Some(prefix)).map_ok(|meta| meta.location).try_collect::<Vec<Path>>();
-        let mut keys =
-            self.retry.run(format_args!("list {prefix}"), listing).await.map_err(|e| self.object_error(prefix, e))?;
+        let mut keys = self.retry.run("list", prefix, listing).await.map_err(|e| self.object_error(prefix, e))?;
         keys.sort();
         Ok(keys)
     }
@@ -338,7 +337,7 @@ impl Store {
 
     /// Deletes one object; a missing object is not an error.
     pub async fn delete(&self, key: &Path) -> Result<()> {
-        match self.retry.run(format_args!("delete {key}"), || self.inner.delete(key)).await {
+        match self.retry.run("delete", key, || self.inner.delete(key)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(self.object_error(key, e)),
         }

@@ -5,10 +5,11 @@
 //! that fails now and then whatever the backend. Failures that waiting cannot fix (missing object,
 //! denied access, a full disk, a read-only file system) are returned at once.
 
-use std::fmt::Display;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use object_store::path::Path;
 
 /// How often and how patiently an operation is retried.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,9 +41,9 @@ impl Retry {
         bound.mul_f64(unit.clamp(0.0, 1.0))
     }
 
-    /// Runs `op` until it succeeds, fails permanently, or has used every try. Each retry is named on
-    /// stderr with the failure that caused it.
-    pub async fn run<T, F, Fut>(&self, what: impl Display, mut op: F) -> Result<T, object_store::Error>
+    /// Runs `op` (an operation named `what` on `key`) until it succeeds, fails permanently, or has
+    /// used every try. Each retry is named on stderr with the failure that caused it.
+    pub async fn run<T, F, Fut>(&self, what: &str, key: &Path, mut op: F) -> Result<T, object_store::Error>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, object_store::Error>>,
@@ -53,7 +54,11 @@ impl Retry {
                 Ok(value) => return Ok(value),
                 Err(e) if attempt < self.attempts && is_transient(&e) => {
                     let wait = self.delay(attempt, jitter());
-                    eprintln!("store: {what}: {e}; retry {attempt}/{} in {} ms", self.attempts - 1, wait.as_millis());
+                    eprintln!(
+                        "store: {what} {key}: {e}; retry {attempt}/{} in {} ms",
+                        self.attempts - 1,
+                        wait.as_millis()
+                    );
                     tokio::time::sleep(wait).await;
                     attempt += 1;
                 }
@@ -167,7 +172,7 @@ mod tests {
         let r = Retry { attempts: 4, base: Duration::from_millis(1), cap: Duration::from_millis(2) };
         let mut calls = 0;
         let out = r
-            .run("op", || {
+            .run("op", &Path::from("k"), || {
                 calls += 1;
                 let fail = calls < 3;
                 async move { if fail { Err(generic(std::io::Error::other("503"))) } else { Ok(calls) } }
@@ -176,7 +181,7 @@ mod tests {
         assert_eq!(out.unwrap(), 3);
         let mut calls = 0;
         let out: Result<(), _> = r
-            .run("op", || {
+            .run("op", &Path::from("k"), || {
                 calls += 1;
                 async { Err(generic(std::io::Error::other("503"))) }
             })
@@ -185,7 +190,7 @@ mod tests {
         assert_eq!(calls, 4, "every try used");
         let mut calls = 0;
         let out: Result<(), _> = r
-            .run("op", || {
+            .run("op", &Path::from("k"), || {
                 calls += 1;
                 async { Err(object_store::Error::NotFound { path: "a".into(), source: "gone".into() }) }
             })

@@ -72,7 +72,7 @@ impl FileWriter {
                     let m = &**multipart;
                     let id = store
                         .retry
-                        .run(format_args!("create upload {key}"), move || m.create_multipart(key))
+                        .run("create upload", key, move || m.create_multipart(key))
                         .await
                         .map_err(|e| store.object_error(key, e))?;
                     Sink::Parts { multipart: Arc::clone(multipart), id, parts: Vec::new() }
@@ -91,7 +91,7 @@ impl FileWriter {
                 let upload = move || m.put_part(key, id, index, PutPayload::from_bytes(part.clone()));
                 let part_id = store
                     .retry
-                    .run(format_args!("put part {index} of {key}"), upload)
+                    .run(&format!("put part {index} of"), key, upload)
                     .await
                     .map_err(|e| store.object_error(key, e))?;
                 parts.push(part_id);
@@ -126,7 +126,7 @@ impl FileWriter {
                         }
                     }
                 };
-                if let Err(e) = store.retry.run(format_args!("complete upload {key}"), complete).await {
+                if let Err(e) = store.retry.run("complete upload", key, complete).await {
                     let _ = multipart.abort_multipart(key, &id).await;
                     return Err(store.object_error(key, e));
                 }
@@ -147,7 +147,7 @@ impl FileWriter {
             let (m, key, id) = (&*multipart, &self.key, &id);
             self.store
                 .retry
-                .run(format_args!("abort upload {key}"), move || m.abort_multipart(key, id))
+                .run("abort upload", key, move || m.abort_multipart(key, id))
                 .await
                 .map_err(|e| self.store.object_error(key, e))?;
         }
@@ -191,7 +191,7 @@ async fn upload_whole(store: &Store, key: &Path, local: &std::path::Path, size: 
         }
         result.map(drop)
     };
-    store.retry.run(format_args!("upload {key}"), once).await.map_err(|e| store.object_error(key, e))
+    store.retry.run("upload", key, once).await.map_err(|e| store.object_error(key, e))
 }
 
 /// Uploads a local file as `name` (at `key`), returning its commit entry.

@@ -2,11 +2,11 @@
 //! two workers), a rerun that starts nothing, `pretrain status`, and a runner killed mid-train whose
 //! rerun resumes from the checkpoint to the same final weights as an uninterrupted run.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use pretrain_tests::bin;
+use pretrain_tests::{bin, manifest, model_sha};
 
 fn pretrain(args: &[&str]) -> Output {
     Command::new(bin("pretrain")).args(args).output().expect("pretrain runs")
@@ -14,68 +14,6 @@ fn pretrain(args: &[&str]) -> Output {
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
-}
-
-const SYLLABLES: [&str; 10] = ["ka", "lo", "mi", "ne", "ru", "sa", "to", "vi", "ze", "po"];
-
-/// Prose-like documents of made-up two-syllable words, deterministic in `i`.
-fn document(i: u64) -> String {
-    let mut state = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut word = || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        format!("{}{}", SYLLABLES[(state % 10) as usize], SYLLABLES[(state / 10 % 4) as usize])
-    };
-    (0..4 + i % 12)
-        .map(|k| {
-            let words: Vec<String> = (0..5 + (i + k) % 7).map(|_| word()).collect();
-            format!("{}.", words.join(" "))
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-/// A run named `name` with its store in `dir/store`, over 300 generated documents.
-fn manifest(dir: &Path, name: &str, train_tokens: u64) -> PathBuf {
-    let lines: Vec<String> =
-        (0..300).map(|i| serde_json::json!({"id": format!("d{i}"), "text": document(i)}).to_string()).collect();
-    std::fs::write(dir.join("docs.jsonl"), lines.join("\n")).unwrap();
-    let off = "{enabled: false}";
-    let text = format!(
-        r#"apiVersion: pretrain.dev/v1alpha1
-kind: PretrainRun
-metadata: {{name: {name}}}
-spec:
-  storage: {{url: "file://{store}"}}
-  data:
-    sources: [{{name: web, url: "{docs}"}}]
-    filters: {{gopherQuality: {off}, gopherRepetition: {off}, c4: {off}, fineweb: {off}, language: {off}}}
-    dedup: {{exact: false, minhash: {{enabled: false}}}}
-    heldOutFraction: 0.1
-    shards: 2
-  tokenizer: {{vocabSize: 300}}
-  model: {{preset: tiny, dim: 64, layers: 2, heads: 4, kvHeads: 2, ffnDim: 128}}
-  train:
-    seqLen: 32
-    tokens: {train_tokens}
-    globalBatchTokens: 256
-    microBatchSize: 4
-    optimizer: {{lr: 0.003, minLr: 0.0003}}
-    schedule: {{warmupSteps: 3}}
-    checkpoint: {{everySteps: 5, keep: 2}}
-    resources: {{gpusPerNode: 0}}
-  longContext: {{seqLen: 64, tokensFraction: 0.25}}
-  eval:
-    probes: [{{name: kalo, prompt: "kalo", target: " mika"}}]
-    passkey: {{lengths: [400], trials: 2}}
-"#,
-        store = dir.join("store").display(),
-        docs = dir.join("docs.jsonl").display(),
-    );
-    let path = dir.join(format!("{name}.yaml"));
-    std::fs::write(&path, text).unwrap();
-    path
 }
 
 #[test]
@@ -206,20 +144,6 @@ fn check_hf_directory(dir: &Path, seq_len: u64) {
     got.sort();
     expected.sort();
     assert_eq!(got, expected);
-}
-
-fn model_sha(store: &Path) -> String {
-    let commit: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(store.join("train/_SUCCESS.json")).unwrap()).unwrap();
-    commit["files"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|f| f["path"].as_str().unwrap().ends_with("model.safetensors"))
-        .unwrap()["sha256"]
-        .as_str()
-        .unwrap()
-        .to_string()
 }
 
 /// Whether any process's command line mentions `needle`.

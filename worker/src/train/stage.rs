@@ -36,9 +36,19 @@ pub enum TrainError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] pretrain_store::Error),
-    /// Saving or loading a checkpoint failed.
+    /// Loading a checkpoint failed.
     #[error(transparent)]
     Checkpoint(#[from] checkpoint::CheckpointError),
+    /// A checkpoint could not be saved (after the store's retries); nothing of it became `latest`.
+    #[error("checkpoint {name} was not saved: {source}; {kept}")]
+    NotSaved {
+        /// The checkpoint's directory name.
+        name: String,
+        /// Which checkpoint a restart resumes from.
+        kept: String,
+        /// Why it failed.
+        source: checkpoint::CheckpointError,
+    },
     /// A token shard is unreadable.
     #[error(transparent)]
     Shard(#[from] crate::tokenize::ShardError),
@@ -488,7 +498,7 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
     let flops_per_token = config.flops_per_token(seq_len);
     let every = spec.train.checkpoint.every_steps.max(1);
     let keep = spec.train.checkpoint.keep;
-    let mut saving: Option<tokio::task::JoinHandle<Result<Vec<FileEntry>, checkpoint::CheckpointError>>> = None;
+    let mut saving: Option<tokio::task::JoinHandle<Result<Vec<FileEntry>>>> = None;
     let mut last_files: Vec<FileEntry> = Vec::new();
     let mut last_print = Instant::now();
     let mut progress = Progress::new(label, "steps", Some(total_steps));
@@ -632,12 +642,18 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
                 std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok().map(|d| d.as_secs());
             let snapshot = Snapshot::take(state.clone(), model.params.named(), optimizer.state(&model.params))?;
             let metrics_bytes = Bytes::from(std::fs::read(&metrics_path)?);
-            let (dir, keep) = (ctx.dir.clone(), keep);
+            let (dir, keep, step) = (ctx.dir.clone(), keep, state.step);
             saving = Some(tokio::spawn(async move {
                 // Metrics first: a checkpoint is never without the metrics of its steps (a resume
                 // from an older checkpoint drops the lines past it).
-                dir.put("metrics.jsonl", metrics_bytes).await?;
-                checkpoint::save(&dir, snapshot, keep).await
+                let saved = async {
+                    dir.put("metrics.jsonl", metrics_bytes).await?;
+                    checkpoint::save(&dir, snapshot, keep).await
+                };
+                match saved.await {
+                    Ok(files) => Ok(files),
+                    Err(source) => Err(not_saved(&dir, step, source).await),
+                }
             }));
             if stopping {
                 let files = saving.take().expect("just started").await.expect("the checkpoint task does not panic")?;
@@ -684,6 +700,23 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
     let commit = ctx.dir.commit(&hash, files, stats).await?;
     collective.finish()?;
     Ok(Outcome::Done(Box::new(commit)))
+}
+
+/// The error of a checkpoint that failed to save, naming the checkpoint a restart will resume from
+/// (read back from the store, which is what the restart will see).
+async fn not_saved(dir: &StageDir, step: u64, source: checkpoint::CheckpointError) -> TrainError {
+    let latest = match dir.key("ckpt/latest") {
+        Ok(key) => dir.store().get_opt(&key).await.ok().flatten(),
+        Err(_) => None,
+    };
+    let kept = match latest {
+        Some(name) => format!(
+            "{} stays the latest complete checkpoint and a restart resumes from it",
+            String::from_utf8_lossy(&name).trim()
+        ),
+        None => "no earlier checkpoint exists; a restart begins at step 0".into(),
+    };
+    TrainError::NotSaved { name: checkpoint::dir_name(step), kept, source }
 }
 
 /// The weights and optimizer of a loaded checkpoint.
