@@ -108,3 +108,19 @@ pub fn model_sha(store: &Path) -> String {
         .unwrap()
         .to_string()
 }
+
+/// Ids of the processes whose command line contains `needle` (this test process excluded).
+pub fn processes_mentioning(needle: &str) -> Vec<u32> {
+    let me = std::process::id();
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok().map(|pid| (pid, e.path())))
+        .filter(|(pid, path)| {
+            *pid != me
+                && std::fs::read(path.join("cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
+        })
+        .map(|(pid, _)| pid)
+        .collect()
+}

@@ -1,12 +1,17 @@
 //! Reliability drills on whole runs: a run whose store fails 5% of its operations (503s, resets
 //! after the write, slow answers, cut downloads, lost upload parts) ends with exactly the outputs of
-//! a clean run, and a full disk during a checkpoint keeps the previous checkpoint as `latest`.
+//! a clean run; a full disk during a checkpoint keeps the previous checkpoint as `latest`; and a
+//! run whose runner and workers are SIGKILLed at random points of every stage, over and over, ends
+//! with the outputs of a run never interrupted.
 
 use std::collections::BTreeMap;
+use std::io::BufRead as _;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use pretrain_tests::{bin, manifest, model_sha};
+use pretrain_tests::{bin, manifest, model_sha, processes_mentioning};
 
 const STAGES: [&str; 5] = ["data-prep", "tokenize", "train", "long-context", "eval"];
 
@@ -98,9 +103,13 @@ fn a_run_whose_store_fails_five_percent_of_operations_ends_with_the_outputs_of_a
     // About 250 store operations at 5%: a dozen faults on average, none only once in 10^5 runs.
     eprintln!("faults injected: {} {kinds:?}", injected.lines().count());
     assert!(!kinds.is_empty(), "no fault was injected");
-    let (a, b) = (clean.path().join("store/drill"), faulty.path().join("store/drill"));
+    assert_same_outputs(&clean.path().join("store/drill"), &faulty.path().join("store/drill"));
+}
+
+/// Every stage of the run in `got` committed what the run in `want` did.
+fn assert_same_outputs(want: &Path, got: &Path) {
     for stage in STAGES {
-        let (want, got) = (outputs(&a, stage), outputs(&b, stage));
+        let (want, got) = (outputs(want, stage), outputs(got, stage));
         assert_eq!(want.keys().collect::<Vec<_>>(), got.keys().collect::<Vec<_>>(), "{stage}: other files");
         for (path, value) in &want {
             assert!(got[path] == *value, "{stage}/{path} differs from the clean run's:\n{value}\n{}", got[path]);
@@ -144,4 +153,146 @@ fn a_full_disk_or_a_read_only_store_during_a_checkpoint_keeps_the_previous_one_l
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains("train: resuming from step-000000005"), "{}", text(&out.stdout));
     assert_eq!(model_sha(&tmp.path().join("store/disk")), model_sha(&clean.path().join("store/disk")));
+}
+
+/// A runner started with its stdout collected line by line, each with the time it came.
+struct Runner {
+    child: Child,
+    lines: Arc<Mutex<Vec<(Instant, String)>>>,
+}
+
+impl Runner {
+    fn start(file: &Path) -> Self {
+        let mut child = Command::new(bin("pretrain"))
+            .arg("run")
+            .arg(file)
+            .args(["--workers", "2"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let (out, sink) = (child.stdout.take().unwrap(), Arc::clone(&lines));
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push((Instant::now(), line));
+            }
+        });
+        Self { child, lines }
+    }
+
+    /// The stage it runs now: the last one it started or restarted.
+    fn stage(&self) -> Option<String> {
+        self.lines.lock().unwrap().iter().rev().find_map(|(_, l)| {
+            let (stage, rest) = l.split_once(": ")?;
+            (STAGES.contains(&stage) && (rest == "starting" || rest.starts_with("attempt "))).then(|| stage.to_string())
+        })
+    }
+
+    fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// How long each stage took, from its start to its commit.
+    fn durations(&self) -> BTreeMap<String, Duration> {
+        let lines = self.lines.lock().unwrap();
+        let at = |text: &str| lines.iter().find(|(_, l)| l == text).map(|(t, _)| *t);
+        STAGES
+            .iter()
+            .filter_map(|s| Some((s.to_string(), at(&format!("{s}: committed"))? - at(&format!("{s}: starting"))?)))
+            .collect()
+    }
+}
+
+fn sigkill(pid: u32) {
+    let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+}
+
+#[test]
+fn a_run_killed_at_random_points_of_every_stage_converges_to_the_outputs_of_an_uninterrupted_run() {
+    let clean = tempfile::tempdir().unwrap();
+    let mut uninterrupted = Runner::start(&manifest(clean.path(), "crash", 5120));
+    assert!(uninterrupted.child.wait().unwrap().success());
+    // Kills land within a stage's length in the clean run after it starts.
+    let durations = uninterrupted.durations();
+    assert_eq!(durations.len(), STAGES.len(), "{durations:?}");
+
+    // Random points, reproducible from the seed; PRETRAIN_DRILL_ROUNDS=N repeats the drill on
+    // fresh runs with the seeds that follow (docs/reliability.md).
+    let env = |k: &str, default: u64| std::env::var(k).ok().and_then(|s| s.parse().ok()).unwrap_or(default);
+    let (seed, rounds) = (env("PRETRAIN_DRILL_SEED", 17), env("PRETRAIN_DRILL_ROUNDS", 1));
+    let mut landed: BTreeMap<String, usize> = BTreeMap::new();
+    for round in 0..rounds {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = manifest(tmp.path(), "crash", 5120);
+        let kills = kill_at_random(&file, &durations, seed + round, &mut landed);
+        assert!(kills >= 5, "only {kills} kills landed: {landed:?}");
+        let out = run(&file, None, &["--workers", "2"]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert_same_outputs(&clean.path().join("store/crash"), &tmp.path().join("store/crash"));
+    }
+    eprintln!("{rounds} rounds, {} SIGKILLs, all converged: {landed:?}", landed.values().sum::<usize>());
+}
+
+/// Runs `file` and SIGKILLs, for each stage in turn, first the runner (its workers get SIGTERM),
+/// then a worker, each at a random point within the stage's clean duration. Returns the kills that
+/// landed, counted by stage and victim into `landed`.
+fn kill_at_random(
+    file: &Path,
+    durations: &BTreeMap<String, Duration>,
+    seed: u64,
+    landed: &mut BTreeMap<String, usize>,
+) -> usize {
+    let needle = file.display().to_string();
+    let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut uniform = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        (rng >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let mut runner: Option<Runner> = None;
+    let mut kills = 0;
+    for (stage, victim) in STAGES.iter().flat_map(|s| [(s, "runner"), (s, "worker")]) {
+        let r = runner.get_or_insert_with(|| Runner::start(file));
+        let deadline = Instant::now() + Duration::from_secs(300);
+        // Wait for the stage (or a later one: it may have committed before an earlier kill).
+        let later = |s: &str| STAGES.iter().position(|x| *x == s) >= STAGES.iter().position(|x| x == stage);
+        while r.alive() && !r.stage().is_some_and(|s| later(&s)) {
+            assert!(Instant::now() < deadline, "stage {stage} never started");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if !r.alive() {
+            runner = None;
+            continue;
+        }
+        std::thread::sleep(durations[*stage].mul_f64(uniform()));
+        let Some(now) = r.stage() else { continue };
+        if victim == "runner" {
+            sigkill(r.child.id());
+            r.child.wait().unwrap();
+            runner = None;
+            // Wait for its workers to checkpoint and go before the next runner starts.
+            while !processes_mentioning(&needle).is_empty() {
+                assert!(Instant::now() < deadline + Duration::from_secs(120), "a worker outlived its runner");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        } else {
+            let workers: Vec<u32> = processes_mentioning(&needle)
+                .into_iter()
+                .filter(|pid| {
+                    std::fs::read(format!("/proc/{pid}/cmdline"))
+                        .is_ok_and(|c| String::from_utf8_lossy(&c).contains("pretrain-worker"))
+                })
+                .collect();
+            let Some(&pid) = workers.get((uniform() * workers.len() as f64) as usize) else { continue };
+            sigkill(pid);
+        }
+        kills += 1;
+        *landed.entry(format!("{now}/{victim}")).or_default() += 1;
+    }
+    if let Some(mut r) = runner.take() {
+        r.child.wait().unwrap();
+    }
+    kills
 }

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use pretrain_tests::{bin, manifest, model_sha};
+use pretrain_tests::{bin, manifest, model_sha, processes_mentioning};
 
 fn pretrain(args: &[&str]) -> Output {
     Command::new(bin("pretrain")).args(args).output().expect("pretrain runs")
@@ -147,13 +147,6 @@ fn check_hf_directory(dir: &Path, seq_len: u64) {
 }
 
 /// Whether any process's command line mentions `needle`.
-fn process_mentions(needle: &str) -> bool {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(Result::ok)
-        .any(|e| std::fs::read(e.path().join("cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle)))
-}
-
 #[test]
 fn a_killed_runner_leaves_a_checkpoint_and_the_rerun_ends_with_the_same_weights() {
     let tokens = 60 * 256;
@@ -183,7 +176,7 @@ fn a_killed_runner_leaves_a_checkpoint_and_the_rerun_ends_with_the_same_weights(
     runner.wait().unwrap();
     // The worker got SIGTERM from the kernel when the runner died: it checkpoints and exits.
     let deadline = Instant::now() + Duration::from_secs(120);
-    while process_mentions(file) {
+    while !processes_mentioning(file).is_empty() {
         assert!(Instant::now() < deadline, "the worker outlived its runner");
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -589,7 +589,10 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
         if let Some(e) = event {
             line["event"] = e.into();
         }
-        let checkpointing = state.step % every == 0 || state.step == total_steps || stopping;
+        // Held-out loss and probes only at scheduled checkpoints: a checkpoint on SIGTERM must be quick
+        // (the grace period runs), and the metrics stay those of an uninterrupted run.
+        let scheduled = state.step % every == 0 || state.step == total_steps;
+        let checkpointing = scheduled || stopping;
         if !leader {
             // Rank 0 measures, logs and checkpoints for the gang.
             if stopping {
@@ -598,11 +601,11 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
             }
             continue;
         }
-        if checkpointing && let Some(heldout) = &heldout {
+        if scheduled && let Some(heldout) = &heldout {
             let heldout_loss = evaluate(&model, heldout, seq_len, micro, dtype, &device)?;
             line["heldoutLoss"] = heldout_loss.into();
         }
-        if checkpointing && !probes.is_empty() {
+        if scheduled && !probes.is_empty() {
             let scorer = Scorer::new(&model, dtype);
             let logprobs = probe_logprobs(&scorer, &tok.encoder, tok.separator, probes)
                 .map_err(|e| TrainError::Invalid(format!("spec.eval.probes: {e}")))?;
