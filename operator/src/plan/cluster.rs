@@ -222,6 +222,27 @@ pub fn decide(view: &ClusterView<'_>) -> Decision {
         }
     }
 
+    // The status write that recorded a new attempt can be lost after its Jobs were created (the API
+    // failed, or the operator restarted in between). The Jobs carry their attempt: adopt it, so the
+    // attempt and, once it ends, its failure are counted.
+    for (i, stage) in spec.stages().into_iter().enumerate() {
+        let s = &mut decision.status.stages[i];
+        let newest = view.jobs.iter().filter(|j| j.stage == stage && j.current_spec).map(|j| j.attempt).max();
+        if let Some(attempt) = newest.filter(|a| *a > s.attempts) {
+            let resumed = attempt > 1;
+            s.attempts = attempt;
+            s.phase = StagePhase::Running;
+            s.start_time = Some(now.clone());
+            s.finish_time = None;
+            s.message = None;
+            decision.events.push(Event {
+                warning: false,
+                reason: if resumed { "StageRestarted" } else { "StageStarted" },
+                note: format!("{stage}: attempt {attempt} (found running; its start was not recorded)"),
+            });
+        }
+    }
+
     // What became of each stage's current attempt.
     let mut permanent = BTreeSet::new();
     for (i, stage) in spec.stages().into_iter().enumerate() {

@@ -209,8 +209,8 @@ pub fn read_file(path: &Path, options: &ReadOptions<'_>, emit: &mut dyn FnMut(It
 /// Reads the text column (and `id`, `url`, `title` when present) of a Parquet file, row group by row
 /// group; only those columns are decoded. A row whose text is missing or too large is skipped with
 /// its row number.
-fn read_parquet(
-    file: File,
+pub(crate) fn read_parquet<R: parquet::file::reader::ChunkReader + 'static>(
+    file: R,
     name: &str,
     options: &ReadOptions<'_>,
     emit: &mut dyn FnMut(Item),
@@ -290,7 +290,7 @@ fn decompressed(file: File, lower_name: &str) -> io::Result<Box<dyn BufRead>> {
     })
 }
 
-fn read_warc<R: BufRead + std::io::Seek>(
+pub(crate) fn read_warc<R: BufRead + std::io::Seek>(
     input: R,
     gzip: bool,
     name: &str,
@@ -343,7 +343,12 @@ fn read_warc<R: BufRead + std::io::Seek>(
     }
 }
 
-fn read_jsonl(mut input: Box<dyn BufRead>, name: &str, options: &ReadOptions<'_>, emit: &mut dyn FnMut(Item)) {
+pub(crate) fn read_jsonl(
+    mut input: Box<dyn BufRead>,
+    name: &str,
+    options: &ReadOptions<'_>,
+    emit: &mut dyn FnMut(Item),
+) {
     let skip = |line: u64, reason: String| Item::Skipped(Skipped { file: name.to_string(), offset: line, reason });
     let mut buf = Vec::new();
     let mut line_no = 0u64;

@@ -69,6 +69,37 @@ pub struct Manifest {
     pub files: Vec<FileEntry>,
 }
 
+impl Manifest {
+    /// Parses and checks a `MANIFEST.json`: a format this build reads, and files named by plain
+    /// file names (no directories, `..` or absolute paths: the names become local paths on load),
+    /// each listed once.
+    pub fn parse(bytes: &[u8]) -> Result<Self, String> {
+        let manifest: Self =
+            serde_json::from_slice(bytes).map_err(|e| format!("MANIFEST.json is not a manifest: {e}"))?;
+        if manifest.format_version > FORMAT_VERSION {
+            return Err(format!(
+                "MANIFEST.json format {} is newer than this build reads ({FORMAT_VERSION})",
+                manifest.format_version
+            ));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for f in &manifest.files {
+            let plain = !f.path.is_empty()
+                && f.path != "."
+                && f.path != ".."
+                && !f.path.contains(['/', '\\', '\0'])
+                && f.path.len() <= 255;
+            if !plain {
+                return Err(format!("MANIFEST.json lists {:?}, which is not a plain file name", f.path));
+            }
+            if !seen.insert(f.path.as_str()) {
+                return Err(format!("MANIFEST.json lists {:?} twice", f.path));
+            }
+        }
+        Ok(manifest)
+    }
+}
+
 /// Host copies of everything a checkpoint holds.
 #[derive(Debug)]
 pub struct Snapshot {
@@ -217,9 +248,9 @@ pub async fn load(dir: &StageDir, step: u64, device: &Device) -> Result<Result<L
     let Some(manifest) = dir.store().get_opt(&dir.key(&format!("ckpt/{name}/MANIFEST.json"))?).await? else {
         return Ok(Err("no MANIFEST.json (an interrupted save)".into()));
     };
-    let manifest: Manifest = match serde_json::from_slice(&manifest) {
+    let manifest = match Manifest::parse(&manifest) {
         Ok(m) => m,
-        Err(e) => return Ok(Err(format!("MANIFEST.json is not a manifest: {e}"))),
+        Err(e) => return Ok(Err(e)),
     };
     let tmp = tempfile::tempdir().map_err(|e| CheckpointError::Local { name: name.clone(), reason: e.to_string() })?;
     for f in &manifest.files {
