@@ -209,7 +209,40 @@ pub fn read_file(path: &Path, options: &ReadOptions<'_>, emit: &mut dyn FnMut(It
 /// Reads the text column (and `id`, `url`, `title` when present) of a Parquet file, row group by row
 /// group; only those columns are decoded. A row whose text is missing or too large is skipped with
 /// its row number.
+///
+/// The Parquet decoder asserts on some malformed files instead of returning an error; such a panic
+/// ends the file like a damaged page does, so one hostile file cannot take the stage down.
 pub(crate) fn read_parquet<R: parquet::file::reader::ChunkReader + 'static>(
+    file: R,
+    name: &str,
+    options: &ReadOptions<'_>,
+    emit: &mut dyn FnMut(Item),
+) -> Result<(), ReadError> {
+    let mut rows = 0u64;
+    let mut counting = |item: Item| {
+        rows += 1;
+        emit(item);
+    };
+    let read = std::panic::AssertUnwindSafe(|| read_parquet_rows(file, name, options, &mut counting));
+    match std::panic::catch_unwind(read) {
+        Ok(result) => result,
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".into());
+            emit(Item::Skipped(Skipped {
+                file: name.to_string(),
+                offset: rows,
+                reason: format!("unreadable from here on: the Parquet decoder failed: {why}"),
+            }));
+            Ok(())
+        }
+    }
+}
+
+fn read_parquet_rows<R: parquet::file::reader::ChunkReader + 'static>(
     file: R,
     name: &str,
     options: &ReadOptions<'_>,
