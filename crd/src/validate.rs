@@ -132,12 +132,52 @@ fn spec_rules(spec: &PretrainRunSpec, e: &mut Errors) {
     eval(&spec.eval, e);
 }
 
+/// Whether a URL carries credentials: `user:password@` before the host, or a signed or
+/// token-bearing query string.
+pub fn carries_credentials(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    if rest.split(['/', '?', '#']).next().unwrap_or("").contains('@') {
+        return true;
+    }
+    let query = url.split_once('?').map(|(_, q)| q.to_ascii_lowercase()).unwrap_or_default();
+    [
+        "signature=",
+        "sig=",
+        "x-amz-credential=",
+        "x-amz-security-token=",
+        "awsaccesskeyid=",
+        "token=",
+        "password=",
+        "secret",
+    ]
+    .iter()
+    .any(|k| query.contains(k))
+}
+
+/// Refuses a URL with credentials in it, without repeating the URL: a spec is stored in the
+/// cluster, copied into a ConfigMap and shown in status and logs.
+fn no_credentials(url: &str, path: &str, e: &mut Errors) {
+    e.check(
+        !carries_credentials(url),
+        path,
+        "must not carry credentials (user:password@ or a signed query string); put them in the Secret \
+         named by spec.storage.secretRef",
+    );
+}
+
+/// A URL for messages: as written, unless it carries credentials.
+fn shown(url: &str) -> String {
+    if carries_credentials(url) { "(a URL with credentials)".into() } else { format!("{url:?}") }
+}
+
 fn storage(s: &Storage, e: &mut Errors) {
     let path = "spec.storage.url";
+    no_credentials(&s.url, path, e);
     match s.url.split_once("://") {
-        None => {
-            e.push(path, format!("must be a URL with one of the schemes {}, got {:?}", STORE_SCHEMES.join(", "), s.url))
-        }
+        None => e.push(
+            path,
+            format!("must be a URL with one of the schemes {}, got {}", STORE_SCHEMES.join(", "), shown(&s.url)),
+        ),
         Some((scheme, rest)) => {
             if !STORE_SCHEMES.contains(&scheme) {
                 e.push(path, format!("scheme {scheme:?} is not supported; use one of {}", STORE_SCHEMES.join(", ")));
@@ -241,10 +281,11 @@ fn source(s: &Source, path: &str, global: &Filters, e: &mut Errors) {
         e.push(format!("{path}.name"), why);
     }
     e.check(!s.url.trim().is_empty(), format!("{path}.url"), "must not be empty");
+    no_credentials(&s.url, &format!("{path}.url"), e);
     if s.resolved_format().is_none() {
         e.push(
             format!("{path}.format"),
-            format!("cannot be inferred from {:?}; set one of warc, jsonl, parquet, text", s.url),
+            format!("cannot be inferred from {}; set one of warc, jsonl, parquet, text", shown(&s.url)),
         );
     }
     e.check(!s.text_field.is_empty(), format!("{path}.textField"), "must not be empty");
@@ -345,6 +386,7 @@ fn tokenizer(t: &Tokenizer, e: &mut Errors) {
     }
     if let Some(url) = &t.url {
         e.check(!url.trim().is_empty(), "spec.tokenizer.url", "must not be empty when set");
+        no_credentials(url, "spec.tokenizer.url", e);
     }
 }
 
@@ -519,6 +561,7 @@ fn eval(ev: &Eval, e: &mut Errors) {
         e.check(!b.name.is_empty(), format!("{path}.name"), "must not be empty");
         e.check(names.insert(b.name.as_str()), format!("{path}.name"), format!("{:?} is used twice", b.name));
         e.check(!b.url.trim().is_empty(), format!("{path}.url"), "must not be empty");
+        no_credentials(&b.url, &format!("{path}.url"), e);
     }
     for (i, len) in ev.passkey.lengths.iter().enumerate() {
         e.check(

@@ -377,3 +377,23 @@ fn round_trip_through_yaml_keeps_the_spec() {
     let again = pretrain_crd::parse(&text, "again.yaml").unwrap();
     assert_eq!(run.spec, again.spec);
 }
+
+#[test]
+fn credentials_in_urls_are_refused_without_being_repeated() {
+    let secret = "wJalrXUtnFEMI";
+    for (key, field, url) in [
+        ("spec.storage.url", "spec.storage.url", format!("s3://AKIA:{secret}@bucket/runs")),
+        (
+            "spec.data.sources.0.url",
+            "spec.data.sources[0].url",
+            format!("https://h/c.warc.gz?X-Amz-Signature={secret}"),
+        ),
+        ("spec.data.sources.0.url", "spec.data.sources[0].url", format!("https://user:{secret}@host/data.jsonl")),
+    ] {
+        let errors = errors_of(&patched(&[(key, &format!("{url:?}"))]));
+        let error = errors.iter().find(|e| e.starts_with(field)).unwrap_or_else(|| panic!("{errors:?}"));
+        assert!(error.contains("must not carry credentials"), "{error}");
+        assert!(errors.iter().all(|e| !e.contains(secret)), "a secret was repeated: {errors:?}");
+    }
+    assert!(errors_of(&patched(&[("spec.storage.url", "\"s3://bucket/runs?versioned=true\"")])).is_empty());
+}
