@@ -84,11 +84,10 @@ impl Manifest {
         }
         let mut seen = std::collections::BTreeSet::new();
         for f in &manifest.files {
-            let plain = !f.path.is_empty()
-                && f.path != "."
-                && f.path != ".."
-                && !f.path.contains(['/', '\\', '\0'])
-                && f.path.len() <= 255;
+            // One segment that is a valid object key (which also refuses control characters).
+            let plain = !f.path.contains('\\')
+                && f.path.len() <= 255
+                && pretrain_store::key(&f.path).is_ok_and(|k| k.parts().count() == 1);
             if !plain {
                 return Err(format!("MANIFEST.json lists {:?}, which is not a plain file name", f.path));
             }
