@@ -43,7 +43,7 @@ pub const ENV_FAULTS: &str = "PRETRAIN_STORE_FAULTS";
 pub struct Faults {
     /// Probability that an operation meets a transient fault.
     pub rate: f64,
-    /// Seed of the fault sequence (mixed with the process id).
+    /// Seed of the fault sequence (from the environment, mixed with the process id).
     pub seed: u64,
     /// Longest wait of a slow response.
     pub delay: Duration,
@@ -209,7 +209,7 @@ impl fmt::Display for FaultyStore {
 impl FaultyStore {
     /// Wraps a store and, if it has one, its multipart interface.
     pub fn new(inner: Arc<dyn ObjectStore>, multipart: Option<Arc<dyn MultipartStore>>, faults: Faults) -> Self {
-        let seed = splitmix(faults.seed ^ (u64::from(std::process::id()) << 20));
+        let seed = splitmix(faults.seed);
         Self {
             inner,
             multipart,

@@ -1,6 +1,8 @@
 //! The store on every backend the tests can reach: local files, memory, and a real S3 protocol
 //! server (s3s-fs) running in-process.
 
+mod common;
+
 use bytes::Bytes;
 use pretrain_crd::Stage;
 use pretrain_store::{Error, SUCCESS_FILE, Store, key};
@@ -87,36 +89,9 @@ async fn file_store_round_trips() {
 
 #[tokio::test]
 async fn s3_store_round_trips_against_an_in_process_s3_server() {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-    use hyper_util::server::conn::auto::Builder as ConnBuilder;
-
     let root = tempfile::tempdir().unwrap();
-    std::fs::create_dir(root.path().join("bucket")).unwrap();
-    let service = {
-        let mut builder = s3s::service::S3ServiceBuilder::new(s3s_fs::FileSystem::new(root.path()).unwrap());
-        builder.set_auth(s3s::auth::SimpleAuth::from_single("test-access", "test-secret"));
-        builder.build()
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(async move {
-        loop {
-            let Ok((socket, _)) = listener.accept().await else { break };
-            let service = service.clone();
-            tokio::spawn(async move {
-                let _ = ConnBuilder::new(TokioExecutor::new()).serve_connection(TokioIo::new(socket), service).await;
-            });
-        }
-    });
-
-    let endpoint = format!("http://{addr}");
-    let options = [
-        ("aws_endpoint", endpoint.as_str()),
-        ("aws_allow_http", "true"),
-        ("aws_access_key_id", "test-access"),
-        ("aws_secret_access_key", "test-secret"),
-        ("aws_region", "us-east-1"),
-    ];
+    let (endpoint, server) = common::serve(common::s3_service(root.path())).await;
+    let options = common::options(&endpoint, common::SECRET_KEY);
     let store = Store::open_with("s3://bucket/team/runs", &options).unwrap();
     exercise(&store).await;
 
@@ -125,19 +100,10 @@ async fn s3_store_round_trips_against_an_in_process_s3_server() {
     dir.put("eval.json", Bytes::from_static(b"{}")).await.unwrap();
     assert!(root.path().join("bucket/team/runs/run-b/eval/eval.json").is_file());
 
-    let wrong = Store::open_with(
-        "s3://bucket",
-        &[
-            ("aws_endpoint", endpoint.as_str()),
-            ("aws_allow_http", "true"),
-            ("aws_access_key_id", "test-access"),
-            ("aws_secret_access_key", "wrong"),
-            ("aws_region", "us-east-1"),
-        ],
-    )
-    .unwrap();
+    let wrong = Store::open_with("s3://bucket", &common::options(&endpoint, "s3cr3t-Wr0ng-K3y")).unwrap();
     let err = wrong.get(&key("run-b/eval/eval.json").unwrap()).await.unwrap_err().to_string();
     assert!(err.starts_with("s3://bucket/run-b/eval/eval.json:"), "{err}");
+    assert!(!err.contains("s3cr3t-Wr0ng-K3y"), "the secret key is never repeated: {err}");
     server.abort();
 }
 
