@@ -43,7 +43,7 @@ pub const ENV_FAULTS: &str = "PRETRAIN_STORE_FAULTS";
 pub struct Faults {
     /// Probability that an operation meets a transient fault.
     pub rate: f64,
-    /// Seed of the fault sequence (from the environment, mixed with the process id).
+    /// Seed of the fault sequence (from the environment, mixed with the process's command line).
     pub seed: u64,
     /// Longest wait of a slow response.
     pub delay: Duration,
@@ -87,7 +87,14 @@ impl Faults {
     pub fn from_env() -> Result<Option<Self>, String> {
         match std::env::var(ENV_FAULTS) {
             Ok(spec) if !spec.trim().is_empty() => {
-                Self::parse(&spec).map(Some).map_err(|e| format!("{ENV_FAULTS}: {e}"))
+                let mut faults = Self::parse(&spec).map_err(|e| format!("{ENV_FAULTS}: {e}"))?;
+                // Every process of a run reads the same variable: the runner and each worker get
+                // their own sequence, from their command line and shard or rank, the same on every
+                // rerun.
+                let mut command: Vec<String> = std::env::args().collect();
+                command.extend(["JOB_COMPLETION_INDEX", "RANK"].iter().filter_map(|k| std::env::var(k).ok()));
+                faults.seed ^= splitmix(command.join(" ").bytes().fold(0u64, |h, b| splitmix(h ^ u64::from(b))));
+                Ok(Some(faults))
             }
             _ => Ok(None),
         }
