@@ -183,6 +183,30 @@ impl Injector {
     async fn pause(&self) {
         tokio::time::sleep(self.faults.delay.mul_f64(self.uniform())).await;
     }
+
+    /// Runs a write of `key` with a rolled fault around it: refused before, lost after, or slow.
+    async fn write<T>(
+        &self,
+        op: &str,
+        key: &str,
+        run: impl Future<Output = object_store::Result<T>>,
+    ) -> object_store::Result<T> {
+        if let Some(e) = self.permanent(op, key, false) {
+            return Err(e);
+        }
+        match self.roll(op, key, WRITE) {
+            Some(Kind::Unavailable) => Err(transient(Kind::Unavailable, op, key)),
+            Some(Kind::Reset) => {
+                run.await?;
+                Err(transient(Kind::Reset, op, key))
+            }
+            Some(_) => {
+                self.pause().await;
+                run.await
+            }
+            None => run.await,
+        }
+    }
 }
 
 fn transient(kind: Kind, op: &str, key: &str) -> object_store::Error {
@@ -235,30 +259,6 @@ impl FaultyStore {
         })
     }
 
-    /// Runs a write with a rolled fault around it.
-    async fn write<T>(
-        &self,
-        op: &str,
-        key: &Path,
-        run: impl Future<Output = object_store::Result<T>>,
-    ) -> object_store::Result<T> {
-        if let Some(e) = self.injector.permanent(op, key.as_ref(), false) {
-            return Err(e);
-        }
-        match self.injector.roll(op, key.as_ref(), WRITE) {
-            Some(Kind::Unavailable) => Err(transient(Kind::Unavailable, op, key.as_ref())),
-            Some(Kind::Reset) => {
-                run.await?;
-                Err(transient(Kind::Reset, op, key.as_ref()))
-            }
-            Some(_) => {
-                self.injector.pause().await;
-                run.await
-            }
-            None => run.await,
-        }
-    }
-
     /// Runs a read with a rolled fault (refused or slow) in front of it.
     async fn read<T>(
         &self,
@@ -295,7 +295,7 @@ impl ObjectStore for FaultyStore {
         payload: PutPayload,
         opts: PutOptions,
     ) -> object_store::Result<PutResult> {
-        self.write("put", location, self.inner.put_opts(location, payload, opts)).await
+        self.injector.write("put", location.as_ref(), self.inner.put_opts(location, payload, opts)).await
     }
 
     async fn put_multipart_opts(
@@ -395,14 +395,14 @@ impl ObjectStore for FaultyStore {
     }
 
     async fn copy_opts(&self, from: &Path, to: &Path, options: CopyOptions) -> object_store::Result<()> {
-        self.write("copy", to, self.inner.copy_opts(from, to, options)).await
+        self.injector.write("copy", to.as_ref(), self.inner.copy_opts(from, to, options)).await
     }
 
     async fn rename_opts(&self, from: &Path, to: &Path, options: RenameOptions) -> object_store::Result<()> {
         if let Some(e) = self.injector.permanent("rename", from.as_ref(), true) {
             return Err(e);
         }
-        self.write("rename", to, self.inner.rename_opts(from, to, options)).await
+        self.injector.write("rename", to.as_ref(), self.inner.rename_opts(from, to, options)).await
     }
 }
 
@@ -425,7 +425,7 @@ fn rechunk(stream: BoxStream<'static, object_store::Result<Bytes>>) -> BoxStream
 impl MultipartStore for FaultyStore {
     async fn create_multipart(&self, path: &Path) -> object_store::Result<MultipartId> {
         let multipart = self.multipart()?;
-        self.write("create-multipart", path, multipart.create_multipart(path)).await
+        self.injector.write("create-multipart", path.as_ref(), multipart.create_multipart(path)).await
     }
 
     async fn put_part(
@@ -436,7 +436,7 @@ impl MultipartStore for FaultyStore {
         data: PutPayload,
     ) -> object_store::Result<PartId> {
         let multipart = self.multipart()?;
-        self.write("put-part", path, multipart.put_part(path, id, part_idx, data)).await
+        self.injector.write("put-part", path.as_ref(), multipart.put_part(path, id, part_idx, data)).await
     }
 
     async fn complete_multipart(
@@ -446,7 +446,7 @@ impl MultipartStore for FaultyStore {
         parts: Vec<PartId>,
     ) -> object_store::Result<PutResult> {
         let multipart = self.multipart()?;
-        self.write("complete-multipart", path, multipart.complete_multipart(path, id, parts)).await
+        self.injector.write("complete-multipart", path.as_ref(), multipart.complete_multipart(path, id, parts)).await
     }
 
     async fn abort_multipart(&self, path: &Path, id: &MultipartId) -> object_store::Result<()> {
@@ -496,22 +496,7 @@ impl MultipartUpload for FaultyUpload {
     }
 
     async fn complete(&mut self) -> object_store::Result<PutResult> {
-        if let Some(e) = self.injector.permanent("complete", &self.key, false) {
-            return Err(e);
-        }
-        let key = self.key.clone();
-        match self.injector.roll("complete", &key, WRITE) {
-            Some(Kind::Unavailable) => Err(transient(Kind::Unavailable, "complete", &key)),
-            Some(Kind::Reset) => {
-                self.inner.complete().await?;
-                Err(transient(Kind::Reset, "complete", &key))
-            }
-            Some(_) => {
-                self.injector.pause().await;
-                self.inner.complete().await
-            }
-            None => self.inner.complete().await,
-        }
+        self.injector.write("complete", &self.key, self.inner.complete()).await
     }
 
     async fn abort(&mut self) -> object_store::Result<()> {
