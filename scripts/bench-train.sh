@@ -5,19 +5,11 @@
 #
 #   scripts/bench-train.sh
 #
-# PyTorch is installed once into $PRETRAIN_BENCH_VENV (default ~/.cache/pretrain/train-venv); set
-# PRETRAIN_BENCH_PYTHON to use a Python that already has torch.
+# PyTorch comes from scripts/python-env.sh (installed once under ~/.cache/pretrain); set PRETRAIN_PYTHON
+# to use a Python that already has torch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python=${PRETRAIN_BENCH_PYTHON:-}
-if [ -z "$python" ]; then
-    venv=${PRETRAIN_BENCH_VENV:-$HOME/.cache/pretrain/train-venv}
-    if [ ! -x "$venv/bin/python" ]; then
-        python3 -m venv "$venv"
-        "$venv/bin/pip" install --quiet torch
-    fi
-    python=$venv/bin/python
-fi
+python=${PRETRAIN_PYTHON:-$(scripts/python-env.sh)}
 cargo build --quiet --release -p pretrain-worker --bin bench-train
 
 run() { # preset vocab batch seq steps

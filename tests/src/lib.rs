@@ -124,3 +124,43 @@ pub fn processes_mentioning(needle: &str) -> Vec<u32> {
         .map(|(pid, _)| pid)
         .collect()
 }
+
+/// The Python interpreter the reference checks run (`PRETRAIN_PYTHON`, default `python3`), or
+/// `None` when `PRETRAIN_SKIP_PYTHON` is set.
+pub fn python() -> Option<String> {
+    if std::env::var_os("PRETRAIN_SKIP_PYTHON").is_some() {
+        eprintln!("PRETRAIN_SKIP_PYTHON is set: the transformers check is skipped");
+        return None;
+    }
+    Some(std::env::var("PRETRAIN_PYTHON").unwrap_or_else(|_| "python3".into()))
+}
+
+/// Logits `transformers`' `LlamaForCausalLM` gives for `ids` (rows of equal length) from the
+/// Hugging Face directory `dir` (`scripts/check_export.py`), flattened.
+pub fn transformers_logits(python: &str, dir: &Path, ids: &[Vec<u32>]) -> Vec<f32> {
+    let input = dir.join("ids.json");
+    std::fs::write(&input, serde_json::json!({ "ids": ids }).to_string()).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/check_export.py");
+    let out = std::process::Command::new(python)
+        .arg(&script)
+        .arg(dir)
+        .arg(&input)
+        .output()
+        .unwrap_or_else(|e| panic!("{python} does not run ({e}); PRETRAIN_SKIP_PYTHON=1 skips this check"));
+    std::fs::remove_file(&input).unwrap();
+    assert!(
+        out.status.success(),
+        "{} failed (needs torch and transformers: PRETRAIN_PYTHON=$(scripts/python-env.sh); PRETRAIN_SKIP_PYTHON=1 skips this check): {}",
+        script.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let value: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    value["logits"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect()
+}
+
+/// The largest difference between two logit arrays, relative to the largest logit.
+pub fn relative_difference(ours: &[f32], theirs: &[f32]) -> f32 {
+    assert_eq!(ours.len(), theirs.len(), "logit counts differ");
+    let scale = ours.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+    ours.iter().zip(theirs).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale
+}

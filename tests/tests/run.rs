@@ -6,7 +6,9 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use pretrain_tests::{bin, manifest, model_sha, processes_mentioning};
+use pretrain_tests::{
+    bin, manifest, model_sha, processes_mentioning, python, relative_difference, transformers_logits,
+};
 
 fn pretrain(args: &[&str]) -> Output {
     Command::new(bin("pretrain")).args(args).output().expect("pretrain runs")
@@ -79,6 +81,7 @@ fn a_micro_manifest_runs_all_five_stages_and_a_rerun_starts_none() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stdout).starts_with("exported file://"), "{}", text(&out.stdout));
     check_hf_directory(&hf, 64);
+    check_hf_logits(&store.join("long-context"), &hf);
     let out = pretrain(&["export", "-f", file, "--checkpoint", "train/999", "-o", hf.to_str().unwrap()]);
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("step-000000999"), "{}", text(&out.stderr));
@@ -90,6 +93,32 @@ fn a_micro_manifest_runs_all_five_stages_and_a_rerun_starts_none() {
         .map(|s| format!("{s}: outputs committed for this spec; skipped\n"))
         .collect();
     assert_eq!(text(&out.stdout), expected);
+}
+
+/// `transformers` loads the exported directory (`LlamaForCausalLM`, `AutoTokenizer`) and gives the
+/// logits our model computes from the checkpoint (`stage`'s latest), over its whole trained length.
+fn check_hf_logits(stage: &Path, hf: &Path) {
+    use candle_core::{DType, Device, Tensor};
+    use pretrain_worker::model::{Llama, LlamaConfig, Params};
+
+    let Some(python) = python() else { return };
+    let name = std::fs::read_to_string(stage.join("ckpt/latest")).unwrap();
+    let checkpoint = stage.join("ckpt").join(name.trim());
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(checkpoint.join("state.json")).unwrap()).unwrap();
+    let config: LlamaConfig = serde_json::from_value(state["model"].clone()).unwrap();
+    let seq_len = state["seqLen"].as_u64().unwrap() as usize;
+    let tensors = candle_core::safetensors::load(checkpoint.join("model.safetensors"), &Device::Cpu).unwrap();
+    let params = Params::from_named(&config, tensors, &Device::Cpu).unwrap();
+    let vocab = config.vocab_size as u32;
+    let model = Llama::new(config, params, seq_len, &Device::Cpu).unwrap();
+    let ids: Vec<Vec<u32>> =
+        (0..2u32).map(|r| (0..seq_len as u32).map(|i| (i * 37 + r * 11 + 5) % vocab).collect()).collect();
+    let input = Tensor::from_vec(ids.concat(), (2, seq_len), &Device::Cpu).unwrap();
+    let ours: Vec<f32> = model.forward(&input, DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let theirs = transformers_logits(&python, hf, &ids);
+    let diff = relative_difference(&ours, &theirs);
+    assert!(diff < 1e-4, "transformers' logits differ from ours by {diff:.2e} of the largest logit");
 }
 
 /// An exported directory as `transformers` reads it: a Llama config, and safetensors whose tensor

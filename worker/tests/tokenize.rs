@@ -82,15 +82,16 @@ fn python_tokenizers_loads_the_file_and_encodes_identically() {
     std::fs::write(tmp.path().join("tokenizer.json"), json).unwrap();
     std::fs::write(tmp.path().join("texts.json"), serde_json::to_string(texts).unwrap()).unwrap();
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/check_tokenizer.py");
-    let out = std::process::Command::new("python3")
+    let python = std::env::var("PRETRAIN_PYTHON").unwrap_or_else(|_| "python3".into());
+    let out = std::process::Command::new(&python)
         .arg(&script)
         .arg(tmp.path().join("tokenizer.json"))
         .arg(tmp.path().join("texts.json"))
         .output()
-        .expect("python3 runs");
+        .unwrap_or_else(|e| panic!("{python} does not run: {e}"));
     assert!(
         out.status.success(),
-        "{} failed (needs `pip install tokenizers`; PRETRAIN_SKIP_PYTHON=1 skips this test): {}",
+        "{} failed (needs tokenizers: PRETRAIN_PYTHON=$(scripts/python-env.sh); PRETRAIN_SKIP_PYTHON=1 skips this test): {}",
         script.display(),
         String::from_utf8_lossy(&out.stderr)
     );

@@ -1,9 +1,15 @@
 //! Deduplication: exact (hash of the normalised text) and fuzzy (MinHash signatures, LSH bands, and a
 //! Jaccard check of the full signatures before two documents are merged).
 
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+
 use xxhash_rust::xxh3::{xxh3_64_with_seed, xxh3_128};
 
 use super::random::splitmix;
+use super::runs::Merge;
 
 /// Hash of a document's normalised text: lowercase, whitespace runs collapsed. Equal hashes are
 /// exact duplicates.
@@ -143,33 +149,141 @@ impl UnionFind {
     }
 }
 
-/// Near-duplicate clusters among `signatures` (in document order): candidates share a band key,
-/// and are merged only if their signatures agree on at least `threshold` of components. Returns
-/// for each document whether it survives (the first document of each cluster does).
+/// What near-duplicate clustering did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClusterStats {
+    /// Candidate pairs (sharing a band key) whose signatures were compared.
+    pub compared: u64,
+    /// Pairs merged: their signatures agreed on at least the threshold.
+    pub merged: u64,
+    /// LSH collisions refused by the signature check.
+    pub rejected: u64,
+}
+
+/// Near-duplicate clusters of `n` documents from their band entries `(band key, document)`, sorted
+/// by key then document (document indices in canonical order). Candidates sharing a key are merged
+/// only if their full signatures, read on demand by `signature(document, buffer)`, agree on at least
+/// `threshold` of components. Returns for each document whether it survives (the first document of
+/// each cluster does).
 ///
-/// Band keys are sorted and scanned run by run, so the working set is the key list, not a map.
+/// The entries are streamed run by run: each member of a run is compared with the run's first,
+/// which is enough to connect a cluster of true duplicates and linear in the run length for huge
+/// buckets. Memory is the union-find (4 bytes a document) and two signatures; the entries and the
+/// signatures can live on disk.
+pub fn cluster<E>(
+    n: usize,
+    entries: impl IntoIterator<Item = Result<(u64, u32), E>>,
+    signature_len: usize,
+    threshold: f64,
+    mut signature: impl FnMut(u32, &mut [u64]) -> Result<(), E>,
+) -> Result<(Vec<bool>, ClusterStats), E> {
+    let mut sets = UnionFind::new(n);
+    let mut stats = ClusterStats::default();
+    let (mut first_signature, mut other_signature) = (vec![0u64; signature_len], vec![0u64; signature_len]);
+    // The current run: its key, its first document, and whether that one's signature is loaded.
+    let mut run: Option<(u64, u32, bool)> = None;
+    for entry in entries {
+        let (key, doc) = entry?;
+        let (first, loaded) = match &mut run {
+            Some((run_key, first, loaded)) if *run_key == key => (*first, loaded),
+            _ => {
+                run = Some((key, doc, false));
+                continue;
+            }
+        };
+        if doc == first || sets.find(first) == sets.find(doc) {
+            continue;
+        }
+        if !*loaded {
+            signature(first, &mut first_signature)?;
+            *loaded = true;
+        }
+        signature(doc, &mut other_signature)?;
+        stats.compared += 1;
+        if jaccard_estimate(&first_signature, &other_signature) >= threshold {
+            sets.union(first, doc);
+            stats.merged += 1;
+        } else {
+            stats.rejected += 1;
+        }
+    }
+    Ok(((0..n as u32).map(|i| sets.find(i) == i).collect(), stats))
+}
+
+/// The LSH index of many map shards on local disk: each shard's band entries (`(band key, document
+/// id)`, sorted; see [`runs`](super::runs)) and its signatures (fixed-size, in the shard's order).
+#[derive(Debug, Clone)]
+pub struct DiskIndex {
+    /// Each shard's sorted band entries.
+    pub band_files: Vec<PathBuf>,
+    /// Each shard's signatures, `signature_len` little-endian `u64`s per document.
+    pub signature_files: Vec<PathBuf>,
+    /// Every document's id, in canonical (ascending) order; band entries name documents by these.
+    pub ids: Vec<u64>,
+    /// Where each document's signature is: shard and position within the shard's file.
+    pub positions: Vec<(u32, usize)>,
+    /// Components of a signature.
+    pub signature_len: usize,
+}
+
+impl DiskIndex {
+    /// [`cluster`] over the `eligible` documents (by canonical index), streaming the shards' band
+    /// entries in one k-way merge and reading signatures from disk as candidates need them.
+    pub fn cluster(&self, eligible: &[bool], threshold: f64) -> io::Result<(Vec<bool>, ClusterStats)> {
+        let signature_bytes = self.signature_len * 8;
+        let files = self
+            .signature_files
+            .iter()
+            .map(|p| File::open(p).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", p.display()))))
+            .collect::<io::Result<Vec<_>>>()?;
+        let entries = Merge::open(&self.band_files)?.filter_map(|entry| match entry {
+            Err(e) => Some(Err(e)),
+            Ok((key, doc)) => match self.ids.binary_search(&doc) {
+                Ok(i) if eligible[i] => Some(Ok((key, i as u32))),
+                Ok(_) => None,
+                Err(_) => Some(Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "a band bucket names document {} of input {} that no shard lists; the map outputs \
+                         disagree (delete the map/ folder and run the stage again)",
+                        doc & 0xffff_ffff,
+                        doc >> 32
+                    ),
+                ))),
+            },
+        });
+        let mut raw = vec![0u8; signature_bytes];
+        let read_signature = |i: u32, out: &mut [u64]| -> io::Result<()> {
+            let (shard, pos) = self.positions[i as usize];
+            let path = &self.signature_files[shard as usize];
+            files[shard as usize]
+                .read_exact_at(&mut raw, (pos * signature_bytes) as u64)
+                .map_err(|e| io::Error::new(e.kind(), format!("{}: signature {pos}: {e}", path.display())))?;
+            for (o, c) in out.iter_mut().zip(raw.chunks_exact(8)) {
+                *o = u64::from_le_bytes(c.try_into().expect("8 bytes"));
+            }
+            Ok(())
+        };
+        cluster(self.ids.len(), entries, self.signature_len, threshold, read_signature)
+    }
+}
+
+/// [`cluster`] over signatures held in memory (in document order).
 pub fn near_duplicate_survivors<S: AsRef<[u64]>>(hasher: &MinHasher, signatures: &[S], threshold: f64) -> Vec<bool> {
     let mut keyed: Vec<(u64, u32)> = Vec::with_capacity(signatures.len() * hasher.bands);
     for (i, sig) in signatures.iter().enumerate() {
         keyed.extend(hasher.band_keys(sig.as_ref()).into_iter().map(|k| (k, i as u32)));
     }
     keyed.sort_unstable();
-    let mut sets = UnionFind::new(signatures.len());
-    for run in keyed.chunk_by(|a, b| a.0 == b.0) {
-        // Compare each member with the run's first: enough to connect a cluster of true duplicates,
-        // and linear in the run length for huge buckets.
-        let first = run[0].1;
-        for &(_, other) in &run[1..] {
-            if other != first
-                && sets.find(first) != sets.find(other)
-                && jaccard_estimate(signatures[first as usize].as_ref(), signatures[other as usize].as_ref())
-                    >= threshold
-            {
-                sets.union(first, other);
-            }
-        }
+    let len = signatures.first().map_or(0, |s| s.as_ref().len());
+    let copy = |doc: u32, out: &mut [u64]| {
+        out.copy_from_slice(signatures[doc as usize].as_ref());
+        Ok::<(), std::convert::Infallible>(())
+    };
+    match cluster(signatures.len(), keyed.into_iter().map(Ok), len, threshold, copy) {
+        Ok((survivors, _)) => survivors,
+        Err(never) => match never {},
     }
-    (0..signatures.len() as u32).map(|i| sets.find(i) == i).collect()
 }
 
 #[cfg(test)]
@@ -241,6 +355,68 @@ mod tests {
         // Unrelated bases never merge with each other.
         let bases: Vec<usize> = pairs.iter().map(|p| p.0).collect();
         assert!(bases.iter().all(|&i| survivors[i]));
+    }
+
+    /// The on-disk index (three shards' sorted band files and signature files) finds exactly the
+    /// clusters the in-memory one does, and skips documents that are not eligible.
+    #[test]
+    fn disk_index_matches_the_in_memory_clustering() {
+        use std::io::Write;
+
+        use crate::data::runs::ExternalSorter;
+
+        let hasher = MinHasher::new(5, 14, 8, 3);
+        let mut docs = Vec::new();
+        let mut state = 17u64;
+        for base in 0..60u64 {
+            let words = vocabulary_text(base, 200);
+            docs.push(words.join(" "));
+            let mut copy = words.clone();
+            for w in copy.iter_mut() {
+                if splitmix(&mut state) % 100 < 1 {
+                    *w = format!("edit{}", splitmix(&mut state));
+                }
+            }
+            docs.push(copy.join(" "));
+        }
+        let signatures: Vec<Signature> = docs.iter().map(|d| hasher.signature(d)).collect();
+        let want = near_duplicate_survivors(&hasher, &signatures, 0.75);
+        assert!(want.iter().filter(|k| !**k).count() >= 50, "the plant has duplicates");
+
+        // Documents are ids (input i / 40, record i % 40), dealt round-robin to three shards.
+        let dir = tempfile::tempdir().unwrap();
+        let ids: Vec<u64> = (0..docs.len() as u64).map(|i| (i / 40) << 32 | i % 40).collect();
+        let mut positions = vec![(0, 0); docs.len()];
+        let (mut band_files, mut signature_files) = (Vec::new(), Vec::new());
+        for shard in 0..3u32 {
+            let runs = dir.path().join(format!("runs-{shard}"));
+            std::fs::create_dir_all(&runs).unwrap();
+            let mut sorter = ExternalSorter::new(&runs, 100);
+            let sig_path = dir.path().join(format!("signatures-{shard}.bin"));
+            let mut sig_file = std::fs::File::create(&sig_path).unwrap();
+            for (pos, i) in (shard as usize..docs.len()).step_by(3).enumerate() {
+                positions[i] = (shard, pos);
+                for h in &signatures[i] {
+                    sig_file.write_all(&h.to_le_bytes()).unwrap();
+                }
+                for key in hasher.band_keys(&signatures[i]) {
+                    sorter.push((key, ids[i])).unwrap();
+                }
+            }
+            let bands = dir.path().join(format!("bands-{shard}.bin"));
+            sorter.finish(&bands).unwrap();
+            band_files.push(bands);
+            signature_files.push(sig_path);
+        }
+        let index = DiskIndex { band_files, signature_files, ids, positions, signature_len: 112 };
+        let (got, stats) = index.cluster(&vec![true; docs.len()], 0.75).unwrap();
+        assert_eq!(got, want);
+        assert_eq!(stats.merged as usize, want.iter().filter(|k| !**k).count());
+
+        // Without the originals, their copies have nothing to merge with and all survive.
+        let eligible: Vec<bool> = (0..docs.len()).map(|i| i % 2 == 1).collect();
+        let (got, _) = index.cluster(&eligible, 0.75).unwrap();
+        assert!(got.iter().all(|k| *k));
     }
 
     #[test]

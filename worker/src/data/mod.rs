@@ -4,9 +4,12 @@
 //!   and survives damaged gzip members; `extract` turns HTML into main-content text.
 //! - `filters`: Gopher quality and repetition, C4, FineWeb and language rules, with DataTrove's
 //!   thresholds and drop reasons.
-//! - `quality`: the trainable hashed n-gram logistic-regression scorer.
+//! - `quality`: the trainable hashed n-gram logistic-regression scorer; `bert`: a BERT-family
+//!   sequence classifier (Hugging Face layout) run with candle.
 //! - `dedup`: exact keys, MinHash signatures, LSH bands verified by signature Jaccard, union-find.
+//! - `runs`: sorted runs on disk (external sort, k-way merge) that hold the LSH index.
 
+pub mod bert;
 pub mod dedup;
 pub mod extract;
 pub mod filters;
@@ -14,5 +17,6 @@ pub mod order;
 pub mod quality;
 pub mod random;
 pub mod reader;
+pub mod runs;
 pub mod stage;
 pub mod warc;

@@ -3,8 +3,11 @@
 //! documents, then writes `jsonl.zst` shards and commits.
 //!
 //! Layout under `<run>/data-prep/`:
-//! - `map/<shard>-of-<shards>/{docs.jsonl.zst, keys.bin, _DONE.json}`: one map shard's kept documents,
-//!   their dedup keys, and its statistics (written last).
+//! - `map/<shard>-of-<shards>/`: one map shard's kept documents (`docs.jsonl.zst`), their per-document
+//!   records (`keys.bin`: position, source, size, quality score, exact hash), MinHash signatures
+//!   (`signatures.bin`, fixed-size, in the same order), LSH band buckets (`bands.bin`: band key and
+//!   document, sorted), topic terms for in-context ordering (`terms.bin`), and its statistics
+//!   (`_DONE.json`, written last).
 //! - `shards/NNNNN.jsonl.zst`, `heldout/00000.jsonl.zst`: the training stream and the held-out split;
 //!   each line is `{id, text, source, category, url?, title?}`.
 //!
@@ -23,11 +26,13 @@ use pretrain_store::{FileEntry, StageCommit, StageDir, Store};
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
-use super::dedup::{MinHasher, exact_key, near_duplicate_survivors};
+use super::bert::BertScorer;
+use super::dedup::{ClusterStats, DiskIndex, MinHasher, exact_key};
 use super::filters::{Verdict, apply};
 use super::order::{Item as OrderItem, in_context, top_terms};
 use super::quality::{QualityError, QualityModel, Training, top_fraction_threshold};
 use super::reader::{self, Item, ReadOptions};
+use super::runs::{DEFAULT_RUN_ENTRIES, ExternalSorter};
 use crate::Context;
 use crate::progress::Progress;
 
@@ -140,7 +145,6 @@ struct KeyRecord {
     /// Quality score in [0, 1]; 1 when no classifier runs.
     score: f32,
     exact: u128,
-    signature: Vec<u64>,
 }
 
 impl KeyRecord {
@@ -150,22 +154,23 @@ impl KeyRecord {
         out.write_all(&self.source.to_le_bytes())?;
         out.write_all(&self.bytes.to_le_bytes())?;
         out.write_all(&self.score.to_le_bytes())?;
-        out.write_all(&self.exact.to_le_bytes())?;
-        for h in &self.signature {
-            out.write_all(&h.to_le_bytes())?;
-        }
-        Ok(())
+        out.write_all(&self.exact.to_le_bytes())
     }
 
-    fn parse_all(bytes: &[u8], signature_len: usize) -> Option<Vec<Self>> {
-        let size = 34 + 8 * signature_len;
-        if !bytes.len().is_multiple_of(size) {
+    /// The document's canonical position as one sortable number.
+    fn doc(&self) -> u64 {
+        document_id(self.input, self.seq)
+    }
+
+    fn parse_all(bytes: &[u8]) -> Option<Vec<Self>> {
+        const SIZE: usize = 34;
+        if !bytes.len().is_multiple_of(SIZE) {
             return None;
         }
         let u32_at = |b: &[u8], i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
         Some(
             bytes
-                .chunks_exact(size)
+                .chunks_exact(SIZE)
                 .map(|r| KeyRecord {
                     input: u32_at(r, 0),
                     seq: u32_at(r, 4),
@@ -173,14 +178,15 @@ impl KeyRecord {
                     bytes: u32_at(r, 10),
                     score: f32::from_le_bytes(r[14..18].try_into().expect("4 bytes")),
                     exact: u128::from_le_bytes(r[18..34].try_into().expect("16 bytes")),
-                    signature: r[34..]
-                        .chunks_exact(8)
-                        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
-                        .collect(),
                 })
                 .collect(),
         )
     }
+}
+
+/// A document's canonical position (input file, then record) as one number that sorts the same way.
+fn document_id(input: u32, seq: u32) -> u64 {
+    u64::from(input) << 32 | u64::from(seq)
 }
 
 /// What one map shard saw.
@@ -230,9 +236,15 @@ const MALFORMED_EXAMPLES: usize = 100;
 #[serde(rename_all = "camelCase")]
 struct MapDone {
     config_hash: String,
+    /// Layout of the map files; outputs of an older layout are mapped again.
+    #[serde(default)]
+    format: u32,
     documents: u64,
     stats: MapStats,
 }
+
+/// The map files' layout: 2 moved signatures out of `keys.bin` and added `bands.bin`.
+const MAP_FORMAT: u32 = 2;
 
 fn map_dir(shard: u32, shards: u32) -> String {
     format!("map/{shard:05}-of-{shards:05}")
@@ -244,11 +256,6 @@ fn hasher(data: &Data, seed: u64) -> Option<MinHasher> {
 }
 
 fn check_supported(data: &Data) -> Result<()> {
-    if data.quality.classifier == QualityClassifier::Bert {
-        return Err(DataPrepError::Unsupported(
-            "spec.data.quality.classifier: the BERT scorer is not in this build yet; use ngram or none".into(),
-        ));
-    }
     if data.order.strategy == OrderStrategy::Curriculum
         && data.order.curriculum_by == pretrain_crd::spec::CurriculumKey::Quality
         && data.quality.classifier == QualityClassifier::None
@@ -266,23 +273,60 @@ fn quality_model_name(hash: &str) -> String {
     format!("quality/model-{}.bin", &hash[..hash.len().min(16)])
 }
 
+/// A model-based quality scorer.
+#[derive(Debug)]
+enum Scorer {
+    Ngram(QualityModel),
+    Bert(Box<BertScorer>),
+}
+
+impl Scorer {
+    fn score(&self, text: &str) -> Result<f32, String> {
+        match self {
+            Scorer::Ngram(model) => Ok(model.score(text)),
+            Scorer::Bert(model) => model.score(text).map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// The configured quality scorer, if any.
+async fn quality_scorer(ctx: &Context, hash: &str, all: &[Input]) -> Result<Option<Scorer>> {
+    let q = &ctx.run.spec.data.quality;
+    match q.classifier {
+        QualityClassifier::None => Ok(None),
+        QualityClassifier::Ngram => Ok(Some(Scorer::Ngram(quality_model(ctx, hash, all).await?))),
+        QualityClassifier::Bert => {
+            let url = q.model_url.as_deref().expect("validated: bert has a modelUrl");
+            let dir = url.trim_end_matches('/');
+            let config = fetch(&format!("{dir}/config.json")).await?;
+            let weights = fetch(&format!("{dir}/model.safetensors")).await?;
+            let tokenizer = fetch(&format!("{dir}/tokenizer.json")).await?;
+            // Data-prep pods are CPU pods; a GPU build on a GPU node uses the GPU.
+            let device = candle_core::Device::cuda_if_available(0).unwrap_or(candle_core::Device::Cpu);
+            let scorer =
+                tokio::task::spawn_blocking(move || BertScorer::from_bytes(&config, &weights, &tokenizer, &device))
+                    .await
+                    .expect("loading the model does not panic")
+                    .map_err(|e| DataPrepError::Unsupported(format!("spec.data.quality.modelUrl: {dir}/{e}")))?;
+            Ok(Some(Scorer::Bert(Box::new(scorer))))
+        }
+    }
+}
+
 /// The n-gram quality model: loaded from `modelUrl`, else from an earlier map shard, else trained
 /// here from `labelledUrl` or from the reference sources against the rest (deterministic, so
 /// every shard that trains it gets the same model).
-async fn quality_model(ctx: &Context, hash: &str, all: &[Input]) -> Result<Option<QualityModel>> {
+async fn quality_model(ctx: &Context, hash: &str, all: &[Input]) -> Result<QualityModel> {
     let q = &ctx.run.spec.data.quality;
-    if q.classifier != QualityClassifier::Ngram {
-        return Ok(None);
-    }
     let bad_model = |url: &str, e: QualityError| DataPrepError::Unsupported(format!("{url}: {e}"));
     if let Some(url) = &q.model_url {
         let bytes = fetch(url).await?;
-        return QualityModel::from_bytes(&bytes).map(Some).map_err(|e| bad_model(url, e));
+        return QualityModel::from_bytes(&bytes).map_err(|e| bad_model(url, e));
     }
     let name = quality_model_name(hash);
     let key = ctx.dir.key(&name)?;
     if let Some(bytes) = ctx.dir.store().get_opt(&key).await? {
-        return QualityModel::from_bytes(&bytes).map(Some).map_err(|e| bad_model(&ctx.dir.url(&name), e));
+        return QualityModel::from_bytes(&bytes).map_err(|e| bad_model(&ctx.dir.url(&name), e));
     }
     let data = ctx.run.spec.data.clone();
     let examples: Vec<(String, bool)> = match &q.labelled_url {
@@ -307,7 +351,7 @@ async fn quality_model(ctx: &Context, hash: &str, all: &[Input]) -> Result<Optio
     let model = QualityModel::train(&borrowed, training)
         .map_err(|e| DataPrepError::Unsupported(format!("spec.data.quality: {e}")))?;
     ctx.dir.put(&name, Bytes::from(model.to_bytes())).await?;
-    Ok(Some(model))
+    Ok(model)
 }
 
 /// Reads a small file from a local path or a store URL.
@@ -319,7 +363,7 @@ async fn fetch(url: &str) -> Result<Bytes> {
         }
         _ => {
             let path = Path::new(url.strip_prefix("file://").unwrap_or(url));
-            std::fs::read(path).map(Bytes::from).map_err(scratch(path))
+            std::fs::read(path).map(Bytes::from).map_err(|e| DataPrepError::Unsupported(format!("{url}: {e}")))
         }
     }
 }
@@ -406,7 +450,7 @@ async fn map_done(dir: &StageDir, shard: u32, shards: u32, hash: &str) -> Result
         key: key.to_string(),
         reason: e.to_string(),
     })?;
-    Ok((done.config_hash == hash).then_some(done))
+    Ok((done.config_hash == hash && done.format == MAP_FORMAT).then_some(done))
 }
 
 async fn map_shard(ctx: &Context, shard: u32, hash: &str) -> Result<()> {
@@ -421,7 +465,7 @@ async fn map_shard(ctx: &Context, shard: u32, hash: &str) -> Result<()> {
         return Ok(());
     }
     let all = inputs(&data).await?;
-    let model = quality_model(ctx, hash, &all).await?;
+    let model = quality_scorer(ctx, hash, &all).await?;
     let tmp = tempfile::tempdir().map_err(scratch(Path::new("tempdir")))?;
     // Fetch this shard's remote inputs first; the map itself is synchronous CPU work.
     let mut mine = Vec::new();
@@ -444,19 +488,21 @@ async fn map_shard(ctx: &Context, shard: u32, hash: &str) -> Result<()> {
             .expect("the map task does not panic")?;
 
     let dir_name = map_dir(shard, shards);
-    for file in ["docs.jsonl.zst", "keys.bin", "terms.bin"] {
+    for file in MAP_FILES {
         ctx.dir.put_file(&format!("{dir_name}/{file}"), &tmp.path().join(file)).await?;
     }
-    let done = MapDone { config_hash: hash.into(), documents, stats };
+    let done = MapDone { config_hash: hash.into(), format: MAP_FORMAT, documents, stats };
     let json = serde_json::to_vec_pretty(&done).expect("stats serialise");
     ctx.dir.put(&format!("{dir_name}/_DONE.json"), Bytes::from(json)).await?;
     Ok(())
 }
 
+const MAP_FILES: [&str; 5] = ["docs.jsonl.zst", "keys.bin", "signatures.bin", "bands.bin", "terms.bin"];
+
 fn map_files(
     data: &Data,
     seed: u64,
-    model: Option<&QualityModel>,
+    model: Option<&Scorer>,
     inputs: &[(u32, Input, PathBuf)],
     out: &Path,
     progress: &mut Progress,
@@ -472,10 +518,17 @@ fn map_files(
     let mut terms = BufWriter::new(File::create(&terms_path).map_err(scratch(&terms_path))?);
     let in_context = data.order.strategy == OrderStrategy::InContext;
     let minhash = hasher(data, seed);
+    // MinHash signatures in document order, and the LSH band entries sorted on local disk.
+    let signatures_path = out.join("signatures.bin");
+    let mut signatures = BufWriter::new(File::create(&signatures_path).map_err(scratch(&signatures_path))?);
+    let runs_dir = out.join("band-runs");
+    std::fs::create_dir_all(&runs_dir).map_err(scratch(&runs_dir))?;
+    let mut bands = ExternalSorter::new(&runs_dir, DEFAULT_RUN_ENTRIES);
     let mut stats = MapStats::default();
     let mut documents = 0u64;
     let mut lines_removed: HashMap<&'static str, u64> = HashMap::new();
     let mut write_error = None;
+    let mut score_error = None;
     for (index, input, path) in inputs {
         let source: &Source = &data.sources[input.source];
         let filters = pretrain_crd::manifest::source_filters(&data.filters, source, "filters")
@@ -513,16 +566,24 @@ fn map_files(
                     stats.empty += 1;
                     return;
                 }
+                let score = match model.map(|m| m.score(&text)) {
+                    None => 1.0,
+                    Some(Ok(score)) => score,
+                    Some(Err(e)) => {
+                        score_error.get_or_insert_with(|| format!("{}: record {seq}: {e}", input.name));
+                        return;
+                    }
+                };
                 *stats.kept.entry(source.name.clone()).or_default() += 1;
                 let record = KeyRecord {
                     input: *index,
                     seq,
                     source: input.source as u16,
                     bytes: text.len().min(u32::MAX as usize) as u32,
-                    score: model.map_or(1.0, |m| m.score(&text)),
+                    score,
                     exact: exact_key(&text),
-                    signature: minhash.as_ref().map(|m| m.signature(&text)).unwrap_or_default(),
                 };
+                let signature = minhash.as_ref().map(|m| m.signature(&text)).unwrap_or_default();
                 let line = DocumentLine {
                     id: doc.id,
                     text,
@@ -535,6 +596,11 @@ fn map_files(
                     .map_err(std::io::Error::other)
                     .and_then(|()| docs.write_all(b"\n"))
                     .and_then(|()| record.write(&mut keys))
+                    .and_then(|()| signature.iter().try_for_each(|h| signatures.write_all(&h.to_le_bytes())))
+                    .and_then(|()| match &minhash {
+                        Some(m) => m.band_keys(&signature).into_iter().try_for_each(|k| bands.push((k, record.doc()))),
+                        None => Ok(()),
+                    })
                     .and_then(|()| if in_context { write_terms(&mut terms, &top_terms(&line.text)) } else { Ok(()) });
                 if let Err(e) = result {
                     write_error.get_or_insert(e);
@@ -545,9 +611,15 @@ fn map_files(
         if let Some(e) = write_error.take() {
             return Err(scratch(out)(e));
         }
+        if let Some(e) = score_error.take() {
+            return Err(DataPrepError::Unsupported(format!("quality scorer: {e}")));
+        }
     }
     docs.finish().and_then(|mut w| w.flush()).map_err(scratch(&docs_path))?;
     keys.flush().map_err(scratch(&keys_path))?;
+    signatures.flush().map_err(scratch(&signatures_path))?;
+    let bands_path = out.join("bands.bin");
+    bands.finish(&bands_path).map_err(scratch(&bands_path))?;
     terms.flush().map_err(scratch(&terms_path))?;
     stats.lines_removed = lines_removed.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
     Ok((documents, stats))
@@ -573,6 +645,7 @@ async fn reduce(ctx: &Context, hash: &str) -> Result<StageCommit> {
     let minhash = hasher(data, spec.seed);
     let signature_len =
         minhash.as_ref().map_or(0, |_| (data.dedup.minhash.buckets * data.dedup.minhash.hashes_per_bucket) as usize);
+    let tmp = tempfile::tempdir().map_err(scratch(Path::new("tempdir")))?;
 
     // Every map shard must be done for this spec.
     let mut stats = MapStats::default();
@@ -587,7 +660,7 @@ async fn reduce(ctx: &Context, hash: &str) -> Result<StageCommit> {
         stats.merge(&done.stats);
         let key = ctx.dir.key(&format!("{}/keys.bin", map_dir(shard, shards)))?;
         let bytes = ctx.dir.store().get(&key).await?;
-        let parsed = KeyRecord::parse_all(&bytes, signature_len).ok_or_else(|| pretrain_store::Error::Corrupt {
+        let parsed = KeyRecord::parse_all(&bytes).ok_or_else(|| pretrain_store::Error::Corrupt {
             store: ctx.dir.store().url().into(),
             key: key.to_string(),
             reason: "not a whole number of key records".into(),
@@ -658,12 +731,12 @@ async fn reduce(ctx: &Context, hash: &str) -> Result<StageCommit> {
     let exact_removed = exact_survivor.iter().zip(&passes_quality).filter(|(s, p)| **p && !**s).count();
     let mut survivor = exact_survivor.clone();
     let mut near_removed = 0;
-    if let Some(minhash) = &minhash {
-        let candidates: Vec<usize> = (0..total).filter(|&i| exact_survivor[i]).collect();
-        let signatures: Vec<&[u64]> = candidates.iter().map(|&i| records[i].2.signature.as_slice()).collect();
-        let keep = near_duplicate_survivors(minhash, &signatures, data.dedup.minhash.jaccard_threshold);
-        for (slot, &i) in candidates.iter().enumerate() {
-            if !keep[slot] {
+    let mut near = ClusterStats::default();
+    if minhash.is_some() {
+        let (keep, stats) = near_duplicates(ctx, &records, &exact_survivor, signature_len, tmp.path()).await?;
+        near = stats;
+        for (i, keep) in keep.into_iter().enumerate() {
+            if survivor[i] && !keep {
                 survivor[i] = false;
                 near_removed += 1;
             }
@@ -741,7 +814,6 @@ async fn reduce(ctx: &Context, hash: &str) -> Result<StageCommit> {
     drop(stream);
 
     // Route documents to output shards on local disk, then sort each shard by position.
-    let tmp = tempfile::tempdir().map_err(scratch(Path::new("tempdir")))?;
     let route_path = |k: usize| tmp.path().join(format!("route-{k:05}.bin"));
     let heldout_path = tmp.path().join("heldout.bin");
     let mut routes: Vec<BufWriter<File>> = (0..=out_shards)
@@ -799,7 +871,14 @@ async fn reduce(ctx: &Context, hash: &str) -> Result<StageCommit> {
         "outputVersion": OUTPUT_VERSION,
         "map": stats,
         "quality": {"thresholds": cut, "removed": quality_removed},
-        "dedup": {"candidates": total, "exactRemoved": exact_removed, "nearRemoved": near_removed},
+        "dedup": {
+            "candidates": total,
+            "exactRemoved": exact_removed,
+            "nearRemoved": near_removed,
+            "lshPairsCompared": near.compared,
+            "lshPairsMerged": near.merged,
+            "lshCollisionsRejected": near.rejected,
+        },
         "heldOut": {"documents": heldout_docs},
         "mix": {
             "bytesBeforeMix": bytes_by_category,
@@ -811,6 +890,42 @@ async fn reduce(ctx: &Context, hash: &str) -> Result<StageCommit> {
         "train": {"documents": train_docs, "shards": out_shards},
     });
     Ok(ctx.dir.commit(hash, files, commit_stats).await?)
+}
+
+/// MinHash near-duplicate clustering across every map shard, from the shards' sorted band buckets
+/// and signatures downloaded to `scratch_dir` and read from disk: memory holds the union-find, not
+/// the index. `records` are in canonical order with their map shard and position; only `eligible`
+/// documents (kept by quality and exact dedup) take part. Returns which records survive.
+async fn near_duplicates(
+    ctx: &Context,
+    records: &[(u32, usize, KeyRecord)],
+    eligible: &[bool],
+    signature_len: usize,
+    scratch_dir: &Path,
+) -> Result<(Vec<bool>, ClusterStats)> {
+    let shards = ctx.run.spec.data.shards;
+    let mut band_files = Vec::new();
+    let mut signature_files = Vec::new();
+    for shard in 0..shards {
+        for (name, list) in [("bands.bin", &mut band_files), ("signatures.bin", &mut signature_files)] {
+            let local = scratch_dir.join(format!("{shard:05}-{name}"));
+            let key = ctx.dir.key(&format!("{}/{name}", map_dir(shard, shards)))?;
+            ctx.dir.store().download(&key, &local).await?;
+            list.push(local);
+        }
+    }
+    let threshold = ctx.run.spec.data.dedup.minhash.jaccard_threshold;
+    let index = DiskIndex {
+        band_files,
+        signature_files,
+        ids: records.iter().map(|(_, _, r)| r.doc()).collect(),
+        positions: records.iter().map(|(shard, pos, _)| (*shard, *pos)).collect(),
+        signature_len,
+    };
+    let eligible = eligible.to_vec();
+    let scratch_dir = scratch_dir.to_path_buf();
+    let work = move || index.cluster(&eligible, threshold).map_err(scratch(&scratch_dir));
+    tokio::task::spawn_blocking(work).await.expect("near-duplicate clustering does not panic")
 }
 
 fn write_terms(out: &mut impl Write, terms: &[(u32, u16)]) -> std::io::Result<()> {
@@ -923,19 +1038,11 @@ mod tests {
 
     #[test]
     fn key_records_round_trip() {
-        let r = KeyRecord {
-            input: 3,
-            seq: 9,
-            source: 2,
-            bytes: 77,
-            score: 0.25,
-            exact: u128::MAX - 5,
-            signature: vec![1, 2, 3],
-        };
+        let r = KeyRecord { input: 3, seq: 9, source: 2, bytes: 77, score: 0.25, exact: u128::MAX - 5 };
         let mut buf = Vec::new();
         r.write(&mut buf).unwrap();
         r.write(&mut buf).unwrap();
-        assert_eq!(KeyRecord::parse_all(&buf, 3).unwrap(), vec![r.clone(), r]);
-        assert!(KeyRecord::parse_all(&buf[1..], 3).is_none());
+        assert_eq!(KeyRecord::parse_all(&buf).unwrap(), vec![r.clone(), r]);
+        assert!(KeyRecord::parse_all(&buf[1..]).is_none());
     }
 }
