@@ -534,7 +534,8 @@ impl Default for Language {
 pub struct Quality {
     /// Which scorer; `none` keeps every document the rules kept.
     pub classifier: QualityClassifier,
-    /// Directory URL of a trained scorer (BERT: config.json, model.safetensors, tokenizer.json).
+    /// URL of a trained scorer: the n-gram model file, or for BERT a Hugging Face
+    /// `BertForSequenceClassification` directory (config.json, model.safetensors, tokenizer.json).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub model_url: Option<String>,
     /// JSONL file of `{text, label}` to train the n-gram classifier from.
@@ -542,7 +543,9 @@ pub struct Quality {
     pub labelled_url: Option<String>,
     /// Sources whose documents are the positive class (the rest of the corpus is the negative).
     pub reference_sources: Vec<String>,
-    /// Keep documents scoring at least this.
+    /// Keep documents scoring at least this. Scores are probabilities: the n-gram model's, or the BERT
+    /// classifier's for its positive label (the label named good/positive/hq, else the last; the
+    /// sigmoid of a single regression output, so `t` means a raw score of ln(t / (1 - t))).
     #[schemars(range(min = 0.0, max = 1.0))]
     pub threshold: f64,
     /// Instead of the threshold, keep this top fraction of each category by score.
