@@ -34,6 +34,31 @@ fn values(seed: u64, n: usize, scale: f32) -> Vec<f32> {
         .collect()
 }
 
+/// Random weights under Hugging Face's names.
+struct Weights {
+    tensors: HashMap<String, Tensor>,
+    seed: u64,
+}
+
+impl Weights {
+    fn add(&mut self, name: &str, shape: &[usize], scale: f32, offset: f32) {
+        self.seed += 1;
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = values(self.seed, n, scale).into_iter().map(|x| x + offset).collect();
+        self.tensors.insert(name.to_string(), Tensor::from_vec(data, shape, &Device::Cpu).unwrap());
+    }
+
+    fn linear(&mut self, name: &str, out: usize, inp: usize) {
+        self.add(&format!("{name}.weight"), &[out, inp], 0.4, 0.0);
+        self.add(&format!("{name}.bias"), &[out], 0.1, 0.0);
+    }
+
+    fn norm(&mut self, name: &str) {
+        self.add(&format!("{name}.weight"), &[HIDDEN], 0.2, 1.0);
+        self.add(&format!("{name}.bias"), &[HIDDEN], 0.1, 0.0);
+    }
+}
+
 /// Writes `config.json`, `model.safetensors` (Hugging Face's `BertForSequenceClassification` names,
 /// random weights) and `tokenizer.json` (BERT's WordPiece pipeline) for a model with `labels`
 /// outputs; `pooler` and `label_names` vary the layout.
@@ -64,41 +89,27 @@ fn write_tiny_bert(dir: &Path, labels: usize, pooler: bool, label_names: &[&str]
     });
     std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&config).unwrap()).unwrap();
 
-    let mut tensors: HashMap<String, Tensor> = HashMap::new();
-    let mut seed = 1000;
-    let mut add = |name: &str, shape: &[usize], scale: f32, offset: f32| {
-        seed += 1;
-        let n: usize = shape.iter().product();
-        let data: Vec<f32> = values(seed, n, scale).into_iter().map(|x| x + offset).collect();
-        tensors.insert(name.to_string(), Tensor::from_vec(data, shape, &Device::Cpu).unwrap());
-    };
-    let linear = |add: &mut dyn FnMut(&str, &[usize], f32, f32), name: &str, out: usize, inp: usize| {
-        add(&format!("{name}.weight"), &[out, inp], 0.4, 0.0);
-        add(&format!("{name}.bias"), &[out], 0.1, 0.0);
-    };
-    let norm = |add: &mut dyn FnMut(&str, &[usize], f32, f32), name: &str| {
-        add(&format!("{name}.weight"), &[HIDDEN], 0.2, 1.0);
-        add(&format!("{name}.bias"), &[HIDDEN], 0.1, 0.0);
-    };
-    add("bert.embeddings.word_embeddings.weight", &[vocab.len(), HIDDEN], 1.0, 0.0);
-    add("bert.embeddings.position_embeddings.weight", &[MAX_POSITIONS, HIDDEN], 0.5, 0.0);
-    add("bert.embeddings.token_type_embeddings.weight", &[2, HIDDEN], 0.5, 0.0);
-    norm(&mut add, "bert.embeddings.LayerNorm");
+    let mut w = Weights { tensors: HashMap::new(), seed: 1000 };
+    w.add("bert.embeddings.word_embeddings.weight", &[vocab.len(), HIDDEN], 1.0, 0.0);
+    w.add("bert.embeddings.position_embeddings.weight", &[MAX_POSITIONS, HIDDEN], 0.5, 0.0);
+    w.add("bert.embeddings.token_type_embeddings.weight", &[2, HIDDEN], 0.5, 0.0);
+    w.norm("bert.embeddings.LayerNorm");
     for l in 0..LAYERS {
         let p = format!("bert.encoder.layer.{l}");
         for part in ["query", "key", "value"] {
-            linear(&mut add, &format!("{p}.attention.self.{part}"), HIDDEN, HIDDEN);
+            w.linear(&format!("{p}.attention.self.{part}"), HIDDEN, HIDDEN);
         }
-        linear(&mut add, &format!("{p}.attention.output.dense"), HIDDEN, HIDDEN);
-        norm(&mut add, &format!("{p}.attention.output.LayerNorm"));
-        linear(&mut add, &format!("{p}.intermediate.dense"), FFN, HIDDEN);
-        linear(&mut add, &format!("{p}.output.dense"), HIDDEN, FFN);
-        norm(&mut add, &format!("{p}.output.LayerNorm"));
+        w.linear(&format!("{p}.attention.output.dense"), HIDDEN, HIDDEN);
+        w.norm(&format!("{p}.attention.output.LayerNorm"));
+        w.linear(&format!("{p}.intermediate.dense"), FFN, HIDDEN);
+        w.linear(&format!("{p}.output.dense"), HIDDEN, FFN);
+        w.norm(&format!("{p}.output.LayerNorm"));
     }
     if pooler {
-        linear(&mut add, "bert.pooler.dense", HIDDEN, HIDDEN);
+        w.linear("bert.pooler.dense", HIDDEN, HIDDEN);
     }
-    linear(&mut add, "classifier", labels, HIDDEN);
+    w.linear("classifier", labels, HIDDEN);
+    let tensors = w.tensors;
     candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
 
     let ids: serde_json::Map<String, serde_json::Value> =

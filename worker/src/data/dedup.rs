@@ -385,7 +385,7 @@ mod tests {
 
         // Documents are ids (input i / 40, record i % 40), dealt round-robin to three shards.
         let dir = tempfile::tempdir().unwrap();
-        let ids: Vec<u64> = (0..docs.len() as u64).map(|i| (i / 40) << 32 | i % 40).collect();
+        let ids: Vec<u64> = (0..docs.len() as u64).map(|i| ((i / 40) << 32) | (i % 40)).collect();
         let mut positions = vec![(0, 0); docs.len()];
         let (mut band_files, mut signature_files) = (Vec::new(), Vec::new());
         for shard in 0..3u32 {
