@@ -3,7 +3,7 @@
 //! naming the file at fault, and the data-prep stage keeping the top-scoring fraction.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 mod common;
 
@@ -184,10 +184,6 @@ fn scores_are_probabilities_that_depend_on_the_text_and_truncate_long_documents(
 /// `BertForSequenceClassification` and must give the same probabilities.
 #[test]
 fn scores_match_transformers_bert_for_sequence_classification() {
-    if std::env::var_os("PRETRAIN_SKIP_PYTHON").is_some() {
-        eprintln!("PRETRAIN_SKIP_PYTHON is set: skipped");
-        return;
-    }
     let tmp = tempfile::tempdir().unwrap();
     let texts = texts();
     let texts_path = tmp.path().join("texts.json");
@@ -201,7 +197,13 @@ fn scores_match_transformers_bert_for_sequence_classification() {
         write_tiny_bert(&dir, labels, pooler, names);
         let scorer = load(&dir).unwrap();
         let ours: Vec<f32> = texts.iter().map(|t| scorer.score(t).unwrap()).collect();
-        let theirs = python_scores(&dir, &texts_path);
+        let Some(theirs) =
+            common::python_json::<Vec<f32>>("check_bert.py", &[&dir, &texts_path], "torch and transformers")
+        else {
+            return;
+        };
+        let worst = ours.iter().zip(&theirs).map(|(a, b)| ((a - b) / b).abs()).fold(0f32, f32::max);
+        eprintln!("{name}: largest relative difference from transformers {worst:.2e}");
         for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
             assert!(
                 ((a - b) / b).abs() < 1e-4,
@@ -209,24 +211,6 @@ fn scores_match_transformers_bert_for_sequence_classification() {
             );
         }
     }
-}
-
-fn python_scores(dir: &Path, texts: &Path) -> Vec<f32> {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/check_bert.py");
-    let python = std::env::var("PRETRAIN_PYTHON").unwrap_or_else(|_| "python3".into());
-    let out = std::process::Command::new(&python)
-        .arg(&script)
-        .arg(dir)
-        .arg(texts)
-        .output()
-        .unwrap_or_else(|e| panic!("{python} does not run ({e}); PRETRAIN_SKIP_PYTHON=1 skips this test"));
-    assert!(
-        out.status.success(),
-        "{} failed (needs torch and transformers: PRETRAIN_PYTHON=$(scripts/python-env.sh); PRETRAIN_SKIP_PYTHON=1 skips this test): {}",
-        script.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 #[test]
@@ -282,14 +266,9 @@ async fn data_prep_keeps_the_top_fraction_by_bert_score() {
         d = dir.display(),
         m = model.display()
     );
-    let manifest = common::write_manifest(
-        dir,
-        "bert",
-        7,
-        &data,
-        "  model: {preset: tiny}\n  train: {seqLen: 64, tokens: 100000, globalBatchTokens: 1024, microBatchSize: 16, schedule: {warmupSteps: 1}, resources: {gpusPerNode: 0}}",
-    );
-    let ctx = Context::from_env(Stage::DataPrep, manifest.to_str().unwrap()).await.unwrap();
+    let rest = "  model: {preset: tiny}\n  train: {seqLen: 64, tokens: 100000, globalBatchTokens: 1024, microBatchSize: 16, schedule: {warmupSteps: 1}, resources: {gpusPerNode: 0}}";
+    let manifest = |name: &str| common::write_manifest(dir, name, 7, &data, rest);
+    let ctx = Context::from_env(Stage::DataPrep, manifest("bert").to_str().unwrap()).await.unwrap();
     let commit = run(&ctx, Phase::All).await.unwrap().expect("the reduce commits");
     assert_eq!(commit.stats["quality"]["removed"]["web"], 15, "{}", commit.stats["quality"]);
     assert!(commit.stats["quality"]["removed"].get("other").is_none(), "unscored categories are untouched");
@@ -315,14 +294,7 @@ async fn data_prep_keeps_the_top_fraction_by_bert_score() {
 
     // A model directory without the model is refused before any document is read, naming the file.
     std::fs::remove_file(model.join("model.safetensors")).unwrap();
-    let manifest = common::write_manifest(
-        dir,
-        "missing",
-        7,
-        &data,
-        "  model: {preset: tiny}\n  train: {seqLen: 64, tokens: 100000, globalBatchTokens: 1024, microBatchSize: 16, schedule: {warmupSteps: 1}, resources: {gpusPerNode: 0}}",
-    );
-    let ctx = Context::from_env(Stage::DataPrep, manifest.to_str().unwrap()).await.unwrap();
+    let ctx = Context::from_env(Stage::DataPrep, manifest("missing").to_str().unwrap()).await.unwrap();
     let err = run(&ctx, Phase::All).await.unwrap_err().to_string();
     assert!(err.contains("model.safetensors"), "{err}");
 }

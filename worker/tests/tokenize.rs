@@ -74,28 +74,16 @@ fn fast_encoder_matches_the_rust_library_and_round_trips() {
 
 #[test]
 fn python_tokenizers_loads_the_file_and_encodes_identically() {
-    if std::env::var_os("PRETRAIN_SKIP_PYTHON").is_some() {
-        return;
-    }
     let (json, texts) = fixture();
     let tmp = tempfile::tempdir().unwrap();
-    std::fs::write(tmp.path().join("tokenizer.json"), json).unwrap();
-    std::fs::write(tmp.path().join("texts.json"), serde_json::to_string(texts).unwrap()).unwrap();
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/check_tokenizer.py");
-    let python = std::env::var("PRETRAIN_PYTHON").unwrap_or_else(|_| "python3".into());
-    let out = std::process::Command::new(&python)
-        .arg(&script)
-        .arg(tmp.path().join("tokenizer.json"))
-        .arg(tmp.path().join("texts.json"))
-        .output()
-        .unwrap_or_else(|e| panic!("{python} does not run: {e}"));
-    assert!(
-        out.status.success(),
-        "{} failed (needs tokenizers: PRETRAIN_PYTHON=$(scripts/python-env.sh); PRETRAIN_SKIP_PYTHON=1 skips this test): {}",
-        script.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let python: Vec<Vec<u32>> = serde_json::from_slice(&out.stdout).unwrap();
+    let (tokenizer, texts_path) = (tmp.path().join("tokenizer.json"), tmp.path().join("texts.json"));
+    std::fs::write(&tokenizer, json).unwrap();
+    std::fs::write(&texts_path, serde_json::to_string(texts).unwrap()).unwrap();
+    let Some(python) =
+        common::python_json::<Vec<Vec<u32>>>("check_tokenizer.py", &[&tokenizer, &texts_path], "tokenizers")
+    else {
+        return;
+    };
     let ours = Encoder::from_json(json).unwrap().encode_batch(texts).unwrap();
     assert_eq!(python.len(), ours.len());
     for (i, (p, o)) in python.iter().zip(&ours).enumerate() {

@@ -39,3 +39,28 @@ pub fn words(seed: u64, n: usize, render: impl Fn(u64) -> String) -> Vec<String>
         })
         .collect()
 }
+
+/// Runs `scripts/<script>` with `args` in the reference Python (`PRETRAIN_PYTHON`, default
+/// `python3`) and parses its JSON output; `None` when `PRETRAIN_SKIP_PYTHON` is set. `needs` names
+/// the packages a failure message asks for.
+#[allow(dead_code)] // only the tests that compare with Python call it
+pub fn python_json<T: serde::de::DeserializeOwned>(script: &str, args: &[&Path], needs: &str) -> Option<T> {
+    if std::env::var_os("PRETRAIN_SKIP_PYTHON").is_some() {
+        eprintln!("PRETRAIN_SKIP_PYTHON is set: the comparison with Python is skipped");
+        return None;
+    }
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts").join(script);
+    let python = std::env::var("PRETRAIN_PYTHON").unwrap_or_else(|_| "python3".into());
+    let out = std::process::Command::new(&python)
+        .arg(&script)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{python} does not run ({e}); PRETRAIN_SKIP_PYTHON=1 skips this test"));
+    assert!(
+        out.status.success(),
+        "{} failed (needs {needs}: PRETRAIN_PYTHON=$(scripts/python-env.sh); PRETRAIN_SKIP_PYTHON=1 skips this test): {}",
+        script.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(serde_json::from_slice(&out.stdout).unwrap())
+}
