@@ -2,6 +2,7 @@
 //! under `<store>/<run>/<upstream>/`, writes its outputs under `<store>/<run>/<stage>/` and commits
 //! them with `_SUCCESS.json` last. The worker never talks to Kubernetes.
 
+pub mod allocator;
 pub mod context;
 pub mod data;
 pub mod dist;

@@ -39,6 +39,7 @@ enum PhaseArg {
 
 fn main() {
     let cli = Cli::parse();
+    pretrain_worker::allocator::keep_freed_memory();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime starts");
     let code = runtime.block_on(run(cli));
     std::process::exit(code);

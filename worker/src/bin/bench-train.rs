@@ -21,6 +21,7 @@ use pretrain_worker::model::{Llama, LlamaConfig, Params};
 use pretrain_worker::train::optim::{AdamW, AdamWConfig, clip};
 
 fn main() {
+    pretrain_worker::allocator::keep_freed_memory();
     let mut preset = "tiny".to_string();
     let mut steps = 5usize;
     let mut batch = 8usize;

@@ -1,17 +1,44 @@
-//! Fused CPU kernels for the two largest activations of a training step, each with its backward:
-//! the causal softmax of attention scores (`[batch, heads, seq, seq]`) and the cross-entropy over
-//! the vocabulary (`[tokens, vocab]`). Composed from candle operations they allocate and stream five
-//! or more full-size temporaries each; fused they read and write each element once or twice.
+//! Fused CPU kernels for the element-wise parts of a training step, each with its backward: the
+//! causal softmax of attention scores (`[batch, heads, seq, seq]`), the cross-entropy over the
+//! vocabulary (`[tokens, vocab]`), RMSNorm, the SwiGLU activation, and the split of projections into
+//! attention heads with the RoPE rotation on the way (and the merge back). Composed from candle
+//! operations they allocate and stream several full-size temporaries each; fused they read and write
+//! each element once or twice.
 //!
 //! On other devices (or dtypes) the same functions fall back to composed, differentiable operations.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::gemm::{self, Mat};
+
 fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     let (start, end) =
         l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg(format!("{what}: input must be contiguous")))?;
     Ok(&s.as_slice::<f32>()?[start..end])
+}
+
+/// `e^x` in f32, within 2e-7 relative of the exact value and branch-free, so that loops over slices
+/// vectorise (libm's `expf` is one call per element, 7% of a CPU training step): `x = n ln 2 + r`
+/// with `|r| <= ln 2 / 2`, then `2^n` times Cephes' degree-7 polynomial for `e^r`. NaN stays NaN;
+/// the result saturates to `+inf` above 88.7 and to about the smallest normal below -87.3.
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    // ln 2 split so that `n * LN2_HI` is exact for the n that occur.
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Adding and subtracting 1.5 x 2^23 rounds to the nearest integer without a call to `round`.
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.33, 88.72);
+    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = (((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 0.166_666_65)
+        * r
+        + 0.5)
+        * (r * r)
+        + r
+        + 1.0;
+    f32::from_bits(((n as i32 + 127) as u32) << 23) * p
 }
 
 /// `softmax(scale * s + causal mask)` over the last dimension of `[.., t, t]` scores.
@@ -45,11 +72,10 @@ impl CustomOp1 for CausalSoftmax {
         y.par_chunks_mut(t).zip(x.par_chunks(t)).enumerate().for_each(|(row, (out, inp))| {
             let visible = row % t + 1;
             let max = inp[..visible].iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v * self.scale));
-            let mut sum = 0f32;
             for (o, &v) in out[..visible].iter_mut().zip(&inp[..visible]) {
-                *o = (v * self.scale - max).exp();
-                sum += *o;
+                *o = exp(v * self.scale - max);
             }
+            let sum: f32 = out[..visible].iter().sum();
             let inv = 1.0 / sum;
             out[..visible].iter_mut().for_each(|o| *o *= inv);
         });
@@ -101,7 +127,7 @@ struct CrossEntropy;
 
 fn log_sum_exp(row: &[f32]) -> f32 {
     let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    max + row.iter().map(|&v| (v - max).exp()).sum::<f32>().ln()
+    max + row.iter().map(|&v| exp(v - max)).sum::<f32>().ln()
 }
 
 impl CustomOp2 for CrossEntropy {
@@ -166,12 +192,614 @@ impl CustomOp3 for CrossEntropyGrad {
             |((out, row), (&t, &g))| {
                 let lse = log_sum_exp(row);
                 for (o, &x) in out.iter_mut().zip(row) {
-                    *o = g * (x - lse).exp();
+                    *o = g * exp(x - lse);
                 }
                 out[t as usize] -= g;
             },
         );
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+/// Rows per parallel task of the row-wise kernels: fixed, so that reductions across rows (RMSNorm's
+/// weight gradient) add up in the same order whatever the number of threads.
+const ROWS_PER_TASK: usize = 32;
+
+/// `x * w / sqrt(mean(x^2) + eps)` over the last dimension. Fused on the CPU in fp32 (one pass forward,
+/// one pass backward for both gradients); composed elsewhere, in fp32 whatever the input.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 && weight.dtype() == DType::F32 {
+        return x.contiguous()?.apply_op2(&weight.contiguous()?, RmsNorm { eps: eps as f32 });
+    }
+    let dtype = x.dtype();
+    let x32 = x.to_dtype(DType::F32)?;
+    let mean = x32.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = x32.broadcast_div(&(mean + eps)?.sqrt()?)?;
+    normed.to_dtype(dtype)?.broadcast_mul(weight)
+}
+
+struct RmsNorm {
+    eps: f32,
+}
+
+/// `1 / sqrt(mean(row^2) + eps)`.
+fn inv_rms(row: &[f32], eps: f32) -> f32 {
+    let ms = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
+    1.0 / (ms + eps).sqrt()
+}
+
+fn check_norm_weight(l1: &Layout, l2: &Layout, what: &str) -> Result<usize> {
+    let d = *l1.dims().last().ok_or_else(|| candle_core::Error::Msg(format!("{what}: a scalar input")))?;
+    if l2.dims() != [d] {
+        candle_core::bail!("{what}: weight of shape {:?} for rows of {d}", l2.dims());
+    }
+    Ok(d)
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "rms-norm"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let d = check_norm_weight(l1, l2, self.name())?;
+        let x = contiguous_f32(s1, l1, self.name())?;
+        let w = contiguous_f32(s2, l2, self.name())?;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(out, row)| {
+            let r = inv_rms(row, self.eps);
+            for ((o, &v), &w) in out.iter_mut().zip(row).zip(w) {
+                *o = v * r * w;
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let both = x.apply_op3_no_bwd(w, &grad.contiguous()?, &RmsNormGrad { eps: self.eps })?;
+        let (n, d) = (x.elem_count(), w.elem_count());
+        Ok((Some(both.narrow(0, 0, n)?.reshape(x.shape())?), Some(both.narrow(0, n, d)?)))
+    }
+}
+
+/// Both gradients of RMSNorm, `[dx (flattened), dw]` in one buffer: with `r = 1 / rms(x)` and
+/// `h = g * w`, `dx = r h - x r^3 sum(h x) / d` and `dw = sum over rows of g x r`.
+struct RmsNormGrad {
+    eps: f32,
+}
+
+impl CustomOp3 for RmsNormGrad {
+    fn name(&self) -> &'static str {
+        "rms-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = check_norm_weight(l1, l2, self.name())?;
+        let x = contiguous_f32(s1, l1, self.name())?;
+        let w = contiguous_f32(s2, l2, self.name())?;
+        let g = contiguous_f32(s3, l3, self.name())?;
+        let mut out = vec![0f32; x.len() + d];
+        let (dx, dw) = out.split_at_mut(x.len());
+        let partials: Vec<Vec<f32>> = dx
+            .par_chunks_mut(ROWS_PER_TASK * d)
+            .zip(x.par_chunks(ROWS_PER_TASK * d).zip(g.par_chunks(ROWS_PER_TASK * d)))
+            .map(|(dx, (x, g))| {
+                let mut dw = vec![0f32; d];
+                for ((dx, x), g) in dx.chunks_mut(d).zip(x.chunks(d)).zip(g.chunks(d)) {
+                    let r = inv_rms(x, self.eps);
+                    let dot: f32 = x.iter().zip(g).zip(w).map(|((x, g), w)| g * w * x).sum();
+                    let c = r * r * r * dot / d as f32;
+                    for (((dx, &x), &g), (&w, dw)) in dx.iter_mut().zip(x).zip(g).zip(w.iter().zip(dw.iter_mut())) {
+                        *dx = r * g * w - x * c;
+                        *dw += g * x * r;
+                    }
+                }
+                dw
+            })
+            .collect();
+        for partial in partials {
+            dw.iter_mut().zip(partial).for_each(|(a, b)| *a += b);
+        }
+        Ok((CpuStorage::F32(out), Shape::from(x.len() + d)))
+    }
+}
+
+/// `silu(gate) * up`, the SwiGLU activation. Fused on the CPU in fp32 (both gradients in one pass);
+/// composed elsewhere.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if gate.device().is_cpu() && gate.dtype() == DType::F32 && up.dtype() == DType::F32 {
+        if gate.shape() != up.shape() {
+            candle_core::bail!("swiglu: gate {:?} and up {:?} differ in shape", gate.dims(), up.dims());
+        }
+        return gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu);
+    }
+    gate.silu()? * up
+}
+
+struct SwiGlu;
+
+fn sigmoid(a: f32) -> f32 {
+    1.0 / (1.0 + exp(-a))
+}
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let a = contiguous_f32(s1, l1, self.name())?;
+        let u = contiguous_f32(s2, l2, self.name())?;
+        let mut y = vec![0f32; a.len()];
+        y.par_chunks_mut(4096).zip(a.par_chunks(4096).zip(u.par_chunks(4096))).for_each(|(y, (a, u))| {
+            for ((y, &a), &u) in y.iter_mut().zip(a).zip(u) {
+                *y = a * sigmoid(a) * u;
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(&self, a: &Tensor, u: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let both = a.apply_op3_no_bwd(u, &grad.contiguous()?, &SwiGluGrad)?;
+        let n = a.elem_count();
+        Ok((Some(both.narrow(0, 0, n)?.reshape(a.shape())?), Some(both.narrow(0, n, n)?.reshape(a.shape())?)))
+    }
+}
+
+/// `[d gate, d up]` in one buffer: with `s = sigmoid(a)`, `d gate = g u s (1 + a (1 - s))` and
+/// `d up = g a s`.
+struct SwiGluGrad;
+
+impl CustomOp3 for SwiGluGrad {
+    fn name(&self) -> &'static str {
+        "swiglu-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let a = contiguous_f32(s1, l1, self.name())?;
+        let u = contiguous_f32(s2, l2, self.name())?;
+        let g = contiguous_f32(s3, l3, self.name())?;
+        let n = a.len();
+        let mut out = vec![0f32; 2 * n];
+        let (da, du) = out.split_at_mut(n);
+        da.par_chunks_mut(4096)
+            .zip(du.par_chunks_mut(4096))
+            .zip(a.par_chunks(4096).zip(u.par_chunks(4096)).zip(g.par_chunks(4096)))
+            .for_each(|((da, du), ((a, u), g))| {
+                for ((da, du), ((&a, &u), &g)) in da.iter_mut().zip(du.iter_mut()).zip(a.iter().zip(u).zip(g)) {
+                    let s = sigmoid(a);
+                    *da = g * u * s * (1.0 + a * (1.0 - s));
+                    *du = g * a * s;
+                }
+            });
+        Ok((CpuStorage::F32(out), Shape::from(2 * n)))
+    }
+}
+
+/// The rows of a projection `[batch * seq, heads * head_dim]` as heads `[batch, heads, seq, head_dim]`,
+/// rotated by RoPE at positions `offset..offset + seq` when `tables` (`cos`, `sin`, each
+/// `[positions, head_dim]`) are given. Fused on the CPU in fp32 (one copy, the rotation on the way);
+/// composed elsewhere.
+pub fn split_heads(
+    x: &Tensor,
+    (batch, seq, heads): (usize, usize, usize),
+    tables: Option<(&Tensor, &Tensor)>,
+    offset: usize,
+) -> Result<Tensor> {
+    let head_dim = x.dim(D::Minus1)? / heads;
+    if let Some((cos, _)) = tables
+        && offset + seq > cos.dim(0)?
+    {
+        candle_core::bail!(
+            "position {} is beyond the {} positions the RoPE tables were built for",
+            offset + seq - 1,
+            cos.dim(0)?
+        );
+    }
+    let tables = match tables {
+        Some((cos, sin)) => Some((cos.narrow(0, offset, seq)?, sin.narrow(0, offset, seq)?)),
+        None => None,
+    };
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        let op = SplitHeads { batch, seq, heads, head_dim };
+        let x = x.contiguous()?;
+        return match tables {
+            Some((cos, sin)) => x.apply_op3(&cos.contiguous()?, &sin.contiguous()?, op),
+            None => x.apply_op1(op),
+        };
+    }
+    let x = x.reshape((batch, seq, heads, head_dim))?.transpose(1, 2)?.contiguous()?;
+    let Some((cos, sin)) = tables else { return Ok(x) };
+    let table = |t: &Tensor| t.to_dtype(x.dtype())?.reshape((1, 1, seq, head_dim));
+    let (cos, sin) = (table(&cos)?, table(&sin)?);
+    let x1 = x.narrow(D::Minus1, 0, head_dim / 2)?;
+    let x2 = x.narrow(D::Minus1, head_dim / 2, head_dim / 2)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
+}
+
+#[derive(Clone, Copy)]
+struct SplitHeads {
+    batch: usize,
+    seq: usize,
+    heads: usize,
+    head_dim: usize,
+}
+
+impl SplitHeads {
+    fn check(&self, l: &Layout) -> Result<()> {
+        if l.dims() != [self.batch * self.seq, self.heads * self.head_dim] {
+            candle_core::bail!(
+                "split-heads: input {:?} is not [{} x {}, {} x {}]",
+                l.dims(),
+                self.batch,
+                self.seq,
+                self.heads,
+                self.head_dim
+            );
+        }
+        Ok(())
+    }
+
+    /// `[b, heads, seq, hd]` from `[b * seq, heads * hd]`, each head row rotated by `rotate`.
+    fn forward(&self, x: &[f32], rotate: impl Fn(usize, &[f32], &mut [f32]) + Sync) -> Vec<f32> {
+        let Self { seq, heads, head_dim: hd, .. } = *self;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(seq * hd).enumerate().for_each(|(bh, out)| {
+            let (b, h) = (bh / heads, bh % heads);
+            for (t, out) in out.chunks_mut(hd).enumerate() {
+                let start = (b * seq + t) * heads * hd + h * hd;
+                rotate(t, &x[start..start + hd], out);
+            }
+        });
+        y
+    }
+
+    /// The inverse: `[b * seq, heads * hd]` from `[b, heads, seq, hd]`.
+    fn backward(&self, g: &[f32], rotate: impl Fn(usize, &[f32], &mut [f32]) + Sync) -> Vec<f32> {
+        let Self { seq, heads, head_dim: hd, .. } = *self;
+        let mut dx = vec![0f32; g.len()];
+        dx.par_chunks_mut(heads * hd).enumerate().for_each(|(bt, out)| {
+            let (b, t) = (bt / seq, bt % seq);
+            for (h, out) in out.chunks_mut(hd).enumerate() {
+                let start = ((b * heads + h) * seq + t) * hd;
+                rotate(t, &g[start..start + hd], out);
+            }
+        });
+        dx
+    }
+}
+
+/// Rotate half: `(x1, x2) -> (x1 c - x2 s, x2 c + x1 s)`, or by `-angle` (the gradient) when `inverse`.
+fn rotate_half(x: &[f32], cos: &[f32], sin: &[f32], inverse: bool, out: &mut [f32]) {
+    let half = x.len() / 2;
+    let (x1, x2) = x.split_at(half);
+    let (o1, o2) = out.split_at_mut(half);
+    for i in 0..half {
+        let (c, s) = (cos[i], if inverse { -sin[i] } else { sin[i] });
+        o1[i] = x1[i] * c - x2[i] * s;
+        o2[i] = x2[i] * c + x1[i] * s;
+    }
+}
+
+impl CustomOp1 for SplitHeads {
+    fn name(&self) -> &'static str {
+        "split-heads"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.check(l)?;
+        let x = contiguous_f32(s, l, "split-heads")?;
+        let y = self.forward(x, |_, src, out| out.copy_from_slice(src));
+        Ok((CpuStorage::F32(y), Shape::from((self.batch, self.heads, self.seq, self.head_dim))))
+    }
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&MergeHeads(*self))?))
+    }
+}
+
+impl CustomOp3 for SplitHeads {
+    fn name(&self) -> &'static str {
+        "split-heads-rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.check(l1)?;
+        let hd = self.head_dim;
+        let x = contiguous_f32(s1, l1, "split-heads-rope")?;
+        let cos = contiguous_f32(s2, l2, "split-heads-rope")?;
+        let sin = contiguous_f32(s3, l3, "split-heads-rope")?;
+        if cos.len() != self.seq * hd || sin.len() != cos.len() {
+            candle_core::bail!("split-heads-rope: tables of {} values for {} x {hd}", cos.len(), self.seq);
+        }
+        let y = self.forward(x, |t, src, out| {
+            rotate_half(src, &cos[t * hd..(t + 1) * hd], &sin[t * hd..(t + 1) * hd], false, out)
+        });
+        Ok((CpuStorage::F32(y), Shape::from((self.batch, self.heads, self.seq, self.head_dim))))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?.apply_op3_no_bwd(cos, sin, &MergeHeads(*self))?;
+        Ok((Some(grad), None, None))
+    }
+}
+
+/// Heads `[batch, heads, seq, head_dim]` back into rows `[batch * seq, heads * head_dim]` (attention's
+/// output for the output projection). Fused on the CPU in fp32; composed elsewhere.
+pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
+    let (batch, heads, seq, head_dim) = x.dims4()?;
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        return x.contiguous()?.apply_op1(MergeHeads(SplitHeads { batch, seq, heads, head_dim }));
+    }
+    x.transpose(1, 2)?.reshape((batch * seq, heads * head_dim))
+}
+
+/// Heads back into rows, rotated back by the tables when there are any: split-heads' gradient, and
+/// [`merge_heads`].
+struct MergeHeads(SplitHeads);
+
+impl CustomOp1 for MergeHeads {
+    fn name(&self) -> &'static str {
+        "merge-heads"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let split = self.0;
+        let g = contiguous_f32(s, l, "merge-heads")?;
+        if g.len() != split.batch * split.seq * split.heads * split.head_dim {
+            candle_core::bail!("merge-heads: {} values for {:?}", g.len(), l.dims());
+        }
+        let dx = split.backward(g, |_, src, out| out.copy_from_slice(src));
+        Ok((CpuStorage::F32(dx), Shape::from((split.batch * split.seq, split.heads * split.head_dim))))
+    }
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&self.0)?))
+    }
+}
+
+impl CustomOp3 for MergeHeads {
+    fn name(&self) -> &'static str {
+        "merge-heads-rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let split = self.0;
+        let hd = split.head_dim;
+        let g = contiguous_f32(s1, l1, "merge-heads-rope")?;
+        let cos = contiguous_f32(s2, l2, "merge-heads-rope")?;
+        let sin = contiguous_f32(s3, l3, "merge-heads-rope")?;
+        let dx = split.backward(g, |t, src, out| {
+            rotate_half(src, &cos[t * hd..(t + 1) * hd], &sin[t * hd..(t + 1) * hd], true, out)
+        });
+        Ok((CpuStorage::F32(dx), Shape::from((split.batch * split.seq, split.heads * split.head_dim))))
+    }
+}
+
+/// Query rows per block of the fused attention: a block multiplies only the keys its rows can see.
+const QUERY_BLOCK: usize = 64;
+
+/// Causal attention `softmax(scale q k^T + mask) v` with grouped-query heads: `q` `[batch, heads, seq,
+/// head_dim]`, `k` and `v` `[batch, kv_heads, seq, head_dim]`, query head `i` reading key/value head
+/// `i / (heads / kv_heads)`. On the CPU in fp32 it is one fused kernel (FlashAttention's shape: no
+/// `seq x seq` tensor is ever stored; the backward recomputes the probabilities block by block, and
+/// blocks above the diagonal are never computed); elsewhere it is composed from candle operations.
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let (b, h, t, hd) = q.dims4()?;
+    let (kb, kv, kt, khd) = k.dims4()?;
+    if (kb, kt, khd) != (b, t, hd) || v.dims() != k.dims() || kv == 0 || !h.is_multiple_of(kv) {
+        candle_core::bail!("attention: q {:?}, k {:?}, v {:?} do not fit together", q.dims(), k.dims(), v.dims());
+    }
+    if q.device().is_cpu() && q.dtype() == DType::F32 {
+        let op = Attention { scale: scale as f32, batch: b, heads: h, kv_heads: kv, seq: t, head_dim: hd };
+        return q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op);
+    }
+    // The query heads sharing a key/value head stacked into one `[groups x t, hd]` matrix, so keys
+    // and values are never repeated.
+    let groups = h / kv;
+    let scores = q.contiguous()?.reshape((b, kv, groups * t, hd))?.matmul(&k.t()?.contiguous()?)?;
+    let probs = causal_softmax(&scores.reshape((b, h, t, t))?, scale)?;
+    probs.reshape((b, kv, groups * t, t))?.matmul(&v.contiguous()?)?.reshape((b, h, t, hd))
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Attention {
+    scale: f32,
+    batch: usize,
+    heads: usize,
+    kv_heads: usize,
+    seq: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn check(&self, q: &Layout, k: &Layout, v: &Layout) -> Result<()> {
+        let Self { batch: b, heads: h, kv_heads: kv, seq: t, head_dim: hd, .. } = *self;
+        if q.dims() != [b, h, t, hd] || k.dims() != [b, kv, t, hd] || v.dims() != [b, kv, t, hd] {
+            candle_core::bail!("attention: q {:?}, k {:?}, v {:?} for {self:?}", q.dims(), k.dims(), v.dims());
+        }
+        Ok(())
+    }
+
+    /// Probabilities of query rows `r0..r0 + rows` of one head over keys `0..r0 + rows` into `p` (row
+    /// stride `r0 + rows`): scaled scores, masked above the diagonal, softmax per row.
+    fn probabilities(&self, q: &[f32], k: &[f32], r0: usize, rows: usize, p: &mut [f32]) {
+        let (hd, keys) = (self.head_dim, r0 + rows);
+        gemm::matmul(p, keys, Mat::rows(&q[r0 * hd..], rows, hd, hd), Mat::rows(k, keys, hd, hd).t(), false);
+        for (i, row) in p[..rows * keys].chunks_mut(keys).enumerate() {
+            let visible = r0 + i + 1;
+            let (seen, masked) = row.split_at_mut(visible);
+            let max = seen.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v * self.scale));
+            for v in seen.iter_mut() {
+                *v = exp(*v * self.scale - max);
+            }
+            let sum: f32 = seen.iter().sum();
+            let inv = 1.0 / sum;
+            seen.iter_mut().for_each(|v| *v *= inv);
+            masked.fill(0.0);
+        }
+    }
+
+    fn blocks(&self) -> impl Iterator<Item = (usize, usize)> + use<> {
+        let t = self.seq;
+        (0..t).step_by(QUERY_BLOCK).map(move |r0| (r0, QUERY_BLOCK.min(t - r0)))
+    }
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "causal-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.check(l1, l2, l3)?;
+        let (q, k, v) = (
+            contiguous_f32(s1, l1, self.name())?,
+            contiguous_f32(s2, l2, self.name())?,
+            contiguous_f32(s3, l3, self.name())?,
+        );
+        let (t, hd, groups) = (self.seq, self.head_dim, self.heads / self.kv_heads);
+        let head = t * hd;
+        let mut o = vec![0f32; q.len()];
+        // One task per key/value head: its query heads one after the other.
+        o.par_chunks_mut(groups * head).enumerate().for_each(|(task, o)| {
+            let (k, v) = (&k[task * head..(task + 1) * head], &v[task * head..(task + 1) * head]);
+            let mut p = vec![0f32; QUERY_BLOCK.min(t) * t];
+            for j in 0..groups {
+                let q = &q[(task * groups + j) * head..][..head];
+                let o = &mut o[j * head..(j + 1) * head];
+                for (r0, rows) in self.blocks() {
+                    let keys = r0 + rows;
+                    self.probabilities(q, k, r0, rows, &mut p);
+                    gemm::matmul(
+                        &mut o[r0 * hd..],
+                        hd,
+                        Mat::rows(&p, rows, keys, keys),
+                        Mat::rows(v, keys, hd, hd),
+                        false,
+                    );
+                }
+            }
+        });
+        Ok((CpuStorage::F32(o), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let tensors = [q, k, v, o, &grad];
+        let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+        let mut slices = Vec::with_capacity(5);
+        for (storage, layout) in &guards {
+            let candle_core::Storage::Cpu(cpu) = &**storage else {
+                candle_core::bail!("causal-attention-grad: a tensor left the CPU");
+            };
+            slices.push(contiguous_f32(cpu, layout, "causal-attention-grad")?);
+        }
+        let (dq, dk, dv) = self.backward(slices[0], slices[1], slices[2], slices[3], slices[4]);
+        drop(guards);
+        let device = q.device();
+        Ok((
+            Some(Tensor::from_vec(dq, q.shape(), device)?),
+            Some(Tensor::from_vec(dk, k.shape(), device)?),
+            Some(Tensor::from_vec(dv, v.shape(), device)?),
+        ))
+    }
+}
+
+impl Attention {
+    /// Gradients of q, k and v from the output `o` and its gradient `g`, per key/value head: with
+    /// `P` recomputed block by block, `dV += P^T dO`, `dS = P (dO V^T - rowsum(dO o)) scale`,
+    /// `dQ = dS K` and `dK += dS^T Q`.
+    fn backward(&self, q: &[f32], k: &[f32], v: &[f32], o: &[f32], g: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let (t, hd, groups) = (self.seq, self.head_dim, self.heads / self.kv_heads);
+        let head = t * hd;
+        let (mut dq, mut dk, mut dv) = (vec![0f32; q.len()], vec![0f32; k.len()], vec![0f32; k.len()]);
+        dq.par_chunks_mut(groups * head)
+            .zip(dk.par_chunks_mut(head).zip(dv.par_chunks_mut(head)))
+            .enumerate()
+            .for_each(|(task, (dq, (dk, dv)))| {
+                let (k, v) = (&k[task * head..(task + 1) * head], &v[task * head..(task + 1) * head]);
+                let block = QUERY_BLOCK.min(t) * t;
+                let (mut p, mut dp) = (vec![0f32; block], vec![0f32; block]);
+                for j in 0..groups {
+                    let at = (task * groups + j) * head;
+                    let (q, o, g) = (&q[at..at + head], &o[at..at + head], &g[at..at + head]);
+                    let dq = &mut dq[j * head..(j + 1) * head];
+                    for (r0, rows) in self.blocks() {
+                        let keys = r0 + rows;
+                        self.probabilities(q, k, r0, rows, &mut p);
+                        let g_rows = Mat::rows(&g[r0 * hd..], rows, hd, hd);
+                        gemm::matmul(dv, hd, Mat::rows(&p, rows, keys, keys).t(), g_rows, true);
+                        gemm::matmul(&mut dp, keys, g_rows, Mat::rows(v, keys, hd, hd).t(), false);
+                        for i in 0..rows {
+                            let r = (r0 + i) * hd;
+                            let d: f32 = g[r..r + hd].iter().zip(&o[r..r + hd]).map(|(a, b)| a * b).sum();
+                            for (ds, &p) in dp[i * keys..(i + 1) * keys].iter_mut().zip(&p[i * keys..(i + 1) * keys]) {
+                                *ds = p * (*ds - d) * self.scale;
+                            }
+                        }
+                        let ds = Mat::rows(&dp, rows, keys, keys);
+                        gemm::matmul(&mut dq[r0 * hd..], hd, ds, Mat::rows(k, keys, hd, hd), false);
+                        gemm::matmul(dk, hd, ds.t(), Mat::rows(&q[r0 * hd..], rows, hd, hd), true);
+                    }
+                }
+            });
+        (dq, dk, dv)
     }
 }
 
@@ -217,5 +845,118 @@ mod tests {
         let g2 = (composed * 3.0).unwrap().backward().unwrap();
         close(g1.get(&logits).unwrap(), g2.get(&logits).unwrap());
         assert!(cross_entropy(&logits, &Tensor::new(&[0u32, 3, 11, 5, 5, 1], &dev).unwrap()).is_err());
+    }
+
+    /// `sum(out * weights)`'s gradients with respect to `vars`.
+    fn grads(out: &Tensor, weights: &Tensor, vars: &[&Var]) -> Vec<Tensor> {
+        let store = (out * weights).unwrap().sum_all().unwrap().backward().unwrap();
+        vars.iter().map(|v| store.get(v.as_tensor()).unwrap().clone()).collect()
+    }
+
+    fn var(shape: &[usize], dev: &Device) -> Var {
+        Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, dev).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn rms_norm_and_swiglu_match_the_composed_operations_and_their_gradients() {
+        let dev = Device::Cpu;
+        // 70 rows of an odd width: several parallel tasks, the last one short.
+        let (x, w) = (var(&[2, 35, 7], &dev), var(&[7], &dev));
+        let up = Tensor::randn(0f32, 1.0, (2, 35, 7), &dev).unwrap();
+        let fused = rms_norm(&x, &w, 1e-5).unwrap();
+        let composed = {
+            let mean = x.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+            x.broadcast_div(&(mean + 1e-5).unwrap().sqrt().unwrap()).unwrap().broadcast_mul(&w).unwrap()
+        };
+        close(&fused, &composed);
+        for (a, b) in grads(&fused, &up, &[&x, &w]).iter().zip(grads(&composed, &up, &[&x, &w])) {
+            close(a, &b);
+        }
+        assert!(rms_norm(&x, &Tensor::ones(6, DType::F32, &dev).unwrap(), 1e-5).is_err());
+
+        // More elements than one parallel task takes, and not a multiple of it.
+        let (gate, up) = (var(&[3, 3001], &dev), var(&[3, 3001], &dev));
+        let weights = Tensor::randn(0f32, 1.0, (3, 3001), &dev).unwrap();
+        let fused = swiglu(&gate, &up).unwrap();
+        let composed = (gate.silu().unwrap() * up.as_tensor()).unwrap();
+        close(&fused, &composed);
+        for (a, b) in grads(&fused, &weights, &[&gate, &up]).iter().zip(grads(&composed, &weights, &[&gate, &up])) {
+            close(a, &b);
+        }
+    }
+
+    #[test]
+    fn split_heads_with_rope_and_merge_heads_match_reshapes_and_their_gradients() {
+        let dev = Device::Cpu;
+        let (b, t, n, hd) = (2, 5, 3, 6);
+        let rope = crate::model::Rope::new(hd, 9, 10_000.0, crate::model::Scaling::None, &dev).unwrap();
+        let x = var(&[b * t, n * hd], &dev);
+        let weights = Tensor::randn(0f32, 1.0, (b, n, t, hd), &dev).unwrap();
+        let reshaped = x.reshape((b, t, n, hd)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
+        for offset in [0, 4] {
+            let fused = split_heads(&x, (b, t, n), Some(rope.tables()), offset).unwrap();
+            let composed = rope.apply_at(&reshaped, offset).unwrap();
+            close(&fused, &composed);
+            close(&grads(&fused, &weights, &[&x])[0], &grads(&composed, &weights, &[&x])[0]);
+        }
+        let err = split_heads(&x, (b, t, n), Some(rope.tables()), 5).unwrap_err().to_string();
+        assert!(err.contains("position 9 is beyond the 9 positions"), "{err}");
+        let plain = split_heads(&x, (b, t, n), None, 0).unwrap();
+        close(&plain, &reshaped);
+        close(&grads(&plain, &weights, &[&x])[0], &grads(&reshaped, &weights, &[&x])[0]);
+
+        let heads = var(&[b, n, t, hd], &dev);
+        let weights = Tensor::randn(0f32, 1.0, (b * t, n * hd), &dev).unwrap();
+        let fused = merge_heads(&heads).unwrap();
+        let composed = heads.transpose(1, 2).unwrap().reshape((b * t, n * hd)).unwrap();
+        close(&fused, &composed);
+        close(&grads(&fused, &weights, &[&heads])[0], &grads(&composed, &weights, &[&heads])[0]);
+    }
+
+    #[test]
+    fn fused_attention_matches_the_composed_operations_and_their_gradients() {
+        let dev = Device::Cpu;
+        // 70 positions: a full query block and a short one; 3 query heads per key/value head.
+        for (b, h, kv, t, hd) in [(2, 6, 2, 70, 6), (1, 2, 2, 3, 4)] {
+            let (q, k, v) = (var(&[b, h, t, hd], &dev), var(&[b, kv, t, hd], &dev), var(&[b, kv, t, hd], &dev));
+            let weights = Tensor::randn(0f32, 1.0, (b, h, t, hd), &dev).unwrap();
+            let fused = causal_attention(&q, &k, &v, 0.4).unwrap();
+            let composed = {
+                let repeat = |x: &Tensor| {
+                    let x = x.unsqueeze(2).unwrap().repeat((1, 1, h / kv, 1, 1)).unwrap();
+                    x.reshape((b, h, t, hd)).unwrap()
+                };
+                let (k, v) = (repeat(k.as_tensor()), repeat(v.as_tensor()));
+                let mask: Vec<f32> =
+                    (0..t).flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY })).collect();
+                let scores = (q.matmul(&k.t().unwrap()).unwrap() * 0.4)
+                    .unwrap()
+                    .broadcast_add(&Tensor::from_vec(mask, (t, t), &dev).unwrap())
+                    .unwrap();
+                candle_nn::ops::softmax(&scores, D::Minus1).unwrap().matmul(&v).unwrap()
+            };
+            close(&fused, &composed);
+            let vars = [&q, &k, &v];
+            for (a, b) in grads(&fused, &weights, &vars).iter().zip(grads(&composed, &weights, &vars)) {
+                close(a, &b);
+            }
+        }
+        let (q, k) = (var(&[1, 3, 4, 2], &dev), var(&[1, 2, 4, 2], &dev));
+        assert!(causal_attention(&q, &k, &k, 1.0).is_err(), "3 heads cannot share 2 key/value heads");
+    }
+
+    #[test]
+    fn fast_exp_is_within_2e7_of_libm_and_keeps_nan() {
+        let mut worst = 0f64;
+        for i in -87_000..88_000 {
+            let x = i as f32 / 1000.0 + 0.000_37;
+            let want = f64::from(x).exp();
+            worst = worst.max(((f64::from(exp(x)) - want) / want).abs());
+        }
+        assert!(worst < 2e-7, "largest relative error {worst:e}");
+        assert_eq!(exp(0.0), 1.0);
+        assert!(exp(f32::NAN).is_nan());
+        assert_eq!(exp(100.0), f32::INFINITY);
+        assert!(exp(-100.0) > 0.0 && exp(-100.0) < 2.0 * f32::MIN_POSITIVE);
     }
 }

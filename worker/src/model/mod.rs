@@ -7,11 +7,12 @@
 //! fp32 `Var`s and the forward pass can compute in bf16 from them.
 
 pub mod fused;
+mod gemm;
 pub mod rope;
 
 use std::collections::HashMap;
 
-use candle_core::{D, DType, Device, Result, Tensor, Var};
+use candle_core::{DType, Device, Result, Tensor, Var};
 use pretrain_crd::spec::ModelConfig;
 
 pub use rope::{Rope, Scaling};
@@ -323,20 +324,15 @@ impl Llama {
         for l in 0..c.layers {
             let p = format!("model.layers.{l}");
             let hidden = rms_norm(&x, &w(&format!("{p}.input_layernorm.weight"))?, c.norm_eps)?;
-            let heads = |name: &str, n: usize| -> Result<Tensor> {
-                linear(&hidden, &format!("{p}.self_attn.{name}.weight"))?
-                    .reshape((b, t, n, hd))?
-                    .transpose(1, 2)?
-                    .contiguous()
+            let heads = |name: &str, n: usize, rotate: bool| -> Result<Tensor> {
+                let rows = linear(&hidden, &format!("{p}.self_attn.{name}.weight"))?;
+                fused::split_heads(&rows, (b, t, n), rotate.then(|| self.rope.tables()), offset)
             };
-            let q = self.rope.apply_at(&heads("q_proj", h)?, offset)?;
-            let mut k = self.rope.apply_at(&heads("k_proj", kv)?, offset)?;
-            let mut v = heads("v_proj", kv)?;
+            let q = heads("q_proj", h, true)?;
+            let mut k = heads("k_proj", kv, true)?;
+            let mut v = heads("v_proj", kv, false)?;
             let attn = match cache.as_deref_mut() {
-                None => {
-                    let (k, v) = (repeat_kv(&k, h / kv)?, repeat_kv(&v, h / kv)?);
-                    fused::causal_softmax(&q.matmul(&k.t()?.contiguous()?)?, scale)?.matmul(&v)?
-                }
+                None => fused::causal_attention(&q, &k, &v, scale)?,
                 Some(cache) => {
                     if let Some((pk, pv)) = cache.layers.get(l) {
                         k = Tensor::cat(&[pk, &k], 2)?;
@@ -357,13 +353,13 @@ impl Llama {
                     candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(dtype)?.matmul(&v)?
                 }
             }; // [b, h, t, hd]
-            let attn = attn.transpose(1, 2)?.reshape((b * t, h * hd))?;
+            let attn = fused::merge_heads(&attn)?;
             x = (x + linear(&attn, &format!("{p}.self_attn.o_proj.weight"))?)?;
 
             let hidden = rms_norm(&x, &w(&format!("{p}.post_attention_layernorm.weight"))?, c.norm_eps)?;
-            let gate = linear(&hidden, &format!("{p}.mlp.gate_proj.weight"))?.silu()?;
+            let gate = linear(&hidden, &format!("{p}.mlp.gate_proj.weight"))?;
             let up = linear(&hidden, &format!("{p}.mlp.up_proj.weight"))?;
-            x = (x + linear(&(gate * up)?, &format!("{p}.mlp.down_proj.weight"))?)?;
+            x = (x + linear(&fused::swiglu(&gate, &up)?, &format!("{p}.mlp.down_proj.weight"))?)?;
         }
         if let Some(cache) = cache {
             cache.len += t;
@@ -392,11 +388,7 @@ fn offset_mask(t: usize, offset: usize, dtype: DType, device: &Device) -> Result
 
 /// `x * w / sqrt(mean(x^2) + eps)` over the last dimension, in fp32 whatever the input.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    let dtype = x.dtype();
-    let x32 = x.to_dtype(DType::F32)?;
-    let mean = x32.sqr()?.mean_keepdim(D::Minus1)?;
-    let normed = x32.broadcast_div(&(mean + eps)?.sqrt()?)?;
-    normed.to_dtype(dtype)?.broadcast_mul(weight)
+    fused::rms_norm(x, weight, eps)
 }
 
 /// Repeats each key/value head `n` times: `[b, kv, t, d]` -> `[b, kv * n, t, d]`.

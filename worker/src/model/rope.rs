@@ -132,6 +132,11 @@ impl Rope {
         x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
     }
 
+    /// The `cos` and `sin` tables, `[positions, head_dim]`.
+    pub fn tables(&self) -> (&Tensor, &Tensor) {
+        (&self.cos, &self.sin)
+    }
+
     /// Positions the tables cover.
     pub fn len(&self) -> usize {
         self.cos.dims()[0]
