@@ -16,11 +16,18 @@ cargo build --quiet --release -p pretrain-worker --bin bench-train
 
 median() { tr ' ' '\n' | sed '/^$/d' | sort -g | awk '{v[NR] = $1} END {print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
 
+result() { # command...: its output on stderr, its tokens/s on stdout
+    local out
+    out=$("$@")
+    echo "$out" >&2
+    sed -n 's/^RESULT tokens_per_s=//p' <<<"$out"
+}
+
 run() { # preset vocab batch seq steps
     local args=(--preset "$1" --vocab "$2" --batch "$3" --seq "$4" --steps "$5") ours=() theirs=()
     for _ in $(seq "$rounds"); do
-        ours+=("$(./target/release/bench-train "${args[@]}" | tee /dev/stderr | sed -n 's/^RESULT tokens_per_s=//p')")
-        theirs+=("$("$python" scripts/train_baseline.py "${args[@]}" | tee /dev/stderr | sed -n 's/^RESULT tokens_per_s=//p')")
+        ours+=("$(result ./target/release/bench-train "${args[@]}")")
+        theirs+=("$(result "$python" scripts/train_baseline.py "${args[@]}")")
     done
     local a b
     a=$(echo "${ours[*]}" | median)

@@ -147,6 +147,29 @@ struct FusedAdamW {
     decay: f32,
 }
 
+crate::model::fused::simd_fn! {
+    /// One chunk of the AdamW update: new weights and moments from the old ones and the gradient.
+    fn adamw_chunk(
+        h: &FusedAdamW,
+        new: (&mut [f32], &mut [f32], &mut [f32]),
+        p: &[f32],
+        g: &[f32],
+        m: &[f32],
+        v: &[f32],
+    ) {
+        let (new_p, new_m, new_v) = new;
+        for i in 0..new_p.len() {
+            let gi = g[i];
+            let mi = h.beta1 * m[i] + (1.0 - h.beta1) * gi;
+            let vi = h.beta2 * v[i] + (1.0 - h.beta2) * gi * gi;
+            let update = (mi / h.c1) / ((vi / h.c2).sqrt() + h.eps);
+            new_p[i] = p[i] * (1.0 - h.decay) - h.lr * update;
+            new_m[i] = mi;
+            new_v[i] = vi;
+        }
+    }
+}
+
 impl candle_core::CustomOp3 for FusedAdamW {
     fn name(&self) -> &'static str {
         "fused-adamw"
@@ -184,17 +207,8 @@ impl candle_core::CustomOp3 for FusedAdamW {
             .zip(new_v.par_chunks_mut(CHUNK))
             .enumerate()
             .for_each(|(c, ((np, nm), nv))| {
-                let at = c * CHUNK;
-                for k in 0..np.len() {
-                    let i = at + k;
-                    let gi = g[i];
-                    let mi = self.beta1 * m[i] + (1.0 - self.beta1) * gi;
-                    let vi = self.beta2 * v[i] + (1.0 - self.beta2) * gi * gi;
-                    let update = (mi / self.c1) / ((vi / self.c2).sqrt() + self.eps);
-                    np[k] = p[i] * (1.0 - self.decay) - self.lr * update;
-                    nm[k] = mi;
-                    nv[k] = vi;
-                }
+                let at = c * CHUNK..c * CHUNK + np.len();
+                adamw_chunk(self, (np, nm, nv), &p[at.clone()], &g[at.clone()], &m[at.clone()], &v[at]);
             });
         Ok((candle_core::CpuStorage::F32(out), candle_core::Shape::from((3, n))))
     }
