@@ -1,6 +1,6 @@
-//! Fused CPU kernels for the element-wise parts of a training step, each with its backward: the
-//! causal softmax of attention scores (`[batch, heads, seq, seq]`), the cross-entropy over the
-//! vocabulary (`[tokens, vocab]`), RMSNorm, the SwiGLU activation, and the split of projections into
+//! Fused CPU kernels for a training step, each with its backward: causal grouped-query attention
+//! (which never forms the `[batch, heads, seq, seq]` scores), the cross-entropy over the vocabulary
+//! (`[tokens, vocab]`), RMSNorm, the SwiGLU activation, and the split of projections into
 //! attention heads with the RoPE rotation on the way (and the merge back). Composed from candle
 //! operations they allocate and stream several full-size temporaries each; fused they read and write
 //! each element once or twice.
@@ -10,6 +10,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::Rope;
 use super::gemm::{self, Mat};
 
 fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
@@ -86,11 +87,10 @@ fn exp(x: f32) -> f32 {
     f32::from_bits(((n as i32 + 127) as u32) << 23) * p
 }
 
-/// `softmax(scale * s + causal mask)` over the last dimension of `[.., t, t]` scores.
-pub fn causal_softmax(scores: &Tensor, scale: f64) -> Result<Tensor> {
-    if scores.device().is_cpu() && scores.dtype() == DType::F32 {
-        return scores.contiguous()?.apply_op1(CausalSoftmax { scale: scale as f32 });
-    }
+/// `softmax(scale * s + causal mask)` over the last dimension of `[.., t, t]` scores, composed from
+/// candle operations: [`causal_attention`]'s path off the CPU (on it, the fused kernel never forms
+/// the scores).
+fn causal_softmax(scores: &Tensor, scale: f64) -> Result<Tensor> {
     let t = scores.dim(D::Minus1)?;
     let mask: Vec<f32> =
         (0..t).flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY })).collect();
@@ -99,63 +99,6 @@ pub fn causal_softmax(scores: &Tensor, scale: f64) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
-}
-
-struct CausalSoftmax {
-    scale: f32,
-}
-
-impl CustomOp1 for CausalSoftmax {
-    fn name(&self) -> &'static str {
-        "causal-softmax"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s, l, self.name())?;
-        let t = l.dims()[l.dims().len() - 1];
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(t).zip(x.par_chunks(t)).enumerate().for_each(|(row, (out, inp))| {
-            let visible = row % t + 1;
-            let max = inp[..visible].iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v * self.scale));
-            for (o, &v) in out[..visible].iter_mut().zip(&inp[..visible]) {
-                *o = exp(v * self.scale - max);
-            }
-            let sum: f32 = out[..visible].iter().sum();
-            let inv = 1.0 / sum;
-            out[..visible].iter_mut().for_each(|o| *o *= inv);
-        });
-        Ok((CpuStorage::F32(y), l.shape().clone()))
-    }
-
-    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(res.apply_op2_no_bwd(&grad_res.contiguous()?, &CausalSoftmaxGrad { scale: self.scale })?))
-    }
-}
-
-/// `dx = scale * y * (g - sum(g * y))` per row.
-struct CausalSoftmaxGrad {
-    scale: f32,
-}
-
-impl CustomOp2 for CausalSoftmaxGrad {
-    fn name(&self) -> &'static str {
-        "causal-softmax-grad"
-    }
-
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let y = contiguous_f32(s1, l1, self.name())?;
-        let g = contiguous_f32(s2, l2, self.name())?;
-        let t = l1.dims()[l1.dims().len() - 1];
-        let mut dx = vec![0f32; y.len()];
-        dx.par_chunks_mut(t).zip(y.par_chunks(t).zip(g.par_chunks(t))).enumerate().for_each(|(row, (out, (y, g)))| {
-            let visible = row % t + 1;
-            let dot: f32 = y[..visible].iter().zip(&g[..visible]).map(|(a, b)| a * b).sum();
-            for ((o, &y), &g) in out[..visible].iter_mut().zip(&y[..visible]).zip(&g[..visible]) {
-                *o = self.scale * y * (g - dot);
-            }
-        });
-        Ok((CpuStorage::F32(dx), l1.shape().clone()))
-    }
 }
 
 /// Mean cross-entropy of `logits` `[n, vocab]` against `targets` `[n]` (u32).
@@ -490,45 +433,31 @@ impl CustomOp3 for SwiGluGrad {
 }
 
 /// The rows of a projection `[batch * seq, heads * head_dim]` as heads `[batch, heads, seq, head_dim]`,
-/// rotated by RoPE at positions `offset..offset + seq` when `tables` (`cos`, `sin`, each
-/// `[positions, head_dim]`) are given. Fused on the CPU in fp32 (one copy, the rotation on the way);
-/// composed elsewhere.
+/// rotated by `rope` at positions `offset..offset + seq` when it is given. Fused on the CPU in fp32
+/// (one copy, the rotation on the way); composed elsewhere ([`Rope::apply_at`]).
 pub fn split_heads(
     x: &Tensor,
     (batch, seq, heads): (usize, usize, usize),
-    tables: Option<(&Tensor, &Tensor)>,
+    rope: Option<&Rope>,
     offset: usize,
 ) -> Result<Tensor> {
     let head_dim = x.dim(D::Minus1)? / heads;
-    if let Some((cos, _)) = tables
-        && offset + seq > cos.dim(0)?
-    {
-        candle_core::bail!(
-            "position {} is beyond the {} positions the RoPE tables were built for",
-            offset + seq - 1,
-            cos.dim(0)?
-        );
-    }
-    let tables = match tables {
-        Some((cos, sin)) => Some((cos.narrow(0, offset, seq)?, sin.narrow(0, offset, seq)?)),
-        None => None,
-    };
     if x.device().is_cpu() && x.dtype() == DType::F32 {
         let op = SplitHeads { batch, seq, heads, head_dim };
         let x = x.contiguous()?;
-        return match tables {
-            Some((cos, sin)) => x.apply_op3(&cos.contiguous()?, &sin.contiguous()?, op),
+        return match rope {
+            Some(rope) => {
+                let (cos, sin) = rope.window(offset, seq)?;
+                x.apply_op3(&cos.contiguous()?, &sin.contiguous()?, op)
+            }
             None => x.apply_op1(op),
         };
     }
     let x = x.reshape((batch, seq, heads, head_dim))?.transpose(1, 2)?.contiguous()?;
-    let Some((cos, sin)) = tables else { return Ok(x) };
-    let table = |t: &Tensor| t.to_dtype(x.dtype())?.reshape((1, 1, seq, head_dim));
-    let (cos, sin) = (table(&cos)?, table(&sin)?);
-    let x1 = x.narrow(D::Minus1, 0, head_dim / 2)?;
-    let x2 = x.narrow(D::Minus1, head_dim / 2, head_dim / 2)?;
-    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
+    match rope {
+        Some(rope) => rope.apply_at(&x, offset),
+        None => Ok(x),
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -552,6 +481,20 @@ impl SplitHeads {
             );
         }
         Ok(())
+    }
+
+    /// The RoPE rows (`cos`, `sin`), checked to hold `seq x head_dim` values each.
+    fn tables<'a>(
+        &self,
+        (cos, cos_layout): (&'a CpuStorage, &Layout),
+        (sin, sin_layout): (&'a CpuStorage, &Layout),
+        what: &str,
+    ) -> Result<(&'a [f32], &'a [f32])> {
+        let (cos, sin) = (contiguous_f32(cos, cos_layout, what)?, contiguous_f32(sin, sin_layout, what)?);
+        if cos.len() != self.seq * self.head_dim || sin.len() != cos.len() {
+            candle_core::bail!("{what}: tables of {} values for {} x {}", cos.len(), self.seq, self.head_dim);
+        }
+        Ok((cos, sin))
     }
 
     /// `[b, heads, seq, hd]` from `[b * seq, heads * hd]`, each head row rotated by its position's
@@ -650,14 +593,9 @@ impl CustomOp3 for SplitHeads {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         self.check(l1)?;
-        let hd = self.head_dim;
         let x = contiguous_f32(s1, l1, "split-heads-rope")?;
-        let cos = contiguous_f32(s2, l2, "split-heads-rope")?;
-        let sin = contiguous_f32(s3, l3, "split-heads-rope")?;
-        if cos.len() != self.seq * hd || sin.len() != cos.len() {
-            candle_core::bail!("split-heads-rope: tables of {} values for {} x {hd}", cos.len(), self.seq);
-        }
-        let y = self.forward(x, Some((cos, sin)));
+        let tables = self.tables((s2, l2), (s3, l3), "split-heads-rope")?;
+        let y = self.forward(x, Some(tables));
         Ok((CpuStorage::F32(y), Shape::from((self.batch, self.heads, self.seq, self.head_dim))))
     }
 
@@ -723,14 +661,9 @@ impl CustomOp3 for MergeHeads {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let split = self.0;
-        let hd = split.head_dim;
         let g = contiguous_f32(s1, l1, "merge-heads-rope")?;
-        let cos = contiguous_f32(s2, l2, "merge-heads-rope")?;
-        let sin = contiguous_f32(s3, l3, "merge-heads-rope")?;
-        if cos.len() != split.seq * hd || sin.len() != cos.len() {
-            candle_core::bail!("merge-heads-rope: tables of {} values for {} x {hd}", cos.len(), split.seq);
-        }
-        let dx = split.backward(g, Some((cos, sin)));
+        let tables = split.tables((s2, l2), (s3, l3), "merge-heads-rope")?;
+        let dx = split.backward(g, Some(tables));
         Ok((CpuStorage::F32(dx), Shape::from((split.batch * split.seq, split.heads * split.head_dim))))
     }
 }
@@ -1030,12 +963,12 @@ mod tests {
         let weights = Tensor::randn(0f32, 1.0, (b, n, t, hd), &dev).unwrap();
         let reshaped = x.reshape((b, t, n, hd)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
         for offset in [0, 4] {
-            let fused = split_heads(&x, (b, t, n), Some(rope.tables()), offset).unwrap();
+            let fused = split_heads(&x, (b, t, n), Some(&rope), offset).unwrap();
             let composed = rope.apply_at(&reshaped, offset).unwrap();
             close(&fused, &composed);
             close(&grads(&fused, &weights, &[&x])[0], &grads(&composed, &weights, &[&x])[0]);
         }
-        let err = split_heads(&x, (b, t, n), Some(rope.tables()), 5).unwrap_err().to_string();
+        let err = split_heads(&x, (b, t, n), Some(&rope), 5).unwrap_err().to_string();
         assert!(err.contains("position 9 is beyond the 9 positions"), "{err}");
         let plain = split_heads(&x, (b, t, n), None, 0).unwrap();
         close(&plain, &reshaped);

@@ -326,7 +326,7 @@ impl Llama {
             let hidden = rms_norm(&x, &w(&format!("{p}.input_layernorm.weight"))?, c.norm_eps)?;
             let heads = |name: &str, n: usize, rotate: bool| -> Result<Tensor> {
                 let rows = linear(&hidden, &format!("{p}.self_attn.{name}.weight"))?;
-                fused::split_heads(&rows, (b, t, n), rotate.then(|| self.rope.tables()), offset)
+                fused::split_heads(&rows, (b, t, n), rotate.then_some(&self.rope), offset)
             };
             let q = heads("q_proj", h, true)?;
             let mut k = heads("k_proj", kv, true)?;

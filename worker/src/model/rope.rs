@@ -117,6 +117,18 @@ impl Rope {
     /// Rotates `x` of shape `[batch, heads, seq, head_dim]` at positions `offset..offset + seq`.
     pub fn apply_at(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
         let (_, _, seq, dim) = x.dims4()?;
+        let (cos, sin) = self.window(offset, seq)?;
+        let table = |t: &Tensor| t.to_dtype(x.dtype())?.reshape((1, 1, seq, dim));
+        let (cos, sin) = (table(&cos)?, table(&sin)?);
+        let x1 = x.narrow(D::Minus1, 0, dim / 2)?;
+        let x2 = x.narrow(D::Minus1, dim / 2, dim / 2)?;
+        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+        x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
+    }
+
+    /// The `cos` and `sin` rows `[seq, head_dim]` of positions `offset..offset + seq`, or an error
+    /// naming the first position past the tables.
+    pub fn window(&self, offset: usize, seq: usize) -> Result<(Tensor, Tensor)> {
         if offset + seq > self.len() {
             candle_core::bail!(
                 "position {} is beyond the {} positions the RoPE tables were built for",
@@ -124,17 +136,7 @@ impl Rope {
                 self.len()
             );
         }
-        let table = |t: &Tensor| t.narrow(0, offset, seq)?.to_dtype(x.dtype())?.reshape((1, 1, seq, dim));
-        let (cos, sin) = (table(&self.cos)?, table(&self.sin)?);
-        let x1 = x.narrow(D::Minus1, 0, dim / 2)?;
-        let x2 = x.narrow(D::Minus1, dim / 2, dim / 2)?;
-        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-        x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
-    }
-
-    /// The `cos` and `sin` tables, `[positions, head_dim]`.
-    pub fn tables(&self) -> (&Tensor, &Tensor) {
-        (&self.cos, &self.sin)
+        Ok((self.cos.narrow(0, offset, seq)?, self.sin.narrow(0, offset, seq)?))
     }
 
     /// Positions the tables cover.
