@@ -5,13 +5,46 @@
 //! operations they allocate and stream several full-size temporaries each; fused they read and write
 //! each element once or twice.
 //!
-//! On other devices (or dtypes) the same functions fall back to composed, differentiable operations.
+//! On CUDA devices (feature `cuda`) the same operations run pretrain-kernels' CUDA kernels, in fp32 or
+//! bf16 storage (`cuda.rs`). Elsewhere, for other dtypes, or when [`set_enabled`] turned them off,
+//! the functions fall back to composed, differentiable candle operations.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Layout, Result, Shape, Tensor};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+#[cfg(feature = "cuda")]
+use candle_core::CudaStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::Rope;
 use super::gemm::{self, Mat};
+
+static ENABLED: AtomicBool = AtomicBool::new(true);
+
+/// Turns the fused kernels on or off (on by default) for the whole process, so that a training step
+/// can be compared with (or benchmarked against) the composed candle operations.
+pub fn set_enabled(enabled: bool) {
+    ENABLED.store(enabled, Ordering::Relaxed);
+}
+
+/// Whether the fused kernels serve tensors like `x`: fp32 on the CPU; fp32 or bf16 on a CUDA device
+/// (feature `cuda`).
+fn fused_for(x: &Tensor) -> bool {
+    if !ENABLED.load(Ordering::Relaxed) {
+        return false;
+    }
+    match x.device() {
+        Device::Cpu => x.dtype() == DType::F32,
+        Device::Cuda(_) => cfg!(feature = "cuda") && matches!(x.dtype(), DType::F32 | DType::BF16),
+        _ => false,
+    }
+}
+
+/// A custom op's result on the CUDA device, shaped.
+#[cfg(feature = "cuda")]
+fn on_gpu(storage: Result<CudaStorage>, shape: impl Into<Shape>) -> Result<(CudaStorage, Shape)> {
+    Ok((storage?, shape.into()))
+}
 
 fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     let (start, end) =
@@ -101,13 +134,14 @@ fn causal_softmax(scores: &Tensor, scale: f64) -> Result<Tensor> {
     e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
 }
 
-/// Mean cross-entropy of `logits` `[n, vocab]` against `targets` `[n]` (u32).
+/// Mean cross-entropy of `logits` `[n, vocab]` against `targets` `[n]` (u32), in fp32 whatever the
+/// logits' dtype (fused, bf16 logits are read as they are: no fp32 copy of them is made).
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    if logits.device().is_cpu() && logits.dtype() == DType::F32 {
+    if fused_for(logits) {
         let targets = targets.to_dtype(DType::U32)?.contiguous()?;
         return logits.contiguous()?.apply_op2(&targets, CrossEntropy)?.mean_all();
     }
-    candle_nn::loss::cross_entropy(logits, targets)
+    candle_nn::loss::cross_entropy(&logits.to_dtype(DType::F32)?, targets)
 }
 
 /// Per row: `logsumexp(x) - x[target]`.
@@ -150,6 +184,16 @@ impl CustomOp2 for CrossEntropy {
         let losses: Vec<f32> =
             x.par_chunks(v).zip(targets.par_iter()).map(|(row, &t)| log_sum_exp(row) - row[t as usize]).collect();
         Ok((CpuStorage::F32(losses), Shape::from(n)))
+    }
+
+    /// Targets outside the vocabulary give NaN losses (they are not read back to be checked).
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
+        let (n, v) = l1.shape().dims2()?;
+        if l2.shape().elem_count() != n {
+            candle_core::bail!("cross-entropy: {} targets for {n} rows", l2.shape().elem_count());
+        }
+        on_gpu(super::cuda::cross_entropy((s1, l1), (s2, l2), n, v), n)
     }
 
     fn bwd(
@@ -210,16 +254,38 @@ impl CustomOp3 for CrossEntropyGrad {
             });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (n, v) = l1.shape().dims2()?;
+        if l2.shape().elem_count() != n || l3.shape().elem_count() != 2 * n {
+            candle_core::bail!(
+                "cross-entropy-grad: {n} rows, {} targets, {} losses and gradients",
+                l2.shape().elem_count(),
+                l3.shape().elem_count()
+            );
+        }
+        on_gpu(super::cuda::cross_entropy_grad((s1, l1), (s2, l2), (s3, l3), n, v), l1.shape().clone())
+    }
 }
 
 /// Rows per parallel task of the row-wise kernels: fixed, so that reductions across rows (RMSNorm's
 /// weight gradient) add up in the same order whatever the number of threads.
 const ROWS_PER_TASK: usize = 32;
 
-/// `x * w / sqrt(mean(x^2) + eps)` over the last dimension. Fused on the CPU in fp32 (one pass forward,
-/// one pass backward for both gradients); composed elsewhere, in fp32 whatever the input.
+/// `x * w / sqrt(mean(x^2) + eps)` over the last dimension, computed in fp32 whatever the input. Fused
+/// (one pass forward, one pass backward for both gradients) when `x` and `w` share a dtype the kernels
+/// serve; composed otherwise.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 && weight.dtype() == DType::F32 {
+    if fused_for(x) && weight.dtype() == x.dtype() {
         return x.contiguous()?.apply_op2(&weight.contiguous()?, RmsNorm { eps: eps as f32 });
     }
     let dtype = x.dtype();
@@ -296,6 +362,12 @@ impl CustomOp2 for RmsNorm {
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
+        let d = check_norm_weight(l1, l2, self.name())?;
+        on_gpu(super::cuda::rms_norm((s1, l1), (s2, l2), d, self.eps), l1.shape().clone())
+    }
+
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let both = x.apply_op3_no_bwd(w, &grad.contiguous()?, &RmsNormGrad { eps: self.eps })?;
         let (n, d) = (x.elem_count(), w.elem_count());
@@ -339,12 +411,27 @@ impl CustomOp3 for RmsNormGrad {
         }
         Ok((CpuStorage::F32(out), Shape::from(x.len() + d)))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let d = check_norm_weight(l1, l2, self.name())?;
+        let n = l1.shape().elem_count();
+        on_gpu(super::cuda::rms_norm_grad((s1, l1), (s2, l2), (s3, l3), d, self.eps), n + d)
+    }
 }
 
-/// `silu(gate) * up`, the SwiGLU activation. Fused on the CPU in fp32 (both gradients in one pass);
-/// composed elsewhere.
+/// `silu(gate) * up`, the SwiGLU activation. Fused where the kernels serve the dtype (both gradients
+/// in one pass); composed elsewhere.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    if gate.device().is_cpu() && gate.dtype() == DType::F32 && up.dtype() == DType::F32 {
+    if fused_for(gate) && up.dtype() == gate.dtype() {
         if gate.shape() != up.shape() {
             candle_core::bail!("swiglu: gate {:?} and up {:?} differ in shape", gate.dims(), up.dims());
         }
@@ -393,6 +480,11 @@ impl CustomOp2 for SwiGlu {
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
+        on_gpu(super::cuda::swiglu((s1, l1), (s2, l2)), l1.shape().clone())
+    }
+
     fn bwd(&self, a: &Tensor, u: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let both = a.apply_op3_no_bwd(u, &grad.contiguous()?, &SwiGluGrad)?;
         let n = a.elem_count();
@@ -430,11 +522,24 @@ impl CustomOp3 for SwiGluGrad {
             .for_each(|((da, du), ((a, u), g))| swiglu_grad_chunk(da, du, a, u, g));
         Ok((CpuStorage::F32(out), Shape::from(2 * n)))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        on_gpu(super::cuda::swiglu_grad((s1, l1), (s2, l2), (s3, l3)), 2 * l1.shape().elem_count())
+    }
 }
 
 /// The rows of a projection `[batch * seq, heads * head_dim]` as heads `[batch, heads, seq, head_dim]`,
-/// rotated by `rope` at positions `offset..offset + seq` when it is given. Fused on the CPU in fp32
-/// (one copy, the rotation on the way); composed elsewhere ([`Rope::apply_at`]).
+/// rotated by `rope` at positions `offset..offset + seq` when it is given. Fused where the kernels
+/// serve the dtype (one copy, the rotation on the way); composed elsewhere ([`Rope::apply_at`]).
 pub fn split_heads(
     x: &Tensor,
     (batch, seq, heads): (usize, usize, usize),
@@ -442,7 +547,7 @@ pub fn split_heads(
     offset: usize,
 ) -> Result<Tensor> {
     let head_dim = x.dim(D::Minus1)? / heads;
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
+    if fused_for(x) {
         let op = SplitHeads { batch, seq, heads, head_dim };
         let x = x.contiguous()?;
         return match rope {
@@ -469,6 +574,21 @@ struct SplitHeads {
 }
 
 impl SplitHeads {
+    #[cfg(feature = "cuda")]
+    fn kernel_shape(&self) -> pretrain_kernels::Heads {
+        pretrain_kernels::Heads { batch: self.batch, seq: self.seq, heads: self.heads, head_dim: self.head_dim }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn heads_shape(&self) -> Shape {
+        Shape::from((self.batch, self.heads, self.seq, self.head_dim))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn rows_shape(&self) -> Shape {
+        Shape::from((self.batch * self.seq, self.heads * self.head_dim))
+    }
+
     fn check(&self, l: &Layout) -> Result<()> {
         if l.dims() != [self.batch * self.seq, self.heads * self.head_dim] {
             candle_core::bail!(
@@ -573,6 +693,12 @@ impl CustomOp1 for SplitHeads {
         Ok((CpuStorage::F32(y), Shape::from((self.batch, self.heads, self.seq, self.head_dim))))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        self.check(l)?;
+        on_gpu(super::cuda::heads((s, l), None, self.kernel_shape(), true), self.heads_shape())
+    }
+
     fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&MergeHeads(*self))?))
     }
@@ -599,6 +725,21 @@ impl CustomOp3 for SplitHeads {
         Ok((CpuStorage::F32(y), Shape::from((self.batch, self.heads, self.seq, self.head_dim))))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        self.check(l1)?;
+        let tables = Some(((s2, l2), (s3, l3)));
+        on_gpu(super::cuda::heads((s1, l1), tables, self.kernel_shape(), true), self.heads_shape())
+    }
+
     fn bwd(
         &self,
         _x: &Tensor,
@@ -613,10 +754,10 @@ impl CustomOp3 for SplitHeads {
 }
 
 /// Heads `[batch, heads, seq, head_dim]` back into rows `[batch * seq, heads * head_dim]` (attention's
-/// output for the output projection). Fused on the CPU in fp32; composed elsewhere.
+/// output for the output projection). Fused where the kernels serve the dtype; composed elsewhere.
 pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
     let (batch, heads, seq, head_dim) = x.dims4()?;
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
+    if fused_for(x) {
         return x.contiguous()?.apply_op1(MergeHeads(SplitHeads { batch, seq, heads, head_dim }));
     }
     x.transpose(1, 2)?.reshape((batch * seq, heads * head_dim))
@@ -639,6 +780,15 @@ impl CustomOp1 for MergeHeads {
         }
         let dx = split.backward(g, None);
         Ok((CpuStorage::F32(dx), Shape::from((split.batch * split.seq, split.heads * split.head_dim))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        let split = self.0;
+        if l.dims() != [split.batch, split.heads, split.seq, split.head_dim] {
+            candle_core::bail!("merge-heads: input {:?} for {:?}", l.dims(), split.heads_shape());
+        }
+        on_gpu(super::cuda::heads((s, l), None, split.kernel_shape(), false), split.rows_shape())
     }
 
     fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -665,6 +815,24 @@ impl CustomOp3 for MergeHeads {
         let tables = split.tables((s2, l2), (s3, l3), "merge-heads-rope")?;
         let dx = split.backward(g, Some(tables));
         Ok((CpuStorage::F32(dx), Shape::from((split.batch * split.seq, split.heads * split.head_dim))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let split = self.0;
+        if l1.dims() != [split.batch, split.heads, split.seq, split.head_dim] {
+            candle_core::bail!("merge-heads-rope: input {:?} for {:?}", l1.dims(), split.heads_shape());
+        }
+        let tables = Some(((s2, l2), (s3, l3)));
+        on_gpu(super::cuda::heads((s1, l1), tables, split.kernel_shape(), false), split.rows_shape())
     }
 }
 
@@ -705,8 +873,9 @@ const QUERY_BLOCK: usize = 64;
 
 /// Causal attention `softmax(scale q k^T + mask) v` with grouped-query heads: `q` `[batch, heads, seq,
 /// head_dim]`, `k` and `v` `[batch, kv_heads, seq, head_dim]`, query head `i` reading key/value head
-/// `i / (heads / kv_heads)`. On the CPU in fp32 it is one fused kernel (FlashAttention's shape: no
-/// `seq x seq` tensor is ever stored; the backward recomputes the probabilities block by block, and
+/// `i / (heads / kv_heads)`. On the CPU in fp32, and on CUDA devices in fp32 or bf16 for the head
+/// sizes of [`pretrain_kernels::ATTENTION_HEAD_DIMS`], it is one fused kernel (FlashAttention's shape:
+/// no `seq x seq` tensor is ever stored; the backward recomputes the probabilities block by block, and
 /// blocks above the diagonal are never computed); elsewhere it is composed from candle operations.
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     let (b, h, t, hd) = q.dims4()?;
@@ -714,8 +883,17 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
     if (kb, kt, khd) != (b, t, hd) || v.dims() != k.dims() || kv == 0 || !h.is_multiple_of(kv) {
         candle_core::bail!("attention: q {:?}, k {:?}, v {:?} do not fit together", q.dims(), k.dims(), v.dims());
     }
-    if q.device().is_cpu() && q.dtype() == DType::F32 {
-        let op = Attention { scale: scale as f32, batch: b, heads: h, kv_heads: kv, seq: t, head_dim: hd };
+    if fused_for(q) && (q.device().is_cpu() || pretrain_kernels::ATTENTION_HEAD_DIMS.contains(&hd)) {
+        let op = Attention {
+            scale: scale as f32,
+            batch: b,
+            heads: h,
+            kv_heads: kv,
+            seq: t,
+            head_dim: hd,
+            #[cfg(feature = "cuda")]
+            lse: std::sync::Mutex::new(None),
+        };
         return q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op);
     }
     // The query heads sharing a key/value head stacked into one `[groups x t, hd]` matrix, so keys
@@ -726,7 +904,7 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
     probs.reshape((b, kv, groups * t, t))?.matmul(&v.contiguous()?)?.reshape((b, h, t, hd))
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 struct Attention {
     scale: f32,
     batch: usize,
@@ -734,6 +912,9 @@ struct Attention {
     kv_heads: usize,
     seq: usize,
     head_dim: usize,
+    /// On a CUDA device: the forward's log-sum-exp per query row, which the backward reads.
+    #[cfg(feature = "cuda")]
+    lse: std::sync::Mutex<Option<CudaStorage>>,
 }
 
 impl Attention {
@@ -805,6 +986,22 @@ impl CustomOp3 for Attention {
         Ok((CpuStorage::F32(o), l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        self.check(l1, l2, l3)?;
+        let (o, lse) = super::cuda::attention((s1, l1), (s2, l2), (s3, l3), &self.kernel_shape())?;
+        *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = Some(lse);
+        Ok((o, l1.shape().clone()))
+    }
+
     fn bwd(
         &self,
         q: &Tensor,
@@ -814,6 +1011,21 @@ impl CustomOp3 for Attention {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
+        #[cfg(feature = "cuda")]
+        if q.device().is_cuda() {
+            let lse = self.lse.lock().unwrap_or_else(|e| e.into_inner());
+            let lse = lse.as_ref().ok_or_else(|| {
+                candle_core::Error::Msg("causal-attention-grad: the forward kept no log-sum-exp".into())
+            })?;
+            let op = AttentionGrad { attention: self, o: &o.contiguous()?, g: &grad, lse };
+            let all = q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)?;
+            let (nq, nk) = (q.elem_count(), k.elem_count());
+            return Ok((
+                Some(all.narrow(0, 0, nq)?.reshape(q.shape())?),
+                Some(all.narrow(0, nq, nk)?.reshape(k.shape())?),
+                Some(all.narrow(0, nq + nk, nk)?.reshape(k.shape())?),
+            ));
+        }
         let tensors = [q, k, v, o, &grad];
         let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
         let mut slices = Vec::with_capacity(5);
@@ -834,7 +1046,73 @@ impl CustomOp3 for Attention {
     }
 }
 
+/// Attention's gradients on a CUDA device, `[dq, dk, dv]` flattened into one buffer, from q, k and v
+/// (the op's inputs) and the forward's output, its gradient and its log-sum-exp.
+#[cfg(feature = "cuda")]
+struct AttentionGrad<'a> {
+    attention: &'a Attention,
+    o: &'a Tensor,
+    g: &'a Tensor,
+    lse: &'a CudaStorage,
+}
+
+#[cfg(feature = "cuda")]
+impl CustomOp3 for AttentionGrad<'_> {
+    fn name(&self) -> &'static str {
+        "causal-attention-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("causal-attention-grad runs on CUDA devices (the CPU's is Attention::backward)")
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        self.attention.check(l1, l2, l3)?;
+        let (o, o_layout) = self.o.storage_and_layout();
+        let (g, g_layout) = self.g.storage_and_layout();
+        let (candle_core::Storage::Cuda(o), candle_core::Storage::Cuda(g)) = (&*o, &*g) else {
+            candle_core::bail!("causal-attention-grad: the output or its gradient left the GPU");
+        };
+        let shape = self.attention.kernel_shape();
+        let lse_layout = Layout::contiguous(shape.rows());
+        let out = super::cuda::attention_grad(
+            ((s1, l1), (s2, l2), (s3, l3)),
+            ((o, o_layout), (g, g_layout), (self.lse, &lse_layout)),
+            &shape,
+        )?;
+        Ok((out, Shape::from(l1.shape().elem_count() + 2 * l2.shape().elem_count())))
+    }
+}
+
 impl Attention {
+    #[cfg(feature = "cuda")]
+    fn kernel_shape(&self) -> pretrain_kernels::Attention {
+        pretrain_kernels::Attention {
+            batch: self.batch,
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            seq: self.seq,
+            head_dim: self.head_dim,
+            scale: self.scale,
+        }
+    }
+
     /// Gradients of q, k and v from the output `o` and its gradient `g`, per key/value head: with
     /// `P` recomputed block by block, `dV += P^T dO`, `dS = P (dO V^T - rowsum(dO o)) scale`,
     /// `dQ = dS K` and `dK += dS^T Q`.

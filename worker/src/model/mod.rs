@@ -6,6 +6,8 @@
 //! ...), so checkpoints export without renaming. Every operation used has a backward pass; weights are
 //! fp32 `Var`s and the forward pass can compute in bf16 from them.
 
+#[cfg(feature = "cuda")]
+mod cuda;
 pub mod fused;
 mod gemm;
 pub mod rope;
@@ -302,15 +304,16 @@ impl Llama {
 
     /// Logits `[batch, seq, vocab]` (fp32) for token ids `[batch, seq]`, computing in `dtype`.
     pub fn forward(&self, ids: &Tensor, dtype: DType) -> Result<Tensor> {
-        self.run(ids, dtype, None)
+        self.run(ids, dtype, None)?.to_dtype(DType::F32)
     }
 
     /// Logits for `ids` `[batch, new]` following the positions in `cache`, which then holds them too.
     /// Inference only: the cache keeps no gradients.
     pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache, dtype: DType) -> Result<Tensor> {
-        self.run(ids, dtype, Some(cache))
+        self.run(ids, dtype, Some(cache))?.to_dtype(DType::F32)
     }
 
+    /// Logits `[batch, seq, vocab]` in `dtype`.
     fn run(&self, ids: &Tensor, dtype: DType, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         let c = &self.config;
         let (b, t) = ids.dims2()?;
@@ -366,12 +369,14 @@ impl Llama {
         }
         let x = rms_norm(&x, &w("model.norm.weight")?, c.norm_eps)?;
         let head = if c.tie_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
-        linear(&x, head)?.to_dtype(DType::F32)?.reshape((b, t, c.vocab_size))
+        linear(&x, head)?.reshape((b, t, c.vocab_size))
     }
 
-    /// Mean next-token cross-entropy of `inputs` against `targets` (both `[batch, seq]`), and the logits.
+    /// Mean next-token cross-entropy (fp32) of `inputs` against `targets` (both `[batch, seq]`), and
+    /// the logits in `dtype`: the loss reads bf16 logits as they are, without an fp32 copy of the
+    /// `[tokens, vocab]` matrix.
     pub fn loss(&self, inputs: &Tensor, targets: &Tensor, dtype: DType) -> Result<(Tensor, Tensor)> {
-        let logits = self.forward(inputs, dtype)?;
+        let logits = self.run(inputs, dtype, None)?;
         let (b, t, v) = logits.dims3()?;
         let loss = fused::cross_entropy(&logits.reshape((b * t, v))?, &targets.flatten_all()?)?;
         Ok((loss, logits))

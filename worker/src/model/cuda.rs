@@ -1,0 +1,267 @@
+//! The fused operations on CUDA devices (feature `cuda`): pretrain-kernels' kernels, launched on
+//! candle's stream into buffers allocated from candle's device. Each function here is one custom
+//! op's `cuda_fwd` (see `fused.rs`, whose CPU kernels are the reference the kernels are tested
+//! against in `tests/kernels.rs`).
+//!
+//! Inputs must be contiguous (the callers make them so); outputs are fresh allocations the kernels
+//! write in full. Every device pointer is taken through cudarc's `device_ptr(_mut)`, whose guards
+//! order the launch after earlier writes and record it for later users, and live until the launch
+//! has been queued.
+#![allow(unsafe_code)]
+
+use std::sync::Arc;
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg, SyncOnDrop,
+};
+use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice};
+use candle_core::{Layout, Result};
+use pretrain_kernels::{self as kernels, Arg, Buf, Launch, Launcher, Ty};
+
+/// Launches on a candle CUDA device's stream, loading the PTX module on first use.
+struct Gpu<'a>(&'a CudaDevice);
+
+impl Launcher for Gpu<'_> {
+    unsafe fn launch(&self, kernel: &str, launch: Launch, args: &[Arg]) -> kernels::Result<()> {
+        let func = self.0.get_or_load_custom_func(kernel, "pretrain", kernels::PTX).map_err(|e| e.to_string())?;
+        let mut builder = func.builder();
+        for arg in args {
+            match arg {
+                Arg::Ptr(p) => builder.arg(p),
+                Arg::I32(v) => builder.arg(v),
+                Arg::I64(v) => builder.arg(v),
+                Arg::F32(v) => builder.arg(v),
+            };
+        }
+        let config = LaunchConfig { grid_dim: launch.grid, block_dim: (launch.threads, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: the caller guarantees the arguments match the kernel and point at live memory.
+        unsafe { builder.launch(config) }.map(|_| ()).map_err(|e| format!("launching {kernel}: {e}"))
+    }
+}
+
+fn error(e: String) -> candle_core::Error {
+    candle_core::Error::Cuda(e.into())
+}
+
+/// One launch's context: the device, its stream, and the guards of the pointers taken so far.
+struct Ctx<'a> {
+    device: CudaDevice,
+    stream: &'a CudaStream,
+    guards: Vec<SyncOnDrop<'a>>,
+}
+
+impl<'a> Ctx<'a> {
+    fn new(device: &CudaDevice, stream: &'a Arc<CudaStream>) -> Self {
+        Self { device: device.clone(), stream, guards: Vec::new() }
+    }
+
+    /// A contiguous input as a kernel buffer.
+    fn input(&mut self, s: &'a CudaStorage, l: &Layout, what: &str) -> Result<Buf<'a>> {
+        let (start, end) = l
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg(format!("{what}: inputs must be contiguous")))?;
+        fn ptr<'a, T>(x: &'a CudaSlice<T>, stream: &'a CudaStream) -> (u64, SyncOnDrop<'a>) {
+            x.device_ptr(stream)
+        }
+        let ((p, guard), ty) = match &s.slice {
+            CudaStorageSlice::F32(x) => (ptr(x, self.stream), Ty::F32),
+            CudaStorageSlice::BF16(x) => (ptr(x, self.stream), Ty::Bf16),
+            CudaStorageSlice::U32(x) => (ptr(x, self.stream), Ty::U32),
+            _ => candle_core::bail!("{what}: {:?} inputs are not supported", s.dtype()),
+        };
+        self.guards.push(guard);
+        // SAFETY: elements start..end of a live device slice of `ty`, borrowed for 'a; candle
+        // allocates slices aligned for their type.
+        let buf = unsafe { Buf::new(p, end, ty) };
+        buf.skip(start).map_err(error)
+    }
+
+    fn stored(&self, slice: CudaStorageSlice) -> CudaStorage {
+        CudaStorage { slice, device: self.device.clone() }
+    }
+}
+
+/// A fresh, uninitialised slice of `n` elements of `ty`, which a kernel then writes in full.
+fn alloc(device: &CudaDevice, ty: Ty, n: usize) -> Result<CudaStorageSlice> {
+    let n = n.max(1);
+    // SAFETY: the memory is written by the kernel before anything reads it.
+    Ok(unsafe {
+        match ty {
+            Ty::F32 => CudaStorageSlice::F32(device.alloc::<f32>(n)?),
+            Ty::Bf16 => CudaStorageSlice::BF16(device.alloc::<half::bf16>(n)?),
+            Ty::U32 => CudaStorageSlice::U32(device.alloc::<u32>(n)?),
+        }
+    })
+}
+
+/// An output slice as a kernel buffer (its guard kept in `guards`).
+fn output<'a>(slice: &'a mut CudaStorageSlice, stream: &'a CudaStream, guards: &mut Vec<SyncOnDrop<'a>>) -> Buf<'a> {
+    fn ptr<'a, T>(x: &'a mut CudaSlice<T>, stream: &'a CudaStream) -> (u64, SyncOnDrop<'a>, usize) {
+        let len = x.len();
+        let (p, g) = x.device_ptr_mut(stream);
+        (p, g, len)
+    }
+    let ((p, guard, len), ty) = match slice {
+        CudaStorageSlice::F32(x) => (ptr(x, stream), Ty::F32),
+        CudaStorageSlice::BF16(x) => (ptr(x, stream), Ty::Bf16),
+        CudaStorageSlice::U32(x) => (ptr(x, stream), Ty::U32),
+        _ => unreachable!("`alloc` makes only f32, bf16 and u32 slices"),
+    };
+    guards.push(guard);
+    // SAFETY: a live device slice of `len` elements of `ty`, mutably borrowed for 'a.
+    unsafe { Buf::new(p, len, ty) }
+}
+
+type In<'a> = (&'a CudaStorage, &'a Layout);
+
+/// Runs `launch` with the inputs as buffers and fresh outputs of the given types and lengths, and
+/// returns the outputs.
+fn run<const N: usize, const M: usize>(
+    what: &str,
+    inputs: [In<'_>; N],
+    outputs: [(Ty, usize); M],
+    launch: impl FnOnce(&Gpu<'_>, [Buf<'_>; N], [Buf<'_>; M]) -> kernels::Result<()>,
+) -> Result<[CudaStorage; M]> {
+    let device = inputs[0].0.device.clone();
+    let stream = device.cuda_stream();
+    let mut slices: Vec<CudaStorageSlice> =
+        outputs.iter().map(|&(ty, n)| alloc(&device, ty, n)).collect::<Result<_>>()?;
+    {
+        let mut ctx = Ctx::new(&device, &stream);
+        let mut ins = Vec::with_capacity(N);
+        for (s, l) in inputs {
+            ins.push(ctx.input(s, l, what)?);
+        }
+        let mut guards = Vec::with_capacity(M);
+        let outs: Vec<Buf<'_>> = slices.iter_mut().map(|s| output(s, &stream, &mut guards)).collect();
+        let ins: [Buf<'_>; N] = ins.try_into().unwrap_or_else(|_| unreachable!("one buffer per input"));
+        let outs: [Buf<'_>; M] = outs.try_into().unwrap_or_else(|_| unreachable!("one buffer per output"));
+        launch(&Gpu(&device), ins, outs).map_err(error)?;
+    }
+    let ctx = Ctx::new(&device, &stream);
+    let stored: Vec<CudaStorage> = slices.into_iter().map(|s| ctx.stored(s)).collect();
+    Ok(stored.try_into().unwrap_or_else(|_| unreachable!("one storage per output")))
+}
+
+fn ty_of(s: &CudaStorage, what: &str) -> Result<Ty> {
+    match &s.slice {
+        CudaStorageSlice::F32(_) => Ok(Ty::F32),
+        CudaStorageSlice::BF16(_) => Ok(Ty::Bf16),
+        _ => candle_core::bail!("{what}: {:?} activations are not supported (f32 or bf16)", s.dtype()),
+    }
+}
+
+/// RMSNorm of `x` (`rows x d`) by `w` (`d`).
+pub(super) fn rms_norm(x: In<'_>, w: In<'_>, d: usize, eps: f32) -> Result<CudaStorage> {
+    let ty = ty_of(x.0, "rms-norm")?;
+    let rows = x.1.shape().elem_count() / d.max(1);
+    let [y] =
+        run("rms-norm", [x, w], [(ty, rows * d)], |gpu, [x, w], [y]| kernels::rms_norm(gpu, x, w, y, rows, d, eps))?;
+    Ok(y)
+}
+
+/// RMSNorm's gradients, `[dx (flattened), dw]` in one buffer.
+pub(super) fn rms_norm_grad(x: In<'_>, w: In<'_>, g: In<'_>, d: usize, eps: f32) -> Result<CudaStorage> {
+    let ty = ty_of(x.0, "rms-norm-grad")?;
+    let rows = x.1.shape().elem_count() / d.max(1);
+    let scratch = kernels::rms_norm_grad_scratch(rows, d);
+    let [out, _] =
+        run("rms-norm-grad", [x, w, g], [(ty, rows * d + d), (Ty::F32, scratch)], |gpu, [x, w, g], [out, s]| {
+            kernels::rms_norm_grad(gpu, (x, w, g), (out, out.skip(rows * d)?), s, rows, d, eps)
+        })?;
+    Ok(out)
+}
+
+/// `silu(a) u`.
+pub(super) fn swiglu(a: In<'_>, u: In<'_>) -> Result<CudaStorage> {
+    let ty = ty_of(a.0, "swiglu")?;
+    let n = a.1.shape().elem_count();
+    let [y] = run("swiglu", [a, u], [(ty, n)], |gpu, [a, u], [y]| kernels::swiglu(gpu, a, u, y, n))?;
+    Ok(y)
+}
+
+/// SwiGLU's gradients, `[d gate, d up]` in one buffer.
+pub(super) fn swiglu_grad(a: In<'_>, u: In<'_>, g: In<'_>) -> Result<CudaStorage> {
+    let ty = ty_of(a.0, "swiglu-grad")?;
+    let n = a.1.shape().elem_count();
+    let [out] = run("swiglu-grad", [a, u, g], [(ty, 2 * n)], |gpu, [a, u, g], [out]| {
+        kernels::swiglu_grad(gpu, (a, u, g), (out, out.skip(n)?), n)
+    })?;
+    Ok(out)
+}
+
+/// Rows into heads (`split`) or back, rotated by the RoPE `tables` when given.
+pub(super) fn heads(
+    src: In<'_>,
+    tables: Option<(In<'_>, In<'_>)>,
+    shape: kernels::Heads,
+    split: bool,
+) -> Result<CudaStorage> {
+    let what = if split { "split-heads" } else { "merge-heads" };
+    let ty = ty_of(src.0, what)?;
+    let n = src.1.shape().elem_count();
+    let [y] = match tables {
+        Some((cos, sin)) => run(what, [src, cos, sin], [(ty, n)], |gpu, [x, c, s], [y]| {
+            kernels::heads(gpu, shape, x, y, Some((c, s)), split)
+        })?,
+        None => run(what, [src], [(ty, n)], |gpu, [x], [y]| kernels::heads(gpu, shape, x, y, None, split))?,
+    };
+    Ok(y)
+}
+
+/// Per-row cross-entropy losses (f32) of `logits` `[rows, vocab]` against u32 `targets`.
+pub(super) fn cross_entropy(logits: In<'_>, targets: In<'_>, rows: usize, vocab: usize) -> Result<CudaStorage> {
+    ty_of(logits.0, "cross-entropy")?;
+    let [loss] = run("cross-entropy", [logits, targets], [(Ty::F32, rows)], |gpu, [x, t], [loss]| {
+        kernels::cross_entropy(gpu, x, t, loss, rows, vocab)
+    })?;
+    Ok(loss)
+}
+
+/// The logits' gradient from the rows' losses and gradients (`loss_grad`, f32 `[2, rows]`).
+pub(super) fn cross_entropy_grad(
+    logits: In<'_>,
+    targets: In<'_>,
+    loss_grad: In<'_>,
+    rows: usize,
+    vocab: usize,
+) -> Result<CudaStorage> {
+    let ty = ty_of(logits.0, "cross-entropy-grad")?;
+    let [dx] =
+        run("cross-entropy-grad", [logits, targets, loss_grad], [(ty, rows * vocab)], |gpu, [x, t, lg], [dx]| {
+            kernels::cross_entropy_grad(gpu, (x, t, lg), dx, rows, vocab)
+        })?;
+    Ok(dx)
+}
+
+/// Causal attention's output, and its rows' log-sum-exp (f32) for the backward.
+pub(super) fn attention(
+    q: In<'_>,
+    k: In<'_>,
+    v: In<'_>,
+    shape: &kernels::Attention,
+) -> Result<(CudaStorage, CudaStorage)> {
+    let ty = ty_of(q.0, "attention")?;
+    let n = q.1.shape().elem_count();
+    let [o, lse] = run("attention", [q, k, v], [(ty, n), (Ty::F32, shape.rows())], |gpu, [q, k, v], [o, lse]| {
+        kernels::attention(gpu, shape, (q, k, v), o, lse)
+    })?;
+    Ok((o, lse))
+}
+
+/// Causal attention's gradients, `[dq, dk, dv]` (flattened) in one buffer.
+pub(super) fn attention_grad(
+    (q, k, v): (In<'_>, In<'_>, In<'_>),
+    (o, g, lse): (In<'_>, In<'_>, In<'_>),
+    shape: &kernels::Attention,
+) -> Result<CudaStorage> {
+    let ty = ty_of(q.0, "attention-grad")?;
+    let (nq, nk) = (q.1.shape().elem_count(), k.1.shape().elem_count());
+    let outputs = [(ty, nq + 2 * nk), (Ty::F32, shape.rows())];
+    let [out, _] = run("attention-grad", [q, k, v, o, g, lse], outputs, |gpu, [q, k, v, o, g, lse], [out, delta]| {
+        let (dk, dv) = (out.skip(nq)?, out.skip(nq + nk)?);
+        kernels::attention_grad(gpu, shape, (q, k, v, o, g), (lse, delta), (out, dk, dv))
+    })?;
+    Ok(out)
+}
