@@ -4,6 +4,7 @@
 #include "attention.cu"
 #include "elementwise.cu"
 #include "loss.cu"
+#include "optim.cu"
 
 #define PRETRAIN_TYPES(X) X(f32, float) X(bf16, bf16)
 
@@ -38,8 +39,14 @@
     }                                                                                                        \
     extern "C" __global__ void attention_delta_##S(const T* o, const T* g, float* delta, int rows, int hd) { \
         attention_delta(o, g, delta, rows, hd);                                                              \
-    }
+    }                                                                                                        \
+    extern "C" __global__ void sum_squares_##S(const T* x, float* sums, long long n) { sum_squares(x, sums, n); }
 PRETRAIN_TYPES(ROW_KERNELS)
+
+extern "C" __global__ void adamw_f32(const float* p, const float* g, const float* mv, float* out, long long n, float lr,
+                                     float beta1, float beta2, float c1, float c2, float eps, float decay) {
+    adamw(p, g, mv, out, n, lr, beta1, beta2, c1, c2, eps, decay);
+}
 
 #define ATTENTION(S, T, HD)                                                                                   \
     extern "C" __global__ void __launch_bounds__(ATT_FWD_ROWS)                                               \
@@ -64,9 +71,9 @@ PRETRAIN_TYPES(ATTENTION_HEADS)
 // Every entry point, for the emulation's table.
 #define PRETRAIN_KERNEL_NAMES_OF(S)                                                                           \
     X(rms_norm_fwd_##S) X(rms_norm_bwd_##S) X(rms_norm_dw_##S) X(swiglu_fwd_##S) X(swiglu_bwd_##S)           \
-    X(heads_##S) X(cross_entropy_fwd_##S) X(cross_entropy_bwd_##S) X(attention_delta_##S)                    \
+    X(heads_##S) X(cross_entropy_fwd_##S) X(cross_entropy_bwd_##S) X(attention_delta_##S) X(sum_squares_##S)   \
     X(attention_fwd_##S##_16) X(attention_fwd_##S##_32) X(attention_fwd_##S##_64) X(attention_fwd_##S##_128) \
     X(attention_bwd_kv_##S##_16) X(attention_bwd_kv_##S##_32) X(attention_bwd_kv_##S##_64)                   \
     X(attention_bwd_kv_##S##_128) X(attention_bwd_q_##S##_16) X(attention_bwd_q_##S##_32)                    \
     X(attention_bwd_q_##S##_64) X(attention_bwd_q_##S##_128)
-#define PRETRAIN_KERNEL_NAMES PRETRAIN_KERNEL_NAMES_OF(f32) PRETRAIN_KERNEL_NAMES_OF(bf16)
+#define PRETRAIN_KERNEL_NAMES PRETRAIN_KERNEL_NAMES_OF(f32) PRETRAIN_KERNEL_NAMES_OF(bf16) X(adamw_f32)

@@ -472,3 +472,69 @@ pub fn attention_grad(
     // SAFETY: as in `rms_norm`, for attention_bwd_q's parameters.
     unsafe { l.launch(&format!("attention_bwd_q_{suffix}_{hd}"), launch, &args) }
 }
+
+/// One AdamW update's settings (decoupled weight decay; `c1`, `c2` the bias corrections
+/// `1 - beta^t`; `decay` is `lr * weight_decay`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamW {
+    /// Learning rate.
+    pub lr: f32,
+    /// First-moment decay.
+    pub beta1: f32,
+    /// Second-moment decay.
+    pub beta2: f32,
+    /// `1 - beta1^t`.
+    pub c1: f32,
+    /// `1 - beta2^t`.
+    pub c2: f32,
+    /// Added to the second moment's square root.
+    pub eps: f32,
+    /// `lr * weight_decay`.
+    pub decay: f32,
+}
+
+/// AdamW over `n` fp32 weights `p` with gradient `g` and moments `mv` (`[2, n]`: first, then second)
+/// into `out` (`[3, n]`: the new weights, then the new moments), in one pass.
+pub fn adamw(
+    l: &impl Launcher,
+    h: &AdamW,
+    (p, g, mv): (Buf<'_>, Buf<'_>, Buf<'_>),
+    out: Buf<'_>,
+    n: usize,
+) -> Result<()> {
+    let what = "adamw";
+    let args = [
+        p.check(what, Ty::F32, n)?,
+        g.check(what, Ty::F32, n)?,
+        mv.check(what, Ty::F32, 2 * n)?,
+        out.check(what, Ty::F32, 3 * n)?,
+        Arg::I64(n as i64),
+        Arg::F32(h.lr),
+        Arg::F32(h.beta1),
+        Arg::F32(h.beta2),
+        Arg::F32(h.c1),
+        Arg::F32(h.c2),
+        Arg::F32(h.eps),
+        Arg::F32(h.decay),
+    ];
+    // SAFETY: as in `rms_norm`, for adamw_f32's parameters.
+    unsafe { l.launch("adamw_f32", stride_launch(n), &args) }
+}
+
+/// Blocks of [`sum_squares`]: its partial sums.
+pub fn sum_squares_parts(n: usize) -> usize {
+    n.div_ceil(256).clamp(1, 1024)
+}
+
+/// Partial sums of `x^2` over `n` elements into `sums` (f32, [`sum_squares_parts`]), whose total is
+/// the squared L2 norm (added up by the caller, in a fixed order).
+pub fn sum_squares(l: &impl Launcher, x: Buf<'_>, sums: Buf<'_>, n: usize) -> Result<()> {
+    let what = "sum-squares";
+    let ty = x.ty;
+    activations(ty, what)?;
+    let parts = sum_squares_parts(n);
+    let args = [x.check(what, ty, n)?, sums.check(what, Ty::F32, parts)?, Arg::I64(n as i64)];
+    let launch = Launch { grid: (parts as u32, 1, 1), threads: 256 };
+    // SAFETY: as in `rms_norm`, for sum_squares' parameters.
+    unsafe { l.launch(&format!("sum_squares_{}", ty.suffix()), launch, &args) }
+}

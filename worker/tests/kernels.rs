@@ -259,3 +259,50 @@ fn launches_check_their_buffers_and_shapes() {
     let err = kernels::attention(&Emu, &shape, (a.buf(), a.buf(), a.buf()), a.buf(), a.buf()).unwrap_err();
     assert!(err.contains("head size 5"), "{err}");
 }
+
+#[test]
+fn adamw_matches_the_cpu_update() {
+    let n = 1537;
+    let (p, g) = (values(n, 19, 0.5), values(n, 20, 0.01));
+    let mut mv = values(n, 21, 0.001);
+    mv.extend(values(n, 22, 1e-4).iter().map(|v| v.abs()));
+    let h = kernels::AdamW {
+        lr: 3e-4,
+        beta1: 0.9,
+        beta2: 0.95,
+        c1: 1.0 - 0.9f32.powi(3),
+        c2: 1.0 - 0.95f32.powi(3),
+        eps: 1e-8,
+        decay: 3e-5,
+    };
+    // The CPU kernel's update (worker/src/train/optim.rs, adamw_chunk), element by element.
+    let mut want = vec![0f32; 3 * n];
+    for i in 0..n {
+        let m = h.beta1 * mv[i] + (1.0 - h.beta1) * g[i];
+        let v = h.beta2 * mv[n + i] + (1.0 - h.beta2) * g[i] * g[i];
+        want[i] = p[i] * (1.0 - h.decay) - h.lr * ((m / h.c1) / ((v / h.c2).sqrt() + h.eps));
+        want[n + i] = m;
+        want[2 * n + i] = v;
+    }
+    let (hp, hg, hmv) = (Host::from_f32(&p, Ty::F32), Host::from_f32(&g, Ty::F32), Host::from_f32(&mv, Ty::F32));
+    let out = Host::zeros(3 * n, Ty::F32);
+    kernels::adamw(&Emu, &h, (hp.buf(), hg.buf(), hmv.buf()), out.buf(), n).unwrap();
+    let got = out.to_f32();
+    for (part, range) in [("weights", 0..n), ("first moments", n..2 * n), ("second moments", 2 * n..3 * n)] {
+        assert_close(&format!("adamw {part}"), Ty::F32, &got[range.clone()], &want[range]);
+    }
+}
+
+#[test]
+fn sum_of_squares_matches_the_norm() {
+    for n in [1, 300, 5_001] {
+        for ty in TYPES {
+            let x = rounded(&values(n, 23, 2.0), ty);
+            let want: f64 = x.iter().map(|v| (*v as f64).powi(2)).sum();
+            let (hx, sums) = (Host::from_f32(&x, ty), Host::zeros(kernels::sum_squares_parts(n), Ty::F32));
+            kernels::sum_squares(&Emu, hx.buf(), sums.buf(), n).unwrap();
+            let got: f64 = sums.to_f32().iter().map(|&v| v as f64).sum();
+            assert!(((got - want) / want).abs() < 1e-5, "{n} {ty:?}: {got} vs {want}");
+        }
+    }
+}

@@ -265,3 +265,23 @@ pub(super) fn attention_grad(
     })?;
     Ok(out)
 }
+
+/// AdamW over fp32 weights `p`, gradients `g` and moments `mv` (`[2, n]`): `[3, n]` new weights and
+/// moments.
+pub(crate) fn adamw(p: In<'_>, g: In<'_>, mv: In<'_>, h: &kernels::AdamW) -> Result<CudaStorage> {
+    let n = p.1.shape().elem_count();
+    let [out] = run("adamw", [p, g, mv], [(Ty::F32, 3 * n)], |gpu, [p, g, mv], [out]| {
+        kernels::adamw(gpu, h, (p, g, mv), out, n)
+    })?;
+    Ok(out)
+}
+
+/// Partial sums of `x^2` (f32, [`kernels::sum_squares_parts`] of them).
+pub(crate) fn sum_squares(x: In<'_>) -> Result<CudaStorage> {
+    ty_of(x.0, "sum-squares")?;
+    let n = x.1.shape().elem_count();
+    let [sums] = run("sum-squares", [x], [(Ty::F32, kernels::sum_squares_parts(n))], |gpu, [x], [sums]| {
+        kernels::sum_squares(gpu, x, sums, n)
+    })?;
+    Ok(sums)
+}

@@ -7,7 +7,7 @@
 //! fp32 `Var`s and the forward pass can compute in bf16 from them.
 
 #[cfg(feature = "cuda")]
-mod cuda;
+pub(crate) mod cuda;
 pub mod fused;
 mod gemm;
 pub mod rope;

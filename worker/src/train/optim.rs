@@ -37,7 +37,8 @@ pub struct AdamW {
     moments: Vec<Tensor>,
     /// Updates applied so far (bias correction uses it).
     pub updates: u64,
-    /// Use the fused CPU kernel where it applies (the composed path serves other devices).
+    /// Use the fused kernel where it applies (fp32 weights on the CPU, or on a CUDA device with
+    /// feature `cuda`); the composed path serves the rest.
     fused: bool,
 }
 
@@ -64,7 +65,8 @@ impl AdamW {
             };
             let p = var.as_tensor().detach();
             let g = g.to_dtype(DType::F32)?.detach();
-            if self.fused && p.device().is_cpu() && p.dtype() == DType::F32 {
+            let fused_device = p.device().is_cpu() || (cfg!(feature = "cuda") && p.device().is_cuda());
+            if self.fused && fused_device && p.dtype() == DType::F32 {
                 // One pass over p, g, m, v: the new weights and moments, stacked as [3, n].
                 let op = FusedAdamW {
                     lr: lr as f32,
@@ -77,6 +79,7 @@ impl AdamW {
                 };
                 let out = p.flatten_all()?.apply_op3_no_bwd(&g.flatten_all()?.contiguous()?, &self.moments[i], &op)?;
                 var.set(&out.get(0)?.reshape(p.shape())?)?;
+                // Rows 1 and 2 of a contiguous [3, n] are contiguous: no copy.
                 self.moments[i] = out.narrow(0, 1, 2)?.contiguous()?;
                 continue;
             }
@@ -134,7 +137,7 @@ impl AdamW {
     }
 }
 
-/// AdamW for one fp32 parameter on the CPU: inputs `p [n]`, `g [n]`, moments `[2, n]`; output
+/// AdamW for one fp32 parameter (on the CPU, or a CUDA device): inputs `p [n]`, `g [n]`, moments `[2, n]`; output
 /// `[3, n]`: the new weights, first and second moments.
 struct FusedAdamW {
     lr: f32,
@@ -212,10 +215,90 @@ impl candle_core::CustomOp3 for FusedAdamW {
             });
         Ok((candle_core::CpuStorage::F32(out), candle_core::Shape::from((3, n))))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &candle_core::Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &candle_core::Layout,
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        let n = l1.shape().elem_count();
+        if l2.shape().elem_count() != n || l3.shape().elem_count() != 2 * n {
+            candle_core::bail!(
+                "fused-adamw: {n} weights, {} gradients, {} moments",
+                l2.shape().elem_count(),
+                l3.shape().elem_count()
+            );
+        }
+        let h = pretrain_kernels::AdamW {
+            lr: self.lr,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            c1: self.c1,
+            c2: self.c2,
+            eps: self.eps,
+            decay: self.decay,
+        };
+        let out = crate::model::cuda::adamw((s1, l1), (s2, l2), (s3, l3), &h)?;
+        Ok((out, candle_core::Shape::from((3, n))))
+    }
 }
 
-/// The global L2 norm of `grads`.
+/// Partial sums of squares of a gradient on a CUDA device, in one pass without a squared copy.
+#[cfg(feature = "cuda")]
+struct SumSquares;
+
+#[cfg(feature = "cuda")]
+impl candle_core::CustomOp1 for SumSquares {
+    fn name(&self) -> &'static str {
+        "sum-squares"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        candle_core::bail!("sum-squares runs on CUDA devices (global_norm sums CPU tensors itself)")
+    }
+
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &candle_core::Layout,
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        let parts = pretrain_kernels::sum_squares_parts(l.shape().elem_count());
+        Ok((crate::model::cuda::sum_squares((s, l))?, candle_core::Shape::from(parts)))
+    }
+}
+
+/// The global L2 norm of `grads`. On a GPU the sum stays on the device until the end: one transfer
+/// and one synchronisation per step instead of one per tensor.
 pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
+    #[cfg(feature = "cuda")]
+    if grads.first().is_some_and(|g| g.device().is_cuda()) {
+        let mut total: Option<Tensor> = None;
+        for g in grads {
+            let g = g.contiguous()?;
+            let part = match g.dtype() {
+                DType::F32 | DType::BF16 => g.apply_op1_no_bwd(&SumSquares)?.sum_all()?,
+                _ => g.to_dtype(DType::F32)?.sqr()?.sum_all()?,
+            };
+            total = Some(match total {
+                None => part,
+                Some(t) => (t + part)?,
+            });
+        }
+        let sum = match total {
+            Some(t) => t.to_scalar::<f32>()? as f64,
+            None => 0.0,
+        };
+        return Ok(sum.sqrt());
+    }
     let mut total = 0f64;
     for g in grads {
         total += g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;

@@ -1,0 +1,33 @@
+// AdamW over fp32 weights and moments, one pass: the same update as the CPU kernel in
+// worker/src/train/optim.rs (decoupled weight decay; bias corrections c1, c2 given by the host).
+#pragma once
+#include "common.cuh"
+
+// p, g: [n]; mv: [2, n] (first moments, then second); out: [3, n] (new weights, then moments).
+__device__ void adamw(const float* __restrict__ p, const float* __restrict__ g, const float* __restrict__ mv,
+                      float* __restrict__ out, long long n, float lr, float beta1, float beta2, float c1, float c2,
+                      float eps, float decay) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        const float gi = g[i];
+        const float m = beta1 * mv[i] + (1.0f - beta1) * gi;
+        const float v = beta2 * mv[n + i] + (1.0f - beta2) * gi * gi;
+        const float update = (m / c1) / (sqrtf(v / c2) + eps);
+        out[i] = p[i] * (1.0f - decay) - lr * update;
+        out[n + i] = m;
+        out[2 * n + i] = v;
+    }
+}
+
+// sums[block] = sum of x^2 over the block's grid-stride share of x (n elements); the host adds the
+// partial sums (a fixed order: deterministic).
+template <typename T>
+__device__ void sum_squares(const T* __restrict__ x, float* __restrict__ sums, long long n) {
+    __shared__ float scratch[32];
+    float acc = 0.0f;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        const float v = load(x, i);
+        acc += v * v;
+    }
+    acc = block_sum(acc, scratch);
+    if (threadIdx.x == 0) sums[blockIdx.x] = acc;
+}
