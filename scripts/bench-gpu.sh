@@ -6,22 +6,25 @@
 #
 #   scripts/bench-gpu.sh [path/to/bench-train]     # built with --features cuda
 #
-# Needs a Python with torch and CUDA (PRETRAIN_BENCH_PYTHON, default python3).
+# Needs a Python with torch and CUDA (PRETRAIN_BENCH_PYTHON, default python3). BENCH_UNFUSED=1 adds
+# our step with the composed candle operations (--unfused: the straightforward candle baseline).
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 bin=${1:-$here/../target/release/bench-train}
 python=${PRETRAIN_BENCH_PYTHON:-python3}
 out=${BENCH_OUT:-$(mktemp -d)}
+mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 
 value() { sed -n "s/^RESULT $1=//p" "$2" | tail -1; }
 
-# ours PRESET BATCH SEQ STEPS: runs bench-train while sampling the card's memory; prints the log name.
+# ours PRESET BATCH SEQ STEPS [--unfused]: runs bench-train while sampling the card's memory; prints
+# the log name.
 ours() {
-    local log="$out/ours-$1-$2.log" mem="$out/ours-$1-$2.mem"
+    local log="$out/ours-$1-$2${5:+-unfused}.log" mem="$out/ours-$1-$2${5:+-unfused}.mem"
     nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$mem" &
     local sampler=$!
-    timeout 300 "$bin" --preset "$1" --batch "$2" --seq "$3" --steps "$4" --device cuda --dtype bf16 > "$log" 2>&1
+    timeout 300 "$bin" --preset "$1" --batch "$2" --seq "$3" --steps "$4" --device cuda --dtype bf16 ${5:-} > "$log" 2>&1
     echo "exit $?" >> "$log"
     kill "$sampler" 2>/dev/null
     echo "RESULT peak_gib=$(sort -n "$mem" | tail -1 | awk '{printf "%.2f", $1 / 1024}')" >> "$log"
@@ -44,6 +47,11 @@ row() { # PRESET BATCH SEQ STEPS
         echo "pretrain at batch $batch: $(grep -m1 -iE 'out of memory|error|panicked' "$o")"
         ours_batch=$(( batch / 4 > 0 ? batch / 4 : 1 ))
         o=$(ours "$preset" "$ours_batch" "$seq" "$steps")
+    fi
+    if [ "${BENCH_UNFUSED:-0}" = 1 ]; then
+        local u
+        u=$(ours "$preset" "$ours_batch" "$seq" "$steps" --unfused)
+        echo "$preset unfused (batch $ours_batch): $(value tokens_per_s "$u") tok/s, MFU $(value mfu "$u"), $(value peak_gib "$u") GiB"
     fi
     e=$(theirs "$preset" "$batch" "$seq" "$steps")
     c=$(theirs "$preset" "$batch" "$seq" "$steps" --compile)

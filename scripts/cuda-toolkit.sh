@@ -7,7 +7,7 @@
 #   scripts/cuda-toolkit.sh check      type-check and lint the worker with --features nccl, with
 #                                      candle's CUDA kernels stubbed out (CI runs it: minutes, not
 #                                      the half hour the kernels take to compile)
-#   scripts/cuda-toolkit.sh build      release-build pretrain-worker and bench-train with NCCL, then
+#   scripts/cuda-toolkit.sh build      release-build pretrain-worker, bench-train and check-kernels with NCCL, then
 #                                      strip and gzip them into dist/gpu/ (about 20 MiB: small enough
 #                                      to copy to a GPU machine)
 #
@@ -68,14 +68,14 @@ check)
     ;;
 build)
     export CARGO_TARGET_DIR="$target"
-    cargo build --locked --release -p pretrain-worker --features nccl --bin pretrain-worker --bin bench-train
+    cargo build --locked --release -p pretrain-worker --features nccl --bin pretrain-worker --bin bench-train --bin check-kernels
     mkdir -p dist/gpu
-    for bin in pretrain-worker bench-train; do
+    for bin in pretrain-worker bench-train check-kernels; do
         strip -o "dist/gpu/$bin" "$target/release/$bin"
         gzip -9f "dist/gpu/$bin"
     done
     ls -l dist/gpu
-    echo "built dist/gpu/{pretrain-worker,bench-train}.gz with NCCL (compute capability $CUDA_COMPUTE_CAP);"
+    echo "built dist/gpu/{pretrain-worker,bench-train,check-kernels}.gz with NCCL (compute capability $CUDA_COMPUTE_CAP);"
     echo "on the GPU machine: gunzip them; they need the NVIDIA driver, CUDA 13 and NCCL 2 libraries"
     ;;
 *)

@@ -306,3 +306,16 @@ fn sum_of_squares_matches_the_norm() {
         }
     }
 }
+
+/// The GPU check binary itself, run on the CPU (fused CPU kernels against the composed operations),
+/// so that what the GPU machine runs is exercised in CI.
+#[test]
+fn the_gpu_check_binary_passes_on_the_cpu() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_check-kernels"))
+        .args(["--device", "cpu"])
+        .output()
+        .expect("check-kernels runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!stdout.contains("FAIL") && stdout.contains("training step F32 gradients"), "{stdout}");
+}

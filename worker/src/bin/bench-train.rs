@@ -2,10 +2,12 @@
 //!
 //!     cargo run --release -p pretrain-worker --bin bench-train -- [--preset tiny|llama-125m|llama-1b]
 //!         [--steps 5] [--batch 8] [--seq 256] [--vocab 32000] [--device cpu|cuda] [--dtype f32|bf16]
+//!         [--unfused]
 //!
 //! Runs forward, backward and AdamW on random tokens (fp32 master weights; compute in `--dtype`) and
 //! prints tokens/s with a breakdown and the model FLOPs utilisation against `--peak-tflops` (989, an
-//! H100's bf16 dense peak, on GPUs); `scripts/bench-train.sh` runs the same shapes in PyTorch on the
+//! H100's bf16 dense peak, on GPUs); `--unfused` runs the composed candle operations instead of the
+//! fused kernels (the straightforward candle baseline). `scripts/bench-train.sh` runs the same shapes in PyTorch on the
 //! CPU for the ratio, `scripts/bench-gpu.sh` on a GPU.
 
 use std::time::Instant;
@@ -32,6 +34,10 @@ fn main() {
     let mut peak_tflops = None;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
+        if flag == "--unfused" {
+            pretrain_worker::model::fused::set_enabled(false);
+            continue;
+        }
         let value = args.next().unwrap_or_else(|| panic!("{flag} needs a value"));
         match flag.as_str() {
             "--preset" => preset = value,
