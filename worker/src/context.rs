@@ -71,7 +71,7 @@ impl Context {
             return Ok(candle_core::Device::Cpu);
         }
         let local = std::env::var("LOCAL_RANK").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
-        candle_core::Device::new_cuda(local).map_err(|e| {
+        crate::model::cuda_device(local).map_err(|e| {
             format!(
                 "train.resources.gpusPerNode is {gpus} but no CUDA device is usable ({e}); build with --features cuda or set gpusPerNode: 0"
             )

@@ -297,7 +297,7 @@ fn main() {
     }
     let device = match device.as_str() {
         "cpu" => Device::Cpu,
-        "cuda" => Device::new_cuda(0).unwrap_or_else(|e| panic!("no CUDA device: {e}")),
+        "cuda" => pretrain_worker::model::cuda_device(0).unwrap_or_else(|e| panic!("no CUDA device: {e}")),
         other => panic!("device {other}: cpu or cuda"),
     };
     let dtypes: Vec<DType> = match dtypes.as_str() {

@@ -285,3 +285,34 @@ pub(crate) fn sum_squares(x: In<'_>) -> Result<CudaStorage> {
     })?;
     Ok(sums)
 }
+
+/// Sets up a CUDA device for training, like PyTorch's caching allocator does:
+/// - the default memory pool keeps freed memory (release threshold: unlimited) instead of handing it
+///   back to the driver at every synchronisation, so that a step after the first allocates nothing
+///   new from the driver;
+/// - no per-tensor event tracking: every kernel, copy and collective runs on the device's one stream
+///   (NCCL's communicator included), which orders them already; the events cost two driver calls
+///   per allocation.
+pub(crate) fn prepare(device: &CudaDevice) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let stream = device.cuda_stream();
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    // SAFETY: `pool` is a valid out-pointer; the device handle comes from a live context.
+    unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, stream.context().cu_device()) }
+        .result()
+        .map_err(|e| error(format!("default memory pool: {e}")))?;
+    let mut threshold = u64::MAX;
+    // SAFETY: the release threshold attribute takes a pointer to a u64, which lives for the call.
+    unsafe {
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+    }
+    .result()
+    .map_err(|e| error(format!("memory pool release threshold: {e}")))?;
+    // SAFETY: one stream per device (see above), so no use needs an event to order it.
+    unsafe { device.disable_event_tracking() };
+    Ok(())
+}

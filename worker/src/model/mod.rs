@@ -19,6 +19,17 @@ use pretrain_crd::spec::ModelConfig;
 
 pub use rope::{Rope, Scaling};
 
+/// CUDA device `ordinal`, set up for training (on builds with feature `cuda`: its memory pool keeps
+/// freed memory for reuse and tensors track no events; see `cuda::prepare`).
+pub fn cuda_device(ordinal: usize) -> Result<Device> {
+    let device = Device::new_cuda(ordinal)?;
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = &device {
+        cuda::prepare(d)?;
+    }
+    Ok(device)
+}
+
 /// The model's shape.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
