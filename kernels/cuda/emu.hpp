@@ -20,6 +20,7 @@
 #include <memory>
 #include <mutex>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #define __global__
@@ -29,6 +30,7 @@
 #define __launch_bounds__(...)
 #define __shared__ static
 #define __restrict__ __restrict
+#define __align__(n) __attribute__((aligned(n)))
 
 struct dim3 {
     unsigned x = 1, y = 1, z = 1;
@@ -135,6 +137,70 @@ inline __nv_bfloat16 __float2bfloat16(float f) {
     u += 0x7fffu + ((u >> 16) & 1u);
     return __nv_bfloat16{uint16_t(u >> 16)};
 }
+
+// The warp matrix multiply-accumulate API (mma.h's nvcuda::wmma), for 16 x 16 x 16 tiles of bf16
+// with fp32 accumulators. Each lane holds the whole tile (the hardware spreads it over the warp in
+// a layout the API does not expose, so kernels may not index fragments, and these do not); loads
+// read it whole, stores write it from lane 0, and products are fp32.
+namespace nvcuda {
+namespace wmma {
+
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+    static constexpr int rows = std::is_same_v<Use, matrix_b> ? K : M;
+    static constexpr int cols = std::is_same_v<Use, matrix_a> ? K : N;
+    static constexpr int num_elements = rows * cols;
+    float v[rows * cols];  // row-major, whatever the memory layout
+};
+
+template <typename Use, int M, int N, int K, typename T, typename L>
+void fill_fragment(fragment<Use, M, N, K, T, L>& f, float value) {
+    for (float& x : f.v) x = value;
+}
+
+template <typename Use, int M, int N, int K, typename L>
+void load_matrix_sync(fragment<Use, M, N, K, __nv_bfloat16, L>& f, const __nv_bfloat16* p, unsigned ldm) {
+    using F = fragment<Use, M, N, K, __nv_bfloat16, L>;
+    for (int r = 0; r < F::rows; ++r)
+        for (int c = 0; c < F::cols; ++c)
+            f.v[r * F::cols + c] = __bfloat162float(std::is_same_v<L, row_major> ? p[r * ldm + c] : p[c * ldm + r]);
+}
+
+template <int M, int N, int K>
+void load_matrix_sync(fragment<accumulator, M, N, K, float>& f, const float* p, unsigned ldm, layout_t layout) {
+    for (int r = 0; r < M; ++r)
+        for (int c = 0; c < N; ++c) f.v[r * N + c] = layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r];
+}
+
+template <int M, int N, int K>
+void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& f, unsigned ldm, layout_t layout) {
+    if ((threadIdx.x & 31u) != 0) return;
+    for (int r = 0; r < M; ++r)
+        for (int c = 0; c < N; ++c) (layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r]) = f.v[r * N + c];
+}
+
+template <int M, int N, int K, typename LA, typename LB>
+void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a, M, N, K, __nv_bfloat16, LA>& a,
+              const fragment<matrix_b, M, N, K, __nv_bfloat16, LB>& b, const fragment<accumulator, M, N, K, float>& c) {
+    float out[M * N];
+    for (int r = 0; r < M; ++r)
+        for (int col = 0; col < N; ++col) {
+            float acc = c.v[r * N + col];
+            for (int k = 0; k < K; ++k) acc += a.v[r * K + k] * b.v[k * N + col];
+            out[r * N + col] = acc;
+        }
+    for (int i = 0; i < M * N; ++i) d.v[i] = out[i];
+}
+
+}  // namespace wmma
+}  // namespace nvcuda
 
 namespace emu {
 

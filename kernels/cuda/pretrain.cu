@@ -2,6 +2,7 @@
 // the names `pretrain-kernels` launches them by. nvcc compiles this file to one PTX module; the
 // host emulation (emu.cpp) includes it after emu.hpp.
 #include "attention.cu"
+#include "attention_mma.cu"
 #include "elementwise.cu"
 #include "loss.cu"
 #include "optim.cu"
@@ -68,6 +69,24 @@ extern "C" __global__ void adamw_f32(const float* p, const float* g, const float
 #define ATTENTION_HEADS(S, T) ATTENTION(S, T, 16) ATTENTION(S, T, 32) ATTENTION(S, T, 64) ATTENTION(S, T, 128)
 PRETRAIN_TYPES(ATTENTION_HEADS)
 
+// The tensor-core attention (bf16, head size 64), 128 threads per block.
+extern "C" __global__ void __launch_bounds__(128)
+    attention_fwd_mma_bf16_64(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, int heads,
+                              int kv_heads, int seq, float scale) {
+    attention_fwd_mma(q, k, v, o, lse, heads, kv_heads, seq, scale);
+}
+extern "C" __global__ void __launch_bounds__(128)
+    attention_bwd_kv_mma_bf16_64(const bf16* q, const bf16* k, const bf16* v, const bf16* g, const float* lse,
+                                 const float* delta, bf16* dk, bf16* dv, int heads, int kv_heads, int seq,
+                                 float scale) {
+    attention_bwd_kv_mma(q, k, v, g, lse, delta, dk, dv, heads, kv_heads, seq, scale);
+}
+extern "C" __global__ void __launch_bounds__(128)
+    attention_bwd_q_mma_bf16_64(const bf16* q, const bf16* k, const bf16* v, const bf16* g, const float* lse,
+                                const float* delta, bf16* dq, int heads, int kv_heads, int seq, float scale) {
+    attention_bwd_q_mma(q, k, v, g, lse, delta, dq, heads, kv_heads, seq, scale);
+}
+
 // Every entry point, for the emulation's table.
 #define PRETRAIN_KERNEL_NAMES_OF(S)                                                                           \
     X(rms_norm_fwd_##S) X(rms_norm_bwd_##S) X(rms_norm_dw_##S) X(swiglu_fwd_##S) X(swiglu_bwd_##S)           \
@@ -76,4 +95,5 @@ PRETRAIN_TYPES(ATTENTION_HEADS)
     X(attention_bwd_kv_##S##_16) X(attention_bwd_kv_##S##_32) X(attention_bwd_kv_##S##_64)                   \
     X(attention_bwd_kv_##S##_128) X(attention_bwd_q_##S##_16) X(attention_bwd_q_##S##_32)                    \
     X(attention_bwd_q_##S##_64) X(attention_bwd_q_##S##_128)
-#define PRETRAIN_KERNEL_NAMES PRETRAIN_KERNEL_NAMES_OF(f32) PRETRAIN_KERNEL_NAMES_OF(bf16) X(adamw_f32)
+#define PRETRAIN_KERNEL_NAMES PRETRAIN_KERNEL_NAMES_OF(f32) PRETRAIN_KERNEL_NAMES_OF(bf16) X(adamw_f32) \
+    X(attention_fwd_mma_bf16_64) X(attention_bwd_kv_mma_bf16_64) X(attention_bwd_q_mma_bf16_64)

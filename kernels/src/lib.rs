@@ -369,7 +369,16 @@ pub struct Attention {
     pub head_dim: usize,
     /// Multiplier of the scores before the softmax.
     pub scale: f32,
+    /// Use the CUDA-core kernels even where the tensor-core ones apply (bf16 with head size
+    /// [`TENSOR_CORE_HEAD_DIM`]); for tests that compare the two.
+    pub cuda_cores: bool,
 }
+
+/// The head size of the tensor-core attention kernels (bf16).
+pub const TENSOR_CORE_HEAD_DIM: usize = 64;
+
+/// Rows (queries or keys) per block of the tensor-core kernels (`ROWS` in cuda/attention_mma.cu).
+const MMA_ROWS: usize = 64;
 
 /// The head sizes the attention kernels are built for.
 pub const ATTENTION_HEAD_DIMS: [usize; 4] = [16, 32, 64, 128];
@@ -389,6 +398,10 @@ impl Attention {
     /// f32 elements of the forward's log-sum-exp (and of the backward's row sums): one per query row.
     pub fn rows(&self) -> usize {
         self.batch * self.heads * self.seq
+    }
+
+    fn tensor_cores(&self, ty: Ty) -> bool {
+        ty == Ty::Bf16 && self.head_dim == TENSOR_CORE_HEAD_DIM && !self.cuda_cores
     }
 
     fn dims(&self, what: &str) -> Result<[Arg; 4]> {
@@ -429,9 +442,15 @@ pub fn attention(
         seq,
         scale,
     ];
-    let launch = Launch { grid: shape.grid(ATT_FWD_ROWS, shape.heads, what)?, threads: ATT_FWD_ROWS as u32 };
-    // SAFETY: as in `rms_norm`, for attention_fwd's parameters.
-    unsafe { l.launch(&format!("attention_fwd_{}_{}", ty.suffix(), shape.head_dim), launch, &args) }
+    let (kernel, launch) = if shape.tensor_cores(ty) {
+        let launch = Launch { grid: shape.grid(MMA_ROWS, shape.heads, what)?, threads: 128 };
+        ("attention_fwd_mma_bf16_64".to_string(), launch)
+    } else {
+        let launch = Launch { grid: shape.grid(ATT_FWD_ROWS, shape.heads, what)?, threads: ATT_FWD_ROWS as u32 };
+        (format!("attention_fwd_{}_{}", ty.suffix(), shape.head_dim), launch)
+    };
+    // SAFETY: as in `rms_norm`, for attention_fwd's (and attention_fwd_mma's) parameters.
+    unsafe { l.launch(&kernel, launch, &args) }
 }
 
 /// The gradients `dq`, `dk`, `dv` of [`attention`] from its inputs, its output `o`, its `lse` and the
@@ -459,18 +478,24 @@ pub fn attention_grad(
     // SAFETY: as in `rms_norm`, for attention_delta's parameters.
     unsafe { l.launch(&format!("attention_delta_{suffix}"), launch, &args)? };
 
-    // Key rows per block of the dK/dV pass and query rows per block of the dQ pass
-    // (`AttBwdKV<HD>::KEYS` and `AttBwdQ<HD>::QUERIES` in cuda/attention.cu).
-    let per_block = 4096 / hd;
+    // Key rows per block of the dK/dV pass and query rows per block of the dQ pass, and threads per
+    // block (`AttBwdKV<HD>::KEYS` and `AttBwdQ<HD>::QUERIES` in cuda/attention.cu, one thread per
+    // row; 4 warps of 16 rows each in cuda/attention_mma.cu).
+    let (per_block, threads, names) = if shape.tensor_cores(ty) {
+        (MMA_ROWS, 128, ["attention_bwd_kv_mma_bf16_64".to_string(), "attention_bwd_q_mma_bf16_64".to_string()])
+    } else {
+        let names = [format!("attention_bwd_kv_{suffix}_{hd}"), format!("attention_bwd_q_{suffix}_{hd}")];
+        (4096 / hd, (4096 / hd) as u32, names)
+    };
     let args = [q, k, v, g, lse, delta, dk.check(what, ty, nk)?, dv.check(what, ty, nk)?, heads, kv_heads, seq, scale];
-    let launch = Launch { grid: shape.grid(per_block, shape.kv_heads, what)?, threads: per_block as u32 };
-    // SAFETY: as in `rms_norm`, for attention_bwd_kv's parameters.
-    unsafe { l.launch(&format!("attention_bwd_kv_{suffix}_{hd}"), launch, &args)? };
+    let launch = Launch { grid: shape.grid(per_block, shape.kv_heads, what)?, threads };
+    // SAFETY: as in `rms_norm`, for attention_bwd_kv's (and attention_bwd_kv_mma's) parameters.
+    unsafe { l.launch(&names[0], launch, &args)? };
 
     let args = [q, k, v, g, lse, delta, dq.check(what, ty, nq)?, heads, kv_heads, seq, scale];
-    let launch = Launch { grid: shape.grid(per_block, shape.heads, what)?, threads: per_block as u32 };
-    // SAFETY: as in `rms_norm`, for attention_bwd_q's parameters.
-    unsafe { l.launch(&format!("attention_bwd_q_{suffix}_{hd}"), launch, &args) }
+    let launch = Launch { grid: shape.grid(per_block, shape.heads, what)?, threads };
+    // SAFETY: as in `rms_norm`, for attention_bwd_q's (and attention_bwd_q_mma's) parameters.
+    unsafe { l.launch(&names[1], launch, &args) }
 }
 
 /// One AdamW update's settings (decoupled weight decay; `c1`, `c2` the bias corrections

@@ -179,9 +179,21 @@ fn cross_entropy_and_its_gradient_match_the_cpu_path_without_fp32_logits() {
 #[test]
 fn attention_and_its_gradients_match_the_cpu_path() {
     // (batch, heads, kv_heads, seq, head_dim): grouped and not, a short last tile, every head size.
-    for (b, h, kv, t, hd) in [(1, 4, 2, 70, 16), (2, 3, 1, 33, 32), (1, 2, 2, 65, 64), (1, 2, 1, 19, 128)] {
+    // bf16 at head size 64 runs on the tensor cores (wmma), unless `cuda_cores`.
+    let cases = [
+        (1, 4, 2, 70, 16, false),
+        (2, 3, 1, 33, 32, false),
+        (1, 2, 2, 65, 64, false),
+        (1, 2, 2, 65, 64, true),
+        (1, 6, 2, 150, 64, false),
+        (1, 2, 1, 19, 128, false),
+    ];
+    for (b, h, kv, t, hd, cuda_cores) in cases {
         let scale = 1.3 / (hd as f32).sqrt();
         for ty in TYPES {
+            if cuda_cores && ty == Ty::F32 {
+                continue;
+            }
             let (nq, nk) = (b * h * t * hd, b * kv * t * hd);
             let q = rounded(&values(nq, 11, 1.5), ty);
             let k = rounded(&values(nk, 12, 1.5), ty);
@@ -191,13 +203,13 @@ fn attention_and_its_gradients_match_the_cpu_path() {
                 reference(&[(&q, &[b, h, t, hd]), (&k, &[b, kv, t, hd]), (&v, &[b, kv, t, hd])], &up, |x| {
                     fused::causal_attention(&x[0], &x[1], &x[2], scale as f64).unwrap()
                 });
-            let shape = Attention { batch: b, heads: h, kv_heads: kv, seq: t, head_dim: hd, scale };
+            let shape = Attention { batch: b, heads: h, kv_heads: kv, seq: t, head_dim: hd, scale, cuda_cores };
             let (hq, hk, hv, hg) =
                 (Host::from_f32(&q, ty), Host::from_f32(&k, ty), Host::from_f32(&v, ty), Host::from_f32(&up, ty));
             let (o, lse, delta) =
                 (Host::zeros(nq, ty), Host::zeros(shape.rows(), Ty::F32), Host::zeros(shape.rows(), Ty::F32));
             kernels::attention(&Emu, &shape, (hq.buf(), hk.buf(), hv.buf()), o.buf(), lse.buf()).unwrap();
-            let what = format!("attention {b}x{h}/{kv}x{t}x{hd}");
+            let what = format!("attention {b}x{h}/{kv}x{t}x{hd}{}", if cuda_cores { " (CUDA cores)" } else { "" });
             assert_close(&what, ty, &o.to_f32(), &want);
 
             let (dq, dk, dv) = (Host::zeros(nq, ty), Host::zeros(nk, ty), Host::zeros(nk, ty));
@@ -235,16 +247,20 @@ fn nan_inputs_never_pass_as_numbers() {
     let loss = loss.to_f32();
     assert!(loss[0].is_finite() && loss[1].is_nan(), "{loss:?}");
 
-    let (t, hd) = (20, 16);
-    let mut q = values(t * hd, 17, 1.0);
-    q[5 * hd] = f32::NAN; // query row 5
-    let kv = values(t * hd, 18, 1.0);
-    let shape = Attention { batch: 1, heads: 1, kv_heads: 1, seq: t, head_dim: hd, scale: 0.25 };
-    let (hq, hk, o, lse) =
-        (Host::from_f32(&q, ty), Host::from_f32(&kv, ty), Host::zeros(t * hd, ty), Host::zeros(t, Ty::F32));
-    kernels::attention(&Emu, &shape, (hq.buf(), hk.buf(), hk.buf()), o.buf(), lse.buf()).unwrap();
-    let o = o.to_f32();
-    assert!(o[5 * hd..6 * hd].iter().all(|v| v.is_nan()) && o[..5 * hd].iter().all(|v| v.is_finite()));
+    // Both attention kernels: CUDA cores (head size 16) and tensor cores (64).
+    for hd in [16, 64] {
+        let t = 20;
+        let mut q = values(t * hd, 17, 1.0);
+        q[5 * hd] = f32::NAN; // query row 5
+        let kv = values(t * hd, 18, 1.0);
+        let shape = Attention { batch: 1, heads: 1, kv_heads: 1, seq: t, head_dim: hd, scale: 0.25, cuda_cores: false };
+        let (hq, hk) = (Host::from_f32(&q, ty), Host::from_f32(&kv, ty));
+        let (o, lse) = (Host::zeros(t * hd, ty), Host::zeros(t, Ty::F32));
+        kernels::attention(&Emu, &shape, (hq.buf(), hk.buf(), hk.buf()), o.buf(), lse.buf()).unwrap();
+        let o = o.to_f32();
+        assert!(o[5 * hd..6 * hd].iter().all(|v| v.is_nan()), "head size {hd}: the NaN row");
+        assert!(o[..5 * hd].iter().chain(&o[6 * hd..]).all(|v| v.is_finite()), "head size {hd}: the other rows");
+    }
 }
 
 #[test]
@@ -255,7 +271,7 @@ fn launches_check_their_buffers_and_shapes() {
     let bf = Host::zeros(10, Ty::Bf16);
     let err = kernels::swiglu(&Emu, a.buf(), bf.buf(), a.buf(), 10).unwrap_err();
     assert!(err.contains("Bf16 buffer where F32"), "{err}");
-    let shape = Attention { batch: 1, heads: 1, kv_heads: 1, seq: 2, head_dim: 5, scale: 1.0 };
+    let shape = Attention { batch: 1, heads: 1, kv_heads: 1, seq: 2, head_dim: 5, scale: 1.0, cuda_cores: false };
     let err = kernels::attention(&Emu, &shape, (a.buf(), a.buf(), a.buf()), a.buf(), a.buf()).unwrap_err();
     assert!(err.contains("head size 5"), "{err}");
 }

@@ -1110,6 +1110,7 @@ impl Attention {
             seq: self.seq,
             head_dim: self.head_dim,
             scale: self.scale,
+            cuda_cores: false,
         }
     }
 
