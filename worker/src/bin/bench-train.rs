@@ -2,12 +2,13 @@
 //!
 //!     cargo run --release -p pretrain-worker --bin bench-train -- [--preset tiny|llama-125m|llama-1b]
 //!         [--steps 5] [--batch 8] [--seq 256] [--vocab 32000] [--device cpu|cuda] [--dtype f32|bf16]
-//!         [--unfused]
+//!         [--unfused] [--recompute]
 //!
 //! Runs forward, backward and AdamW on random tokens (fp32 master weights; compute in `--dtype`) and
 //! prints tokens/s with a breakdown and the model FLOPs utilisation against `--peak-tflops` (989, an
 //! H100's bf16 dense peak, on GPUs); `--unfused` runs the composed candle operations instead of the
-//! fused kernels (the straightforward candle baseline). `scripts/bench-train.sh` runs the same shapes in PyTorch on the
+//! fused kernels (the straightforward candle baseline); `--recompute` recomputes each block's
+//! activations in the backward. `scripts/bench-train.sh` runs the same shapes in PyTorch on the
 //! CPU for the ratio, `scripts/bench-gpu.sh` on a GPU.
 
 use std::time::Instant;
@@ -32,10 +33,15 @@ fn main() {
     let mut device = "cpu".to_string();
     let mut dtype = "f32".to_string();
     let mut peak_tflops = None;
+    let mut recompute = false;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         if flag == "--unfused" {
             pretrain_worker::model::fused::set_enabled(false);
+            continue;
+        }
+        if flag == "--recompute" {
+            recompute = true;
             continue;
         }
         let value = args.next().unwrap_or_else(|| panic!("{flag} needs a value"));
@@ -70,7 +76,8 @@ fn main() {
     };
     let peak_tflops = peak_tflops.unwrap_or(if dev.is_cuda() { 989.0 } else { 0.0 });
     let config = LlamaConfig::from_spec(&spec, vocab);
-    let model = Llama::new(config.clone(), Params::init(&config, 1, &dev).unwrap(), seq, &dev).unwrap();
+    let mut model = Llama::new(config.clone(), Params::init(&config, 1, &dev).unwrap(), seq, &dev).unwrap();
+    model.set_recompute(recompute);
     let mut opt =
         AdamW::new(AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 }, &model.params).unwrap();
     let tokens: Vec<u32> = (0..batch * (seq + 1)).map(|i| ((i * 2_654_435_761) % vocab as usize) as u32).collect();

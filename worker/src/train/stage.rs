@@ -462,6 +462,7 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
         )));
     }
     let mut model = Llama::new(config.clone(), params, seq_len, &device)?;
+    model.set_recompute(spec.train.recompute_activations);
     println!(
         "{label}: {} parameters, {:.2} GFLOPs/token, {total_steps} steps of {step_tokens} tokens at {seq_len}, RoPE base {:.0}{}, {} on {device:?}",
         config.parameters(),
@@ -563,6 +564,7 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
                             let name = loaded.name.clone();
                             let (params, restored) = restore(loaded, &config, opt_config.clone(), &device)?;
                             model = Llama::new(config.clone(), params, seq_len, &device)?;
+                            model.set_recompute(spec.train.recompute_activations);
                             optimizer = restored;
                             eprintln!("{label}: rolled back to {name}; continuing past the batch");
                         }
