@@ -1,4 +1,6 @@
-//! Feature `cuda`: the kernels in cuda/ compiled by nvcc into one PTX module (`$OUT_DIR/pretrain.ptx`).
+//! Feature `cuda`: the kernels in cuda/ compiled by nvcc into one fat binary (`$OUT_DIR/pretrain.fatbin`):
+//! machine code for `CUDA_COMPUTE_CAP` (default 90, Hopper), so that no process compiles PTX at start,
+//! and the PTX as well, which the driver compiles for newer GPUs.
 //! Feature `emu`: the same sources compiled for the host against cuda/emu.hpp, as a static library.
 
 use std::path::PathBuf;
@@ -9,7 +11,7 @@ fn main() {
     println!("cargo:rerun-if-changed=emu");
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
-        ptx(&out.join("pretrain.ptx"));
+        fatbin(&out.join("pretrain.fatbin"));
     }
     if std::env::var_os("CARGO_FEATURE_EMU").is_some() {
         cc::Build::new()
@@ -22,7 +24,7 @@ fn main() {
     }
 }
 
-fn ptx(out: &std::path::Path) {
+fn fatbin(out: &std::path::Path) {
     for var in ["NVCC", "CUDA_ROOT", "CUDA_COMPUTE_CAP"] {
         println!("cargo:rerun-if-env-changed={var}");
     }
@@ -35,8 +37,8 @@ fn ptx(out: &std::path::Path) {
         panic!("CUDA_COMPUTE_CAP must be a number such as 90 (Hopper), not {cap:?}");
     }
     let status = Command::new(&nvcc)
-        .args(["--ptx", "-O3", "-std=c++17", "--use_fast_math"])
-        .arg(format!("-arch=sm_{cap}"))
+        .args(["--fatbin", "-O3", "-std=c++17", "--use_fast_math"])
+        .arg(format!("-gencode=arch=compute_{cap},code=[sm_{cap},compute_{cap}]"))
         .arg("cuda/pretrain.cu")
         .arg("-o")
         .arg(out)

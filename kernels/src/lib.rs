@@ -7,16 +7,17 @@
 //!
 //! Each operation here checks its buffers against its shape, picks the kernel and its launch shape,
 //! and hands the arguments to a [`Launcher`]: the worker's on a CUDA device (feature `cuda` of this
-//! crate builds the [`PTX`] it loads), or [`emu::Emu`] (feature `emu`), which runs the same kernel
+//! crate builds the [`FATBIN`] it loads), or [`emu::Emu`] (feature `emu`), which runs the same kernel
 //! sources compiled for the host, so that every launch path is tested on machines without a GPU.
 #![allow(unsafe_code)]
 
 #[cfg(feature = "emu")]
 pub mod emu;
 
-/// The kernels compiled by nvcc for `CUDA_COMPUTE_CAP` (default 90), one module.
+/// The kernels compiled by nvcc, one module: machine code for `CUDA_COMPUTE_CAP` (default 90) and PTX
+/// for newer GPUs (`cuModuleLoadData` takes it as it is).
 #[cfg(feature = "cuda")]
-pub const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/pretrain.ptx"));
+pub const FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/pretrain.fatbin"));
 
 /// What a buffer's elements are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,5 +1,5 @@
-//! The fused operations on CUDA devices (feature `cuda`): pretrain-kernels' kernels, launched on
-//! candle's stream into buffers allocated from candle's device. Each function here is one custom
+//! The fused operations on CUDA devices (feature `cuda`): pretrain-kernels' kernels (its fat binary,
+//! loaded once per context), launched on candle's stream into buffers allocated from candle's device. Each function here is one custom
 //! op's `cuda_fwd` (see `fused.rs`, whose CPU kernels are the reference the kernels are tested
 //! against in `tests/kernels.rs`).
 //!
@@ -9,23 +9,46 @@
 //! has been queued.
 #![allow(unsafe_code)]
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg, SyncOnDrop,
+    CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg, SyncOnDrop,
 };
+use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice};
 use candle_core::{Layout, Result};
 use pretrain_kernels::{self as kernels, Arg, Buf, Launch, Launcher, Ty};
 
-/// Launches on a candle CUDA device's stream, loading the PTX module on first use.
+/// The kernels' module in `device`'s context, loaded on first use (machine code for the GPU the
+/// build targeted; the driver compiles the PTX in it for another).
+fn module(device: &CudaDevice) -> kernels::Result<Arc<CudaModule>> {
+    static MODULES: Mutex<Vec<(usize, Arc<CudaModule>)>> = Mutex::new(Vec::new());
+    let stream = device.cuda_stream();
+    let context = stream.context();
+    let key = context.cu_ctx() as usize;
+    let mut modules = MODULES.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, module)) = modules.iter().find(|(k, _)| *k == key) {
+        return Ok(module.clone());
+    }
+    if kernels::FATBIN.is_empty() {
+        return Err("this build's CUDA kernels are empty (compiled by scripts/nvcc-typecheck, for checks only)".into());
+    }
+    let module = context
+        .load_module(Ptx::from_binary(kernels::FATBIN.to_vec()))
+        .map_err(|e| format!("loading the pretrain kernels: {e}"))?;
+    modules.push((key, module.clone()));
+    Ok(module)
+}
+
+/// Launches on a candle CUDA device's stream.
 struct Gpu<'a>(&'a CudaDevice);
 
 impl Launcher for Gpu<'_> {
     unsafe fn launch(&self, kernel: &str, launch: Launch, args: &[Arg]) -> kernels::Result<()> {
-        let func = self.0.get_or_load_custom_func(kernel, "pretrain", kernels::PTX).map_err(|e| e.to_string())?;
-        let mut builder = func.builder();
+        let func = module(self.0)?.load_function(kernel).map_err(|e| format!("kernel {kernel}: {e}"))?;
+        let stream = self.0.cuda_stream();
+        let mut builder = stream.launch_builder(&func);
         for arg in args {
             match arg {
                 Arg::Ptr(p) => builder.arg(p),
