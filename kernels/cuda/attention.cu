@@ -23,7 +23,9 @@ __device__ void attention_fwd(const T* __restrict__ q, const T* __restrict__ k, 
                               T* __restrict__ o, float* __restrict__ lse, int heads, int kv_heads, int seq,
                               float scale) {
     __shared__ float ks[ATT_FWD_KEYS][HD], vs[ATT_FWD_KEYS][HD];
-    const int h = blockIdx.y, b = blockIdx.z, q0 = blockIdx.x * ATT_FWD_ROWS, i = q0 + threadIdx.x;
+    // The last query blocks see the most keys: they go first, so that no long block runs alone at the end.
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * ATT_FWD_ROWS;
+    const int h = blockIdx.y, b = blockIdx.z, i = q0 + threadIdx.x;
     const int kvh = h / (heads / kv_heads);
     const size_t qbase = (size_t(b) * heads + h) * seq * HD, kbase = (size_t(b) * kv_heads + kvh) * seq * HD;
     const bool live = i < seq;
@@ -180,7 +182,8 @@ __device__ void attention_bwd_q(const T* __restrict__ q, const T* __restrict__ k
     constexpr int QUERIES = AttBwdQ<HD>::QUERIES, KEYS = AttBwdQ<HD>::KEYS;
     __shared__ float gs[QUERIES][HD + 1];
     __shared__ float ks[KEYS][HD], vs[KEYS][HD];
-    const int h = blockIdx.y, b = blockIdx.z, q0 = blockIdx.x * QUERIES, i = q0 + threadIdx.x;
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * QUERIES;  // the longest blocks first
+    const int h = blockIdx.y, b = blockIdx.z, i = q0 + threadIdx.x;
     const int kvh = h / (heads / kv_heads);
     const size_t qbase = (size_t(b) * heads + h) * seq * HD, kbase = (size_t(b) * kv_heads + kvh) * seq * HD;
     const bool live = i < seq;

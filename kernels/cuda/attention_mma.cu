@@ -91,7 +91,9 @@ __device__ void attention_fwd_mma(const bf16* __restrict__ q, const bf16* __rest
     __shared__ __align__(32) float ss[WARPS][16 * LS];  // a warp's scores; its bf16 probabilities alias them
     __shared__ __align__(32) float os[WARPS][16 * LO];  // a warp's output accumulators
     const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, r = lane / 2, half = lane & 1;
-    const int h = blockIdx.y, b = blockIdx.z, q0 = blockIdx.x * ROWS, w0 = q0 + 16 * warp, qi = w0 + r;
+    // The last query blocks see the most keys: they go first, so that no long block runs alone at the end.
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * ROWS;
+    const int h = blockIdx.y, b = blockIdx.z, w0 = q0 + 16 * warp, qi = w0 + r;
     const int kvh = h / (heads / kv_heads);
     const size_t qbase = (size_t(b) * heads + h) * seq * HD, kbase = (size_t(b) * kv_heads + kvh) * seq * HD;
     float* s_w = ss[warp];
@@ -171,7 +173,8 @@ __device__ void attention_bwd_kv_mma(const bf16* __restrict__ q, const bf16* __r
     __shared__ float lse_s[BT], delta_s[BT];
     // Per warp: S^T then P^T (fp32), and dP^T; the block's keys and values are staged here first.
     __shared__ __align__(32) float work[WARPS][2 * 16 * LS];
-    __shared__ __align__(32) bf16 pb[WARPS][16 * LP], dsb[WARPS][16 * LP];
+    __shared__ __align__(32) bf16 pb[WARPS][16 * LP];
+    __shared__ __align__(32) bf16 dsb[WARPS][16 * LP];
     const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, r = lane / 2, half = lane & 1;
     const int kvh = blockIdx.y, b = blockIdx.z, k0 = blockIdx.x * ROWS, w0 = k0 + 16 * warp, kj = w0 + r;
     const int groups = heads / kv_heads;
@@ -240,7 +243,8 @@ __device__ void attention_bwd_q_mma(const bf16* __restrict__ q, const bf16* __re
     __shared__ __align__(32) float work[WARPS][2 * 16 * LS];  // per warp: S, then dP
     __shared__ __align__(32) bf16 dsb[WARPS][16 * LP];
     const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, r = lane / 2, half = lane & 1;
-    const int h = blockIdx.y, b = blockIdx.z, q0 = blockIdx.x * ROWS, w0 = q0 + 16 * warp, qi = w0 + r;
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * ROWS;  // the longest blocks first, as in the forward
+    const int h = blockIdx.y, b = blockIdx.z, w0 = q0 + 16 * warp, qi = w0 + r;
     const int kvh = h / (heads / kv_heads);
     const size_t qbase = (size_t(b) * heads + h) * seq * HD, kbase = (size_t(b) * kv_heads + kvh) * seq * HD;
     float* s_w = work[warp];

@@ -40,7 +40,10 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
 // step): `(m, s)` stands for `s = sum(e^(x - m))`.
 __device__ __forceinline__ void merge_max_sum(float& m, float& s, float m2, float s2) {
     float nm = fmaxf(m, m2);
-    if (nm == -INFINITY) return;  // both parts empty
+    if (nm == -INFINITY) {  // no finite value in either part: only NaN can be in the sums
+        s += s2;
+        return;
+    }
     s = s * __expf(m - nm) + s2 * __expf(m2 - nm);
     m = nm;
 }

@@ -4,7 +4,8 @@
 #include "common.cuh"
 
 // One block per row: loss[row] = logsumexp(x) - x[target], by an online max and sum. A target
-// outside the vocabulary gives NaN (the host checks targets before launching).
+// outside the vocabulary gives NaN (not an out-of-bounds read), which the trainer's NaN check stops
+// at; the CPU path checks targets by value instead.
 template <typename T>
 __device__ void cross_entropy_fwd(const T* __restrict__ logits, const uint32_t* __restrict__ targets,
                                   float* __restrict__ loss, int rows, int vocab) {

@@ -3,18 +3,22 @@
 #pragma once
 #include "common.cuh"
 
-// p, g: [n]; mv: [2, n] (first moments, then second); out: [3, n] (new weights, then moments).
-__device__ void adamw(const float* __restrict__ p, const float* __restrict__ g, const float* __restrict__ mv,
-                      float* __restrict__ out, long long n, float lr, float beta1, float beta2, float c1, float c2,
-                      float eps, float decay) {
+// In place, in two passes (each a candle in-place op on the tensor it writes): the moments mv
+// ([2, n]: first, then second) from the gradient g, then the weights p from the moments.
+__device__ void adamw_moments(float* __restrict__ mv, const float* __restrict__ g, long long n, float beta1,
+                              float beta2) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
         const float gi = g[i];
-        const float m = beta1 * mv[i] + (1.0f - beta1) * gi;
-        const float v = beta2 * mv[n + i] + (1.0f - beta2) * gi * gi;
-        const float update = (m / c1) / (sqrtf(v / c2) + eps);
-        out[i] = p[i] * (1.0f - decay) - lr * update;
-        out[n + i] = m;
-        out[2 * n + i] = v;
+        mv[i] = beta1 * mv[i] + (1.0f - beta1) * gi;
+        mv[n + i] = beta2 * mv[n + i] + (1.0f - beta2) * gi * gi;
+    }
+}
+
+__device__ void adamw_apply(float* __restrict__ p, const float* __restrict__ mv, long long n, float lr, float c1,
+                            float c2, float eps, float decay) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        const float update = (mv[i] / c1) / (sqrtf(mv[n + i] / c2) + eps);
+        p[i] = p[i] * (1.0f - decay) - lr * update;
     }
 }
 

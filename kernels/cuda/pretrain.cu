@@ -30,11 +30,11 @@
                                          int seq, int nheads, int hd, int split) {                           \
         heads(src, dst, cos, sin, batch, seq, nheads, hd, split);                                            \
     }                                                                                                        \
-    extern "C" __global__ void cross_entropy_fwd_##S(const T* logits, const uint32_t* targets, float* loss,  \
+    extern "C" __global__ void __launch_bounds__(1024) cross_entropy_fwd_##S(const T* logits, const uint32_t* targets, float* loss,  \
                                                      int rows, int vocab) {                                  \
         cross_entropy_fwd(logits, targets, loss, rows, vocab);                                               \
     }                                                                                                        \
-    extern "C" __global__ void cross_entropy_bwd_##S(const T* logits, const uint32_t* targets,               \
+    extern "C" __global__ void __launch_bounds__(1024) cross_entropy_bwd_##S(const T* logits, const uint32_t* targets,               \
                                                      const float* loss_grad, T* dlogits, int rows, int vocab) { \
         cross_entropy_bwd(logits, targets, loss_grad, dlogits, rows, vocab);                                 \
     }                                                                                                        \
@@ -44,9 +44,12 @@
     extern "C" __global__ void sum_squares_##S(const T* x, float* sums, long long n) { sum_squares(x, sums, n); }
 PRETRAIN_TYPES(ROW_KERNELS)
 
-extern "C" __global__ void adamw_f32(const float* p, const float* g, const float* mv, float* out, long long n, float lr,
-                                     float beta1, float beta2, float c1, float c2, float eps, float decay) {
-    adamw(p, g, mv, out, n, lr, beta1, beta2, c1, c2, eps, decay);
+extern "C" __global__ void adamw_moments_f32(float* mv, const float* g, long long n, float beta1, float beta2) {
+    adamw_moments(mv, g, n, beta1, beta2);
+}
+extern "C" __global__ void adamw_apply_f32(float* p, const float* mv, long long n, float lr, float c1, float c2,
+                                           float eps, float decay) {
+    adamw_apply(p, mv, n, lr, c1, c2, eps, decay);
 }
 
 #define ATTENTION(S, T, HD)                                                                                   \
@@ -95,5 +98,5 @@ extern "C" __global__ void __launch_bounds__(128)
     X(attention_bwd_kv_##S##_16) X(attention_bwd_kv_##S##_32) X(attention_bwd_kv_##S##_64)                   \
     X(attention_bwd_kv_##S##_128) X(attention_bwd_q_##S##_16) X(attention_bwd_q_##S##_32)                    \
     X(attention_bwd_q_##S##_64) X(attention_bwd_q_##S##_128)
-#define PRETRAIN_KERNEL_NAMES PRETRAIN_KERNEL_NAMES_OF(f32) PRETRAIN_KERNEL_NAMES_OF(bf16) X(adamw_f32) \
+#define PRETRAIN_KERNEL_NAMES PRETRAIN_KERNEL_NAMES_OF(f32) PRETRAIN_KERNEL_NAMES_OF(bf16) X(adamw_moments_f32) X(adamw_apply_f32) \
     X(attention_fwd_mma_bf16_64) X(attention_bwd_kv_mma_bf16_64) X(attention_bwd_q_mma_bf16_64)

@@ -431,6 +431,9 @@ pub fn attention(
     let ty = q.ty;
     activations(ty, what)?;
     let (nq, nk) = shape.check(what)?;
+    if nq == 0 {
+        return Ok(()); // nothing to compute (a CUDA grid may not be empty)
+    }
     let [heads, kv_heads, seq, scale] = shape.dims(what)?;
     let args = [
         q.check(what, ty, nq)?,
@@ -467,6 +470,9 @@ pub fn attention_grad(
     let ty = q.ty;
     activations(ty, what)?;
     let (nq, nk) = shape.check(what)?;
+    if nq == 0 {
+        return Ok(());
+    }
     let hd = shape.head_dim;
     let [heads, kv_heads, seq, scale] = shape.dims(what)?;
     let rows = shape.rows();
@@ -500,7 +506,7 @@ pub fn attention_grad(
 }
 
 /// One AdamW update's settings (decoupled weight decay; `c1`, `c2` the bias corrections
-/// `1 - beta^t`; `decay` is `lr * weight_decay`).
+/// `1 - beta^t`; `decay` is `lr * weight_decay`), for [`adamw_moments`] then [`adamw_apply`].
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamW {
     /// Learning rate.
@@ -519,32 +525,36 @@ pub struct AdamW {
     pub decay: f32,
 }
 
-/// AdamW over `n` fp32 weights `p` with gradient `g` and moments `mv` (`[2, n]`: first, then second)
-/// into `out` (`[3, n]`: the new weights, then the new moments), in one pass.
-pub fn adamw(
-    l: &impl Launcher,
-    h: &AdamW,
-    (p, g, mv): (Buf<'_>, Buf<'_>, Buf<'_>),
-    out: Buf<'_>,
-    n: usize,
-) -> Result<()> {
-    let what = "adamw";
+/// AdamW's first pass, in place: the moments `mv` (fp32 `[2, n]`: first, then second) from the
+/// gradient `g`.
+pub fn adamw_moments(l: &impl Launcher, h: &AdamW, mv: Buf<'_>, g: Buf<'_>, n: usize) -> Result<()> {
+    let what = "adamw-moments";
     let args = [
-        p.check(what, Ty::F32, n)?,
-        g.check(what, Ty::F32, n)?,
         mv.check(what, Ty::F32, 2 * n)?,
-        out.check(what, Ty::F32, 3 * n)?,
+        g.check(what, Ty::F32, n)?,
         Arg::I64(n as i64),
-        Arg::F32(h.lr),
         Arg::F32(h.beta1),
         Arg::F32(h.beta2),
+    ];
+    // SAFETY: as in `rms_norm`, for adamw_moments_f32's parameters.
+    unsafe { l.launch("adamw_moments_f32", stride_launch(n), &args) }
+}
+
+/// AdamW's second pass, in place: the `n` fp32 weights `p` from the updated moments `mv`.
+pub fn adamw_apply(l: &impl Launcher, h: &AdamW, p: Buf<'_>, mv: Buf<'_>, n: usize) -> Result<()> {
+    let what = "adamw-apply";
+    let args = [
+        p.check(what, Ty::F32, n)?,
+        mv.check(what, Ty::F32, 2 * n)?,
+        Arg::I64(n as i64),
+        Arg::F32(h.lr),
         Arg::F32(h.c1),
         Arg::F32(h.c2),
         Arg::F32(h.eps),
         Arg::F32(h.decay),
     ];
-    // SAFETY: as in `rms_norm`, for adamw_f32's parameters.
-    unsafe { l.launch("adamw_f32", stride_launch(n), &args) }
+    // SAFETY: as in `rms_norm`, for adamw_apply_f32's parameters.
+    unsafe { l.launch("adamw_apply_f32", stride_launch(n), &args) }
 }
 
 /// Blocks of [`sum_squares`]: its partial sums.

@@ -9,36 +9,50 @@
 //! has been queued.
 #![allow(unsafe_code)]
 
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg, SyncOnDrop,
+    CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg, SyncOnDrop,
 };
 use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice};
 use candle_core::{Layout, Result};
 use pretrain_kernels::{self as kernels, Arg, Buf, Launch, Launcher, Ty};
 
-/// The kernels' module in `device`'s context, loaded on first use (machine code for the GPU the
-/// build targeted; the driver compiles the PTX in it for another).
-fn module(device: &CudaDevice) -> kernels::Result<Arc<CudaModule>> {
-    static MODULES: Mutex<Vec<(usize, Arc<CudaModule>)>> = Mutex::new(Vec::new());
+/// Kernel `name` in `device`'s context. The module is loaded on first use (machine code for the GPU
+/// the build targeted; the driver compiles the PTX in it for another), and functions are looked up
+/// once.
+fn function(device: &CudaDevice, name: &str) -> kernels::Result<CudaFunction> {
+    type Loaded = (Vec<(usize, Arc<CudaModule>)>, HashMap<(usize, String), CudaFunction>);
+    static LOADED: OnceLock<Mutex<Loaded>> = OnceLock::new();
     let stream = device.cuda_stream();
     let context = stream.context();
     let key = context.cu_ctx() as usize;
-    let mut modules = MODULES.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((_, module)) = modules.iter().find(|(k, _)| *k == key) {
-        return Ok(module.clone());
+    let mut loaded = LOADED.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    let (modules, functions) = &mut *loaded;
+    if let Some(f) = functions.get(&(key, name.to_string())) {
+        return Ok(f.clone());
     }
-    if kernels::FATBIN.is_empty() {
-        return Err("this build's CUDA kernels are empty (compiled by scripts/nvcc-typecheck, for checks only)".into());
-    }
-    let module = context
-        .load_module(Ptx::from_binary(kernels::FATBIN.to_vec()))
-        .map_err(|e| format!("loading the pretrain kernels: {e}"))?;
-    modules.push((key, module.clone()));
-    Ok(module)
+    let module = match modules.iter().find(|(k, _)| *k == key) {
+        Some((_, module)) => module.clone(),
+        None => {
+            if kernels::FATBIN.is_empty() {
+                return Err(
+                    "this build's CUDA kernels are empty (compiled by scripts/nvcc-typecheck, for checks only)".into(),
+                );
+            }
+            let module = context
+                .load_module(Ptx::from_binary(kernels::FATBIN.to_vec()))
+                .map_err(|e| format!("loading the pretrain kernels: {e}"))?;
+            modules.push((key, module.clone()));
+            module
+        }
+    };
+    let f = module.load_function(name).map_err(|e| format!("kernel {name}: {e}"))?;
+    functions.insert((key, name.to_string()), f.clone());
+    Ok(f)
 }
 
 /// Launches on a candle CUDA device's stream.
@@ -46,7 +60,7 @@ struct Gpu<'a>(&'a CudaDevice);
 
 impl Launcher for Gpu<'_> {
     unsafe fn launch(&self, kernel: &str, launch: Launch, args: &[Arg]) -> kernels::Result<()> {
-        let func = module(self.0)?.load_function(kernel).map_err(|e| format!("kernel {kernel}: {e}"))?;
+        let func = function(self.0, kernel)?;
         let stream = self.0.cuda_stream();
         let mut builder = stream.launch_builder(&func);
         for arg in args {
@@ -118,8 +132,12 @@ fn alloc(device: &CudaDevice, ty: Ty, n: usize) -> Result<CudaStorageSlice> {
     })
 }
 
-/// An output slice as a kernel buffer (its guard kept in `guards`).
-fn output<'a>(slice: &'a mut CudaStorageSlice, stream: &'a CudaStream, guards: &mut Vec<SyncOnDrop<'a>>) -> Buf<'a> {
+/// A slice to write as a kernel buffer (its guard kept in `guards`).
+fn output<'a>(
+    slice: &'a mut CudaStorageSlice,
+    stream: &'a CudaStream,
+    guards: &mut Vec<SyncOnDrop<'a>>,
+) -> Result<Buf<'a>> {
     fn ptr<'a, T>(x: &'a mut CudaSlice<T>, stream: &'a CudaStream) -> (u64, SyncOnDrop<'a>, usize) {
         let len = x.len();
         let (p, g) = x.device_ptr_mut(stream);
@@ -129,11 +147,11 @@ fn output<'a>(slice: &'a mut CudaStorageSlice, stream: &'a CudaStream, guards: &
         CudaStorageSlice::F32(x) => (ptr(x, stream), Ty::F32),
         CudaStorageSlice::BF16(x) => (ptr(x, stream), Ty::Bf16),
         CudaStorageSlice::U32(x) => (ptr(x, stream), Ty::U32),
-        _ => unreachable!("`alloc` makes only f32, bf16 and u32 slices"),
+        _ => candle_core::bail!("only f32, bf16 and u32 tensors are written by the kernels"),
     };
     guards.push(guard);
     // SAFETY: a live device slice of `len` elements of `ty`, mutably borrowed for 'a.
-    unsafe { Buf::new(p, len, ty) }
+    Ok(unsafe { Buf::new(p, len, ty) })
 }
 
 type In<'a> = (&'a CudaStorage, &'a Layout);
@@ -157,7 +175,7 @@ fn run<const N: usize, const M: usize>(
             ins.push(ctx.input(s, l, what)?);
         }
         let mut guards = Vec::with_capacity(M);
-        let outs: Vec<Buf<'_>> = slices.iter_mut().map(|s| output(s, &stream, &mut guards)).collect();
+        let outs: Vec<Buf<'_>> = slices.iter_mut().map(|s| output(s, &stream, &mut guards)).collect::<Result<_>>()?;
         let ins: [Buf<'_>; N] = ins.try_into().unwrap_or_else(|_| unreachable!("one buffer per input"));
         let outs: [Buf<'_>; M] = outs.try_into().unwrap_or_else(|_| unreachable!("one buffer per output"));
         launch(&Gpu(&device), ins, outs).map_err(error)?;
@@ -289,14 +307,40 @@ pub(super) fn attention_grad(
     Ok(out)
 }
 
-/// AdamW over fp32 weights `p`, gradients `g` and moments `mv` (`[2, n]`): `[3, n]` new weights and
-/// moments.
-pub(crate) fn adamw(p: In<'_>, g: In<'_>, mv: In<'_>, h: &kernels::AdamW) -> Result<CudaStorage> {
+/// Runs `launch` with `target` written in place and the inputs as buffers.
+fn run_in_place<const N: usize>(
+    what: &str,
+    (target, layout): (&mut CudaStorage, &Layout),
+    inputs: [In<'_>; N],
+    launch: impl FnOnce(&Gpu<'_>, Buf<'_>, [Buf<'_>; N]) -> kernels::Result<()>,
+) -> Result<()> {
+    let device = target.device.clone();
+    let stream = device.cuda_stream();
+    let start = layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{what}: the tensor written must be contiguous")))?
+        .0;
+    let mut guards = Vec::with_capacity(1);
+    let written = output(&mut target.slice, &stream, &mut guards)?.skip(start).map_err(error)?;
+    let mut ctx = Ctx::new(&device, &stream);
+    let mut ins = Vec::with_capacity(N);
+    for (s, l) in inputs {
+        ins.push(ctx.input(s, l, what)?);
+    }
+    let ins: [Buf<'_>; N] = ins.try_into().unwrap_or_else(|_| unreachable!("one buffer per input"));
+    launch(&Gpu(&device), written, ins).map_err(error)
+}
+
+/// AdamW's moments `mv` (fp32 `[2, n]`) updated in place from the gradient `g`.
+pub(crate) fn adamw_moments(mv: (&mut CudaStorage, &Layout), g: In<'_>, h: &kernels::AdamW) -> Result<()> {
+    let n = g.1.shape().elem_count();
+    run_in_place("adamw-moments", mv, [g], |gpu, mv, [g]| kernels::adamw_moments(gpu, h, mv, g, n))
+}
+
+/// The fp32 weights `p` updated in place from AdamW's moments `mv`.
+pub(crate) fn adamw_apply(p: (&mut CudaStorage, &Layout), mv: In<'_>, h: &kernels::AdamW) -> Result<()> {
     let n = p.1.shape().elem_count();
-    let [out] = run("adamw", [p, g, mv], [(Ty::F32, 3 * n)], |gpu, [p, g, mv], [out]| {
-        kernels::adamw(gpu, h, (p, g, mv), out, n)
-    })?;
-    Ok(out)
+    run_in_place("adamw-apply", p, [mv], |gpu, p, [mv]| kernels::adamw_apply(gpu, h, p, mv, n))
 }
 
 /// Partial sums of `x^2` (f32, [`kernels::sum_squares_parts`] of them).

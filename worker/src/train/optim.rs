@@ -67,7 +67,8 @@ impl AdamW {
             let g = g.to_dtype(DType::F32)?.detach();
             let fused_device = p.device().is_cpu() || (cfg!(feature = "cuda") && p.device().is_cuda());
             if self.fused && fused_device && p.dtype() == DType::F32 {
-                // One pass over p, g, m, v: the new weights and moments, stacked as [3, n].
+                // In place, in two passes: the moments from the gradient, then the weights from the
+                // moments (no new tensors, nothing kept beyond the weights and moments).
                 let op = FusedAdamW {
                     lr: lr as f32,
                     beta1: b1 as f32,
@@ -77,10 +78,8 @@ impl AdamW {
                     eps: self.config.eps as f32,
                     decay: (lr * decay) as f32,
                 };
-                let out = p.flatten_all()?.apply_op3_no_bwd(&g.flatten_all()?.contiguous()?, &self.moments[i], &op)?;
-                var.set(&out.get(0)?.reshape(p.shape())?)?;
-                // Rows 1 and 2 of a contiguous [3, n] are contiguous: no copy.
-                self.moments[i] = out.narrow(0, 1, 2)?.contiguous()?;
+                self.moments[i].inplace_op2(&g.flatten_all()?.contiguous()?, &Moments(op))?;
+                p.inplace_op2(&self.moments[i], &Apply(op))?;
                 continue;
             }
             let g = g.flatten_all()?;
@@ -137,8 +136,10 @@ impl AdamW {
     }
 }
 
-/// AdamW for one fp32 parameter (on the CPU, or a CUDA device): inputs `p [n]`, `g [n]`, moments `[2, n]`; output
-/// `[3, n]`: the new weights, first and second moments.
+/// One AdamW update of one fp32 parameter (on the CPU, or a CUDA device), in two in-place passes:
+/// [`Moments`] on the moments `[2, n]` (first, then second) from the gradient, then [`Apply`] on the
+/// weights from the moments.
+#[derive(Debug, Clone, Copy)]
 struct FusedAdamW {
     lr: f32,
     beta1: f32,
@@ -150,91 +151,10 @@ struct FusedAdamW {
     decay: f32,
 }
 
-crate::model::fused::simd_fn! {
-    /// One chunk of the AdamW update: new weights and moments from the old ones and the gradient.
-    fn adamw_chunk(
-        h: &FusedAdamW,
-        new: (&mut [f32], &mut [f32], &mut [f32]),
-        p: &[f32],
-        g: &[f32],
-        m: &[f32],
-        v: &[f32],
-    ) {
-        let (new_p, new_m, new_v) = new;
-        for i in 0..new_p.len() {
-            let gi = g[i];
-            let mi = h.beta1 * m[i] + (1.0 - h.beta1) * gi;
-            let vi = h.beta2 * v[i] + (1.0 - h.beta2) * gi * gi;
-            let update = (mi / h.c1) / ((vi / h.c2).sqrt() + h.eps);
-            new_p[i] = p[i] * (1.0 - h.decay) - h.lr * update;
-            new_m[i] = mi;
-            new_v[i] = vi;
-        }
-    }
-}
-
-impl candle_core::CustomOp3 for FusedAdamW {
-    fn name(&self) -> &'static str {
-        "fused-adamw"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &candle_core::CpuStorage,
-        l1: &candle_core::Layout,
-        s2: &candle_core::CpuStorage,
-        l2: &candle_core::Layout,
-        s3: &candle_core::CpuStorage,
-        l3: &candle_core::Layout,
-    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use rayon::prelude::*;
-        fn view<'a>(s: &'a candle_core::CpuStorage, l: &candle_core::Layout) -> Result<&'a [f32]> {
-            let (a, b) = l
-                .contiguous_offsets()
-                .ok_or_else(|| candle_core::Error::Msg("fused-adamw: inputs must be contiguous".into()))?;
-            Ok(&s.as_slice::<f32>()?[a..b])
-        }
-        let (p, g, mv) = (view(s1, l1)?, view(s2, l2)?, view(s3, l3)?);
-        let n = p.len();
-        if g.len() != n || mv.len() != 2 * n {
-            candle_core::bail!("fused-adamw: {n} weights, {} gradients, {} moments", g.len(), mv.len());
-        }
-        let (m, v) = mv.split_at(n);
-        let mut out = vec![0f32; 3 * n];
-        let (new_p, rest) = out.split_at_mut(n);
-        let (new_m, new_v) = rest.split_at_mut(n);
-        const CHUNK: usize = 1 << 14;
-        new_p
-            .par_chunks_mut(CHUNK)
-            .zip(new_m.par_chunks_mut(CHUNK))
-            .zip(new_v.par_chunks_mut(CHUNK))
-            .enumerate()
-            .for_each(|(c, ((np, nm), nv))| {
-                let at = c * CHUNK..c * CHUNK + np.len();
-                adamw_chunk(self, (np, nm, nv), &p[at.clone()], &g[at.clone()], &m[at.clone()], &v[at]);
-            });
-        Ok((candle_core::CpuStorage::F32(out), candle_core::Shape::from((3, n))))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &candle_core::Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &candle_core::Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &candle_core::Layout,
-    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        let n = l1.shape().elem_count();
-        if l2.shape().elem_count() != n || l3.shape().elem_count() != 2 * n {
-            candle_core::bail!(
-                "fused-adamw: {n} weights, {} gradients, {} moments",
-                l2.shape().elem_count(),
-                l3.shape().elem_count()
-            );
-        }
-        let h = pretrain_kernels::AdamW {
+#[cfg(feature = "cuda")]
+impl FusedAdamW {
+    fn kernel(&self) -> pretrain_kernels::AdamW {
+        pretrain_kernels::AdamW {
             lr: self.lr,
             beta1: self.beta1,
             beta2: self.beta2,
@@ -242,9 +162,138 @@ impl candle_core::CustomOp3 for FusedAdamW {
             c2: self.c2,
             eps: self.eps,
             decay: self.decay,
-        };
-        let out = crate::model::cuda::adamw((s1, l1), (s2, l2), (s3, l3), &h)?;
-        Ok((out, candle_core::Shape::from((3, n))))
+        }
+    }
+}
+
+/// Elements per parallel task of the CPU passes.
+const CHUNK: usize = 1 << 14;
+
+crate::model::fused::simd_fn! {
+    /// One chunk of AdamW's first pass: the moments from the gradient.
+    fn moments_chunk(h: &FusedAdamW, m: &mut [f32], v: &mut [f32], g: &[f32]) {
+        for i in 0..m.len() {
+            let gi = g[i];
+            m[i] = h.beta1 * m[i] + (1.0 - h.beta1) * gi;
+            v[i] = h.beta2 * v[i] + (1.0 - h.beta2) * gi * gi;
+        }
+    }
+}
+
+crate::model::fused::simd_fn! {
+    /// One chunk of AdamW's second pass: the weights from the moments.
+    fn apply_chunk(h: &FusedAdamW, p: &mut [f32], m: &[f32], v: &[f32]) {
+        for i in 0..p.len() {
+            let update = (m[i] / h.c1) / ((v[i] / h.c2).sqrt() + h.eps);
+            p[i] = p[i] * (1.0 - h.decay) - h.lr * update;
+        }
+    }
+}
+
+fn cpu_view<'a>(s: &'a candle_core::CpuStorage, l: &candle_core::Layout, what: &str) -> Result<&'a [f32]> {
+    let (a, b) =
+        l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg(format!("{what}: inputs must be contiguous")))?;
+    Ok(&s.as_slice::<f32>()?[a..b])
+}
+
+fn cpu_view_mut<'a>(s: &'a mut candle_core::CpuStorage, l: &candle_core::Layout, what: &str) -> Result<&'a mut [f32]> {
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{what}: the tensor written must be contiguous")))?;
+    match s {
+        candle_core::CpuStorage::F32(v) => Ok(&mut v[a..b]),
+        _ => candle_core::bail!("{what}: fp32 tensors only"),
+    }
+}
+
+/// AdamW's first pass, in place on the moments `[2, n]`, with the gradient `[n]`.
+struct Moments(FusedAdamW);
+
+impl candle_core::InplaceOp2 for Moments {
+    fn name(&self) -> &'static str {
+        "adamw-moments"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+    ) -> Result<()> {
+        use rayon::prelude::*;
+        let g = cpu_view(s2, l2, self.name())?;
+        let mv = cpu_view_mut(s1, l1, self.name())?;
+        let n = g.len();
+        if mv.len() != 2 * n {
+            candle_core::bail!("adamw-moments: {} moments for {n} gradients", mv.len());
+        }
+        let (m, v) = mv.split_at_mut(n);
+        m.par_chunks_mut(CHUNK)
+            .zip(v.par_chunks_mut(CHUNK))
+            .zip(g.par_chunks(CHUNK))
+            .for_each(|((m, v), g)| moments_chunk(&self.0, m, v, g));
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &candle_core::Layout,
+    ) -> Result<()> {
+        let n = l2.shape().elem_count();
+        if l1.shape().elem_count() != 2 * n {
+            candle_core::bail!("adamw-moments: {} moments for {n} gradients", l1.shape().elem_count());
+        }
+        crate::model::cuda::adamw_moments((s1, l1), (s2, l2), &self.0.kernel())
+    }
+}
+
+/// AdamW's second pass, in place on the weights `[n]`, with the moments `[2, n]`.
+struct Apply(FusedAdamW);
+
+impl candle_core::InplaceOp2 for Apply {
+    fn name(&self) -> &'static str {
+        "adamw-apply"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+    ) -> Result<()> {
+        use rayon::prelude::*;
+        let mv = cpu_view(s2, l2, self.name())?;
+        let p = cpu_view_mut(s1, l1, self.name())?;
+        let n = p.len();
+        if mv.len() != 2 * n {
+            candle_core::bail!("adamw-apply: {} moments for {n} weights", mv.len());
+        }
+        let (m, v) = mv.split_at(n);
+        p.par_chunks_mut(CHUNK)
+            .zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK)))
+            .for_each(|(p, (m, v))| apply_chunk(&self.0, p, m, v));
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &candle_core::Layout,
+    ) -> Result<()> {
+        let n = l1.shape().elem_count();
+        if l2.shape().elem_count() != 2 * n {
+            candle_core::bail!("adamw-apply: {} moments for {n} weights", l2.shape().elem_count());
+        }
+        crate::model::cuda::adamw_apply((s1, l1), (s2, l2), &self.0.kernel())
     }
 }
 
