@@ -13,6 +13,19 @@
 #pragma once
 #include "common.cuh"
 
+// Keys and values k0..k0 + KEYS of one head (at `kbase`) into shared tiles (fp32, zeros past
+// `seq`), by all the block's threads.
+template <typename T, int HD, int KEYS>
+__device__ __forceinline__ void load_kv_tile(float (*ks)[HD], float (*vs)[HD], const T* __restrict__ k,
+                                             const T* __restrict__ v, size_t kbase, int k0, int seq) {
+    for (int e = threadIdx.x; e < KEYS * HD; e += blockDim.x) {
+        const int j = k0 + e / HD;
+        const size_t at = kbase + size_t(j) * HD + e % HD;
+        ks[e / HD][e % HD] = j < seq ? load(k, at) : 0.0f;
+        vs[e / HD][e % HD] = j < seq ? load(v, at) : 0.0f;
+    }
+}
+
 // Forward: a block of ATT_FWD_ROWS threads, one query row each, walks key tiles of ATT_FWD_KEYS
 // below the diagonal of its rows.
 #define ATT_FWD_ROWS 64
@@ -39,12 +52,7 @@ __device__ void attention_fwd(const T* __restrict__ q, const T* __restrict__ k, 
     const int keys = min(seq, q0 + ATT_FWD_ROWS);
     for (int k0 = 0; k0 < keys; k0 += ATT_FWD_KEYS) {
         __syncthreads();
-        for (int e = threadIdx.x; e < ATT_FWD_KEYS * HD; e += blockDim.x) {
-            const int j = k0 + e / HD;
-            const size_t at = kbase + size_t(j) * HD + e % HD;
-            ks[e / HD][e % HD] = j < seq ? load(k, at) : 0.0f;
-            vs[e / HD][e % HD] = j < seq ? load(v, at) : 0.0f;
-        }
+        load_kv_tile<T, HD, ATT_FWD_KEYS>(ks, vs, k, v, kbase, k0, seq);
         __syncthreads();
         if (!live) continue;
         const int n = min(ATT_FWD_KEYS, i - k0 + 1);  // keys of this tile that row i sees
@@ -199,12 +207,7 @@ __device__ void attention_bwd_q(const T* __restrict__ q, const T* __restrict__ k
     const int keys = min(seq, q0 + QUERIES);
     for (int k0 = 0; k0 < keys; k0 += KEYS) {
         __syncthreads();
-        for (int e = threadIdx.x; e < KEYS * HD; e += blockDim.x) {
-            const int j = k0 + e / HD;
-            const size_t at = kbase + size_t(j) * HD + e % HD;
-            ks[e / HD][e % HD] = j < seq ? load(k, at) : 0.0f;
-            vs[e / HD][e % HD] = j < seq ? load(v, at) : 0.0f;
-        }
+        load_kv_tile<T, HD, KEYS>(ks, vs, k, v, kbase, k0, seq);
         __syncthreads();
         if (!live) continue;
         const int n = min(KEYS, i - k0 + 1);

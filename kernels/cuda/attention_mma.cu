@@ -39,6 +39,23 @@ __device__ __forceinline__ void stage(bf16* tile, const bf16* __restrict__ src, 
     }
 }
 
+// Each warp's 16 of the block's ROWS rows of `a` and of `b` (rows `first..` of one head, zeros past
+// `seq`) as A fragments, staged one after the other through `staged` (ROWS x LD bf16 of shared
+// memory). Synchronises the block.
+__device__ __forceinline__ void rows_to_fragments(FragA* fa, FragA* fb, const bf16* __restrict__ a,
+                                                  const bf16* __restrict__ b, bf16* staged, int first, int seq) {
+    const int warp = threadIdx.x / 32;
+    const bf16* src[2] = {a, b};
+    FragA* dst[2] = {fa, fb};
+    for (int which = 0; which < 2; ++which) {
+        if (which > 0) __syncthreads();  // every warp has its fragments of the first
+        stage(staged, src[which], first, ROWS, seq);
+        __syncthreads();
+        for (int kk = 0; kk < HD / 16; ++kk)
+            wmma::load_matrix_sync(dst[which][kk], staged + 16 * warp * LD + kk * 16, LD);
+    }
+}
+
 // out[16][BT] = a (16 x HD, as fragments) times the transpose of `tile` ([BT][HD] bf16), fp32.
 __device__ __forceinline__ void times_transposed(float* out, const FragA* a, const bf16* tile) {
     for (int n = 0; n < BT / 16; ++n) {
@@ -182,15 +199,9 @@ __device__ void attention_bwd_kv_mma(const bf16* __restrict__ q, const bf16* __r
     float* st = work[warp];
     float* dpt = st + 16 * LS;
 
-    bf16* staged = reinterpret_cast<bf16*>(&work[0][0]);  // ROWS x LD bf16 fits in the work area
     FragA kf[HD / 16], vf[HD / 16];
-    stage(staged, k + kbase, k0, ROWS, seq);
-    __syncthreads();
-    for (int kk = 0; kk < HD / 16; ++kk) wmma::load_matrix_sync(kf[kk], staged + 16 * warp * LD + kk * 16, LD);
-    __syncthreads();
-    stage(staged, v + kbase, k0, ROWS, seq);
-    __syncthreads();
-    for (int kk = 0; kk < HD / 16; ++kk) wmma::load_matrix_sync(vf[kk], staged + 16 * warp * LD + kk * 16, LD);
+    // ROWS x LD bf16 fits in the work area, which is not in use yet.
+    rows_to_fragments(kf, vf, k + kbase, v + kbase, reinterpret_cast<bf16*>(&work[0][0]), k0, seq);
     Acc dka[HD / 16], dva[HD / 16];
     for (int n = 0; n < HD / 16; ++n) {
         wmma::fill_fragment(dka[n], 0.0f);
@@ -250,15 +261,8 @@ __device__ void attention_bwd_q_mma(const bf16* __restrict__ q, const bf16* __re
     float* s_w = work[warp];
     float* dp_w = s_w + 16 * LS;
 
-    bf16* staged = reinterpret_cast<bf16*>(&work[0][0]);
     FragA qf[HD / 16], gf[HD / 16];
-    stage(staged, q + qbase, q0, ROWS, seq);
-    __syncthreads();
-    for (int kk = 0; kk < HD / 16; ++kk) wmma::load_matrix_sync(qf[kk], staged + 16 * warp * LD + kk * 16, LD);
-    __syncthreads();
-    stage(staged, g + qbase, q0, ROWS, seq);
-    __syncthreads();
-    for (int kk = 0; kk < HD / 16; ++kk) wmma::load_matrix_sync(gf[kk], staged + 16 * warp * LD + kk * 16, LD);
+    rows_to_fragments(qf, gf, q + qbase, g + qbase, reinterpret_cast<bf16*>(&work[0][0]), q0, seq);
     const size_t row = (size_t(b) * heads + h) * seq + qi;
     const float row_lse = qi < seq ? lse[row] : INFINITY, row_delta = qi < seq ? delta[row] : 0.0f;
     Acc dqa[HD / 16];

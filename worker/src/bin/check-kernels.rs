@@ -36,6 +36,17 @@ fn rel_error(got: &Tensor, want: &Tensor) -> candle_core::Result<f64> {
     Ok(if diff.is_nan() { f64::NAN } else { diff / norm.max(1e-30) })
 }
 
+/// The inputs as variables on `device`, the f32 ones in `dtype` (token ids stay as they are).
+fn variables(inputs: &[Tensor], device: &Device, dtype: DType) -> candle_core::Result<Vec<Var>> {
+    inputs
+        .iter()
+        .map(|t| {
+            let t = if t.dtype() == DType::F32 { t.to_dtype(dtype)? } else { t.clone() };
+            Var::from_tensor(&t.to_device(device)?)
+        })
+        .collect()
+}
+
 /// Output and gradients of `sum(op(inputs) * upstream)`, each input on `device` in `dtype`.
 fn run(
     op: &Op,
@@ -44,13 +55,7 @@ fn run(
     device: &Device,
     dtype: DType,
 ) -> candle_core::Result<Vec<Tensor>> {
-    let vars = inputs
-        .iter()
-        .map(|t| {
-            let t = if t.dtype() == DType::F32 { t.to_dtype(dtype)? } else { t.clone() };
-            Var::from_tensor(&t.to_device(device)?)
-        })
-        .collect::<candle_core::Result<Vec<_>>>()?;
+    let vars = variables(inputs, device, dtype)?;
     let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
     let out = op(&ts)?;
     let up = upstream.to_dtype(out.dtype())?.to_device(device)?;
@@ -255,13 +260,7 @@ fn time(device: &Device, dtype: DType) -> candle_core::Result<()> {
         let mut line = format!("time {name} {dtype:?}:");
         for enabled in [true, false] {
             fused::set_enabled(enabled);
-            let vars = inputs
-                .iter()
-                .map(|t| {
-                    let t = if t.dtype() == DType::F32 { t.to_dtype(dtype)? } else { t.clone() };
-                    Var::from_tensor(&t.to_device(device)?)
-                })
-                .collect::<candle_core::Result<Vec<_>>>()?;
+            let vars = variables(&inputs, device, dtype)?;
             let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
             let mut total = 0.0;
             for rep in 0..6 {
