@@ -7,7 +7,8 @@
 //!
 //! Relative errors (Euclidean norm of the difference over that of the reference) must stay under
 //! 1e-4 in fp32 and 1e-2 in bf16 (the reference then runs on the bf16-rounded inputs). `--time`
-//! also times each op's forward and backward, fused and composed, on the device at training shapes.
+//! also times each op's forward and backward, fused and composed, on a GPU at the training shapes
+//! of the two benchmark models.
 //! Prints one line per check and exits non-zero if any failed.
 
 use std::time::Instant;
@@ -231,29 +232,27 @@ fn step(checker: &mut Checker, dtype: DType) -> candle_core::Result<()> {
 
 /// Milliseconds per forward + backward of `op` at training shapes, fused and composed, on the device.
 fn time(device: &Device, dtype: DType) -> candle_core::Result<()> {
+    let r = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, device); // drawn on the device: gigabytes
+    let attention: fn(&[Tensor]) -> candle_core::Result<Tensor> =
+        |x| fused::causal_attention(&x[0], &x[1], &x[2], 0.125);
+    let targets: Vec<u32> = (0..32768u32).map(|i| i * 7919 % 32000).collect();
     let shapes: Vec<(&str, Op, Vec<Tensor>)> = vec![
         (
             "attention 32x12/4x1024x64",
-            Box::new(|x| fused::causal_attention(&x[0], &x[1], &x[2], 0.125)),
-            vec![randn(&[32, 12, 1024, 64], 1.0), randn(&[32, 4, 1024, 64], 1.0), randn(&[32, 4, 1024, 64], 1.0)],
+            Box::new(attention),
+            vec![r(&[32, 12, 1024, 64])?, r(&[32, 4, 1024, 64])?, r(&[32, 4, 1024, 64])?],
         ),
         (
-            "rms-norm 32768x768",
-            Box::new(|t| fused::rms_norm(&t[0], &t[1], 1e-5)),
-            vec![randn(&[32768, 768], 1.0), randn(&[768], 1.0)],
+            "attention 8x32/4x2048x64",
+            Box::new(attention),
+            vec![r(&[8, 32, 2048, 64])?, r(&[8, 4, 2048, 64])?, r(&[8, 4, 2048, 64])?],
         ),
-        (
-            "swiglu 32768x2048",
-            Box::new(|t| fused::swiglu(&t[0], &t[1])),
-            vec![randn(&[32768, 2048], 1.0), randn(&[32768, 2048], 1.0)],
-        ),
+        ("rms-norm 32768x768", Box::new(|t| fused::rms_norm(&t[0], &t[1], 1e-5)), vec![r(&[32768, 768])?, r(&[768])?]),
+        ("swiglu 32768x2048", Box::new(|t| fused::swiglu(&t[0], &t[1])), vec![r(&[32768, 2048])?, r(&[32768, 2048])?]),
         (
             "cross-entropy 32768x32000",
             Box::new(|t| fused::cross_entropy(&t[0], &t[1])),
-            vec![
-                randn(&[32768, 32000], 1.0),
-                Tensor::from_vec((0..32768u32).map(|i| i * 7919 % 32000).collect(), 32768, &Device::Cpu)?,
-            ],
+            vec![r(&[32768, 32000])?, Tensor::from_vec(targets, 32768, device)?],
         ),
     ];
     for (name, op, inputs) in shapes {
@@ -338,7 +337,9 @@ fn main() {
             checker.failures += 1;
             println!("FAIL training step {dtype:?}: {e}");
         }
-        if timing {
+        if timing && device.is_cpu() {
+            println!("skip --time on the CPU: its shapes are a GPU's (gigabytes per op)");
+        } else if timing {
             time(&device, dtype).unwrap_or_else(|e| println!("timing failed: {e}"));
         }
     }
