@@ -1,7 +1,7 @@
 //! The fused operations on CUDA devices (feature `cuda`): pretrain-kernels' kernels (its fat binary,
-//! loaded once per context), launched on candle's stream into buffers allocated from candle's device. Each function here is one custom
-//! op's `cuda_fwd` (see `fused.rs`, whose CPU kernels are the reference the kernels are tested
-//! against in `tests/kernels.rs`).
+//! loaded once per context), launched on candle's stream into buffers allocated from candle's
+//! device. Each function here is one custom op's `cuda_fwd` (see `fused.rs`, whose CPU kernels are
+//! the reference the kernels are tested against in `tests/kernels.rs`).
 //!
 //! Inputs must be contiguous (the callers make them so); outputs are fresh allocations the kernels
 //! write in full. Every device pointer is taken through cudarc's `device_ptr(_mut)`, whose guards
@@ -81,16 +81,15 @@ fn error(e: String) -> candle_core::Error {
     candle_core::Error::Cuda(e.into())
 }
 
-/// One launch's context: the device, its stream, and the guards of the pointers taken so far.
-struct Ctx<'a> {
-    device: CudaDevice,
+/// One launch's inputs: the stream, and the guards of the pointers taken so far.
+struct Inputs<'a> {
     stream: &'a CudaStream,
     guards: Vec<SyncOnDrop<'a>>,
 }
 
-impl<'a> Ctx<'a> {
-    fn new(device: &CudaDevice, stream: &'a Arc<CudaStream>) -> Self {
-        Self { device: device.clone(), stream, guards: Vec::new() }
+impl<'a> Inputs<'a> {
+    fn new(stream: &'a CudaStream) -> Self {
+        Self { stream, guards: Vec::new() }
     }
 
     /// A contiguous input as a kernel buffer.
@@ -114,8 +113,13 @@ impl<'a> Ctx<'a> {
         buf.skip(start).map_err(error)
     }
 
-    fn stored(&self, slice: CudaStorageSlice) -> CudaStorage {
-        CudaStorage { slice, device: self.device.clone() }
+    /// All of `inputs` as kernel buffers.
+    fn all<const N: usize>(&mut self, inputs: [In<'a>; N], what: &str) -> Result<[Buf<'a>; N]> {
+        let mut bufs = Vec::with_capacity(N);
+        for (s, l) in inputs {
+            bufs.push(self.input(s, l, what)?);
+        }
+        Ok(bufs.try_into().unwrap_or_else(|_| unreachable!("one buffer per input")))
     }
 }
 
@@ -169,19 +173,15 @@ fn run<const N: usize, const M: usize>(
     let mut slices: Vec<CudaStorageSlice> =
         outputs.iter().map(|&(ty, n)| alloc(&device, ty, n)).collect::<Result<_>>()?;
     {
-        let mut ctx = Ctx::new(&device, &stream);
-        let mut ins = Vec::with_capacity(N);
-        for (s, l) in inputs {
-            ins.push(ctx.input(s, l, what)?);
-        }
+        let mut taken = Inputs::new(&stream); // its guards live until the launch is queued
+        let ins = taken.all(inputs, what)?;
         let mut guards = Vec::with_capacity(M);
         let outs: Vec<Buf<'_>> = slices.iter_mut().map(|s| output(s, &stream, &mut guards)).collect::<Result<_>>()?;
-        let ins: [Buf<'_>; N] = ins.try_into().unwrap_or_else(|_| unreachable!("one buffer per input"));
         let outs: [Buf<'_>; M] = outs.try_into().unwrap_or_else(|_| unreachable!("one buffer per output"));
         launch(&Gpu(&device), ins, outs).map_err(error)?;
     }
-    let ctx = Ctx::new(&device, &stream);
-    let stored: Vec<CudaStorage> = slices.into_iter().map(|s| ctx.stored(s)).collect();
+    let stored: Vec<CudaStorage> =
+        slices.into_iter().map(|slice| CudaStorage { slice, device: device.clone() }).collect();
     Ok(stored.try_into().unwrap_or_else(|_| unreachable!("one storage per output")))
 }
 
@@ -322,12 +322,8 @@ fn run_in_place<const N: usize>(
         .0;
     let mut guards = Vec::with_capacity(1);
     let written = output(&mut target.slice, &stream, &mut guards)?.skip(start).map_err(error)?;
-    let mut ctx = Ctx::new(&device, &stream);
-    let mut ins = Vec::with_capacity(N);
-    for (s, l) in inputs {
-        ins.push(ctx.input(s, l, what)?);
-    }
-    let ins: [Buf<'_>; N] = ins.try_into().unwrap_or_else(|_| unreachable!("one buffer per input"));
+    let mut taken = Inputs::new(&stream); // its guards live until the launch is queued
+    let ins = taken.all(inputs, what)?;
     launch(&Gpu(&device), written, ins).map_err(error)
 }
 
