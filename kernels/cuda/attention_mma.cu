@@ -30,8 +30,20 @@ using FragBT = wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major>
 using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major>;   // a [k][col] tile
 using Acc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
 
-// `rows` rows of HD values from `src` (row `first` on) into a bf16 tile, zeros past `seq`.
+// `rows` rows of HD values from `src` (row `first` on) into a bf16 tile, zeros past `seq`: 16 bytes
+// (8 values) per load when `src` is 16-byte aligned (tile rows are: LD * 2 = 144 bytes), else one
+// value at a time.
 __device__ __forceinline__ void stage(bf16* tile, const bf16* __restrict__ src, int first, int rows, int seq) {
+    if ((reinterpret_cast<uintptr_t>(src) & 15) == 0) {
+        constexpr int V = HD / 8;
+        for (int e = threadIdx.x; e < rows * V; e += blockDim.x) {
+            const int r = e / V, c = (e % V) * 8;
+            uint4 v = {0u, 0u, 0u, 0u};
+            if (first + r < seq) v = *reinterpret_cast<const uint4*>(src + size_t(first + r) * HD + c);
+            *reinterpret_cast<uint4*>(tile + r * LD + c) = v;
+        }
+        return;
+    }
     const bf16 zero = __float2bfloat16(0.0f);
     for (int e = threadIdx.x; e < rows * HD; e += blockDim.x) {
         const int r = e / HD, c = e % HD;

@@ -32,6 +32,10 @@
 #define __restrict__ __restrict
 #define __align__(n) __attribute__((aligned(n)))
 
+struct alignas(16) uint4 {
+    unsigned x, y, z, w;
+};
+
 struct dim3 {
     unsigned x = 1, y = 1, z = 1;
 };

@@ -49,24 +49,29 @@ impl Launcher for Emu {
     }
 }
 
-/// Host memory for emulated kernels: `len` elements of `ty`, 8-byte aligned.
+/// Host memory for emulated kernels: `len` elements of `ty`, 64-byte aligned (as device allocations
+/// are at least), zeroed.
 #[derive(Debug)]
 pub struct Host {
-    words: *mut u64,
-    capacity: usize,
+    bytes: *mut u8,
+    layout: std::alloc::Layout,
     len: usize,
     ty: Ty,
 }
 
-// SAFETY: `Host` owns its allocation like a `Box<[u64]>` does.
+// SAFETY: `Host` owns its allocation like a `Box<[u8]>` does.
 unsafe impl Send for Host {}
 
 impl Host {
     /// `len` zeros.
     pub fn zeros(len: usize, ty: Ty) -> Self {
-        let capacity = (len * ty.size()).div_ceil(8).max(1);
-        let words = Box::into_raw(vec![0u64; capacity].into_boxed_slice()).cast::<u64>();
-        Self { words, capacity, len, ty }
+        let layout = std::alloc::Layout::from_size_align((len * ty.size()).max(1), 64).expect("a valid layout");
+        // SAFETY: the layout has a non-zero size.
+        let bytes = unsafe { std::alloc::alloc_zeroed(layout) };
+        if bytes.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        Self { bytes, layout, len, ty }
     }
 
     /// `values` stored as `ty` (f32, or bf16 rounded to nearest even as CUDA converts).
@@ -76,9 +81,9 @@ impl Host {
             // SAFETY: `i < len`, inside the allocation, and nothing else holds it.
             unsafe {
                 match ty {
-                    Ty::F32 => host.words.cast::<f32>().add(i).write(v),
-                    Ty::Bf16 => host.words.cast::<u16>().add(i).write(to_bf16(v)),
-                    Ty::U32 => host.words.cast::<u32>().add(i).write(v as u32),
+                    Ty::F32 => host.bytes.cast::<f32>().add(i).write(v),
+                    Ty::Bf16 => host.bytes.cast::<u16>().add(i).write(to_bf16(v)),
+                    Ty::U32 => host.bytes.cast::<u32>().add(i).write(v as u32),
                 }
             }
         }
@@ -90,7 +95,7 @@ impl Host {
         let host = Self::zeros(values.len(), Ty::U32);
         for (i, &v) in values.iter().enumerate() {
             // SAFETY: as in `from_f32`.
-            unsafe { host.words.cast::<u32>().add(i).write(v) };
+            unsafe { host.bytes.cast::<u32>().add(i).write(v) };
         }
         host
     }
@@ -101,9 +106,9 @@ impl Host {
             // SAFETY: `i < len`, inside the allocation; no kernel runs (`Emu` launches are synchronous).
             .map(|i| unsafe {
                 match self.ty {
-                    Ty::F32 => self.words.cast::<f32>().add(i).read(),
-                    Ty::Bf16 => f32::from_bits((self.words.cast::<u16>().add(i).read() as u32) << 16),
-                    Ty::U32 => self.words.cast::<u32>().add(i).read() as f32,
+                    Ty::F32 => self.bytes.cast::<f32>().add(i).read(),
+                    Ty::Bf16 => f32::from_bits((self.bytes.cast::<u16>().add(i).read() as u32) << 16),
+                    Ty::U32 => self.bytes.cast::<u32>().add(i).read() as f32,
                 }
             })
             .collect()
@@ -111,16 +116,16 @@ impl Host {
 
     /// The memory as a kernel buffer.
     pub fn buf(&self) -> Buf<'_> {
-        // SAFETY: the allocation holds `len` elements of `ty`, 8-byte aligned, for the borrow; kernels
+        // SAFETY: the allocation holds `len` elements of `ty`, 64-byte aligned, for the borrow; kernels
         // run by `Emu` finish before `launch` returns, and `Host` hands out no references into it.
-        unsafe { Buf::new(self.words as u64, self.len, self.ty) }
+        unsafe { Buf::new(self.bytes as u64, self.len, self.ty) }
     }
 }
 
 impl Drop for Host {
     fn drop(&mut self) {
-        // SAFETY: `words` came from `Box::into_raw` of a slice of `capacity` words.
-        drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(self.words, self.capacity)) });
+        // SAFETY: `bytes` came from `alloc_zeroed` with `layout`.
+        unsafe { std::alloc::dealloc(self.bytes, self.layout) };
     }
 }
 

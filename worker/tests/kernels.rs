@@ -335,3 +335,23 @@ fn the_gpu_check_binary_passes_on_the_cpu() {
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(!stdout.contains("FAIL") && stdout.contains("training step F32 gradients"), "{stdout}");
 }
+
+#[test]
+fn tensor_core_attention_reads_unaligned_inputs_as_aligned_ones() {
+    // Inputs 2 bytes past a 16-byte boundary take the one-value-at-a-time loads instead of the
+    // 16-byte ones; the results must not differ.
+    let (t, hd) = (40, 64);
+    let (q, kv) = (values(2 * t * hd, 24, 1.0), values(t * hd, 25, 1.0));
+    let shape = Attention { batch: 1, heads: 2, kv_heads: 1, seq: t, head_dim: hd, scale: 0.125, cuda_cores: false };
+    let run = |offset: usize| {
+        let padded = |v: &[f32]| Host::from_f32(&[vec![0.0; offset], v.to_vec()].concat(), Ty::Bf16);
+        let (hq, hkv) = (padded(&q), padded(&kv));
+        let (o, lse) = (Host::zeros(2 * t * hd, Ty::Bf16), Host::zeros(2 * t, Ty::F32));
+        let (q, kv) = (hq.buf().skip(offset).unwrap(), hkv.buf().skip(offset).unwrap());
+        kernels::attention(&Emu, &shape, (q, kv, kv), o.buf(), lse.buf()).unwrap();
+        o.to_f32()
+    };
+    let (aligned, unaligned) = (run(0), run(1));
+    assert!(aligned.iter().all(|v| v.is_finite()));
+    assert_eq!(aligned, unaligned);
+}
