@@ -1,4 +1,5 @@
-//! Fused CPU kernels for a training step, each with its backward: causal grouped-query attention
+//! Fused operations for a training step, each with its backward (the CPU kernels here, the CUDA ones
+//! in pretrain-kernels): causal grouped-query attention
 //! (which never forms the `[batch, heads, seq, seq]` scores), the cross-entropy over the vocabulary
 //! (`[tokens, vocab]`), RMSNorm, the SwiGLU activation, and the split of projections into
 //! attention heads with the RoPE rotation on the way (and the merge back). Composed from candle
