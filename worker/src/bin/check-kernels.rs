@@ -1,7 +1,8 @@
 //! The fused kernels on a device against the composed candle operations on the CPU in fp32: every
 //! op's output and gradients on fresh random inputs at several shapes (odd ones included), NaN
 //! propagation, and a whole training step (loss, every gradient, the weights after one AdamW update)
-//! fused against unfused on the same device. The GPU test binary: run it on the GPU machine.
+//! fused against unfused on the same device, and with activation recomputation against without.
+//! The GPU test binary: run it on the GPU machine.
 //!
 //!     check-kernels [--device cpu|cuda] [--dtype f32|bf16|both] [--time]
 //!
@@ -195,9 +196,11 @@ fn step(checker: &mut Checker, dtype: DType) -> candle_core::Result<()> {
     let inputs = Tensor::from_vec(tokens[..batch * seq].to_vec(), (batch, seq), &dev)?;
     let targets = Tensor::from_vec(tokens[batch..].to_vec(), (batch, seq), &dev)?;
     let mut results = Vec::new();
-    for enabled in [false, true] {
+    // Unfused, fused, and fused with every block recomputed in the backward.
+    for (enabled, recompute) in [(false, false), (true, false), (true, true)] {
         fused::set_enabled(enabled);
-        let model = Llama::new(config.clone(), Params::init(&config, 7, &dev)?, seq, &dev)?;
+        let mut model = Llama::new(config.clone(), Params::init(&config, 7, &dev)?, seq, &dev)?;
+        model.set_recompute(recompute);
         let (loss, _) = model.loss(&inputs, &targets, dtype)?;
         let store = loss.backward()?;
         let mut grads: Vec<Tensor> =
@@ -227,6 +230,15 @@ fn step(checker: &mut Checker, dtype: DType) -> candle_core::Result<()> {
         worst = worst.max(rel_error(a, b)?);
     }
     checker.report(&format!("training step {dtype:?} weights after AdamW"), worst, limit);
+    // Recomputation runs the same kernels again: the same gradients, up to the order of float sums
+    // a GPU may change between runs.
+    let recomputed = &results[2];
+    let mut worst = rel_error(&recomputed.0, &fused_run.0)?;
+    for (a, b) in recomputed.1.iter().zip(&fused_run.1) {
+        let e = rel_error(a, b)?;
+        worst = if e.is_nan() { e } else { worst.max(e) };
+    }
+    checker.report(&format!("training step {dtype:?} recomputed blocks: loss and gradients"), worst, 1e-5);
     Ok(())
 }
 
