@@ -1,7 +1,8 @@
 // The CUDA execution model on the host, for testing the kernels in this folder without a GPU: the
 // same sources compile with g++ against this header. Each block runs on its own set of OS threads,
 // one per CUDA thread, and blocks run one after another, so `__shared__` (a function-local
-// `static` here) is shared by exactly the threads of the running block. `__syncthreads` is a
+// `static` here) is shared by exactly the threads of the running block (launches are serialised
+// process-wide, see emu.cpp). `__syncthreads` is a
 // barrier over the block and the warp shuffles exchange values through a per-warp slot table with
 // barriers on either side. Threads that return early leave the barriers, as exited threads do on a
 // GPU.
