@@ -9,17 +9,12 @@ use pretrain_kernels::emu::{Emu, Host};
 use pretrain_kernels::{self as kernels, Attention, Heads, Ty};
 use pretrain_worker::model::{Rope, Scaling, fused};
 
+#[allow(dead_code)] // these tests use only its random draws
+mod common;
+
 /// Deterministic values in [-scale, scale).
 fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-        })
-        .collect()
+    common::draws(seed, n).into_iter().map(|s| ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale).collect()
 }
 
 /// The values as the kernel sees them in `ty` storage.

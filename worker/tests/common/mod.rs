@@ -27,17 +27,22 @@ spec:
     path
 }
 
-/// `n` words from a xorshift stream seeded by `seed`, each rendered from one draw.
-pub fn words(seed: u64, n: usize, render: impl Fn(u64) -> String) -> Vec<String> {
+/// `n` draws from a xorshift stream seeded by `seed`.
+pub fn draws(seed: u64, n: usize) -> Vec<u64> {
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..n)
         .map(|_| {
             state ^= state << 13;
             state ^= state >> 7;
             state ^= state << 17;
-            render(state)
+            state
         })
         .collect()
+}
+
+/// `n` words from a xorshift stream seeded by `seed`, each rendered from one draw.
+pub fn words(seed: u64, n: usize, render: impl Fn(u64) -> String) -> Vec<String> {
+    draws(seed, n).into_iter().map(render).collect()
 }
 
 /// Runs `scripts/<script>` with `args` in the reference Python (`PRETRAIN_PYTHON`, default
