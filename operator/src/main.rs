@@ -133,6 +133,9 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // kube's TLS and object_store's each enable one of rustls' crypto providers, and with both in
+    // the process rustls cannot choose by itself: the first API call would panic.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let cli = Cli::parse();
     match cli.command {
         Command::Validate { file } => match pretrain_crd::load(&file) {

@@ -20,7 +20,7 @@ fn context(store_url: &str) -> (Arc<Context>, ApiServer) {
     let client = kube::Client::new(service, "default");
     let mut ctx = Context::new(client, Arc::new(Metrics::default()));
     let url = store_url.to_string();
-    ctx.open_store = Box::new(move |_| Store::open(&url));
+    ctx.open_store = Box::new(move |_, _| Store::open(&url));
     ctx.now = Box::new(|| 1000);
     (Arc::new(ctx), handle)
 }

@@ -118,6 +118,17 @@ impl Store {
     /// Like [`Store::open`], with object_store configuration keys applied over the environment
     /// (`aws_endpoint`, `aws_allow_http`, `google_service_account`, `azure_storage_account_name`, ...).
     pub fn open_with(url: &str, options: &[(&str, &str)]) -> Result<Self> {
+        Self::open_inner(url, options, true)
+    }
+
+    /// Like [`Store::open_with`], but with only `options` as configuration: nothing is read from this
+    /// process's environment. The operator opens a run's store this way, with the credentials of the
+    /// run's own Secret, so that a run reaches no bucket its Secret does not grant.
+    pub fn open_isolated(url: &str, options: &[(&str, &str)]) -> Result<Self> {
+        Self::open_inner(url, options, false)
+    }
+
+    fn open_inner(url: &str, options: &[(&str, &str)], from_env: bool) -> Result<Self> {
         let bad = |reason: String| Error::Url { url: url.to_string(), reason };
         let (scheme, rest) = url
             .split_once("://")
@@ -145,21 +156,29 @@ impl Store {
                 let option_error = |k: &str, e: object_store::Error| bad(format!("option {k:?}: {e}"));
                 match scheme {
                     "s3" => {
-                        let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
+                        let mut b = (if from_env { AmazonS3Builder::from_env() } else { AmazonS3Builder::new() })
+                            .with_bucket_name(bucket);
                         for (k, v) in options {
                             b = b.with_config(k.parse().map_err(|e| option_error(k, e))?, *v);
                         }
                         with_multipart(PrefixStore::new(b.build().map_err(|e| bad(e.to_string()))?, prefix))
                     }
                     "gs" => {
-                        let mut b = GoogleCloudStorageBuilder::from_env().with_bucket_name(bucket);
+                        let mut b = (if from_env {
+                            GoogleCloudStorageBuilder::from_env()
+                        } else {
+                            GoogleCloudStorageBuilder::new()
+                        })
+                        .with_bucket_name(bucket);
                         for (k, v) in options {
                             b = b.with_config(k.parse().map_err(|e| option_error(k, e))?, *v);
                         }
                         with_multipart(PrefixStore::new(b.build().map_err(|e| bad(e.to_string()))?, prefix))
                     }
                     _ => {
-                        let mut b = MicrosoftAzureBuilder::from_env().with_container_name(bucket);
+                        let mut b =
+                            (if from_env { MicrosoftAzureBuilder::from_env() } else { MicrosoftAzureBuilder::new() })
+                                .with_container_name(bucket);
                         for (k, v) in options {
                             b = b.with_config(k.parse().map_err(|e| option_error(k, e))?, *v);
                         }
@@ -174,6 +193,20 @@ impl Store {
             Some(faults) => Ok(store.with_faults(faults).0),
             None => Ok(store),
         }
+    }
+
+    /// The store configuration among environment variables (a storage Secret's keys): those of the
+    /// URL's backend (`AWS_*` for `s3://`, `GOOGLE_*` for `gs://`, `AZURE_*` for `az://`) that it
+    /// understands, as configuration keys (lowercased, as its `from_env` reads them).
+    pub fn env_options(url: &str, vars: &[(String, String)]) -> Vec<(String, String)> {
+        let scheme = url.split_once("://").map_or("", |(s, _)| s);
+        let known = |key: &str| match scheme {
+            "s3" => key.starts_with("aws_") && key.parse::<object_store::aws::AmazonS3ConfigKey>().is_ok(),
+            "gs" => key.starts_with("google_") && key.parse::<object_store::gcp::GoogleConfigKey>().is_ok(),
+            "az" => key.starts_with("azure_") && key.parse::<object_store::azure::AzureConfigKey>().is_ok(),
+            _ => false,
+        };
+        vars.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.clone())).filter(|(k, _)| known(k)).collect()
     }
 
     /// Wraps an existing object store (tests, fault injection); uploads go through its streaming

@@ -57,6 +57,11 @@ pub struct Context {
     pub shard_index: u32,
 }
 
+/// Test-only: `1` makes the stages compute on the CPU even when `gpusPerNode` is above 0. The test
+/// kubelet sets it in the pods of its fake GPU nodes, whose pods request `nvidia.com/gpu` from the
+/// real scheduler but have no card (`docs/testing.md`); nothing else should set it.
+pub const ENV_TEST_CPU_FOR_GPUS: &str = "PRETRAIN_TEST_CPU_FOR_GPUS";
+
 impl Context {
     /// The run's name.
     pub fn run_name(&self) -> &str {
@@ -67,7 +72,7 @@ impl Context {
     /// CUDA device of `LOCAL_RANK` (0 by default).
     pub fn device(&self) -> Result<candle_core::Device, String> {
         let gpus = self.run.spec.train.resources.gpus_per_node;
-        if gpus == 0 {
+        if gpus == 0 || std::env::var(ENV_TEST_CPU_FOR_GPUS).is_ok_and(|v| v == "1") {
             return Ok(candle_core::Device::Cpu);
         }
         let local = std::env::var("LOCAL_RANK").ok().and_then(|v| v.parse().ok()).unwrap_or(0);

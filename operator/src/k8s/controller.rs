@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
@@ -39,6 +39,14 @@ pub enum Error {
     /// The run could not be rendered.
     #[error(transparent)]
     Render(#[from] RenderError),
+    /// The run's storage Secret is missing.
+    #[error("spec.storage.secretRef: secret {namespace}/{name} not found")]
+    Secret {
+        /// The run's namespace.
+        namespace: String,
+        /// The Secret's name.
+        name: String,
+    },
 }
 
 impl Error {
@@ -48,12 +56,13 @@ impl Error {
             Error::Kube(_) => "kube",
             Error::Store(_) => "store",
             Error::Render(_) => "render",
+            Error::Secret { .. } => "secret",
         }
     }
 }
 
-/// Opens the store of a run (a seam for tests).
-pub type OpenStore = dyn Fn(&PretrainRun) -> Result<Store, pretrain_store::Error> + Send + Sync;
+/// Opens the store of a run with the store configuration from its Secret (a seam for tests).
+pub type OpenStore = dyn Fn(&PretrainRun, &[(String, String)]) -> Result<Store, pretrain_store::Error> + Send + Sync;
 
 /// What every reconcile shares.
 pub struct Context {
@@ -108,14 +117,18 @@ impl std::fmt::Debug for Context {
 }
 
 impl Context {
-    /// A context for the cluster the client talks to, opening stores from the run's URL with this
-    /// process's credentials (environment, workload identity).
+    /// A context for the cluster the client talks to, opening each run's store with the credentials
+    /// of the run's own Secret and nothing of this process's environment: a run reaches only what
+    /// its Secret grants, never what the operator's identity could.
     pub fn new(client: Client, metrics: Arc<Metrics>) -> Self {
         let reporter = Reporter { controller: FIELD_MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
         Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,
-            open_store: Box::new(|run| Store::open(&run.spec.storage.url)),
+            open_store: Box::new(|run, options| {
+                let options: Vec<(&str, &str)> = options.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                Store::open_isolated(&run.spec.storage.url, &options)
+            }),
             metrics,
             now: Box::new(|| jiff::Timestamp::now().as_second()),
             scheduler: true,
@@ -156,7 +169,7 @@ pub async fn reconcile(run: Arc<PretrainRun>, ctx: Arc<Context>) -> Result<Actio
         return Ok(Action::await_change());
     }
 
-    let store = (ctx.open_store)(&run)?;
+    let store = open_store(&ctx, &rendered).await?;
     let (committed, checkpoint) = observe::store_state(&store, &name, &run.spec).await?;
     let listed = jobs.list(&ListParams::default().labels(&format!("{LABEL_RUN}={name}"))).await?;
     let mut views = Vec::new();
@@ -237,7 +250,7 @@ async fn finalize(run: &PretrainRun, objects: &RunObjects<'_>, ctx: &Context) ->
         stop_job(&jobs, &job.name_any()).await?;
     }
     if run.spec.storage.delete_on_run_delete {
-        let store = (ctx.open_store)(run)?;
+        let store = open_store(ctx, &ctx.defaults.apply(run)).await?;
         let prefix = pretrain_store::key(name)?;
         let removed = store.delete_prefix(&prefix).await?;
         publish(ctx, run, false, "DataDeleted", format!("deleted {removed} objects under {}", store.url())).await;
@@ -248,6 +261,23 @@ async fn finalize(run: &PretrainRun, objects: &RunObjects<'_>, ctx: &Context) ->
     let patch = json!({"metadata": {"finalizers": finalizers}});
     runs.patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
     Ok(Action::await_change())
+}
+
+/// Opens `run`'s store (defaults applied) with the store configuration in its storage Secret.
+async fn open_store(ctx: &Context, run: &PretrainRun) -> Result<Store, Error> {
+    let mut vars = Vec::new();
+    if let Some(secret) = &run.spec.storage.secret_ref {
+        let namespace = run.namespace().unwrap_or_else(|| "default".into());
+        let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+        let Some(found) = secrets.get_opt(&secret.name).await? else {
+            return Err(Error::Secret { namespace, name: secret.name.clone() });
+        };
+        for (key, value) in found.data.unwrap_or_default() {
+            vars.push((key, String::from_utf8_lossy(&value.0).into_owned()));
+        }
+    }
+    let options = Store::env_options(&run.spec.storage.url, &vars);
+    Ok((ctx.open_store)(run, &options)?)
 }
 
 /// Deletes a Job with background propagation, so its pods get SIGTERM and their grace period to

@@ -243,7 +243,7 @@ pub fn context(client: &kube::Client, store_url: &str, now: i64) -> pretrain_ope
         Arc::new(pretrain_operator::k8s::metrics::Metrics::default()),
     );
     let url = store_url.to_string();
-    ctx.open_store = Box::new(move |_| Store::open(&url));
+    ctx.open_store = Box::new(move |_, _| Store::open(&url));
     ctx.now = Box::new(move || now);
     ctx.scheduler = false;
     ctx

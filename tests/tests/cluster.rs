@@ -1,0 +1,274 @@
+//! End to end on a real Kubernetes control plane: etcd, kube-apiserver (RBAC, Node authorization,
+//! admission), kube-controller-manager (Jobs, garbage collection, node lifecycle) and kube-scheduler,
+//! built by `scripts/control-plane.sh build`; the test kubelet runs the pods as processes in the
+//! images' roots. The operator is installed from the Helm chart with the built `helm` and runs as
+//! two replicas with its ServiceAccount's token, so every call it makes passes real RBAC. The store
+//! is an S3 server in this process (s3s-fs), which pods reach through the pod network's gateway.
+//!
+//! One cluster serves every test of this file (each test in a namespace of its own), started on
+//! first use. None depends on timing: each waits for what the API server shows, with a deadline.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::batch::v1::Job;
+use kube::ResourceExt as _;
+use kube::api::{Api, ListParams};
+use pretrain_crd::PretrainRun;
+use pretrain_testcluster::{ControlPlane, Kubelet, KubeletConfig, NodeConfig, Options};
+
+const ACCESS_KEY: &str = "cluster-access";
+const SECRET_KEY: &str = "cluster-secret";
+
+/// What the tests need of the shared cluster (the cluster itself lives on its own thread).
+struct Cluster {
+    kubeconfig: PathBuf,
+    /// The S3 endpoint as pods reach it (through the gateway).
+    s3_pods: String,
+    /// The S3 endpoint as this process reaches it.
+    s3_local: String,
+    /// The S3 server's root directory (`bucket/` inside).
+    s3_root: PathBuf,
+    kubectl: PathBuf,
+}
+
+fn cluster() -> &'static Cluster {
+    static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+    CLUSTER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+            runtime.block_on(async move {
+                match start().await {
+                    Ok((cluster, keep)) => {
+                        tx.send(Ok(cluster)).unwrap();
+                        // Keep the cluster up for the rest of the test process; its processes die
+                        // with this thread (parent-death signal) when the process exits.
+                        let _keep = keep;
+                        std::future::pending::<()>().await;
+                    }
+                    Err(e) => tx.send(Err(format!("{e:#}"))).unwrap(),
+                }
+            });
+        });
+        rx.recv().unwrap().unwrap_or_else(|e| panic!("the test cluster did not start: {e}"))
+    })
+}
+
+type Keep = (tempfile::TempDir, ControlPlane, Kubelet, tokio::task::JoinHandle<()>);
+
+async fn start() -> anyhow::Result<(Cluster, Keep)> {
+    let bins = pretrain_tests::bin("pretrain").parent().unwrap().to_path_buf();
+    let tmp = tempfile::Builder::new().prefix("pretrain-cluster-").tempdir()?;
+    let plane = ControlPlane::start(&tmp.path().join("control-plane"), &Options::default()).await?;
+    let gateway = plane.network.gateway();
+
+    let s3_root = tmp.path().join("s3");
+    std::fs::create_dir_all(s3_root.join("bucket"))?;
+    let mut builder = s3s::service::S3ServiceBuilder::new(
+        s3s_fs::FileSystem::new(&s3_root).map_err(|e| anyhow::anyhow!("s3s-fs: {e:?}"))?,
+    );
+    builder.set_auth(s3s::auth::SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
+    let service = builder.build();
+    let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await?;
+    let port = listener.local_addr()?.port();
+    let server = tokio::spawn(async move {
+        loop {
+            let Ok((socket, _)) = listener.accept().await else { break };
+            let service = service.clone();
+            tokio::spawn(async move {
+                let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+                let _ = builder.serve_connection(hyper_util::rt::TokioIo::new(socket), service).await;
+            });
+        }
+    });
+
+    let images = pretrain_testcluster::install::images(&bins, &tmp.path().join("images"))?;
+    let config = KubeletConfig {
+        nodes: vec![
+            NodeConfig::cpu("cpu-0", "8", "32Gi"),
+            NodeConfig::cpu("cpu-1", "8", "32Gi"),
+            NodeConfig::gpu("gpu-0", 1, "NVIDIA-H100-80GB-HBM3"),
+            NodeConfig::gpu("gpu-1", 1, "NVIDIA-H100-80GB-HBM3"),
+        ],
+        images,
+        dir: tmp.path().join("kubelet"),
+        gpu_node_env: vec![(pretrain_worker::context::ENV_TEST_CPU_FOR_GPUS.into(), "1".into())],
+    };
+    let kubelet = Kubelet::start(&plane, config).await?;
+    let kubectl = pretrain_testcluster::control_plane::binary("kubectl")?;
+    let chart = pretrain_tests::repo().join("charts/pretrain-operator");
+    pretrain_testcluster::install::helm_install(&plane, &chart, &[])?;
+    let cluster = Cluster {
+        kubeconfig: plane.admin_kubeconfig.clone(),
+        s3_pods: format!("http://{gateway}:{port}"),
+        s3_local: format!("http://127.0.0.1:{port}"),
+        s3_root,
+        kubectl,
+    };
+    Ok((cluster, (tmp, plane, kubelet, server)))
+}
+
+impl Cluster {
+    async fn client(&self) -> kube::Client {
+        pretrain_testcluster::control_plane::client(&self.kubeconfig).await.unwrap()
+    }
+
+    fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> std::process::Output {
+        use std::io::Write as _;
+        let mut child = std::process::Command::new(&self.kubectl)
+            .arg(format!("--kubeconfig={}", self.kubeconfig.display()))
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(stdin.unwrap_or("").as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    }
+
+    /// `kubectl ARGS`, which must succeed; its stdout.
+    fn kubectl_ok(&self, args: &[&str], stdin: Option<&str>) -> String {
+        let out = self.kubectl(args, stdin);
+        assert!(
+            out.status.success(),
+            "kubectl {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// A namespace with the store's Secret in it.
+    fn namespace(&self, name: &str) {
+        self.kubectl_ok(&["create", "namespace", name], None);
+        self.kubectl_ok(
+            &[
+                "-n",
+                name,
+                "create",
+                "secret",
+                "generic",
+                "s3",
+                &format!("--from-literal=AWS_ACCESS_KEY_ID={ACCESS_KEY}"),
+                &format!("--from-literal=AWS_SECRET_ACCESS_KEY={SECRET_KEY}"),
+                &format!("--from-literal=AWS_ENDPOINT={}", self.s3_pods),
+                "--from-literal=AWS_ALLOW_HTTP=true",
+                "--from-literal=AWS_REGION=us-east-1",
+            ],
+            None,
+        );
+    }
+}
+
+/// Polls `check` every half second until it gives a value or `limit` passes.
+async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let started = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(started.elapsed() < limit, "gave up after {}s waiting for {what}", limit.as_secs());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// A small run of every stage over generated documents in the S3 store (the shape of
+/// `pretrain_tests::manifest`), in `namespace`.
+fn manifest(cluster: &Cluster, name: &str, namespace: &str, docs_key: &str) -> String {
+    let local = tempfile::tempdir().unwrap();
+    let file = pretrain_tests::manifest(local.path(), name, 5120);
+    let docs = std::fs::read(local.path().join("docs.jsonl")).unwrap();
+    let target = cluster.s3_root.join("bucket").join(docs_key);
+    std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+    std::fs::write(&target, docs).unwrap();
+    let text = std::fs::read_to_string(file).unwrap();
+    let mut value: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    value["metadata"]["namespace"] = namespace.into();
+    value["spec"]["storage"] = serde_yaml::from_str("{url: s3://bucket/runs, secretRef: {name: s3}}").unwrap();
+    value["spec"]["data"]["sources"][0]["url"] = format!("s3://bucket/{docs_key}").into();
+    serde_yaml::to_string(&value).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_api_server_refuses_a_bad_manifest_with_the_field_path_and_explains_the_fields() {
+    let cluster = cluster();
+    cluster.namespace("schema");
+    let good = manifest(cluster, "schema-run", "schema", "schema/docs.jsonl");
+    let bad = good.replace("seqLen: 32", "seqLen: thirty-two");
+    assert_ne!(bad, good);
+    let out = cluster.kubectl(&["apply", "--dry-run=server", "-f", "-"], Some(&bad));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the server accepted a string seqLen");
+    assert!(stderr.contains("spec.train.seqLen"), "no field path in: {stderr}");
+    let explained = cluster.kubectl_ok(&["explain", "pretrainrun.spec.train.seqLen"], None);
+    assert!(explained.contains("seqLen") && explained.contains("integer"), "{explained}");
+    cluster.kubectl_ok(&["apply", "--dry-run=server", "-f", "-"], Some(&good));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_applied_with_kubectl_runs_every_stage_as_jobs_and_ends_with_the_weights_of_pretrain_run() {
+    let cluster = cluster();
+    cluster.namespace("e2e");
+    let text = manifest(cluster, "e2e", "e2e", "e2e/docs.jsonl");
+    cluster.kubectl_ok(&["apply", "-f", "-"], Some(&text));
+
+    let client = cluster.client().await;
+    let runs: Api<PretrainRun> = Api::namespaced(client.clone(), "e2e");
+    let phase = eventually(Duration::from_secs(900), "the run to end", || {
+        let runs = runs.clone();
+        async move {
+            let run = runs.get("e2e").await.ok()?;
+            let phase = run.status.as_ref()?.phase?;
+            matches!(phase, pretrain_crd::status::RunPhase::Succeeded | pretrain_crd::status::RunPhase::Failed)
+                .then_some((phase, run.status))
+        }
+    })
+    .await;
+    assert_eq!(phase.0, pretrain_crd::status::RunPhase::Succeeded, "{:#?}", phase.1);
+
+    // Every stage ran as Jobs the real Job controller completed.
+    let jobs: Api<Job> = Api::namespaced(client, "e2e");
+    let listed = jobs.list(&ListParams::default()).await.unwrap().items;
+    for stage in ["data-prep", "tokenize", "train", "long-context", "eval"] {
+        assert!(
+            listed.iter().any(|j| j.labels().get("pretrain.dev/stage").map(String::as_str) == Some(stage)
+                && j.status.as_ref().and_then(|s| s.succeeded).unwrap_or(0) > 0),
+            "no succeeded Job for {stage}"
+        );
+    }
+    let table = cluster.kubectl_ok(&["-n", "e2e", "get", "ptr"], None);
+    assert!(table.contains("Succeeded") && table.starts_with("NAME"), "{table}");
+    let described = cluster.kubectl_ok(&["-n", "e2e", "describe", "ptr", "e2e"], None);
+    assert!(described.contains("Events:") && described.contains("Succeeded"), "{described}");
+
+    // The same manifest run on this machine trains the same weights.
+    let local = tempfile::tempdir().unwrap();
+    let path = local.path().join("run.yaml");
+    std::fs::write(&path, &text).unwrap();
+    let out = std::process::Command::new(pretrain_tests::bin("pretrain"))
+        .args([
+            "run",
+            &path.display().to_string(),
+            "--store",
+            &format!("file://{}", local.path().join("store").display()),
+        ])
+        .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+        .env("AWS_ENDPOINT", &cluster.s3_local)
+        .env("AWS_ALLOW_HTTP", "true")
+        .env("AWS_REGION", "us-east-1")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "pretrain run: {}", String::from_utf8_lossy(&out.stderr));
+    let ours = pretrain_tests::model_sha(&cluster.s3_root.join("bucket/runs/e2e"));
+    let theirs = pretrain_tests::model_sha(&local.path().join("store/e2e"));
+    assert_eq!(ours, theirs, "the cluster's weights differ from pretrain run's");
+}
