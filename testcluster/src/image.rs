@@ -1,9 +1,13 @@
 //! Root file systems of the project's CPU images: the binaries, the shared libraries they link
-//! (as `ldd` lists them, the dynamic loader included), and an `/etc` with the images' non-root user.
+//! (as `ldd` lists them, the dynamic loader included), the system's CA certificates, and an `/etc`
+//! with the images' non-root user.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
+
+/// The system's CA certificates, as Debian's `ca-certificates` installs them.
+const CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 /// The user the images run as (distroless' `nonroot`, as the chart and the worker pods expect).
 pub const NONROOT: u32 = 65532;
@@ -50,7 +54,10 @@ pub fn build_root(dest: &Path, binaries: &[PathBuf]) -> anyhow::Result<()> {
         }
     }
     let etc = dest.join("etc");
-    std::fs::create_dir_all(&etc)?;
+    std::fs::create_dir_all(etc.join("ssl/certs"))?;
+    // TLS clients (object stores, the API server's CA aside) verify against the system roots.
+    std::fs::copy(CA_BUNDLE, etc.join("ssl/certs/ca-certificates.crt"))
+        .with_context(|| format!("copying {CA_BUNDLE} (Debian's ca-certificates)"))?;
     std::fs::write(
         etc.join("passwd"),
         format!(

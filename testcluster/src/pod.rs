@@ -456,7 +456,6 @@ async fn supervise(
         let mut command = std::process::Command::new(&program);
         command.args(&argv[1..]).env_clear().envs(env.iter().cloned());
         command.stdin(std::process::Stdio::null()).stdout(out.try_clone()?).stderr(out);
-        crate::sys::die_with_parent(&mut command);
         let sandbox = crate::sys::Sandbox {
             netns: std::fs::File::open(network.path())?,
             root: root.to_path_buf(),
@@ -466,6 +465,8 @@ async fn supervise(
             groups: groups.clone(),
         };
         crate::sys::enter(&mut command, sandbox);
+        // After the change of user, which clears the parent-death signal.
+        crate::sys::die_with_parent(&mut command);
         let mut child = tokio::process::Command::from(command).spawn().context("starting the container")?;
         let started_at = now();
         let running = ContainerState {

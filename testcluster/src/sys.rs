@@ -11,6 +11,7 @@ use nix::unistd::{Gid, Uid};
 
 /// The child gets SIGKILL when the thread that started it exits, so that nothing outlives a test
 /// that died (a test's processes are started from its own thread or the runtime's, which end with it).
+/// A change of user clears the signal: register this after [`enter`].
 pub fn die_with_parent(command: &mut Command) {
     // SAFETY: prctl(2) is async-signal-safe and touches no memory of the parent.
     unsafe {
