@@ -96,6 +96,7 @@ fn values_outside_the_schema_are_refused() {
 const USED: &[(&str, &str, &[&str])] = &[
     ("pretrain.dev", "pretrainruns", &["list", "watch", "patch"]), // controller watch; finalizer patch
     ("pretrain.dev", "pretrainruns/status", &["patch"]),           // reconciler SSA, scheduler merge
+    ("pretrain.dev", "pretrainruns/finalizers", &["update"]),      // blockOwnerDeletion on what it owns
     ("pretrain.dev", "pretrainqueues", &["list"]),                 // scheduler pass
     ("pretrain.dev", "pretrainqueues/status", &["patch"]),         // scheduler pass
     ("batch", "jobs", &["list", "watch", "create", "patch", "delete"]), // SSA creates; stop deletes
@@ -103,6 +104,7 @@ const USED: &[(&str, &str, &[&str])] = &[
     ("", "configmaps", &["create", "patch"]),                      // SSA of the manifest
     ("", "pods", &["list"]),                                       // failure reasons; scheduler capacity
     ("", "nodes", &["list"]),                                      // scheduler capacity
+    ("", "secrets", &["get"]),                                     // a run's store credentials
     ("events.k8s.io", "events", &["create", "patch"]),             // Recorder
 ];
 

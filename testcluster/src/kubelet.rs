@@ -114,14 +114,17 @@ struct RunningPod {
     stop: watch::Sender<Option<i64>>,
 }
 
+/// A namespace's pod names, each with the pod's address and root.
+type Names = BTreeMap<String, (Ipv4Addr, PathBuf)>;
+
 struct Shared {
     network: Arc<Network>,
     api_port: u16,
     config: Config,
     nodes: Mutex<BTreeMap<String, NodeState>>,
     pods: Mutex<BTreeMap<String, RunningPod>>,
-    /// Per namespace, the DNS names of its running pods and their addresses.
-    names: Mutex<BTreeMap<String, BTreeMap<String, (Ipv4Addr, PathBuf)>>>,
+    /// Per namespace, the DNS names of its running pods.
+    names: Mutex<BTreeMap<String, Names>>,
 }
 
 impl Kubelet {
@@ -445,7 +448,7 @@ impl NamesHandle {
     }
 }
 
-fn write_hosts(entries: &BTreeMap<String, (Ipv4Addr, PathBuf)>) {
+fn write_hosts(entries: &Names) {
     let mut by_root: BTreeMap<&PathBuf, ()> = BTreeMap::new();
     for (_, root) in entries.values() {
         by_root.insert(root, ());
