@@ -40,7 +40,8 @@ build() {
     mkdir -p "$BIN"
     rm -f "$BIN/.stamp"
     # Static, stripped binaries; the Go build cache keeps compiled packages between builds.
-    export CGO_ENABLED=0 GOFLAGS=-mod=mod
+    # -mod=readonly: the go.sum files pin every module; -buildvcs=false: no VCS stamp from our repository.
+    export CGO_ENABLED=0 GOFLAGS="-mod=readonly -buildvcs=false"
     local flags=(-trimpath)
     local started=$SECONDS
     # The version stamps Kubernetes' own build sets (hack/lib/version.sh), so that the servers and

@@ -64,6 +64,7 @@ fn reply(send: SendResponse<Response<Body>>, body: &Value) {
 
 const APPLY: &str = "force=true&fieldManager=pretrain-operator";
 const LIST_JOBS: &str = "/apis/batch/v1/namespaces/ml/jobs?&labelSelector=pretrain.dev%2Frun%3Dtiny";
+const LIST_PODS: &str = "/api/v1/namespaces/ml/pods?&labelSelector=pretrain.dev%2Frun%3Dtiny";
 const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/ml/events?";
 const RUN: &str = "/apis/pretrain.dev/v1alpha1/namespaces/ml/pretrainruns/tiny?";
 
@@ -85,7 +86,14 @@ async fn a_fresh_run_gets_its_finalizer_manifest_first_job_status_and_event() {
     let object = serde_json::to_value(&*run).unwrap();
     let answered = tokio::spawn(async move {
         let (body, send) = expect(&mut server, Method::PATCH, RUN).await;
-        assert_eq!(body, json!({"metadata": {"finalizers": [FINALIZER]}}));
+        // A JSON patch whose test makes the server refuse it if the finalizers changed meanwhile.
+        assert_eq!(
+            body,
+            json!([
+                {"op": "test", "path": "/metadata/finalizers", "value": null},
+                {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]},
+            ])
+        );
         reply(send, &object);
 
         let (_, send) = expect(&mut server, Method::GET, LIST_JOBS).await;
@@ -109,7 +117,7 @@ async fn a_fresh_run_gets_its_finalizer_manifest_first_job_status_and_event() {
         assert_eq!(job["spec"]["completionMode"], "Indexed");
         assert_eq!(job["spec"]["completions"], 3);
         assert_eq!(job["spec"]["parallelism"], 3);
-        assert_eq!(job["spec"]["backoffLimit"], 0);
+        assert_eq!(job["spec"]["backoffLimitPerIndex"], 3, "a failed map task is retried alone");
         assert_eq!(job["metadata"]["labels"]["pretrain.dev/attempt"], "1");
         assert_eq!(job["metadata"]["ownerReferences"][0]["kind"], "PretrainRun");
         assert_eq!(job["metadata"]["ownerReferences"][0]["controller"], true);
@@ -254,12 +262,23 @@ async fn deleting_a_run_stops_its_jobs_deletes_its_data_when_asked_and_drops_the
         assert_eq!(body["propagationPolicy"], "Background");
         reply(send, &json!({"apiVersion": "v1", "kind": "Status", "status": "Success", "metadata": {}}));
 
+        // The data goes only once no pod of the run runs (a stopped pod checkpoints first).
+        let (_, send) = expect(&mut server, Method::GET, LIST_PODS).await;
+        let pod = json!({"metadata": {"name": "tiny-tokenize-reduce-1-x"}, "status": {"phase": "Succeeded"}});
+        reply(send, &json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": [pod]}));
+
         let (event, send) = expect(&mut server, Method::POST, EVENTS).await;
         assert_eq!(event["reason"], "DataDeleted");
         reply(send, &event);
 
         let (body, send) = expect(&mut server, Method::PATCH, RUN).await;
-        assert_eq!(body, json!({"metadata": {"finalizers": ["other.io/keep"]}}));
+        assert_eq!(
+            body,
+            json!([
+                {"op": "test", "path": "/metadata/finalizers/1", "value": FINALIZER},
+                {"op": "remove", "path": "/metadata/finalizers/1"},
+            ])
+        );
         reply(send, &object);
     });
     reconcile(run, ctx).await.unwrap();
@@ -268,5 +287,33 @@ async fn deleting_a_run_stops_its_jobs_deletes_its_data_when_asked_and_drops_the
     assert!(
         s.get_opt(&pretrain_store::key("other/train/ckpt/latest").unwrap()).await.unwrap().is_some(),
         "other runs' data is kept"
+    );
+}
+
+#[tokio::test]
+async fn a_deleted_run_keeps_its_data_while_a_pod_still_runs_its_sigterm_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = format!("file://{}", tmp.path().display());
+    let s = Store::open(&store).unwrap();
+    s.put(&pretrain_store::key("tiny/train/ckpt/latest").unwrap(), "step-000000010".into()).await.unwrap();
+    let (ctx, mut server) = context(&store);
+    let mut spec = spec(&store);
+    spec["storage"]["deleteOnRunDelete"] = json!(true);
+    let meta = json!({"finalizers": [FINALIZER], "deletionTimestamp": "2026-11-28T00:00:00Z"});
+    let run = Arc::new(run(&spec, meta, None));
+    let answered = tokio::spawn(async move {
+        let (_, send) = expect(&mut server, Method::GET, LIST_JOBS).await;
+        reply(send, &empty_list("JobList"));
+        let (_, send) = expect(&mut server, Method::GET, LIST_PODS).await;
+        let pod = json!({"metadata": {"name": "tiny-train-1-0-x", "deletionTimestamp": "2026-11-28T00:00:00Z"},
+                         "status": {"phase": "Running"}});
+        reply(send, &json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": [pod]}));
+    });
+    let action = reconcile(run, ctx).await.unwrap();
+    answered.await.unwrap();
+    assert_eq!(action, kube::runtime::controller::Action::requeue(std::time::Duration::from_secs(2)));
+    assert!(
+        s.get_opt(&pretrain_store::key("tiny/train/ckpt/latest").unwrap()).await.unwrap().is_some(),
+        "the data of a run whose pods still run is kept"
     );
 }

@@ -83,6 +83,16 @@ fn a_gpu_gang_is_an_indexed_job_with_rendezvous_gpus_and_a_checkpoint_grace_peri
     assert_eq!((spec["completions"].as_i64(), spec["parallelism"].as_i64()), (Some(4), Some(4)));
     assert_eq!(spec["completionMode"], "Indexed");
     assert_eq!(spec["backoffLimit"], 0);
+    assert!(spec.get("backoffLimitPerIndex").is_none() && spec.get("podFailurePolicy").is_none());
+    // A map task is retried alone: one failed shard does not kill the others; invalid input fails
+    // the Job at once; a disrupted pod does not count.
+    let map = serde_json::to_value(objects.job(Stage::DataPrep, Role::Map, 1)).unwrap();
+    assert!(map["spec"].get("backoffLimit").is_none(), "{}", map["spec"]);
+    assert_eq!(map["spec"]["backoffLimitPerIndex"], 3);
+    assert_eq!(map["spec"]["podFailurePolicy"]["rules"][0]["action"], "FailJob");
+    assert_eq!(map["spec"]["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"], serde_json::json!([2, 3]));
+    assert_eq!(map["spec"]["podFailurePolicy"]["rules"][1]["action"], "Ignore");
+    assert_eq!(map["spec"]["podFailurePolicy"]["rules"][1]["onPodConditions"][0]["type"], "DisruptionTarget");
     let pod = &spec["template"]["spec"];
     assert_eq!(pod["subdomain"], "gang-train");
     assert_eq!(pod["restartPolicy"], "Never");

@@ -13,6 +13,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use kube::ResourceExt as _;
 use kube::api::{Api, ListParams};
 use pretrain_crd::PretrainRun;
@@ -217,8 +218,13 @@ where
 /// A small run of every stage over generated documents in the S3 store (the shape of
 /// `pretrain_tests::manifest`), in `namespace`.
 fn manifest(cluster: &Cluster, name: &str, namespace: &str, docs_key: &str) -> String {
+    manifest_with(cluster, name, namespace, docs_key, 5120)
+}
+
+/// [`manifest`] training on `tokens` tokens.
+fn manifest_with(cluster: &Cluster, name: &str, namespace: &str, docs_key: &str, tokens: u64) -> String {
     let local = tempfile::tempdir().unwrap();
-    let file = pretrain_tests::manifest(local.path(), name, 5120);
+    let file = pretrain_tests::manifest(local.path(), name, tokens);
     let docs = std::fs::read(local.path().join("docs.jsonl")).unwrap();
     let target = cluster.s3_root.join("bucket").join(docs_key);
     std::fs::create_dir_all(target.parent().unwrap()).unwrap();
@@ -307,4 +313,71 @@ async fn a_run_applied_with_kubectl_runs_every_stage_as_jobs_and_ends_with_the_w
     let ours = pretrain_tests::model_sha(&cluster.s3_root.join("bucket/runs/e2e"));
     let theirs = pretrain_tests::model_sha(&local.path().join("store/e2e"));
     assert_eq!(ours, theirs, "the cluster's weights differ from pretrain run's");
+}
+
+/// Objects under `<bucket>/runs/<run>/` in the S3 server's directory.
+fn stored_files(cluster: &Cluster, run: &str) -> Vec<PathBuf> {
+    fn walk(dir: &std::path::Path, out: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() { walk(&path, out) } else { out.push(path) }
+        }
+    }
+    let mut out = Vec::new();
+    walk(&cluster.s3_root.join("bucket/runs").join(run), &mut out);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deleted_run_loses_its_objects_through_owner_references_and_its_data_only_after_its_pods() {
+    let Some(cluster) = cluster() else { return };
+    cluster.namespace("delete");
+    let mut value: serde_yaml::Value =
+        serde_yaml::from_str(&manifest_with(cluster, "gone", "delete", "delete/docs.jsonl", 2_000_000)).unwrap();
+    value["spec"]["storage"]["deleteOnRunDelete"] = true.into();
+    cluster.kubectl_ok(&["apply", "-f", "-"], Some(&serde_yaml::to_string(&value).unwrap()));
+
+    // Delete it while training runs and has checkpointed once: its pod checkpoints again on SIGTERM.
+    let client = cluster.client().await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "delete");
+    eventually(Duration::from_secs(600), "a training pod that has checkpointed", || {
+        let pods = pods.clone();
+        async move {
+            let listed = pods.list(&ListParams::default().labels("pretrain.dev/stage=train")).await.ok()?;
+            let running =
+                listed.items.iter().any(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"));
+            let checkpointed =
+                stored_files(cluster, "gone").iter().any(|p| p.to_string_lossy().contains("/train/ckpt/"));
+            (running && checkpointed).then_some(())
+        }
+    })
+    .await;
+    cluster.kubectl_ok(&["-n", "delete", "delete", "ptr", "gone", "--wait=true", "--timeout=300s"], None);
+
+    // The run is gone only after its pods (the finalizer waits for them), and its data after them.
+    let live = pods.list(&ListParams::default().labels("pretrain.dev/run=gone")).await.unwrap().items;
+    assert!(
+        live.iter().all(|p| matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"))),
+        "pods still running after the run was deleted: {:?}",
+        live.iter().map(|p| p.name_any()).collect::<Vec<_>>()
+    );
+    assert_eq!(stored_files(cluster, "gone"), Vec::<PathBuf>::new(), "the run's data outlived it");
+
+    // The garbage collector removes what the run owned.
+    let jobs: Api<Job> = Api::namespaced(client.clone(), "delete");
+    let services: Api<Service> = Api::namespaced(client.clone(), "delete");
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), "delete");
+    let selector = ListParams::default().labels("pretrain.dev/run=gone");
+    eventually(Duration::from_secs(120), "the run's Jobs, Services, ConfigMaps and pods to be collected", || {
+        let (jobs, services, maps, pods, selector) =
+            (jobs.clone(), services.clone(), maps.clone(), pods.clone(), selector.clone());
+        async move {
+            let left = jobs.list(&selector).await.ok()?.items.len()
+                + services.list(&selector).await.ok()?.items.len()
+                + maps.list(&selector).await.ok()?.items.len()
+                + pods.list(&selector).await.ok()?.items.len();
+            (left == 0).then_some(())
+        }
+    })
+    .await;
 }

@@ -150,10 +150,7 @@ pub async fn reconcile(run: Arc<PretrainRun>, ctx: Arc<Context>) -> Result<Actio
         return finalize(&run, &objects, &ctx).await;
     }
     if !run.finalizers().iter().any(|f| f == FINALIZER) {
-        let mut finalizers = run.finalizers().to_vec();
-        finalizers.push(FINALIZER.into());
-        let patch = json!({"metadata": {"finalizers": finalizers}});
-        runs.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+        runs.patch(&name, &PatchParams::default(), &Patch::Json::<()>(add_finalizer(run.finalizers()))).await?;
     }
 
     let status = run.status.clone().unwrap_or_default();
@@ -250,17 +247,57 @@ async fn finalize(run: &PretrainRun, objects: &RunObjects<'_>, ctx: &Context) ->
         stop_job(&jobs, &job.name_any()).await?;
     }
     if run.spec.storage.delete_on_run_delete {
+        // Stopped pods checkpoint during their grace period: the data goes only after every pod.
+        let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), objects.namespace());
+        let listed = pods.list(&ListParams::default().labels(&format!("{LABEL_RUN}={name}"))).await?;
+        let live = listed.items.iter().filter(|p| !pod_finished(p)).count();
+        if live > 0 {
+            log("info", &format!("waiting for {live} pods to stop before deleting the run's data"), Some(run));
+            return Ok(Action::requeue(Duration::from_secs(2)));
+        }
         let store = open_store(ctx, &ctx.defaults.apply(run)).await?;
         let prefix = pretrain_store::key(name)?;
         let removed = store.delete_prefix(&prefix).await?;
         publish(ctx, run, false, "DataDeleted", format!("deleted {removed} objects under {}", store.url())).await;
     }
     ctx.metrics.observe_phase(&format!("{}/{name}", objects.namespace()), None);
-    let finalizers: Vec<String> = run.finalizers().iter().filter(|f| *f != FINALIZER).cloned().collect();
     let runs: Api<PretrainRun> = Api::namespaced(ctx.client.clone(), objects.namespace());
-    let patch = json!({"metadata": {"finalizers": finalizers}});
-    runs.patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    if let Some(patch) = remove_finalizer(run.finalizers()) {
+        runs.patch(name, &PatchParams::default(), &Patch::Json::<()>(patch)).await?;
+    }
     Ok(Action::await_change())
+}
+
+/// Whether a pod has stopped for good: it ended, or it was never bound and is being deleted.
+fn pod_finished(pod: &Pod) -> bool {
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    matches!(phase, Some("Succeeded" | "Failed"))
+}
+
+/// A JSON patch adding our finalizer to `current`, refused by the API server (its `test`) if the
+/// list changed since it was read: another controller's finalizer is never clobbered from a stale
+/// cache (the way kube-runtime's finalizer helper writes it).
+pub fn add_finalizer(current: &[String]) -> json_patch::Patch {
+    let ops = if current.is_empty() {
+        json!([
+            {"op": "test", "path": "/metadata/finalizers", "value": null},
+            {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]},
+        ])
+    } else {
+        json!([
+            {"op": "test", "path": "/metadata/finalizers", "value": current},
+            {"op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER},
+        ])
+    };
+    serde_json::from_value(ops).expect("a JSON patch")
+}
+
+/// A JSON patch removing our finalizer at its index in `current`, guarded by a `test` of that index.
+pub fn remove_finalizer(current: &[String]) -> Option<json_patch::Patch> {
+    let index = current.iter().position(|f| f == FINALIZER)?;
+    let path = format!("/metadata/finalizers/{index}");
+    let ops = json!([{"op": "test", "path": path, "value": FINALIZER}, {"op": "remove", "path": path}]);
+    Some(serde_json::from_value(ops).expect("a JSON patch"))
 }
 
 /// Opens `run`'s store (defaults applied) with the store configuration in its storage Secret.

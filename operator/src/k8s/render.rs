@@ -13,7 +13,10 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::batch::v1::{Job, JobSpec};
+use k8s_openapi::api::batch::v1::{
+    Job, JobSpec, PodFailurePolicy, PodFailurePolicyOnExitCodesRequirement, PodFailurePolicyOnPodConditionsPattern,
+    PodFailurePolicyRule,
+};
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvFromSource, EnvVar,
     EnvVarSource, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, ObjectFieldSelector,
@@ -23,7 +26,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use pretrain_crd::contract::{
-    ENV_JOB_COMPLETION_INDEX, ENV_MASTER_ADDR, ENV_MASTER_PORT, ENV_RANK, ENV_RUN, ENV_STORE, ENV_WORLD_SIZE,
+    ENV_JOB_COMPLETION_INDEX, ENV_MASTER_ADDR, ENV_MASTER_PORT, ENV_RANK, ENV_RUN, ENV_STORE, ENV_WORLD_SIZE, exit,
 };
 use pretrain_crd::{PretrainRun, Stage};
 use sha2::{Digest, Sha256};
@@ -382,8 +385,12 @@ impl<'a> RunObjects<'a> {
                 completions: Some(pods as i32),
                 parallelism: Some(pods as i32),
                 completion_mode: Some(if indexed { "Indexed" } else { "NonIndexed" }.into()),
-                // Restarts are the operator's decision, from the last checkpoint, for the whole gang.
-                backoff_limit: Some(0),
+                // A map task is retried alone, up to MAP_TASK_RETRIES times; every other Job fails
+                // at its first failed pod: restarts are the operator's decision, from the last
+                // checkpoint, for the whole gang.
+                backoff_limit: (role != Role::Map).then_some(0),
+                backoff_limit_per_index: (role == Role::Map).then_some(MAP_TASK_RETRIES),
+                pod_failure_policy: (role == Role::Map).then(map_failure_policy),
                 suspend,
                 template: PodTemplateSpec {
                     metadata: Some(ObjectMeta { labels: Some(labels), ..ObjectMeta::default() }),
@@ -442,6 +449,37 @@ pub fn to_yaml_stream(objects: &[Object]) -> Result<String, serde_yaml::Error> {
         out.push_str(&object.to_yaml()?);
     }
     Ok(out)
+}
+
+/// How often the Job controller retries one failed map task (data-prep and tokenize shards) before
+/// the Job fails; the other shards go on meanwhile.
+pub const MAP_TASK_RETRIES: i32 = 3;
+
+/// A map Job's pod failure policy: invalid input or a worker without the stage (exit codes 2 and 3)
+/// fails the whole Job at once, since no retry can help; a pod the cluster disrupted (evicted,
+/// preempted, its node lost) is retried without counting against its task's retries.
+fn map_failure_policy() -> PodFailurePolicy {
+    PodFailurePolicy {
+        rules: vec![
+            PodFailurePolicyRule {
+                action: "FailJob".into(),
+                on_exit_codes: Some(PodFailurePolicyOnExitCodesRequirement {
+                    container_name: Some("worker".into()),
+                    operator: "In".into(),
+                    values: vec![exit::INVALID, exit::UNAVAILABLE],
+                }),
+                ..PodFailurePolicyRule::default()
+            },
+            PodFailurePolicyRule {
+                action: "Ignore".into(),
+                on_pod_conditions: Some(vec![PodFailurePolicyOnPodConditionsPattern {
+                    type_: "DisruptionTarget".into(),
+                    status: "True".into(),
+                }]),
+                ..PodFailurePolicyRule::default()
+            },
+        ],
+    }
 }
 
 /// Keeps the pods of an admitted gang on the nodes the cluster scheduler chose for it (a required

@@ -76,6 +76,14 @@ impl Cluster {
             let (name, sub) = rest.split_once('/').map_or((rest, None), |(n, s)| (n, Some(s)));
             let run = self.runs.get_mut(name)?;
             match (method.clone(), sub) {
+                (Method::PATCH, None) if body.is_array() => {
+                    // The API server's JSON patch reads a missing field as null (a `test` for null passes).
+                    if run["metadata"].get("finalizers").is_none() {
+                        run["metadata"]["finalizers"] = Value::Null;
+                    }
+                    let patch: json_patch::Patch = serde_json::from_value(body.clone()).ok()?;
+                    json_patch::patch(run, &patch).ok()?;
+                }
                 (Method::PATCH, None) => run["metadata"]["finalizers"] = body["metadata"]["finalizers"].clone(),
                 (Method::PATCH, Some("status")) => run["status"] = body["status"].clone(),
                 _ => return None,
