@@ -325,6 +325,18 @@ async fn operator(
     let metrics = std::sync::Arc::new(Metrics::default());
     let listener = tokio::net::TcpListener::bind(listen).await?;
     tokio::spawn(metrics::serve(listener, std::sync::Arc::clone(&metrics)));
+    // Health: an API call every 10 s, whatever this replica leads (see metrics' module docs).
+    tokio::spawn({
+        let (client, metrics) = (client.clone(), std::sync::Arc::clone(&metrics));
+        async move {
+            loop {
+                if client.apiserver_version().await.is_ok() {
+                    metrics.api_ok();
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+            }
+        }
+    });
     let mut ctx = Context::new(client.clone(), metrics);
     ctx.scheduler = scheduler.is_some();
     ctx.defaults = defaults;

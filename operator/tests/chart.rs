@@ -16,6 +16,7 @@ fn the_default_install_is_valid_kubernetes_and_runs_the_operator_safely() {
         kinds(&objects),
         [
             "Deployment pretrain",
+            "PodDisruptionBudget pretrain",
             "ClusterRole pretrain",
             "ClusterRoleBinding pretrain",
             "Role pretrain-leader",
@@ -26,6 +27,10 @@ fn the_default_install_is_valid_kubernetes_and_runs_the_operator_safely() {
     );
     let deployment = &objects[0];
     assert_eq!(deployment["spec"]["replicas"], 2);
+    // A drain takes one replica at a time; the budget selects exactly the Deployment's pods.
+    let budget = &objects[1];
+    assert_eq!(budget["spec"]["maxUnavailable"], 1);
+    assert_eq!(budget["spec"]["selector"], deployment["spec"]["selector"]);
     let container = &deployment["spec"]["template"]["spec"]["containers"][0];
     assert_eq!(container["image"], "ghcr.io/pretrain-dev/pretrain:0.1.0");
     assert_eq!(

@@ -1,9 +1,16 @@
 //! Leader election on a `coordination.k8s.io` Lease, so that of several operator replicas exactly one
-//! reconciles. The holder renews the Lease every third of its duration; another replica takes it
-//! over only after it expired. Every write carries the Lease's `resourceVersion`, so two replicas
-//! racing for it cannot both win.
+//! reconciles, the way client-go's leader election does it:
+//!
+//! - a replica judges the holder's Lease expired by its own clock: it notes when it last saw the
+//!   Lease's record (holder and renew time) change and takes the Lease over only after a full lease
+//!   duration without change, never by comparing the holder's `renewTime` with its own clock (two
+//!   machines' clocks may disagree by more than a lease);
+//! - the holder renews every [`Elector::retry_period`] and stops leading when it could not renew for
+//!   the renew deadline (two thirds of the lease), before any other replica may take the Lease over;
+//! - every write carries the Lease's `resourceVersion`, so two replicas racing for it cannot both win.
 
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
@@ -11,23 +18,43 @@ use kube::Api;
 use kube::api::PostParams;
 
 /// One replica's claim on the Lease.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Elector {
     api: Api<Lease>,
     name: String,
     identity: String,
     duration: i32,
+    /// The holder's record as last seen, and when this replica saw it change.
+    observed: Mutex<Option<(Record, Instant)>>,
+}
+
+/// What tells one renewal of a Lease from the next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Record {
+    holder: Option<String>,
+    renewed: Option<jiff::Timestamp>,
 }
 
 impl Elector {
     /// Competes for Lease `name` through `api` as `identity`, holding it for `duration` seconds
     /// between renewals.
     pub fn new(api: Api<Lease>, name: &str, identity: &str, duration: i32) -> Self {
-        Self { api, name: name.into(), identity: identity.into(), duration }
+        Self { api, name: name.into(), identity: identity.into(), duration, observed: Mutex::new(None) }
     }
 
-    /// Acquires or renews the Lease once at time `now`; `true` when this replica holds it after.
-    pub async fn try_acquire(&self, now: jiff::Timestamp) -> Result<bool, kube::Error> {
+    /// How often the holder renews and the others check.
+    pub fn retry_period(&self) -> Duration {
+        Duration::from_secs((self.duration as u64 / 5).max(1))
+    }
+
+    /// How long the holder keeps leading without a successful renewal.
+    pub fn renew_deadline(&self) -> Duration {
+        Duration::from_secs(self.duration as u64 * 2 / 3)
+    }
+
+    /// Acquires or renews the Lease once; `now` is written into it, `local` is this replica's
+    /// monotonic clock, by which it judges expiry. `true` when this replica holds it after.
+    pub async fn try_acquire(&self, now: jiff::Timestamp, local: Instant) -> Result<bool, kube::Error> {
         let Some(mut lease) = self.api.get_opt(&self.name).await? else {
             let lease = Lease {
                 metadata: ObjectMeta { name: Some(self.name.clone()), ..ObjectMeta::default() },
@@ -40,10 +67,21 @@ impl Elector {
             };
         };
         let spec = lease.spec.clone().unwrap_or_default();
-        let mine = spec.holder_identity.as_deref() == Some(self.identity.as_str());
-        let expires = spec.renew_time.as_ref().map(|t| t.0.as_second()).unwrap_or(0)
-            + i64::from(spec.lease_duration_seconds.unwrap_or(self.duration));
-        if !mine && spec.holder_identity.is_some() && expires > now.as_second() {
+        let record = Record { holder: spec.holder_identity.clone(), renewed: spec.renew_time.as_ref().map(|t| t.0) };
+        let seen = {
+            let mut observed = self.observed.lock().expect("elector lock");
+            match observed.as_ref() {
+                Some((r, at)) if *r == record => *at,
+                _ => {
+                    *observed = Some((record.clone(), local));
+                    local
+                }
+            }
+        };
+        let mine = record.holder.as_deref() == Some(self.identity.as_str());
+        let duration = Duration::from_secs(spec.lease_duration_seconds.unwrap_or(self.duration).max(1) as u64);
+        let expired = local.saturating_duration_since(seen) >= duration;
+        if !mine && record.holder.is_some() && !expired {
             return Ok(false);
         }
         lease.spec = Some(self.claim(Some(&spec), now));
@@ -68,12 +106,13 @@ impl Elector {
     }
 
     /// Waits until this replica holds the Lease, then keeps renewing it in the background; the
-    /// returned future resolves if leadership is lost (the caller should exit so that it restarts
-    /// as a follower).
+    /// returned future resolves when leadership is lost: another replica holds the Lease, or no
+    /// renewal succeeded within the renew deadline (the caller should exit so that it restarts as
+    /// a follower, before another replica may take over).
     pub async fn lead(self) -> impl std::future::Future<Output = ()> {
-        let period = Duration::from_secs((self.duration as u64 / 3).max(1));
+        let period = self.retry_period();
         loop {
-            match self.try_acquire(jiff::Timestamp::now()).await {
+            match self.try_acquire(jiff::Timestamp::now(), Instant::now()).await {
                 Ok(true) => break,
                 Ok(false) => {}
                 Err(e) => super::controller::log("warn", &format!("leader election: {e}"), None),
@@ -82,18 +121,21 @@ impl Elector {
         }
         super::controller::log("info", &format!("leading as {}", self.identity), None);
         async move {
-            let mut last_renewed = jiff::Timestamp::now();
+            let mut renewed = Instant::now();
             loop {
                 tokio::time::sleep(period).await;
-                match self.try_acquire(jiff::Timestamp::now()).await {
-                    Ok(true) => last_renewed = jiff::Timestamp::now(),
-                    Ok(false) => return,
-                    Err(e) => {
-                        super::controller::log("warn", &format!("renewing the lease: {e}"), None);
-                        if jiff::Timestamp::now().as_second() - last_renewed.as_second() >= i64::from(self.duration) {
-                            return;
-                        }
-                    }
+                let attempt = self.try_acquire(jiff::Timestamp::now(), Instant::now());
+                // A renewal that hangs past the deadline is a failed one.
+                let left = self.renew_deadline().saturating_sub(renewed.elapsed());
+                match tokio::time::timeout(left, attempt).await {
+                    Ok(Ok(true)) => renewed = Instant::now(),
+                    Ok(Ok(false)) => return,
+                    Ok(Err(e)) => super::controller::log("warn", &format!("renewing the lease: {e}"), None),
+                    Err(_) => {}
+                }
+                if renewed.elapsed() >= self.renew_deadline() {
+                    super::controller::log("warn", "could not renew the lease within the renew deadline", None);
+                    return;
                 }
             }
         }

@@ -1,7 +1,14 @@
-//! The operator's Prometheus metrics and its `/metrics` + `/healthz` endpoint.
+//! The operator's Prometheus metrics and its `/metrics`, `/healthz` and `/readyz` endpoint.
+//!
+//! Readiness and liveness say whether this replica can reach the API server: `/readyz` fails once
+//! no API call has succeeded for [`READY_WITHIN`] (a replica cut off from the API server is taken out
+//! of its Service), `/healthz` after [`LIVE_WITHIN`] (the kubelet restarts it, with fresh
+//! connections). A leader that loses its lease exits on its own; a follower's calls are its lease
+//! checks, so a healthy follower is ready too.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use pretrain_crd::status::RunPhase;
 use prometheus_client::encoding::text::encode;
@@ -20,7 +27,13 @@ pub struct Metrics {
     restarts: Counter,
     runs: Family<Vec<(String, String)>, Gauge>,
     phases: Mutex<HashMap<String, RunPhase>>,
+    api_ok: Mutex<Option<Instant>>,
 }
+
+/// `/readyz` fails when the last successful API call is older than this.
+pub const READY_WITHIN: Duration = Duration::from_secs(30);
+/// `/healthz` fails when the last successful API call is older than this.
+pub const LIVE_WITHIN: Duration = Duration::from_secs(120);
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -33,11 +46,25 @@ impl Default for Metrics {
         registry.register("reconcile_errors", "Reconciles that failed, by kind of error", errors.clone());
         registry.register("stage_restarts", "Stage attempts started after an earlier attempt ended", restarts.clone());
         registry.register("runs", "PretrainRuns by phase", runs.clone());
-        Self { registry, reconciles, errors, restarts, runs, phases: Mutex::default() }
+        Self { registry, reconciles, errors, restarts, runs, phases: Mutex::default(), api_ok: Mutex::default() }
     }
 }
 
 impl Metrics {
+    /// A call to the API server succeeded just now.
+    pub fn api_ok(&self) {
+        *self.api_ok.lock().expect("metrics lock") = Some(Instant::now());
+    }
+
+    /// `None` when an API call succeeded within `window`, else why not.
+    pub fn api_unreachable(&self, window: Duration) -> Option<String> {
+        match *self.api_ok.lock().expect("metrics lock") {
+            Some(at) if at.elapsed() <= window => None,
+            Some(at) => Some(format!("no successful API call for {} s\n", at.elapsed().as_secs())),
+            None => Some("no successful API call yet\n".into()),
+        }
+    }
+
     /// A reconcile started.
     pub fn reconciled(&self) {
         self.reconciles.inc();
@@ -95,7 +122,13 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: std::sync::Arc<Me
                 "/metrics" => {
                     ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", metrics.encode())
                 }
-                "/healthz" | "/readyz" => ("200 OK", "text/plain", "ok\n".to_string()),
+                "/healthz" | "/readyz" => {
+                    let window = if path == "/readyz" { READY_WITHIN } else { LIVE_WITHIN };
+                    match metrics.api_unreachable(window) {
+                        None => ("200 OK", "text/plain", "ok\n".to_string()),
+                        Some(why) => ("503 Service Unavailable", "text/plain", why),
+                    }
+                }
                 _ => ("404 Not Found", "text/plain", "not found\n".to_string()),
             };
             let response = format!(
@@ -137,15 +170,39 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let metrics = std::sync::Arc::new(Metrics::default());
         metrics.reconciled();
-        tokio::spawn(serve(listener, metrics));
-        for (path, expect) in
-            [("/healthz", "ok"), ("/metrics", "pretrain_operator_reconciles_total 1"), ("/nope", "404")]
-        {
+        tokio::spawn(serve(listener, std::sync::Arc::clone(&metrics)));
+        let get = |path: &'static str| async move {
             let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
             socket.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes()).await.unwrap();
             let mut response = String::new();
             socket.read_to_string(&mut response).await.unwrap();
+            response
+        };
+        // Before any API call succeeded, neither ready nor live.
+        for path in ["/readyz", "/healthz"] {
+            let response = get(path).await;
+            assert!(
+                response.starts_with("HTTP/1.1 503") && response.contains("no successful API call yet"),
+                "{response}"
+            );
+        }
+        metrics.api_ok();
+        for (path, expect) in [
+            ("/readyz", "HTTP/1.1 200"),
+            ("/healthz", "HTTP/1.1 200"),
+            ("/metrics", "pretrain_operator_reconciles_total 1"),
+            ("/nope", "404"),
+        ] {
+            let response = get(path).await;
             assert!(response.contains(expect), "{path}: {response}");
         }
+    }
+
+    #[test]
+    fn an_old_api_success_is_not_ready() {
+        let metrics = Metrics::default();
+        *metrics.api_ok.lock().unwrap() = Instant::now().checked_sub(READY_WITHIN + Duration::from_secs(5));
+        assert!(metrics.api_unreachable(READY_WITHIN).is_some_and(|w| w.starts_with("no successful API call for 3")));
+        assert!(metrics.api_unreachable(LIVE_WITHIN).is_none());
     }
 }

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use serde_json::{Value, json};
 
@@ -185,6 +186,7 @@ pub fn validate(objects: &[Value]) {
     for o in objects {
         match o["kind"].as_str().unwrap() {
             "Deployment" => check::<Deployment>(o),
+            "PodDisruptionBudget" => check::<PodDisruptionBudget>(o),
             "ServiceAccount" => check::<ServiceAccount>(o),
             "Service" => check::<Service>(o),
             "ClusterRole" => check::<ClusterRole>(o),
