@@ -381,3 +381,52 @@ async fn a_deleted_run_loses_its_objects_through_owner_references_and_its_data_o
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn when_the_leading_operator_dies_the_other_replica_takes_over_and_creates_no_job_twice() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let Some(cluster) = cluster() else { return };
+    cluster.namespace("failover");
+    let text = manifest_with(cluster, "failover", "failover", "failover/docs.jsonl", 40_960);
+    cluster.kubectl_ok(&["apply", "-f", "-"], Some(&text));
+    let client = cluster.client().await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "failover");
+    eventually(Duration::from_secs(600), "a training pod", || {
+        let pods = pods.clone();
+        async move {
+            let listed = pods.list(&ListParams::default().labels("pretrain.dev/stage=train")).await.ok()?;
+            (!listed.items.is_empty()).then_some(())
+        }
+    })
+    .await;
+
+    // Kill the leader's process (its pod, without a grace period), mid-run.
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "pretrain-system");
+    let holder = |lease: Lease| lease.spec.and_then(|s| s.holder_identity);
+    let leader = holder(leases.get("pretrain").await.unwrap()).expect("a leader");
+    cluster.kubectl_ok(&["-n", "pretrain-system", "delete", "pod", &leader, "--grace-period=0", "--force"], None);
+    let next = eventually(Duration::from_secs(120), "another replica to take the lease", || {
+        let (leases, leader) = (leases.clone(), leader.clone());
+        async move { holder(leases.get("pretrain").await.ok()?).filter(|h| *h != leader) }
+    })
+    .await;
+    assert_ne!(next, leader);
+
+    let runs: Api<PretrainRun> = Api::namespaced(client.clone(), "failover");
+    let status = eventually(Duration::from_secs(900), "the run to end", || {
+        let runs = runs.clone();
+        async move {
+            let status = runs.get("failover").await.ok()?.status?;
+            matches!(status.phase?, pretrain_crd::status::RunPhase::Succeeded | pretrain_crd::status::RunPhase::Failed)
+                .then_some(status)
+        }
+    })
+    .await;
+    assert_eq!(status.phase, Some(pretrain_crd::status::RunPhase::Succeeded), "{status:#?}");
+    // Every stage ran once: the new leader took the Jobs over instead of starting them again.
+    let jobs: Api<Job> = Api::namespaced(client, "failover");
+    let names: Vec<String> =
+        jobs.list(&ListParams::default()).await.unwrap().items.iter().map(|j| j.name_any()).collect();
+    assert!(names.iter().all(|n| n.ends_with("-1")), "a stage was attempted again: {names:?}");
+    assert_eq!(names.len(), 7, "{names:?}");
+}
