@@ -118,6 +118,9 @@ fn a_queued_gang_that_fits_is_admitted_on_nodes_and_one_that_does_not_learns_why
     assert_eq!(admission["stage"], "train");
     assert_eq!(admission["attempt"], 1);
     assert_eq!(admission["nodes"].as_array().unwrap().len(), 2);
+    // Why it waited goes with the admission (a stale "needs 2 nodes ..." stayed while it ran).
+    assert_eq!(changes[0].patch["status"]["reason"], serde_json::Value::Null);
+    assert!(changes[0].patch["status"].as_object().unwrap().contains_key("reason"));
     assert_eq!(changes[1].name, "second");
     let reason = changes[1].patch["status"]["reason"].as_str().unwrap();
     assert!(reason.starts_with("train: needs 2 nodes x 8 GPUs of type NVIDIA-H100-80GB-HBM3, 1 free"), "{reason}");

@@ -87,6 +87,7 @@ async fn a_pass_admits_a_queued_gang_and_reports_the_queue() {
         assert_eq!(admission["nodes"], json!(["n1", "n2"]));
         assert_eq!(admission["time"], "2027-01-15T08:00:00Z");
         assert_eq!(patch["status"]["queuePosition"], Value::Null);
+        assert!(patch["status"].as_object().unwrap().contains_key("reason"), "the waiting reason is cleared");
         reply(send, &run);
 
         let (patch, send) = expect(

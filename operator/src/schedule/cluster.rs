@@ -284,7 +284,10 @@ pub fn patches(runs: &[PretrainRun], decision: &Decision, now: i64) -> Vec<Statu
                     let admission =
                         Admission { stage: stage.as_str().into(), attempt, nodes: nodes.clone(), time: time.clone() };
                     change.insert("admission".into(), serde_json::to_value(admission).expect("serialisable"));
+                    // The scheduler wrote why the run waited and its place in line: it clears both
+                    // (the reconciler's apply leaves fields another manager owns alone).
                     change.insert("queuePosition".into(), serde_json::Value::Null);
+                    change.insert("reason".into(), serde_json::Value::Null);
                 } else if let Some(w) = decision.waiting.iter().find(|w| w.id == id) {
                     let reason = format!("{stage}: {}", w.reason);
                     if status.reason.as_deref() != Some(reason.as_str()) {
