@@ -134,20 +134,4 @@ impl Pki {
         });
         write(path, &serde_yaml::to_string(&config)?)
     }
-
-    /// Writes a kubeconfig at `path` for `server` that authenticates with a bearer token.
-    pub fn token_kubeconfig(&self, path: &Path, server: &str, token: &str) -> anyhow::Result<()> {
-        let config = serde_json::json!({
-            "apiVersion": "v1",
-            "kind": "Config",
-            "clusters": [{"name": "pretrain-test", "cluster": {
-                "server": server,
-                "certificate-authority": self.ca.cert,
-            }}],
-            "users": [{"name": "user", "user": {"token": token}}],
-            "contexts": [{"name": "pretrain-test", "context": {"cluster": "pretrain-test", "user": "user"}}],
-            "current-context": "pretrain-test",
-        });
-        write(path, &serde_yaml::to_string(&config)?)
-    }
 }

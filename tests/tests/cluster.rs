@@ -215,6 +215,20 @@ where
     }
 }
 
+/// The status of run `name` once it succeeded or failed.
+async fn run_end(client: &kube::Client, namespace: &str, name: &str) -> pretrain_crd::PretrainRunStatus {
+    let runs: Api<PretrainRun> = Api::namespaced(client.clone(), namespace);
+    eventually(Duration::from_secs(900), "the run to end", || {
+        let runs = runs.clone();
+        async move {
+            let status = runs.get(name).await.ok()?.status?;
+            matches!(status.phase?, pretrain_crd::status::RunPhase::Succeeded | pretrain_crd::status::RunPhase::Failed)
+                .then_some(status)
+        }
+    })
+    .await
+}
+
 /// A small run of every stage over generated documents in the S3 store (the shape of
 /// `pretrain_tests::manifest`), in `namespace`.
 fn manifest(cluster: &Cluster, name: &str, namespace: &str, docs_key: &str) -> String {
@@ -263,18 +277,8 @@ async fn a_run_applied_with_kubectl_runs_every_stage_as_jobs_and_ends_with_the_w
     cluster.kubectl_ok(&["apply", "-f", "-"], Some(&text));
 
     let client = cluster.client().await;
-    let runs: Api<PretrainRun> = Api::namespaced(client.clone(), "e2e");
-    let phase = eventually(Duration::from_secs(900), "the run to end", || {
-        let runs = runs.clone();
-        async move {
-            let run = runs.get("e2e").await.ok()?;
-            let phase = run.status.as_ref()?.phase?;
-            matches!(phase, pretrain_crd::status::RunPhase::Succeeded | pretrain_crd::status::RunPhase::Failed)
-                .then_some((phase, run.status))
-        }
-    })
-    .await;
-    assert_eq!(phase.0, pretrain_crd::status::RunPhase::Succeeded, "{:#?}", phase.1);
+    let status = run_end(&client, "e2e", "e2e").await;
+    assert_eq!(status.phase, Some(pretrain_crd::status::RunPhase::Succeeded), "{status:#?}");
 
     // Every stage ran as Jobs the real Job controller completed.
     let jobs: Api<Job> = Api::namespaced(client, "e2e");
@@ -412,16 +416,7 @@ async fn when_the_leading_operator_dies_the_other_replica_takes_over_and_creates
     .await;
     assert_ne!(next, leader);
 
-    let runs: Api<PretrainRun> = Api::namespaced(client.clone(), "failover");
-    let status = eventually(Duration::from_secs(900), "the run to end", || {
-        let runs = runs.clone();
-        async move {
-            let status = runs.get("failover").await.ok()?.status?;
-            matches!(status.phase?, pretrain_crd::status::RunPhase::Succeeded | pretrain_crd::status::RunPhase::Failed)
-                .then_some(status)
-        }
-    })
-    .await;
+    let status = run_end(&client, "failover", "failover").await;
     assert_eq!(status.phase, Some(pretrain_crd::status::RunPhase::Succeeded), "{status:#?}");
     // Every stage ran once: the new leader took the Jobs over instead of starting them again.
     let jobs: Api<Job> = Api::namespaced(client, "failover");
