@@ -67,7 +67,7 @@ build() {
     echo "  kube-apiserver, kube-controller-manager, kube-scheduler, kubectl  k8s.io/kubernetes $(pinned kubernetes k8s.io/kubernetes)"
     echo "  etcd  go.etcd.io/etcd/server/v3 $(pinned etcd go.etcd.io/etcd/server/v3)"
     echo "  helm  helm.sh/helm/v4 $(pinned helm helm.sh/helm/v4)"
-    "$BIN/kubectl" version --client | head -1
+    "$BIN/kubectl" version --client
     "$BIN/helm" version --short
 }
 
