@@ -12,7 +12,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 
 use crate::network::Network;
 use crate::pki::{CertFiles, Pki};
@@ -177,21 +177,17 @@ impl ControlPlane {
             "kube-controller-manager",
             &binary("kube-controller-manager")?,
             &[
-                format!("--kubeconfig={}", manager.display()),
-                format!("--authentication-kubeconfig={}", manager.display()),
-                format!("--authorization-kubeconfig={}", manager.display()),
-                "--bind-address=127.0.0.1".into(),
-                format!("--secure-port={}", free_port()?),
-                format!("--cert-dir={}", dir.join("kube-controller-manager").display()),
-                "--leader-elect=false".into(),
-                format!("--controllers={}", CONTROLLERS.join(",")),
-                format!("--root-ca-file={}", plane.pki.ca.cert.display()),
-                format!("--service-account-private-key-file={sa_key}"),
-                "--use-service-account-credentials=true".into(),
-                format!("--node-monitor-grace-period={grace}s"),
-                "--node-monitor-period=2s".into(),
-                "--v=1".into(),
-            ],
+                component_flags("kube-controller-manager", &manager, &dir)?,
+                vec![
+                    format!("--controllers={}", CONTROLLERS.join(",")),
+                    format!("--root-ca-file={}", plane.pki.ca.cert.display()),
+                    format!("--service-account-private-key-file={sa_key}"),
+                    "--use-service-account-credentials=true".into(),
+                    format!("--node-monitor-grace-period={grace}s"),
+                    "--node-monitor-period=2s".into(),
+                ],
+            ]
+            .concat(),
             &dir.join("kube-controller-manager.log"),
         )?;
         plane.processes.push(process);
@@ -200,16 +196,7 @@ impl ControlPlane {
         let process = Process::spawn(
             "kube-scheduler",
             &binary("kube-scheduler")?,
-            &[
-                format!("--kubeconfig={}", scheduler.display()),
-                format!("--authentication-kubeconfig={}", scheduler.display()),
-                format!("--authorization-kubeconfig={}", scheduler.display()),
-                "--bind-address=127.0.0.1".into(),
-                format!("--secure-port={}", free_port()?),
-                format!("--cert-dir={}", dir.join("kube-scheduler").display()),
-                "--leader-elect=false".into(),
-                "--v=1".into(),
-            ],
+            &component_flags("kube-scheduler", &scheduler, &dir)?,
             &dir.join("kube-scheduler.log"),
         )?;
         plane.processes.push(process);
@@ -247,16 +234,6 @@ impl ControlPlane {
     /// A client with cluster-admin rights.
     pub async fn admin(&self) -> anyhow::Result<kube::Client> {
         client(&self.admin_kubeconfig).await
-    }
-
-    /// Runs the built `kubectl` with the admin kubeconfig; its output, or an error with its stderr.
-    pub fn kubectl(&self, args: &[&str]) -> anyhow::Result<std::process::Output> {
-        let output = std::process::Command::new(binary("kubectl")?)
-            .arg(format!("--kubeconfig={}", self.admin_kubeconfig.display()))
-            .args(args)
-            .output()
-            .context("running kubectl")?;
-        Ok(output)
     }
 
     async fn wait_ready(&mut self, deadline: Duration) -> anyhow::Result<()> {
@@ -323,6 +300,22 @@ impl Drop for ControlPlane {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// The flags the controller-manager and the scheduler share: their kubeconfig for every purpose, a
+/// loopback serving port of their own with self-signed certificates, no leader election.
+fn component_flags(name: &str, kubeconfig: &Path, dir: &Path) -> anyhow::Result<Vec<String>> {
+    let kubeconfig = kubeconfig.display();
+    Ok(vec![
+        format!("--kubeconfig={kubeconfig}"),
+        format!("--authentication-kubeconfig={kubeconfig}"),
+        format!("--authorization-kubeconfig={kubeconfig}"),
+        "--bind-address=127.0.0.1".into(),
+        format!("--secure-port={}", free_port()?),
+        format!("--cert-dir={}", dir.join(name).display()),
+        "--leader-elect=false".into(),
+        "--v=1".into(),
+    ])
 }
 
 fn http_get(path: &str) -> http::Request<Vec<u8>> {

@@ -40,13 +40,13 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, OwnerReference, Time};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use tokio::sync::watch;
 
-use crate::network::{Network, PodNetwork};
+use crate::network::Network;
 use crate::process::tail;
 
 /// One node the kubelet registers.
@@ -591,12 +591,6 @@ pub fn expand(text: &str, env: &[(String, String)]) -> String {
     out
 }
 
-/// Lists the pods bound to `node` (for tests).
-pub async fn pods_on(client: &Client, node: &str) -> anyhow::Result<Vec<Pod>> {
-    let pods: Api<Pod> = Api::all(client.clone());
-    Ok(pods.list(&ListParams::default().fields(&format!("spec.nodeName={node}"))).await?.items)
-}
-
 /// The tail of a log file, for a terminated container's message.
 pub fn log_tail(path: &Path) -> String {
     let text = tail(path, 80);
@@ -604,9 +598,6 @@ pub fn log_tail(path: &Path) -> String {
     let start = bytes.len().saturating_sub(2048);
     String::from_utf8_lossy(&bytes[start..]).into_owned()
 }
-
-/// A pod network handle (kept here so that [`crate::pod`] does not reach into the network module).
-pub type PodNet = PodNetwork;
 
 #[cfg(test)]
 mod tests {

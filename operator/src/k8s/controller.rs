@@ -268,7 +268,7 @@ async fn finalize(run: &PretrainRun, objects: &RunObjects<'_>, ctx: &Context) ->
     Ok(Action::await_change())
 }
 
-/// Whether a pod has stopped for good: it ended, or it was never bound and is being deleted.
+/// Whether a pod has stopped for good (its phase is Succeeded or Failed).
 fn pod_finished(pod: &Pod) -> bool {
     let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
     matches!(phase, Some("Succeeded" | "Failed"))
