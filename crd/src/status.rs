@@ -99,6 +99,10 @@ pub struct StageStatus {
     /// and stopped on request, for suspend or preemption, does not).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub failures: u32,
+    /// Attempts the cluster ended (eviction, node loss, a pod's deletion): resumed from the last
+    /// checkpoint without counting against the restart budget.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub disruptions: u32,
     /// RFC 3339 time the current attempt started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_time: Option<String>,
@@ -163,6 +167,9 @@ pub struct Condition {
     /// Human-readable detail.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// The metadata.generation the condition was set for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
 }
 
 fn is_zero(n: &u32) -> bool {

@@ -60,6 +60,9 @@ enum Command {
         /// Seconds between two passes of the cluster scheduler.
         #[arg(long, default_value_t = 5)]
         schedule_every: u64,
+        /// Seconds a training gang runs before a higher-priority one may preempt it.
+        #[arg(long, default_value_t = Policy::default().min_runtime)]
+        preempt_after: i64,
         /// Worker image for runs that keep the built-in default `spec.image`.
         #[arg(long, env = "PRETRAIN_WORKER_IMAGE")]
         worker_image: Option<String>,
@@ -184,12 +187,16 @@ fn main() -> ExitCode {
             no_leader_election,
             no_scheduler,
             schedule_every,
+            preempt_after,
             worker_image,
             storage_secret,
         } => {
             let runtime =
                 tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime starts");
-            let scheduler = (!no_scheduler).then(|| std::time::Duration::from_secs(schedule_every.max(1)));
+            let scheduler = (!no_scheduler).then(|| {
+                let policy = Policy { min_runtime: preempt_after.max(0), ..Policy::default() };
+                (std::time::Duration::from_secs(schedule_every.max(1)), policy)
+            });
             let defaults = RunDefaults { worker_image, storage_secret };
             match runtime.block_on(operator(&listen, &lease, no_leader_election, scheduler, defaults)) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -318,7 +325,7 @@ async fn operator(
     listen: &str,
     lease: &str,
     no_leader_election: bool,
-    scheduler: Option<std::time::Duration>,
+    scheduler: Option<(std::time::Duration, Policy)>,
     defaults: RunDefaults,
 ) -> anyhow::Result<()> {
     let client = kube::Client::try_default().await?;
@@ -346,7 +353,7 @@ async fn operator(
         async move {
             let scheduling = async {
                 match scheduler {
-                    Some(every) => k8s::scheduler::run(client, Policy::default(), every).await,
+                    Some((every, policy)) => k8s::scheduler::run(client, policy, every).await,
                     None => std::future::pending().await,
                 }
             };

@@ -35,7 +35,13 @@ fn the_default_install_is_valid_kubernetes_and_runs_the_operator_safely() {
     assert_eq!(container["image"], "ghcr.io/pretrain-dev/pretrain:0.1.0");
     assert_eq!(
         container["args"],
-        json!(["operator", "--listen=0.0.0.0:8080", "--lease=pretrain-system/pretrain", "--schedule-every=5"])
+        json!([
+            "operator",
+            "--listen=0.0.0.0:8080",
+            "--lease=pretrain-system/pretrain",
+            "--schedule-every=5",
+            "--preempt-after=900"
+        ])
     );
     assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true);
     assert_eq!(deployment["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"], true);
@@ -108,7 +114,7 @@ const USED: &[(&str, &str, &[&str])] = &[
     ("", "services", &["create", "patch"]),                        // SSA of a gang's Service
     ("", "configmaps", &["create", "patch"]),                      // SSA of the manifest
     ("", "pods", &["list"]),                                       // failure reasons; scheduler capacity
-    ("", "nodes", &["list"]),                                      // scheduler capacity
+    ("", "nodes", &["get", "list"]),                               // a deleted pod's node; capacity
     ("", "secrets", &["get"]),                                     // a run's store credentials
     ("events.k8s.io", "events", &["create", "patch"]),             // Recorder
 ];

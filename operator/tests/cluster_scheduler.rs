@@ -95,6 +95,31 @@ fn capacity_counts_other_pods_but_not_the_gangs_own_and_skips_unusable_nodes() {
 }
 
 #[test]
+fn pending_pods_of_other_workloads_hold_the_node_they_will_take() {
+    let nodes = [node("a", 8, true, false), node("b", 8, true, false), node("e", 8, true, false)];
+    let pending = |name: &str, gpus: u32, extra: Value| {
+        let mut value = serde_json::to_value(pod(name, "", gpus, &json!({}), "Pending")).unwrap();
+        value["spec"].as_object_mut().unwrap().remove("nodeName");
+        for (k, v) in extra.as_object().unwrap() {
+            value[k.split('.').next().unwrap()][k.split('.').nth(1).unwrap()] = v.clone();
+        }
+        serde_json::from_value::<Pod>(value).unwrap()
+    };
+    let pods = [
+        pod("notebook", "a", 2, &json!({}), "Running"),
+        // The Kubernetes scheduler nominated b for this one (it preempts there).
+        pending("nominated", 4, json!({"status.nominatedNodeName": "b"})),
+        // Not placed yet: it goes where most GPUs are free, e (8), before a (6) and b (4).
+        pending("waiting", 8, json!({})),
+        // Its selector matches no node: it holds nothing.
+        pending("nowhere", 1, json!({"spec.nodeSelector": {"pool": "other"}})),
+    ];
+    let view = snapshot(&[], &nodes, &pods, &[queue(64)], NOW);
+    let free: Vec<(String, u32)> = view.nodes.iter().map(|n| (n.name.clone(), n.allocatable.gpus)).collect();
+    assert_eq!(free, [("a".into(), 6), ("b".into(), 4), ("e".into(), 0)]);
+}
+
+#[test]
 fn a_queued_gang_that_fits_is_admitted_on_nodes_and_one_that_does_not_learns_why() {
     let nodes = [node("a", 8, true, false), node("b", 8, true, false), node("c", 8, true, false)];
     let runs = [

@@ -98,6 +98,8 @@ async fn a_fresh_run_gets_its_finalizer_manifest_first_job_status_and_event() {
 
         let (_, send) = expect(&mut server, Method::GET, LIST_JOBS).await;
         reply(send, &empty_list("JobList"));
+        let (_, send) = expect(&mut server, Method::GET, LIST_PODS).await;
+        reply(send, &empty_list("PodList"));
 
         let (cm, send) =
             expect(&mut server, Method::PATCH, &format!("/api/v1/namespaces/ml/configmaps/tiny-spec?&{APPLY}")).await;
@@ -176,14 +178,12 @@ async fn a_failed_map_pod_is_read_from_its_pods_and_counted_in_status() {
         });
         reply(send, &json!({"apiVersion": "batch/v1", "kind": "JobList", "metadata": {}, "items": [job]}));
 
-        let (_, send) = expect(
-            &mut server,
-            Method::GET,
-            "/api/v1/namespaces/ml/pods?&labelSelector=batch.kubernetes.io%2Fjob-name%3Dtiny-data-prep-map-1",
-        )
-        .await;
+        // The run's pods, one list for all its Jobs.
+        let (_, send) = expect(&mut server, Method::GET, LIST_PODS).await;
         let pod = json!({
-            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "tiny-data-prep-map-1-2-x7k2p"},
+            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "tiny-data-prep-map-1-2-x7k2p",
+                "labels": {"pretrain.dev/run": "tiny", "pretrain.dev/stage": "data-prep", "pretrain.dev/attempt": "1",
+                    "batch.kubernetes.io/job-name": "tiny-data-prep-map-1"}},
             "status": {"phase": "Failed", "containerStatuses": [{
                 "name": "worker", "image": "w", "imageID": "", "ready": false, "restartCount": 0,
                 "state": {"terminated": {"exitCode": 137, "reason": "OOMKilled", "message": "reading shard 2\n"}}

@@ -83,7 +83,12 @@ fn a_gpu_gang_is_an_indexed_job_with_rendezvous_gpus_and_a_checkpoint_grace_peri
     assert_eq!((spec["completions"].as_i64(), spec["parallelism"].as_i64()), (Some(4), Some(4)));
     assert_eq!(spec["completionMode"], "Indexed");
     assert_eq!(spec["backoffLimit"], 0);
-    assert!(spec.get("backoffLimitPerIndex").is_none() && spec.get("podFailurePolicy").is_none());
+    assert!(spec.get("backoffLimitPerIndex").is_none());
+    // A gang is all or nothing: invalid input or a disrupted pod fails it at once (the operator
+    // reads which rule did, and does not count a disruption against the restart budget).
+    assert_eq!(spec["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"], serde_json::json!([2, 3]));
+    assert_eq!(spec["podFailurePolicy"]["rules"][1]["action"], "FailJob");
+    assert_eq!(spec["podFailurePolicy"]["rules"][1]["onPodConditions"][0]["type"], "DisruptionTarget");
     // A map task is retried alone: one failed shard does not kill the others; invalid input fails
     // the Job at once; a disrupted pod does not count.
     let map = serde_json::to_value(objects.job(Stage::DataPrep, Role::Map, 1)).unwrap();
@@ -148,8 +153,15 @@ fn an_admitted_gang_is_kept_on_its_nodes_and_tolerates_gpu_taints() {
     let term =
         &pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0];
     assert_eq!(
-        term["matchExpressions"][0],
-        serde_json::json!({"key": "kubernetes.io/hostname", "operator": "In", "values": ["n1", "n3"]})
+        term["matchFields"][0],
+        serde_json::json!({"key": "metadata.name", "operator": "In", "values": ["n1", "n3"]})
+    );
+    // One pod of the attempt per node.
+    let apart = &pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0];
+    assert_eq!(apart["topologyKey"], "kubernetes.io/hostname");
+    assert_eq!(
+        apart["labelSelector"]["matchLabels"],
+        serde_json::json!({"pretrain.dev/run": "gang", "pretrain.dev/stage": "train", "pretrain.dev/attempt": "2"})
     );
     assert_eq!(pod["tolerations"][0]["key"], "nvidia.com/gpu");
     // CPU stages neither tolerate GPU taints nor get placed.

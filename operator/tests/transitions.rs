@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use pretrain_crd::{PretrainRunSpec, PretrainRunStatus, Stage};
-use pretrain_operator::plan::cluster::{ClusterView, JobKey, JobView, decide};
+use pretrain_operator::plan::cluster::{ClusterView, JobKey, JobView, LivePod, decide};
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
@@ -22,6 +22,8 @@ struct Case {
     committed: Vec<Stage>,
     #[serde(default)]
     jobs: Vec<JobView>,
+    #[serde(default)]
+    live_pods: Vec<LivePod>,
     #[serde(default)]
     now: i64,
     /// The operator runs its cluster scheduler (stages that need GPUs wait for `status.admission`).
@@ -45,6 +47,9 @@ struct Expect {
     /// A substring of `status.reason`.
     reason: Option<String>,
     queue_position: Option<u32>,
+    /// Condition type to its status.
+    #[serde(default)]
+    conditions: BTreeMap<String, String>,
     #[serde(default)]
     stages: BTreeMap<String, StageExpect>,
 }
@@ -55,6 +60,7 @@ struct StageExpect {
     phase: Option<String>,
     attempts: Option<u32>,
     failures: Option<u32>,
+    disruptions: Option<u32>,
     message: Option<String>,
 }
 
@@ -103,6 +109,7 @@ fn every_transition_decides_as_the_fixture_says() {
             checkpoint: None,
             now: case.now,
             scheduler: case.scheduler,
+            live_pods: &case.live_pods,
         };
         let d = decide(&view);
         let mut problems = Vec::new();
@@ -164,11 +171,24 @@ fn every_transition_decides_as_the_fixture_says() {
             if let Some(f) = want.failures {
                 check(&mut problems, &format!("{name}.failures"), got.failures.to_string(), f.to_string());
             }
+            if let Some(n) = want.disruptions {
+                check(&mut problems, &format!("{name}.disruptions"), got.disruptions.to_string(), n.to_string());
+            }
             if let Some(m) = &want.message {
                 let message = got.message.clone().unwrap_or_default();
                 if !message.contains(m.as_str()) {
                     problems.push(format!("{name}.message: {message:?} lacks {m:?}"));
                 }
+            }
+        }
+        for (type_, want) in &case.expect.conditions {
+            let got = d.status.conditions.iter().find(|c| c.type_ == *type_).map(|c| c.status.clone());
+            check(&mut problems, &format!("condition {type_}"), format!("{got:?}"), format!("{:?}", Some(want)));
+        }
+        // Every condition says why it holds or not, for the generation decided on.
+        for c in &d.status.conditions {
+            if c.reason.is_none() || c.observed_generation != Some(case.generation) {
+                problems.push(format!("condition {} lacks a reason or the generation: {c:?}", c.type_));
             }
         }
         // The status always lists the spec's stages in order and records the generation it saw.

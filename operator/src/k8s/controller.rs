@@ -1,13 +1,13 @@
 //! The reconciler: reads a PretrainRun, its Jobs and its store, asks [`decide`] what to do, and
 //! does it with server-side apply (one field manager), deletes, a status patch and Events.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret, Service};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
@@ -19,9 +19,9 @@ use pretrain_store::Store;
 use serde_json::json;
 
 use super::metrics::Metrics;
-use super::observe::{self, LABEL_JOB_NAME};
+use super::observe::{self, LABEL_JOB_NAME, PodContext};
 use super::render::{self, FIELD_MANAGER, LABEL_RUN, RenderError, RunObjects, job_name};
-use crate::plan::cluster::{ClusterView, Decision, JobKey, decide};
+use crate::plan::cluster::{ClusterView, Decision, JobKey, LivePod, decide};
 use crate::plan::{Layout, layout};
 
 /// The finalizer that lets the operator stop a deleted run's pods and, when asked, delete its data.
@@ -169,16 +169,18 @@ pub async fn reconcile(run: Arc<PretrainRun>, ctx: Arc<Context>) -> Result<Actio
     let store = open_store(&ctx, &rendered).await?;
     let (committed, checkpoint) = observe::store_state(&store, &name, &run.spec).await?;
     let listed = jobs.list(&ListParams::default().labels(&format!("{LABEL_RUN}={name}"))).await?;
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let run_pods = pods.list(&ListParams::default().labels(&format!("{LABEL_RUN}={name}"))).await?.items;
+    let cluster = pod_context(&ctx, &run_pods).await?;
     let mut views = Vec::new();
     for job in &listed.items {
-        let pods = if observe::job_outcome(job) == Some(false) {
-            let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-            pods.list(&ListParams::default().labels(&format!("{LABEL_JOB_NAME}={}", job.name_any()))).await?.items
-        } else {
-            Vec::new()
-        };
-        views.extend(observe::job_view(job, &run.spec, &pods));
+        let job_name = job.name_any();
+        let own: Vec<Pod> =
+            run_pods.iter().filter(|p| p.labels().get(LABEL_JOB_NAME) == Some(&job_name)).cloned().collect();
+        views.extend(observe::job_view(job, &run.spec, &own, &cluster));
     }
+    let live_pods: Vec<LivePod> =
+        run_pods.iter().filter(|p| !cluster.settled(p)).filter_map(observe::live_pod).collect();
     let view = ClusterView {
         spec: &run.spec,
         generation: run.metadata.generation,
@@ -186,8 +188,9 @@ pub async fn reconcile(run: Arc<PretrainRun>, ctx: Arc<Context>) -> Result<Actio
         committed: &committed,
         jobs: &views,
         checkpoint,
-        now: (ctx.now)(),
+        now: cluster.now,
         scheduler: ctx.scheduler,
+        live_pods: &live_pods,
     };
     let decision = decide(&view);
     apply(&run, &objects, &decision, &ctx).await?;
@@ -249,8 +252,9 @@ async fn finalize(run: &PretrainRun, objects: &RunObjects<'_>, ctx: &Context) ->
     if run.spec.storage.delete_on_run_delete {
         // Stopped pods checkpoint during their grace period: the data goes only after every pod.
         let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), objects.namespace());
-        let listed = pods.list(&ListParams::default().labels(&format!("{LABEL_RUN}={name}"))).await?;
-        let live = listed.items.iter().filter(|p| !pod_finished(p)).count();
+        let listed = pods.list(&ListParams::default().labels(&format!("{LABEL_RUN}={name}"))).await?.items;
+        let cluster = pod_context(ctx, &listed).await?;
+        let live = listed.iter().filter(|p| !cluster.settled(p)).count();
         if live > 0 {
             log("info", &format!("waiting for {live} pods to stop before deleting the run's data"), Some(run));
             return Ok(Action::requeue(Duration::from_secs(2)));
@@ -268,10 +272,26 @@ async fn finalize(run: &PretrainRun, objects: &RunObjects<'_>, ctx: &Context) ->
     Ok(Action::await_change())
 }
 
-/// Whether a pod has stopped for good (its phase is Succeeded or Failed).
-fn pod_finished(pod: &Pod) -> bool {
-    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
-    matches!(phase, Some("Succeeded" | "Failed"))
+/// The clock and the readiness of the nodes of `pods` that are being deleted (the only ones
+/// [`PodContext::settled`] asks about): a node that is gone counts as not Ready.
+async fn pod_context(ctx: &Context, pods: &[Pod]) -> Result<PodContext, Error> {
+    let mut cluster = PodContext { now: (ctx.now)(), ..PodContext::default() };
+    let nodes: BTreeSet<&str> = pods
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_some())
+        .filter_map(|p| p.spec.as_ref()?.node_name.as_deref())
+        .collect();
+    let api: Api<Node> = Api::all(ctx.client.clone());
+    for name in nodes {
+        let ready = api.get_opt(name).await?.is_some_and(|node| {
+            let conditions = node.status.and_then(|s| s.conditions).unwrap_or_default();
+            conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True")
+        });
+        if !ready {
+            cluster.unready_nodes.insert(name.to_string());
+        }
+    }
+    Ok(cluster)
 }
 
 /// A JSON patch adding our finalizer to `current`, refused by the API server (its `test`) if the
@@ -327,8 +347,12 @@ async fn stop_job(jobs: &Api<Job>, name: &str) -> Result<(), Error> {
     }
 }
 
+/// Applies the reconciler's part of the status. `admission` and `preemption` belong to the cluster
+/// scheduler (it merge-patches them): they are left out, so that a reconcile working from a stale
+/// cache never writes an old value over the scheduler's newer one.
 async fn patch_status(runs: &Api<PretrainRun>, name: &str, status: &PretrainRunStatus) -> Result<(), Error> {
-    let patch = json!({"apiVersion": "pretrain.dev/v1alpha1", "kind": "PretrainRun", "status": status});
+    let ours = PretrainRunStatus { admission: None, preemption: None, ..status.clone() };
+    let patch = json!({"apiVersion": "pretrain.dev/v1alpha1", "kind": "PretrainRun", "status": ours});
     runs.patch_status(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
     Ok(())
 }

@@ -13,7 +13,7 @@ use serde::Deserialize;
 
 use super::render::{ANNOTATION_CONFIG_HASH, LABEL_ATTEMPT, LABEL_ROLE, LABEL_STAGE};
 use crate::plan::Role;
-use crate::plan::cluster::{Failure, JobState, JobView};
+use crate::plan::cluster::{Failure, JobState, JobView, LivePod};
 
 /// The label Kubernetes puts on a Job's pods.
 pub const LABEL_JOB_NAME: &str = "batch.kubernetes.io/job-name";
@@ -31,9 +31,49 @@ pub fn job_outcome(job: &Job) -> Option<bool> {
     }
 }
 
-/// The planner's view of one of our Jobs; `pods` are its pods (read only when it failed). `None`
-/// for a Job without our labels.
-pub fn job_view(job: &Job, spec: &PretrainRunSpec, pods: &[Pod]) -> Option<JobView> {
+/// What the cluster says about where the run's pods are, beyond the pods themselves.
+#[derive(Debug, Clone, Default)]
+pub struct PodContext {
+    /// Nodes whose `Ready` condition is not True (unreachable or failing): a deleted pod on one of
+    /// them cannot be stopped or heard from, so it is lost with its node.
+    pub unready_nodes: BTreeSet<String>,
+    /// Now, in Unix seconds.
+    pub now: i64,
+}
+
+impl PodContext {
+    /// Whether `pod` has stopped for good: it finished (Succeeded or Failed); or it was deleted
+    /// and either its grace period is over (its kubelet would have killed it, so one still listed
+    /// has lost its node) or its node is not Ready (the kubelet that would stop it is unreachable).
+    /// Until then a deleted pod may still be writing its SIGTERM checkpoint.
+    pub fn settled(&self, pod: &Pod) -> bool {
+        let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+        matches!(phase, Some("Succeeded" | "Failed")) || self.lost(pod)
+    }
+
+    /// Whether `pod` was deleted and will never report back (see [`PodContext::settled`]).
+    fn lost(&self, pod: &Pod) -> bool {
+        let Some(deleted) = pod.metadata.deletion_timestamp.as_ref() else { return false };
+        // The API server sets deletionTimestamp to the request time plus the grace period.
+        let overdue = deleted.0.as_second() + POD_STOP_SLACK_SECONDS < self.now;
+        let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
+        overdue || node.is_some_and(|n| self.unready_nodes.contains(n))
+    }
+}
+
+/// Seconds past a deleted pod's grace period after which a pod still listed counts as lost.
+const POD_STOP_SLACK_SECONDS: i64 = 10;
+
+/// The stage and attempt of one of the run's pods that has not settled.
+pub fn live_pod(pod: &Pod) -> Option<LivePod> {
+    let labels = pod.metadata.labels.as_ref()?;
+    Some(LivePod { stage: labels.get(LABEL_STAGE)?.parse().ok()?, attempt: labels.get(LABEL_ATTEMPT)?.parse().ok()? })
+}
+
+/// The planner's view of one of our Jobs, from the Job and its pods. `None` for a Job without our
+/// labels. A failed Job is reported failed only once all its pods have settled: until then its
+/// pods may still be checkpointing, and how they end says why it failed.
+pub fn job_view(job: &Job, spec: &PretrainRunSpec, pods: &[Pod], cluster: &PodContext) -> Option<JobView> {
     let labels = job.metadata.labels.as_ref()?;
     let stage: Stage = labels.get(LABEL_STAGE)?.parse().ok()?;
     let role = match labels.get(LABEL_ROLE)?.as_str() {
@@ -46,21 +86,52 @@ pub fn job_view(job: &Job, spec: &PretrainRunSpec, pods: &[Pod]) -> Option<JobVi
     let attempt = labels.get(LABEL_ATTEMPT)?.parse().ok()?;
     let hash = job.metadata.annotations.as_ref().and_then(|a| a.get(ANNOTATION_CONFIG_HASH));
     let current_spec = hash.is_some_and(|h| *h == spec.stage_config_hash(stage));
+    let suspended = job.spec.as_ref().and_then(|s| s.suspend).unwrap_or(false);
     let state = match job_outcome(job) {
+        None if suspended => JobState::Suspended,
         None => JobState::Active,
         Some(true) => JobState::Succeeded,
-        Some(false) => JobState::Failed(classify(pods)),
+        Some(false) if pods.iter().any(|p| !cluster.settled(p)) => JobState::Active,
+        Some(false) => {
+            let expected = job.spec.as_ref().and_then(|s| s.parallelism).unwrap_or(1).max(0) as usize;
+            JobState::Failed(classify(pods, expected, job_failure(job), cluster))
+        }
     };
     Some(JobView { stage, role, attempt, current_spec, state })
 }
 
-/// How a failed Job's pods ended. Any worker exit code other than done (0) and resume (75) is a
-/// failure, permanent for invalid-spec (2) and missing-stage (3); pods killed by the kubelet
-/// (OOM, eviction, node loss) are retried; pods that all checkpointed on SIGTERM are resumed. A
-/// rank that stopped because a peer died (76) is retried, but the failed peer's reason wins.
-pub fn classify(pods: &[Pod]) -> Failure {
+/// The message of a failed Job's `Failed` condition when its pod failure policy failed it because a
+/// pod was disrupted (`DisruptionTarget`).
+fn job_failure(job: &Job) -> Option<String> {
+    let conditions = job.status.as_ref()?.conditions.as_ref()?;
+    let failed =
+        conditions.iter().find(|c| matches!(c.type_.as_str(), "Failed" | "FailureTarget") && c.status == "True")?;
+    let message = failed.message.clone()?;
+    (failed.reason.as_deref() == Some("PodFailurePolicy") && message.contains("DisruptionTarget")).then_some(message)
+}
+
+/// The `DisruptionTarget` condition of a pod the cluster ended (evicted, preempted, deleted by the
+/// taint manager or the pod garbage collector), as one line.
+fn disruption(pod: &Pod) -> Option<String> {
+    let conditions = pod.status.as_ref()?.conditions.as_ref()?;
+    let c = conditions.iter().find(|c| c.type_ == "DisruptionTarget" && c.status == "True")?;
+    let why: Vec<&str> = [c.reason.as_deref(), c.message.as_deref()].into_iter().flatten().collect();
+    Some(if why.is_empty() { "DisruptionTarget".into() } else { why.join(": ") })
+}
+
+/// How a failed Job's pods ended (`expected` pods ran; `job_failure`, the Job's own reason when its
+/// pod failure policy saw a disruption). In order of precedence:
+/// - an exit code for invalid input or a worker without the stage (2, 3): permanent;
+/// - any other failure of a pod the cluster left alone (a crash, OOM, a kubelet eviction without
+///   `DisruptionTarget`): retried, counting against the budget;
+/// - a pod the cluster disrupted (`DisruptionTarget`, a Job failed by that rule, a deleted pod lost
+///   with its node, or a pod that is gone): a disruption, not counted;
+/// - a rank that stopped because a peer died (76), when nothing above explains it: retried;
+/// - every pod checkpointed on SIGTERM (75): resumed.
+pub fn classify(pods: &[Pod], expected: usize, job_failure: Option<String>, cluster: &PodContext) -> Failure {
     let mut resumed = false;
     let mut failure: Option<Failure> = None;
+    let mut disrupted = job_failure;
     let mut peer_lost: Option<String> = None;
     for pod in pods {
         let name = pod.metadata.name.as_deref().unwrap_or("?");
@@ -71,6 +142,11 @@ pub fn classify(pods: &[Pod]) -> Failure {
             .and_then(|c| c.state.as_ref()?.terminated.as_ref());
         let last_line =
             terminated.and_then(|t| t.message.as_deref()).and_then(|m| m.lines().rev().find(|l| !l.trim().is_empty()));
+        let permanent = terminated.is_some_and(|t| matches!(t.exit_code, exit::INVALID | exit::UNAVAILABLE));
+        if !permanent && let Some(why) = disruption(pod) {
+            disrupted.get_or_insert_with(|| format!("pod {name}: {why}"));
+            continue;
+        }
         match terminated {
             Some(t) if t.exit_code == exit::DONE => {}
             Some(t) if t.exit_code == exit::RESUME => resumed = true,
@@ -88,11 +164,15 @@ pub fn classify(pods: &[Pod]) -> Failure {
                     (None, None) => "no message".into(),
                 };
                 let text = format!("pod {name} exited with code {}: {why}", t.exit_code);
-                if matches!(t.exit_code, exit::INVALID | exit::UNAVAILABLE) {
+                if permanent {
                     failure = Some(Failure::Permanent(text));
                 } else if !matches!(failure, Some(Failure::Permanent(_))) {
                     failure = Some(Failure::Retry(text));
                 }
+            }
+            None if cluster.lost(pod) => {
+                let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()).unwrap_or("?");
+                disrupted.get_or_insert_with(|| format!("pod {name} was lost with its node {node}"));
             }
             None => {
                 let reason = status.and_then(|s| s.reason.clone());
@@ -111,12 +191,20 @@ pub fn classify(pods: &[Pod]) -> Failure {
             }
         }
     }
-    match failure {
-        Some(f) => f,
-        None if peer_lost.is_some() => Failure::Retry(peer_lost.expect("checked")),
-        None if resumed => Failure::Resume,
-        // No pod says what happened: they were deleted with their node, or never started.
-        None => Failure::Retry("the Job failed and its pods are gone (node lost or pods deleted)".into()),
+    if pods.len() < expected {
+        // A pod that failed on its own stays listed (restartPolicy Never): one that is gone was
+        // removed by the cluster (its node deleted, or the pod deleted) before it said anything.
+        disrupted.get_or_insert_with(|| {
+            format!("{} of the Job's {expected} pods are gone (node lost or pod deleted)", expected - pods.len())
+        });
+    }
+    match (failure, disrupted, peer_lost) {
+        (Some(f), _, _) => f,
+        (None, Some(why), _) => Failure::Disruption(why),
+        (None, None, Some(why)) => Failure::Retry(why),
+        (None, None, None) if resumed => Failure::Resume,
+        // Every pod exited 0 and the Job still failed: retrying is all that can be done.
+        (None, None, None) => Failure::Retry("the Job failed though its pods succeeded".into()),
     }
 }
 
@@ -189,6 +277,29 @@ mod tests {
         )
     }
 
+    /// `classify` of pods of a Job that ran as many pods as given, failed by its backoff limit.
+    fn of(pods: &[Pod]) -> Failure {
+        classify(pods, pods.len(), None, &PodContext { now: 1_000, ..PodContext::default() })
+    }
+
+    fn with(mut pod: Pod, change: impl FnOnce(&mut Pod)) -> Pod {
+        change(&mut pod);
+        pod
+    }
+
+    fn disrupted(pod: Pod, reason: &str) -> Pod {
+        with(pod, |p| {
+            let status = p.status.get_or_insert_with(Default::default);
+            status.conditions = Some(vec![
+                serde_json::from_value(serde_json::json!({
+                    "type": "DisruptionTarget", "status": "True", "reason": reason,
+                    "message": "Taint manager: deleting due to NoExecute taint"
+                }))
+                .unwrap(),
+            ]);
+        })
+    }
+
     #[test]
     fn failures_are_classified_by_exit_code_and_kubelet_reason() {
         // A crashed rank fails the gang even though the others checkpointed when the Job stopped them.
@@ -197,42 +308,81 @@ mod tests {
             exited("r1", 1, "Error", "step 12\nNCCL error: unhandled system error\n"),
         ];
         assert_eq!(
-            classify(&crashed),
+            of(&crashed),
             Failure::Retry("pod r1 exited with code 1: NCCL error: unhandled system error".into())
         );
         assert_eq!(
-            classify(&[exited("r0", 137, "OOMKilled", "")]),
+            of(&[exited("r0", 137, "OOMKilled", "")]),
             Failure::Retry("pod r0 exited with code 137: OOMKilled".into())
         );
         let evicted =
             pod("r0", &serde_json::json!({"phase": "Failed", "reason": "Evicted", "message": "low on memory"}));
-        assert_eq!(classify(&[evicted]), Failure::Retry("pod r0 failed: Evicted: low on memory".into()));
+        assert_eq!(of(&[evicted]), Failure::Retry("pod r0 failed: Evicted: low on memory".into()));
         // Invalid input is permanent whatever the other pods did.
         let invalid =
             [exited("m0", 1, "Error", "x"), exited("m1", exit::INVALID, "Error", "data.sources[0]: no files\n")];
-        assert!(matches!(classify(&invalid), Failure::Permanent(m) if m.ends_with("data.sources[0]: no files")));
+        assert!(matches!(of(&invalid), Failure::Permanent(m) if m.ends_with("data.sources[0]: no files")));
         // The ranks that stopped because a peer died do not hide the peer's own reason...
         let lost = [
             exited("r0", exit::PEER_LOST, "Error", "all-reduce #9: rank 2: connection lost\n"),
             exited("r2", 137, "OOMKilled", ""),
         ];
-        assert_eq!(classify(&lost), Failure::Retry("pod r2 exited with code 137: OOMKilled".into()));
-        // ...and when only they say anything (the dead pod is gone), they are a retry, not a resume.
+        assert_eq!(of(&lost), Failure::Retry("pod r2 exited with code 137: OOMKilled".into()));
+        // ...and when only they say anything, they are a retry, not a resume.
         let only_lost = [
             exited("r0", exit::RESUME, "Error", ""),
             exited("r1", exit::PEER_LOST, "Error", "all-reduce #9: rank 2: connection lost\n"),
         ];
         assert_eq!(
-            classify(&only_lost),
+            of(&only_lost),
             Failure::Retry("pod r1 lost a peer of its gang: all-reduce #9: rank 2: connection lost".into())
         );
         // Every pod checkpointed on SIGTERM: resume, not a failure.
-        assert_eq!(
-            classify(&[exited("r0", exit::RESUME, "Error", ""), exited("r1", 0, "Completed", "")]),
-            Failure::Resume
+        assert_eq!(of(&[exited("r0", exit::RESUME, "Error", ""), exited("r1", 0, "Completed", "")]), Failure::Resume);
+    }
+
+    #[test]
+    fn what_the_cluster_did_to_a_gang_is_a_disruption_not_a_failure() {
+        let cluster = PodContext { now: 1_000, ..PodContext::default() };
+        let peer = exited("r0", exit::PEER_LOST, "Error", "all-reduce #9: rank 1: connection lost\n");
+        // The dead rank's pod is gone (its node deleted, or the pod): the survivors' code says
+        // only that a peer died.
+        assert!(
+            matches!(classify(std::slice::from_ref(&peer), 2, None, &cluster), Failure::Disruption(m) if m.contains("1 of the Job's 2 pods are gone"))
         );
-        // Nothing left to read: the node went away with the pods.
-        assert!(matches!(classify(&[]), Failure::Retry(m) if m.contains("node lost")));
+        assert!(matches!(classify(&[], 1, None, &cluster), Failure::Disruption(m) if m.contains("gone")));
+        // The taint manager or the pod garbage collector marked the pod.
+        let tainted = disrupted(pod("r1", &serde_json::json!({"phase": "Failed"})), "DeletionByTaintManager");
+        assert!(
+            matches!(classify(&[peer.clone(), tainted], 2, None, &cluster), Failure::Disruption(m) if m.starts_with("pod r1: DeletionByTaintManager"))
+        );
+        // The Job's pod failure policy saw it first.
+        let by_rule = "Pod ns/r1 has condition DisruptionTarget matching FailJob rule at index 1".to_string();
+        assert_eq!(
+            classify(&[exited("r0", exit::RESUME, "Error", "")], 1, Some(by_rule.clone()), &cluster),
+            Failure::Disruption(by_rule)
+        );
+        // A deleted pod still listed past its grace period, or on a node that is not Ready, is lost
+        // with its node...
+        let deleting = |at: i64, node: &str| {
+            with(pod("r1", &serde_json::json!({"phase": "Running"})), |p| {
+                p.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    jiff::Timestamp::from_second(at).unwrap(),
+                ));
+                p.spec =
+                    Some(k8s_openapi::api::core::v1::PodSpec { node_name: Some(node.into()), ..Default::default() });
+            })
+        };
+        assert!(!cluster.settled(&deleting(1_200, "gpu-1")), "within its grace period it may still checkpoint");
+        assert!(cluster.settled(&deleting(900, "gpu-1")));
+        let unready = PodContext { now: 1_000, unready_nodes: ["gpu-1".to_string()].into() };
+        assert!(unready.settled(&deleting(1_200, "gpu-1")));
+        assert!(
+            matches!(classify(&[peer.clone(), deleting(1_200, "gpu-1")], 2, None, &unready), Failure::Disruption(m) if m.contains("lost with its node gpu-1"))
+        );
+        // ...but an application failure still counts, disruption or not.
+        let crashed = exited("r2", 1, "Error", "panicked\n");
+        assert!(matches!(classify(&[peer, crashed], 3, None, &cluster), Failure::Retry(m) if m.contains("panicked")));
     }
 
     #[tokio::test]

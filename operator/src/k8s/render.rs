@@ -20,11 +20,12 @@ use k8s_openapi::api::batch::v1::{
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvFromSource, EnvVar,
     EnvVarSource, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, ObjectFieldSelector,
-    PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements, SeccompProfile, SecretEnvSource,
-    SecurityContext, Service, ServicePort, ServiceSpec, Toleration, Volume, VolumeMount,
+    PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements,
+    SeccompProfile, SecretEnvSource, SecurityContext, Service, ServicePort, ServiceSpec, Toleration, Volume,
+    VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use pretrain_crd::contract::{
     ENV_JOB_COMPLETION_INDEX, ENV_MASTER_ADDR, ENV_MASTER_PORT, ENV_RANK, ENV_RUN, ENV_STORE, ENV_WORLD_SIZE, exit,
 };
@@ -390,7 +391,7 @@ impl<'a> RunObjects<'a> {
                 // checkpoint, for the whole gang.
                 backoff_limit: (role != Role::Map).then_some(0),
                 backoff_limit_per_index: (role == Role::Map).then_some(MAP_TASK_RETRIES),
-                pod_failure_policy: (role == Role::Map).then(map_failure_policy),
+                pod_failure_policy: Some(failure_policy(role)),
                 suspend,
                 template: PodTemplateSpec {
                     metadata: Some(ObjectMeta { labels: Some(labels), ..ObjectMeta::default() }),
@@ -455,10 +456,13 @@ pub fn to_yaml_stream(objects: &[Object]) -> Result<String, serde_yaml::Error> {
 /// the Job fails; the other shards go on meanwhile.
 pub const MAP_TASK_RETRIES: i32 = 3;
 
-/// A map Job's pod failure policy: invalid input or a worker without the stage (exit codes 2 and 3)
-/// fails the whole Job at once, since no retry can help; a pod the cluster disrupted (evicted,
-/// preempted, its node lost) is retried without counting against its task's retries.
-fn map_failure_policy() -> PodFailurePolicy {
+/// A Job's pod failure policy. Invalid input or a worker without the stage (exit codes 2 and 3)
+/// fails the whole Job at once, since no retry can help. A pod the cluster disrupted (evicted,
+/// preempted, deleted by the taint manager or with its node: `DisruptionTarget`) does not count as
+/// a failure: a map task is simply retried without spending its retries; any other Job (a gang is
+/// all or nothing) fails at once, and the operator, reading the rule in the Job's condition or the
+/// pod's, resumes it from the checkpoint without spending the stage's restart budget.
+fn failure_policy(role: Role) -> PodFailurePolicy {
     PodFailurePolicy {
         rules: vec![
             PodFailurePolicyRule {
@@ -471,7 +475,7 @@ fn map_failure_policy() -> PodFailurePolicy {
                 ..PodFailurePolicyRule::default()
             },
             PodFailurePolicyRule {
-                action: "Ignore".into(),
+                action: if role == Role::Map { "Ignore" } else { "FailJob" }.into(),
                 on_pod_conditions: Some(vec![PodFailurePolicyOnPodConditionsPattern {
                     type_: "DisruptionTarget".into(),
                     status: "True".into(),
@@ -482,16 +486,22 @@ fn map_failure_policy() -> PodFailurePolicy {
     }
 }
 
-/// Keeps the pods of an admitted gang on the nodes the cluster scheduler chose for it (a required
-/// node affinity on `kubernetes.io/hostname`); the Kubernetes scheduler still binds each pod.
+/// Keeps the pods of an admitted gang on exactly the nodes the cluster scheduler chose for it, one
+/// pod per node: a required node affinity on the Node's name (`matchFields` on `metadata.name`, not
+/// a label a node could share or change) and a required anti-affinity between the attempt's own pods
+/// on `kubernetes.io/hostname`. The Kubernetes scheduler still binds each pod.
 pub fn place_on(job: &mut Job, nodes: &[String]) {
     let mut hosts: Vec<String> = nodes.to_vec();
     hosts.sort();
     hosts.dedup();
-    let Some(pod) = job.spec.as_mut().and_then(|s| s.template.spec.as_mut()) else { return };
+    let Some(spec) = job.spec.as_mut() else { return };
+    let own = spec.template.metadata.as_ref().and_then(|m| m.labels.clone()).unwrap_or_default();
+    let selector: BTreeMap<String, String> =
+        own.into_iter().filter(|(k, _)| [LABEL_RUN, LABEL_STAGE, LABEL_ATTEMPT].contains(&k.as_str())).collect();
+    let Some(pod) = spec.template.spec.as_mut() else { return };
     let term = NodeSelectorTerm {
-        match_expressions: Some(vec![NodeSelectorRequirement {
-            key: "kubernetes.io/hostname".into(),
+        match_fields: Some(vec![NodeSelectorRequirement {
+            key: "metadata.name".into(),
             operator: "In".into(),
             values: Some(hosts),
         }]),
@@ -501,6 +511,14 @@ pub fn place_on(job: &mut Job, nodes: &[String]) {
         node_affinity: Some(NodeAffinity {
             required_during_scheduling_ignored_during_execution: Some(NodeSelector { node_selector_terms: vec![term] }),
             ..NodeAffinity::default()
+        }),
+        pod_anti_affinity: Some(PodAntiAffinity {
+            required_during_scheduling_ignored_during_execution: Some(vec![PodAffinityTerm {
+                label_selector: Some(LabelSelector { match_labels: Some(selector), ..LabelSelector::default() }),
+                topology_key: "kubernetes.io/hostname".into(),
+                ..PodAffinityTerm::default()
+            }]),
+            ..PodAntiAffinity::default()
         }),
         ..Affinity::default()
     });

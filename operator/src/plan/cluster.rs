@@ -41,12 +41,21 @@ fn yes() -> bool {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum JobState {
-    /// Pods pending or running (or waiting for admission).
+    /// Pods pending or running.
     Active,
+    /// Created suspended, waiting for Kueue to admit it (by unsuspending it).
+    Suspended,
     /// Every pod succeeded.
     Succeeded,
     /// It failed; how its pods ended.
     Failed(Failure),
+}
+
+impl JobState {
+    /// Whether the Job has not ended (running, or waiting for Kueue).
+    pub fn is_live(&self) -> bool {
+        matches!(self, JobState::Active | JobState::Suspended)
+    }
 }
 
 /// How a failed Job's pods ended.
@@ -55,8 +64,13 @@ pub enum JobState {
 pub enum Failure {
     /// They checkpointed on SIGTERM (exit code 75): resume, not a failure.
     Resume,
-    /// A failure worth retrying from the checkpoint (a crash, OOM, eviction, node loss, NCCL error).
+    /// A failure worth retrying from the checkpoint (a crash, OOM, NCCL error); it counts against
+    /// the restart budget.
     Retry(String),
+    /// The cluster ended it, not the application: a pod evicted, preempted by the Kubernetes
+    /// scheduler, lost with its node (`DisruptionTarget`), or gone without a trace. Resumed from the
+    /// checkpoint without counting against the restart budget.
+    Disruption(String),
     /// Retrying cannot help (invalid spec or input, a worker without the stage).
     Permanent(String),
 }
@@ -81,6 +95,19 @@ pub struct ClusterView<'a> {
     /// Whether the operator's cluster scheduler admits stages that need GPUs (`status.admission`);
     /// without it, and for runs handed to Kueue, Jobs are created at once.
     pub scheduler: bool,
+    /// The run's pods that have not finished (phase neither Succeeded nor Failed), deleted or not:
+    /// a new attempt starts only once those of earlier attempts are gone.
+    pub live_pods: &'a [LivePod],
+}
+
+/// A pod of the run that is still running or terminating.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LivePod {
+    /// Its stage.
+    pub stage: Stage,
+    /// Its attempt.
+    pub attempt: u32,
 }
 
 /// Whether a stage of `spec` waits for the cluster scheduler's admission: one that needs GPUs, in
@@ -158,7 +185,7 @@ fn attempt_state(view: &ClusterView<'_>, stage: Stage, attempt: u32) -> Attempt 
     }
     let key = |j: &JobView| JobKey { stage, role: j.role, attempt };
     if jobs.iter().any(|j| !j.current_spec) {
-        let active = jobs.iter().filter(|j| j.state == JobState::Active).map(|j| key(j)).collect();
+        let active = jobs.iter().filter(|j| j.state.is_live()).map(|j| key(j)).collect();
         return Attempt::Stale(active);
     }
     if let Some(JobState::Failed(f)) = jobs.iter().map(|j| &j.state).find(|s| matches!(s, JobState::Failed(_))) {
@@ -195,6 +222,7 @@ pub fn decide(view: &ClusterView<'_>) -> Decision {
                     phase: StagePhase::Pending,
                     attempts: 0,
                     failures: 0,
+                    disruptions: 0,
                     start_time: None,
                     finish_time: None,
                     message: None,
@@ -300,6 +328,18 @@ pub fn decide(view: &ClusterView<'_>) -> Decision {
             }
             Attempt::Failed(Failure::Resume) => {
                 ended(s, StagePhase::Pending, "checkpointed and stopped; resuming".into());
+            }
+            Attempt::Failed(Failure::Disruption(reason)) => {
+                s.disruptions += 1;
+                decision.events.push(Event {
+                    warning: true,
+                    reason: "StageDisrupted",
+                    note: format!(
+                        "{stage}: attempt {} ended by the cluster, not counted against the restart budget: {reason}",
+                        s.attempts
+                    ),
+                });
+                ended(s, StagePhase::Pending, format!("disrupted ({reason}); resuming"));
             }
             Attempt::Failed(Failure::Retry(reason)) => {
                 s.failures += 1;
@@ -426,6 +466,7 @@ pub fn decide(view: &ClusterView<'_>) -> Decision {
                 let attempt = s.attempts + 1;
                 let admitted =
                     old.admission.as_ref().is_some_and(|a| a.stage == stage.as_str() && a.attempt == attempt);
+                let lingering = view.live_pods.iter().filter(|p| p.stage == stage && p.attempt < attempt).count();
                 if view.scheduler && needs_admission(spec, stage) && !admitted {
                     // The cluster scheduler writes the admission (and meanwhile why it waits).
                     decision.status.queue_position = old.queue_position;
@@ -440,6 +481,24 @@ pub fn decide(view: &ClusterView<'_>) -> Decision {
                         }
                         _ => set_phase(&mut decision, &now, RunPhase::Queued, "WaitingForAdmission", &waiting),
                     }
+                    return decision;
+                }
+                if lingering > 0 {
+                    // Pods of an earlier attempt may still be writing their SIGTERM checkpoint: the
+                    // next attempt would resume from an older one, or race them to the store.
+                    let why = format!(
+                        "{stage}: waiting for {lingering} pod{} of attempt {} to stop before attempt {attempt} starts",
+                        if lingering == 1 { "" } else { "s" },
+                        s.attempts
+                    );
+                    decision.status.reason = Some(why.clone());
+                    decision.requeue_after = Some(2);
+                    // An admitted run keeps its phase, so that the cluster scheduler keeps its nodes.
+                    let phase = match old.phase {
+                        Some(p @ (RunPhase::Queued | RunPhase::Suspended)) => p,
+                        _ => RunPhase::Pending,
+                    };
+                    set_phase(&mut decision, &now, phase, "WaitingForPreviousAttempt", &why);
                     return decision;
                 }
                 let resumed = s.attempts > 0;
@@ -460,6 +519,28 @@ pub fn decide(view: &ClusterView<'_>) -> Decision {
                     ),
                 });
             }
+            let attempt = decision.status.stages[index(stage)].attempts;
+            // Jobs handed to Kueue are created suspended; Kueue admits them by unsuspending them.
+            let live: Vec<&JobView> = view
+                .jobs
+                .iter()
+                .filter(|j| j.stage == stage && j.attempt == attempt && j.current_spec && j.state.is_live())
+                .collect();
+            let created = decision.create.iter().any(|k| k.stage == stage);
+            let kueue = spec.scheduling.kueue.as_ref();
+            let suspended = !live.is_empty() && live.iter().all(|j| j.state == JobState::Suspended);
+            if suspended || (kueue.is_some() && live.is_empty() && created) {
+                let why = match kueue {
+                    Some(k) => {
+                        format!("{stage}: attempt {attempt} waits for Kueue to admit it (LocalQueue {})", k.queue_name)
+                    }
+                    None => format!("{stage}: the Jobs of attempt {attempt} are suspended"),
+                };
+                decision.status.reason = Some(why.clone());
+                decision.requeue_after = Some(POLL_SECONDS);
+                set_phase(&mut decision, &now, RunPhase::Queued, "WaitingForKueue", &why);
+                return decision;
+            }
             let layout_note = match layout {
                 Layout::Sharded { shards } => format!("{shards} shards"),
                 Layout::Gang { nodes, gpus_per_node } => format!("{nodes} nodes x {gpus_per_node} GPUs"),
@@ -475,44 +556,51 @@ pub fn decide(view: &ClusterView<'_>) -> Decision {
 fn in_flight(view: &ClusterView<'_>, stage: Stage, attempt: u32) -> Vec<JobKey> {
     view.jobs
         .iter()
-        .filter(|j| j.stage == stage && j.attempt == attempt && j.state == JobState::Active)
+        .filter(|j| j.stage == stage && j.attempt == attempt && j.state.is_live())
         .map(|j| JobKey { stage, role: j.role, attempt })
         .collect()
 }
 
-/// Sets the run phase and its conditions; a condition's transition time changes only with its status.
+/// Sets the run phase and its conditions. `Admitted` is True only while the current stage attempt
+/// holds its admission and runs (not while a preempted run waits again, nor while Kueue has yet to
+/// admit); each of the others is True in its phase. Every condition carries the phase's reason and
+/// message (why it is True, or why not) and the generation it describes; its transition time changes
+/// only with its status.
 fn set_phase(decision: &mut Decision, now: &str, phase: RunPhase, reason: &str, message: &str) {
     let status = &mut decision.status;
     status.phase = Some(phase);
-    let started = status.stages.iter().any(|s| s.attempts > 0);
     let truth = [
-        ("Admitted", started || phase == RunPhase::Running),
+        ("Admitted", phase == RunPhase::Running),
         ("Running", phase == RunPhase::Running),
         ("Succeeded", phase == RunPhase::Succeeded),
         ("Failed", phase == RunPhase::Failed),
         ("Suspended", phase == RunPhase::Suspended),
     ];
     let now = Some(now.to_string());
+    let generation = status.observed_generation;
     for (type_, on) in truth {
         let value = if on { "True" } else { "False" };
-        let (reason, message) = if on { (Some(reason.to_string()), Some(message.to_string())) } else { (None, None) };
-        match status.conditions.iter_mut().find(|c| c.type_ == type_) {
-            Some(c) => {
-                if c.status != value {
-                    c.status = value.into();
-                    c.last_transition_time = now.clone();
-                }
-                c.reason = reason;
-                c.message = message;
+        let condition = match status.conditions.iter_mut().position(|c| c.type_ == type_) {
+            Some(i) => &mut status.conditions[i],
+            None => {
+                status.conditions.push(Condition {
+                    type_: type_.into(),
+                    status: String::new(),
+                    last_transition_time: None,
+                    reason: None,
+                    message: None,
+                    observed_generation: None,
+                });
+                status.conditions.last_mut().expect("just pushed")
             }
-            None => status.conditions.push(Condition {
-                type_: type_.into(),
-                status: value.into(),
-                last_transition_time: now.clone(),
-                reason,
-                message,
-            }),
+        };
+        if condition.status != value {
+            condition.status = value.into();
+            condition.last_transition_time.clone_from(&now);
         }
+        condition.reason = Some(reason.to_string());
+        condition.message = Some(message.to_string());
+        condition.observed_generation = generation;
     }
 }
 

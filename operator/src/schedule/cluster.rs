@@ -192,11 +192,12 @@ pub fn snapshot(
         }
     }
 
-    // What other pods hold, per node.
+    // What other pods hold, per node; pods not bound yet hold the node the Kubernetes scheduler
+    // nominated for them, or wait to be placed below.
     let mut held: BTreeMap<String, Resources> = BTreeMap::new();
+    let mut unbound: Vec<(&Pod, Resources)> = Vec::new();
     for pod in pods {
         let Some(spec) = pod.spec.as_ref() else { continue };
-        let Some(node) = spec.node_name.clone() else { continue };
         let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
         if matches!(phase, Some("Succeeded" | "Failed")) {
             continue;
@@ -207,12 +208,15 @@ pub fn snapshot(
         if gang_pods.contains(&member) {
             continue;
         }
-        let entry = held.entry(node).or_default();
+        let mut wants = Resources::default();
         for c in &spec.containers {
-            let r = resources(c.resources.as_ref().and_then(|r| r.requests.as_ref()));
-            entry.gpus += r.gpus;
-            entry.cpu_millis += r.cpu_millis;
-            entry.memory += r.memory;
+            wants.give(&resources(c.resources.as_ref().and_then(|r| r.requests.as_ref())));
+        }
+        let nominated = pod.status.as_ref().and_then(|s| s.nominated_node_name.clone());
+        match spec.node_name.clone().or(nominated) {
+            Some(node) => held.entry(node).or_default().give(&wants),
+            None if pod.metadata.deletion_timestamp.is_none() => unbound.push((pod, wants)),
+            None => {}
         }
     }
 
@@ -237,6 +241,25 @@ pub fn snapshot(
             schedulable: ready && !cordoned && !tainted,
             name,
         });
+    }
+    // A pending pod of another workload will take a node before a gang admitted now can start
+    // there: reserve what it asks for where the Kubernetes scheduler would most likely put it, the
+    // usable node its node selector allows with the most free GPUs, then CPU (its default scoring
+    // prefers the least allocated node). Pods that fit nowhere hold nothing.
+    for (pod, wants) in unbound {
+        let selector = pod.spec.as_ref().and_then(|s| s.node_selector.clone()).unwrap_or_default();
+        let fits = |n: &&mut Node| {
+            let labels = nodes.iter().find(|k| k.name_any() == n.name).map(|k| k.labels().clone()).unwrap_or_default();
+            n.schedulable && wants.fits_in(&n.allocatable) && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+        };
+        if let Some(node) = snapshot
+            .nodes
+            .iter_mut()
+            .filter(fits)
+            .max_by_key(|n| (n.allocatable.gpus, n.allocatable.cpu_millis, std::cmp::Reverse(n.name.clone())))
+        {
+            node.allocatable.take(&wants);
+        }
     }
 
     let mut has_default = false;

@@ -96,11 +96,8 @@ impl Cluster {
                 Some(list("JobList", self.jobs.values().filter(|j| j["metadata"]["labels"][LABEL_RUN] == run)))
             }
             (Method::GET, "/api/v1/namespaces/ml/pods") => {
-                let job = query.split("job-name%3D").nth(1)?.split('&').next()?;
-                Some(list(
-                    "PodList",
-                    self.pods.iter().filter(|p| p["metadata"]["labels"]["batch.kubernetes.io/job-name"] == job),
-                ))
+                let run = query.split("run%3D").nth(1)?.split('&').next()?;
+                Some(list("PodList", self.pods.iter().filter(|p| p["metadata"]["labels"][LABEL_RUN] == run)))
             }
             (Method::PATCH, p) if p.starts_with(&format!("{JOBS}/")) => {
                 let name = p.rsplit('/').next()?.to_string();
@@ -160,7 +157,7 @@ impl Cluster {
                 let condition = if fails { "Failed" } else { "Complete" };
                 job["status"] = json!({"conditions": [{"type": condition, "status": "True"}]});
                 if fails {
-                    pods.push(failed_pod(name));
+                    pods.push(failed_pod(name, &labels));
                 } else if role != "map" {
                     commits.push((run, stage, hash));
                 }
@@ -173,9 +170,12 @@ impl Cluster {
     }
 }
 
-fn failed_pod(job: &str) -> Value {
+/// The pod of a failed Job that exited 1 (its peers, deleted by the Job controller, are gone).
+fn failed_pod(job: &str, job_labels: &Value) -> Value {
+    let mut labels = job_labels.clone();
+    labels["batch.kubernetes.io/job-name"] = job.into();
     json!({
-        "metadata": {"name": format!("{job}-0"), "labels": {"batch.kubernetes.io/job-name": job}},
+        "metadata": {"name": format!("{job}-0"), "labels": labels},
         "status": {"phase": "Failed", "containerStatuses": [{
             "name": "worker", "image": "w", "imageID": "", "ready": false, "restartCount": 0,
             "state": {"terminated": {"exitCode": 1, "reason": "Error", "message": "injected failure"}}
