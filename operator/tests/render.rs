@@ -150,12 +150,11 @@ fn an_admitted_gang_is_kept_on_its_nodes_and_tolerates_gpu_taints() {
     let value = serde_json::to_value(&job).unwrap();
     check::<Job>(&value);
     let pod = &value["spec"]["template"]["spec"];
-    let term =
-        &pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0];
-    assert_eq!(
-        term["matchFields"][0],
-        serde_json::json!({"key": "metadata.name", "operator": "In", "values": ["n1", "n3"]})
-    );
+    // One term per node, since a field selector takes one value (the API server refuses more).
+    let terms = &pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"];
+    let on =
+        |node: &str| serde_json::json!({"matchFields": [{"key": "metadata.name", "operator": "In", "values": [node]}]});
+    assert_eq!(*terms, serde_json::json!([on("n1"), on("n3")]));
     // One pod of the attempt per node.
     let apart = &pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0];
     assert_eq!(apart["topologyKey"], "kubernetes.io/hostname");

@@ -20,14 +20,31 @@ pub fn worker_image() -> String {
     format!("ghcr.io/pretrain-dev/pretrain-worker:{}", env!("CARGO_PKG_VERSION"))
 }
 
-/// The roots of the operator image (`pretrain`) and the CPU worker image (`pretrain-worker`), built
-/// under `dir` from the binaries in `bins`, by image reference.
+/// The project's two CPU images (the operator's `pretrain`, the worker's `pretrain-worker`) built
+/// from the binaries in `bins` as OCI archives under `dir` (what `scripts/build-images.sh` writes),
+/// then unpacked from those archives into the roots the test kubelet runs pods in, by reference.
 pub fn images(bins: &Path, dir: &Path) -> anyhow::Result<BTreeMap<String, PathBuf>> {
-    let operator = dir.join("operator");
-    let worker = dir.join("worker");
-    crate::image::build_root(&operator, &[bins.join("pretrain")])?;
-    crate::image::build_root(&worker, &[bins.join("pretrain-worker")])?;
-    Ok(BTreeMap::from([(operator_image(), operator), (worker_image(), worker)]))
+    let mut roots = BTreeMap::new();
+    for spec in image_specs(bins) {
+        let name = spec.binaries[0].file_name().context("a binary's name")?.to_string_lossy().into_owned();
+        std::fs::create_dir_all(dir.join("build").join(&name))?;
+        let archive = dir.join(format!("{name}.oci.tar"));
+        crate::oci::build(&spec, &dir.join("build").join(&name), &archive)?;
+        let root = dir.join("roots").join(&name);
+        crate::oci::unpack(&archive, &spec.reference, &root)?;
+        roots.insert(spec.reference, root);
+    }
+    Ok(roots)
+}
+
+/// The CPU images, from the binaries in `bins`.
+pub fn image_specs(bins: &Path) -> Vec<crate::oci::ImageSpec> {
+    let spec = |reference: String, binary: &str| crate::oci::ImageSpec {
+        reference,
+        binaries: vec![bins.join(binary)],
+        entrypoint: vec![binary.to_string()],
+    };
+    vec![spec(operator_image(), "pretrain"), spec(worker_image(), "pretrain-worker")]
 }
 
 /// `helm install pretrain CHART -n pretrain-system --create-namespace --wait` with `extra` arguments.

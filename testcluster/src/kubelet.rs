@@ -37,6 +37,7 @@ use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::{
     ConfigMap, Container, EnvVar, Node, NodeAddress, NodeCondition, NodeSpec, NodeStatus, NodeSystemInfo, Pod, Secret,
+    Taint,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, OwnerReference, Time};
@@ -204,9 +205,15 @@ async fn register(client: &Client, node: &NodeConfig) -> anyhow::Result<()> {
         labels.insert("nvidia.com/gpu.product".into(), product.clone());
         labels.insert("nvidia.com/gpu.count".into(), node.gpus.to_string());
     }
+    // GPU nodes carry the taint GPU node pools commonly have, so that only pods asking for GPUs
+    // (which tolerate it) land there.
+    let taints = node
+        .gpu_product
+        .is_some()
+        .then(|| vec![Taint { key: "nvidia.com/gpu".into(), effect: "NoSchedule".into(), ..Taint::default() }]);
     let object = Node {
         metadata: ObjectMeta { name: Some(node.name.clone()), labels: Some(labels), ..ObjectMeta::default() },
-        spec: Some(NodeSpec::default()),
+        spec: Some(NodeSpec { taints, ..NodeSpec::default() }),
         status: None,
     };
     match nodes.create(&PostParams::default(), &object).await {

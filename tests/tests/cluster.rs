@@ -32,7 +32,15 @@ struct Cluster {
     /// The S3 server's root directory (`bucket/` inside).
     s3_root: PathBuf,
     kubectl: PathBuf,
+    /// The test kubelet (to lose a node).
+    kubelet: std::sync::Arc<Kubelet>,
 }
+
+/// The GPU product of the two fake GPU nodes each test that trains a gang uses alone: tests run
+/// side by side on the one cluster, and a run asks for its test's product (`train.resources.gpuType`).
+const GANG_GPU: &str = "NVIDIA-H100-80GB-HBM3";
+const QUEUE_GPU: &str = "Test-Queue-GPU";
+const LOSS_GPU: &str = "Test-Loss-GPU";
 
 /// The shared cluster, or `None` when `PRETRAIN_SKIP_CLUSTER` is set. Builds the control plane
 /// first when `scripts/control-plane.sh build` has not (needs Go and the module proxy).
@@ -73,7 +81,7 @@ fn cluster() -> Option<&'static Cluster> {
     }))
 }
 
-type Keep = (tempfile::TempDir, ControlPlane, Kubelet, tokio::task::JoinHandle<()>);
+type Keep = (tempfile::TempDir, ControlPlane, tokio::task::JoinHandle<()>);
 
 async fn start() -> anyhow::Result<(Cluster, Keep)> {
     let bins = pretrain_tests::bin("pretrain").parent().unwrap().to_path_buf();
@@ -109,25 +117,32 @@ async fn start() -> anyhow::Result<(Cluster, Keep)> {
         nodes: vec![
             NodeConfig::cpu("cpu-0", "8", "32Gi"),
             NodeConfig::cpu("cpu-1", "8", "32Gi"),
-            NodeConfig::gpu("gpu-0", 1, "NVIDIA-H100-80GB-HBM3"),
-            NodeConfig::gpu("gpu-1", 1, "NVIDIA-H100-80GB-HBM3"),
+            NodeConfig::gpu("gpu-0", 1, GANG_GPU),
+            NodeConfig::gpu("gpu-1", 1, GANG_GPU),
+            NodeConfig::gpu("queue-0", 1, QUEUE_GPU),
+            NodeConfig::gpu("queue-1", 1, QUEUE_GPU),
+            NodeConfig::gpu("lossy-0", 1, LOSS_GPU),
+            NodeConfig::gpu("lossy-1", 1, LOSS_GPU),
         ],
         images,
         dir: tmp.path().join("kubelet"),
         gpu_node_env: vec![(pretrain_worker::context::ENV_TEST_CPU_FOR_GPUS.into(), "1".into())],
     };
-    let kubelet = Kubelet::start(&plane, config).await?;
+    let kubelet = std::sync::Arc::new(Kubelet::start(&plane, config).await?);
     let kubectl = pretrain_testcluster::control_plane::binary("kubectl")?;
     let chart = pretrain_tests::repo().join("charts/pretrain-operator");
-    pretrain_testcluster::install::helm_install(&plane, &chart, &[])?;
+    // Preemption at once (the default waits 15 minutes), and a pass every 2 s.
+    let values = ["--set", "scheduler.preemptAfterSeconds=0", "--set", "scheduler.intervalSeconds=2"];
+    pretrain_testcluster::install::helm_install(&plane, &chart, &values)?;
     let cluster = Cluster {
         kubeconfig: plane.admin_kubeconfig.clone(),
         s3_pods: format!("http://{gateway}:{port}"),
         s3_local: format!("http://127.0.0.1:{port}"),
         s3_root,
         kubectl,
+        kubelet,
     };
-    Ok((cluster, (tmp, plane, kubelet, server)))
+    Ok((cluster, (tmp, plane, server)))
 }
 
 /// Removes what the clusters of finished test processes left in the temporary directory (the
@@ -321,12 +336,6 @@ async fn a_run_applied_with_kubectl_runs_every_stage_as_jobs_and_ends_with_the_w
 
 /// Objects under `<bucket>/runs/<run>/` in the S3 server's directory.
 fn stored_files(cluster: &Cluster, run: &str) -> Vec<PathBuf> {
-    fn walk(dir: &std::path::Path, out: &mut Vec<PathBuf>) {
-        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-            let path = entry.path();
-            if path.is_dir() { walk(&path, out) } else { out.push(path) }
-        }
-    }
     let mut out = Vec::new();
     walk(&cluster.s3_root.join("bucket/runs").join(run), &mut out);
     out
@@ -424,4 +433,248 @@ async fn when_the_leading_operator_dies_the_other_replica_takes_over_and_creates
         jobs.list(&ListParams::default()).await.unwrap().items.iter().map(|j| j.name_any()).collect();
     assert!(names.iter().all(|n| n.ends_with("-1")), "a stage was attempted again: {names:?}");
     assert_eq!(names.len(), 7, "{names:?}");
+}
+
+/// A run of [`manifest_with`]'s shape whose train stage is a gang of `nodes` pods of one fake GPU
+/// of type `gpu`, stored under `s3://bucket/<prefix>`, without the long-context stage.
+fn gang_manifest(cluster: &Cluster, name: &str, namespace: &str, prefix: &str, tokens: u64, gpu: &str) -> String {
+    let docs = format!("{prefix}/docs.jsonl");
+    let mut value: serde_yaml::Value =
+        serde_yaml::from_str(&manifest_with(cluster, name, namespace, &docs, tokens)).unwrap();
+    value["spec"]["storage"]["url"] = format!("s3://bucket/{prefix}").into();
+    value["spec"].as_mapping_mut().unwrap().remove("longContext");
+    value["spec"]["train"]["resources"] =
+        serde_yaml::from_str(&format!("{{nodes: 2, gpusPerNode: 1, gpuType: {gpu}, cpu: '1', memory: 2Gi}}")).unwrap();
+    serde_yaml::to_string(&value).unwrap()
+}
+
+/// Whether the run stored under `s3://bucket/<prefix>/<run>` has committed a training checkpoint.
+fn has_checkpoint(cluster: &Cluster, prefix: &str, run: &str) -> bool {
+    let mut files = Vec::new();
+    walk(&cluster.s3_root.join("bucket").join(prefix).join(run).join("train/ckpt"), &mut files);
+    files.iter().any(|p| p.ends_with("MANIFEST.json"))
+}
+
+fn walk(dir: &std::path::Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() { walk(&path, out) } else { out.push(path) }
+    }
+}
+
+/// The run's training pods that run, once there are `count` of them and a checkpoint is committed.
+async fn training_with_checkpoint(
+    cluster: &Cluster,
+    client: &kube::Client,
+    namespace: &str,
+    (prefix, run): (&str, &str),
+    count: usize,
+) -> Vec<Pod> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let selector = format!("pretrain.dev/run={run},pretrain.dev/stage=train");
+    eventually(Duration::from_secs(900), &format!("{count} training pods of {run} and a checkpoint"), || {
+        let (pods, selector) = (pods.clone(), selector.clone());
+        async move {
+            let listed = pods.list(&ListParams::default().labels(&selector)).await.ok()?.items;
+            let running: Vec<Pod> = listed
+                .into_iter()
+                .filter(|p| p.metadata.deletion_timestamp.is_none())
+                .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+                .collect();
+            (running.len() == count && has_checkpoint(cluster, prefix, run)).then_some(running)
+        }
+    })
+    .await
+}
+
+fn train_stage(status: &pretrain_crd::PretrainRunStatus) -> &pretrain_crd::status::StageStatus {
+    status.stages.iter().find(|s| s.name == "train").expect("a train stage")
+}
+
+/// The sha256 of the weights train committed under `s3://bucket/<prefix>/<run>`.
+fn weights(cluster: &Cluster, prefix: &str, run: &str) -> String {
+    pretrain_tests::model_sha(&cluster.s3_root.join("bucket").join(prefix).join(run))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_training_pod_deleted_mid_run_restarts_the_gang_from_its_checkpoint_with_the_same_weights() {
+    let Some(cluster) = cluster() else { return };
+    let client = cluster.client().await;
+    // The same run twice, in two namespaces and stores; the two fake GPU nodes take one gang at a
+    // time, so the cluster scheduler runs them one after the other.
+    for namespace in ["podkill", "undisturbed"] {
+        cluster.namespace(namespace);
+        let text = gang_manifest(cluster, "gang", namespace, namespace, 200_000, GANG_GPU);
+        cluster.kubectl_ok(&["apply", "-f", "-"], Some(&text));
+    }
+    let running = training_with_checkpoint(cluster, &client, "podkill", ("podkill", "gang"), 2).await;
+    let victim = running[1].name_any();
+    cluster.kubectl_ok(&["-n", "podkill", "delete", "pod", &victim, "--wait=false"], None);
+
+    let disturbed = run_end(&client, "podkill", "gang").await;
+    assert_eq!(disturbed.phase, Some(pretrain_crd::status::RunPhase::Succeeded), "{disturbed:#?}");
+    let train = train_stage(&disturbed);
+    assert!(train.attempts >= 2, "the gang did not restart: {train:?}");
+    assert_eq!(train.failures, 0, "a deleted pod is not the application's failure: {train:?}");
+    let reference = run_end(&client, "undisturbed", "gang").await;
+    assert_eq!(reference.phase, Some(pretrain_crd::status::RunPhase::Succeeded), "{reference:#?}");
+    assert_eq!(train_stage(&reference).attempts, 1, "{reference:#?}");
+    assert_eq!(
+        weights(cluster, "podkill", "gang"),
+        weights(cluster, "undisturbed", "gang"),
+        "the restarted gang ends with other weights than the undisturbed one"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_node_is_evicted_and_the_gang_resumes_elsewhere_without_spending_its_restarts() {
+    let Some(cluster) = cluster() else { return };
+    cluster.namespace("nodeloss");
+    let mut value: serde_yaml::Value =
+        serde_yaml::from_str(&gang_manifest(cluster, "lossy", "nodeloss", "nodeloss", 200_000, LOSS_GPU)).unwrap();
+    // One node of the two, and no restart to spare: a disruption counted as a failure fails the run.
+    value["spec"]["train"]["resources"]["nodes"] = 1.into();
+    value["spec"]["train"]["maxRestarts"] = 0.into();
+    cluster.kubectl_ok(&["apply", "-f", "-"], Some(&serde_yaml::to_string(&value).unwrap()));
+    let client = cluster.client().await;
+    let running = training_with_checkpoint(cluster, &client, "nodeloss", ("nodeloss", "lossy"), 1).await;
+    let node = running[0].spec.as_ref().and_then(|s| s.node_name.clone()).expect("a bound pod");
+    // The machine goes away: its processes die and it stops heartbeating. The node controller
+    // marks it NotReady and taints it; the taint manager evicts its pods.
+    cluster.kubelet.lose(&node);
+
+    let status = run_end(&client, "nodeloss", "lossy").await;
+    assert_eq!(status.phase, Some(pretrain_crd::status::RunPhase::Succeeded), "{status:#?}");
+    let train = train_stage(&status);
+    assert_eq!((train.attempts, train.failures, train.disruptions), (2, 0, 1), "{train:?}");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "nodeloss");
+    let second = pods
+        .list(&ListParams::default().labels("pretrain.dev/run=lossy,pretrain.dev/stage=train,pretrain.dev/attempt=2"))
+        .await
+        .unwrap()
+        .items;
+    assert!(
+        second.iter().all(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) != Some(node.as_str())),
+        "attempt 2 ran on the lost node {node}"
+    );
+    let events =
+        cluster.kubectl_ok(&["-n", "nodeloss", "get", "events", "--field-selector=reason=StageDisrupted"], None);
+    assert!(events.contains("lost with its node") || events.contains("DisruptionTarget"), "{events}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_higher_priority_run_preempts_a_checkpointing_victim_that_waits_in_line_and_resumes() {
+    use pretrain_crd::status::RunPhase;
+    let Some(cluster) = cluster() else { return };
+    cluster.namespace("queue");
+    let queue = format!(
+        "apiVersion: pretrain.dev/v1alpha1\nkind: PretrainQueue\nmetadata: {{name: research}}\nspec: {{gpuQuota: {{{QUEUE_GPU}: 2}}}}\n"
+    );
+    cluster.kubectl_ok(&["apply", "-f", "-"], Some(&queue));
+    let run = |name: &str, tokens: u64, priority: i32| {
+        let mut value: serde_yaml::Value =
+            serde_yaml::from_str(&gang_manifest(cluster, name, "queue", "queue", tokens, QUEUE_GPU)).unwrap();
+        value["spec"]["scheduling"] =
+            serde_yaml::from_str(&format!("{{queue: research, priority: {priority}}}")).unwrap();
+        serde_yaml::to_string(&value).unwrap()
+    };
+    cluster.kubectl_ok(&["apply", "-f", "-"], Some(&run("low", 200_000, 0)));
+    let client = cluster.client().await;
+    let victims = training_with_checkpoint(cluster, &client, "queue", ("queue", "low"), 2).await;
+
+    // The urgent run needs both nodes: the scheduler asks the low one to make room.
+    cluster.kubectl_ok(&["apply", "-f", "-"], Some(&run("urgent", 100_000, 100)));
+    let runs: Api<PretrainRun> = Api::namespaced(client.clone(), "queue");
+    // The victim checkpoints and stops, then waits in line with a reason while the urgent run trains.
+    let waiting = eventually(Duration::from_secs(600), "the preempted run to wait with a reason", || {
+        let runs = runs.clone();
+        async move {
+            let low = runs.get("low").await.ok()?.status?;
+            let urgent = runs.get("urgent").await.ok()?.status?;
+            (urgent.phase == Some(RunPhase::Running)
+                && urgent.stage.as_deref() == Some("train")
+                && low.phase == Some(RunPhase::Suspended)
+                && low.queue_position.is_some())
+            .then_some(low)
+        }
+    })
+    .await;
+    let reason = waiting.reason.clone().unwrap_or_default();
+    assert!(reason.starts_with("train: ") && reason.contains("needs 2"), "{reason}");
+    let admitted = waiting.conditions.iter().find(|c| c.type_ == "Admitted").unwrap();
+    assert_eq!(admitted.status, "False", "a preempted run waiting again is not admitted: {admitted:?}");
+    assert!(admitted.reason.is_some() && admitted.observed_generation.is_some(), "{admitted:?}");
+    for pod in &victims {
+        let log = std::fs::read_to_string(cluster.kubelet.log_path("queue", &pod.name_any())).unwrap_or_default();
+        assert!(log.contains("on SIGTERM"), "{} did not checkpoint on SIGTERM:\n{log}", pod.name_any());
+    }
+    let described = cluster.kubectl_ok(&["-n", "queue", "describe", "ptr", "low"], None);
+    assert!(described.contains("Preempted"), "{described}");
+
+    // Once the urgent run is done the victim is admitted again: its waiting reason goes.
+    let urgent = run_end(&client, "queue", "urgent").await;
+    assert_eq!(urgent.phase, Some(RunPhase::Succeeded), "{urgent:#?}");
+    let resumed = eventually(Duration::from_secs(600), "the victim to run again", || {
+        let runs = runs.clone();
+        async move {
+            let low = runs.get("low").await.ok()?.status?;
+            (low.phase == Some(RunPhase::Running) && train_stage(&low).attempts == 2
+                || low.phase == Some(RunPhase::Succeeded))
+            .then_some(low)
+        }
+    })
+    .await;
+    assert_eq!((resumed.reason.as_deref(), resumed.queue_position), (None, None), "{resumed:#?}");
+    let low = run_end(&client, "queue", "low").await;
+    assert_eq!(low.phase, Some(RunPhase::Succeeded), "{low:#?}");
+    assert_eq!((train_stage(&low).attempts, train_stage(&low).failures), (2, 0), "{low:#?}");
+    assert_eq!((low.reason, low.queue_position), (None, None));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_suspended_run_checkpoints_and_stops_and_resumes_when_unsuspended() {
+    use pretrain_crd::status::RunPhase;
+    let Some(cluster) = cluster() else { return };
+    cluster.namespace("suspend");
+    let text = manifest_with(cluster, "pause", "suspend", "suspend/docs.jsonl", 200_000);
+    cluster.kubectl_ok(&["apply", "-f", "-"], Some(&text));
+    let client = cluster.client().await;
+    training_with_checkpoint(cluster, &client, "suspend", ("runs", "pause"), 1).await;
+    cluster.kubectl_ok(
+        &["-n", "suspend", "patch", "ptr", "pause", "--type=merge", "-p", "{\"spec\":{\"suspend\":true}}"],
+        None,
+    );
+
+    let runs: Api<PretrainRun> = Api::namespaced(client.clone(), "suspend");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "suspend");
+    let suspended = eventually(Duration::from_secs(600), "the run to stop its pods and read Suspended", || {
+        let (runs, pods) = (runs.clone(), pods.clone());
+        async move {
+            let status = runs.get("pause").await.ok()?.status?;
+            let live = pods.list(&ListParams::default().labels("pretrain.dev/stage=train")).await.ok()?.items;
+            let stopped = live
+                .iter()
+                .all(|p| matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed")));
+            (status.phase == Some(RunPhase::Suspended) && stopped).then_some(status)
+        }
+    })
+    .await;
+    let condition = |s: &pretrain_crd::PretrainRunStatus, t: &str| {
+        s.conditions.iter().find(|c| c.type_ == t).map(|c| c.status.clone()).unwrap_or_default()
+    };
+    assert_eq!(
+        (condition(&suspended, "Suspended").as_str(), condition(&suspended, "Admitted").as_str()),
+        ("True", "False")
+    );
+    assert_eq!(train_stage(&suspended).failures, 0);
+
+    cluster.kubectl_ok(
+        &["-n", "suspend", "patch", "ptr", "pause", "--type=merge", "-p", "{\"spec\":{\"suspend\":false}}"],
+        None,
+    );
+    let status = run_end(&client, "suspend", "pause").await;
+    assert_eq!(status.phase, Some(RunPhase::Succeeded), "{status:#?}");
+    let train = train_stage(&status);
+    assert_eq!((train.attempts, train.failures), (2, 0), "{train:?}");
+    assert_eq!(condition(&status, "Suspended"), "False");
 }

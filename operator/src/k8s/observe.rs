@@ -52,7 +52,7 @@ impl PodContext {
     }
 
     /// Whether `pod` was deleted and will never report back (see [`PodContext::settled`]).
-    fn lost(&self, pod: &Pod) -> bool {
+    pub fn lost(&self, pod: &Pod) -> bool {
         let Some(deleted) = pod.metadata.deletion_timestamp.as_ref() else { return false };
         // The API server sets deletionTimestamp to the request time plus the grace period.
         let overdue = deleted.0.as_second() + POD_STOP_SLACK_SECONDS < self.now;
@@ -87,9 +87,13 @@ pub fn job_view(job: &Job, spec: &PretrainRunSpec, pods: &[Pod], cluster: &PodCo
     let hash = job.metadata.annotations.as_ref().and_then(|a| a.get(ANNOTATION_CONFIG_HASH));
     let current_spec = hash.is_some_and(|h| *h == spec.stage_config_hash(stage));
     let suspended = job.spec.as_ref().and_then(|s| s.suspend).unwrap_or(false);
+    let lost = pods.iter().find(|p| cluster.lost(p) && !terminated(p));
     let state = match job_outcome(job) {
         None if suspended => JobState::Suspended,
-        None => JobState::Active,
+        None => match lost {
+            Some(pod) => JobState::Lost(lost_with_node(pod)),
+            None => JobState::Active,
+        },
         Some(true) => JobState::Succeeded,
         Some(false) if pods.iter().any(|p| !cluster.settled(p)) => JobState::Active,
         Some(false) => {
@@ -108,6 +112,17 @@ fn job_failure(job: &Job) -> Option<String> {
         conditions.iter().find(|c| matches!(c.type_.as_str(), "Failed" | "FailureTarget") && c.status == "True")?;
     let message = failed.message.clone()?;
     (failed.reason.as_deref() == Some("PodFailurePolicy") && message.contains("DisruptionTarget")).then_some(message)
+}
+
+/// Whether the pod reached a terminal phase (it said how it ended).
+fn terminated(pod: &Pod) -> bool {
+    matches!(pod.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"))
+}
+
+fn lost_with_node(pod: &Pod) -> String {
+    let name = pod.metadata.name.as_deref().unwrap_or("?");
+    let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()).unwrap_or("?");
+    format!("pod {name} was lost with its node {node}")
 }
 
 /// The `DisruptionTarget` condition of a pod the cluster ended (evicted, preempted, deleted by the
@@ -171,8 +186,7 @@ pub fn classify(pods: &[Pod], expected: usize, job_failure: Option<String>, clus
                 }
             }
             None if cluster.lost(pod) => {
-                let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()).unwrap_or("?");
-                disrupted.get_or_insert_with(|| format!("pod {name} was lost with its node {node}"));
+                disrupted.get_or_insert_with(|| lost_with_node(pod));
             }
             None => {
                 let reason = status.and_then(|s| s.reason.clone());

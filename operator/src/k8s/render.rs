@@ -499,17 +499,21 @@ pub fn place_on(job: &mut Job, nodes: &[String]) {
     let selector: BTreeMap<String, String> =
         own.into_iter().filter(|(k, _)| [LABEL_RUN, LABEL_STAGE, LABEL_ATTEMPT].contains(&k.as_str())).collect();
     let Some(pod) = spec.template.spec.as_mut() else { return };
-    let term = NodeSelectorTerm {
-        match_fields: Some(vec![NodeSelectorRequirement {
-            key: "metadata.name".into(),
-            operator: "In".into(),
-            values: Some(hosts),
-        }]),
-        ..NodeSelectorTerm::default()
-    };
+    // A field selector takes one value per requirement: one term per node (terms are ORed).
+    let terms = hosts
+        .into_iter()
+        .map(|host| NodeSelectorTerm {
+            match_fields: Some(vec![NodeSelectorRequirement {
+                key: "metadata.name".into(),
+                operator: "In".into(),
+                values: Some(vec![host]),
+            }]),
+            ..NodeSelectorTerm::default()
+        })
+        .collect();
     pod.affinity = Some(Affinity {
         node_affinity: Some(NodeAffinity {
-            required_during_scheduling_ignored_during_execution: Some(NodeSelector { node_selector_terms: vec![term] }),
+            required_during_scheduling_ignored_during_execution: Some(NodeSelector { node_selector_terms: terms }),
             ..NodeAffinity::default()
         }),
         pod_anti_affinity: Some(PodAntiAffinity {

@@ -45,6 +45,9 @@ pub enum JobState {
     Active,
     /// Created suspended, waiting for Kueue to admit it (by unsuspending it).
     Suspended,
+    /// Not ended, but a pod of it was lost with its node: the Job controller waits for that pod
+    /// forever, so the operator ends the attempt (a disruption) and stops the Job.
+    Lost(String),
     /// Every pod succeeded.
     Succeeded,
     /// It failed; how its pods ended.
@@ -52,9 +55,9 @@ pub enum JobState {
 }
 
 impl JobState {
-    /// Whether the Job has not ended (running, or waiting for Kueue).
+    /// Whether the Job has not ended (running, waiting for Kueue, or holding a lost pod).
     pub fn is_live(&self) -> bool {
-        matches!(self, JobState::Active | JobState::Suspended)
+        matches!(self, JobState::Active | JobState::Suspended | JobState::Lost(_))
     }
 }
 
@@ -190,6 +193,9 @@ fn attempt_state(view: &ClusterView<'_>, stage: Stage, attempt: u32) -> Attempt 
     }
     if let Some(JobState::Failed(f)) = jobs.iter().map(|j| &j.state).find(|s| matches!(s, JobState::Failed(_))) {
         return Attempt::Failed(f.clone());
+    }
+    if let Some(JobState::Lost(why)) = jobs.iter().map(|j| &j.state).find(|s| matches!(s, JobState::Lost(_))) {
+        return Attempt::Failed(Failure::Disruption(why.clone()));
     }
     let roles = Role::of(super::layout(view.spec, stage));
     let done = |role: Role| jobs.iter().any(|j| j.role == role && j.state == JobState::Succeeded);
@@ -330,6 +336,8 @@ pub fn decide(view: &ClusterView<'_>) -> Decision {
                 ended(s, StagePhase::Pending, "checkpointed and stopped; resuming".into());
             }
             Attempt::Failed(Failure::Disruption(reason)) => {
+                // What is still running of the attempt stops (a Job holding a lost pod never ends).
+                decision.stop.extend(in_flight(view, stage, s.attempts));
                 s.disruptions += 1;
                 decision.events.push(Event {
                     warning: true,

@@ -1,7 +1,10 @@
 //! `pretrain-testcluster up`: the test cluster by hand, for debugging the operator. Starts the
-//! control plane and the test kubelet with fake GPU nodes under `--dir`, writes the admin kubeconfig
-//! path to `--dir/kubeconfig-path` and runs until SIGTERM or Ctrl-C, then stops everything.
-//! `scripts/control-plane.sh up` and `down` wrap it.
+//! control plane and the test kubelet with a CPU node and fake GPU nodes under `--dir`, writes the
+//! admin kubeconfig path to `--dir/kubeconfig-path` and runs until SIGTERM or Ctrl-C, then stops
+//! everything. `scripts/control-plane.sh up` and `down` wrap it.
+//!
+//! `pretrain-testcluster images`: the project's CPU images as OCI archives, without a container
+//! engine (`scripts/build-images.sh` wraps it).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -37,11 +40,34 @@ enum Command {
         #[arg(long, default_value = "charts/pretrain-operator")]
         chart: PathBuf,
     },
+    /// Build the operator and CPU worker images as OCI archives (`<binary>.oci.tar`).
+    Images {
+        /// The directory of the `pretrain` and `pretrain-worker` binaries.
+        #[arg(long)]
+        bins: PathBuf,
+        /// Where the archives go.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let Command::Up { dir, nodes, gpus_per_node, with_operator, chart } = Cli::parse().command;
+    let (dir, nodes, gpus_per_node, with_operator, chart) = match Cli::parse().command {
+        Command::Up { dir, nodes, gpus_per_node, with_operator, chart } => {
+            (dir, nodes, gpus_per_node, with_operator, chart)
+        }
+        Command::Images { bins, out } => {
+            std::fs::create_dir_all(&out)?;
+            for spec in pretrain_testcluster::install::image_specs(&bins) {
+                let name = spec.binaries[0].file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                let work = tempfile::tempdir()?;
+                let built = pretrain_testcluster::oci::build(&spec, work.path(), &out.join(format!("{name}.oci.tar")))?;
+                println!("{} {} {}", spec.reference, built.digest, built.path.display());
+            }
+            return Ok(());
+        }
+    };
     std::fs::create_dir_all(&dir)?;
     let images = match &with_operator {
         Some(bins) => pretrain_testcluster::install::images(bins, &dir.join("images"))?,
@@ -49,8 +75,11 @@ async fn main() -> anyhow::Result<()> {
     };
     let plane = ControlPlane::start(&dir.join("control-plane"), &Options::default()).await?;
     let config = KubeletConfig {
-        nodes: (0..nodes)
-            .map(|i| NodeConfig::gpu(&format!("gpu-node-{i}"), gpus_per_node, "NVIDIA-H100-80GB-HBM3"))
+        // A CPU node for the operator and the CPU stages (GPU nodes are tainted), and the GPU nodes.
+        nodes: std::iter::once(NodeConfig::cpu("cpu-node-0", "8", "32Gi"))
+            .chain(
+                (0..nodes).map(|i| NodeConfig::gpu(&format!("gpu-node-{i}"), gpus_per_node, "NVIDIA-H100-80GB-HBM3")),
+            )
             .collect(),
         images,
         dir: dir.join("kubelet"),
