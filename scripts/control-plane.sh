@@ -3,9 +3,10 @@
 #
 #   scripts/control-plane.sh build       build, once, and cache under ~/.cache/pretrain/k8s-v1.37.2/bin:
 #                                        kube-apiserver, kube-controller-manager, kube-scheduler and
-#                                        kubectl (k8s.io/kubernetes), etcd (go.etcd.io/etcd/server/v3)
-#                                        and helm (helm.sh/helm/v4), from the Go modules pinned in
-#                                        tests/controlplane/*/go.mod; prints what it built
+#                                        kubectl (k8s.io/kubernetes), etcd (go.etcd.io/etcd/server/v3),
+#                                        helm (helm.sh/helm/v4) and kueue (sigs.k8s.io/kueue), from the
+#                                        Go modules pinned in tests/controlplane/*/go.mod; prints what
+#                                        it built
 #   scripts/control-plane.sh up [NODES]  start the control plane, the test kubelet with NODES fake GPU
 #                                        nodes (default 2) and the operator from the Helm chart; prints
 #                                        a KUBECONFIG path with which `kubectl apply -f run.yaml` works
@@ -62,11 +63,21 @@ build() {
     helm=$(pinned helm helm.sh/helm/v4)
     (cd "$MODULES/helm" && go build "${flags[@]}" -ldflags="-s -w -X helm.sh/helm/v4/internal/version.version=$helm" \
         -o "$BIN/" helm.sh/helm/v4/cmd/helm)
+    local kueue
+    kueue=$(pinned kueue sigs.k8s.io/kueue)
+    x="-X sigs.k8s.io/kueue/pkg/version.GitVersion=$kueue -X sigs.k8s.io/kueue/pkg/version.BuildDate=1970-01-01T00:00:00Z"
+    (cd "$MODULES/kueue" && go build "${flags[@]}" -ldflags="-s -w $x" -o "$BIN/" sigs.k8s.io/kueue/cmd/kueue)
+    # Kueue's CRDs, from the same module (its kustomize patches add conversion webhooks: not those).
+    rm -rf "$BIN/kueue-crds" && mkdir -p "$BIN/kueue-crds"
+    cp "$(cd "$MODULES/kueue" && go env GOMODCACHE)/sigs.k8s.io/kueue@$kueue/config/components/crd/bases/"*.yaml \
+        "$BIN/kueue-crds/"
+    chmod u+w "$BIN/kueue-crds/"*.yaml
     echo "$want" >"$BIN/.stamp"
     echo "control plane: built in $((SECONDS - started)) s into $BIN:"
     echo "  kube-apiserver, kube-controller-manager, kube-scheduler, kubectl  k8s.io/kubernetes $(pinned kubernetes k8s.io/kubernetes)"
     echo "  etcd  go.etcd.io/etcd/server/v3 $(pinned etcd go.etcd.io/etcd/server/v3)"
     echo "  helm  helm.sh/helm/v4 $(pinned helm helm.sh/helm/v4)"
+    echo "  kueue  sigs.k8s.io/kueue $(pinned kueue sigs.k8s.io/kueue)"
     "$BIN/kubectl" version --client
     "$BIN/helm" version --short
 }
@@ -120,5 +131,5 @@ case ${1:-} in
     up) up "${2:-2}" ;;
     down) down ;;
     path) echo "$BIN" ;;
-    *) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+    *) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

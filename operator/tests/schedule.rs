@@ -157,6 +157,38 @@ fn queues_hold_their_gpu_quota_and_may_borrow_idle_quota() {
 }
 
 #[test]
+fn a_higher_priority_gang_over_its_queues_quota_preempts_lower_priority_gangs_of_that_queue() {
+    // Plenty of free nodes, but the queue's 16 GPUs are all held by its low-priority gang.
+    let nodes = gpu_nodes(8, "H100");
+    let queues = [
+        Queue { name: "research".into(), gpu_quota: BTreeMap::from([("H100".into(), 16)]), borrowing: false },
+        Queue { name: "prod".into(), gpu_quota: BTreeMap::from([("H100".into(), 16)]), borrowing: false },
+    ];
+    let typed = |g: Gang| Gang { gpu_type: Some("H100".into()), ..g };
+    let held = |id: &str, queue: &str, nodes: &[&str]| Running {
+        queue: queue.into(),
+        gang: typed(gang(2, 8)),
+        ..running(id, 0, nodes, 0, Some(9_000))
+    };
+    let run = [held("low", "research", &["H100-0", "H100-1"]), held("other", "prod", &["H100-2", "H100-3"])];
+    let urgent =
+        Request { queue: "research".into(), gang: typed(gang(2, 8)), ..request("urgent", 10, 9_500, gang(2, 8)) };
+    let d = schedule(&nodes, &run, &queues, std::slice::from_ref(&urgent), 10_000, Policy::default());
+    // Only its own queue's gang makes room: the other queue's quota is not this queue's to take.
+    assert_eq!(d.preempt, [("low".to_string(), "urgent".to_string())]);
+    assert!(d.admit.is_empty(), "the victim checkpoints first");
+    assert!(reason(&d, "urgent").contains("same queue") && reason(&d, "urgent").contains("quota"), "{d:?}");
+    // Equal priority waits for the quota.
+    let peer = Request { priority: 0, ..urgent.clone() };
+    let d = schedule(&nodes, &run, &queues, &[peer], 10_000, Policy::default());
+    assert!(d.preempt.is_empty());
+    assert!(reason(&d, "urgent").starts_with("queue research holds 16 of its 16 GPUs"), "{d:?}");
+    // Once the victim has stopped, the urgent gang is admitted.
+    let d = schedule(&nodes, &run[1..], &queues, &[urgent], 10_060, Policy::default());
+    assert_eq!(admitted(&d), ["urgent"]);
+}
+
+#[test]
 fn pods_land_only_on_ready_nodes_of_their_gpu_type_and_cpu_stages_hold_no_gpus() {
     let mut nodes = gpu_nodes(2, "A100");
     nodes.extend(gpu_nodes(2, "H100"));

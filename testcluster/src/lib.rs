@@ -11,6 +11,7 @@ pub mod control_plane;
 pub mod image;
 pub mod install;
 pub mod kubelet;
+pub mod kueue;
 pub mod network;
 pub mod oci;
 pub mod pki;

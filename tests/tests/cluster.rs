@@ -112,7 +112,10 @@ async fn start() -> anyhow::Result<(Cluster, Keep)> {
         }
     });
 
-    let images = pretrain_testcluster::install::images(&bins, &tmp.path().join("images"))?;
+    let mut images = pretrain_testcluster::install::images(&bins, &tmp.path().join("images"))?;
+    // Kueue's manager runs as a pod too, from an image of the built binary (installed on first use).
+    let (kueue, root) = pretrain_testcluster::kueue::image(&tmp.path().join("images/kueue"))?;
+    images.insert(kueue, root);
     let config = KubeletConfig {
         nodes: vec![
             NodeConfig::cpu("cpu-0", "8", "32Gi"),
@@ -578,24 +581,21 @@ async fn a_higher_priority_run_preempts_a_checkpointing_victim_that_waits_in_lin
             serde_yaml::from_str(&format!("{{queue: research, priority: {priority}}}")).unwrap();
         serde_yaml::to_string(&value).unwrap()
     };
-    cluster.kubectl_ok(&["apply", "-f", "-"], Some(&run("low", 200_000, 0)));
+    // The victim trains far longer than the test lasts (it is deleted once it has resumed), so
+    // that it is still training whenever the urgent run gets to its own training.
+    cluster.kubectl_ok(&["apply", "-f", "-"], Some(&run("low", 20_000_000, 0)));
     let client = cluster.client().await;
     let victims = training_with_checkpoint(cluster, &client, "queue", ("queue", "low"), 2).await;
 
     // The urgent run needs both nodes: the scheduler asks the low one to make room.
-    cluster.kubectl_ok(&["apply", "-f", "-"], Some(&run("urgent", 100_000, 100)));
+    cluster.kubectl_ok(&["apply", "-f", "-"], Some(&run("urgent", 40_960, 100)));
     let runs: Api<PretrainRun> = Api::namespaced(client.clone(), "queue");
     // The victim checkpoints and stops, then waits in line with a reason while the urgent run trains.
-    let waiting = eventually(Duration::from_secs(600), "the preempted run to wait with a reason", || {
+    let waiting = eventually(Duration::from_secs(600), "the preempted run to wait in line", || {
         let runs = runs.clone();
         async move {
             let low = runs.get("low").await.ok()?.status?;
-            let urgent = runs.get("urgent").await.ok()?.status?;
-            (urgent.phase == Some(RunPhase::Running)
-                && urgent.stage.as_deref() == Some("train")
-                && low.phase == Some(RunPhase::Suspended)
-                && low.queue_position.is_some())
-            .then_some(low)
+            (low.phase == Some(RunPhase::Suspended) && low.queue_position.is_some()).then_some(low)
         }
     })
     .await;
@@ -604,6 +604,7 @@ async fn a_higher_priority_run_preempts_a_checkpointing_victim_that_waits_in_lin
     let admitted = waiting.conditions.iter().find(|c| c.type_ == "Admitted").unwrap();
     assert_eq!(admitted.status, "False", "a preempted run waiting again is not admitted: {admitted:?}");
     assert!(admitted.reason.is_some() && admitted.observed_generation.is_some(), "{admitted:?}");
+    assert_eq!(train_stage(&waiting).failures, 0, "a preemption is not a failure");
     for pod in &victims {
         let log = std::fs::read_to_string(cluster.kubelet.log_path("queue", &pod.name_any())).unwrap_or_default();
         assert!(log.contains("on SIGTERM"), "{} did not checkpoint on SIGTERM:\n{log}", pod.name_any());
@@ -611,24 +612,25 @@ async fn a_higher_priority_run_preempts_a_checkpointing_victim_that_waits_in_lin
     let described = cluster.kubectl_ok(&["-n", "queue", "describe", "ptr", "low"], None);
     assert!(described.contains("Preempted"), "{described}");
 
-    // Once the urgent run is done the victim is admitted again: its waiting reason goes.
+    // Once the urgent run is done, the victim is admitted again, resumes from its checkpoint, and
+    // its waiting reason and place in line are gone.
     let urgent = run_end(&client, "queue", "urgent").await;
     assert_eq!(urgent.phase, Some(RunPhase::Succeeded), "{urgent:#?}");
-    let resumed = eventually(Duration::from_secs(600), "the victim to run again", || {
-        let runs = runs.clone();
-        async move {
-            let low = runs.get("low").await.ok()?.status?;
-            (low.phase == Some(RunPhase::Running) && train_stage(&low).attempts == 2
-                || low.phase == Some(RunPhase::Succeeded))
-            .then_some(low)
-        }
+    let resumed = training_with_checkpoint(cluster, &client, "queue", ("queue", "low"), 2).await;
+    assert!(resumed.iter().all(|p| p.labels().get("pretrain.dev/attempt").map(String::as_str) == Some("2")));
+    let status = runs.get("low").await.unwrap().status.unwrap();
+    assert_eq!(status.phase, Some(RunPhase::Running), "{status:#?}");
+    assert_eq!((status.reason.as_deref(), status.queue_position), (None, None), "{status:#?}");
+    let admitted = status.conditions.iter().find(|c| c.type_ == "Admitted").unwrap();
+    assert_eq!(admitted.status, "True", "{admitted:?}");
+    let rank0 = resumed.iter().find(|p| p.name_any().contains("-train-2-0-")).expect("rank 0 of attempt 2");
+    let log = eventually(Duration::from_secs(300), "attempt 2 to say where it resumed", || {
+        let path = cluster.kubelet.log_path("queue", &rank0.name_any());
+        async move { std::fs::read_to_string(path).ok().filter(|l| l.contains("resuming from")) }
     })
     .await;
-    assert_eq!((resumed.reason.as_deref(), resumed.queue_position), (None, None), "{resumed:#?}");
-    let low = run_end(&client, "queue", "low").await;
-    assert_eq!(low.phase, Some(RunPhase::Succeeded), "{low:#?}");
-    assert_eq!((train_stage(&low).attempts, train_stage(&low).failures), (2, 0), "{low:#?}");
-    assert_eq!((low.reason, low.queue_position), (None, None));
+    assert!(log.contains("train: resuming from step-"), "{log}");
+    cluster.kubectl_ok(&["-n", "queue", "delete", "ptr", "low", "--wait=false"], None);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -677,4 +679,109 @@ async fn a_suspended_run_checkpoints_and_stops_and_resumes_when_unsuspended() {
     let train = train_stage(&status);
     assert_eq!((train.attempts, train.failures), (2, 0), "{train:?}");
     assert_eq!(condition(&status, "Suspended"), "False");
+}
+
+/// Kueue installed in the shared cluster (once, by the first test that needs it).
+async fn kueue(cluster: &'static Cluster) {
+    static INSTALLED: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    INSTALLED
+        .get_or_init(|| async {
+            let kubeconfig = cluster.kubeconfig.clone();
+            tokio::task::spawn_blocking(move || pretrain_testcluster::kueue::install(&kubeconfig))
+                .await
+                .unwrap()
+                .unwrap_or_else(|e| panic!("installing Kueue: {e:#}"));
+        })
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_handed_to_kueue_is_queued_until_kueue_admits_its_jobs_then_succeeds() {
+    use pretrain_crd::status::RunPhase;
+    let Some(cluster) = cluster() else { return };
+    kueue(cluster).await;
+    cluster.namespace("kueue");
+    // A ClusterQueue that holds every workload (stopPolicy: Hold) until the test lets it go.
+    let queues = r#"apiVersion: kueue.x-k8s.io/v1beta2
+kind: ResourceFlavor
+metadata: {name: default-flavor}
+---
+apiVersion: kueue.x-k8s.io/v1beta2
+kind: ClusterQueue
+metadata: {name: research}
+spec:
+  namespaceSelector: {}
+  stopPolicy: Hold
+  resourceGroups:
+  - coveredResources: [cpu, memory]
+    flavors:
+    - name: default-flavor
+      resources: [{name: cpu, nominalQuota: "16"}, {name: memory, nominalQuota: 64Gi}]
+---
+apiVersion: kueue.x-k8s.io/v1beta2
+kind: LocalQueue
+metadata: {name: team, namespace: kueue}
+spec: {clusterQueue: research}
+"#;
+    cluster.kubectl_ok(&["apply", "-f", "-"], Some(queues));
+    let mut value: serde_yaml::Value =
+        serde_yaml::from_str(&manifest(cluster, "kueued", "kueue", "kueue/docs.jsonl")).unwrap();
+    value["spec"]["storage"]["url"] = "s3://bucket/kueue".into();
+    value["spec"]["scheduling"] = serde_yaml::from_str("{kueue: {queueName: team}}").unwrap();
+    cluster.kubectl_ok(&["apply", "-f", "-"], Some(&serde_yaml::to_string(&value).unwrap()));
+
+    // Held by Kueue: the first Job exists, suspended, and the run says why it waits.
+    let client = cluster.client().await;
+    let runs: Api<PretrainRun> = Api::namespaced(client.clone(), "kueue");
+    let held = eventually(Duration::from_secs(300), "the run to wait for Kueue", || {
+        let runs = runs.clone();
+        async move {
+            let status = runs.get("kueued").await.ok()?.status?;
+            (status.phase == Some(RunPhase::Queued)).then_some(status)
+        }
+    })
+    .await;
+    assert!(held.reason.as_deref().is_some_and(|r| r.contains("waits for Kueue") && r.contains("team")), "{held:#?}");
+    let admitted = held.conditions.iter().find(|c| c.type_ == "Admitted").unwrap();
+    assert_eq!(admitted.status, "False", "{admitted:?}");
+    let jobs: Api<Job> = Api::namespaced(client.clone(), "kueue");
+    let first = jobs.get("kueued-data-prep-map-1").await.unwrap();
+    assert_eq!(first.spec.as_ref().and_then(|s| s.suspend), Some(true));
+    assert_eq!(first.labels().get("kueue.x-k8s.io/queue-name").map(String::as_str), Some("team"));
+    eventually(Duration::from_secs(120), "Kueue's Workload for the held Job", || async {
+        let out = cluster.kubectl(&["-n", "kueue", "get", "workloads", "-o", "name"], None);
+        (out.status.success() && !out.stdout.is_empty()).then_some(())
+    })
+    .await;
+
+    // Released: Kueue admits each Job as it comes (it unsuspends them), and the run goes through.
+    cluster.kubectl_ok(
+        &["patch", "clusterqueue", "research", "--type=merge", "-p", r#"{"spec":{"stopPolicy":"None"}}"#],
+        None,
+    );
+    let status = run_end(&client, "kueue", "kueued").await;
+    assert_eq!(status.phase, Some(RunPhase::Succeeded), "{status:#?}");
+    let admitted = cluster.kubectl_ok(
+        &[
+            "-n",
+            "kueue",
+            "get",
+            "workloads",
+            "-o",
+            "jsonpath={range .items[*]}{.status.admission.clusterQueue}{\"\\n\"}{end}",
+        ],
+        None,
+    );
+    let stages = spec_job_count(&client, "kueue", "kueued").await;
+    assert_eq!(
+        admitted.lines().filter(|l| *l == "research").count(),
+        stages,
+        "every Job went through Kueue: {admitted}"
+    );
+}
+
+/// How many Jobs the run created.
+async fn spec_job_count(client: &kube::Client, namespace: &str, run: &str) -> usize {
+    let jobs: Api<Job> = Api::namespaced(client.clone(), namespace);
+    jobs.list(&ListParams::default().labels(&format!("pretrain.dev/run={run}"))).await.unwrap().items.len()
 }

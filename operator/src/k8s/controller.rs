@@ -358,7 +358,13 @@ async fn patch_status(runs: &Api<PretrainRun>, name: &str, status: &PretrainRunS
 }
 
 /// Records an Event on the run; a failure to record one never fails the reconcile.
-async fn publish(ctx: &Context, run: &PretrainRun, warning: bool, reason: &str, note: String) {
+async fn publish(ctx: &Context, run: &PretrainRun, warning: bool, reason: &str, mut note: String) {
+    // The API server refuses notes over 1 kB.
+    if note.len() > 1000 {
+        let end = (0..=1000).rev().find(|i| note.is_char_boundary(*i)).unwrap_or(0);
+        note.truncate(end);
+        note.push('…');
+    }
     let event = KubeEvent {
         type_: if warning { EventType::Warning } else { EventType::Normal },
         reason: reason.into(),
@@ -377,6 +383,17 @@ async fn publish(ctx: &Context, run: &PretrainRun, warning: bool, reason: &str, 
 pub fn error_policy(run: Arc<PretrainRun>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.failed(error.kind());
     log("error", &format!("reconcile failed: {error}"), Some(&run));
+    // A refusal the user can act on (an object the API server finds invalid, a missing Secret)
+    // shows in `kubectl describe`, not only in the operator's log.
+    let refused = match error {
+        Error::Kube(kube::Error::Api(e)) => (400..500).contains(&e.code) && e.code != 409,
+        Error::Secret { .. } | Error::Render(_) => true,
+        Error::Kube(_) | Error::Store(_) => false,
+    };
+    if refused && let Ok(handle) = tokio::runtime::Handle::try_current() {
+        let note = error.to_string();
+        handle.spawn(async move { publish(&ctx, &run, true, "ReconcileFailed", note).await });
+    }
     Action::requeue(Duration::from_secs(30))
 }
 

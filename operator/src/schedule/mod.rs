@@ -253,8 +253,9 @@ fn quota(queue: &Queue, gpu_type: &str) -> Option<u64> {
     queue.gpu_quota.get(gpu_type).or_else(|| queue.gpu_quota.get("*")).map(|&q| u64::from(q))
 }
 
-/// Why `request` may not take more GPUs from its queue, if it may not.
-fn over_quota(state: &State<'_>, queues: &HashMap<&str, &Queue>, request: &Request) -> Option<String> {
+/// Why `request` may not take more GPUs from its queue, if it may not, once gangs of its queue
+/// holding `freed` GPUs of its type have stopped.
+fn over_quota(state: &State<'_>, queues: &HashMap<&str, &Queue>, request: &Request, freed: u64) -> Option<String> {
     let gpus = request.gang.gpus();
     if gpus == 0 {
         return None;
@@ -263,7 +264,7 @@ fn over_quota(state: &State<'_>, queues: &HashMap<&str, &Queue>, request: &Reque
     let Some(queue) = queues.get(request.queue.as_str()) else {
         return Some(format!("queue {} does not exist", request.queue));
     };
-    let used = state.queue_use.get(&(queue.name.clone(), kind.clone())).copied().unwrap_or(0);
+    let used = state.queue_use.get(&(queue.name.clone(), kind.clone())).copied().unwrap_or(0).saturating_sub(freed);
     let own = quota(queue, &kind).unwrap_or(0);
     if used + gpus <= own {
         return None;
@@ -322,8 +323,30 @@ pub fn schedule(
             decision.waiting.push(Waiting { id: request.id.clone(), position: *position, reason });
             *position += 1;
         };
-        if let Some(why) = over_quota(&state, &queues, request) {
-            wait(&mut decision, position, why);
+        if let Some(why) = over_quota(&state, &queues, request, 0) {
+            // Over its queue's quota: the first such request may preempt lower-priority gangs of its
+            // own queue (and GPU type) whose GPUs bring it within the quota.
+            let within = |chosen: &[usize]| {
+                let freed: u64 = chosen.iter().map(|&v| running[v].gang.gpus()).sum();
+                over_quota(&state, &queues, request, freed).is_none()
+            };
+            let same_queue = |r: &Running| r.queue == request.queue && gang_type(&r.gang) == gang_type(&request.gang);
+            if policy.preemption
+                && reservation.is_none()
+                && let Some(victims) = victims(&state, running, request, now, policy, &same_queue, &within)
+            {
+                reservation = Some(preempt(&state, running, request, &victims, &mut decision, now));
+                let names: Vec<&str> = victims.iter().map(|v| running[*v].id.as_str()).collect();
+                let why = format!(
+                    "preempting {} (lower priority, same queue) to fit {} in queue {}'s quota",
+                    names.join(", "),
+                    describe(&request.gang),
+                    request.queue
+                );
+                wait(&mut decision, position, why);
+            } else {
+                wait(&mut decision, position, why);
+            }
             continue;
         }
         // Where it may go now: everything free, less what the head has reserved unless it ends in time.
@@ -351,26 +374,10 @@ pub fn schedule(
         }
         // The head: preempt lower-priority training, or reserve where it will start.
         if policy.preemption
-            && let Some(victims) = victims(&state, running, request, now, policy)
+            && let Some(victims) = victims(&state, running, request, now, policy, &|_| true, &|_| true)
         {
-            // The victims hold their nodes until they have checkpointed; the head starts then.
-            let mut after = state.free.clone();
-            for v in &victims {
-                let r = &running[*v];
-                for name in &r.nodes {
-                    if let Some(&i) = state.index.get(name.as_str()) {
-                        after[i].give(&r.gang.per_pod);
-                    }
-                }
-                decision.preempt.push((r.id.clone(), request.id.clone()));
-            }
-            let placement = state.place(&request.gang, &after).unwrap_or_default();
-            let mut reserved = vec![Resources::default(); nodes.len()];
-            for i in placement {
-                reserved[i].give(&request.gang.per_pod);
-            }
             // Nothing else may take what the victims free while they checkpoint.
-            reservation = Some((now, reserved));
+            reservation = Some(preempt(&state, running, request, &victims, &mut decision, now));
             let names: Vec<&str> = victims.iter().map(|v| running[*v].id.as_str()).collect();
             let why = format!("preempting {} (lower priority) to fit {}", names.join(", "), describe(&request.gang));
             wait(&mut decision, position, why);
@@ -388,6 +395,34 @@ pub fn schedule(
         wait(&mut decision, position, why);
     }
     decision
+}
+
+/// Asks `victims` to make room for `request` and returns the reservation of what they free: the
+/// victims hold their nodes until they have checkpointed, and the head starts there then.
+fn preempt(
+    state: &State<'_>,
+    running: &[Running],
+    request: &Request,
+    victims: &[usize],
+    decision: &mut Decision,
+    now: i64,
+) -> (i64, Vec<Resources>) {
+    let mut after = state.free.clone();
+    for &v in victims {
+        let r = &running[v];
+        for name in &r.nodes {
+            if let Some(&i) = state.index.get(name.as_str()) {
+                after[i].give(&r.gang.per_pod);
+            }
+        }
+        decision.preempt.push((r.id.clone(), request.id.clone()));
+    }
+    let placement = state.place(&request.gang, &after).unwrap_or_default();
+    let mut reserved = vec![Resources::default(); state.nodes.len()];
+    for i in placement {
+        reserved[i].give(&request.gang.per_pod);
+    }
+    (now, reserved)
 }
 
 /// When `gang` will fit as running gangs end (by expected end; never, if one it needs has none),
@@ -419,15 +454,25 @@ fn reserve(state: &State<'_>, running: &[Running], gang: &Gang, now: i64) -> (i6
     (i64::MAX, reserved)
 }
 
-/// The cheapest set of running gangs to preempt so that `request` fits: lower priority, preemptible,
-/// past the minimum runtime; cheapest = fewest GPU-seconds lost since their last checkpoint.
-fn victims(state: &State<'_>, running: &[Running], request: &Request, now: i64, policy: Policy) -> Option<Vec<usize>> {
+/// The cheapest set of running gangs to preempt so that `request` fits on the nodes and `enough`
+/// says the set suffices (its queue's quota): among the `eligible` that have lower priority, are
+/// preemptible and ran past the minimum runtime; cheapest = fewest GPU-seconds lost since their
+/// last checkpoint.
+fn victims(
+    state: &State<'_>,
+    running: &[Running],
+    request: &Request,
+    now: i64,
+    policy: Policy,
+    eligible: &dyn Fn(&Running) -> bool,
+    enough: &dyn Fn(&[usize]) -> bool,
+) -> Option<Vec<usize>> {
     let lost =
         |r: &Running| u64::try_from(now - r.last_checkpoint.unwrap_or(r.started)).unwrap_or(0) * r.gang.gpus().max(1);
     let mut candidates: Vec<usize> = (0..running.len())
         .filter(|&i| {
             let r = &running[i];
-            r.preemptible && r.priority < request.priority && now - r.started >= policy.min_runtime
+            r.preemptible && r.priority < request.priority && now - r.started >= policy.min_runtime && eligible(r)
         })
         .collect();
     if candidates.is_empty() {
@@ -454,13 +499,14 @@ fn victims(state: &State<'_>, running: &[Running], request: &Request, now: i64, 
     let mut chosen = Vec::new();
     for &c in &candidates {
         chosen.push(c);
-        if state.place(&request.gang, &freed(&chosen)).is_some() {
+        let fits = |set: &[usize]| state.place(&request.gang, &freed(set)).is_some() && enough(set);
+        if fits(&chosen) {
             // Drop victims the gang fits without, most expensive first.
             let mut by_cost = chosen.clone();
             by_cost.sort_by_key(|&v| std::cmp::Reverse(lost(&running[v])));
             for v in by_cost {
                 let without: Vec<usize> = chosen.iter().copied().filter(|&x| x != v).collect();
-                if state.place(&request.gang, &freed(&without)).is_some() {
+                if fits(&without) {
                     chosen = without;
                 }
             }
