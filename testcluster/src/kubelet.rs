@@ -190,6 +190,17 @@ impl Drop for Kubelet {
     }
 }
 
+/// Writes what went wrong to `<dir>/kubelet.log` (the test harness captures stderr, and shows it
+/// only for the test that started the cluster, if it fails) and to stderr.
+pub fn report(dir: &Path, message: &str) {
+    use std::io::Write as _;
+    let line = format!("{} test kubelet: {message}\n", jiff::Timestamp::now());
+    eprint!("{line}");
+    if let Ok(mut file) = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("kubelet.log")) {
+        let _ = file.write_all(line.as_bytes());
+    }
+}
+
 fn quantity(s: &str) -> Quantity {
     Quantity(s.to_string())
 }
@@ -287,12 +298,12 @@ async fn heartbeat(shared: Arc<Shared>, node: String) {
     let mut tick = 0u64;
     while !lost.load(Ordering::SeqCst) {
         if let Err(e) = renew(&client, &leases, &node).await {
-            eprintln!("test kubelet: node {node}: renewing its lease: {e}");
+            report(&shared.config.dir, &format!("node {node}: renewing its lease: {e}"));
         }
         if tick % 5 == 4
             && let Err(e) = patch_node_status(&client, &config).await
         {
-            eprintln!("test kubelet: node {node}: posting its status: {e}");
+            report(&shared.config.dir, &format!("node {node}: posting its status: {e}"));
         }
         tick += 1;
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -349,7 +360,7 @@ async fn serve_pods(shared: Arc<Shared>, node: String) {
             Ok(Some(event)) => event,
             Ok(None) => return,
             Err(e) => {
-                eprintln!("test kubelet: node {node}: watching pods: {e}");
+                report(&shared.config.dir, &format!("node {node}: watching pods: {e}"));
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
@@ -408,7 +419,7 @@ async fn observe(shared: &Arc<Shared>, client: &Client, node: &str, pod: Pod) {
     tokio::spawn(async move {
         let name = format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any());
         if let Err(e) = crate::pod::run(&shared_view(&shared), &client, &pod, stopped).await {
-            eprintln!("test kubelet: pod {name}: {e:#}");
+            report(&shared.config.dir, &format!("pod {name}: {e:#}"));
         }
         shared.pods.lock().unwrap().remove(&uid);
     });

@@ -75,7 +75,21 @@ impl Network {
     }
 
     /// Creates the network namespace of a pod with a fresh address; the pod's processes enter it.
+    /// `ip` can fail when many pods start at once: a failed attempt is undone and retried with
+    /// fresh names, up to five times.
     pub fn pod(&self) -> anyhow::Result<PodNetwork> {
+        let mut last = None;
+        for attempt in 1..=5u64 {
+            match self.try_pod() {
+                Ok(pod) => return Ok(pod),
+                Err(e) => last = Some(e),
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100 * attempt));
+        }
+        Err(last.expect("an attempt failed")).context("5 attempts")
+    }
+
+    fn try_pod(&self) -> anyhow::Result<PodNetwork> {
         let n = self.next.fetch_add(1, Ordering::SeqCst);
         if n >= 65_000 {
             bail!("the pod network 10.{}.0.0/16 is full", self.octet);
@@ -87,6 +101,7 @@ impl Network {
             ip(&["netns", "del", &namespace])?;
         }
         ip(&["netns", "add", &namespace])?;
+        // From here on, dropping it removes what was made.
         let pod = PodNetwork { namespace, host_end, address };
         ip(&["link", "add", &pod.host_end, "type", "veth", "peer", "name", "eth0", "netns", &pod.namespace])?;
         ip(&["link", "set", &pod.host_end, "master", &self.bridge, "up"])?;

@@ -43,6 +43,13 @@ pub struct Host {
     pub names: Arc<NamesHandle>,
 }
 
+impl Host {
+    /// Writes what went wrong to the kubelet's log (`<dir>/kubelet.log`) and to stderr.
+    pub fn report(&self, message: &str) {
+        crate::kubelet::report(&self.dir, message);
+    }
+}
+
 /// How the container's last run ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Ended {
@@ -73,11 +80,16 @@ pub async fn run(
     let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
     let started = now();
 
-    let network = host.network.pod()?;
-    let pod_ip = network.address;
+    // The sandbox first: a pod whose network cannot be made says so in its status, as a kubelet
+    // does, rather than vanishing into the kubelet's log.
+    let network = host.network.pod();
+    let pod_ip = network.as_ref().map_or(std::net::Ipv4Addr::UNSPECIFIED, |n| n.address);
     let root = host.dir.join("pods").join(&uid).join("root");
     let log = host.dir.join("logs").join(format!("{namespace}_{name}.log"));
-    let prepared = prepare(host, client, pod, container, &root).await;
+    let prepared = match &network {
+        Ok(_) => prepare(host, client, pod, container, &root).await.map_err(|e| ("CreateContainerConfigError", e)),
+        Err(e) => Err(("CreatePodSandboxError", anyhow::anyhow!("creating the pod's network: {e:#}"))),
+    };
     let mut names = vec![name.clone()];
     if let Some(hostname) = &spec.hostname {
         names.push(hostname.clone());
@@ -90,19 +102,21 @@ pub async fn run(
     let result = match prepared {
         Ok(()) => {
             host.names.add(&namespace, &names, pod_ip, &root);
-            let result = supervise(host, client, pod, container, &root, &log, &network, &mut stop).await;
+            let network = network.as_ref().expect("prepared only with a network");
+            let result = supervise(host, client, pod, container, &root, &log, network, &mut stop).await;
             host.names.remove(&namespace, &root);
             result
         }
-        Err(e) => {
-            // The container cannot start (a missing image, Secret or ConfigMap): say so, as a
-            // kubelet does, and wait for the pod's deletion.
+        Err((reason, e)) => {
+            // The container cannot start (no network, a missing image, Secret or ConfigMap): say
+            // so, as a kubelet does, and wait for the pod's deletion.
             let message = format!("{e:#}");
+            host.report(&format!("pod {namespace}/{name}: {reason}: {message}"));
             let status = json!({"status": {
-                "phase": "Pending", "podIP": pod_ip.to_string(), "startTime": started,
+                "phase": "Pending", "startTime": started,
                 "containerStatuses": [{
                     "name": container.name, "image": container.image, "imageID": "", "ready": false,
-                    "restartCount": 0, "state": {"waiting": {"reason": "CreateContainerConfigError", "message": message}},
+                    "restartCount": 0, "state": {"waiting": {"reason": reason, "message": message}},
                 }],
             }});
             pods.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status)).await?;

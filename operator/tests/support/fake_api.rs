@@ -2,7 +2,14 @@
 //! finalizers), Jobs, pods, ConfigMaps, Services and Events in namespace `ml`, answering the
 //! requests the controller makes. It can fail a share of requests: a 409 conflict or a 500 before
 //! anything happens, or a 504 after the write took effect. Jobs complete, or fail, when
-//! [`Cluster::simulate`] says. Shared by `tests/api_faults.rs` and `benches/reconcile.rs`.
+//! [`Cluster::simulate`] says. Shared by `tests/api_faults.rs` and `benches/reconcile.rs`, where
+//! thousands of reconciles must run in seconds.
+//!
+//! What it does not model, and what is therefore tested on the real control plane instead
+//! (`tests/tests/cluster.rs`): resourceVersions and conflicts from them, server-side apply's field
+//! managers and merge semantics, schema validation, garbage collection through owner references,
+//! deletion grace periods, admission and RBAC, the Job controller (pod failure policies, indexes),
+//! the Kubernetes scheduler, nodes and their loss, label selectors beyond the run and job labels.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
