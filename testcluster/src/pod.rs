@@ -87,7 +87,19 @@ pub async fn run(
     let root = host.dir.join("pods").join(&uid).join("root");
     let log = host.dir.join("logs").join(format!("{namespace}_{name}.log"));
     let prepared = match &network {
-        Ok(_) => prepare(host, client, pod, container, &root).await.map_err(|e| ("CreateContainerConfigError", e)),
+        Ok(_) => {
+            // A kubelet retries what may be transient (an API call that failed, a Secret not yet
+            // there) before it reports the pod stuck.
+            let mut result = prepare(host, client, pod, container, &root).await;
+            for attempt in 1..4 {
+                if result.is_ok() || stop.borrow().is_some() {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(attempt)).await;
+                result = prepare(host, client, pod, container, &root).await;
+            }
+            result.map_err(|e| ("CreateContainerConfigError", e))
+        }
         Err(e) => Err(("CreatePodSandboxError", anyhow::anyhow!("creating the pod's network: {e:#}"))),
     };
     let mut names = vec![name.clone()];
@@ -103,7 +115,24 @@ pub async fn run(
         Ok(()) => {
             host.names.add(&namespace, &names, pod_ip, &root);
             let network = network.as_ref().expect("prepared only with a network");
-            let result = supervise(host, client, pod, container, &root, &log, network, &mut stop).await;
+            let mut result = supervise(host, client, pod, container, &root, &log, network, &mut stop).await;
+            if let Err(e) = &result {
+                // The container could not be started or watched: it failed to start, as far as
+                // the cluster can tell (a kubelet reports StartError), rather than vanishing.
+                let message = format!("{e:#}");
+                host.report(&format!("pod {namespace}/{name}: StartError: {message}"));
+                let status = json!({"status": {
+                    "phase": "Failed", "startTime": started,
+                    "containerStatuses": [{
+                        "name": container.name, "image": container.image, "imageID": "", "ready": false,
+                        "restartCount": 0,
+                        "state": {"terminated": {"exitCode": 128, "reason": "StartError", "message": message}},
+                    }],
+                }});
+                if pods.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status)).await.is_ok() {
+                    result = Ok(Ended::Exited(128));
+                }
+            }
             host.names.remove(&namespace, &root);
             result
         }
@@ -450,7 +479,16 @@ async fn supervise(
     if gpus.is_some() {
         env.extend(host.gpu_node_env.iter().cloned());
     }
-    for (k, v) in container_env(client, pod, container, pod_ip).await? {
+    // Resolving the environment reads Secrets and ConfigMaps: retried, as a kubelet retries.
+    let mut resolved = container_env(client, pod, container, pod_ip).await;
+    for attempt in 1..4 {
+        if resolved.is_ok() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(attempt)).await;
+        resolved = container_env(client, pod, container, pod_ip).await;
+    }
+    for (k, v) in resolved? {
         env.retain(|(key, _)| *key != k);
         env.push((k, v));
     }
