@@ -120,6 +120,28 @@ fn pending_pods_of_other_workloads_hold_the_node_they_will_take() {
 }
 
 #[test]
+fn a_gang_that_failed_is_admitted_again_once_its_backoff_is_over() {
+    let nodes = [node("a", 8, true, false), node("b", 8, true, false)];
+    // After its backoff the reconciler says Queued; the stage is still Failed until attempt 2 starts.
+    let failed = json!({
+        "phase": "Queued", "stage": "train",
+        "stages": [{"name": "train", "phase": "Failed", "attempts": 1, "failures": 1}],
+        "admission": {"stage": "train", "attempt": 1, "nodes": ["a", "b"], "time": "2026-01-01T00:00:00Z"}
+    });
+    let runs = [run("again", 2, 0, "2026-01-01T00:00:00Z", &failed)];
+    let view = snapshot(&runs, &nodes, &[], &[queue(64)], NOW);
+    assert_eq!(view.requests.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["ml/again/train"]);
+    let decision = schedule(&view.nodes, &view.running, &view.queues, &view.requests, NOW, Policy::default());
+    let changes = patches(&runs, &decision, NOW);
+    assert_eq!(changes[0].patch["status"]["admission"]["attempt"], 2, "{changes:?}");
+    // During the backoff (phase Pending) it is not a request yet.
+    let mut backoff = failed.clone();
+    backoff["phase"] = "Pending".into();
+    let view = snapshot(&[run("again", 2, 0, "2026-01-01T00:00:00Z", &backoff)], &nodes, &[], &[queue(64)], NOW);
+    assert!(view.requests.is_empty());
+}
+
+#[test]
 fn a_queued_gang_that_fits_is_admitted_on_nodes_and_one_that_does_not_learns_why() {
     let nodes = [node("a", 8, true, false), node("b", 8, true, false), node("c", 8, true, false)];
     let runs = [

@@ -478,8 +478,14 @@ pub fn decide(view: &ClusterView<'_>) -> Decision {
                 if view.scheduler && needs_admission(spec, stage) && !admitted {
                     // The cluster scheduler writes the admission (and meanwhile why it waits).
                     decision.status.queue_position = old.queue_position;
-                    let waiting =
-                        old.reason.clone().unwrap_or_else(|| format!("{stage}: waiting for the cluster scheduler"));
+                    // The scheduler's reason, once it has written one (a reason of the reconciler's
+                    // own, such as the restart backoff, is not carried over).
+                    let scheduler_said = matches!(old.phase, Some(RunPhase::Queued | RunPhase::Suspended));
+                    let waiting = old
+                        .reason
+                        .clone()
+                        .filter(|_| scheduler_said)
+                        .unwrap_or_else(|| format!("{stage}: waiting for the cluster scheduler"));
                     decision.status.reason = Some(waiting.clone());
                     decision.requeue_after = Some(POLL_SECONDS);
                     match preempted(s.attempts) {

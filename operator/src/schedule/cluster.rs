@@ -112,7 +112,11 @@ fn place(run: &PretrainRun) -> Place {
     }
     let admission = status.admission.as_ref().filter(|a| a.stage == stage.as_str());
     match (status.phase, phase) {
-        (Some(RunPhase::Queued | RunPhase::Suspended), StagePhase::Pending) if !run.spec.suspend => {
+        // Waiting for its next attempt: never started, stopped, or failed and past its backoff (the
+        // reconciler says Queued only once the backoff is over).
+        (Some(RunPhase::Queued | RunPhase::Suspended), StagePhase::Pending | StagePhase::Failed)
+            if !run.spec.suspend =>
+        {
             let attempt = attempts + 1;
             match admission {
                 // Admitted, not started yet: it holds its nodes already.
