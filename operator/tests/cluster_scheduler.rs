@@ -135,7 +135,7 @@ fn a_gang_that_failed_is_admitted_again_once_its_backoff_is_over() {
     let changes = patches(&runs, &decision, NOW);
     assert_eq!(changes[0].patch["status"]["admission"]["attempt"], 2, "{changes:?}");
     // During the backoff (phase Pending) it is not a request yet.
-    let mut backoff = failed.clone();
+    let mut backoff = failed;
     backoff["phase"] = "Pending".into();
     let view = snapshot(&[run("again", 2, 0, "2026-01-01T00:00:00Z", &backoff)], &nodes, &[], &[queue(64)], NOW);
     assert!(view.requests.is_empty());

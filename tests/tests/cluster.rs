@@ -507,7 +507,7 @@ async fn a_training_pod_deleted_mid_run_restarts_the_gang_from_its_checkpoint_wi
     // time, so the cluster scheduler runs them one after the other.
     for namespace in ["podkill", "undisturbed"] {
         cluster.namespace(namespace);
-        let text = gang_manifest(cluster, "gang", namespace, namespace, 200_000, GANG_GPU);
+        let text = gang_manifest(cluster, "gang", namespace, namespace, 100_000, GANG_GPU);
         cluster.kubectl_ok(&["apply", "-f", "-"], Some(&text));
     }
     let running = training_with_checkpoint(cluster, &client, "podkill", ("podkill", "gang"), 2).await;
@@ -534,7 +534,7 @@ async fn a_lost_node_is_evicted_and_the_gang_resumes_elsewhere_without_spending_
     let Some(cluster) = cluster() else { return };
     cluster.namespace("nodeloss");
     let mut value: serde_yaml::Value =
-        serde_yaml::from_str(&gang_manifest(cluster, "lossy", "nodeloss", "nodeloss", 200_000, LOSS_GPU)).unwrap();
+        serde_yaml::from_str(&gang_manifest(cluster, "lossy", "nodeloss", "nodeloss", 100_000, LOSS_GPU)).unwrap();
     // One node of the two, and no restart to spare: a disruption counted as a failure fails the run.
     value["spec"]["train"]["resources"]["nodes"] = 1.into();
     value["spec"]["train"]["maxRestarts"] = 0.into();
@@ -638,7 +638,7 @@ async fn a_suspended_run_checkpoints_and_stops_and_resumes_when_unsuspended() {
     use pretrain_crd::status::RunPhase;
     let Some(cluster) = cluster() else { return };
     cluster.namespace("suspend");
-    let text = manifest_with(cluster, "pause", "suspend", "suspend/docs.jsonl", 200_000);
+    let text = manifest_with(cluster, "pause", "suspend", "suspend/docs.jsonl", 100_000);
     cluster.kubectl_ok(&["apply", "-f", "-"], Some(&text));
     let client = cluster.client().await;
     training_with_checkpoint(cluster, &client, "suspend", ("runs", "pause"), 1).await;
