@@ -160,7 +160,7 @@ pub async fn reconcile(run: Arc<PretrainRun>, ctx: Arc<Context>) -> Result<Actio
         failed.reason = Some(format!("invalid spec: {errors}"));
         failed.observed_generation = run.metadata.generation;
         if run.status.as_ref() != Some(&failed) {
-            patch_status(&runs, &name, &failed).await?;
+            patch_status(&runs, &run, &failed).await?;
             publish(&ctx, &run, true, "InvalidSpec", format!("invalid spec: {errors}")).await;
         }
         return Ok(Action::await_change());
@@ -196,7 +196,14 @@ pub async fn reconcile(run: Arc<PretrainRun>, ctx: Arc<Context>) -> Result<Actio
     apply(&run, &objects, &decision, &ctx).await?;
     ctx.metrics.observe_phase(&format!("{ns}/{name}"), decision.status.phase);
     if decision.status != status {
-        patch_status(&runs, &name, &decision.status).await?;
+        match patch_status(&runs, &run, &decision.status).await {
+            // Decided from a copy of the run older than the server's (the cache lags behind a
+            // write): decide again from the newer one, or counters written since would be lost.
+            Err(Error::Kube(kube::Error::Api(e))) if e.code == 409 => {
+                return Ok(Action::requeue(Duration::from_secs(1)));
+            }
+            other => other?,
+        }
     }
     for event in &decision.events {
         if event.reason == "StageRestarted" {
@@ -347,13 +354,19 @@ async fn stop_job(jobs: &Api<Job>, name: &str) -> Result<(), Error> {
     }
 }
 
-/// Applies the reconciler's part of the status. `admission` and `preemption` belong to the cluster
-/// scheduler (it merge-patches them): they are left out, so that a reconcile working from a stale
-/// cache never writes an old value over the scheduler's newer one.
-async fn patch_status(runs: &Api<PretrainRun>, name: &str, status: &PretrainRunStatus) -> Result<(), Error> {
+/// Applies the reconciler's part of the status of `run`, as of the version of `run` it was decided
+/// from: the API server refuses the write (409) if the run changed since, so a decision made from a
+/// stale cache never overwrites a newer status (attempts, failures and disruptions written since).
+/// `admission` and `preemption` belong to the cluster scheduler (it merge-patches them): they are
+/// left out.
+async fn patch_status(runs: &Api<PretrainRun>, run: &PretrainRun, status: &PretrainRunStatus) -> Result<(), Error> {
     let ours = PretrainRunStatus { admission: None, preemption: None, ..status.clone() };
-    let patch = json!({"apiVersion": "pretrain.dev/v1alpha1", "kind": "PretrainRun", "status": ours});
-    runs.patch_status(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
+    let mut patch = json!({"apiVersion": "pretrain.dev/v1alpha1", "kind": "PretrainRun", "status": ours});
+    if let Some(version) = run.resource_version() {
+        patch["metadata"] = json!({"resourceVersion": version});
+    }
+    let name = run.name_any();
+    runs.patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
     Ok(())
 }
 
