@@ -90,15 +90,10 @@ pub async fn run(
         Ok(_) => {
             // A kubelet retries what may be transient (an API call that failed, a Secret not yet
             // there) before it reports the pod stuck.
-            let mut result = prepare(host, client, pod, container, &root).await;
-            for attempt in 1..4 {
-                if result.is_ok() || stop.borrow().is_some() {
-                    break;
-                }
-                tokio::time::sleep(std::time::Duration::from_secs(attempt)).await;
-                result = prepare(host, client, pod, container, &root).await;
-            }
-            result.map_err(|e| ("CreateContainerConfigError", e))
+            let stopping = || stop.borrow().is_some();
+            retried(|| prepare(host, client, pod, container, &root), stopping)
+                .await
+                .map_err(|e| ("CreateContainerConfigError", e))
         }
         Err(e) => Err(("CreatePodSandboxError", anyhow::anyhow!("creating the pod's network: {e:#}"))),
     };
@@ -121,14 +116,8 @@ pub async fn run(
                 // the cluster can tell (a kubelet reports StartError), rather than vanishing.
                 let message = format!("{e:#}");
                 host.report(&format!("pod {namespace}/{name}: StartError: {message}"));
-                let status = json!({"status": {
-                    "phase": "Failed", "startTime": started,
-                    "containerStatuses": [{
-                        "name": container.name, "image": container.image, "imageID": "", "ready": false,
-                        "restartCount": 0,
-                        "state": {"terminated": {"exitCode": 128, "reason": "StartError", "message": message}},
-                    }],
-                }});
+                let state = json!({"terminated": {"exitCode": 128, "reason": "StartError", "message": message}});
+                let status = unstarted_status(container, &started, "Failed", &state);
                 if pods.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status)).await.is_ok() {
                     result = Ok(Ended::Exited(128));
                 }
@@ -141,13 +130,8 @@ pub async fn run(
             // so, as a kubelet does, and wait for the pod's deletion.
             let message = format!("{e:#}");
             host.report(&format!("pod {namespace}/{name}: {reason}: {message}"));
-            let status = json!({"status": {
-                "phase": "Pending", "startTime": started,
-                "containerStatuses": [{
-                    "name": container.name, "image": container.image, "imageID": "", "ready": false,
-                    "restartCount": 0, "state": {"waiting": {"reason": reason, "message": message}},
-                }],
-            }});
+            let state = json!({"waiting": {"reason": reason, "message": message}});
+            let status = unstarted_status(container, &started, "Pending", &state);
             pods.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status)).await?;
             let grace = stop_requested(&mut stop).await;
             Ok(if grace < 0 { Ended::Killed } else { Ended::Stopped(0) })
@@ -171,6 +155,39 @@ pub async fn run(
         }
         Ended::Exited(_) => Ok(()),
     }
+}
+
+/// `attempt`, tried up to four times, 1, 2 and 3 s apart, unless `give_up` says to stop.
+async fn retried<T, F, Fut>(mut attempt: F, give_up: impl Fn() -> bool) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let mut result = attempt().await;
+    for pause in 1..4 {
+        if result.is_ok() || give_up() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(pause)).await;
+        result = attempt().await;
+    }
+    result
+}
+
+/// The status of a pod whose container never ran: `phase`, and the container's `state`.
+fn unstarted_status(
+    container: &Container,
+    started: &Time,
+    phase: &str,
+    state: &serde_json::Value,
+) -> serde_json::Value {
+    json!({"status": {
+        "phase": phase, "startTime": started,
+        "containerStatuses": [{
+            "name": container.name, "image": container.image, "imageID": "", "ready": false,
+            "restartCount": 0, "state": state,
+        }],
+    }})
 }
 
 /// Lays out the pod's root: the image's files (hard links), the devices a process expects, the
@@ -480,15 +497,7 @@ async fn supervise(
         env.extend(host.gpu_node_env.iter().cloned());
     }
     // Resolving the environment reads Secrets and ConfigMaps: retried, as a kubelet retries.
-    let mut resolved = container_env(client, pod, container, pod_ip).await;
-    for attempt in 1..4 {
-        if resolved.is_ok() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_secs(attempt)).await;
-        resolved = container_env(client, pod, container, pod_ip).await;
-    }
-    for (k, v) in resolved? {
+    for (k, v) in retried(|| container_env(client, pod, container, pod_ip), || false).await? {
         env.retain(|(key, _)| *key != k);
         env.push((k, v));
     }

@@ -47,8 +47,7 @@ impl PodContext {
     /// has lost its node) or its node is not Ready (the kubelet that would stop it is unreachable).
     /// Until then a deleted pod may still be writing its SIGTERM checkpoint.
     pub fn settled(&self, pod: &Pod) -> bool {
-        let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
-        matches!(phase, Some("Succeeded" | "Failed")) || self.lost(pod)
+        terminated(pod) || self.lost(pod)
     }
 
     /// Whether `pod` was deleted and will never report back (see [`PodContext::settled`]).
