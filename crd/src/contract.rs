@@ -47,12 +47,14 @@ pub struct ProgressEvent {
 pub mod exit {
     /// The stage committed its outputs (or found them committed already).
     pub const DONE: i32 = 0;
-    /// The stage failed; the last stderr line says why.
+    /// The stage failed; the last stderr line says why. Run it again (counted against
+    /// `maxRestarts`).
     pub const FAILED: i32 = 1;
-    /// The spec or the command line is invalid; retrying cannot help.
+    /// The spec, the command line or an input is invalid; retrying cannot help.
     pub const INVALID: i32 = 2;
-    /// This build of the worker does not implement the stage.
-    pub const UNAVAILABLE: i32 = 3;
+    /// A service the stage needs (the object store, the GPU) stayed unavailable past the stage's own
+    /// retries (EX_UNAVAILABLE). Run it again after a backoff, as for [`FAILED`].
+    pub const UNAVAILABLE: i32 = 69;
     /// The stage checkpointed on SIGTERM and wants to be resumed (EX_TEMPFAIL).
     pub const RESUME: i32 = 75;
     /// Another rank of the gang died or stalled; this one is healthy. Restart the gang from its

@@ -4,9 +4,11 @@
 //! file, no async runtime, no Kubernetes client.
 
 pub mod contract;
+pub mod display;
 pub mod manifest;
 pub mod queue;
 mod schema;
+pub mod seeded;
 pub mod spec;
 pub mod stage;
 pub mod status;

@@ -6,6 +6,7 @@
 pub mod checkpoints;
 pub mod export;
 pub mod k8s;
+pub mod labels;
 pub mod local;
 pub mod plan;
 pub mod schedule;

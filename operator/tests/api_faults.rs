@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use fake_api::Cluster;
 use pretrain_crd::status::RunPhase;
 use pretrain_operator::k8s::controller::reconcile;
-use pretrain_operator::k8s::render::{LABEL_ROLE, LABEL_STAGE};
+use pretrain_operator::labels::{LABEL_ROLE, LABEL_STAGE};
 use pretrain_store::Store;
 
 /// Planned failures: (stage, role, attempt) whose Job fails once it has run a tick.

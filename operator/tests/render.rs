@@ -86,7 +86,7 @@ fn a_gpu_gang_is_an_indexed_job_with_rendezvous_gpus_and_a_checkpoint_grace_peri
     assert!(spec.get("backoffLimitPerIndex").is_none());
     // A gang is all or nothing: invalid input or a disrupted pod fails it at once (the operator
     // reads which rule did, and does not count a disruption against the restart budget).
-    assert_eq!(spec["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"], serde_json::json!([2, 3]));
+    assert_eq!(spec["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"], serde_json::json!([2]));
     assert_eq!(spec["podFailurePolicy"]["rules"][1]["action"], "FailJob");
     assert_eq!(spec["podFailurePolicy"]["rules"][1]["onPodConditions"][0]["type"], "DisruptionTarget");
     // A map task is retried alone: one failed shard does not kill the others; invalid input fails
@@ -95,7 +95,7 @@ fn a_gpu_gang_is_an_indexed_job_with_rendezvous_gpus_and_a_checkpoint_grace_peri
     assert!(map["spec"].get("backoffLimit").is_none(), "{}", map["spec"]);
     assert_eq!(map["spec"]["backoffLimitPerIndex"], 3);
     assert_eq!(map["spec"]["podFailurePolicy"]["rules"][0]["action"], "FailJob");
-    assert_eq!(map["spec"]["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"], serde_json::json!([2, 3]));
+    assert_eq!(map["spec"]["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"], serde_json::json!([2]));
     assert_eq!(map["spec"]["podFailurePolicy"]["rules"][1]["action"], "Ignore");
     assert_eq!(map["spec"]["podFailurePolicy"]["rules"][1]["onPodConditions"][0]["type"], "DisruptionTarget");
     let pod = &spec["template"]["spec"];

@@ -7,13 +7,17 @@
 //! ```text
 //! PRETRAIN_STORE_FAULTS=rate=0.05,seed=7,delay-ms=20,log=/tmp/faults.log
 //! PRETRAIN_STORE_FAULTS=full=train/ckpt/step-000000020/
+//! PRETRAIN_STORE_FAULTS=outage=8@tokenize/tokenizer.json,log=/tmp/faults.log
 //! ```
 //!
 //! At `rate`, an operation meets one of the faults real stores produce: a 503 before anything
 //! happened, a connection reset after the write took effect (the caller cannot tell it did), a slow
 //! response (up to `delay-ms`), a download or listing cut off part way, a part of a multipart upload
 //! lost. `full=` and `readonly=` make every write to a key containing the text fail the way a full
-//! disk or a read-only file system does, which no retry can fix. Each fault is appended to `log`.
+//! disk or a read-only file system does, which no retry can fix. `outage=OPS@TEXT` refuses every
+//! operation on keys containing the text (a 503) until OPS have been refused, counted in `log`
+//! across every process of the run: an outage longer than one process's retries that ends, the
+//! way a store's does. Each fault is appended to `log`.
 
 use std::fmt;
 use std::io::Write as _;
@@ -33,7 +37,7 @@ use object_store::{
     ObjectStore, PutMultipartOptions, PutOptions, PutPayload, PutResult, RenameOptions, UploadPart,
 };
 
-use crate::retry::splitmix;
+use pretrain_crd::seeded::mix;
 
 /// The environment variable holding a fault specification (see the module documentation).
 pub const ENV_FAULTS: &str = "PRETRAIN_STORE_FAULTS";
@@ -53,11 +57,14 @@ pub struct Faults {
     pub full: Vec<String>,
     /// Writes and deletes of keys containing one of these fail with "read-only file system".
     pub readonly: Vec<String>,
+    /// An outage: every operation on a key containing the text is refused (503) until this many
+    /// have been, counted across every process that shares `log`.
+    pub outage: Option<(String, u64)>,
 }
 
 impl Faults {
     /// Parses `key=value` pairs separated by commas: `rate`, `seed`, `delay-ms`, `log`, `full`,
-    /// `readonly` (the last two may repeat).
+    /// `readonly` (these two may repeat) and `outage=OPS@TEXT`.
     pub fn parse(spec: &str) -> Result<Self, String> {
         let mut faults = Self { delay: Duration::from_millis(10), ..Self::default() };
         for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
@@ -75,10 +82,20 @@ impl Faults {
                 "log" => faults.log = Some(PathBuf::from(value)),
                 "full" => faults.full.push(value.to_string()),
                 "readonly" => faults.readonly.push(value.to_string()),
+                "outage" => {
+                    let (ops, text) = value.split_once('@').ok_or_else(|| format!("outage={value:?}: not OPS@TEXT"))?;
+                    let ops = ops.parse().map_err(|_| format!("outage={value:?}: {ops:?} is not an integer"))?;
+                    faults.outage = Some((text.to_string(), ops));
+                }
                 other => {
-                    return Err(format!("unknown key {other:?}; expected rate, seed, delay-ms, log, full or readonly"));
+                    return Err(format!(
+                        "unknown key {other:?}; expected rate, seed, delay-ms, log, full, readonly or outage"
+                    ));
                 }
             }
+        }
+        if faults.outage.is_some() && faults.log.is_none() {
+            return Err("outage= needs log=: the operations it refuses are counted there, across processes".into());
         }
         Ok(faults)
     }
@@ -93,7 +110,7 @@ impl Faults {
                 // rerun.
                 let mut command: Vec<String> = std::env::args().collect();
                 command.extend(["JOB_COMPLETION_INDEX", "RANK"].iter().filter_map(|k| std::env::var(k).ok()));
-                faults.seed ^= splitmix(command.join(" ").bytes().fold(0u64, |h, b| splitmix(h ^ u64::from(b))));
+                faults.seed ^= mix(command.join(" ").bytes().fold(0u64, |h, b| mix(h ^ u64::from(b))));
                 Ok(Some(faults))
             }
             _ => Ok(None),
@@ -141,17 +158,35 @@ struct Injector {
 impl Injector {
     fn uniform(&self) -> f64 {
         let mut state = self.rng.lock().expect("the fault rng lock is never poisoned");
-        *state = splitmix(*state);
+        *state = mix(*state);
         (*state >> 11) as f64 / (1u64 << 53) as f64
     }
 
     fn roll(&self, op: &str, key: &str, kinds: &[Kind]) -> Option<Kind> {
+        if self.in_outage(key) {
+            self.record("outage", op, key);
+            return Some(Kind::Unavailable);
+        }
         if self.faults.rate <= 0.0 || self.uniform() >= self.faults.rate {
             return None;
         }
         let kind = kinds[((self.uniform() * kinds.len() as f64) as usize).min(kinds.len() - 1)];
         self.record(kind.name(), op, key);
         Some(kind)
+    }
+
+    /// Whether an operation on `key` falls in the outage: the key matches and the log holds fewer
+    /// refusals than the outage lasts. (Processes that run at once may together refuse a few more.)
+    fn in_outage(&self, key: &str) -> bool {
+        let (Some((text, ops)), Some(log)) = (&self.faults.outage, &self.faults.log) else {
+            return false;
+        };
+        if !key.contains(text.as_str()) {
+            return false;
+        }
+        let refused =
+            std::fs::read_to_string(log).map_or(0, |l| l.lines().filter(|l| l.starts_with("outage ")).count());
+        (refused as u64) < *ops
     }
 
     fn record(&self, kind: &str, op: &str, key: &str) {
@@ -240,7 +275,7 @@ impl fmt::Display for FaultyStore {
 impl FaultyStore {
     /// Wraps a store and, if it has one, its multipart interface.
     pub fn new(inner: Arc<dyn ObjectStore>, multipart: Option<Arc<dyn MultipartStore>>, faults: Faults) -> Self {
-        let seed = splitmix(faults.seed);
+        let seed = mix(faults.seed);
         Self {
             inner,
             multipart,
@@ -521,5 +556,34 @@ mod tests {
         assert!(Faults::parse("rate=x").unwrap_err().contains("rate=\"x\""));
         assert!(Faults::parse("often=1").unwrap_err().contains("\"often\""));
         assert!(Faults::parse("rate").unwrap_err().contains("key=value"));
+        let f = Faults::parse("outage=9@tokenize/,log=/tmp/x").unwrap();
+        assert_eq!(f.outage, Some(("tokenize/".into(), 9)));
+        assert!(Faults::parse("outage=9@tokenize/").unwrap_err().contains("needs log="));
+        assert!(Faults::parse("outage=tokenize/,log=/tmp/x").unwrap_err().contains("OPS@TEXT"));
+    }
+
+    #[tokio::test]
+    async fn an_outage_refuses_its_keys_until_the_log_counts_enough_refusals_in_all_processes() {
+        use object_store::ObjectStoreExt as _;
+        let tmp = tempfile::tempdir().unwrap();
+        let log = tmp.path().join("faults.log");
+        let faults = Faults::parse(&format!("outage=3@down/,log={}", log.display())).unwrap();
+        let memory: Arc<dyn ObjectStore> = Arc::new(object_store::memory::InMemory::new());
+        let (down, up) = (Path::from("down/a"), Path::from("up/a"));
+        memory.put(&down, PutPayload::from_static(b"x")).await.unwrap();
+        memory.put(&up, PutPayload::from_static(b"y")).await.unwrap();
+        // Two processes of the run: each opens its own store; the outage is counted in the log.
+        let first = FaultyStore::new(Arc::clone(&memory), None, faults.clone());
+        let second = FaultyStore::new(memory, None, faults);
+        assert!(first.get(&up).await.is_ok(), "other keys are served");
+        for store in [&first, &first, &second] {
+            let e = store.get(&down).await.unwrap_err();
+            assert!(crate::retry::is_transient(&e) && e.to_string().contains("503"), "{e}");
+        }
+        assert!(second.get(&down).await.is_ok() && first.get(&down).await.is_ok(), "the outage is over");
+        assert_eq!(
+            std::fs::read_to_string(&log).unwrap().lines().filter(|l| l.starts_with("outage get down/a")).count(),
+            3
+        );
     }
 }

@@ -116,17 +116,9 @@ pub(crate) fn jitter() -> f64 {
     if x == 0 {
         x = seed();
     }
-    x = splitmix(x);
+    x = pretrain_crd::seeded::mix(x);
     STATE.store(x, Ordering::Relaxed);
     (x >> 11) as f64 / (1u64 << 53) as f64
-}
-
-/// One step of SplitMix64.
-pub(crate) fn splitmix(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 #[cfg(test)]

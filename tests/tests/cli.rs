@@ -154,7 +154,7 @@ fn run_skips_committed_stages_and_stops_at_the_first_failing_one() {
     // The committed stages are stand-ins without a tokenizer, so eval fails and says on what.
     let stderr = text(&out.stderr);
     assert!(
-        stderr.contains("error: stage eval failed (exit code Some(2)): ") && stderr.contains("tokenizer.json"),
+        stderr.contains("error: stage eval failed (exit code 2): ") && stderr.contains("tokenizer.json"),
         "{stderr}"
     );
 }

@@ -529,6 +529,58 @@ async fn a_training_pod_deleted_mid_run_restarts_the_gang_from_its_checkpoint_wi
     );
 }
 
+/// SIGKILLs the worker process of `pod`, which the test kubelet runs chrooted into
+/// `<kubelet dir>/pods/<uid>/root`; returns how many processes it killed.
+fn kill_worker(pod: &Pod) -> usize {
+    let root = format!("/pods/{}/root", pod.uid().expect("a pod from the API server has a uid"));
+    let mut killed = 0;
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let (Some(pid), path) = (entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()), entry.path()) else {
+            continue;
+        };
+        let chrooted = std::fs::read_link(path.join("root")).is_ok_and(|r| r.to_string_lossy().ends_with(&root));
+        let worker =
+            std::fs::read(path.join("cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains("pretrain-worker"));
+        if chrooted
+            && worker
+            && std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status().is_ok_and(|s| s.success())
+        {
+            killed += 1;
+        }
+    }
+    killed
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rank_that_dies_fails_its_attempt_and_the_peer_it_left_restarts_with_the_gang() {
+    let Some(cluster) = cluster() else { return };
+    let client = cluster.client().await;
+    cluster.namespace("peerlost");
+    let text = gang_manifest(cluster, "peers", "peerlost", "peerlost", 100_000, GANG_GPU);
+    cluster.kubectl_ok(&["apply", "-f", "-"], Some(&text));
+    let running = training_with_checkpoint(cluster, &client, "peerlost", ("peerlost", "peers"), 2).await;
+    let (victim, peer) = (running[1].name_any(), running[0].name_any());
+    assert_eq!(kill_worker(&running[1]), 1, "the worker of {victim}");
+
+    let status = run_end(&client, "peerlost", "peers").await;
+    assert_eq!(status.phase, Some(pretrain_crd::status::RunPhase::Succeeded), "{status:#?}");
+    let train = train_stage(&status);
+    // One failure, the killed rank's: the rank it left exits "peer lost" (76), which restarts the
+    // gang from its checkpoint without counting as a second failure or being named as the cause.
+    assert_eq!((train.attempts, train.failures, train.disruptions), (2, 1, 0), "{train:?}");
+    let events = cluster.kubectl_ok(&["-n", "peerlost", "get", "events", "--field-selector=reason=StageFailed"], None);
+    assert!(events.contains(&victim) && !events.contains(&peer), "the failure names the rank that died:\n{events}");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "peerlost");
+    if let Ok(pod) = pods.get(&peer).await {
+        let code = pod
+            .status
+            .and_then(|s| s.container_statuses)
+            .and_then(|c| c.first()?.state.clone()?.terminated)
+            .map(|t| t.exit_code);
+        assert_eq!(code, Some(pretrain_crd::contract::exit::PEER_LOST), "{peer}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_lost_node_is_evicted_and_the_gang_resumes_elsewhere_without_spending_its_restarts() {
     let Some(cluster) = cluster() else { return };

@@ -2,7 +2,10 @@
 //! after the write, slow answers, cut downloads, lost upload parts) ends with exactly the outputs of
 //! a clean run; a full disk during a checkpoint keeps the previous checkpoint as `latest`; and a
 //! run whose runner and workers are SIGKILLed at random points of every stage, over and over, ends
-//! with the outputs of a run never interrupted.
+//! with the outputs of a run never interrupted. And each class of stage failure is handled as its
+//! exit code says: a store outage that outlasts the store's own retries is retried by the runner,
+//! an invalid input fails the run at once (a lost peer, which restarts the gang, is tested on the
+//! cluster: `cluster.rs`).
 
 use std::collections::BTreeMap;
 use std::io::BufRead as _;
@@ -153,6 +156,52 @@ fn a_full_disk_or_a_read_only_store_during_a_checkpoint_keeps_the_previous_one_l
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains("train: resuming from step-000000005"), "{}", text(&out.stdout));
     assert_eq!(model_sha(&tmp.path().join("store/disk")), model_sha(&clean.path().join("store/disk")));
+}
+
+#[test]
+fn a_store_outage_that_outlasts_the_stores_retries_while_train_loads_is_retried_by_the_runner() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = manifest(tmp.path(), "outage", 5120);
+    let out = run(&file, None, &["--until", "tokenize"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    // The store tries each operation 8 times: 12 refusals of the tokenizer outlast the first train
+    // process's tries, and end while the second one retries.
+    let log = tmp.path().join("faults.log");
+    let spec = format!("outage=12@outage/tokenize/tokenizer.json,log={}", log.display());
+    let out = run(&file, Some(&spec), &["--until", "train"]);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("train: attempt 1 failed (exit code 69): ")
+            && stderr.contains("tokenizer.json")
+            && stderr.contains("503 Service Unavailable (injected)"),
+        "the first attempt fails as unavailable, not invalid:\n{stderr}"
+    );
+    assert!(!stderr.contains("train: attempt 2 failed"), "{stderr}");
+    assert!(text(&out.stdout).contains("train: committed\n"), "{}", text(&out.stdout));
+    let refused = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(refused.lines().filter(|l| l.starts_with("outage get ")).count(), 12, "{refused}");
+}
+
+#[test]
+fn an_invalid_input_fails_the_run_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = manifest(tmp.path(), "invalid", 5120);
+    // A source that matches no file can never succeed: no stage is retried.
+    let missing = tmp.path().join("nowhere/*.jsonl");
+    let yaml = std::fs::read_to_string(&file)
+        .unwrap()
+        .replace(&tmp.path().join("docs.jsonl").display().to_string(), &missing.display().to_string());
+    std::fs::write(&file, yaml).unwrap();
+    let out = run(&file, None, &[]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(!stderr.contains(": attempt "), "an invalid input was retried:\n{stderr}");
+    assert!(
+        stderr.contains("error: stage data-prep failed (exit code 2): ") && stderr.contains("matches no file"),
+        "{stderr}"
+    );
 }
 
 /// A runner started with its stdout collected line by line, each with the time it came.

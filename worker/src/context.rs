@@ -33,6 +33,14 @@ pub enum ContextError {
         /// What is wrong.
         reason: String,
     },
+    /// A local file named as an input could not be read.
+    #[error("{path}: {source}")]
+    File {
+        /// The file.
+        path: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
     /// The store cannot be opened.
     #[error(transparent)]
     Store(#[from] pretrain_store::Error),
@@ -70,17 +78,17 @@ impl Context {
 
     /// The device model stages compute on: the CPU when `train.resources.gpusPerNode` is 0, else the
     /// CUDA device of `LOCAL_RANK` (0 by default).
-    pub fn device(&self) -> Result<candle_core::Device, String> {
+    pub fn device(&self) -> Result<candle_core::Device, crate::frame::DeviceError> {
+        use crate::frame::DeviceError;
         let gpus = self.run.spec.train.resources.gpus_per_node;
         if gpus == 0 || std::env::var(ENV_TEST_CPU_FOR_GPUS).is_ok_and(|v| v == "1") {
             return Ok(candle_core::Device::Cpu);
         }
+        if !cfg!(feature = "cuda") {
+            return Err(DeviceError::NotBuilt { gpus });
+        }
         let local = std::env::var("LOCAL_RANK").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
-        crate::model::cuda_device(local).map_err(|e| {
-            format!(
-                "train.resources.gpusPerNode is {gpus} but no CUDA device is usable ({e}); build with --features cuda or set gpusPerNode: 0"
-            )
-        })
+        crate::model::cuda_device(local).map_err(|e| DeviceError::Init { gpus, local, reason: e.to_string() })
     }
 
     /// The config hash the stage's commit must carry.
@@ -150,13 +158,10 @@ pub async fn read_url(url: &str) -> Result<bytes::Bytes, ContextError> {
     let fetch_error = |source| ContextError::SpecFetch { url: url.into(), source };
     if !url.contains("://") || url.starts_with("file://") {
         let path = url.strip_prefix("file://").unwrap_or(url);
-        return tokio::fs::read(path).await.map(bytes::Bytes::from).map_err(|e| {
-            fetch_error(pretrain_store::Error::Corrupt {
-                store: "file://".into(),
-                key: path.into(),
-                reason: e.to_string(),
-            })
-        });
+        return tokio::fs::read(path)
+            .await
+            .map(bytes::Bytes::from)
+            .map_err(|source| ContextError::File { path: path.into(), source });
     }
     let (dir, name) = url
         .rsplit_once('/')

@@ -7,6 +7,7 @@ pub mod context;
 pub mod data;
 pub mod dist;
 pub mod eval;
+pub mod frame;
 pub mod fuzz;
 pub mod model;
 pub mod progress;

@@ -9,8 +9,10 @@ use clap::Parser;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use pretrain_crd::Stage;
 use pretrain_crd::contract::exit;
-use pretrain_worker::data::stage::{DataPrepError, Phase};
-use pretrain_worker::{Context, ContextError};
+use pretrain_store::StageCommit;
+use pretrain_worker::dist::launch;
+use pretrain_worker::frame::{Outcome, Phase, StageError};
+use pretrain_worker::{Context, data, eval, tokenize, train};
 
 #[derive(Debug, Parser)]
 #[command(name = "pretrain-worker", version, about = "Runs one stage of a PretrainRun")]
@@ -48,14 +50,7 @@ fn main() {
 async fn run(cli: Cli) -> i32 {
     let ctx = match Context::from_env(cli.stage, &cli.spec).await {
         Ok(ctx) => ctx,
-        Err(e @ (ContextError::Manifest(_) | ContextError::Env { .. })) => {
-            eprintln!("{e}");
-            return exit::INVALID;
-        }
-        Err(e) => {
-            eprintln!("{e}");
-            return exit::FAILED;
-        }
+        Err(e) => return failed(&e.into()),
     };
     match ctx.dir.committed(&ctx.config_hash()).await {
         Ok(Some(_)) if cli.checkpoint.is_none() => {
@@ -63,108 +58,47 @@ async fn run(cli: Cli) -> i32 {
             return exit::DONE;
         }
         Ok(_) => {}
-        Err(e) => {
-            eprintln!("{e}");
-            return exit::FAILED;
-        }
+        Err(e) => return failed(&e.into()),
     }
-    match ctx.stage {
-        Stage::DataPrep => {
-            let phase = match cli.phase {
-                PhaseArg::All => Phase::All,
-                PhaseArg::Map => Phase::Map(ctx.shard_index),
-                PhaseArg::Reduce => Phase::Reduce,
-            };
-            match pretrain_worker::data::stage::run(&ctx, phase).await {
-                Ok(Some(commit)) => {
-                    println!("data-prep: committed {} files", commit.files.len());
-                    exit::DONE
-                }
-                Ok(None) => {
-                    println!("data-prep: map shard {} done", ctx.shard_index);
-                    exit::DONE
-                }
-                Err(e @ DataPrepError::Unsupported(_)) => {
-                    eprintln!("{e}");
-                    exit::INVALID
-                }
-                Err(e) => {
-                    eprintln!("{e}");
-                    exit::FAILED
-                }
-            }
-        }
-        Stage::Tokenize => {
-            use pretrain_worker::tokenize::stage::{self, Phase};
-            let phase = match cli.phase {
-                PhaseArg::All => Phase::All,
-                PhaseArg::Map => Phase::Map(ctx.shard_index),
-                PhaseArg::Reduce => Phase::Reduce,
-            };
-            match stage::run(&ctx, phase).await {
-                Ok(Some(commit)) => {
-                    println!("tokenize: committed {} files", commit.files.len());
-                    exit::DONE
-                }
-                Ok(None) => {
-                    println!("tokenize: map task {} done", ctx.shard_index);
-                    exit::DONE
-                }
-                Err(e) => {
-                    eprintln!("{e}");
-                    if e.is_invalid() { exit::INVALID } else { exit::FAILED }
-                }
-            }
-        }
-        Stage::Train | Stage::LongContext if pretrain_worker::dist::launch::needs_ranks(&ctx) => {
-            pretrain_worker::dist::launch::run_node(&ctx).await
-        }
-        Stage::Train | Stage::LongContext => {
-            use pretrain_worker::train::stage::{self, Outcome, TrainError};
-            match stage::run(&ctx, stage::stop_flag()).await {
-                Ok(Outcome::Done(commit)) => {
-                    println!("{}: committed {} files", ctx.stage, commit.files.len());
-                    exit::DONE
-                }
-                Ok(Outcome::Preempted { step }) => {
-                    eprintln!("{}: stopped on SIGTERM after checkpointing step {step}; resume to continue", ctx.stage);
-                    exit::RESUME
-                }
-                Ok(Outcome::Joined { step }) => {
-                    println!("{}: rank {} trained {step} steps; rank 0 committed", ctx.stage, ctx.rank);
-                    exit::DONE
-                }
-                Err(e @ TrainError::Invalid(_)) => {
-                    eprintln!("{e}");
-                    exit::INVALID
-                }
-                Err(e @ TrainError::Dist(pretrain_worker::dist::DistError::Peer { .. })) => {
-                    eprintln!("{e}");
-                    exit::PEER_LOST
-                }
-                Err(e) => {
-                    eprintln!("{e}");
-                    exit::FAILED
-                }
-            }
-        }
-        Stage::Eval => {
-            use pretrain_worker::eval::{EvalError, stage};
-            match stage::run(&ctx, cli.checkpoint.as_deref()).await {
-                Ok(Some(commit)) => {
-                    println!("eval: committed {} files", commit.files.len());
-                    exit::DONE
-                }
-                Ok(None) => exit::DONE,
-                Err(e @ (EvalError::Invalid(_) | EvalError::Task { .. })) => {
-                    eprintln!("{e}");
-                    exit::INVALID
-                }
-                Err(e) => {
-                    eprintln!("{e}");
-                    exit::FAILED
-                }
-            }
-        }
+    if matches!(ctx.stage, Stage::Train | Stage::LongContext) && launch::needs_ranks(&ctx) {
+        return launch::run_node(&ctx).await;
     }
+    match dispatch(&ctx, &cli).await {
+        Ok(outcome) => {
+            let line = outcome.describe(ctx.stage, ctx.rank);
+            if matches!(outcome, Outcome::Preempted { .. }) {
+                eprintln!("{line}")
+            } else {
+                println!("{line}")
+            }
+            outcome.exit_code()
+        }
+        Err(e) => failed(&e),
+    }
+}
+
+/// Runs this process's part of the stage.
+async fn dispatch(ctx: &Context, cli: &Cli) -> Result<Outcome, StageError> {
+    let phase = match cli.phase {
+        PhaseArg::All => Phase::All,
+        PhaseArg::Map => Phase::Map(ctx.shard_index),
+        PhaseArg::Reduce => Phase::Reduce,
+    };
+    let committed = |commit: Option<StageCommit>, otherwise: Outcome| match commit {
+        Some(commit) => Outcome::Committed(Box::new(commit)),
+        None => otherwise,
+    };
+    Ok(match ctx.stage {
+        Stage::DataPrep => committed(data::stage::run(ctx, phase).await?, Outcome::Mapped(ctx.shard_index)),
+        Stage::Tokenize => committed(tokenize::stage::run(ctx, phase).await?, Outcome::Mapped(ctx.shard_index)),
+        Stage::Train | Stage::LongContext => train::stage::run(ctx, train::stage::stop_flag()).await?,
+        Stage::Eval => committed(eval::stage::run(ctx, cli.checkpoint.as_deref()).await?, Outcome::Measured),
+    })
+}
+
+/// Prints why the stage failed (the last stderr line, which the runner and the operator report) and
+/// returns the exit code that says what to do next.
+fn failed(e: &StageError) -> i32 {
+    eprintln!("{e}");
+    e.exit_code()
 }

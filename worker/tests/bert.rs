@@ -11,7 +11,8 @@ use candle_core::{Device, Tensor};
 use pretrain_crd::Stage;
 use pretrain_worker::Context;
 use pretrain_worker::data::bert::BertScorer;
-use pretrain_worker::data::stage::{Phase, run};
+use pretrain_worker::data::stage::run;
+use pretrain_worker::frame::Phase;
 
 const HIDDEN: usize = 32;
 const LAYERS: usize = 2;

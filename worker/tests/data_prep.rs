@@ -8,7 +8,8 @@ mod common;
 
 use pretrain_crd::Stage;
 use pretrain_worker::Context;
-use pretrain_worker::data::stage::{DocumentLine, Phase, run};
+use pretrain_worker::data::stage::{DocumentLine, run};
+use pretrain_worker::frame::Phase;
 
 fn words(seed: u64, n: usize) -> Vec<String> {
     common::words(seed, n, |state| format!("w{}", state % 3000))

@@ -11,8 +11,9 @@ mod common;
 use pretrain_crd::Stage;
 use pretrain_worker::Context;
 use pretrain_worker::data::stage::DocumentLine;
-use pretrain_worker::tokenize::stage::{Phase, TokenizeError, run};
-use pretrain_worker::tokenize::train::{TrainError, train_bpe};
+use pretrain_worker::frame::{Phase, StageError};
+use pretrain_worker::tokenize::stage::{TokenizeError, run};
+use pretrain_worker::tokenize::train::{BpeError, train_bpe};
 use pretrain_worker::tokenize::{Encoder, TokenShard};
 
 fn shared(name: &str) -> PathBuf {
@@ -119,7 +120,7 @@ fn manifest(dir: &Path, name: &str, shards: u32, tokenizer: &str) -> PathBuf {
 
 async fn data_prep(manifest: &Path) {
     let ctx = Context::from_env(Stage::DataPrep, manifest.to_str().unwrap()).await.unwrap();
-    pretrain_worker::data::stage::run(&ctx, pretrain_worker::data::stage::Phase::All).await.unwrap();
+    pretrain_worker::data::stage::run(&ctx, pretrain_worker::frame::Phase::All).await.unwrap();
 }
 
 async fn tokenize(manifest: &Path, phase: Phase) -> Result<Option<pretrain_store::StageCommit>, TokenizeError> {
@@ -217,8 +218,8 @@ async fn map_tasks_then_reduce_equal_one_process() {
     assert!(err.to_string().contains("map tasks [0, 1] of 2 have not finished"), "{err}");
     assert!(tokenize(&split, Phase::Map(1)).await.unwrap().is_none());
     assert!(tokenize(&split, Phase::Map(0)).await.unwrap().is_none());
-    let err = tokenize(&split, Phase::Map(2)).await.unwrap_err();
-    assert!(err.is_invalid() && err.to_string().contains("map task 2 does not exist"), "{err}");
+    let err = StageError::from(tokenize(&split, Phase::Map(2)).await.unwrap_err());
+    assert!(err.is_permanent() && err.to_string().contains("map task 2 does not exist"), "{err}");
     let two = tokenize(&split, Phase::Reduce).await.unwrap().unwrap();
     assert_eq!(one.files, two.files, "same tokenizer and shards, byte for byte");
 }
@@ -243,8 +244,8 @@ async fn reuses_a_given_tokenizer_and_refuses_one_without_a_separator() {
     std::fs::write(&bad, json).unwrap();
     let refused = manifest(tmp.path(), "refused", 1, &format!("{{url: \"{}\"}}", bad.display()));
     data_prep(&refused).await;
-    let err = tokenize(&refused, Phase::All).await.unwrap_err();
-    assert!(err.is_invalid(), "{err}");
+    let err = StageError::from(tokenize(&refused, Phase::All).await.unwrap_err());
+    assert!(err.is_permanent(), "{err}");
     assert!(err.to_string().contains("no-eos.json") && err.to_string().contains("end-of-sequence"), "{err}");
 }
 
@@ -258,7 +259,7 @@ async fn tiny_corpora_and_missing_data_prep_are_clear_errors() {
 
     data_prep(&m).await;
     let err = tokenize(&m, Phase::All).await.unwrap_err();
-    assert!(matches!(err, TokenizeError::Train(TrainError::TooSmall { vocab_size: 32000, .. })), "{err}");
-    assert!(err.is_invalid());
+    assert!(matches!(err, TokenizeError::Train(BpeError::TooSmall { vocab_size: 32000, .. })), "{err}");
     assert!(err.to_string().contains("tokenizer.vocabSize is too large"), "{err}");
+    assert!(StageError::from(err).is_permanent());
 }

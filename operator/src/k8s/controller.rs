@@ -20,7 +20,8 @@ use serde_json::json;
 
 use super::metrics::Metrics;
 use super::observe::{self, LABEL_JOB_NAME, PodContext};
-use super::render::{self, FIELD_MANAGER, LABEL_RUN, RenderError, RunObjects, job_name};
+use super::render::{self, FIELD_MANAGER, RenderError, RunObjects, job_name};
+use crate::labels::LABEL_RUN;
 use crate::plan::cluster::{ClusterView, Decision, JobKey, LivePod, decide};
 use crate::plan::{Layout, layout};
 

@@ -11,7 +11,7 @@ use pretrain_crd::{PretrainRunSpec, Stage};
 use pretrain_store::Store;
 use serde::Deserialize;
 
-use super::render::{ANNOTATION_CONFIG_HASH, LABEL_ATTEMPT, LABEL_ROLE, LABEL_STAGE};
+use crate::labels::{ANNOTATION_CONFIG_HASH, LABEL_ATTEMPT, LABEL_ROLE, LABEL_STAGE};
 use crate::plan::Role;
 use crate::plan::cluster::{Failure, JobState, JobView, LivePod};
 
@@ -156,7 +156,7 @@ pub fn classify(pods: &[Pod], expected: usize, job_failure: Option<String>, clus
             .and_then(|c| c.state.as_ref()?.terminated.as_ref());
         let last_line =
             terminated.and_then(|t| t.message.as_deref()).and_then(|m| m.lines().rev().find(|l| !l.trim().is_empty()));
-        let permanent = terminated.is_some_and(|t| matches!(t.exit_code, exit::INVALID | exit::UNAVAILABLE));
+        let permanent = terminated.is_some_and(|t| t.exit_code == exit::INVALID);
         if !permanent && let Some(why) = disruption(pod) {
             disrupted.get_or_insert_with(|| format!("pod {name}: {why}"));
             continue;

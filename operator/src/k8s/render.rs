@@ -26,40 +26,23 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
-use pretrain_crd::contract::{
-    ENV_JOB_COMPLETION_INDEX, ENV_MASTER_ADDR, ENV_MASTER_PORT, ENV_RANK, ENV_RUN, ENV_STORE, ENV_WORLD_SIZE, exit,
-};
+use pretrain_crd::contract::exit;
 use pretrain_crd::{PretrainRun, Stage};
 use sha2::{Digest, Sha256};
 
+use crate::labels::{
+    ANNOTATION_COMPLETION_INDEX, ANNOTATION_CONFIG_HASH, GPU_PRODUCT_LABEL, GPU_RESOURCE, LABEL_ATTEMPT,
+    LABEL_KUEUE_QUEUE, LABEL_ROLE, LABEL_RUN, LABEL_STAGE,
+};
+use crate::plan::invocation::{Invocation, MASTER_PORT, Place, Value, invocation};
 use crate::plan::{self, Layout, Role};
 
 /// The field manager of every server-side apply.
 pub const FIELD_MANAGER: &str = "pretrain-operator";
-/// The extended resource of NVIDIA GPUs.
-pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
-/// The node label naming a node's GPU model (NVIDIA's GPU feature discovery sets it).
-pub const GPU_PRODUCT_LABEL: &str = "nvidia.com/gpu.product";
-/// Label: the run an object belongs to.
-pub const LABEL_RUN: &str = "pretrain.dev/run";
-/// Label: the stage.
-pub const LABEL_STAGE: &str = "pretrain.dev/stage";
-/// Label: the attempt (1-based).
-pub const LABEL_ATTEMPT: &str = "pretrain.dev/attempt";
-/// Label: `map` or `reduce` for sharded stages, `gang` or `single` for the others.
-pub const LABEL_ROLE: &str = "pretrain.dev/role";
-/// Annotation on a Job: the config hash of its stage when it was created.
-pub const ANNOTATION_CONFIG_HASH: &str = "pretrain.dev/config-hash";
-/// Label Kueue reads to queue a Job.
-pub const LABEL_KUEUE_QUEUE: &str = "kueue.x-k8s.io/queue-name";
-/// Annotation Kubernetes sets on an Indexed Job's pods.
-pub const ANNOTATION_COMPLETION_INDEX: &str = "batch.kubernetes.io/job-completion-index";
 /// Where the manifest is mounted in every pod.
 pub const SPEC_DIR: &str = "/etc/pretrain";
 /// The ConfigMap key (and file name) of the manifest.
 pub const SPEC_KEY: &str = "run.yaml";
-/// The rendezvous port of training gangs.
-pub const MASTER_PORT: u16 = 29500;
 /// Seconds a training pod gets between SIGTERM and SIGKILL: enough to finish a step and write a
 /// checkpoint to object storage.
 pub const TRAINING_GRACE_SECONDS: i64 = 600;
@@ -220,47 +203,20 @@ impl<'a> RunObjects<'a> {
         let labels = self.labels(Some((stage, role, attempt)));
         let train = &spec.train.resources;
         let plan::Pods { count: pods, gpus, cpu, memory } = plan::pods(spec, role);
-        let mut args = vec![stage.as_str().to_string(), "--spec".into(), format!("{SPEC_DIR}/{SPEC_KEY}")];
-        match role {
-            Role::Map => args.extend(["--phase".into(), "map".into()]),
-            Role::Reduce => args.extend(["--phase".into(), "reduce".into()]),
-            Role::Gang | Role::Single => {}
-        }
-        let mut env = vec![
-            env_value(ENV_RUN, &self.name),
-            env_value(ENV_STORE, &spec.storage.url),
-            env_value("TMPDIR", "/tmp"),
-            env_value("HOME", "/tmp"),
-        ];
-        let mut service = None;
-        match role {
-            Role::Map | Role::Gang => {
-                let index = EnvVar {
-                    name: ENV_RANK.into(),
-                    value_from: Some(EnvVarSource {
-                        field_ref: Some(ObjectFieldSelector {
-                            field_path: format!("metadata.annotations['{ANNOTATION_COMPLETION_INDEX}']"),
-                            ..ObjectFieldSelector::default()
-                        }),
-                        ..EnvVarSource::default()
-                    }),
-                    ..EnvVar::default()
-                };
-                env.push(index);
-                env.push(env_value(ENV_WORLD_SIZE, &pods.to_string()));
-                if role == Role::Gang {
-                    let svc = service_name(&self.name, stage);
-                    env.push(env_value(ENV_MASTER_ADDR, &format!("{name}-0.{svc}")));
-                    env.push(env_value(ENV_MASTER_PORT, &MASTER_PORT.to_string()));
-                    service = Some(svc);
-                }
+        let (phase, place) = match role {
+            Role::Map => (Some("map"), Place::Indexed { pods, master: None }),
+            Role::Gang => {
+                let master = format!("{name}-0.{}", service_name(&self.name, stage));
+                (None, Place::Indexed { pods, master: Some(master) })
             }
-            Role::Reduce | Role::Single => {
-                env.push(env_value(ENV_RANK, "0"));
-                env.push(env_value(ENV_WORLD_SIZE, "1"));
-                env.push(env_value(ENV_JOB_COMPLETION_INDEX, "0"));
-            }
-        }
+            Role::Reduce => (Some("reduce"), Place::Pod),
+            Role::Single => (None, Place::Pod),
+        };
+        let service = (role == Role::Gang).then(|| service_name(&self.name, stage));
+        let spec_path = format!("{SPEC_DIR}/{SPEC_KEY}");
+        let Invocation { args, env } = invocation(stage, &spec_path, phase, (&self.name, &spec.storage.url), place);
+        let mut env: Vec<EnvVar> = env.into_iter().map(|(name, value)| env_var(name, value)).collect();
+        env.extend([env_value("TMPDIR", "/tmp"), env_value("HOME", "/tmp")]);
         let env_from = spec.storage.secret_ref.as_ref().map(|secret| {
             vec![EnvFromSource {
                 secret_ref: Some(SecretEnvSource { name: secret.name.clone(), optional: Some(false) }),
@@ -456,7 +412,7 @@ pub fn to_yaml_stream(objects: &[Object]) -> Result<String, serde_yaml::Error> {
 /// the Job fails; the other shards go on meanwhile.
 pub const MAP_TASK_RETRIES: i32 = 3;
 
-/// A Job's pod failure policy. Invalid input or a worker without the stage (exit codes 2 and 3)
+/// A Job's pod failure policy. Invalid input (exit code 2)
 /// fails the whole Job at once, since no retry can help. A pod the cluster disrupted (evicted,
 /// preempted, deleted by the taint manager or with its node: `DisruptionTarget`) does not count as
 /// a failure: a map task is simply retried without spending its retries; any other Job (a gang is
@@ -470,7 +426,7 @@ fn failure_policy(role: Role) -> PodFailurePolicy {
                 on_exit_codes: Some(PodFailurePolicyOnExitCodesRequirement {
                     container_name: Some("worker".into()),
                     operator: "In".into(),
-                    values: vec![exit::INVALID, exit::UNAVAILABLE],
+                    values: vec![exit::INVALID],
                 }),
                 ..PodFailurePolicyRule::default()
             },
@@ -530,4 +486,22 @@ pub fn place_on(job: &mut Job, nodes: &[String]) {
 
 fn env_value(name: &str, value: &str) -> EnvVar {
     EnvVar { name: name.into(), value: Some(value.into()), ..EnvVar::default() }
+}
+
+/// A contract variable in a pod: a literal, or the completion index from the pod's annotation.
+fn env_var(name: &str, value: Value) -> EnvVar {
+    match value {
+        Value::Text(text) => env_value(name, &text),
+        Value::CompletionIndex => EnvVar {
+            name: name.into(),
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: format!("metadata.annotations['{ANNOTATION_COMPLETION_INDEX}']"),
+                    ..ObjectFieldSelector::default()
+                }),
+                ..EnvVarSource::default()
+            }),
+            ..EnvVar::default()
+        },
+    }
 }

@@ -14,14 +14,12 @@ use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use pretrain_crd::contract::{
-    ENV_JOB_COMPLETION_INDEX, ENV_MASTER_ADDR, ENV_MASTER_PORT, ENV_PROGRESS, ENV_RANK, ENV_RUN, ENV_STORE,
-    ENV_WORLD_SIZE, PROGRESS_PREFIX, exit,
-};
+use pretrain_crd::contract::{ENV_PROGRESS, PROGRESS_PREFIX, exit};
 use pretrain_crd::{PretrainRun, Stage};
 use pretrain_store::Store;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
+use crate::plan::invocation::{Invocation, Place, Value, invocation};
 use crate::plan::{self, Action, Layout, Observed};
 use state::{Phase, StageRecord, StateDb};
 
@@ -54,7 +52,7 @@ pub enum RunError {
         source: std::io::Error,
     },
     /// A stage failed and is not retried (again).
-    #[error("stage {stage} failed (exit code {code:?}): {reason}")]
+    #[error("stage {stage} failed ({}): {reason}", exit_status(*code))]
     StageFailed {
         /// The stage.
         stage: Stage,
@@ -229,7 +227,7 @@ pub async fn run(opts: &RunOptions) -> Result<Vec<(Stage, StageOutcome)>, RunErr
             }
             Err(WorkerExit::Spawn(e)) => return Err(e),
             Err(WorkerExit::Failed { code, reason }) => {
-                let permanent = matches!(code, Some(exit::INVALID | exit::UNAVAILABLE));
+                let permanent = code == Some(exit::INVALID);
                 db.update(
                     &name,
                     stage,
@@ -243,12 +241,17 @@ pub async fn run(opts: &RunOptions) -> Result<Vec<(Stage, StageOutcome)>, RunErr
                 )
                 .map_err(RunError::State)?;
                 if !permanent && attempt < allowed {
-                    eprintln!("{stage}: attempt {attempt} failed (exit code {code:?}): {reason}");
+                    eprintln!("{stage}: attempt {attempt} failed ({}): {reason}", exit_status(code));
                 }
                 observed.insert(stage, Observed::Failed { attempts: attempt, permanent, reason });
             }
         }
     }
+}
+
+/// How a worker ended, for people: `exit code 69`, or `killed by a signal` when it has no code.
+fn exit_status(code: Option<i32>) -> String {
+    code.map_or_else(|| "killed by a signal".to_string(), |c| format!("exit code {c}"))
 }
 
 /// Where a report key can be opened: a local path for `file://` stores, else its URL.
@@ -299,7 +302,7 @@ pub async fn status(store_url: &str, run: Option<&str>) -> Result<String, RunErr
                 p => serde_json::to_value(p).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(),
             };
             let took = match (r.started, r.finished.or(alive.then(state::now))) {
-                (Some(a), Some(b)) if b >= a => format_duration(b - a),
+                (Some(a), Some(b)) if b >= a => pretrain_crd::display::duration(b - a),
                 _ => "-".into(),
             };
             let mut note = r.reason.clone().filter(|_| r.phase == Phase::Failed).unwrap_or_default();
@@ -327,10 +330,6 @@ pub async fn status(store_url: &str, run: Option<&str>) -> Result<String, RunErr
         }
     }
     Ok(out)
-}
-
-fn format_duration(s: u64) -> String {
-    if s >= 3600 { format!("{}h{:02}m", s / 3600, s % 3600 / 60) } else { format!("{}m{:02}s", s / 60, s % 60) }
 }
 
 /// How a worker process (or a stage's processes) ended, when not with a commit.
@@ -506,23 +505,18 @@ async fn run_worker(
     if interrupt.requested() {
         return Err(WorkerExit::Interrupted);
     }
+    let spec = ctx.manifest.to_string_lossy();
+    let place = Place::Local { index: task.index };
+    let Invocation { args, env } = invocation(stage, &spec, Some(task.phase), (ctx.run, ctx.store), place);
     let mut command = tokio::process::Command::new(ctx.worker);
-    command
-        .arg(stage.as_str())
-        .arg("--spec")
-        .arg(ctx.manifest)
-        .arg("--phase")
-        .arg(task.phase)
-        .env(ENV_RUN, ctx.run)
-        .env(ENV_STORE, ctx.store)
-        .env(ENV_RANK, "0")
-        .env(ENV_WORLD_SIZE, "1")
-        .env(ENV_MASTER_ADDR, "127.0.0.1")
-        .env(ENV_MASTER_PORT, "29500")
-        .env(ENV_JOB_COMPLETION_INDEX, task.index.to_string())
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
+    command.args(args);
+    for (name, value) in env {
+        match value {
+            Value::Text(text) => command.env(name, text),
+            Value::CompletionIndex => command.env(name, task.index.to_string()),
+        };
+    }
+    command.stdin(Stdio::null()).stderr(Stdio::piped()).kill_on_drop(true);
     if let Some(n) = task.threads {
         command.env("RAYON_NUM_THREADS", n.to_string());
     }

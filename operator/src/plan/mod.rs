@@ -8,6 +8,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use pretrain_crd::{PretrainRunSpec, Stage};
 
 pub mod cluster;
+pub mod invocation;
 
 /// What has been observed of one stage.
 #[derive(Debug, Clone, PartialEq, Eq)]

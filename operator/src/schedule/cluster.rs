@@ -22,7 +22,7 @@ use pretrain_crd::status::{Admission, Preemption, RunPhase, StagePhase};
 use pretrain_crd::{PretrainQueue, PretrainRun, PretrainRunStatus, Stage};
 
 use super::{Decision, Gang, Node, Queue, Request, Resources, Running};
-use crate::k8s::render::{GPU_PRODUCT_LABEL, GPU_RESOURCE, LABEL_ATTEMPT, LABEL_RUN, LABEL_STAGE};
+use crate::labels::{GPU_PRODUCT_LABEL, GPU_RESOURCE, LABEL_ATTEMPT, LABEL_RUN, LABEL_STAGE};
 use crate::plan::cluster::{format_time, needs_admission, parse_time};
 use crate::plan::{self, Role};
 

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use http::{Method, Request, Response, StatusCode};
 use kube::client::Body;
 use pretrain_crd::{PretrainRun, Stage};
-use pretrain_operator::k8s::render::{ANNOTATION_CONFIG_HASH, LABEL_ATTEMPT, LABEL_ROLE, LABEL_RUN, LABEL_STAGE};
+use pretrain_operator::labels::{ANNOTATION_CONFIG_HASH, LABEL_ATTEMPT, LABEL_ROLE, LABEL_RUN, LABEL_STAGE};
 use pretrain_store::Store;
 use serde_json::{Value, json};
 

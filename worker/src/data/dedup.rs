@@ -8,8 +8,8 @@ use std::path::PathBuf;
 
 use xxhash_rust::xxh3::{xxh3_64_with_seed, xxh3_128};
 
-use super::random::splitmix;
 use super::runs::Merge;
+use pretrain_crd::seeded::splitmix;
 
 /// Hash of a document's normalised text: lowercase, whitespace runs collapsed. Equal hashes are
 /// exact duplicates.

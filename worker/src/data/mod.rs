@@ -15,7 +15,6 @@ pub mod extract;
 pub mod filters;
 pub mod order;
 pub mod quality;
-pub mod random;
 pub mod reader;
 pub mod runs;
 pub mod stage;

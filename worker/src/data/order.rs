@@ -11,7 +11,7 @@ use std::collections::HashMap;
 
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
-use super::random::shuffle;
+use pretrain_crd::seeded::shuffle;
 
 /// Terms kept per document.
 pub const TERMS_PER_DOCUMENT: usize = 32;
@@ -130,7 +130,7 @@ pub fn in_context(items: &[Item], terms: &[Vec<(u32, u16)>], context_bytes: u64,
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::random::splitmix;
+    use pretrain_crd::seeded::splitmix;
 
     /// Ten topics with their own vocabularies, eight documents each, shuffled together.
     #[test]

@@ -7,7 +7,7 @@
 
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
-use super::random::shuffle;
+use pretrain_crd::seeded::shuffle;
 
 /// Hash buckets of the feature space (2^20).
 pub const DEFAULT_BUCKETS: u32 = 1 << 20;

@@ -66,6 +66,23 @@ pub enum ReadError {
     },
 }
 
+/// A source that matches nothing, or a file that is missing or may not be read, is invalid: no
+/// retry can make it appear; another I/O failure fails the attempt.
+impl From<ReadError> for crate::frame::StageError {
+    fn from(e: ReadError) -> Self {
+        use std::io::ErrorKind;
+        match &e {
+            ReadError::Source { .. } => Self::Invalid(Box::new(e)),
+            ReadError::Io { source, .. }
+                if matches!(source.kind(), ErrorKind::NotFound | ErrorKind::PermissionDenied) =>
+            {
+                Self::Invalid(Box::new(e))
+            }
+            ReadError::Io { .. } => Self::Failed(Box::new(e)),
+        }
+    }
+}
+
 /// How to read one source's files.
 #[derive(Debug, Clone)]
 pub struct ReadOptions<'a> {

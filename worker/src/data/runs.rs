@@ -177,7 +177,7 @@ impl Iterator for Merge {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::random::splitmix;
+    use pretrain_crd::seeded::splitmix;
 
     #[test]
     fn spilled_runs_merge_into_one_sorted_file() {

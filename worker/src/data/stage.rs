@@ -33,8 +33,10 @@ use super::order::{Item as OrderItem, in_context, top_terms};
 use super::quality::{QualityError, QualityModel, Training, top_fraction_threshold};
 use super::reader::{self, Item, ReadOptions};
 use super::runs::{DEFAULT_RUN_ENTRIES, ExternalSorter};
-use crate::Context;
+use crate::context::read_url;
+use crate::frame::{Phase, ScratchError, StageError, scratch};
 use crate::progress::Progress;
+use crate::{Context, ContextError};
 
 /// Why the stage failed.
 #[derive(Debug, thiserror::Error)]
@@ -45,35 +47,46 @@ pub enum DataPrepError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] pretrain_store::Error),
+    /// A file the spec names (a quality model, a labels file) could not be read.
+    #[error(transparent)]
+    Fetch(#[from] ContextError),
     /// Local scratch files failed.
-    #[error("scratch file {path}: {source}")]
-    Scratch {
-        /// The file.
-        path: String,
-        /// The OS error.
-        source: std::io::Error,
-    },
-    /// The spec asks for something this stage cannot do yet, or map shards are missing.
+    #[error(transparent)]
+    Scratch(#[from] ScratchError),
+    /// The spec or an input cannot be used as written (a quality model that does not load, a
+    /// malformed labels file, a map task that does not exist).
     #[error("{0}")]
-    Unsupported(String),
+    Invalid(String),
+    /// The quality scorer failed on a document.
+    #[error("quality scorer: {0}")]
+    Scorer(String),
+    /// The reduce ran before every map task finished.
+    #[error("map shards {missing:?} of {shards} have not finished for this spec; run them before the reduce")]
+    MapsMissing {
+        /// The unfinished map tasks.
+        missing: Vec<u32>,
+        /// Map tasks in all.
+        shards: u32,
+    },
+}
+
+/// What running data-prep again can fix: not the spec or the inputs; a store outage, a scorer
+/// failure or an early reduce, yes.
+impl From<DataPrepError> for StageError {
+    fn from(e: DataPrepError) -> Self {
+        match e {
+            DataPrepError::Read(read) => read.into(),
+            DataPrepError::Store(store) => store.into(),
+            DataPrepError::Fetch(fetch) => fetch.into(),
+            DataPrepError::Invalid(_) => StageError::Invalid(Box::new(e)),
+            DataPrepError::Scratch(_) | DataPrepError::Scorer(_) | DataPrepError::MapsMissing { .. } => {
+                StageError::Failed(Box::new(e))
+            }
+        }
+    }
 }
 
 type Result<T, E = DataPrepError> = std::result::Result<T, E>;
-
-fn scratch(path: &Path) -> impl Fn(std::io::Error) -> DataPrepError + '_ {
-    move |source| DataPrepError::Scratch { path: path.display().to_string(), source }
-}
-
-/// Which part of the stage a process runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
-    /// One map shard.
-    Map(u32),
-    /// The cross-shard reduce (needs every map shard done).
-    Reduce,
-    /// Every map shard, then the reduce (one process does it all).
-    All,
-}
 
 /// One input file of the run, in canonical order.
 #[derive(Debug, Clone)]
@@ -260,7 +273,7 @@ fn check_supported(data: &Data) -> Result<()> {
         && data.order.curriculum_by == pretrain_crd::spec::CurriculumKey::Quality
         && data.quality.classifier == QualityClassifier::None
     {
-        return Err(DataPrepError::Unsupported(
+        return Err(DataPrepError::Invalid(
             "spec.data.order.curriculumBy: quality needs a quality classifier (spec.data.quality.classifier)".into(),
         ));
     }
@@ -275,40 +288,40 @@ fn quality_model_name(hash: &str) -> String {
 
 /// A model-based quality scorer.
 #[derive(Debug)]
-enum Scorer {
+enum QualityScorer {
     Ngram(QualityModel),
     Bert(Box<BertScorer>),
 }
 
-impl Scorer {
+impl QualityScorer {
     fn score(&self, text: &str) -> Result<f32, String> {
         match self {
-            Scorer::Ngram(model) => Ok(model.score(text)),
-            Scorer::Bert(model) => model.score(text).map_err(|e| e.to_string()),
+            QualityScorer::Ngram(model) => Ok(model.score(text)),
+            QualityScorer::Bert(model) => model.score(text).map_err(|e| e.to_string()),
         }
     }
 }
 
 /// The configured quality scorer, if any.
-async fn quality_scorer(ctx: &Context, hash: &str, all: &[Input]) -> Result<Option<Scorer>> {
+async fn quality_scorer(ctx: &Context, hash: &str, all: &[Input]) -> Result<Option<QualityScorer>> {
     let q = &ctx.run.spec.data.quality;
     match q.classifier {
         QualityClassifier::None => Ok(None),
-        QualityClassifier::Ngram => Ok(Some(Scorer::Ngram(quality_model(ctx, hash, all).await?))),
+        QualityClassifier::Ngram => Ok(Some(QualityScorer::Ngram(quality_model(ctx, hash, all).await?))),
         QualityClassifier::Bert => {
             let url = q.model_url.as_deref().expect("validated: bert has a modelUrl");
             let dir = url.trim_end_matches('/');
-            let config = fetch(&format!("{dir}/config.json")).await?;
-            let weights = fetch(&format!("{dir}/model.safetensors")).await?;
-            let tokenizer = fetch(&format!("{dir}/tokenizer.json")).await?;
+            let config = read_url(&format!("{dir}/config.json")).await?;
+            let weights = read_url(&format!("{dir}/model.safetensors")).await?;
+            let tokenizer = read_url(&format!("{dir}/tokenizer.json")).await?;
             // Data-prep pods are CPU pods; a GPU build on a GPU node uses the GPU.
             let device = candle_core::Device::cuda_if_available(0).unwrap_or(candle_core::Device::Cpu);
             let scorer =
                 tokio::task::spawn_blocking(move || BertScorer::from_bytes(&config, &weights, &tokenizer, &device))
                     .await
                     .expect("loading the model does not panic")
-                    .map_err(|e| DataPrepError::Unsupported(format!("spec.data.quality.modelUrl: {dir}/{e}")))?;
-            Ok(Some(Scorer::Bert(Box::new(scorer))))
+                    .map_err(|e| DataPrepError::Invalid(format!("spec.data.quality.modelUrl: {dir}/{e}")))?;
+            Ok(Some(QualityScorer::Bert(Box::new(scorer))))
         }
     }
 }
@@ -318,9 +331,9 @@ async fn quality_scorer(ctx: &Context, hash: &str, all: &[Input]) -> Result<Opti
 /// every shard that trains it gets the same model).
 async fn quality_model(ctx: &Context, hash: &str, all: &[Input]) -> Result<QualityModel> {
     let q = &ctx.run.spec.data.quality;
-    let bad_model = |url: &str, e: QualityError| DataPrepError::Unsupported(format!("{url}: {e}"));
+    let bad_model = |url: &str, e: QualityError| DataPrepError::Invalid(format!("{url}: {e}"));
     if let Some(url) = &q.model_url {
-        let bytes = fetch(url).await?;
+        let bytes = read_url(url).await?;
         return QualityModel::from_bytes(&bytes).map_err(|e| bad_model(url, e));
     }
     let name = quality_model_name(hash);
@@ -330,7 +343,7 @@ async fn quality_model(ctx: &Context, hash: &str, all: &[Input]) -> Result<Quali
     }
     let data = ctx.run.spec.data.clone();
     let examples: Vec<(String, bool)> = match &q.labelled_url {
-        Some(url) => labelled_examples(url, &fetch(url).await?)?,
+        Some(url) => labelled_examples(url, &read_url(url).await?)?,
         None => {
             let tmp = tempfile::tempdir().map_err(scratch(Path::new("tempdir")))?;
             let mut local = Vec::new();
@@ -349,23 +362,9 @@ async fn quality_model(ctx: &Context, hash: &str, all: &[Input]) -> Result<Quali
     let borrowed: Vec<(&str, bool)> = examples.iter().map(|(t, y)| (t.as_str(), *y)).collect();
     let training = Training { seed: ctx.run.spec.seed, ..Training::default() };
     let model = QualityModel::train(&borrowed, training)
-        .map_err(|e| DataPrepError::Unsupported(format!("spec.data.quality: {e}")))?;
+        .map_err(|e| DataPrepError::Invalid(format!("spec.data.quality: {e}")))?;
     ctx.dir.put(&name, Bytes::from(model.to_bytes())).await?;
     Ok(model)
-}
-
-/// Reads a small file from a local path or a store URL.
-async fn fetch(url: &str) -> Result<Bytes> {
-    match url.split_once("://") {
-        Some((scheme, _)) if scheme != "file" => {
-            let (dir, name) = url.rsplit_once('/').unwrap_or((url, ""));
-            Ok(Store::open(dir)?.get(&pretrain_store::key(name)?).await?)
-        }
-        _ => {
-            let path = Path::new(url.strip_prefix("file://").unwrap_or(url));
-            std::fs::read(path).map(Bytes::from).map_err(|e| DataPrepError::Unsupported(format!("{url}: {e}")))
-        }
-    }
 }
 
 /// `{text, label}` lines; a label is true/false, 1/0, or "good"/"bad"/"hq"/"lq".
@@ -375,7 +374,7 @@ fn labelled_examples(url: &str, bytes: &[u8]) -> Result<Vec<(String, bool)>> {
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        let bad = |why: &str| DataPrepError::Unsupported(format!("{url}:{}: {why}", i + 1));
+        let bad = |why: &str| DataPrepError::Invalid(format!("{url}:{}: {why}", i + 1));
         let value: serde_json::Value = serde_json::from_slice(line).map_err(|e| bad(&format!("invalid JSON: {e}")))?;
         let text = value.get("text").and_then(|t| t.as_str()).ok_or_else(|| bad("no string field \"text\""))?;
         let label = match value.get("label") {
@@ -457,9 +456,7 @@ async fn map_shard(ctx: &Context, shard: u32, hash: &str) -> Result<()> {
     let data = ctx.run.spec.data.clone();
     let shards = data.shards;
     if shard >= shards {
-        return Err(DataPrepError::Unsupported(format!(
-            "map shard {shard} does not exist: spec.data.shards is {shards}"
-        )));
+        return Err(DataPrepError::Invalid(format!("map shard {shard} does not exist: spec.data.shards is {shards}")));
     }
     if map_done(&ctx.dir, shard, shards, hash).await?.is_some() {
         return Ok(());
@@ -502,7 +499,7 @@ const MAP_FILES: [&str; 5] = ["docs.jsonl.zst", "keys.bin", "signatures.bin", "b
 fn map_files(
     data: &Data,
     seed: u64,
-    model: Option<&Scorer>,
+    model: Option<&QualityScorer>,
     inputs: &[(u32, Input, PathBuf)],
     out: &Path,
     progress: &mut Progress,
@@ -532,7 +529,7 @@ fn map_files(
     for (index, input, path) in inputs {
         let source: &Source = &data.sources[input.source];
         let filters = pretrain_crd::manifest::source_filters(&data.filters, source, "filters")
-            .map_err(|e| DataPrepError::Unsupported(format!("{}", e[0])))?;
+            .map_err(|e| DataPrepError::Invalid(format!("{}", e[0])))?;
         let format = source.resolved_format().expect("validated: every source has a format");
         let options = ReadOptions {
             format,
@@ -609,10 +606,10 @@ fn map_files(
             }
         })?;
         if let Some(e) = write_error.take() {
-            return Err(scratch(out)(e));
+            return Err(scratch(out)(e).into());
         }
         if let Some(e) = score_error.take() {
-            return Err(DataPrepError::Unsupported(format!("quality scorer: {e}")));
+            return Err(DataPrepError::Scorer(e));
         }
     }
     docs.finish().and_then(|mut w| w.flush()).map_err(scratch(&docs_path))?;
@@ -680,9 +677,7 @@ async fn reduce(ctx: &Context, hash: &str) -> Result<StageCommit> {
         records.extend(parsed.into_iter().enumerate().map(|(i, r)| (shard, i, r)));
     }
     if !missing.is_empty() {
-        return Err(DataPrepError::Unsupported(format!(
-            "map shards {missing:?} of {shards} have not finished for this spec; run them before the reduce"
-        )));
+        return Err(DataPrepError::MapsMissing { missing, shards });
     }
 
     // Canonical order: input file, then record, whatever the shard count.
@@ -821,7 +816,7 @@ async fn reduce(ctx: &Context, hash: &str) -> Result<StageCommit> {
             let p = if k == out_shards { heldout_path.clone() } else { route_path(k) };
             File::create(&p).map(BufWriter::new).map_err(scratch(&p))
         })
-        .collect::<Result<_>>()?;
+        .collect::<Result<_, ScratchError>>()?;
     let mut category_docs: BTreeMap<String, u64> = BTreeMap::new();
     let mut category_bytes_out: BTreeMap<String, u64> = BTreeMap::new();
     let mut heldout_docs = 0u64;
@@ -925,7 +920,7 @@ async fn near_duplicates(
     let eligible = eligible.to_vec();
     let scratch_dir = scratch_dir.to_path_buf();
     let work = move || index.cluster(&eligible, threshold).map_err(scratch(&scratch_dir));
-    tokio::task::spawn_blocking(work).await.expect("near-duplicate clustering does not panic")
+    Ok(tokio::task::spawn_blocking(work).await.expect("near-duplicate clustering does not panic")?)
 }
 
 fn write_terms(out: &mut impl Write, terms: &[(u32, u16)]) -> std::io::Result<()> {

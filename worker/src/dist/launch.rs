@@ -25,7 +25,7 @@ pub fn node_exit(codes: &[i32]) -> i32 {
         exit::DONE => 0,
         exit::RESUME => 1,
         exit::PEER_LOST => 2,
-        exit::INVALID | exit::UNAVAILABLE => 4,
+        exit::INVALID => 4,
         _ => 3,
     };
     codes.iter().copied().max_by_key(|c| rank(*c)).unwrap_or(exit::DONE)

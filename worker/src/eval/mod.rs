@@ -28,6 +28,15 @@ pub enum EvalError {
         /// What is wrong.
         reason: String,
     },
+    /// An upstream stage's outputs cannot be read.
+    #[error(transparent)]
+    Upstream(#[from] crate::frame::UpstreamError),
+    /// A benchmark file could not be read.
+    #[error(transparent)]
+    Fetch(#[from] crate::ContextError),
+    /// The compute device cannot be used.
+    #[error(transparent)]
+    Device(#[from] crate::frame::DeviceError),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] pretrain_store::Error),
@@ -43,6 +52,23 @@ pub enum EvalError {
     /// Local scratch files failed.
     #[error("scratch: {0}")]
     Scratch(#[from] std::io::Error),
+}
+
+/// A spec, task file or upstream that cannot be evaluated is permanent; the store, the device and
+/// checkpoints as their own errors are classified; the tensor library, the tokenizer and scratch
+/// files fail the attempt.
+impl From<EvalError> for crate::frame::StageError {
+    fn from(e: EvalError) -> Self {
+        match e {
+            EvalError::Invalid(_) | EvalError::Task { .. } => Self::Invalid(Box::new(e)),
+            EvalError::Upstream(upstream) => upstream.into(),
+            EvalError::Fetch(fetch) => fetch.into(),
+            EvalError::Device(device) => device.into(),
+            EvalError::Store(store) => store.into(),
+            EvalError::Checkpoint(checkpoint) => checkpoint.into(),
+            EvalError::Model(_) | EvalError::Encoder(_) | EvalError::Scratch(_) => Self::Failed(Box::new(e)),
+        }
+    }
 }
 
 /// A text request encoded as the model saw documents in training: the separator that ends the

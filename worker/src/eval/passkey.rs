@@ -6,8 +6,8 @@
 use serde::Serialize;
 
 use super::{EvalError, Request, Scorer};
-use crate::data::random::splitmix;
 use crate::tokenize::Encoder;
+use pretrain_crd::seeded::splitmix;
 
 const INTRO: &str = "There is important info hidden inside a lot of irrelevant text. Find it and memorize it. I will quiz you about the important info there.";
 const FILLER: &str = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.";

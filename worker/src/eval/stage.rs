@@ -319,7 +319,7 @@ async fn held_out(ctx: &Context, tok: &Tokenized, max_tokens: u64) -> Result<Vec
 async fn load_tasks(ctx: &Context, docs: &[HeldOutDoc]) -> Result<Vec<Task>> {
     let mut out = Vec::new();
     for b in &ctx.run.spec.eval.benchmarks {
-        let bytes = crate::context::read_url(&b.url).await.map_err(|e| EvalError::Invalid(e.to_string()))?;
+        let bytes = crate::context::read_url(&b.url).await?;
         let text = String::from_utf8(bytes.to_vec()).map_err(|_| EvalError::Task {
             file: b.url.clone(),
             line: 0,
@@ -376,7 +376,7 @@ async fn evaluate_checkpoint(
     };
     let started = std::time::Instant::now();
     let url = dir.url(&format!("ckpt/{}", checkpoint::dir_name(step)));
-    let loaded = checkpoint::load(dir, step, device).await?.map_err(|e| EvalError::Invalid(format!("{url}: {e}")))?;
+    let loaded = checkpoint::load(dir, step, device).await?;
     let config = loaded.state.model.clone();
     let params =
         Params::from_named(&config, loaded.model, device).map_err(|e| EvalError::Invalid(format!("{url}: {e}")))?;
@@ -509,7 +509,7 @@ pub fn parse_checkpoint_arg(arg: &str) -> Result<(Stage, Option<u64>)> {
 /// or, with `only`, evaluates that one checkpoint and writes its report without committing.
 pub async fn run(ctx: &Context, only: Option<&str>) -> Result<Option<StageCommit>> {
     let spec = &ctx.run.spec;
-    let tok = Tokenized::load(ctx).await.map_err(EvalError::Invalid)?;
+    let tok = Tokenized::load(ctx).await?;
     let docs = held_out(ctx, &tok, spec.eval.max_held_out_tokens).await?;
     if docs.is_empty() {
         return Err(EvalError::Invalid(
@@ -523,9 +523,7 @@ pub async fn run(ctx: &Context, only: Option<&str>) -> Result<Option<StageCommit
         passkey_lengths.extend(spec.long_context.as_ref().map(|lc| lc.seq_len as usize));
     }
     let cache = tempfile::tempdir()?;
-    let shards = crate::train::stage::local_shards(&tok.dir, &tok.commit.files, "shards/", cache.path())
-        .await
-        .map_err(|e| EvalError::Invalid(e.to_string()))?;
+    let shards = tok.local_shards("shards/", cache.path()).await?;
     let unigram = match TokenStream::open(&shards) {
         Ok(stream) if !stream.is_empty() => Some(unigram_logprobs(&stream, tok.vocab_size() as usize, 100_000_000)),
         Ok(_) => None,
@@ -541,7 +539,7 @@ pub async fn run(ctx: &Context, only: Option<&str>) -> Result<Option<StageCommit
         seed: spec.seed,
         probes: &spec.eval.probes,
     };
-    let device = ctx.device().map_err(EvalError::Invalid)?;
+    let device = ctx.device()?;
     let store = ctx.dir.store();
 
     // Which checkpoints.
@@ -561,7 +559,7 @@ pub async fn run(ctx: &Context, only: Option<&str>) -> Result<Option<StageCommit
             if stage == Stage::LongContext && spec.long_context.is_none() {
                 continue;
             }
-            let (dir, step) = checkpoint::committed_final(ctx, stage).await?.map_err(EvalError::Invalid)?;
+            let (dir, step) = checkpoint::committed_final(ctx, stage).await?;
             targets.push((label.to_string(), dir, step));
         }
     }

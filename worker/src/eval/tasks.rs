@@ -15,7 +15,7 @@ use pretrain_crd::spec::BenchmarkFormat;
 use serde::Deserialize;
 
 use super::EvalError;
-use crate::data::random::splitmix;
+use pretrain_crd::seeded::splitmix;
 
 /// One benchmark item.
 #[derive(Debug, Clone, PartialEq)]
@@ -211,7 +211,7 @@ pub fn next_sentence(docs: &[&str], n: usize, seed: u64) -> Task {
     let mut per_doc = vec![0usize; docs.len()];
     // Candidates in a seeded order, at most PER_DOCUMENT items from one document.
     let mut order: Vec<usize> = (0..candidates.len()).collect();
-    crate::data::random::shuffle(&mut order, &mut state);
+    pretrain_crd::seeded::shuffle(&mut order, &mut state);
     for i in order {
         if items.len() == n || pool.len() < 8 {
             break;
@@ -271,7 +271,7 @@ pub fn last_word(docs: &[&str], n: usize, seed: u64) -> Task {
     }
     let mut state = seed ^ 0x6c61_7374;
     let mut order: Vec<usize> = (0..candidates.len()).collect();
-    crate::data::random::shuffle(&mut order, &mut state);
+    pretrain_crd::seeded::shuffle(&mut order, &mut state);
     let mut per_doc = vec![0usize; docs.len()];
     let mut items = Vec::new();
     for i in order {

@@ -167,13 +167,7 @@ pub struct Params {
 /// on every machine.
 fn normals(seed: u64, n: usize, std: f64) -> Vec<f32> {
     let mut state = seed;
-    let mut next = || {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-    };
+    let mut next = || pretrain_crd::seeded::unit(&mut state);
     let mut out = Vec::with_capacity(n + 1);
     while out.len() < n {
         let (u1, u2) = (next().max(f64::MIN_POSITIVE), next());

@@ -27,17 +27,28 @@ use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use super::encoder::{Encoder, EncoderError};
 use super::shard::{ShardError, ShardWriter};
-use super::train::{TrainError, train_bpe};
+use super::train::{BpeError, train_bpe};
 use crate::Context;
 use crate::data::stage::DocumentLine;
+use crate::frame::{Phase, ScratchError, StageError, UpstreamError, scratch};
 use crate::progress::Progress;
 
 /// Why the stage failed.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizeError {
-    /// data-prep has not committed outputs for this spec.
-    #[error("{0}")]
-    Upstream(String),
+    /// data-prep's outputs cannot be read.
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    /// The reduce ran before every map task finished.
+    #[error(
+        "map tasks {missing:?} of {tasks} have not finished for this spec and tokenizer; run them before the reduce"
+    )]
+    MapsMissing {
+        /// The unfinished map tasks.
+        missing: Vec<u32>,
+        /// Map tasks in all.
+        tasks: usize,
+    },
     /// The spec asks for something impossible (a shard that does not exist, a tokenizer without an
     /// end-of-sequence token, too small a corpus).
     #[error("{0}")]
@@ -50,7 +61,7 @@ pub enum TokenizeError {
     Fetch(#[from] crate::ContextError),
     /// Tokenizer training failed.
     #[error(transparent)]
-    Train(#[from] TrainError),
+    Train(#[from] BpeError),
     /// The tokenizer failed to load or encode.
     #[error(transparent)]
     Encoder(#[from] EncoderError),
@@ -68,38 +79,30 @@ pub enum TokenizeError {
         reason: String,
     },
     /// Local scratch files failed.
-    #[error("scratch file {path}: {source}")]
-    Scratch {
-        /// The file.
-        path: String,
-        /// The OS error.
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Scratch(#[from] ScratchError),
 }
 
-impl TokenizeError {
-    /// Whether retrying cannot help: the spec or the corpus must change.
-    pub fn is_invalid(&self) -> bool {
-        matches!(self, Self::Invalid(_) | Self::Train(TrainError::TooSmall { .. } | TrainError::Unreachable { .. }))
+/// The spec, the corpus or data-prep's committed outputs must change for an invalid failure;
+/// the store, scratch files, an early reduce or the tokenizer library may do better on another try.
+impl From<TokenizeError> for StageError {
+    fn from(e: TokenizeError) -> Self {
+        use TokenizeError as E;
+        match e {
+            E::Upstream(upstream) => upstream.into(),
+            E::Store(store) => store.into(),
+            E::Fetch(fetch) => fetch.into(),
+            E::Invalid(_) | E::Input { .. } | E::Train(BpeError::TooSmall { .. } | BpeError::Unreachable { .. }) => {
+                StageError::Invalid(Box::new(e))
+            }
+            E::MapsMissing { .. } | E::Train(BpeError::Library(_)) | E::Encoder(_) | E::Shard(_) | E::Scratch(_) => {
+                StageError::Failed(Box::new(e))
+            }
+        }
     }
 }
 
 type Result<T, E = TokenizeError> = std::result::Result<T, E>;
-
-fn scratch(path: &Path) -> impl Fn(std::io::Error) -> TokenizeError + '_ {
-    move |source| TokenizeError::Scratch { path: path.display().to_string(), source }
-}
-
-/// Which part of the stage a process runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
-    /// Encode data-prep shard `n` (training the tokenizer first if no task has yet).
-    Map(u32),
-    /// Check every shard, encode the held-out split, report, commit.
-    Reduce,
-    /// Everything in this process.
-    All,
-}
 
 /// `tokenizer.meta.json`: which spec the stored tokenizer belongs to.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -179,10 +182,7 @@ async fn upstream(ctx: &Context) -> Result<Upstream> {
     let dir = ctx.dir.store().stage(ctx.run_name(), Stage::DataPrep)?;
     let hash = ctx.run.spec.stage_config_hash(Stage::DataPrep);
     let Some(commit) = dir.committed(&hash).await? else {
-        return Err(TokenizeError::Upstream(format!(
-            "data-prep has not committed outputs for this spec at {}; run it first",
-            dir.url("_SUCCESS.json")
-        )));
+        return Err(UpstreamError::NotCommitted { stage: Stage::DataPrep, url: dir.url("_SUCCESS.json") }.into());
     };
     let shards: Vec<String> = commit
         .files
@@ -546,10 +546,7 @@ async fn reduce(
         }
     }
     if !missing.is_empty() {
-        return Err(TokenizeError::Upstream(format!(
-            "map tasks {missing:?} of {} have not finished for this spec and tokenizer; run them before the reduce",
-            upstream.shards.len()
-        )));
+        return Err(TokenizeError::MapsMissing { missing, tasks: upstream.shards.len() });
     }
 
     // The held-out split: encoded for evaluation, and the text the compression report is measured on.
@@ -629,31 +626,48 @@ pub struct Tokenized {
 }
 
 impl Tokenized {
-    /// Loads the tokenize stage committed for `ctx`'s spec; the error says what to run first.
-    pub async fn load(ctx: &Context) -> std::result::Result<Self, String> {
-        let dir = ctx.dir.store().stage(ctx.run_name(), Stage::Tokenize).map_err(|e| e.to_string())?;
+    /// Loads the tokenize stage committed for `ctx`'s spec; a missing commit says what to run first.
+    pub async fn load(ctx: &Context) -> std::result::Result<Self, UpstreamError> {
+        let dir = ctx.dir.store().stage(ctx.run_name(), Stage::Tokenize)?;
         let commit = dir
             .committed(&ctx.run.spec.stage_config_hash(Stage::Tokenize))
-            .await
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| {
-                format!(
-                    "tokenize has not committed outputs for this spec at {}; run it first",
-                    dir.url("_SUCCESS.json")
-                )
-            })?;
-        let json = dir.get("tokenizer.json").await.map_err(|e| e.to_string())?;
-        let text = String::from_utf8(json.to_vec()).map_err(|_| format!("{}: not UTF-8", dir.url("tokenizer.json")))?;
-        let encoder = Encoder::from_json(&text).map_err(|e| format!("{}: {e}", dir.url("tokenizer.json")))?;
+            .await?
+            .ok_or_else(|| UpstreamError::NotCommitted { stage: Stage::Tokenize, url: dir.url("_SUCCESS.json") })?;
+        let json = dir.get("tokenizer.json").await?;
+        let corrupt = |reason: String| UpstreamError::Corrupt { url: dir.url("tokenizer.json"), reason };
+        let text = String::from_utf8(json.to_vec()).map_err(|_| corrupt("not UTF-8".into()))?;
+        let encoder = Encoder::from_json(&text).map_err(|e| corrupt(e.to_string()))?;
         let name = commit.stats["tokenizer"]["separator"].as_str().unwrap_or("<|eos|>");
-        let separator = encoder
-            .special(name)
-            .ok_or_else(|| format!("{}: the separator {name:?} is not a special token", dir.url("tokenizer.json")))?;
+        let separator =
+            encoder.special(name).ok_or_else(|| corrupt(format!("the separator {name:?} is not a special token")))?;
         Ok(Self { dir, commit, encoder, separator })
     }
 
     /// Vocabulary size.
     pub fn vocab_size(&self) -> u32 {
         self.encoder.vocab_size()
+    }
+
+    /// The committed token shards under `prefix` (`shards/`, `heldout/`), as local files: a local
+    /// store's are read in place, others are downloaded to `cache` (once: a file of the right size
+    /// is kept).
+    pub async fn local_shards(&self, prefix: &str, cache: &Path) -> pretrain_store::Result<Vec<PathBuf>> {
+        let mut out = Vec::new();
+        let root = self.dir.store().url().strip_prefix("file://").map(PathBuf::from);
+        for f in self.commit.files.iter().filter(|f| f.path.starts_with(prefix) && f.path.ends_with(".tok")) {
+            let key = self.dir.key(&f.path)?;
+            let path = match &root {
+                Some(root) => root.join(key.as_ref()),
+                None => {
+                    let local = cache.join(f.path.replace('/', "_"));
+                    if std::fs::metadata(&local).map(|m| m.len()).ok() != Some(f.size) {
+                        self.dir.store().download(&key, &local).await?;
+                    }
+                    local
+                }
+            };
+            out.push(path);
+        }
+        Ok(out)
     }
 }

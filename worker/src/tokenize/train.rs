@@ -9,7 +9,7 @@ use super::bytelevel;
 
 /// Why training failed.
 #[derive(Debug, thiserror::Error)]
-pub enum TrainError {
+pub enum BpeError {
     /// Too little text for the vocabulary asked for.
     #[error(
         "the tokenizer sample has {bytes} bytes in {documents} documents; a vocabulary of {vocab_size} needs at least \
@@ -55,13 +55,13 @@ pub struct Trained {
 }
 
 /// Trains a byte-level BPE of `vocab_size` tokens on `texts`, with `specials` as ids 0, 1, ...
-pub fn train_bpe(texts: &[String], vocab_size: u32, specials: &[String]) -> Result<Trained, TrainError> {
+pub fn train_bpe(texts: &[String], vocab_size: u32, specials: &[String]) -> Result<Trained, BpeError> {
     let bytes: u64 = texts.iter().map(|t| t.len() as u64).sum();
     let needed = u64::from(vocab_size) * MIN_SAMPLE_BYTES_PER_TOKEN;
     if bytes < needed {
-        return Err(TrainError::TooSmall { bytes, documents: texts.len(), vocab_size, needed });
+        return Err(BpeError::TooSmall { bytes, documents: texts.len(), vocab_size, needed });
     }
-    let library = |e: tokenizers::Error| TrainError::Library(e.to_string());
+    let library = |e: tokenizers::Error| BpeError::Library(e.to_string());
     let mut trainer = BpeTrainerBuilder::new()
         .show_progress(false)
         .vocab_size(vocab_size as usize)
@@ -88,7 +88,7 @@ pub fn train_bpe(texts: &[String], vocab_size: u32, specials: &[String]) -> Resu
     tokenizer.add_special_tokens(added).map_err(library)?;
     let reached = tokenizer.get_vocab_size(true) as u32;
     if reached < vocab_size {
-        return Err(TrainError::Unreachable { reached, vocab_size });
+        return Err(BpeError::Unreachable { reached, vocab_size });
     }
     let json = tokenizer.to_string(false).map_err(library)?;
     Ok(Trained { json, vocab_size: reached })
@@ -123,10 +123,10 @@ mod tests {
     fn refuses_tiny_corpora_and_unreachable_vocabularies() {
         let specials = vec!["<|eos|>".to_string()];
         let err = train_bpe(&["tiny".into()], 1000, &specials).unwrap_err();
-        assert!(matches!(err, TrainError::TooSmall { bytes: 4, .. }), "{err}");
+        assert!(matches!(err, BpeError::TooSmall { bytes: 4, .. }), "{err}");
         let repetitive = vec!["ab ".repeat(5000)];
         let err = train_bpe(&repetitive, 1000, &specials).unwrap_err();
-        assert!(matches!(err, TrainError::Unreachable { vocab_size: 1000, .. }), "{err}");
+        assert!(matches!(err, BpeError::Unreachable { vocab_size: 1000, .. }), "{err}");
         assert!(err.to_string().contains("tokenizer.vocabSize"));
     }
 }

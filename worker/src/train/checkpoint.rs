@@ -138,6 +138,26 @@ pub enum CheckpointError {
         /// What failed.
         reason: String,
     },
+    /// The checkpoint is incomplete or does not match its manifest (an interrupted save, say).
+    #[error("{url}: {reason}")]
+    Unusable {
+        /// The checkpoint's directory.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// A store failure as the frame classifies it; a local one fails the attempt; a checkpoint that is
+/// asked for by name and unusable cannot become usable.
+impl From<CheckpointError> for crate::frame::StageError {
+    fn from(e: CheckpointError) -> Self {
+        match e {
+            CheckpointError::Store(store) => store.into(),
+            CheckpointError::Local { .. } => Self::Failed(Box::new(e)),
+            CheckpointError::Unusable { .. } => Self::Invalid(Box::new(e)),
+        }
+    }
 }
 
 /// `step-000000123`.
@@ -231,43 +251,40 @@ pub struct Loaded {
 /// The newest checkpoint whose manifest validates, if any; each one skipped is named on stderr.
 pub async fn load_latest(dir: &StageDir, device: &Device) -> Result<Option<Loaded>, CheckpointError> {
     for step in steps(dir).await? {
-        match load(dir, step, device).await? {
+        match load(dir, step, device).await {
             Ok(loaded) => return Ok(Some(loaded)),
-            Err(reason) => {
-                eprintln!("train: skipping checkpoint {}: {reason}", dir.url(&format!("ckpt/{}", dir_name(step))))
-            }
+            Err(CheckpointError::Unusable { url, reason }) => eprintln!("train: skipping checkpoint {url}: {reason}"),
+            Err(e) => return Err(e),
         }
     }
     Ok(None)
 }
 
-/// Loads checkpoint `step`; the inner error says why it is not usable.
-pub async fn load(dir: &StageDir, step: u64, device: &Device) -> Result<Result<Loaded, String>, CheckpointError> {
+/// Loads checkpoint `step`; [`CheckpointError::Unusable`] says why it is not usable.
+pub async fn load(dir: &StageDir, step: u64, device: &Device) -> Result<Loaded, CheckpointError> {
     let name = dir_name(step);
+    let unusable = |reason: String| CheckpointError::Unusable { url: dir.url(&format!("ckpt/{name}")), reason };
     let Some(manifest) = dir.store().get_opt(&dir.key(&format!("ckpt/{name}/MANIFEST.json"))?).await? else {
-        return Ok(Err("no MANIFEST.json (an interrupted save)".into()));
+        return Err(unusable("no MANIFEST.json (an interrupted save)".into()));
     };
-    let manifest = match Manifest::parse(&manifest) {
-        Ok(m) => m,
-        Err(e) => return Ok(Err(e)),
-    };
+    let manifest = Manifest::parse(&manifest).map_err(unusable)?;
     let tmp = tempfile::tempdir().map_err(|e| CheckpointError::Local { name: name.clone(), reason: e.to_string() })?;
     for f in &manifest.files {
         let local = tmp.path().join(&f.path);
         let key = dir.key(&format!("ckpt/{name}/{}", f.path))?;
         if dir.store().size(&key).await? != Some(f.size) {
-            return Ok(Err(format!("{} is missing or not {} bytes", f.path, f.size)));
+            return Err(unusable(format!("{} is missing or not {} bytes", f.path, f.size)));
         }
         dir.store().download(&key, &local).await?;
         let sha =
             sha256_file(&local).map_err(|e| CheckpointError::Local { name: name.clone(), reason: e.to_string() })?;
         if sha != f.sha256 {
-            return Ok(Err(format!("{} has sha256 {sha}, the manifest says {}", f.path, f.sha256)));
+            return Err(unusable(format!("{} has sha256 {sha}, the manifest says {}", f.path, f.sha256)));
         }
     }
     for needed in ["model.safetensors", "optim.safetensors", "state.json"] {
         if !manifest.files.iter().any(|f| f.path == needed) {
-            return Ok(Err(format!("the manifest lists no {needed}")));
+            return Err(unusable(format!("the manifest lists no {needed}")));
         }
     }
     let state: TrainState = match std::fs::read(tmp.path().join("state.json"))
@@ -275,35 +292,34 @@ pub async fn load(dir: &StageDir, step: u64, device: &Device) -> Result<Result<L
         .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
     {
         Ok(s) => s,
-        Err(e) => return Ok(Err(format!("state.json: {e}"))),
+        Err(e) => return Err(unusable(format!("state.json: {e}"))),
     };
     let read =
         |file: &str| candle_core::safetensors::load(tmp.path().join(file), device).map_err(|e| format!("{file}: {e}"));
     let (model, optim) = match (read("model.safetensors"), read("optim.safetensors")) {
         (Ok(m), Ok(o)) => (m, o),
-        (Err(e), _) | (_, Err(e)) => return Ok(Err(e)),
+        (Err(e), _) | (_, Err(e)) => return Err(unusable(e)),
     };
     let files = in_stage_dir(&name, manifest.files);
-    Ok(Ok(Loaded { name, state, model, optim, files }))
+    Ok(Loaded { name, state, model, optim, files })
 }
 
 /// The directory of `stage` (train or long-context) and the step of the final checkpoint it committed
-/// for `ctx`'s spec; the inner error says what to run first.
+/// for `ctx`'s spec.
 pub async fn committed_final(
     ctx: &crate::Context,
     stage: pretrain_crd::Stage,
-) -> Result<Result<(StageDir, u64), String>, pretrain_store::Error> {
+) -> Result<(StageDir, u64), crate::frame::UpstreamError> {
+    use crate::frame::UpstreamError;
     let dir = ctx.dir.store().stage(ctx.run_name(), stage)?;
+    let success = dir.url("_SUCCESS.json");
     let Some(commit) = dir.committed(&ctx.run.spec.stage_config_hash(stage)).await? else {
-        return Ok(Err(format!(
-            "{stage} has not committed outputs for this spec at {}; run it first",
-            dir.url("_SUCCESS.json")
-        )));
+        return Err(UpstreamError::NotCommitted { stage, url: success });
     };
-    Ok(match commit.stats["steps"].as_u64() {
+    match commit.stats["steps"].as_u64() {
         Some(step) => Ok((dir, step)),
-        None => Err(format!("{} records no steps", dir.url("_SUCCESS.json"))),
-    })
+        None => Err(UpstreamError::Corrupt { url: success, reason: "records no steps".into() }),
+    }
 }
 
 /// Manifest entries (paths relative to checkpoint `name`) with paths relative to the stage directory.

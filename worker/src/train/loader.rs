@@ -19,8 +19,8 @@ use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, sync_channel};
 use std::thread::JoinHandle;
 
-use crate::data::random::{shuffle, splitmix};
 use crate::tokenize::{ShardError, TokenShard};
+use pretrain_crd::seeded::{shuffle, splitmix};
 
 /// The shards of a stream, opened and checked.
 #[derive(Debug)]

@@ -3,7 +3,6 @@
 
 use std::collections::VecDeque;
 use std::io::Write;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -13,7 +12,7 @@ use candle_core::{DType, Device, Tensor};
 use pretrain_crd::PretrainRunSpec;
 use pretrain_crd::Stage;
 use pretrain_crd::spec::{LongContext, Optimizer, Precision, RopeScalingKind, Schedule, SpikeAction};
-use pretrain_store::{FileEntry, StageCommit, StageDir};
+use pretrain_store::{FileEntry, StageDir};
 
 use super::checkpoint::{self, Snapshot, TrainState};
 use super::loader::{BatchShape, Prefetcher, TokenStream, shuffle_window};
@@ -22,6 +21,7 @@ use super::schedule::learning_rate;
 use crate::Context;
 use crate::dist::{self, BUCKET_BYTES};
 use crate::eval::{Scorer, probe_logprobs};
+use crate::frame::{DeviceError, Outcome, StageError, UpstreamError};
 use crate::model::rope::ntk_base;
 use crate::model::{Llama, LlamaConfig, Params, Scaling};
 use crate::progress::Progress;
@@ -33,6 +33,22 @@ pub enum TrainError {
     /// An upstream stage has not committed, or the spec cannot be trained as written.
     #[error("{0}")]
     Invalid(String),
+    /// tokenize's outputs cannot be read.
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    /// The compute device cannot be used.
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    /// The ranks resumed from different checkpoints (one was written while they loaded).
+    #[error("rank {rank} resumed at step {step} but rank 0 at step {leader}; the ranks see different checkpoints")]
+    RankMismatch {
+        /// This rank.
+        rank: usize,
+        /// The step it resumed at.
+        step: u64,
+        /// The step rank 0 resumed at.
+        leader: u64,
+    },
     /// The store failed.
     #[error(transparent)]
     Store(#[from] pretrain_store::Error),
@@ -71,24 +87,34 @@ pub enum TrainError {
     },
 }
 
-type Result<T, E = TrainError> = std::result::Result<T, E>;
-
-/// How a run of the loop ended.
-#[derive(Debug)]
-pub enum Outcome {
-    /// Every step ran and the stage committed.
-    Done(Box<StageCommit>),
-    /// Stopped on request (SIGTERM) after checkpointing step `step`.
-    Preempted {
-        /// Steps completed and saved.
-        step: u64,
-    },
-    /// A rank other than 0 trained every step; rank 0 committed the stage.
-    Joined {
-        /// Steps trained.
-        step: u64,
-    },
+/// An invalid spec or upstream is permanent; a lost peer restarts the gang; the store and the device
+/// as the frame classifies them; a rank mismatch (the gang loads again), a divergence, a failed save
+/// and anything of the tensor library fail the attempt.
+impl From<TrainError> for StageError {
+    fn from(e: TrainError) -> Self {
+        use TrainError as E;
+        match e {
+            E::Invalid(_) => StageError::Invalid(Box::new(e)),
+            E::Upstream(upstream) => upstream.into(),
+            E::Device(device) => device.into(),
+            E::Store(store) => store.into(),
+            E::Checkpoint(checkpoint) => checkpoint.into(),
+            E::NotSaved { source: checkpoint::CheckpointError::Store(ref store), .. } => {
+                StageError::for_store(store)(Box::new(e))
+            }
+            E::Dist(crate::dist::DistError::Peer { .. }) => StageError::PeerLost(Box::new(e)),
+            E::RankMismatch { .. }
+            | E::NotSaved { .. }
+            | E::Shard(_)
+            | E::Model(_)
+            | E::Scratch(_)
+            | E::Dist(_)
+            | E::Diverged { .. } => StageError::Failed(Box::new(e)),
+        }
+    }
 }
+
+type Result<T, E = TrainError> = std::result::Result<T, E>;
 
 /// Set by SIGTERM; the loop checkpoints and stops at the end of the current step.
 pub fn stop_flag() -> Arc<AtomicBool> {
@@ -101,33 +127,6 @@ pub fn stop_flag() -> Arc<AtomicBool> {
         }
     });
     flag
-}
-
-/// The token shards of a committed stage, as local files (local stores are read in place; others
-/// are downloaded to `cache`).
-pub async fn local_shards(
-    dir: &StageDir,
-    files: &[FileEntry],
-    prefix: &str,
-    cache: &std::path::Path,
-) -> Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    let root = dir.store().url().strip_prefix("file://").map(PathBuf::from);
-    for f in files.iter().filter(|f| f.path.starts_with(prefix) && f.path.ends_with(".tok")) {
-        let key = dir.key(&f.path)?;
-        let path = match &root {
-            Some(root) => root.join(key.as_ref()),
-            None => {
-                let local = cache.join(f.path.replace('/', "_"));
-                if std::fs::metadata(&local).map(|m| m.len()).ok() != Some(f.size) {
-                    dir.store().download(&key, &local).await?;
-                }
-                local
-            }
-        };
-        out.push(path);
-    }
-    Ok(out)
 }
 
 /// Loss-spike detection: z-score of a step's loss against a rolling window of the previous ones.
@@ -262,7 +261,7 @@ impl Job {
             .long_context
             .as_ref()
             .ok_or_else(|| TrainError::Invalid("the spec has no longContext section".into()))?;
-        let (train_dir, step) = checkpoint::committed_final(ctx, Stage::Train).await?.map_err(TrainError::Invalid)?;
+        let (train_dir, step) = checkpoint::committed_final(ctx, Stage::Train).await?;
         let base = Self::train(spec, vocab);
         let seq_len = lc.seq_len as usize;
         let world = ctx.world_size as usize;
@@ -317,7 +316,7 @@ pub fn long_context_rope(model: &LlamaConfig, lc: &LongContext, train_seq_len: u
 pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
     let spec = &ctx.run.spec;
     let hash = ctx.config_hash();
-    let tok = Tokenized::load(ctx).await.map_err(TrainError::Invalid)?;
+    let tok = Tokenized::load(ctx).await?;
     let vocab = tok.vocab_size();
     let job = match ctx.stage {
         Stage::LongContext => Job::long_context(ctx, vocab).await?,
@@ -325,8 +324,8 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
     };
     let label = job.label;
     let cache = tempfile::tempdir()?;
-    let train_paths = local_shards(&tok.dir, &tok.commit.files, "shards/", cache.path()).await?;
-    let heldout_paths = local_shards(&tok.dir, &tok.commit.files, "heldout/", cache.path()).await?;
+    let train_paths = tok.local_shards("shards/", cache.path()).await?;
+    let heldout_paths = tok.local_shards("heldout/", cache.path()).await?;
     let mut stream = TokenStream::open(&train_paths)?;
     if stream.len() < job.seq_len as u64 + 1 {
         return Err(TrainError::Invalid(format!(
@@ -346,7 +345,7 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
     let stream = Arc::new(stream);
     let heldout = if heldout_paths.is_empty() { None } else { Some(TokenStream::open(&heldout_paths)?) };
 
-    let device = ctx.device().map_err(TrainError::Invalid)?;
+    let device = ctx.device()?;
     let dtype = match (spec.train.precision, device.is_cuda()) {
         (Precision::Fp32, _) | (Precision::Auto, false) => DType::F32,
         (Precision::Bf16, false) => {
@@ -411,9 +410,12 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
                 Start::Seed(seed) => Params::init(&config, *seed, &device)?,
                 Start::Weights { dir, step } => {
                     let url = dir.url(&format!("ckpt/{}", checkpoint::dir_name(*step)));
-                    let loaded = checkpoint::load(dir, *step, &device)
-                        .await?
-                        .map_err(|e| TrainError::Invalid(format!("starting weights {url}: {e}")))?;
+                    let loaded = checkpoint::load(dir, *step, &device).await.map_err(|e| match e {
+                        checkpoint::CheckpointError::Unusable { reason, .. } => {
+                            TrainError::Invalid(format!("starting weights {url}: {reason}"))
+                        }
+                        e => e.into(),
+                    })?;
                     println!("{label}: starting from the weights of {url}");
                     Params::from_named(&config, loaded.model, &device)
                         .map_err(|e| TrainError::Invalid(format!("starting weights {url}: {e}")))?
@@ -455,11 +457,7 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
     // Every rank must resume from the same step (a checkpoint written meanwhile could differ).
     let leader_step = collective.broadcast(&Tensor::new(&[state.step as f32], &device)?, 0)?.to_vec1::<f32>()?[0];
     if leader_step != state.step as f32 {
-        return Err(TrainError::Invalid(format!(
-            "{label}: rank {} resumed at step {} but rank 0 at step {leader_step}; the ranks see different checkpoints",
-            collective.rank(),
-            state.step
-        )));
+        return Err(TrainError::RankMismatch { rank: collective.rank(), step: state.step, leader: leader_step as u64 });
     }
     let mut model = Llama::new(config.clone(), params, seq_len, &device)?;
     model.set_recompute(spec.train.recompute_activations);
@@ -704,7 +702,7 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
     });
     let commit = ctx.dir.commit(&hash, files, stats).await?;
     collective.finish()?;
-    Ok(Outcome::Done(Box::new(commit)))
+    Ok(Outcome::Committed(Box::new(commit)))
 }
 
 /// The error of a checkpoint that failed to save, naming the checkpoint a restart will resume from
@@ -766,11 +764,7 @@ pub fn evaluate(
 }
 
 fn format_seconds(s: f64) -> String {
-    if !s.is_finite() {
-        return "?".into();
-    }
-    let s = s as u64;
-    if s >= 3600 { format!("{}h{:02}m", s / 3600, s % 3600 / 60) } else { format!("{}m{:02}s", s / 60, s % 60) }
+    if s.is_finite() { pretrain_crd::display::duration(s as u64) } else { "?".into() }
 }
 
 #[cfg(test)]
