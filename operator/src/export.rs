@@ -10,6 +10,7 @@
 use std::path::{Path, PathBuf};
 
 use pretrain_crd::Stage;
+use pretrain_store::artifact::{Manifest, Scaling, TrainState};
 use pretrain_store::{StageDir, Store};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -84,15 +85,16 @@ fn parse_stage(name: &str) -> Result<Stage, ExportError> {
 }
 
 /// Reads `ckpt/<name>/<file>` and checks it against the manifest's size and sha256.
-async fn verified(dir: &StageDir, name: &str, manifest: &Value, file: &str) -> Result<bytes::Bytes, ExportError> {
+async fn verified(dir: &StageDir, name: &str, manifest: &Manifest, file: &str) -> Result<bytes::Bytes, ExportError> {
     let url = dir.url(&format!("ckpt/{name}/{file}"));
-    let entry = manifest["files"]
-        .as_array()
-        .and_then(|files| files.iter().find(|f| f["path"] == file))
+    let entry = manifest
+        .files
+        .iter()
+        .find(|f| f.path == file)
         .ok_or_else(|| ExportError::Checkpoint(format!("{url} is not listed in the checkpoint's MANIFEST.json")))?;
     let bytes = dir.get(&format!("ckpt/{name}/{file}")).await?;
     let sha = hex::encode(Sha256::digest(&bytes));
-    if entry["sha256"].as_str() != Some(sha.as_str()) || entry["size"].as_u64() != Some(bytes.len() as u64) {
+    if entry.sha256 != sha || entry.size != bytes.len() as u64 {
         return Err(ExportError::Checkpoint(format!(
             "{url} does not match its MANIFEST.json (size {} sha256 {sha}); the checkpoint is corrupted",
             bytes.len()
@@ -103,45 +105,42 @@ async fn verified(dir: &StageDir, name: &str, manifest: &Value, file: &str) -> R
 
 /// The Hugging Face `config.json` of a checkpoint's `state.json`, with the separator token's id as
 /// BOS/EOS when the tokenizer has one.
-pub fn hf_config(state: &Value, eos: Option<u64>) -> Result<Value, String> {
-    let m = &state["model"];
-    let int = |k: &str| m[k].as_u64().ok_or_else(|| format!("state.json: model.{k} is missing"));
-    let (dim, heads) = (int("dim")?, int("heads")?);
-    let rope_scaling = match m["ropeScaling"]["type"].as_str() {
-        None | Some("none") => Value::Null,
-        Some("linear") => json!({"rope_type": "linear", "factor": m["ropeScaling"]["factor"]}),
-        Some("yarn") => json!({
+pub fn hf_config(state: &TrainState, eos: Option<u64>) -> Value {
+    let m = &state.model;
+    let rope_scaling = match m.rope_scaling {
+        Scaling::None => Value::Null,
+        Scaling::Linear { factor } => json!({"rope_type": "linear", "factor": factor}),
+        Scaling::Yarn { factor, original_len } => json!({
             "rope_type": "yarn",
-            "factor": m["ropeScaling"]["factor"],
-            "original_max_position_embeddings": m["ropeScaling"]["originalLen"],
+            "factor": factor,
+            "original_max_position_embeddings": original_len,
             "beta_fast": 32.0,
             "beta_slow": 1.0,
         }),
-        Some(other) => return Err(format!("state.json: RoPE scaling {other:?} has no Hugging Face equivalent")),
     };
-    Ok(json!({
+    json!({
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        "vocab_size": int("vocabSize")?,
-        "hidden_size": dim,
-        "num_hidden_layers": int("layers")?,
-        "num_attention_heads": heads,
-        "num_key_value_heads": int("kvHeads")?,
-        "head_dim": dim / heads.max(1),
-        "intermediate_size": int("ffnDim")?,
+        "vocab_size": m.vocab_size,
+        "hidden_size": m.dim,
+        "num_hidden_layers": m.layers,
+        "num_attention_heads": m.heads,
+        "num_key_value_heads": m.kv_heads,
+        "head_dim": m.dim / m.heads.max(1),
+        "intermediate_size": m.ffn_dim,
         "hidden_act": "silu",
-        "rms_norm_eps": m["normEps"],
-        "rope_theta": m["ropeBase"],
+        "rms_norm_eps": m.norm_eps,
+        "rope_theta": m.rope_base,
         "rope_scaling": rope_scaling,
-        "max_position_embeddings": state["seqLen"],
-        "tie_word_embeddings": m["tieEmbeddings"],
+        "max_position_embeddings": state.seq_len,
+        "tie_word_embeddings": m.tie_embeddings,
         "attention_bias": false,
         "mlp_bias": false,
         "initializer_range": 0.02,
         "torch_dtype": "float32",
         "bos_token_id": eos,
         "eos_token_id": eos,
-    }))
+    })
 }
 
 /// Writes checkpoint `which` of `run` as a Hugging Face Llama directory `out`.
@@ -152,10 +151,9 @@ pub async fn export(store: &Store, run: &str, which: &str, out: &Path) -> Result
         .get_opt(&dir.key(&format!("ckpt/{name}/MANIFEST.json"))?)
         .await?
         .ok_or_else(|| ExportError::Checkpoint(format!("{url} has no MANIFEST.json: it is incomplete")))?;
-    let manifest: Value =
-        serde_json::from_slice(&manifest).map_err(|e| ExportError::Checkpoint(format!("{url}/MANIFEST.json: {e}")))?;
+    let manifest = Manifest::parse(&manifest).map_err(|e| ExportError::Checkpoint(format!("{url}: {e}")))?;
     let state_bytes = verified(&dir, &name, &manifest, "state.json").await?;
-    let state: Value =
+    let state: TrainState =
         serde_json::from_slice(&state_bytes).map_err(|e| ExportError::Checkpoint(format!("{url}/state.json: {e}")))?;
     let weights = verified(&dir, &name, &manifest, "model.safetensors").await?;
 
@@ -173,11 +171,10 @@ pub async fn export(store: &Store, run: &str, which: &str, out: &Path) -> Result
         .collect();
     let eos = pretrain_crd::contract::SEPARATORS.iter().find_map(|s| specials.iter().find(|(c, _)| c == s)).cloned();
 
-    let config =
-        hf_config(&state, eos.as_ref().map(|e| e.1)).map_err(|e| ExportError::Checkpoint(format!("{url}/{e}")))?;
+    let config = hf_config(&state, eos.as_ref().map(|e| e.1));
     let mut tokenizer_config = json!({
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "model_max_length": state["seqLen"],
+        "model_max_length": state.seq_len,
         "clean_up_tokenization_spaces": false,
     });
     let mut generation = json!({"_from_model_config": true});
@@ -205,7 +202,7 @@ pub async fn export(store: &Store, run: &str, which: &str, out: &Path) -> Result
         write(&path, bytes)?;
         written.push(path);
     }
-    Ok(Exported { checkpoint: url, step: state["step"].as_u64().unwrap_or_default(), files: written })
+    Ok(Exported { checkpoint: url, step: state.step, files: written })
 }
 
 #[cfg(test)]
@@ -214,22 +211,24 @@ mod tests {
 
     #[test]
     fn the_config_maps_our_model_and_rope_scaling_to_hugging_face_names() {
-        let state = json!({"seqLen": 1024, "model": {
+        let state = json!({"formatVersion": 1, "step": 40, "tokensSeen": 0, "cursor": 0, "optimizerUpdates": 40,
+            "lr": 0.001, "rngSeed": 1, "worldSize": 1, "configHash": "h", "seqLen": 1024, "loss": null,
+            "lossWindow": [], "model": {
             "vocabSize": 4096, "dim": 128, "layers": 2, "heads": 4, "kvHeads": 2, "ffnDim": 344,
             "ropeBase": 10000.0, "normEps": 1e-5, "tieEmbeddings": true,
             "ropeScaling": {"type": "yarn", "factor": 4.0, "originalLen": 256}
         }});
-        let c = hf_config(&state, Some(1)).unwrap();
+        let mut state: TrainState = serde_json::from_value(state).unwrap();
+        let c = hf_config(&state, Some(1));
         assert_eq!(c["num_key_value_heads"], 2);
         assert_eq!(c["head_dim"], 32);
         assert_eq!(c["max_position_embeddings"], 1024);
         assert_eq!(c["rope_scaling"]["rope_type"], "yarn");
         assert_eq!(c["rope_scaling"]["original_max_position_embeddings"], 256);
+        assert_eq!(c["rope_scaling"]["factor"], 4.0);
+        assert_eq!(c["rms_norm_eps"], 1e-5);
         assert_eq!(c["eos_token_id"], 1);
-        let mut plain = state;
-        plain["model"]["ropeScaling"] = Value::Null;
-        assert_eq!(hf_config(&plain, None).unwrap()["rope_scaling"], Value::Null);
-        plain["model"]["dim"] = Value::Null;
-        assert!(hf_config(&plain, None).unwrap_err().contains("model.dim"));
+        state.model.rope_scaling = Scaling::None;
+        assert_eq!(hf_config(&state, None)["rope_scaling"], Value::Null);
     }
 }

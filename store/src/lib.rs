@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
+pub mod artifact;
 pub mod faults;
 pub mod retry;
 mod upload;

@@ -7,8 +7,9 @@ use std::path::Path;
 mod common;
 
 use pretrain_crd::Stage;
+use pretrain_store::artifact::DocumentLine;
 use pretrain_worker::Context;
-use pretrain_worker::data::stage::{DocumentLine, run};
+use pretrain_worker::data::stage::run;
 use pretrain_worker::frame::Phase;
 
 fn words(seed: u64, n: usize) -> Vec<String> {

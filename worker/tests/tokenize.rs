@@ -9,8 +9,8 @@ use std::sync::OnceLock;
 mod common;
 
 use pretrain_crd::Stage;
+use pretrain_store::artifact::DocumentLine;
 use pretrain_worker::Context;
-use pretrain_worker::data::stage::DocumentLine;
 use pretrain_worker::frame::{Phase, StageError};
 use pretrain_worker::tokenize::stage::{TokenizeError, run};
 use pretrain_worker::tokenize::train::{BpeError, train_bpe};

@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use pretrain_crd::spec::{Data, OrderStrategy, QualityClassifier, Source};
+use pretrain_store::artifact::DocumentLine;
 use pretrain_store::{FileEntry, StageCommit, StageDir, Store};
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64_with_seed;
@@ -128,25 +129,6 @@ async fn inputs(data: &Data) -> Result<Vec<Input>> {
 
 /// Bumped when the output format changes, so committed outputs of an older format are redone.
 pub const OUTPUT_VERSION: u32 = 1;
-
-/// One document line of every data-prep file.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DocumentLine {
-    /// Source-given or derived id.
-    pub id: String,
-    /// The cleaned text.
-    pub text: String,
-    /// Source name.
-    pub source: String,
-    /// Category (for the mix and the reports).
-    pub category: String,
-    /// Page URL.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub url: Option<String>,
-    /// Page title.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub title: Option<String>,
-}
 
 /// Per-document dedup record in `keys.bin`.
 #[derive(Debug, Clone, PartialEq)]

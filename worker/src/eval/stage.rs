@@ -19,13 +19,13 @@ use super::passkey::{self, PasskeyResult};
 use super::tasks::{self, Item, Task};
 use super::{EvalError, Request, Scorer, encode_request, probe_logprobs};
 use crate::Context;
-use crate::data::stage::DocumentLine;
 use crate::model::{Llama, LlamaConfig, Params};
 use crate::progress::Progress;
 use crate::tokenize::Encoder;
 use crate::tokenize::stage::Tokenized;
 use crate::train::checkpoint;
 use crate::train::loader::TokenStream;
+use pretrain_store::artifact::DocumentLine;
 
 type Result<T, E = EvalError> = std::result::Result<T, E>;
 

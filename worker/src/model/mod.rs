@@ -15,8 +15,8 @@ pub mod rope;
 use std::collections::HashMap;
 
 use candle_core::{CpuStorage, DType, Device, Layout, Result, Shape, Tensor, Var};
-use pretrain_crd::spec::ModelConfig;
 
+pub use pretrain_store::artifact::{LlamaConfig, ParamKind};
 pub use rope::{Rope, Scaling};
 
 /// CUDA device `ordinal`, set up for training (on builds with feature `cuda`: its memory pool keeps
@@ -28,130 +28,6 @@ pub fn cuda_device(ordinal: usize) -> Result<Device> {
         cuda::prepare(d)?;
     }
     Ok(device)
-}
-
-/// The model's shape.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct LlamaConfig {
-    /// Vocabulary (the tokenizer's, special tokens included).
-    pub vocab_size: usize,
-    /// Hidden size.
-    pub dim: usize,
-    /// Blocks.
-    pub layers: usize,
-    /// Query heads.
-    pub heads: usize,
-    /// Key/value heads (divides `heads`).
-    pub kv_heads: usize,
-    /// SwiGLU hidden size.
-    pub ffn_dim: usize,
-    /// RoPE base.
-    pub rope_base: f64,
-    /// RMSNorm epsilon.
-    pub norm_eps: f64,
-    /// LM head shares the embedding.
-    pub tie_embeddings: bool,
-    /// RoPE rescaling (set by long-context training; none for a base model).
-    #[serde(default, skip_serializing_if = "Scaling::is_none")]
-    pub rope_scaling: Scaling,
-}
-
-/// Where a parameter sits, for weight decay and initialisation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ParamKind {
-    /// Token embedding.
-    Embedding,
-    /// RMSNorm gain.
-    Norm,
-    /// A projection feeding the residual stream (`o_proj`, `down_proj`).
-    OutProjection,
-    /// Any other matrix.
-    Matrix,
-}
-
-impl LlamaConfig {
-    /// The spec's model with the tokenizer's vocabulary.
-    pub fn from_spec(model: &ModelConfig, vocab_size: u32) -> Self {
-        Self {
-            vocab_size: vocab_size as usize,
-            dim: model.dim as usize,
-            layers: model.layers as usize,
-            heads: model.heads as usize,
-            kv_heads: model.kv_heads as usize,
-            ffn_dim: model.ffn_dim as usize,
-            rope_base: model.rope_base,
-            norm_eps: model.norm_eps,
-            tie_embeddings: model.tie_embeddings,
-            rope_scaling: Scaling::None,
-        }
-    }
-
-    /// Size of one attention head.
-    pub fn head_dim(&self) -> usize {
-        self.dim / self.heads
-    }
-
-    /// Every parameter: name, shape and kind, in name order.
-    pub fn params(&self) -> Vec<(String, Vec<usize>, ParamKind)> {
-        let (d, hd, f) = (self.dim, self.head_dim(), self.ffn_dim);
-        let mut all = vec![
-            ("model.embed_tokens.weight".to_string(), vec![self.vocab_size, d], ParamKind::Embedding),
-            ("model.norm.weight".to_string(), vec![d], ParamKind::Norm),
-        ];
-        if !self.tie_embeddings {
-            all.push(("lm_head.weight".into(), vec![self.vocab_size, d], ParamKind::Matrix));
-        }
-        for l in 0..self.layers {
-            let p = format!("model.layers.{l}");
-            all.extend([
-                (format!("{p}.input_layernorm.weight"), vec![d], ParamKind::Norm),
-                (format!("{p}.post_attention_layernorm.weight"), vec![d], ParamKind::Norm),
-                (format!("{p}.self_attn.q_proj.weight"), vec![self.heads * hd, d], ParamKind::Matrix),
-                (format!("{p}.self_attn.k_proj.weight"), vec![self.kv_heads * hd, d], ParamKind::Matrix),
-                (format!("{p}.self_attn.v_proj.weight"), vec![self.kv_heads * hd, d], ParamKind::Matrix),
-                (format!("{p}.self_attn.o_proj.weight"), vec![d, self.heads * hd], ParamKind::OutProjection),
-                (format!("{p}.mlp.gate_proj.weight"), vec![f, d], ParamKind::Matrix),
-                (format!("{p}.mlp.up_proj.weight"), vec![f, d], ParamKind::Matrix),
-                (format!("{p}.mlp.down_proj.weight"), vec![d, f], ParamKind::OutProjection),
-            ]);
-        }
-        all.sort_by(|a, b| a.0.cmp(&b.0));
-        all
-    }
-
-    /// Parameter count.
-    pub fn parameters(&self) -> u64 {
-        self.params().iter().map(|(_, shape, _)| shape.iter().product::<usize>() as u64).sum()
-    }
-
-    /// Training FLOPs per token at `seq_len`: 6 per weight of every matrix multiply (the LM head
-    /// included, the embedding lookup not) plus the attention scores and values, `12 x layers x dim x
-    /// seq_len` (PaLM's estimate, without exploiting causality).
-    pub fn flops_per_token(&self, seq_len: usize) -> f64 {
-        let matmul: u64 = self
-            .params()
-            .iter()
-            .filter(|(_, _, kind)| matches!(kind, ParamKind::Matrix | ParamKind::OutProjection))
-            .map(|(_, shape, _)| shape.iter().product::<usize>() as u64)
-            .sum();
-        let head = if self.tie_embeddings { (self.vocab_size * self.dim) as u64 } else { 0 };
-        6.0 * (matmul + head) as f64 + 12.0 * (self.layers * self.dim * seq_len) as f64
-    }
-
-    /// Why this shape cannot be built, if it cannot.
-    pub fn check(&self) -> std::result::Result<(), String> {
-        if self.heads == 0 || !self.dim.is_multiple_of(self.heads) {
-            return Err(format!("dim {} is not a multiple of heads {}", self.dim, self.heads));
-        }
-        if self.kv_heads == 0 || !self.heads.is_multiple_of(self.kv_heads) {
-            return Err(format!("heads {} is not a multiple of kvHeads {}", self.heads, self.kv_heads));
-        }
-        if !self.head_dim().is_multiple_of(2) {
-            return Err(format!("head size {} is odd; RoPE rotates pairs", self.head_dim()));
-        }
-        Ok(())
-    }
 }
 
 /// The trainable weights, by name.

@@ -4,40 +4,7 @@
 //! `position * base^(-2i/d)` ("rotate half").
 
 use candle_core::{D, Device, Result, Tensor};
-
-/// How frequencies are rescaled for a context `factor` times longer than the one trained on. (NTK-aware
-/// scaling is a new base, [`ntk_base`], with no scaling.)
-///
-/// Serialised as in Hugging Face `rope_scaling` (`{"type": "yarn", "factor": 4.0, ...}`); `none` is
-/// the default and left out of a config.
-#[derive(Debug, Clone, Copy, PartialEq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(tag = "type", rename_all = "camelCase", rename_all_fields = "camelCase")]
-pub enum Scaling {
-    /// Plain RoPE.
-    #[default]
-    None,
-    /// Positions divided by `factor` (position interpolation).
-    Linear {
-        /// New length / trained length.
-        factor: f64,
-    },
-    /// YaRN: high frequencies kept, low ones interpolated, a ramp between (by rotations per trained
-    /// context, `beta_fast` = 32 and `beta_slow` = 1), and attention logits scaled by
-    /// `(0.1 ln(factor) + 1)^2`.
-    Yarn {
-        /// New length / trained length.
-        factor: f64,
-        /// The context the model was trained at.
-        original_len: usize,
-    },
-}
-
-impl Scaling {
-    /// Whether this is plain RoPE.
-    pub fn is_none(&self) -> bool {
-        matches!(self, Scaling::None)
-    }
-}
+pub use pretrain_store::artifact::Scaling;
 
 /// The NTK-aware base for a context `factor` times longer: `base * factor^(d / (d - 2))`, which
 /// divides the lowest frequency by exactly `factor` and leaves the highest unchanged.

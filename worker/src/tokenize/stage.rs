@@ -20,6 +20,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use pretrain_crd::Stage;
 use pretrain_crd::contract::SEPARATORS;
+use pretrain_store::artifact::DocumentLine;
 use pretrain_store::{FileEntry, StageCommit, StageDir};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -29,7 +30,6 @@ use super::encoder::{Encoder, EncoderError};
 use super::shard::{ShardError, ShardWriter};
 use super::train::{BpeError, train_bpe};
 use crate::Context;
-use crate::data::stage::DocumentLine;
 use crate::frame::{Phase, ScratchError, StageError, UpstreamError, scratch};
 use crate::progress::Progress;
 

@@ -13,91 +13,9 @@ use std::path::Path;
 use bytes::Bytes;
 use candle_core::{Device, Tensor};
 use pretrain_store::{FileEntry, StageDir};
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::model::LlamaConfig;
-
-/// Format of `state.json` and `MANIFEST.json`.
-pub const FORMAT_VERSION: u32 = 1;
-
-/// `state.json`: everything besides tensors that resuming needs.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct TrainState {
-    /// Format of this record.
-    pub format_version: u32,
-    /// Optimizer steps completed.
-    pub step: u64,
-    /// Training tokens consumed (all ranks).
-    pub tokens_seen: u64,
-    /// Data-loader position in the token stream.
-    pub cursor: u64,
-    /// AdamW updates applied (differs from `step` when spikes were skipped).
-    pub optimizer_updates: u64,
-    /// Learning rate of the last step (the schedule is a pure function of `step`).
-    pub lr: f64,
-    /// Seed the run's randomness derives from (initialisation; nothing else draws today).
-    pub rng_seed: u64,
-    /// Ranks that trained.
-    pub world_size: u32,
-    /// The stage config hash of the spec that trained.
-    pub config_hash: String,
-    /// Model shape.
-    pub model: LlamaConfig,
-    /// Sequence length trained at.
-    pub seq_len: usize,
-    /// Loss of the last step.
-    pub loss: Option<f64>,
-    /// Recent losses of the spike detector.
-    pub loss_window: Vec<f64>,
-    /// When the step loop took the checkpoint (Unix seconds): what a preemption would lose is
-    /// counted from here.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub saved_unix: Option<u64>,
-}
-
-/// `MANIFEST.json`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Manifest {
-    /// Format of this record.
-    pub format_version: u32,
-    /// Steps completed at the checkpoint.
-    pub step: u64,
-    /// Every file, paths relative to the checkpoint directory.
-    pub files: Vec<FileEntry>,
-}
-
-impl Manifest {
-    /// Parses and checks a `MANIFEST.json`: a format this build reads, and files named by plain
-    /// file names (no directories, `..` or absolute paths: the names become local paths on load),
-    /// each listed once.
-    pub fn parse(bytes: &[u8]) -> Result<Self, String> {
-        let manifest: Self =
-            serde_json::from_slice(bytes).map_err(|e| format!("MANIFEST.json is not a manifest: {e}"))?;
-        if manifest.format_version > FORMAT_VERSION {
-            return Err(format!(
-                "MANIFEST.json format {} is newer than this build reads ({FORMAT_VERSION})",
-                manifest.format_version
-            ));
-        }
-        let mut seen = std::collections::BTreeSet::new();
-        for f in &manifest.files {
-            // One segment that is a valid object key (which also refuses control characters).
-            let plain = !f.path.contains('\\')
-                && f.path.len() <= 255
-                && pretrain_store::key(&f.path).is_ok_and(|k| k.parts().count() == 1);
-            if !plain {
-                return Err(format!("MANIFEST.json lists {:?}, which is not a plain file name", f.path));
-            }
-            if !seen.insert(f.path.as_str()) {
-                return Err(format!("MANIFEST.json lists {:?} twice", f.path));
-            }
-        }
-        Ok(manifest)
-    }
-}
+pub use pretrain_store::artifact::{FORMAT_VERSION, Manifest, TrainState, dir_name};
 
 /// Host copies of everything a checkpoint holds.
 #[derive(Debug)]
@@ -160,11 +78,6 @@ impl From<CheckpointError> for crate::frame::StageError {
     }
 }
 
-/// `step-000000123`.
-pub fn dir_name(step: u64) -> String {
-    format!("step-{step:09}")
-}
-
 /// Writes and uploads a checkpoint, then the `latest` pointer, then deletes all but the newest `keep`.
 /// Returns the entries of the checkpoint's files (paths relative to the stage directory).
 pub async fn save(dir: &StageDir, snapshot: Snapshot, keep: u32) -> Result<Vec<FileEntry>, CheckpointError> {
@@ -183,7 +96,7 @@ pub async fn save(dir: &StageDir, snapshot: Snapshot, keep: u32) -> Result<Vec<F
         entry.path = file.into();
         files.push(entry);
     }
-    let manifest = Manifest { format_version: FORMAT_VERSION, step, files: files.clone() };
+    let manifest = Manifest::new(step, files.clone());
     let json = serde_json::to_vec_pretty(&manifest).expect("a manifest serialises");
     dir.put(&format!("ckpt/{name}/MANIFEST.json"), Bytes::from(json)).await?;
     dir.put("ckpt/latest", Bytes::from(name.clone())).await?;
@@ -267,7 +180,7 @@ pub async fn load(dir: &StageDir, step: u64, device: &Device) -> Result<Loaded, 
     let Some(manifest) = dir.store().get_opt(&dir.key(&format!("ckpt/{name}/MANIFEST.json"))?).await? else {
         return Err(unusable("no MANIFEST.json (an interrupted save)".into()));
     };
-    let manifest = Manifest::parse(&manifest).map_err(unusable)?;
+    let manifest = Manifest::parse(&manifest).map_err(|e| unusable(e.reason))?;
     let tmp = tempfile::tempdir().map_err(|e| CheckpointError::Local { name: name.clone(), reason: e.to_string() })?;
     for f in &manifest.files {
         let local = tmp.path().join(&f.path);
