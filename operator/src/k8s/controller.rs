@@ -81,6 +81,41 @@ pub struct Context {
     pub scheduler: bool,
     /// Cluster-wide defaults for what a run leaves out.
     pub defaults: RunDefaults,
+    /// Consecutive failed reconciles of each run, which set how long the next retry waits.
+    pub backoff: Backoff,
+}
+
+/// Per-run exponential backoff of failed reconciles, as controller-runtime's default rate limiter
+/// does it: the first retry after 500 ms, each further one twice as late, at most 5 minutes; a
+/// reconcile that succeeds starts the run's count again.
+#[derive(Debug, Default)]
+pub struct Backoff {
+    failures: std::sync::Mutex<BTreeMap<String, u32>>,
+}
+
+impl Backoff {
+    /// The first wait.
+    pub const BASE: Duration = Duration::from_millis(500);
+    /// The longest wait.
+    pub const CAP: Duration = Duration::from_secs(300);
+
+    /// Counts a failure of `key` and returns how long to wait before its next reconcile.
+    pub fn failed(&self, key: &str) -> Duration {
+        let mut failures = self.failures.lock().expect("the backoff lock is never poisoned");
+        let n = failures.entry(key.to_string()).or_insert(0);
+        *n = n.saturating_add(1);
+        Self::BASE.saturating_mul(1u32 << (*n - 1).min(20)).min(Self::CAP)
+    }
+
+    /// Forgets the failures of `key`, after a reconcile that succeeded.
+    pub fn succeeded(&self, key: &str) {
+        self.failures.lock().expect("the backoff lock is never poisoned").remove(key);
+    }
+}
+
+/// The key a run's backoff is counted under.
+fn backoff_key(run: &PretrainRun) -> String {
+    format!("{}/{}", run.namespace().unwrap_or_default(), run.name_any())
 }
 
 /// What the operator fills in for runs that leave it out (set from the Helm chart's values).
@@ -134,6 +169,7 @@ impl Context {
             now: Box::new(|| jiff::Timestamp::now().as_second()),
             scheduler: true,
             defaults: RunDefaults::default(),
+            backoff: Backoff::default(),
         }
     }
 }
@@ -391,12 +427,13 @@ async fn publish(ctx: &Context, run: &PretrainRun, warning: bool, reason: &str, 
     }
 }
 
-/// What to do after a failed reconcile: count it and retry in 30 seconds. (The controller runtime
-/// hands the run and context over by value.)
+/// What to do after a failed reconcile: count it and retry after the run's backoff ([`Backoff`]).
+/// (The controller runtime hands the run and context over by value.)
 #[allow(clippy::needless_pass_by_value)]
 pub fn error_policy(run: Arc<PretrainRun>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.failed(error.kind());
     log("error", &format!("reconcile failed: {error}"), Some(&run));
+    let wait = ctx.backoff.failed(&backoff_key(&run));
     // A refusal the user can act on (an object the API server finds invalid, a missing Secret)
     // shows in `kubectl describe`, not only in the operator's log.
     let refused = match error {
@@ -408,7 +445,7 @@ pub fn error_policy(run: Arc<PretrainRun>, error: &Error, ctx: Arc<Context>) -> 
         let note = error.to_string();
         handle.spawn(async move { publish(&ctx, &run, true, "ReconcileFailed", note).await });
     }
-    Action::requeue(Duration::from_secs(30))
+    Action::requeue(wait)
 }
 
 /// One structured JSON log line on stdout.
@@ -433,7 +470,16 @@ pub async fn run(ctx: Arc<Context>) {
     Controller::new(runs, watcher::Config::default())
         .owns(jobs, watcher::Config::default().labels(LABEL_RUN))
         .shutdown_on_signal()
-        .run(reconcile, error_policy, ctx)
+        .run(
+            |run, ctx| async move {
+                let key = backoff_key(&run);
+                let action = reconcile(run, Arc::clone(&ctx)).await?;
+                ctx.backoff.succeeded(&key);
+                Ok(action)
+            },
+            error_policy,
+            ctx,
+        )
         .for_each(|result| async move {
             if let Err(e) = result {
                 log("warn", &format!("controller: {e}"), None);
@@ -445,6 +491,17 @@ pub async fn run(ctx: Arc<Context>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failed_reconciles_back_off_exponentially_per_run_until_one_succeeds() {
+        let backoff = Backoff::default();
+        let waits: Vec<Duration> = (0..12).map(|_| backoff.failed("ns/a")).collect();
+        assert_eq!(waits[..4], [500, 1000, 2000, 4000].map(Duration::from_millis));
+        assert_eq!(waits[11], Backoff::CAP);
+        assert_eq!(backoff.failed("ns/b"), Backoff::BASE, "each run counts its own failures");
+        backoff.succeeded("ns/a");
+        assert_eq!(backoff.failed("ns/a"), Backoff::BASE);
+    }
 
     #[test]
     fn cluster_defaults_fill_in_only_what_a_run_leaves_out() {
