@@ -21,7 +21,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::plan::invocation::{Invocation, Place, Value, invocation};
 use crate::plan::{self, Action, Layout, Observed};
-use state::{Phase, StageRecord, StateDb};
+use state::{RecordPhase, StageRecord, StateDb};
 
 /// Why a local run stopped.
 #[derive(Debug, thiserror::Error)]
@@ -139,7 +139,7 @@ pub async fn run(opts: &RunOptions) -> Result<Vec<(Stage, StageOutcome)>, RunErr
             observed.insert(stage, Observed::Committed);
             outcomes.push((stage, StageOutcome::Skipped));
             if db.get(&name, stage).is_none_or(|r| r.config_hash != hash) {
-                let record = StageRecord { phase: Phase::Skipped, ..record(&hash) };
+                let record = StageRecord { phase: RecordPhase::Skipped, ..record(&hash) };
                 db.put(&name, stage, &record).map_err(RunError::State)?;
             }
         }
@@ -183,7 +183,7 @@ pub async fn run(opts: &RunOptions) -> Result<Vec<(Stage, StageOutcome)>, RunErr
             || record(&hash),
             |r| {
                 *r = StageRecord {
-                    phase: Phase::Running,
+                    phase: RecordPhase::Running,
                     attempts: attempt,
                     started: Some(state::now()),
                     ..record(&hash)
@@ -203,7 +203,7 @@ pub async fn run(opts: &RunOptions) -> Result<Vec<(Stage, StageOutcome)>, RunErr
                     stage,
                     || record(&hash),
                     |r| {
-                        r.phase = Phase::Committed;
+                        r.phase = RecordPhase::Committed;
                         r.finished = finished;
                     },
                 )
@@ -218,7 +218,7 @@ pub async fn run(opts: &RunOptions) -> Result<Vec<(Stage, StageOutcome)>, RunErr
                     stage,
                     || record(&hash),
                     |r| {
-                        r.phase = Phase::Interrupted;
+                        r.phase = RecordPhase::Interrupted;
                         r.finished = finished;
                     },
                 )
@@ -233,7 +233,7 @@ pub async fn run(opts: &RunOptions) -> Result<Vec<(Stage, StageOutcome)>, RunErr
                     stage,
                     || record(&hash),
                     |r| {
-                        r.phase = Phase::Failed;
+                        r.phase = RecordPhase::Failed;
                         r.finished = finished;
                         r.exit_code = code;
                         r.reason = Some(reason.clone());
@@ -265,7 +265,7 @@ pub fn report_location(store_url: &str, key: &str) -> String {
 /// A fresh record for a stage of config `hash`.
 fn record(hash: &str) -> StageRecord {
     StageRecord {
-        phase: Phase::Running,
+        phase: RecordPhase::Running,
         config_hash: hash.to_string(),
         attempts: 0,
         started: None,
@@ -298,14 +298,14 @@ pub async fn status(store_url: &str, run: Option<&str>) -> Result<String, RunErr
             let Some(r) = db.get(&name, stage) else { continue };
             let alive = r.runner_pid.is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
             let phase = match r.phase {
-                Phase::Running if !alive => "stopped".to_string(),
+                RecordPhase::Running if !alive => "stopped".to_string(),
                 p => serde_json::to_value(p).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(),
             };
             let took = match (r.started, r.finished.or(alive.then(state::now))) {
                 (Some(a), Some(b)) if b >= a => pretrain_crd::display::duration(b - a),
                 _ => "-".into(),
             };
-            let mut note = r.reason.clone().filter(|_| r.phase == Phase::Failed).unwrap_or_default();
+            let mut note = r.reason.clone().filter(|_| r.phase == RecordPhase::Failed).unwrap_or_default();
             if stage.is_training() {
                 let dir = store.stage(&name, stage)?;
                 if let Some(newest) = crate::checkpoints::newest(&dir).await? {

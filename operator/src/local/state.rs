@@ -10,10 +10,10 @@ use pretrain_crd::Stage;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-/// Where a stage stands.
+/// Where a stage stands in the local runner's record (the operator's is `StagePhase`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum Phase {
+pub enum RecordPhase {
     /// A process is (or was, if the runner died) running it.
     Running,
     /// Committed by this runner.
@@ -30,8 +30,8 @@ pub enum Phase {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct StageRecord {
-    /// Phase.
-    pub phase: Phase,
+    /// Where the stage stands.
+    pub phase: RecordPhase,
     /// Config hash of the spec it ran for.
     pub config_hash: String,
     /// Attempts in the last `pretrain run` that ran it.
@@ -156,7 +156,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("file://{}", dir.path().display());
         let record = StageRecord {
-            phase: Phase::Failed,
+            phase: RecordPhase::Failed,
             config_hash: "abc".into(),
             attempts: 2,
             started: Some(1),
@@ -176,8 +176,8 @@ mod tests {
         assert_eq!(db.get("a", Stage::Train), Some(record));
         assert_eq!(db.get("a", Stage::Tokenize), None);
         assert_eq!(db.runs(), ["a", "b"]);
-        db.update("a", Stage::Train, || unreachable!(), |r| r.phase = Phase::Committed).unwrap();
-        assert_eq!(db.get("a", Stage::Train).unwrap().phase, Phase::Committed);
+        db.update("a", Stage::Train, || unreachable!(), |r| r.phase = RecordPhase::Committed).unwrap();
+        assert_eq!(db.get("a", Stage::Train).unwrap().phase, RecordPhase::Committed);
     }
 
     #[test]
