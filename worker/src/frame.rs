@@ -93,11 +93,6 @@ pub enum StageError {
 }
 
 impl StageError {
-    /// A failure of the spec or the inputs, described by `message`.
-    pub fn invalid(message: impl Into<String>) -> Self {
-        Self::Invalid(message.into().into())
-    }
-
     /// The process's exit code.
     pub fn exit_code(&self) -> i32 {
         match self {
