@@ -6,10 +6,10 @@
 use std::path::Path;
 
 use serde::Deserialize;
-use serde::de::DeserializeOwned;
 
-use crate::spec::{Filters, PretrainRun, Source};
-use crate::validate::{FieldError, ValidationErrors, validate};
+use crate::field::{FieldError, ValidationErrors, deserialize_tracking};
+use crate::spec::PretrainRun;
+use crate::validate::validate;
 
 /// The API version manifests must declare.
 pub const API_VERSION: &str = "pretrain.dev/v1alpha1";
@@ -124,71 +124,6 @@ pub fn parse(text: &str, origin: &str) -> Result<PretrainRun, ManifestError> {
 struct Header {
     api_version: Option<String>,
     kind: Option<String>,
-}
-
-/// The filters that apply to one source: its `filters` fields merged over the global `filters`.
-pub fn source_filters(global: &Filters, source: &Source, path: &str) -> Result<Filters, Vec<FieldError>> {
-    let Some(overrides) = &source.filters else {
-        return Ok(global.clone());
-    };
-    let mut merged = serde_json::to_value(global).expect("filters serialise to JSON");
-    merge(&mut merged, overrides);
-    let mut unknown = Vec::new();
-    match deserialize_tracking::<_, Filters>(&merged, &mut unknown) {
-        Ok(filters) if unknown.is_empty() => Ok(filters),
-        Ok(_) => Err(unknown.into_iter().map(|e| FieldError { path: format!("{path}.{}", e.path), ..e }).collect()),
-        Err(e) => Err(vec![FieldError { path: join(path, &e.path().to_string()), message: e.inner().to_string() }]),
-    }
-}
-
-fn join(prefix: &str, path: &str) -> String {
-    if path == "." { prefix.to_string() } else { format!("{prefix}.{path}") }
-}
-
-/// Deep merge: objects merge key by key, anything else in `overrides` replaces the base value.
-fn merge(base: &mut serde_json::Value, overrides: &serde_json::Value) {
-    match (base, overrides) {
-        (serde_json::Value::Object(b), serde_json::Value::Object(o)) => {
-            for (k, v) in o {
-                match b.get_mut(k) {
-                    Some(slot) => merge(slot, v),
-                    None => {
-                        b.insert(k.clone(), v.clone());
-                    }
-                }
-            }
-        }
-        (slot, v) => *slot = v.clone(),
-    }
-}
-
-/// Deserialises while recording every field the types do not know as an "unknown field" error.
-fn deserialize_tracking<'de, D, T>(
-    deserializer: D,
-    unknown: &mut Vec<FieldError>,
-) -> Result<T, serde_path_to_error::Error<D::Error>>
-where
-    D: serde::Deserializer<'de>,
-    T: DeserializeOwned,
-{
-    let mut record = |path: serde_ignored::Path<'_>| {
-        unknown.push(FieldError { path: dotted(&path), message: "unknown field".into() });
-    };
-    let tracking = serde_ignored::Deserializer::new(deserializer, &mut record);
-    serde_path_to_error::deserialize(tracking)
-}
-
-fn dotted(path: &serde_ignored::Path<'_>) -> String {
-    use serde_ignored::Path as P;
-    match path {
-        P::Root => String::new(),
-        P::Seq { parent, index } => format!("{}[{index}]", dotted(parent)),
-        P::Map { parent, key } => {
-            let parent = dotted(parent);
-            if parent.is_empty() { key.clone() } else { format!("{parent}.{key}") }
-        }
-        P::Some { parent } | P::NewtypeStruct { parent } | P::NewtypeVariant { parent } => dotted(parent),
-    }
 }
 
 fn syntax(origin: &str, location: Option<&serde_yaml::Location>, message: String) -> ManifestError {

@@ -2,28 +2,8 @@
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube_core::CustomResourceExt;
-use schemars::{Schema, SchemaGenerator};
 
-use crate::spec::{Filters, PretrainRun};
-
-/// Schema of a per-source filter override: the `Filters` shape without defaults, so that the API
-/// server does not fill in fields the user left to `data.filters`.
-pub(crate) fn filters_override(generator: &mut SchemaGenerator) -> Schema {
-    let mut value = generator.subschema_for::<Filters>().to_value();
-    strip_defaults(&mut value);
-    Schema::try_from(value).expect("a schema without defaults is still a schema")
-}
-
-fn strip_defaults(value: &mut serde_json::Value) {
-    match value {
-        serde_json::Value::Object(map) => {
-            map.remove("default");
-            map.values_mut().for_each(strip_defaults);
-        }
-        serde_json::Value::Array(items) => items.iter_mut().for_each(strip_defaults),
-        _ => {}
-    }
-}
+use crate::spec::PretrainRun;
 
 /// The PretrainRun CustomResourceDefinition, as applied to a cluster.
 pub fn crd() -> CustomResourceDefinition {

@@ -252,12 +252,12 @@ fn source_filters_merge_over_the_global_filters() {
     ]);
     let run = pretrain_crd::parse(&text, "t.yaml").unwrap();
     let data = &run.spec.data;
-    let code = pretrain_crd::manifest::source_filters(&data.filters, &data.sources[1], "x").unwrap();
+    let code = data.sources[1].filters_over(&data.filters, "x").unwrap();
     assert_eq!(code.gopher_quality.min_words, 20, "inherited from data.filters");
     assert_eq!(code.gopher_quality.max_words, 500, "overridden by the source");
     assert!(!code.c4.enabled);
     assert!(code.fineweb.enabled);
-    let web = pretrain_crd::manifest::source_filters(&data.filters, &data.sources[0], "x").unwrap();
+    let web = data.sources[0].filters_over(&data.filters, "x").unwrap();
     assert_eq!(web, data.filters);
 }
 
@@ -396,4 +396,29 @@ fn credentials_in_urls_are_refused_without_being_repeated() {
         assert!(errors.iter().all(|e| !e.contains(secret)), "a secret was repeated: {errors:?}");
     }
     assert!(errors_of(&patched(&[("spec.storage.url", "\"s3://bucket/runs?versioned=true\"")])).is_empty());
+}
+
+/// The worker, built without the `kube` feature, reads the run as `spec::plain::PretrainRun`: it reads
+/// every field of what the operator writes (kube's type, with the metadata the API server adds).
+#[test]
+fn the_workers_plain_run_reads_what_the_operator_writes() {
+    for path in examples() {
+        let mut run = pretrain_crd::load(&path).unwrap();
+        run.metadata.namespace = Some("research".into());
+        run.metadata.uid = Some("0b8f6c2e-5d7a-4f4e-9a53-2f1d1c7b9e10".into());
+        run.metadata.resource_version = Some("42".into());
+        run.metadata.labels = Some([("team".to_string(), "lm".to_string())].into());
+        let written = serde_yaml::to_string(&run).unwrap();
+
+        let mut unknown = Vec::new();
+        let plain: pretrain_crd::spec::plain::PretrainRun =
+            serde_ignored::deserialize(serde_yaml::Deserializer::from_str(&written), |p| unknown.push(p.to_string()))
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert_eq!(unknown, ["apiVersion", "kind"], "{}", path.display());
+        assert_eq!(plain.spec, run.spec, "{}", path.display());
+        assert_eq!(plain.metadata.name, run.metadata.name);
+        assert_eq!(plain.metadata.namespace.as_deref(), Some("research"));
+        assert_eq!(plain.metadata.other["uid"], "0b8f6c2e-5d7a-4f4e-9a53-2f1d1c7b9e10");
+        assert_eq!(pretrain_crd::validate::validate_spec(&plain.spec), Ok(()));
+    }
 }

@@ -510,8 +510,8 @@ fn map_files(
     let mut score_error = None;
     for (index, input, path) in inputs {
         let source: &Source = &data.sources[input.source];
-        let filters = pretrain_crd::manifest::source_filters(&data.filters, source, "filters")
-            .map_err(|e| DataPrepError::Invalid(format!("{}", e[0])))?;
+        let filters =
+            source.filters_over(&data.filters, "filters").map_err(|e| DataPrepError::Invalid(format!("{}", e[0])))?;
         let format = source.resolved_format().expect("validated: every source has a format");
         let options = ReadOptions {
             format,

@@ -1,0 +1,401 @@
+//! `spec.data`: sources, extraction, deduplication, the mix and the order of the training stream.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::{Filters, Quality, Quantity};
+use crate::field::{Errors, FieldError, deserialize_tracking, dns_label, no_credentials, shown};
+
+/// Largest `data.maxDocumentBytes`: one document is held in memory whole.
+pub const MAX_DOCUMENT_BYTES: u64 = 1 << 30;
+
+/// The data-prep stage.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Data {
+    /// Raw inputs; each becomes documents of its `category`.
+    #[schemars(length(min = 1))]
+    pub sources: Vec<Source>,
+    /// HTML main-content extraction.
+    #[serde(default)]
+    pub extract: Extract,
+    /// Rule filters applied to every source (a source may override single fields).
+    #[serde(default)]
+    pub filters: Filters,
+    /// Model-based quality scoring.
+    #[serde(default)]
+    pub quality: Quality,
+    /// Exact and MinHash near-duplicate removal across all shards.
+    #[serde(default)]
+    pub dedup: Dedup,
+    /// Category proportions of the training mix.
+    #[serde(default)]
+    pub mix: Mix,
+    /// Order of documents in the training stream.
+    #[serde(default)]
+    pub order: Order,
+    /// Fraction of documents held out for evaluation (perplexity, tokenizer compression).
+    #[serde(default = "default_held_out_fraction")]
+    #[schemars(range(min = 0.0, max = 0.5))]
+    pub held_out_fraction: f64,
+    /// Number of data-prep pods and output shards.
+    #[serde(default = "default_shards")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub shards: u32,
+    /// Documents larger than this are skipped and counted, never loaded whole.
+    #[serde(default = "default_max_document_bytes")]
+    #[schemars(range(min = 1))]
+    pub max_document_bytes: u64,
+    /// CPU and memory of each data-prep and tokenize pod.
+    #[serde(default)]
+    pub resources: CpuResources,
+}
+
+/// Requests (and limits) of a CPU-only pod.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", default)]
+pub struct CpuResources {
+    /// CPU request per pod.
+    pub cpu: Quantity,
+    /// Memory request and limit per pod.
+    pub memory: Quantity,
+}
+
+impl Default for CpuResources {
+    fn default() -> Self {
+        Self { cpu: Quantity("4".into()), memory: Quantity("16Gi".into()) }
+    }
+}
+
+fn default_held_out_fraction() -> f64 {
+    0.01
+}
+fn default_shards() -> u32 {
+    4
+}
+fn default_max_document_bytes() -> u64 {
+    8 << 20
+}
+
+/// One raw input.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Source {
+    /// Unique name of the source (a DNS label), used in reports.
+    #[schemars(length(min = 1, max = 63))]
+    pub name: String,
+    /// File or object URL; `*`, `?` and `**` globs select many files.
+    #[schemars(length(min = 1))]
+    pub url: String,
+    /// Input format; inferred from the file extension when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<SourceFormat>,
+    /// JSON field (JSONL) or column (Parquet) that holds the text.
+    #[serde(default = "default_text_field")]
+    #[schemars(length(min = 1))]
+    pub text_field: String,
+    /// Category used by the mix and the reports; defaults to the source name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub category: Option<String>,
+    /// Rule-filter fields that differ for this source, merged over `data.filters`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crate::spec::filters::filters_override")]
+    pub filters: Option<serde_json::Value>,
+}
+
+fn default_text_field() -> String {
+    "text".into()
+}
+
+/// Raw input formats.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum SourceFormat {
+    /// WARC (`.warc`, `.warc.gz`), HTML responses are extracted.
+    Warc,
+    /// JSON lines (`.jsonl`, `.jsonl.gz`, `.jsonl.zst`).
+    Jsonl,
+    /// Apache Parquet.
+    Parquet,
+    /// Plain text, one document per file.
+    Text,
+}
+
+impl SourceFormat {
+    /// The format a URL's file extension implies, if any.
+    pub fn infer(url: &str) -> Option<Self> {
+        let name = url.rsplit('/').next().unwrap_or(url).to_ascii_lowercase();
+        let name = ["gz", "zst", "zstd"].iter().find_map(|c| name.strip_suffix(&format!(".{c}"))).unwrap_or(&name);
+        let ext = name.rsplit_once('.').map(|(_, e)| e)?;
+        match ext {
+            "warc" | "arc" => Some(Self::Warc),
+            "jsonl" | "ndjson" | "json" => Some(Self::Jsonl),
+            "parquet" => Some(Self::Parquet),
+            "txt" | "text" | "md" => Some(Self::Text),
+            _ => None,
+        }
+    }
+}
+
+impl Source {
+    /// The declared format, or the one implied by the URL.
+    pub fn resolved_format(&self) -> Option<SourceFormat> {
+        self.format.or_else(|| SourceFormat::infer(&self.url))
+    }
+
+    /// The category this source's documents belong to.
+    pub fn category(&self) -> &str {
+        self.category.as_deref().unwrap_or(&self.name)
+    }
+}
+
+/// HTML main-content extraction.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Extract {
+    /// Keep only the main content (drop navigation, sidebars, footers); `false` keeps all visible text.
+    pub main_content_only: bool,
+    /// Keep the text of tables.
+    pub include_tables: bool,
+    /// Keep `<pre>`/`<code>` blocks.
+    pub include_code: bool,
+}
+
+impl Default for Extract {
+    fn default() -> Self {
+        Self { main_content_only: true, include_tables: true, include_code: true }
+    }
+}
+
+/// Deduplication.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Dedup {
+    /// Remove documents whose normalised text is identical.
+    pub exact: bool,
+    /// MinHash LSH near-duplicate removal.
+    pub minhash: MinHash,
+}
+
+impl Default for Dedup {
+    fn default() -> Self {
+        Self { exact: true, minhash: MinHash::default() }
+    }
+}
+
+/// MinHash LSH parameters.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", default)]
+pub struct MinHash {
+    /// Apply MinHash dedup.
+    pub enabled: bool,
+    /// Word n-gram (shingle) length.
+    #[schemars(range(min = 1, max = 64))]
+    pub ngram: u32,
+    /// LSH bands.
+    #[schemars(range(min = 1, max = 256))]
+    pub buckets: u32,
+    /// Hashes per band.
+    #[schemars(range(min = 1, max = 256))]
+    pub hashes_per_bucket: u32,
+    /// A candidate pair is merged only if its signature Jaccard estimate reaches this.
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub jaccard_threshold: f64,
+}
+
+impl Default for MinHash {
+    fn default() -> Self {
+        Self { enabled: true, ngram: 5, buckets: 14, hashes_per_bucket: 8, jaccard_threshold: 0.75 }
+    }
+}
+
+/// Category mix.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Mix {
+    /// Relative weight per category; empty keeps the natural proportions.
+    pub weights: BTreeMap<String, f64>,
+    /// Most times a category's documents may be repeated to reach its weight.
+    #[schemars(range(min = 0.0))]
+    pub max_epochs: f64,
+}
+
+impl Default for Mix {
+    fn default() -> Self {
+        Self { weights: BTreeMap::new(), max_epochs: 4.0 }
+    }
+}
+
+/// Document order.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Order {
+    /// `shuffle` (seeded), `curriculum`, or `in-context` (related documents in the same context).
+    pub strategy: OrderStrategy,
+    /// What a curriculum sorts by (easy first).
+    pub curriculum_by: CurriculumKey,
+}
+
+impl Default for Order {
+    fn default() -> Self {
+        Self { strategy: OrderStrategy::Shuffle, curriculum_by: CurriculumKey::Quality }
+    }
+}
+
+/// Ordering strategies.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum OrderStrategy {
+    /// Seeded random order.
+    Shuffle,
+    /// Sorted by `curriculumBy`.
+    Curriculum,
+    /// Nearest neighbours packed into the same training context.
+    InContext,
+}
+
+/// Curriculum keys.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum CurriculumKey {
+    /// Highest quality score last.
+    Quality,
+    /// Longest documents last.
+    Length,
+}
+
+impl Data {
+    /// The rules of `spec.data`.
+    pub(crate) fn check(&self, e: &mut Errors) {
+        e.check(!self.sources.is_empty(), "spec.data.sources", "must list at least one source");
+        let mut names = BTreeSet::new();
+        for (i, s) in self.sources.iter().enumerate() {
+            s.check(&format!("spec.data.sources[{i}]"), &self.filters, e);
+            if !names.insert(s.name.as_str()) {
+                e.push(format!("spec.data.sources[{i}].name"), format!("{:?} is used by an earlier source", s.name));
+            }
+        }
+        self.filters.check("spec.data.filters", e);
+        let categories: BTreeSet<&str> = self.sources.iter().map(Source::category).collect();
+        self.quality.check(&names, &categories, e);
+        self.dedup.minhash.check(e);
+        self.mix.check(&categories, e);
+        e.check(
+            (0.0..0.5).contains(&self.held_out_fraction),
+            "spec.data.heldOutFraction",
+            format!("must be at least 0 and below 0.5, got {}", self.held_out_fraction),
+        );
+        e.check((1..=10_000).contains(&self.shards), "spec.data.shards", "must be between 1 and 10000");
+        e.check(
+            (1..=MAX_DOCUMENT_BYTES).contains(&self.max_document_bytes),
+            "spec.data.maxDocumentBytes",
+            format!("must be between 1 and {MAX_DOCUMENT_BYTES} (1 GiB), got {}", self.max_document_bytes),
+        );
+    }
+}
+
+impl MinHash {
+    fn check(&self, e: &mut Errors) {
+        e.check((1..=64).contains(&self.ngram), "spec.data.dedup.minhash.ngram", "must be between 1 and 64");
+        e.check((1..=256).contains(&self.buckets), "spec.data.dedup.minhash.buckets", "must be between 1 and 256");
+        e.check(
+            (1..=256).contains(&self.hashes_per_bucket),
+            "spec.data.dedup.minhash.hashesPerBucket",
+            "must be between 1 and 256",
+        );
+        e.fraction(self.jaccard_threshold, "spec.data.dedup.minhash.jaccardThreshold");
+    }
+}
+
+impl Mix {
+    /// `categories`: those of the run's sources.
+    fn check(&self, categories: &BTreeSet<&str>, e: &mut Errors) {
+        for (category, w) in &self.weights {
+            let path = format!("spec.data.mix.weights.{category}");
+            e.check(
+                categories.contains(category.as_str()),
+                &path,
+                format!("{category:?} is not a category of any source"),
+            );
+            e.check(*w >= 0.0 && w.is_finite(), &path, format!("must be 0 or more, got {w}"));
+        }
+        if !self.weights.is_empty() {
+            e.check(
+                self.weights.values().any(|w| *w > 0.0),
+                "spec.data.mix.weights",
+                "at least one weight must be greater than 0",
+            );
+        }
+        e.positive(self.max_epochs, "spec.data.mix.maxEpochs");
+    }
+}
+
+impl Source {
+    /// The rules of one source at `path`.
+    pub(crate) fn check(&self, path: &str, global: &Filters, e: &mut Errors) {
+        if let Err(why) = dns_label(&self.name, 63) {
+            e.push(format!("{path}.name"), why);
+        }
+        e.check(!self.url.trim().is_empty(), format!("{path}.url"), "must not be empty");
+        no_credentials(&self.url, &format!("{path}.url"), e);
+        if self.resolved_format().is_none() {
+            e.push(
+                format!("{path}.format"),
+                format!("cannot be inferred from {}; set one of warc, jsonl, parquet, text", shown(&self.url)),
+            );
+        }
+        e.check(!self.text_field.is_empty(), format!("{path}.textField"), "must not be empty");
+        if let Some(category) = &self.category
+            && let Err(why) = dns_label(category, 63)
+        {
+            e.push(format!("{path}.category"), why);
+        }
+        if self.filters.is_some() {
+            match self.filters_over(global, &format!("{path}.filters")) {
+                Ok(merged) => merged.check(&format!("{path}.filters"), e),
+                Err(errs) => e.extend(errs),
+            }
+        }
+    }
+}
+
+impl Source {
+    /// The filters that apply to this source: its `filters` fields merged over the global `filters`;
+    /// `path` names the source's `filters` field in errors.
+    pub fn filters_over(&self, global: &Filters, path: &str) -> Result<Filters, Vec<FieldError>> {
+        let Some(overrides) = &self.filters else {
+            return Ok(global.clone());
+        };
+        let mut merged = serde_json::to_value(global).expect("filters serialise to JSON");
+        merge(&mut merged, overrides);
+        let mut unknown = Vec::new();
+        match deserialize_tracking::<_, Filters>(&merged, &mut unknown) {
+            Ok(filters) if unknown.is_empty() => Ok(filters),
+            Ok(_) => Err(unknown.into_iter().map(|e| FieldError { path: format!("{path}.{}", e.path), ..e }).collect()),
+            Err(e) => Err(vec![FieldError { path: join(path, &e.path().to_string()), message: e.inner().to_string() }]),
+        }
+    }
+}
+
+fn join(prefix: &str, path: &str) -> String {
+    if path == "." { prefix.to_string() } else { format!("{prefix}.{path}") }
+}
+
+/// Deep merge: objects merge key by key, anything else in `overrides` replaces the base value.
+fn merge(base: &mut serde_json::Value, overrides: &serde_json::Value) {
+    match (base, overrides) {
+        (serde_json::Value::Object(b), serde_json::Value::Object(o)) => {
+            for (k, v) in o {
+                match b.get_mut(k) {
+                    Some(slot) => merge(slot, v),
+                    None => {
+                        b.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+        }
+        (slot, v) => *slot = v.clone(),
+    }
+}
