@@ -1,7 +1,12 @@
 //! The train stage: the loop, AdamW, schedules, the prefetching loader, checkpoints.
 
 pub mod checkpoint;
+mod error;
+pub mod job;
 pub mod loader;
+mod metrics;
 pub mod optim;
+mod saver;
 pub mod schedule;
 pub mod stage;
+pub mod trainer;

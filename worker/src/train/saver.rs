@@ -1,0 +1,75 @@
+//! Checkpoints saved in the background while training goes on: the step loop hands over a snapshot
+//! and waits only for the save before it.
+
+use bytes::Bytes;
+use pretrain_store::{FileEntry, StageDir};
+use tokio::task::JoinHandle;
+
+use super::checkpoint::{self, Snapshot};
+use super::error::{Result, TrainError};
+
+/// The save in flight, and the files of the newest finished one.
+#[derive(Debug)]
+pub struct Saver {
+    dir: StageDir,
+    keep: u32,
+    pending: Option<JoinHandle<Result<Vec<FileEntry>>>>,
+    files: Vec<FileEntry>,
+}
+
+impl Saver {
+    /// Saves into `dir`, keeping its `keep` newest checkpoints.
+    pub fn new(dir: StageDir, keep: u32) -> Self {
+        Self { dir, keep, pending: None, files: Vec::new() }
+    }
+
+    /// Waits for the save in flight, if any; its error is the step loop's.
+    pub async fn wait(&mut self) -> Result<()> {
+        if let Some(pending) = self.pending.take() {
+            self.files = pending.await.expect("the checkpoint task does not panic")?;
+        }
+        Ok(())
+    }
+
+    /// Starts saving `snapshot`, with `metrics` (the metrics of its steps) written first: a checkpoint
+    /// is never without them, and a resume from an older checkpoint drops the lines past it. Call
+    /// [`Saver::wait`] first.
+    pub fn start(&mut self, snapshot: Snapshot, metrics: Bytes) {
+        debug_assert!(self.pending.is_none(), "one save at a time");
+        let (dir, keep, step) = (self.dir.clone(), self.keep, snapshot.state.step);
+        self.pending = Some(tokio::spawn(async move {
+            let saved = async {
+                dir.put("metrics.jsonl", metrics).await?;
+                checkpoint::save(&dir, snapshot, keep).await
+            };
+            match saved.await {
+                Ok(files) => Ok(files),
+                Err(source) => Err(not_saved(&dir, step, source).await),
+            }
+        }));
+    }
+
+    /// The files of the newest checkpoint saved in this attempt (none when it saved nothing), once
+    /// the save in flight has finished.
+    pub async fn finish(mut self) -> Result<Vec<FileEntry>> {
+        self.wait().await?;
+        Ok(self.files)
+    }
+}
+
+/// The error of a checkpoint that failed to save, naming the checkpoint a restart will resume from
+/// (read back from the store, which is what the restart will see).
+async fn not_saved(dir: &StageDir, step: u64, source: checkpoint::CheckpointError) -> TrainError {
+    let latest = match dir.key("ckpt/latest") {
+        Ok(key) => dir.store().get_opt(&key).await.ok().flatten(),
+        Err(_) => None,
+    };
+    let kept = match latest {
+        Some(name) => format!(
+            "{} stays the latest complete checkpoint and a restart resumes from it",
+            String::from_utf8_lossy(&name).trim()
+        ),
+        None => "no earlier checkpoint exists; a restart begins at step 0".into(),
+    };
+    TrainError::NotSaved { name: checkpoint::dir_name(step), kept, source }
+}

@@ -1,0 +1,354 @@
+//! One optimizer step at a time: gradient accumulation over micro-batches, the data-parallel
+//! average, clipping, the learning rate, loss-spike handling and the update, with the train state a
+//! checkpoint records. [`Trainer::step`] returns what the step did; metrics, checkpoints and the
+//! loop around it are the stage's.
+
+use std::collections::VecDeque;
+
+use candle_core::{DType, Device, Tensor};
+use pretrain_crd::spec::SpikeAction;
+
+use super::checkpoint::{self, Loaded, TrainState};
+use super::error::{Result, TrainError};
+use super::job::{Job, Start};
+use super::loader::{Batch, BatchShape};
+use super::optim::{AdamW, AdamWConfig, clip};
+use super::schedule::learning_rate;
+use crate::Context;
+use crate::dist::{self, BUCKET_BYTES, Collective};
+use crate::model::{Llama, LlamaConfig, Params};
+
+/// Loss-spike detection: z-score of a step's loss against a rolling window of the previous ones.
+#[derive(Debug, Clone)]
+pub struct SpikeDetector {
+    window: VecDeque<f64>,
+    size: usize,
+    z: f64,
+}
+
+impl SpikeDetector {
+    /// A detector over `size` steps flagging losses `z` standard deviations above the mean (z = 0 disables).
+    pub fn new(size: usize, z: f64, history: &[f64]) -> Self {
+        let skip = history.len().saturating_sub(size);
+        Self { window: history[skip..].iter().copied().collect(), size, z }
+    }
+
+    /// Whether `loss` is a spike; normal losses join the window, spikes do not.
+    pub fn observe(&mut self, loss: f64) -> Option<f64> {
+        if self.z > 0.0 && self.window.len() >= self.size {
+            let n = self.window.len() as f64;
+            let mean = self.window.iter().sum::<f64>() / n;
+            let var = self.window.iter().map(|l| (l - mean).powi(2)).sum::<f64>() / n;
+            let z = (loss - mean) / var.sqrt().max(1e-8);
+            if z > self.z {
+                return Some(z);
+            }
+        }
+        self.window.push_back(loss);
+        if self.window.len() > self.size {
+            self.window.pop_front();
+        }
+        None
+    }
+
+    /// The window, for checkpoints.
+    pub fn history(&self) -> Vec<f64> {
+        self.window.iter().copied().collect()
+    }
+}
+
+/// What one step did.
+#[derive(Debug, Clone, Copy)]
+pub struct StepReport {
+    /// Mean loss over the step's sequences, all ranks.
+    pub loss: f64,
+    /// Gradient norm before clipping.
+    pub grad_norm: f64,
+    /// The learning rate applied (or that would have been, for a skipped update).
+    pub lr: f64,
+    /// The update was not applied: the loss was a spike and the spec says skip or roll back.
+    pub spike: Option<SpikeAction>,
+    /// Some rank was asked to stop: every rank checkpoints (rank 0) and stops after this step.
+    pub stopping: bool,
+}
+
+/// The model, its optimizer and the state a checkpoint records, on one rank of the gang.
+#[derive(Debug)]
+pub struct Trainer {
+    /// The model being trained.
+    pub model: Llama,
+    /// AdamW with its moments.
+    pub optimizer: AdamW,
+    /// Step, tokens, cursor and loss window: `state.json` of the next checkpoint.
+    pub state: TrainState,
+    /// The gang's collectives (a single process has a trivial one).
+    pub collective: Box<dyn Collective>,
+    detector: SpikeDetector,
+    job: Job,
+    shape: BatchShape,
+    opt_config: AdamWConfig,
+    spike_action: SpikeAction,
+    recompute: bool,
+    dtype: DType,
+    device: Device,
+}
+
+impl Trainer {
+    /// Meets the other ranks, then resumes from the stage's newest valid checkpoint, or starts from
+    /// the job's seed or weights (rank 0's are broadcast); every rank must resume at the same step.
+    pub async fn start(ctx: &Context, job: Job, shape: BatchShape, dtype: DType, device: &Device) -> Result<Self> {
+        let spec = &ctx.run.spec;
+        let opt_config = AdamWConfig::from_spec(&job.optimizer);
+        // Data-parallel ranks meet before anything is loaded, so a missing rank fails fast.
+        let mut collective = dist::connect(ctx, device)?;
+        let (params, optimizer, mut state) = match checkpoint::load_latest(&ctx.dir, device).await? {
+            Some(loaded) => resume(ctx, &job, loaded, &opt_config, device)?,
+            None => {
+                let params = initial_params(&job, device).await?;
+                // Every rank initialised the same weights from the seed; rank 0's are authoritative.
+                dist::broadcast_params(collective.as_mut(), &params)?;
+                let optimizer = AdamW::new(opt_config.clone(), &params)?;
+                (params, optimizer, fresh_state(ctx, &job))
+            }
+        };
+        state.config_hash = ctx.config_hash();
+        if state.world_size != ctx.world_size && state.step > 0 {
+            println!(
+                "{}: checkpoint written by {} ranks, resuming on {}: {} sequences per rank per step, {} micro-batches each",
+                job.label,
+                state.world_size,
+                ctx.world_size,
+                shape.per_rank(),
+                shape.per_rank() / job.micro
+            );
+        }
+        state.world_size = ctx.world_size;
+        // Every rank must resume from the same step (a checkpoint written meanwhile could differ).
+        let leader_step = collective.broadcast(&Tensor::new(&[state.step as f32], device)?, 0)?.to_vec1::<f32>()?[0];
+        if leader_step != state.step as f32 {
+            return Err(TrainError::RankMismatch {
+                rank: collective.rank(),
+                step: state.step,
+                leader: leader_step as u64,
+            });
+        }
+        let recompute = spec.train.recompute_activations;
+        let mut model = Llama::new(job.config.clone(), params, job.seq_len, device)?;
+        model.set_recompute(recompute);
+        let spike = &spec.train.loss_spike;
+        Ok(Self {
+            model,
+            optimizer,
+            detector: SpikeDetector::new(spike.window as usize, spike.z_score, &state.loss_window),
+            state,
+            collective,
+            job,
+            shape,
+            opt_config,
+            spike_action: spike.action,
+            recompute,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    /// The dtype the model computes in.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The device the model lives on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// How this rank cuts batches.
+    pub fn shape(&self) -> BatchShape {
+        self.shape
+    }
+
+    /// Sequences per forward pass.
+    pub fn micro(&self) -> usize {
+        self.job.micro
+    }
+
+    /// Whether this rank measures, logs and checkpoints for the gang (rank 0).
+    pub fn leader(&self) -> bool {
+        self.collective.rank() == 0
+    }
+
+    /// Trains on one batch: accumulates this rank's micro-batches, averages gradients, loss and the
+    /// stop request over the gang, clips, and updates unless the loss is a spike to skip or roll back
+    /// (see [`Trainer::roll_back`]); the state then counts the step.
+    pub fn step(&mut self, batch: &Batch, stop: bool) -> Result<StepReport> {
+        let (micro, seq_len) = (self.job.micro, self.job.seq_len);
+        let accum = self.shape.per_rank() / micro;
+        let mut grads: Vec<Tensor> = Vec::new();
+        let mut loss_sum = 0f64;
+        for m in 0..accum {
+            let range = m * micro * seq_len..(m + 1) * micro * seq_len;
+            let inputs = Tensor::from_slice(&batch.inputs[range.clone()], (micro, seq_len), &self.device)?;
+            let targets = Tensor::from_slice(&batch.targets[range], (micro, seq_len), &self.device)?;
+            let (loss, _) = self.model.loss(&inputs, &targets, self.dtype)?;
+            loss_sum += f64::from(loss.to_scalar::<f32>()?);
+            let store = (loss / accum as f64)?.backward()?;
+            for (i, (name, _, var)) in self.model.params.iter().enumerate() {
+                let g = store
+                    .get(var.as_tensor())
+                    .cloned()
+                    .ok_or_else(|| TrainError::Model(candle_core::Error::Msg(format!("no gradient for {name}"))))?;
+                if m == 0 {
+                    grads.push(g);
+                } else {
+                    grads[i] = (&grads[i] + g)?;
+                }
+            }
+        }
+        // Data-parallel ranks average gradients, loss and the stop request, so every rank applies
+        // the same update and they all stop after the same step.
+        let mut scalars = [(loss_sum / accum as f64) as f32, f32::from(u8::from(stop))];
+        dist::all_reduce_gradients(self.collective.as_mut(), &mut grads, &mut scalars, BUCKET_BYTES)?;
+        let stopping = scalars[1] > 0.0;
+        // One process keeps its loss in f64; a gang's is the fp32 mean.
+        let loss = if self.collective.world() == 1 { loss_sum / accum as f64 } else { f64::from(scalars[0]) };
+        if !loss.is_finite() {
+            return Err(TrainError::Diverged { step: self.state.step, loss });
+        }
+        let grad_norm = clip(&mut grads, self.job.optimizer.grad_clip)?;
+        let lr = learning_rate(self.state.step, self.job.total_steps, &self.job.schedule, &self.job.optimizer);
+        let spike = match self.detector.observe(loss) {
+            Some(z) => {
+                eprintln!(
+                    "{}: loss spike at step {}: {loss:.4} is {z:.1} standard deviations above the window",
+                    self.job.label, self.state.step
+                );
+                Some(self.spike_action).filter(|a| *a != SpikeAction::Log)
+            }
+            None => None,
+        };
+        if spike.is_none() {
+            self.optimizer.step(&self.model.params, &grads, lr)?;
+        }
+        let state = &mut self.state;
+        state.step += 1;
+        state.tokens_seen += self.job.step_tokens();
+        state.cursor = batch.cursor_after;
+        state.optimizer_updates = self.optimizer.updates;
+        state.lr = lr;
+        state.loss = Some(loss);
+        state.loss_window = self.detector.history();
+        Ok(StepReport { loss, grad_norm, lr, spike, stopping })
+    }
+
+    /// After a spike with `rollBack`: every rank reloads the weights and optimizer of the stage's
+    /// newest checkpoint (which rank 0 finished writing before the barrier) and goes on past the
+    /// batch; the step, cursor and loss window stay where they are.
+    pub async fn roll_back(&mut self, ctx: &Context) -> Result<()> {
+        self.collective.barrier()?;
+        if let Some(loaded) = checkpoint::load_latest(&ctx.dir, &self.device).await? {
+            let name = loaded.name.clone();
+            let (params, restored) = restore(loaded, &self.job.config, self.opt_config.clone(), &self.device)?;
+            self.model = Llama::new(self.job.config.clone(), params, self.job.seq_len, &self.device)?;
+            self.model.set_recompute(self.recompute);
+            self.optimizer = restored;
+            self.state.optimizer_updates = self.optimizer.updates;
+            eprintln!("{}: rolled back to {name}; continuing past the batch", self.job.label);
+        }
+        Ok(())
+    }
+}
+
+/// The weights, optimizer and state of the stage's own checkpoint, which must be of the job's model.
+fn resume(
+    ctx: &Context,
+    job: &Job,
+    loaded: Loaded,
+    opt_config: &AdamWConfig,
+    device: &Device,
+) -> Result<(Params, AdamW, TrainState)> {
+    if loaded.state.model != job.config {
+        return Err(TrainError::Invalid(format!(
+            "checkpoint {} was trained with model {:?}, but the spec gives {:?}; delete the stage's checkpoints or restore the model settings",
+            ctx.dir.url(&format!("ckpt/{}", loaded.name)),
+            loaded.state.model,
+            job.config
+        )));
+    }
+    if loaded.state.config_hash != ctx.config_hash() {
+        eprintln!(
+            "{}: {} was made with other training settings; resuming with the current ones",
+            job.label, loaded.name
+        );
+    }
+    let (name, state) = (loaded.name.clone(), loaded.state.clone());
+    let (params, optimizer) = restore(loaded, &job.config, opt_config.clone(), device)?;
+    println!("{}: resuming from {name} (step {} of {})", job.label, state.step, job.total_steps);
+    Ok((params, optimizer, state))
+}
+
+/// The job's first weights: from its seed, or another stage's committed checkpoint.
+async fn initial_params(job: &Job, device: &Device) -> Result<Params> {
+    match &job.start {
+        Start::Seed(seed) => Ok(Params::init(&job.config, *seed, device)?),
+        Start::Weights { dir, step } => {
+            let url = dir.url(&format!("ckpt/{}", checkpoint::dir_name(*step)));
+            let loaded = checkpoint::load(dir, *step, device).await.map_err(|e| match e {
+                checkpoint::CheckpointError::Unusable { reason, .. } => {
+                    TrainError::Invalid(format!("starting weights {url}: {reason}"))
+                }
+                e => e.into(),
+            })?;
+            println!("{}: starting from the weights of {url}", job.label);
+            Params::from_named(&job.config, loaded.model, device)
+                .map_err(|e| TrainError::Invalid(format!("starting weights {url}: {e}")))
+        }
+    }
+}
+
+/// The state of a job that has trained nothing yet.
+fn fresh_state(ctx: &Context, job: &Job) -> TrainState {
+    TrainState {
+        format_version: checkpoint::FORMAT_VERSION,
+        step: 0,
+        tokens_seen: 0,
+        cursor: 0,
+        optimizer_updates: 0,
+        lr: 0.0,
+        rng_seed: ctx.run.spec.seed,
+        world_size: ctx.world_size,
+        config_hash: ctx.config_hash(),
+        model: job.config.clone(),
+        seq_len: job.seq_len,
+        loss: None,
+        loss_window: Vec::new(),
+        saved_unix: None,
+    }
+}
+
+/// The weights and optimizer of a loaded checkpoint.
+fn restore(loaded: Loaded, config: &LlamaConfig, opt_config: AdamWConfig, device: &Device) -> Result<(Params, AdamW)> {
+    let invalid = |e: String| TrainError::Invalid(format!("checkpoint {}: {e}", loaded.name));
+    let params = Params::from_named(config, loaded.model, device).map_err(invalid)?;
+    let mut optimizer = AdamW::new(opt_config, &params)?;
+    optimizer.restore(&params, loaded.optim, loaded.state.optimizer_updates).map_err(invalid)?;
+    Ok((params, optimizer))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spike_detector_flags_outliers_and_keeps_them_out_of_the_window() {
+        let mut d = SpikeDetector::new(4, 3.0, &[]);
+        for l in [2.0, 2.1, 1.9, 2.0] {
+            assert_eq!(d.observe(l), None);
+        }
+        assert!(d.observe(9.0).is_some());
+        assert_eq!(d.history(), [2.0, 2.1, 1.9, 2.0]);
+        assert_eq!(d.observe(2.05), None);
+        let restored = SpikeDetector::new(4, 3.0, &d.history());
+        assert_eq!(restored.history(), d.history());
+        assert_eq!(SpikeDetector::new(4, 0.0, &[1.0; 4]).observe(100.0), None);
+    }
+}
