@@ -1,6 +1,6 @@
 //! The fused operations on CUDA devices (feature `cuda`): pretrain-kernels' kernels (its fat binary,
 //! loaded once per context), launched on candle's stream into buffers allocated from candle's
-//! device. Each function here is one custom op's `cuda_fwd` (see `fused.rs`, whose CPU kernels are
+//! device. Each function here is one custom op's `cuda_fwd` (see `fused/`, whose CPU kernels are
 //! the reference the kernels are tested against in `tests/kernels.rs`).
 //!
 //! Inputs must be contiguous (the callers make them so); outputs are fresh allocations the kernels
