@@ -25,16 +25,7 @@ pub struct RawDocument {
     pub title: Option<String>,
 }
 
-/// A record that was skipped, and why.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Skipped {
-    /// File it was in.
-    pub file: String,
-    /// Byte offset (WARC) or line number (JSONL) in the file.
-    pub offset: u64,
-    /// Why it was skipped.
-    pub reason: String,
-}
+pub use pretrain_store::artifact::Skipped;
 
 /// What a reader yields.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -15,24 +15,26 @@
 //! then record), dedup keeps the first of each cluster in that order, and every random choice is a
 //! hash of the seed and that position.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
-use std::io::{BufRead, BufReader, BufWriter, Read, Write};
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use pretrain_crd::spec::{Data, OrderStrategy, QualityClassifier, Source};
 use pretrain_store::artifact::DocumentLine;
-use pretrain_store::{FileEntry, StageCommit, StageDir, Store};
+pub use pretrain_store::artifact::MapStats;
+use pretrain_store::{StageCommit, StageDir, Store};
 use serde::{Deserialize, Serialize};
-use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use super::bert::BertScorer;
-use super::dedup::{ClusterStats, DiskIndex, MinHasher, exact_key};
+use super::dedup::{MinHasher, exact_key};
 use super::filters::{Verdict, apply};
-use super::order::{Item as OrderItem, in_context, top_terms};
-use super::quality::{QualityError, QualityModel, Training, top_fraction_threshold};
+use super::keys::{KeyRecord, write_terms};
+use super::order::top_terms;
+use super::quality::{QualityError, QualityModel, Training};
 use super::reader::{self, Item, ReadOptions};
+use super::reduce::reduce;
 use super::runs::{DEFAULT_RUN_ENTRIES, ExternalSorter};
 use crate::context::read_url;
 use crate::frame::{Phase, ScratchError, StageError, scratch};
@@ -87,7 +89,7 @@ impl From<DataPrepError> for StageError {
     }
 }
 
-type Result<T, E = DataPrepError> = std::result::Result<T, E>;
+pub(super) type Result<T, E = DataPrepError> = std::result::Result<T, E>;
 
 /// One input file of the run, in canonical order.
 #[derive(Debug, Clone)]
@@ -130,122 +132,25 @@ async fn inputs(data: &Data) -> Result<Vec<Input>> {
 /// Bumped when the output format changes, so committed outputs of an older format are redone.
 pub const OUTPUT_VERSION: u32 = 1;
 
-/// Per-document dedup record in `keys.bin`.
-#[derive(Debug, Clone, PartialEq)]
-struct KeyRecord {
-    input: u32,
-    seq: u32,
-    source: u16,
-    bytes: u32,
-    /// Quality score in [0, 1]; 1 when no classifier runs.
-    score: f32,
-    exact: u128,
-}
-
-impl KeyRecord {
-    fn write(&self, out: &mut impl Write) -> std::io::Result<()> {
-        out.write_all(&self.input.to_le_bytes())?;
-        out.write_all(&self.seq.to_le_bytes())?;
-        out.write_all(&self.source.to_le_bytes())?;
-        out.write_all(&self.bytes.to_le_bytes())?;
-        out.write_all(&self.score.to_le_bytes())?;
-        out.write_all(&self.exact.to_le_bytes())
-    }
-
-    /// The document's canonical position as one sortable number.
-    fn doc(&self) -> u64 {
-        document_id(self.input, self.seq)
-    }
-
-    fn parse_all(bytes: &[u8]) -> Option<Vec<Self>> {
-        const SIZE: usize = 34;
-        if !bytes.len().is_multiple_of(SIZE) {
-            return None;
-        }
-        let u32_at = |b: &[u8], i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
-        Some(
-            bytes
-                .chunks_exact(SIZE)
-                .map(|r| KeyRecord {
-                    input: u32_at(r, 0),
-                    seq: u32_at(r, 4),
-                    source: u16::from_le_bytes(r[8..10].try_into().expect("2 bytes")),
-                    bytes: u32_at(r, 10),
-                    score: f32::from_le_bytes(r[14..18].try_into().expect("4 bytes")),
-                    exact: u128::from_le_bytes(r[18..34].try_into().expect("16 bytes")),
-                })
-                .collect(),
-        )
-    }
-}
-
-/// A document's canonical position (input file, then record) as one number that sorts the same way.
-fn document_id(input: u32, seq: u32) -> u64 {
-    u64::from(input) << 32 | u64::from(seq)
-}
-
-/// What one map shard saw.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct MapStats {
-    /// Input files read.
-    pub files: u64,
-    /// Documents read, per source.
-    pub read: BTreeMap<String, u64>,
-    /// Documents kept by the rule filters, per source.
-    pub kept: BTreeMap<String, u64>,
-    /// Documents dropped, per filter and reason (`c4/too_few_sentences`).
-    pub dropped: BTreeMap<String, u64>,
-    /// Lines removed by C4 from kept documents, per reason.
-    pub lines_removed: BTreeMap<String, u64>,
-    /// Empty documents dropped after cleaning.
-    pub empty: u64,
-    /// Records skipped as malformed.
-    pub malformed: u64,
-    /// The first malformed records, with file and offset.
-    pub malformed_examples: Vec<reader::Skipped>,
-}
-
-impl MapStats {
-    fn merge(&mut self, other: &MapStats) {
-        let add = |a: &mut BTreeMap<String, u64>, b: &BTreeMap<String, u64>| {
-            for (k, v) in b {
-                *a.entry(k.clone()).or_default() += v;
-            }
-        };
-        self.files += other.files;
-        add(&mut self.read, &other.read);
-        add(&mut self.kept, &other.kept);
-        add(&mut self.dropped, &other.dropped);
-        add(&mut self.lines_removed, &other.lines_removed);
-        self.empty += other.empty;
-        self.malformed += other.malformed;
-        let room = MALFORMED_EXAMPLES.saturating_sub(self.malformed_examples.len());
-        self.malformed_examples.extend(other.malformed_examples.iter().take(room).cloned());
-    }
-}
-
-const MALFORMED_EXAMPLES: usize = 100;
-
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct MapDone {
+pub(super) struct MapDone {
     config_hash: String,
     /// Layout of the map files; outputs of an older layout are mapped again.
     #[serde(default)]
     format: u32,
     documents: u64,
-    stats: MapStats,
+    pub(super) stats: MapStats,
 }
 
 /// The map files' layout: 2 moved signatures out of `keys.bin` and added `bands.bin`.
 const MAP_FORMAT: u32 = 2;
 
-fn map_dir(shard: u32, shards: u32) -> String {
+pub(super) fn map_dir(shard: u32, shards: u32) -> String {
     format!("map/{shard:05}-of-{shards:05}")
 }
 
-fn hasher(data: &Data, seed: u64) -> Option<MinHasher> {
+pub(super) fn hasher(data: &Data, seed: u64) -> Option<MinHasher> {
     let m = &data.dedup.minhash;
     m.enabled.then(|| MinHasher::new(m.ngram, m.buckets, m.hashes_per_bucket, seed))
 }
@@ -423,7 +328,7 @@ pub async fn run(ctx: &Context, phase: Phase) -> Result<Option<StageCommit>> {
     }
 }
 
-async fn map_done(dir: &StageDir, shard: u32, shards: u32, hash: &str) -> Result<Option<MapDone>> {
+pub(super) async fn map_done(dir: &StageDir, shard: u32, shards: u32, hash: &str) -> Result<Option<MapDone>> {
     let key = dir.key(&format!("{}/_DONE.json", map_dir(shard, shards)))?;
     let Some(bytes) = dir.store().get_opt(&key).await? else { return Ok(None) };
     let done: MapDone = serde_json::from_slice(&bytes).map_err(|e| pretrain_store::Error::Corrupt {
@@ -524,7 +429,7 @@ fn map_files(
         reader::read_file(path, &options, &mut |item| match item {
             Item::Skipped(mut s) => {
                 stats.malformed += 1;
-                if stats.malformed_examples.len() < MALFORMED_EXAMPLES {
+                if stats.malformed_examples.len() < MapStats::MALFORMED_EXAMPLES {
                     s.file = input.name.clone();
                     stats.malformed_examples.push(s);
                 }
@@ -602,424 +507,4 @@ fn map_files(
     terms.flush().map_err(scratch(&terms_path))?;
     stats.lines_removed = lines_removed.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
     Ok((documents, stats))
-}
-
-/// Where one kept document goes: held out, or `copies` times into the training stream.
-#[derive(Debug, Clone, Copy)]
-struct Placement {
-    held_out: bool,
-    copies: u32,
-}
-
-/// A uniform number in [0, 1) from the seed, a purpose, and a document's canonical position.
-fn unit(seed: u64, purpose: u64, input: u32, seq: u32) -> f64 {
-    let h = xxh3_64_with_seed(&[u64::from(input) << 32 | u64::from(seq), purpose].map(u64::to_le_bytes).concat(), seed);
-    (h >> 11) as f64 / (1u64 << 53) as f64
-}
-
-async fn reduce(ctx: &Context, hash: &str) -> Result<StageCommit> {
-    let spec = &ctx.run.spec;
-    let data = &spec.data;
-    let shards = data.shards;
-    let minhash = hasher(data, spec.seed);
-    let signature_len =
-        minhash.as_ref().map_or(0, |_| (data.dedup.minhash.buckets * data.dedup.minhash.hashes_per_bucket) as usize);
-    let tmp = tempfile::tempdir().map_err(scratch(Path::new("tempdir")))?;
-
-    // Every map shard must be done for this spec.
-    let mut stats = MapStats::default();
-    let mut missing = Vec::new();
-    let mut records: Vec<(u32, usize, KeyRecord)> = Vec::new();
-    let mut doc_terms: HashMap<(u32, usize), Vec<(u32, u16)>> = HashMap::new();
-    for shard in 0..shards {
-        let Some(done) = map_done(&ctx.dir, shard, shards, hash).await? else {
-            missing.push(shard);
-            continue;
-        };
-        stats.merge(&done.stats);
-        let key = ctx.dir.key(&format!("{}/keys.bin", map_dir(shard, shards)))?;
-        let bytes = ctx.dir.store().get(&key).await?;
-        let parsed = KeyRecord::parse_all(&bytes).ok_or_else(|| pretrain_store::Error::Corrupt {
-            store: ctx.dir.store().url().into(),
-            key: key.to_string(),
-            reason: "not a whole number of key records".into(),
-        })?;
-        if data.order.strategy == OrderStrategy::InContext {
-            let key = ctx.dir.key(&format!("{}/terms.bin", map_dir(shard, shards)))?;
-            let bytes = ctx.dir.store().get(&key).await?;
-            let parsed_terms = parse_terms(&bytes).filter(|t| t.len() == parsed.len()).ok_or_else(|| {
-                pretrain_store::Error::Corrupt {
-                    store: ctx.dir.store().url().into(),
-                    key: key.to_string(),
-                    reason: "term lists do not match the key records".into(),
-                }
-            })?;
-            doc_terms.extend(parsed_terms.into_iter().enumerate().map(|(i, t)| ((shard, i), t)));
-        }
-        records.extend(parsed.into_iter().enumerate().map(|(i, r)| (shard, i, r)));
-    }
-    if !missing.is_empty() {
-        return Err(DataPrepError::MapsMissing { missing, shards });
-    }
-
-    // Canonical order: input file, then record, whatever the shard count.
-    records.sort_by_key(|(_, _, r)| (r.input, r.seq));
-    let total = records.len();
-
-    // Quality: a threshold, or the top fraction of each scored category.
-    let category_of = |r: &KeyRecord| data.sources[r.source as usize].category().to_string();
-    let q = &data.quality;
-    let scored = |category: &str| q.categories.is_empty() || q.categories.iter().any(|c| c == category);
-    let mut cut: BTreeMap<String, f32> = BTreeMap::new();
-    if q.classifier != QualityClassifier::None {
-        let mut by_category: BTreeMap<String, Vec<f32>> = BTreeMap::new();
-        for (_, _, r) in &records {
-            by_category.entry(category_of(r)).or_default().push(r.score);
-        }
-        for (category, scores) in by_category {
-            if scored(&category) {
-                let threshold = match q.keep_top_fraction {
-                    Some(fraction) => top_fraction_threshold(&scores, fraction),
-                    None => q.threshold as f32,
-                };
-                cut.insert(category, threshold);
-            }
-        }
-    }
-    let mut quality_removed: BTreeMap<String, u64> = BTreeMap::new();
-    let passes_quality: Vec<bool> = records
-        .iter()
-        .map(|(_, _, r)| {
-            let category = category_of(r);
-            let keep = cut.get(&category).is_none_or(|t| r.score >= *t);
-            if !keep {
-                *quality_removed.entry(category).or_default() += 1;
-            }
-            keep
-        })
-        .collect();
-
-    let mut seen = HashSet::new();
-    let exact_survivor: Vec<bool> = records
-        .iter()
-        .zip(&passes_quality)
-        .map(|((_, _, r), pass)| *pass && (!data.dedup.exact || seen.insert(r.exact)))
-        .collect();
-    let exact_removed = exact_survivor.iter().zip(&passes_quality).filter(|(s, p)| **p && !**s).count();
-    let mut survivor = exact_survivor.clone();
-    let mut near_removed = 0;
-    let mut near = ClusterStats::default();
-    if minhash.is_some() {
-        let (keep, stats) = near_duplicates(ctx, &records, &exact_survivor, signature_len, tmp.path()).await?;
-        near = stats;
-        for (i, keep) in keep.into_iter().enumerate() {
-            if survivor[i] && !keep {
-                survivor[i] = false;
-                near_removed += 1;
-            }
-        }
-    }
-
-    // Held-out split, then the mix by bytes per category.
-    let held_out: Vec<bool> =
-        records.iter().map(|(_, _, r)| unit(spec.seed, 1, r.input, r.seq) < data.held_out_fraction).collect();
-    let mut bytes_by_category: BTreeMap<String, u64> = BTreeMap::new();
-    for (i, (_, _, r)) in records.iter().enumerate() {
-        if survivor[i] && !held_out[i] {
-            *bytes_by_category.entry(category_of(r)).or_default() += u64::from(r.bytes);
-        }
-    }
-    let epochs = mix_epochs(&bytes_by_category, &data.mix.weights, data.mix.max_epochs);
-    let mut placements: HashMap<(u32, usize), Placement> = HashMap::new();
-    for (i, (shard, pos, r)) in records.iter().enumerate() {
-        if !survivor[i] {
-            continue;
-        }
-        let copies = if held_out[i] {
-            0
-        } else {
-            let e = epochs.get(&category_of(r)).copied().unwrap_or(0.0);
-            let whole = e.floor();
-            whole as u32 + u32::from(unit(spec.seed, 2, r.input, r.seq) < e - whole)
-        };
-        placements.insert((*shard, *pos), Placement { held_out: held_out[i], copies });
-    }
-
-    // Order: every training copy gets a position in the stream.
-    let mut stream: Vec<(u32, usize, u32, u64)> = Vec::new(); // shard, pos, copy, sort key
-    for (i, (shard, pos, r)) in records.iter().enumerate() {
-        let Some(p) = placements.get(&(*shard, *pos)) else { continue };
-        for copy in 0..p.copies {
-            let key = match data.order.strategy {
-                // Easy first: shortest (or lowest-scoring) documents first, canonical order on ties.
-                OrderStrategy::Curriculum if data.order.curriculum_by == pretrain_crd::spec::CurriculumKey::Quality => {
-                    (u64::from((r.score.clamp(0.0, 1.0) * 1e6) as u32) << 32) | i as u64
-                }
-                OrderStrategy::Curriculum => (u64::from(r.bytes) << 32) | i as u64,
-                _ => xxh3_64_with_seed(
-                    &[u64::from(r.input), u64::from(r.seq), u64::from(copy)].map(u64::to_le_bytes).concat(),
-                    spec.seed ^ 3,
-                ),
-            };
-            stream.push((*shard, *pos, copy, key));
-        }
-    }
-    stream.sort_by_key(|&(_, _, _, key)| key);
-    if data.order.strategy == OrderStrategy::InContext {
-        // Contexts of train.seqLen tokens, at about 4 bytes a token.
-        let canonical: HashMap<(u32, usize), usize> =
-            records.iter().enumerate().map(|(i, (shard, pos, _))| ((*shard, *pos), i)).collect();
-        let terms: Vec<Vec<(u32, u16)>> =
-            records.iter().map(|(shard, pos, _)| doc_terms.remove(&(*shard, *pos)).unwrap_or_default()).collect();
-        let items: Vec<OrderItem> = stream
-            .iter()
-            .map(|(shard, pos, _, _)| {
-                let doc = canonical[&(*shard, *pos)];
-                OrderItem { doc, bytes: records[doc].2.bytes }
-            })
-            .collect();
-        let context_bytes = u64::from(spec.train.seq_len) * 4;
-        let order = in_context(&items, &terms, context_bytes, spec.seed);
-        stream = order.into_iter().map(|i| stream[i]).collect();
-    }
-    let train_docs = stream.len();
-    let out_shards = shards as usize;
-    let mut position: HashMap<(u32, usize), Vec<usize>> = HashMap::new();
-    for (p, &(shard, pos, _, _)) in stream.iter().enumerate() {
-        position.entry((shard, pos)).or_default().push(p);
-    }
-    drop(stream);
-
-    // Route documents to output shards on local disk, then sort each shard by position.
-    let route_path = |k: usize| tmp.path().join(format!("route-{k:05}.bin"));
-    let heldout_path = tmp.path().join("heldout.bin");
-    let mut routes: Vec<BufWriter<File>> = (0..=out_shards)
-        .map(|k| {
-            let p = if k == out_shards { heldout_path.clone() } else { route_path(k) };
-            File::create(&p).map(BufWriter::new).map_err(scratch(&p))
-        })
-        .collect::<Result<_, ScratchError>>()?;
-    let mut category_docs: BTreeMap<String, u64> = BTreeMap::new();
-    let mut category_bytes_out: BTreeMap<String, u64> = BTreeMap::new();
-    let mut heldout_docs = 0u64;
-    for shard in 0..shards {
-        let local = tmp.path().join("map-docs.jsonl.zst");
-        let key = ctx.dir.key(&format!("{}/docs.jsonl.zst", map_dir(shard, shards)))?;
-        ctx.dir.store().download(&key, &local).await?;
-        let decoder = zstd::Decoder::new(File::open(&local).map_err(scratch(&local))?).map_err(scratch(&local))?;
-        for (pos, line) in BufReader::new(decoder).split(b'\n').enumerate() {
-            let line = line.map_err(scratch(&local))?;
-            let Some(p) = placements.get(&(shard, pos)) else { continue };
-            if p.held_out {
-                heldout_docs += 1;
-                write_routed(&mut routes[out_shards], (u64::from(shard) << 32) | pos as u64, &line)
-                    .map_err(scratch(&heldout_path))?;
-                continue;
-            }
-            let doc: DocumentLine =
-                serde_json::from_slice(&line).map_err(|e| scratch(&local)(std::io::Error::other(e)))?;
-            for &at in position.get(&(shard, pos)).map(Vec::as_slice).unwrap_or_default() {
-                let k = at * out_shards / train_docs.max(1);
-                write_routed(&mut routes[k], at as u64, &line).map_err(scratch(&route_path(k)))?;
-                *category_docs.entry(doc.category.clone()).or_default() += 1;
-                *category_bytes_out.entry(doc.category.clone()).or_default() += doc.text.len() as u64;
-            }
-        }
-    }
-    for (k, w) in routes.iter_mut().enumerate() {
-        w.flush().map_err(scratch(&route_path(k)))?;
-    }
-    drop(routes);
-
-    let mut files = Vec::new();
-    for k in 0..=out_shards {
-        let (src, name) = if k == out_shards {
-            (heldout_path.clone(), "heldout/00000.jsonl.zst".to_string())
-        } else {
-            (route_path(k), format!("shards/{k:05}.jsonl.zst"))
-        };
-        files.push(write_sorted(&ctx.dir, &src, &name).await?);
-    }
-
-    let total_out: u64 = category_bytes_out.values().sum();
-    let realised: BTreeMap<&String, f64> =
-        category_bytes_out.iter().map(|(c, b)| (c, *b as f64 / total_out.max(1) as f64)).collect();
-    let commit_stats = serde_json::json!({
-        "outputVersion": OUTPUT_VERSION,
-        "map": stats,
-        "quality": {"thresholds": cut, "removed": quality_removed},
-        "dedup": {
-            "candidates": total,
-            "exactRemoved": exact_removed,
-            "nearRemoved": near_removed,
-            "lshPairsCompared": near.compared,
-            "lshPairsMerged": near.merged,
-            "lshCollisionsRejected": near.rejected,
-        },
-        "heldOut": {"documents": heldout_docs},
-        "mix": {
-            "bytesBeforeMix": bytes_by_category,
-            "epochs": epochs,
-            "documents": category_docs,
-            "bytes": category_bytes_out,
-            "realisedShare": realised,
-        },
-        "train": {"documents": train_docs, "shards": out_shards},
-    });
-    Ok(ctx.dir.commit(hash, files, commit_stats).await?)
-}
-
-/// MinHash near-duplicate clustering across every map shard, from the shards' sorted band buckets
-/// and signatures downloaded to `scratch_dir` and read from disk: memory holds the union-find, not
-/// the index. `records` are in canonical order with their map shard and position; only `eligible`
-/// documents (kept by quality and exact dedup) take part. Returns which records survive.
-async fn near_duplicates(
-    ctx: &Context,
-    records: &[(u32, usize, KeyRecord)],
-    eligible: &[bool],
-    signature_len: usize,
-    scratch_dir: &Path,
-) -> Result<(Vec<bool>, ClusterStats)> {
-    let shards = ctx.run.spec.data.shards;
-    let mut band_files = Vec::new();
-    let mut signature_files = Vec::new();
-    for shard in 0..shards {
-        for (name, list) in [("bands.bin", &mut band_files), ("signatures.bin", &mut signature_files)] {
-            let local = scratch_dir.join(format!("{shard:05}-{name}"));
-            let key = ctx.dir.key(&format!("{}/{name}", map_dir(shard, shards)))?;
-            ctx.dir.store().download(&key, &local).await?;
-            list.push(local);
-        }
-    }
-    let threshold = ctx.run.spec.data.dedup.minhash.jaccard_threshold;
-    let index = DiskIndex {
-        band_files,
-        signature_files,
-        ids: records.iter().map(|(_, _, r)| r.doc()).collect(),
-        positions: records.iter().map(|(shard, pos, _)| (*shard, *pos)).collect(),
-        signature_len,
-    };
-    let eligible = eligible.to_vec();
-    let scratch_dir = scratch_dir.to_path_buf();
-    let work = move || index.cluster(&eligible, threshold).map_err(scratch(&scratch_dir));
-    Ok(tokio::task::spawn_blocking(work).await.expect("near-duplicate clustering does not panic")?)
-}
-
-fn write_terms(out: &mut impl Write, terms: &[(u32, u16)]) -> std::io::Result<()> {
-    out.write_all(&[terms.len() as u8])?;
-    for (t, c) in terms {
-        out.write_all(&t.to_le_bytes())?;
-        out.write_all(&c.to_le_bytes())?;
-    }
-    Ok(())
-}
-
-fn parse_terms(bytes: &[u8]) -> Option<Vec<Vec<(u32, u16)>>> {
-    let mut out = Vec::new();
-    let mut at = 0;
-    while at < bytes.len() {
-        let n = usize::from(bytes[at]);
-        at += 1;
-        let end = at + n * 6;
-        let chunk = bytes.get(at..end)?;
-        out.push(
-            chunk
-                .chunks_exact(6)
-                .map(|c| (u32::from_le_bytes(c[..4].try_into().expect("4 bytes")), u16::from_le_bytes([c[4], c[5]])))
-                .collect(),
-        );
-        at = end;
-    }
-    Some(out)
-}
-
-fn write_routed(out: &mut impl Write, position: u64, line: &[u8]) -> std::io::Result<()> {
-    out.write_all(&position.to_le_bytes())?;
-    out.write_all(&(line.len() as u64).to_le_bytes())?;
-    out.write_all(line)
-}
-
-/// Reads a routed file, sorts its lines by position, and writes them as one `jsonl.zst` file.
-async fn write_sorted(dir: &StageDir, routed: &Path, name: &str) -> Result<FileEntry> {
-    let mut raw = Vec::new();
-    File::open(routed).and_then(|mut f| f.read_to_end(&mut raw)).map_err(scratch(routed))?;
-    let mut lines: Vec<(u64, &[u8])> = Vec::new();
-    let mut at = 0;
-    while at + 16 <= raw.len() {
-        let pos = u64::from_le_bytes(raw[at..at + 8].try_into().expect("8 bytes"));
-        let len = u64::from_le_bytes(raw[at + 8..at + 16].try_into().expect("8 bytes")) as usize;
-        lines.push((pos, &raw[at + 16..at + 16 + len]));
-        at += 16 + len;
-    }
-    lines.sort_by_key(|(pos, _)| *pos);
-    let mut encoder = zstd::Encoder::new(Vec::new(), 3).map_err(scratch(routed))?;
-    let mut writer = dir.writer(name)?;
-    for (_, line) in lines {
-        encoder.write_all(line).and_then(|()| encoder.write_all(b"\n")).map_err(scratch(routed))?;
-        if encoder.get_ref().len() > 1 << 20 {
-            let chunk = std::mem::take(encoder.get_mut());
-            writer.write(&chunk).await?;
-        }
-    }
-    let rest = encoder.finish().map_err(scratch(routed))?;
-    writer.write(&rest).await?;
-    Ok(writer.finish().await?)
-}
-
-/// Epochs per category so that categories get `weights` shares of the bytes: the largest total that
-/// keeps every category within `max_epochs`, and no larger than needed to use the most plentiful
-/// category once. Empty weights keep the natural proportions (one epoch each).
-pub fn mix_epochs(
-    bytes: &BTreeMap<String, u64>,
-    weights: &BTreeMap<String, f64>,
-    max_epochs: f64,
-) -> BTreeMap<String, f64> {
-    if weights.is_empty() {
-        return bytes.keys().map(|c| (c.clone(), 1.0)).collect();
-    }
-    let total_weight: f64 = weights.iter().filter(|(c, _)| bytes.get(*c).is_some_and(|b| *b > 0)).map(|(_, w)| w).sum();
-    if total_weight <= 0.0 {
-        return bytes.keys().map(|c| (c.clone(), 0.0)).collect();
-    }
-    let share = |c: &str| weights.get(c).copied().unwrap_or(0.0) / total_weight;
-    let mut use_all = 0.0f64; // total bytes if the most plentiful category is used once
-    let mut cap = f64::INFINITY; // total bytes allowed by max_epochs
-    for (c, &b) in bytes {
-        let s = share(c);
-        if s > 0.0 && b > 0 {
-            use_all = use_all.max(b as f64 / s);
-            cap = cap.min(b as f64 * max_epochs / s);
-        }
-    }
-    let total = use_all.min(cap);
-    bytes.iter().map(|(c, &b)| (c.clone(), if b == 0 { 0.0 } else { share(c) * total / b as f64 })).collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mix_upsamples_scarce_categories_within_max_epochs() {
-        let bytes: BTreeMap<String, u64> = [("web".into(), 900), ("code".into(), 100)].into();
-        let weights: BTreeMap<String, f64> = [("web".into(), 0.5), ("code".into(), 0.5)].into();
-        let e = mix_epochs(&bytes, &weights, 4.0);
-        // Using all web (900) at 50% would need 9 epochs of code; capped at 4 -> total 800.
-        assert!((e["code"] - 4.0).abs() < 1e-9, "{e:?}");
-        assert!((e["web"] - 400.0 / 900.0).abs() < 1e-9, "{e:?}");
-        let natural = mix_epochs(&bytes, &BTreeMap::new(), 4.0);
-        assert_eq!(natural["web"], 1.0);
-        let generous = mix_epochs(&bytes, &weights, 10.0);
-        assert!((generous["web"] - 1.0).abs() < 1e-9 && (generous["code"] - 9.0).abs() < 1e-9);
-    }
-
-    #[test]
-    fn key_records_round_trip() {
-        let r = KeyRecord { input: 3, seq: 9, source: 2, bytes: 77, score: 0.25, exact: u128::MAX - 5 };
-        let mut buf = Vec::new();
-        r.write(&mut buf).unwrap();
-        r.write(&mut buf).unwrap();
-        assert_eq!(KeyRecord::parse_all(&buf).unwrap(), vec![r.clone(), r]);
-        assert!(KeyRecord::parse_all(&buf[1..]).is_none());
-    }
 }

@@ -1,0 +1,346 @@
+//! The reduce's decisions, pure: which documents pass quality, which survive exact deduplication,
+//! which are held out, how many copies of each the mix trains on, and the order of the training
+//! stream. They work on [`DocRef`]s in canonical order (input file, then record) and are tested in
+//! memory; reading the map outputs, near-duplicate clustering and writing the shards are the
+//! reduce's (`reduce.rs`).
+//!
+//! Every random choice is a hash of the seed, a purpose and the document's canonical position, so
+//! the plan does not depend on the number of map shards.
+
+use std::collections::{BTreeMap, HashSet};
+
+use pretrain_crd::spec::{CurriculumKey, Data, OrderStrategy, QualityClassifier};
+use xxhash_rust::xxh3::xxh3_64_with_seed;
+
+use super::keys::KeyRecord;
+use super::order::{Item as OrderItem, in_context};
+use super::quality::top_fraction_threshold;
+
+/// A document the map phase kept: its key record, and where its map shard left it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DocRef {
+    /// The map shard that holds it.
+    pub shard: u32,
+    /// Its line in that shard's `docs.jsonl.zst`.
+    pub pos: usize,
+    /// Its key record.
+    pub key: KeyRecord,
+}
+
+/// The quality decision: each scored category's threshold, and who passes.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct QualityCut {
+    /// The threshold of each scored category (a fixed one, or that of the top fraction).
+    pub thresholds: BTreeMap<String, f32>,
+    /// Documents under their category's threshold, per category.
+    pub removed: BTreeMap<String, u64>,
+    /// Whether each document passes.
+    pub passes: Vec<bool>,
+}
+
+/// Applies `data.quality`: a threshold, or the top fraction of each scored category.
+pub fn quality_cut(data: &Data, docs: &[DocRef]) -> QualityCut {
+    let category_of = |d: &DocRef| data.sources[d.key.source as usize].category().to_string();
+    let q = &data.quality;
+    let scored = |category: &str| q.categories.is_empty() || q.categories.iter().any(|c| c == category);
+    let mut thresholds: BTreeMap<String, f32> = BTreeMap::new();
+    if q.classifier != QualityClassifier::None {
+        let mut by_category: BTreeMap<String, Vec<f32>> = BTreeMap::new();
+        for d in docs {
+            by_category.entry(category_of(d)).or_default().push(d.key.score);
+        }
+        for (category, scores) in by_category {
+            if scored(&category) {
+                let threshold = match q.keep_top_fraction {
+                    Some(fraction) => top_fraction_threshold(&scores, fraction),
+                    None => q.threshold as f32,
+                };
+                thresholds.insert(category, threshold);
+            }
+        }
+    }
+    let mut removed: BTreeMap<String, u64> = BTreeMap::new();
+    let passes = docs
+        .iter()
+        .map(|d| {
+            let category = category_of(d);
+            let keep = thresholds.get(&category).is_none_or(|t| d.key.score >= *t);
+            if !keep {
+                *removed.entry(category).or_default() += 1;
+            }
+            keep
+        })
+        .collect();
+    QualityCut { thresholds, removed, passes }
+}
+
+/// Who survives exact deduplication among the documents that pass quality: the first of each exact
+/// hash in canonical order (everyone who passes, when exact dedup is off).
+pub fn exact_survivors(data: &Data, docs: &[DocRef], passes: &[bool]) -> Vec<bool> {
+    let mut seen = HashSet::new();
+    docs.iter().zip(passes).map(|(d, pass)| *pass && (!data.dedup.exact || seen.insert(d.key.exact))).collect()
+}
+
+/// Where one surviving document goes: held out, or `copies` times into the training stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placement {
+    /// In the held-out split (then never trained on).
+    pub held_out: bool,
+    /// Copies in the training stream: the category's epochs, the fraction drawn per document.
+    pub copies: u32,
+}
+
+/// The held-out split and the mix.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MixPlan {
+    /// Training bytes per category before the mix.
+    pub bytes_before: BTreeMap<String, u64>,
+    /// Epochs of each category the mix takes.
+    pub epochs: BTreeMap<String, f64>,
+    /// Each document's placement; `None` for one that did not survive.
+    pub placements: Vec<Option<Placement>>,
+}
+
+/// Splits off the held-out documents, then gives each category the epochs its mix weight asks for
+/// (within `maxEpochs`) and each surviving document its copies.
+pub fn place(data: &Data, seed: u64, docs: &[DocRef], survivor: &[bool]) -> MixPlan {
+    let category_of = |d: &DocRef| data.sources[d.key.source as usize].category().to_string();
+    let held_out: Vec<bool> = docs.iter().map(|d| unit(seed, 1, &d.key) < data.held_out_fraction).collect();
+    let mut bytes_before: BTreeMap<String, u64> = BTreeMap::new();
+    for (i, d) in docs.iter().enumerate() {
+        if survivor[i] && !held_out[i] {
+            *bytes_before.entry(category_of(d)).or_default() += u64::from(d.key.bytes);
+        }
+    }
+    let epochs = mix_epochs(&bytes_before, &data.mix.weights, data.mix.max_epochs);
+    let placements = docs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            survivor[i].then(|| {
+                let copies = if held_out[i] {
+                    0
+                } else {
+                    let e = epochs.get(&category_of(d)).copied().unwrap_or(0.0);
+                    let whole = e.floor();
+                    whole as u32 + u32::from(unit(seed, 2, &d.key) < e - whole)
+                };
+                Placement { held_out: held_out[i], copies }
+            })
+        })
+        .collect();
+    MixPlan { bytes_before, epochs, placements }
+}
+
+/// One training copy of a document at its place in the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamEntry {
+    /// The document, as its index in canonical order.
+    pub doc: usize,
+    /// Which of its copies.
+    pub copy: u32,
+    /// The key the stream is sorted by.
+    pub key: u64,
+}
+
+/// The training stream: every copy of every placed document, ordered by `data.order` (shuffled,
+/// easy first, or in-context groups of related documents of about `seq_len` tokens, from `terms`,
+/// each document's topic terms in canonical order).
+pub fn order(
+    data: &Data,
+    seed: u64,
+    seq_len: u32,
+    docs: &[DocRef],
+    placements: &[Option<Placement>],
+    terms: &[Vec<(u32, u16)>],
+) -> Vec<StreamEntry> {
+    let mut stream = Vec::new();
+    for (i, d) in docs.iter().enumerate() {
+        let Some(p) = placements[i] else { continue };
+        let r = &d.key;
+        for copy in 0..p.copies {
+            let key = match data.order.strategy {
+                // Easy first: shortest (or lowest-scoring) documents first, canonical order on ties.
+                OrderStrategy::Curriculum if data.order.curriculum_by == CurriculumKey::Quality => {
+                    (u64::from((r.score.clamp(0.0, 1.0) * 1e6) as u32) << 32) | i as u64
+                }
+                OrderStrategy::Curriculum => (u64::from(r.bytes) << 32) | i as u64,
+                _ => xxh3_64_with_seed(
+                    &[u64::from(r.input), u64::from(r.seq), u64::from(copy)].map(u64::to_le_bytes).concat(),
+                    seed ^ 3,
+                ),
+            };
+            stream.push(StreamEntry { doc: i, copy, key });
+        }
+    }
+    stream.sort_by_key(|e| e.key);
+    if data.order.strategy == OrderStrategy::InContext {
+        // Contexts of train.seqLen tokens, at about 4 bytes a token.
+        let items: Vec<OrderItem> =
+            stream.iter().map(|e| OrderItem { doc: e.doc, bytes: docs[e.doc].key.bytes }).collect();
+        let context_bytes = u64::from(seq_len) * 4;
+        stream = in_context(&items, terms, context_bytes, seed).into_iter().map(|i| stream[i]).collect();
+    }
+    stream
+}
+
+/// A uniform number in [0, 1) from the seed, a purpose, and a document's canonical position.
+fn unit(seed: u64, purpose: u64, key: &KeyRecord) -> f64 {
+    let h = xxh3_64_with_seed(&[key.doc(), purpose].map(u64::to_le_bytes).concat(), seed);
+    (h >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Epochs per category so that categories get `weights` shares of the bytes: the largest total that
+/// keeps every category within `max_epochs`, and no larger than needed to use the most plentiful
+/// category once. Empty weights keep the natural proportions (one epoch each).
+pub fn mix_epochs(
+    bytes: &BTreeMap<String, u64>,
+    weights: &BTreeMap<String, f64>,
+    max_epochs: f64,
+) -> BTreeMap<String, f64> {
+    if weights.is_empty() {
+        return bytes.keys().map(|c| (c.clone(), 1.0)).collect();
+    }
+    let total_weight: f64 = weights.iter().filter(|(c, _)| bytes.get(*c).is_some_and(|b| *b > 0)).map(|(_, w)| w).sum();
+    if total_weight <= 0.0 {
+        return bytes.keys().map(|c| (c.clone(), 0.0)).collect();
+    }
+    let share = |c: &str| weights.get(c).copied().unwrap_or(0.0) / total_weight;
+    let mut use_all = 0.0f64; // total bytes if the most plentiful category is used once
+    let mut cap = f64::INFINITY; // total bytes allowed by max_epochs
+    for (c, &b) in bytes {
+        let s = share(c);
+        if s > 0.0 && b > 0 {
+            use_all = use_all.max(b as f64 / s);
+            cap = cap.min(b as f64 * max_epochs / s);
+        }
+    }
+    let total = use_all.min(cap);
+    bytes.iter().map(|(c, &b)| (c.clone(), if b == 0 { 0.0 } else { share(c) * total / b as f64 })).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mix_upsamples_scarce_categories_within_max_epochs() {
+        let bytes: BTreeMap<String, u64> = [("web".into(), 900), ("code".into(), 100)].into();
+        let weights: BTreeMap<String, f64> = [("web".into(), 0.5), ("code".into(), 0.5)].into();
+        let e = mix_epochs(&bytes, &weights, 4.0);
+        // Using all web (900) at 50% would need 9 epochs of code; capped at 4 -> total 800.
+        assert!((e["code"] - 4.0).abs() < 1e-9, "{e:?}");
+        assert!((e["web"] - 400.0 / 900.0).abs() < 1e-9, "{e:?}");
+        let natural = mix_epochs(&bytes, &BTreeMap::new(), 4.0);
+        assert_eq!(natural["web"], 1.0);
+        let generous = mix_epochs(&bytes, &weights, 10.0);
+        assert!((generous["web"] - 1.0).abs() < 1e-9 && (generous["code"] - 9.0).abs() < 1e-9);
+    }
+
+    fn data(yaml: &str) -> Data {
+        let base = "sources:\n  - {name: web, url: /in/web.jsonl}\n  - {name: code, url: /in/code.jsonl}\n";
+        serde_yaml::from_str(&format!("{base}{yaml}")).unwrap()
+    }
+
+    /// `n` documents in canonical order, alternating web and code, spread over `shards` map shards
+    /// (as a map phase with that many tasks would leave them).
+    fn docs(n: u32, shards: u32) -> Vec<DocRef> {
+        (0..n)
+            .map(|i| DocRef {
+                shard: i % shards,
+                pos: (i / shards) as usize,
+                key: KeyRecord {
+                    input: i / 10,
+                    seq: i % 10,
+                    source: (i % 2) as u16,
+                    bytes: 100 + i,
+                    score: (i % 7) as f32 / 7.0,
+                    exact: u128::from(i % 50),
+                },
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_quality_cut_keeps_the_top_fraction_of_scored_categories_only() {
+        let d =
+            data("quality: {classifier: ngram, referenceSources: [web], keepTopFraction: 0.5, categories: [web]}\n");
+        let all = docs(140, 1);
+        let cut = quality_cut(&d, &all);
+        assert_eq!(cut.thresholds.keys().collect::<Vec<_>>(), ["web"]);
+        let kept_web = all.iter().zip(&cut.passes).filter(|(x, p)| x.key.source == 0 && **p).count();
+        assert!((30..=45).contains(&kept_web), "{kept_web} of 70 web documents kept");
+        assert!(all.iter().zip(&cut.passes).all(|(x, p)| x.key.source == 0 || *p), "code is not scored");
+        assert_eq!(cut.removed["web"], 70 - kept_web as u64);
+    }
+
+    #[test]
+    fn exact_dedup_keeps_the_first_of_each_hash_among_those_that_pass() {
+        let d = data("");
+        let all = docs(120, 1);
+        let mut passes = vec![true; 120];
+        passes[3] = false;
+        let kept = exact_survivors(&d, &all, &passes);
+        assert!(!kept[3] && kept[53], "the first that passes survives");
+        assert!(kept[..50].iter().enumerate().all(|(i, k)| *k == (i != 3)));
+        assert_eq!(kept.iter().filter(|k| **k).count(), 50);
+        let off = data("dedup: {exact: false}\n");
+        assert_eq!(exact_survivors(&off, &all, &passes), passes);
+    }
+
+    #[test]
+    fn placement_holds_out_a_fraction_and_gives_scarce_categories_more_copies() {
+        let d = data("heldOutFraction: 0.1\nmix: {weights: {web: 0.25, code: 0.75}, maxEpochs: 4}\n");
+        let all = docs(2000, 1);
+        let survivor = vec![true; all.len()];
+        let mix = place(&d, 7, &all, &survivor);
+        let held = mix.placements.iter().flatten().filter(|p| p.held_out).count();
+        assert!((150..=250).contains(&held), "{held} of 2000 held out");
+        assert!(mix.placements.iter().flatten().all(|p| !p.held_out || p.copies == 0));
+        let copies = |source: u16| -> u32 {
+            all.iter()
+                .zip(&mix.placements)
+                .filter(|(x, _)| x.key.source == source)
+                .map(|(_, p)| p.unwrap().copies)
+                .sum()
+        };
+        let ratio = f64::from(copies(1)) / f64::from(copies(0));
+        assert!((2.7..=3.3).contains(&ratio), "code:web copies {ratio}, weights ask for 3");
+        assert!(place(&d, 7, &all, &vec![false; all.len()]).placements.iter().all(Option::is_none));
+    }
+
+    #[test]
+    fn the_plan_does_not_depend_on_the_number_of_map_shards() {
+        for order in ["shuffle", "curriculum", "in-context"] {
+            let d = data(&format!("mix: {{weights: {{web: 0.3, code: 0.7}}}}\norder: {{strategy: {order}}}\n"));
+            let plan = |shards: u32| {
+                let all = docs(300, shards);
+                let terms: Vec<Vec<(u32, u16)>> = all.iter().map(|x| vec![(x.key.seq % 5, 1)]).collect();
+                let cut = quality_cut(&d, &all);
+                let kept = exact_survivors(&d, &all, &cut.passes);
+                let mix = place(&d, 11, &all, &kept);
+                order_of(&d, &all, &mix, &terms)
+            };
+            assert_eq!(plan(1), plan(4), "{order}");
+            assert_eq!(plan(1), plan(16), "{order}");
+        }
+    }
+
+    fn order_of(d: &Data, all: &[DocRef], mix: &MixPlan, terms: &[Vec<(u32, u16)>]) -> Vec<(u32, u32, u32)> {
+        order(d, 11, 64, all, &mix.placements, terms)
+            .into_iter()
+            .map(|e| (all[e.doc].key.input, all[e.doc].key.seq, e.copy))
+            .collect()
+    }
+
+    #[test]
+    fn curriculum_puts_short_documents_first_and_every_copy_in_the_stream() {
+        let d = data("mix: {weights: {web: 0.5, code: 0.5}}\norder: {strategy: curriculum, curriculumBy: length}\n");
+        let all = docs(100, 3);
+        let mix = place(&d, 1, &all, &[true; 100]);
+        let stream = order(&d, 1, 64, &all, &mix.placements, &[]);
+        let total: u32 = mix.placements.iter().flatten().map(|p| p.copies).sum();
+        assert_eq!(stream.len(), total as usize);
+        assert!(stream.windows(2).all(|w| all[w[0].doc].key.bytes <= all[w[1].doc].key.bytes));
+    }
+}

@@ -1,0 +1,272 @@
+//! The data-prep reduce: reads every map task's key records, makes the plan (`plan.rs`) with the
+//! near-duplicate clusters, routes each kept document to its output shard on local disk, writes
+//! the shards sorted by stream position, and commits with the stage's [`DataPrepStats`].
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::{BufRead, BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use pretrain_crd::spec::OrderStrategy;
+use pretrain_store::artifact::{
+    DataPrepStats, DedupStats, DocumentLine, HeldOutStats, MapStats, MixStats, QualityStats, StreamStats,
+};
+use pretrain_store::{FileEntry, StageCommit, StageDir};
+
+use super::dedup::{ClusterStats, DiskIndex};
+use super::keys::{KeyRecord, parse_terms};
+use super::plan::{self, DocRef, MixPlan, Placement, StreamEntry};
+use super::stage::{DataPrepError, OUTPUT_VERSION, Result, hasher, map_dir, map_done};
+use crate::Context;
+use crate::frame::{ScratchError, scratch};
+
+/// Reduces the committed map outputs of this spec (`hash`) to the stage's commit.
+pub(super) async fn reduce(ctx: &Context, hash: &str) -> Result<StageCommit> {
+    let spec = &ctx.run.spec;
+    let data = &spec.data;
+    let tmp = tempfile::tempdir().map_err(scratch(Path::new("tempdir")))?;
+    let (docs, terms, map) = read_keys(ctx, hash).await?;
+    let cut = plan::quality_cut(data, &docs);
+    let exact = plan::exact_survivors(data, &docs, &cut.passes);
+    let exact_removed = exact.iter().zip(&cut.passes).filter(|(s, p)| **p && !**s).count();
+    let mut survivor = exact.clone();
+    let mut near_removed = 0;
+    let mut near = ClusterStats::default();
+    if hasher(data, spec.seed).is_some() {
+        let (keep, stats) = near_duplicates(ctx, &docs, &exact, tmp.path()).await?;
+        near = stats;
+        for (i, keep) in keep.into_iter().enumerate() {
+            if survivor[i] && !keep {
+                survivor[i] = false;
+                near_removed += 1;
+            }
+        }
+    }
+    let mix = plan::place(data, spec.seed, &docs, &survivor);
+    let stream = plan::order(data, spec.seed, spec.train.seq_len, &docs, &mix.placements, &terms);
+    let routed = route(ctx, &docs, &mix.placements, &stream, tmp.path()).await?;
+    let stats = DataPrepStats {
+        output_version: OUTPUT_VERSION,
+        map,
+        quality: QualityStats { thresholds: cut.thresholds, removed: cut.removed },
+        dedup: DedupStats {
+            candidates: docs.len() as u64,
+            exact_removed: exact_removed as u64,
+            near_removed,
+            lsh_pairs_compared: near.compared,
+            lsh_pairs_merged: near.merged,
+            lsh_collisions_rejected: near.rejected,
+        },
+        held_out: HeldOutStats { documents: routed.held_out },
+        mix: routed.mix_stats(mix),
+        train: StreamStats { documents: stream.len() as u64, shards: u64::from(data.shards) },
+    };
+    let stats = serde_json::to_value(&stats).expect("data-prep stats serialise");
+    Ok(ctx.dir.commit(hash, routed.files, stats).await?)
+}
+
+/// Every map task's key records, as documents in canonical order, with their topic terms (for
+/// in-context ordering; empty otherwise) and the tasks' merged statistics. Every map task must be
+/// done for this spec.
+async fn read_keys(ctx: &Context, hash: &str) -> Result<(Vec<DocRef>, Vec<Vec<(u32, u16)>>, MapStats)> {
+    let data = &ctx.run.spec.data;
+    let shards = data.shards;
+    let in_context = data.order.strategy == OrderStrategy::InContext;
+    let mut stats = MapStats::default();
+    let mut missing = Vec::new();
+    let mut docs: Vec<(DocRef, Vec<(u32, u16)>)> = Vec::new();
+    for shard in 0..shards {
+        let Some(done) = map_done(&ctx.dir, shard, shards, hash).await? else {
+            missing.push(shard);
+            continue;
+        };
+        stats.merge(&done.stats);
+        let (key, bytes) = get(&ctx.dir, &format!("{}/keys.bin", map_dir(shard, shards))).await?;
+        let keys =
+            KeyRecord::parse_all(&bytes).ok_or_else(|| corrupt(&ctx.dir, &key, "not a whole number of key records"))?;
+        let mut terms = Vec::new();
+        if in_context {
+            let (key, bytes) = get(&ctx.dir, &format!("{}/terms.bin", map_dir(shard, shards))).await?;
+            terms = parse_terms(&bytes)
+                .filter(|t| t.len() == keys.len())
+                .ok_or_else(|| corrupt(&ctx.dir, &key, "term lists do not match the key records"))?;
+        }
+        let mut terms = terms.into_iter();
+        docs.extend(
+            keys.into_iter()
+                .enumerate()
+                .map(|(pos, key)| (DocRef { shard, pos, key }, terms.next().unwrap_or_default())),
+        );
+    }
+    if !missing.is_empty() {
+        return Err(DataPrepError::MapsMissing { missing, shards });
+    }
+    // Canonical order: input file, then record, whatever the shard count.
+    docs.sort_by_key(|(d, _)| (d.key.input, d.key.seq));
+    let (docs, terms) = docs.into_iter().unzip();
+    Ok((docs, terms, stats))
+}
+
+async fn get(dir: &StageDir, name: &str) -> Result<(String, bytes::Bytes)> {
+    let key = dir.key(name)?;
+    let bytes = dir.store().get(&key).await?;
+    Ok((key.to_string(), bytes))
+}
+
+fn corrupt(dir: &StageDir, key: &str, reason: &str) -> pretrain_store::Error {
+    pretrain_store::Error::Corrupt { store: dir.store().url().into(), key: key.into(), reason: reason.into() }
+}
+
+/// MinHash near-duplicate clustering across every map task, from the tasks' sorted band buckets and
+/// signatures downloaded to `scratch_dir` and read from disk: memory holds the union-find, not the
+/// index. Only `eligible` documents (kept by quality and exact dedup) take part. Returns which
+/// documents survive.
+async fn near_duplicates(
+    ctx: &Context,
+    docs: &[DocRef],
+    eligible: &[bool],
+    scratch_dir: &Path,
+) -> Result<(Vec<bool>, ClusterStats)> {
+    let data = &ctx.run.spec.data;
+    let shards = data.shards;
+    let mut band_files = Vec::new();
+    let mut signature_files = Vec::new();
+    for shard in 0..shards {
+        for (name, list) in [("bands.bin", &mut band_files), ("signatures.bin", &mut signature_files)] {
+            let local = scratch_dir.join(format!("{shard:05}-{name}"));
+            let key = ctx.dir.key(&format!("{}/{name}", map_dir(shard, shards)))?;
+            ctx.dir.store().download(&key, &local).await?;
+            list.push(local);
+        }
+    }
+    let minhash = &data.dedup.minhash;
+    let index = DiskIndex {
+        band_files,
+        signature_files,
+        ids: docs.iter().map(|d| d.key.doc()).collect(),
+        positions: docs.iter().map(|d| (d.shard, d.pos)).collect(),
+        signature_len: (minhash.buckets * minhash.hashes_per_bucket) as usize,
+    };
+    let (eligible, threshold) = (eligible.to_vec(), minhash.jaccard_threshold);
+    let scratch_dir = scratch_dir.to_path_buf();
+    let work = move || index.cluster(&eligible, threshold).map_err(scratch(&scratch_dir));
+    Ok(tokio::task::spawn_blocking(work).await.expect("near-duplicate clustering does not panic")?)
+}
+
+/// What routing wrote: the output files, and the counts of the mix it realised.
+struct Routed {
+    files: Vec<FileEntry>,
+    held_out: u64,
+    documents: BTreeMap<String, u64>,
+    bytes: BTreeMap<String, u64>,
+}
+
+impl Routed {
+    fn mix_stats(&self, mix: MixPlan) -> MixStats {
+        let total: u64 = self.bytes.values().sum();
+        MixStats {
+            bytes_before_mix: mix.bytes_before,
+            epochs: mix.epochs,
+            documents: self.documents.clone(),
+            bytes: self.bytes.clone(),
+            realised_share: self.bytes.iter().map(|(c, b)| (c.clone(), *b as f64 / total.max(1) as f64)).collect(),
+        }
+    }
+}
+
+/// Routes each placed document from its map task's `docs.jsonl.zst` to the output shard of each of
+/// its stream positions (or to the held-out file) on local disk, then writes each shard sorted by
+/// position.
+async fn route(
+    ctx: &Context,
+    docs: &[DocRef],
+    placements: &[Option<Placement>],
+    stream: &[StreamEntry],
+    tmp: &Path,
+) -> Result<Routed> {
+    let shards = ctx.run.spec.data.shards;
+    let out_shards = shards as usize;
+    let train_docs = stream.len();
+    let index: HashMap<(u32, usize), usize> = docs.iter().enumerate().map(|(i, d)| ((d.shard, d.pos), i)).collect();
+    let mut positions: Vec<Vec<usize>> = vec![Vec::new(); docs.len()];
+    for (at, entry) in stream.iter().enumerate() {
+        positions[entry.doc].push(at);
+    }
+    let route_path = |k: usize| tmp.join(format!("route-{k:05}.bin"));
+    let heldout_path = tmp.join("heldout.bin");
+    let paths: Vec<PathBuf> = (0..out_shards).map(route_path).chain([heldout_path.clone()]).collect();
+    let mut routes: Vec<BufWriter<File>> = paths
+        .iter()
+        .map(|p| File::create(p).map(BufWriter::new).map_err(scratch(p)))
+        .collect::<Result<_, ScratchError>>()?;
+    let mut routed = Routed { files: Vec::new(), held_out: 0, documents: BTreeMap::new(), bytes: BTreeMap::new() };
+    for shard in 0..shards {
+        let local = tmp.join("map-docs.jsonl.zst");
+        let key = ctx.dir.key(&format!("{}/docs.jsonl.zst", map_dir(shard, shards)))?;
+        ctx.dir.store().download(&key, &local).await?;
+        let decoder = zstd::Decoder::new(File::open(&local).map_err(scratch(&local))?).map_err(scratch(&local))?;
+        for (pos, line) in BufReader::new(decoder).split(b'\n').enumerate() {
+            let line = line.map_err(scratch(&local))?;
+            let Some(&doc) = index.get(&(shard, pos)) else { continue };
+            let Some(placement) = placements[doc] else { continue };
+            if placement.held_out {
+                routed.held_out += 1;
+                write_routed(&mut routes[out_shards], (u64::from(shard) << 32) | pos as u64, &line)
+                    .map_err(scratch(&heldout_path))?;
+                continue;
+            }
+            let document: DocumentLine =
+                serde_json::from_slice(&line).map_err(|e| scratch(&local)(std::io::Error::other(e)))?;
+            for &at in &positions[doc] {
+                let k = at * out_shards / train_docs.max(1);
+                write_routed(&mut routes[k], at as u64, &line).map_err(scratch(&paths[k]))?;
+                *routed.documents.entry(document.category.clone()).or_default() += 1;
+                *routed.bytes.entry(document.category.clone()).or_default() += document.text.len() as u64;
+            }
+        }
+    }
+    for (w, path) in routes.iter_mut().zip(&paths) {
+        w.flush().map_err(scratch(path))?;
+    }
+    drop(routes);
+    for (k, path) in paths.iter().enumerate() {
+        let name =
+            if k == out_shards { "heldout/00000.jsonl.zst".to_string() } else { format!("shards/{k:05}.jsonl.zst") };
+        routed.files.push(write_sorted(&ctx.dir, path, &name).await?);
+    }
+    Ok(routed)
+}
+
+/// Appends one line with its stream position to a routing file.
+fn write_routed(out: &mut impl Write, position: u64, line: &[u8]) -> std::io::Result<()> {
+    out.write_all(&position.to_le_bytes())?;
+    out.write_all(&(line.len() as u64).to_le_bytes())?;
+    out.write_all(line)
+}
+
+/// Reads a routed file, sorts its lines by position, and writes them as one `jsonl.zst` file.
+async fn write_sorted(dir: &StageDir, routed: &Path, name: &str) -> Result<FileEntry> {
+    let mut raw = Vec::new();
+    File::open(routed).and_then(|mut f| f.read_to_end(&mut raw)).map_err(scratch(routed))?;
+    let mut lines: Vec<(u64, &[u8])> = Vec::new();
+    let mut at = 0;
+    while at + 16 <= raw.len() {
+        let pos = u64::from_le_bytes(raw[at..at + 8].try_into().expect("8 bytes"));
+        let len = u64::from_le_bytes(raw[at + 8..at + 16].try_into().expect("8 bytes")) as usize;
+        lines.push((pos, &raw[at + 16..at + 16 + len]));
+        at += 16 + len;
+    }
+    lines.sort_by_key(|(pos, _)| *pos);
+    let mut encoder = zstd::Encoder::new(Vec::new(), 3).map_err(scratch(routed))?;
+    let mut writer = dir.writer(name)?;
+    for (_, line) in lines {
+        encoder.write_all(line).and_then(|()| encoder.write_all(b"\n")).map_err(scratch(routed))?;
+        if encoder.get_ref().len() > 1 << 20 {
+            let chunk = std::mem::take(encoder.get_mut());
+            writer.write(&chunk).await?;
+        }
+    }
+    let rest = encoder.finish().map_err(scratch(routed))?;
+    writer.write(&rest).await?;
+    Ok(writer.finish().await?)
+}
