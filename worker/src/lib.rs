@@ -11,6 +11,7 @@ pub mod frame;
 pub mod fuzz;
 pub mod model;
 pub mod progress;
+pub mod score;
 pub mod tokenize;
 pub mod train;
 

@@ -2,15 +2,11 @@
 //! probability probes, cloze and generative benchmarks, passkey retrieval.
 
 pub mod passkey;
-pub mod score;
 pub mod stage;
 pub mod tasks;
 
-use pretrain_crd::spec::Probe;
-
-pub use score::{Request, Scored, Scorer};
-
-use crate::tokenize::{Encoder, EncoderError};
+pub use crate::score::{Request, ScoreError, Scored, Scorer, encode_request, probe_logprobs};
+use crate::tokenize::EncoderError;
 
 /// Why an evaluation failed.
 #[derive(Debug, thiserror::Error)]
@@ -71,29 +67,12 @@ impl From<EvalError> for crate::frame::StageError {
     }
 }
 
-/// A text request encoded as the model saw documents in training: the separator that ends the
-/// previous document, then the context; the continuation encoded on its own.
-pub fn encode_request(
-    encoder: &Encoder,
-    separator: u32,
-    context: &str,
-    continuation: &str,
-) -> Result<Request, EncoderError> {
-    let mut ctx = vec![separator];
-    ctx.extend(encoder.encode(context)?);
-    Ok(Request { context: ctx, continuation: encoder.encode(continuation)? })
-}
-
-/// The log-probability (natural log) of each probe's target after its prompt.
-pub fn probe_logprobs(
-    scorer: &Scorer<'_>,
-    encoder: &Encoder,
-    separator: u32,
-    probes: &[Probe],
-) -> Result<Vec<f64>, EvalError> {
-    let requests = probes
-        .iter()
-        .map(|p| encode_request(encoder, separator, &p.prompt, &p.target))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(scorer.loglikelihood(&requests)?.into_iter().map(|s| s.logprob).collect())
+/// Scoring fails in the tokenizer or the tensor library.
+impl From<ScoreError> for EvalError {
+    fn from(e: ScoreError) -> Self {
+        match e {
+            ScoreError::Encoder(e) => Self::Encoder(e),
+            ScoreError::Model(e) => Self::Model(e),
+        }
+    }
 }

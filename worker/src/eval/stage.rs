@@ -22,7 +22,7 @@ use crate::Context;
 use crate::model::{Llama, LlamaConfig, Params};
 use crate::progress::Progress;
 use crate::tokenize::Encoder;
-use crate::tokenize::stage::Tokenized;
+use crate::tokenize::Tokenized;
 use crate::train::checkpoint;
 use crate::train::loader::TokenStream;
 use pretrain_store::artifact::DocumentLine;

@@ -5,7 +5,9 @@ pub mod bytelevel;
 pub mod encoder;
 pub mod shard;
 pub mod stage;
+mod tokenized;
 pub mod train;
 
 pub use encoder::{Encoder, EncoderError};
 pub use shard::{ShardError, ShardWriter, TokenShard};
+pub use tokenized::Tokenized;

@@ -21,10 +21,10 @@ use super::metrics::{MetricsLine, MetricsLog, Pace, Throughput};
 use super::saver::Saver;
 use super::trainer::Trainer;
 use crate::Context;
-use crate::eval::{Scorer, probe_logprobs};
 use crate::frame::Outcome;
 use crate::model::{Llama, Scaling};
-use crate::tokenize::stage::Tokenized;
+use crate::score::{Scorer, probe_logprobs};
+use crate::tokenize::Tokenized;
 
 /// Set by SIGTERM; the loop checkpoints and stops at the end of the current step.
 pub fn stop_flag() -> Arc<AtomicBool> {

@@ -1,9 +1,13 @@
 //! Scoring text with a model: log-likelihoods of continuations (batched) and greedy generation
-//! (with a KV cache). Everything the eval stage measures is built from these two.
+//! (with a KV cache). Everything the eval stage measures is built from these two, and train's
+//! probes at its checkpoints use them too.
 
 use candle_core::{D, DType, Device, Result, Tensor};
 
+use pretrain_crd::spec::Probe;
+
 use crate::model::{KvCache, Llama};
+use crate::tokenize::{Encoder, EncoderError};
 
 /// Score `continuation` after `context` (token ids; the context starts with the document separator).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -128,6 +132,44 @@ impl<'a> Scorer<'a> {
             logits = self.model.forward_cached(&Tensor::new(&[[next]], device)?, &mut cache, self.dtype)?;
         }
     }
+}
+
+/// Why text could not be scored.
+#[derive(Debug, thiserror::Error)]
+pub enum ScoreError {
+    /// The text could not be encoded.
+    #[error("tokenizer: {0}")]
+    Encoder(#[from] EncoderError),
+    /// The tensor library failed.
+    #[error("model: {0}")]
+    Model(#[from] candle_core::Error),
+}
+
+/// A text request encoded as the model saw documents in training: the separator that ends the
+/// previous document, then the context; the continuation encoded on its own.
+pub fn encode_request(
+    encoder: &Encoder,
+    separator: u32,
+    context: &str,
+    continuation: &str,
+) -> std::result::Result<Request, EncoderError> {
+    let mut ctx = vec![separator];
+    ctx.extend(encoder.encode(context)?);
+    Ok(Request { context: ctx, continuation: encoder.encode(continuation)? })
+}
+
+/// The log-probability (natural log) of each probe's target after its prompt.
+pub fn probe_logprobs(
+    scorer: &Scorer<'_>,
+    encoder: &Encoder,
+    separator: u32,
+    probes: &[Probe],
+) -> std::result::Result<Vec<f64>, ScoreError> {
+    let requests = probes
+        .iter()
+        .map(|p| encode_request(encoder, separator, &p.prompt, &p.target))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    Ok(scorer.loglikelihood(&requests)?.into_iter().map(|s| s.logprob).collect())
 }
 
 #[cfg(test)]
