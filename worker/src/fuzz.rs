@@ -11,10 +11,10 @@ use std::io::{BufRead, BufReader, Cursor};
 
 use pretrain_crd::spec::{Extract, SourceFormat};
 
+use crate::checkpoint::Manifest;
 use crate::data::extract::extract;
 use crate::data::reader::{Item, ReadOptions, read_jsonl, read_parquet, read_warc};
-use crate::tokenize::shard::TokenShard;
-use crate::train::checkpoint::Manifest;
+use crate::tokens::shard::TokenShard;
 
 /// Documents larger than this are skipped by the readers under fuzzing.
 const MAX_DOCUMENT: u64 = 1 << 16;

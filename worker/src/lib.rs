@@ -3,6 +3,7 @@
 //! them with `_SUCCESS.json` last. The worker never talks to Kubernetes.
 
 pub mod allocator;
+pub mod checkpoint;
 pub mod context;
 pub mod data;
 pub mod dist;
@@ -13,6 +14,8 @@ pub mod model;
 pub mod progress;
 pub mod score;
 pub mod tokenize;
+pub mod tokenizer;
+pub mod tokens;
 pub mod train;
 
 pub use context::{Context, ContextError};

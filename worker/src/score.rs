@@ -7,7 +7,7 @@ use candle_core::{D, DType, Device, Result, Tensor};
 use pretrain_crd::spec::Probe;
 
 use crate::model::{KvCache, Llama};
-use crate::tokenize::{Encoder, EncoderError};
+use crate::tokenizer::{Encoder, EncoderError};
 
 /// Score `continuation` after `context` (token ids; the context starts with the document separator).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -12,7 +12,7 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use pretrain_crd::contract::exit;
-use pretrain_worker::train::checkpoint;
+use pretrain_worker::checkpoint;
 
 const STEPS: u64 = 24;
 

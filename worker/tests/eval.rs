@@ -13,8 +13,8 @@ use pretrain_worker::eval::stage::{HeldOutDoc, perplexity};
 use pretrain_worker::eval::{Scorer, passkey, probe_logprobs};
 use pretrain_worker::model::rope::ntk_base;
 use pretrain_worker::model::{Llama, LlamaConfig, Params, Scaling};
-use pretrain_worker::tokenize::Encoder;
 use pretrain_worker::tokenize::train::train_bpe;
+use pretrain_worker::tokenizer::Encoder;
 use pretrain_worker::train::optim::{AdamW, AdamWConfig};
 
 fn config(vocab: usize) -> LlamaConfig {

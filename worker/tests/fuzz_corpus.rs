@@ -130,7 +130,7 @@ fn write_generated_seeds() {
     writer.close().unwrap();
 
     let mut shard =
-        pretrain_worker::tokenize::shard::ShardWriter::create(&seeds.join("token_shard/two.tok"), 300).unwrap();
+        pretrain_worker::tokens::shard::ShardWriter::create(&seeds.join("token_shard/two.tok"), 300).unwrap();
     shard.push(&[5, 17, 299, 0]).unwrap();
     shard.push(&[42, 0]).unwrap();
     shard.finish().unwrap();

@@ -14,7 +14,8 @@ use pretrain_worker::Context;
 use pretrain_worker::frame::{Phase, StageError};
 use pretrain_worker::tokenize::stage::{TokenizeError, run};
 use pretrain_worker::tokenize::train::{BpeError, train_bpe};
-use pretrain_worker::tokenize::{Encoder, TokenShard};
+use pretrain_worker::tokenizer::Encoder;
+use pretrain_worker::tokens::TokenShard;
 
 fn shared(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/corpus").join(name)

@@ -13,8 +13,8 @@ use candle_core::{Device, Tensor};
 use pretrain_crd::Stage;
 use pretrain_crd::contract::exit;
 use pretrain_worker::Context;
+use pretrain_worker::checkpoint::{self, Snapshot, TrainState};
 use pretrain_worker::model::LlamaConfig;
-use pretrain_worker::train::checkpoint::{self, Snapshot, TrainState};
 
 fn words(seed: u64, n: usize) -> String {
     common::words(seed, n, |state| format!("w{}", state % 50)).join(" ")

@@ -13,8 +13,8 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use pretrain_worker::tokenize::Encoder;
 use pretrain_worker::tokenize::train::train_bpe;
+use pretrain_worker::tokenizer::Encoder;
 
 fn jsonl_gz(path: &Path) -> Vec<String> {
     let mut text = String::new();

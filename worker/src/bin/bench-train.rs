@@ -130,7 +130,7 @@ fn main() {
 
 /// Checkpoint save and load time of this model, against the disk's sequential write speed.
 fn checkpoint_times(model: &Llama, opt: &AdamW) {
-    use pretrain_worker::train::checkpoint::{self, Snapshot, TrainState};
+    use pretrain_worker::checkpoint::{self, Snapshot, TrainState};
     use std::io::Write;
     let tmp = tempfile::tempdir().expect("a temporary directory");
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");

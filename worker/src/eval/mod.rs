@@ -6,7 +6,7 @@ pub mod stage;
 pub mod tasks;
 
 pub use crate::score::{Request, ScoreError, Scored, Scorer, encode_request, probe_logprobs};
-use crate::tokenize::EncoderError;
+use crate::tokenizer::EncoderError;
 
 /// Why an evaluation failed.
 #[derive(Debug, thiserror::Error)]
@@ -38,7 +38,7 @@ pub enum EvalError {
     Store(#[from] pretrain_store::Error),
     /// Loading a checkpoint failed.
     #[error(transparent)]
-    Checkpoint(#[from] crate::train::checkpoint::CheckpointError),
+    Checkpoint(#[from] crate::checkpoint::CheckpointError),
     /// The tensor library failed.
     #[error("model: {0}")]
     Model(#[from] candle_core::Error),

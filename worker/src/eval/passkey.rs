@@ -6,7 +6,7 @@
 use serde::Serialize;
 
 use super::{EvalError, Request, Scorer};
-use crate::tokenize::Encoder;
+use crate::tokenizer::Encoder;
 use pretrain_crd::seeded::splitmix;
 
 const INTRO: &str = "There is important info hidden inside a lot of irrelevant text. Find it and memorize it. I will quiz you about the important info there.";

@@ -19,12 +19,12 @@ use super::passkey::{self, PasskeyResult};
 use super::tasks::{self, Item, Task};
 use super::{EvalError, Request, Scorer, encode_request, probe_logprobs};
 use crate::Context;
+use crate::checkpoint;
 use crate::model::{Llama, LlamaConfig, Params};
 use crate::progress::Progress;
-use crate::tokenize::Encoder;
-use crate::tokenize::Tokenized;
-use crate::train::checkpoint;
-use crate::train::loader::TokenStream;
+use crate::tokenizer::Encoder;
+use crate::tokens::TokenStream;
+use crate::tokens::Tokenized;
 use pretrain_store::artifact::DocumentLine;
 
 type Result<T, E = EvalError> = std::result::Result<T, E>;

@@ -3,7 +3,7 @@
 //! Layout under `<run>/tokenize/`:
 //! - `tokenizer.json`: the tokenizer, trained here or copied from `tokenizer.url`;
 //!   `tokenizer.meta.json` (written after it) records the spec hash it was made for and its sha256.
-//! - `shards/NNNNN.tok`: data-prep's `shards/NNNNN.jsonl.zst`, encoded (format in [`super::shard`]);
+//! - `shards/NNNNN.tok`: data-prep's `shards/NNNNN.jsonl.zst`, encoded (format in [`crate::tokens::shard`]);
 //!   `map/NNNNN.json` marks one as done (map task `NNNNN` of a sharded run).
 //! - `heldout/00000.tok`: the held-out split, encoded by the reduce, which also measures compression.
 //!
@@ -26,12 +26,12 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
-use super::encoder::{Encoder, EncoderError};
-use super::shard::{ShardError, ShardWriter};
 use super::train::{BpeError, train_bpe};
 use crate::Context;
 use crate::frame::{Phase, ScratchError, StageError, UpstreamError, scratch};
 use crate::progress::Progress;
+use crate::tokenizer::{Encoder, EncoderError};
+use crate::tokens::{ShardError, ShardWriter};
 
 /// Why the stage failed.
 #[derive(Debug, thiserror::Error)]

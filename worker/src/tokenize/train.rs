@@ -5,7 +5,7 @@ use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, Tokenizer, Trainer};
 
-use super::bytelevel;
+use crate::tokenizer::bytelevel;
 
 /// Why training failed.
 #[derive(Debug, thiserror::Error)]
@@ -97,7 +97,7 @@ pub fn train_bpe(texts: &[String], vocab_size: u32, specials: &[String]) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tokenize::Encoder;
+    use crate::tokenizer::Encoder;
 
     fn sample() -> Vec<String> {
         (0..400).map(|i| format!("document {i}: the quick brown fox jumps over the lazy dog {}\n", i * 7)).collect()

@@ -1,6 +1,6 @@
 //! Why training stops early, and what the runner does about each cause.
 
-use super::checkpoint;
+use crate::checkpoint;
 use crate::frame::{DeviceError, StageError, UpstreamError};
 
 /// Why training stopped early.
@@ -43,7 +43,7 @@ pub enum TrainError {
     },
     /// A token shard is unreadable.
     #[error(transparent)]
-    Shard(#[from] crate::tokenize::ShardError),
+    Shard(#[from] crate::tokens::ShardError),
     /// The tensor library failed.
     #[error("model: {0}")]
     Model(#[from] candle_core::Error),

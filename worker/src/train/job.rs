@@ -6,10 +6,10 @@ use pretrain_crd::spec::{LongContext, Optimizer, Precision, RopeScalingKind, Sch
 use pretrain_crd::{PretrainRunSpec, Stage};
 use pretrain_store::StageDir;
 
-use super::checkpoint;
 use super::error::{Result, TrainError};
 use super::loader::{BatchShape, shuffle_window};
 use crate::Context;
+use crate::checkpoint;
 use crate::model::rope::ntk_base;
 use crate::model::{LlamaConfig, Scaling};
 

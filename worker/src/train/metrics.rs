@@ -11,10 +11,10 @@ use candle_core::Device;
 use pretrain_store::StageDir;
 pub use pretrain_store::artifact::MetricsLine;
 
-use super::checkpoint::TrainState;
 use super::error::Result;
 use super::job::Job;
 use super::trainer::StepReport;
+use crate::checkpoint::TrainState;
 use crate::progress::Progress;
 
 /// The stage's `metrics.jsonl`, written locally as steps complete.

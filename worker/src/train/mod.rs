@@ -1,6 +1,5 @@
 //! The train stage: the loop, AdamW, schedules, the prefetching loader, checkpoints.
 
-pub mod checkpoint;
 mod error;
 pub mod job;
 pub mod loader;

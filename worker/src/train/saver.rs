@@ -5,8 +5,8 @@ use bytes::Bytes;
 use pretrain_store::{FileEntry, StageDir};
 use tokio::task::JoinHandle;
 
-use super::checkpoint::{self, Snapshot};
 use super::error::{Result, TrainError};
+use crate::checkpoint::{self, Snapshot};
 
 /// The save in flight, and the files of the newest finished one.
 #[derive(Debug)]

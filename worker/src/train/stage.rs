@@ -12,19 +12,20 @@ use pretrain_crd::spec::SpikeAction;
 use pretrain_store::FileEntry;
 use pretrain_store::artifact::TrainStats;
 
-use super::checkpoint::{self, Snapshot};
 use super::error::Result;
 pub use super::error::TrainError;
 use super::job::{self, Job};
-use super::loader::{BatchShape, Prefetcher, TokenStream};
+use super::loader::{BatchShape, Prefetcher};
 use super::metrics::{MetricsLine, MetricsLog, Pace, Throughput};
 use super::saver::Saver;
 use super::trainer::Trainer;
 use crate::Context;
+use crate::checkpoint::{self, Snapshot};
 use crate::frame::Outcome;
 use crate::model::{Llama, Scaling};
 use crate::score::{Scorer, probe_logprobs};
-use crate::tokenize::Tokenized;
+use crate::tokens::TokenStream;
+use crate::tokens::Tokenized;
 
 /// Set by SIGTERM; the loop checkpoints and stops at the end of the current step.
 pub fn stop_flag() -> Arc<AtomicBool> {

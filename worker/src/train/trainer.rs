@@ -8,13 +8,13 @@ use std::collections::VecDeque;
 use candle_core::{DType, Device, Tensor};
 use pretrain_crd::spec::SpikeAction;
 
-use super::checkpoint::{self, Loaded, TrainState};
 use super::error::{Result, TrainError};
 use super::job::{Job, Start};
 use super::loader::{Batch, BatchShape};
 use super::optim::{AdamW, AdamWConfig, clip};
 use super::schedule::learning_rate;
 use crate::Context;
+use crate::checkpoint::{self, Loaded, TrainState};
 use crate::dist::{self, BUCKET_BYTES, Collective};
 use crate::model::{Llama, LlamaConfig, Params};
 

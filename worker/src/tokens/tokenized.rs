@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 use pretrain_crd::Stage;
 use pretrain_store::{StageCommit, StageDir};
 
-use super::Encoder;
 use crate::Context;
 use crate::frame::UpstreamError;
+use crate::tokenizer::Encoder;
 
 /// A committed tokenize stage as the model stages read it: its directory, commit record, tokenizer
 /// and document separator.
