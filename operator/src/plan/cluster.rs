@@ -8,13 +8,13 @@
 //! against the budget), `Pending` (nothing in flight: not started, stopped after a checkpoint, or its
 //! Jobs vanished), `Succeeded`/`Skipped` (committed).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use pretrain_crd::status::{CheckpointStatus, Condition, Preemption, RunPhase, StagePhase, StageStatus};
 use pretrain_crd::{PretrainRunSpec, PretrainRunStatus, Stage};
 use serde::Deserialize;
 
-use super::{Action, Layout, Observed, Role};
+use super::{Action, Layout, Role, attempt};
 
 /// What the API server shows of one of the run's Jobs.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -166,77 +166,15 @@ pub fn restart_backoff(failures: u32) -> i64 {
 /// Job watches.
 pub const POLL_SECONDS: u64 = 60;
 
-/// Where the current attempt of a stage stands, from its Jobs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Attempt {
-    /// No Job of this attempt exists.
-    Missing,
-    /// Made for another version of the spec.
-    Stale(Vec<JobKey>),
-    /// In flight; `next` is a role whose Job is still to be created.
-    InFlight { next: Option<Role> },
-    /// The last role succeeded.
-    Succeeded,
-    /// A Job failed.
-    Failed(Failure),
-}
-
-fn attempt_state(view: &ClusterView<'_>, stage: Stage, attempt: u32) -> Attempt {
-    let jobs: Vec<&JobView> = view.jobs.iter().filter(|j| j.stage == stage && j.attempt == attempt).collect();
-    if jobs.is_empty() {
-        return Attempt::Missing;
-    }
-    let key = |j: &JobView| JobKey { stage, role: j.role, attempt };
-    if jobs.iter().any(|j| !j.current_spec) {
-        let active = jobs.iter().filter(|j| j.state.is_live()).map(|j| key(j)).collect();
-        return Attempt::Stale(active);
-    }
-    if let Some(JobState::Failed(f)) = jobs.iter().map(|j| &j.state).find(|s| matches!(s, JobState::Failed(_))) {
-        return Attempt::Failed(f.clone());
-    }
-    if let Some(JobState::Lost(why)) = jobs.iter().map(|j| &j.state).find(|s| matches!(s, JobState::Lost(_))) {
-        return Attempt::Failed(Failure::Disruption(why.clone()));
-    }
-    let roles = Role::of(super::layout(view.spec, stage));
-    let done = |role: Role| jobs.iter().any(|j| j.role == role && j.state == JobState::Succeeded);
-    if roles.iter().all(|r| done(*r)) {
-        return Attempt::Succeeded;
-    }
-    // The first role not yet succeeded runs next; create it when no Job of it exists.
-    let next = roles.iter().copied().find(|r| !done(*r)).filter(|r| !jobs.iter().any(|j| j.role == *r));
-    Attempt::InFlight { next }
-}
-
 /// The next status and actions for a run.
 pub fn decide(view: &ClusterView<'_>) -> Decision {
-    let spec = view.spec;
     let now = format_time(view.now);
     let old = view.status;
     let mut status = old.clone();
     status.last_checkpoint = view.checkpoint.clone().or_else(|| old.last_checkpoint.clone());
     let spec_changed = old.observed_generation.is_some() && old.observed_generation != view.generation;
     status.observed_generation = view.generation;
-    // One entry per stage of the spec, in order, keeping what was recorded.
-    let previous: BTreeMap<&str, &StageStatus> = old.stages.iter().map(|s| (s.name.as_str(), s)).collect();
-    status.stages = spec
-        .stages()
-        .into_iter()
-        .map(|stage| {
-            previous.get(stage.as_str()).map_or_else(
-                || StageStatus {
-                    name: stage.as_str().into(),
-                    phase: StagePhase::Pending,
-                    attempts: 0,
-                    failures: 0,
-                    disruptions: 0,
-                    start_time: None,
-                    finish_time: None,
-                    message: None,
-                },
-                |s| (*s).clone(),
-            )
-        })
-        .collect();
+    status.stages = attempt::carried_over(view);
     status.reason = None;
     status.queue_position = None;
     let mut decision = Decision { status, create: vec![], stop: vec![], events: vec![], requeue_after: None };
@@ -255,139 +193,11 @@ pub fn decide(view: &ClusterView<'_>) -> Decision {
             s.failures = 0;
         }
     }
-
-    // The status write that recorded a new attempt can be lost after its Jobs were created (the API
-    // failed, or the operator restarted in between). The Jobs carry their attempt: adopt it, so the
-    // attempt and, once it ends, its failure are counted.
-    for (i, stage) in spec.stages().into_iter().enumerate() {
-        let s = &mut decision.status.stages[i];
-        let newest = view.jobs.iter().filter(|j| j.stage == stage && j.current_spec).map(|j| j.attempt).max();
-        if let Some(attempt) = newest.filter(|a| *a > s.attempts) {
-            let resumed = attempt > 1;
-            s.attempts = attempt;
-            s.phase = StagePhase::Running;
-            s.start_time = Some(now.clone());
-            s.finish_time = None;
-            s.message = None;
-            decision.events.push(Event {
-                warning: false,
-                reason: if resumed { "StageRestarted" } else { "StageStarted" },
-                note: format!("{stage}: attempt {attempt} (found running; its start was not recorded)"),
-            });
-        }
-    }
-
-    // What became of each stage's current attempt.
-    let mut permanent = BTreeSet::new();
-    for (i, stage) in spec.stages().into_iter().enumerate() {
-        let s = &mut decision.status.stages[i];
-        if view.committed.contains(&stage) {
-            if !matches!(s.phase, StagePhase::Succeeded | StagePhase::Skipped) {
-                s.phase = if s.attempts == 0 { StagePhase::Skipped } else { StagePhase::Succeeded };
-                s.finish_time.get_or_insert_with(|| now.clone());
-                s.message = None;
-                if s.attempts > 0 {
-                    decision.events.push(Event {
-                        warning: false,
-                        reason: "StageSucceeded",
-                        note: format!("{stage}: outputs committed (attempt {})", s.attempts),
-                    });
-                }
-            }
-            continue;
-        }
-        if matches!(s.phase, StagePhase::Succeeded | StagePhase::Skipped) {
-            // Committed once, no longer for this spec: it runs again.
-            s.phase = StagePhase::Pending;
-            s.failures = 0;
-            s.finish_time = None;
-        }
-        if s.phase != StagePhase::Running {
-            continue;
-        }
-        let ended = |s: &mut StageStatus, phase: StagePhase, message: String| {
-            s.phase = phase;
-            s.finish_time = Some(now.clone());
-            s.message = Some(message);
-        };
-        match attempt_state(view, stage, s.attempts) {
-            Attempt::InFlight { next } => {
-                if let Some(role) = next {
-                    decision.create.push(JobKey { stage, role, attempt: s.attempts });
-                }
-            }
-            Attempt::Stale(active) => {
-                decision.stop.extend(active);
-                ended(s, StagePhase::Pending, "the spec changed; restarting with the new one".into());
-                decision.events.push(Event {
-                    warning: false,
-                    reason: "SpecChanged",
-                    note: format!("{stage}: the spec changed; attempt {} stopped", s.attempts),
-                });
-            }
-            Attempt::Missing => {
-                ended(s, StagePhase::Pending, format!("the Jobs of attempt {} disappeared; resuming", s.attempts));
-            }
-            Attempt::Succeeded => {
-                s.failures += 1;
-                ended(s, StagePhase::Failed, "the stage's pods exited 0 without committing its outputs".into());
-            }
-            Attempt::Failed(Failure::Resume) => {
-                ended(s, StagePhase::Pending, "checkpointed and stopped; resuming".into());
-            }
-            Attempt::Failed(Failure::Disruption(reason)) => {
-                // What is still running of the attempt stops (a Job holding a lost pod never ends).
-                decision.stop.extend(in_flight(view, stage, s.attempts));
-                s.disruptions += 1;
-                decision.events.push(Event {
-                    warning: true,
-                    reason: "StageDisrupted",
-                    note: format!(
-                        "{stage}: attempt {} ended by the cluster, not counted against the restart budget: {reason}",
-                        s.attempts
-                    ),
-                });
-                ended(s, StagePhase::Pending, format!("disrupted ({reason}); resuming"));
-            }
-            Attempt::Failed(Failure::Retry(reason)) => {
-                s.failures += 1;
-                decision.events.push(Event {
-                    warning: true,
-                    reason: "StageFailed",
-                    note: format!("{stage}: attempt {} failed: {reason}", s.attempts),
-                });
-                ended(s, StagePhase::Failed, reason);
-            }
-            Attempt::Failed(Failure::Permanent(reason)) => {
-                s.failures += 1;
-                permanent.insert(stage);
-                ended(s, StagePhase::Failed, reason);
-            }
-        }
-    }
+    attempt::adopt_unrecorded(view, &mut decision, &now);
+    let observed = attempt::settle(view, &mut decision, &now);
 
     // The shared planner picks the stage to work on.
-    let observed: BTreeMap<Stage, Observed> = spec
-        .stages()
-        .into_iter()
-        .zip(&decision.status.stages)
-        .map(|(stage, s)| {
-            let o = if view.committed.contains(&stage) {
-                Observed::Committed
-            } else if s.phase == StagePhase::Failed {
-                Observed::Failed {
-                    attempts: s.failures,
-                    permanent: permanent.contains(&stage),
-                    reason: s.message.clone().unwrap_or_default(),
-                }
-            } else {
-                Observed::Pending
-            };
-            (stage, o)
-        })
-        .collect();
-    let index = |stage: Stage| spec.stages().iter().position(|s| *s == stage).expect("a stage of the spec");
-    match super::next(spec, &spec.stages(), &observed) {
+    match super::next(view.spec, &view.spec.stages(), &observed) {
         Action::Finished => {
             decision.status.stage = None;
             if old.phase != Some(RunPhase::Succeeded) {
@@ -397,13 +207,8 @@ pub fn decide(view: &ClusterView<'_>) -> Decision {
                     note: "every stage committed its outputs".into(),
                 });
             }
-            set_phase(
-                &mut decision,
-                &now,
-                RunPhase::Succeeded,
-                "AllStagesCommitted",
-                "every stage committed its outputs",
-            );
+            let why = "every stage committed its outputs";
+            set_phase(&mut decision, &now, RunPhase::Succeeded, "AllStagesCommitted", why);
         }
         Action::Failed { stage, reason } => {
             decision.status.stage = Some(stage.as_str().into());
@@ -413,166 +218,212 @@ pub fn decide(view: &ClusterView<'_>) -> Decision {
         }
         Action::Run { stage, layout, .. } => {
             decision.status.stage = Some(stage.as_str().into());
-            let s = &mut decision.status.stages[index(stage)];
-            let preempted = |attempt: u32| -> Option<&Preemption> {
-                old.preemption.as_ref().filter(|p| p.stage == stage.as_str() && p.attempt == attempt)
-            };
-            if s.phase == StagePhase::Running
-                && let Some(p) = preempted(s.attempts)
-            {
-                // Make room for a higher-priority gang: the pods checkpoint on SIGTERM, and the stage
-                // queues again for admission; the attempt does not count as a failure.
-                decision.stop.extend(in_flight(view, stage, s.attempts));
-                decision.create.retain(|k| k.stage != stage);
-                s.phase = StagePhase::Pending;
-                s.finish_time = Some(now.clone());
-                let why = format!("preempted by {}: checkpointing and stopping", p.by);
-                s.message = Some(why.clone());
-                decision.events.push(Event {
-                    warning: true,
-                    reason: "Preempted",
-                    note: format!(
-                        "{stage}: attempt {} preempted by {}; it resumes from its checkpoint",
-                        s.attempts, p.by
-                    ),
-                });
-                decision.status.reason = Some(format!("{stage}: {why}"));
-                set_phase(&mut decision, &now, RunPhase::Suspended, "Preempted", &format!("{stage}: {why}"));
-                decision.requeue_after = Some(POLL_SECONDS);
-                return decision;
+            // Each step either completes the decision (and says so) or leaves it to the next.
+            let held = preempt(view, &mut decision, stage, &now)
+                || suspend(view, &mut decision, stage, &now)
+                || start_attempt(view, &mut decision, stage, layout, &now)
+                || wait_for_kueue(view, &mut decision, stage, &now);
+            if !held {
+                running(&mut decision, stage, layout, &now);
             }
-            if spec.suspend {
-                if s.phase == StagePhase::Running {
-                    decision.stop.extend(in_flight(view, stage, s.attempts));
-                    decision.create.retain(|k| k.stage != stage);
-                    s.phase = StagePhase::Pending;
-                    s.finish_time = Some(now.clone());
-                    s.message = Some("suspended: checkpointing and stopping".into());
-                    decision.events.push(Event {
-                        warning: false,
-                        reason: "Suspended",
-                        note: format!("{stage}: attempt {} asked to checkpoint and stop", s.attempts),
-                    });
-                }
-                set_phase(&mut decision, &now, RunPhase::Suspended, "SpecSuspend", "spec.suspend is true");
-                return decision;
-            }
-            if s.phase != StagePhase::Running {
-                let wait = if s.phase == StagePhase::Failed {
-                    let since = s.finish_time.as_deref().and_then(parse_time).unwrap_or(view.now);
-                    restart_backoff(s.failures) - (view.now - since)
-                } else {
-                    0
-                };
-                if wait > 0 {
-                    decision.requeue_after = Some(wait as u64);
-                    let why = format!("{stage}: restarting in {wait} s after failure {}", s.failures);
-                    decision.status.reason = Some(why.clone());
-                    set_phase(&mut decision, &now, RunPhase::Pending, "RestartBackoff", &why);
-                    return decision;
-                }
-                let attempt = s.attempts + 1;
-                let admitted =
-                    old.admission.as_ref().is_some_and(|a| a.stage == stage.as_str() && a.attempt == attempt);
-                let lingering = view.live_pods.iter().filter(|p| p.stage == stage && p.attempt < attempt).count();
-                if view.scheduler && needs_admission(spec, stage) && !admitted {
-                    // The cluster scheduler writes the admission (and meanwhile why it waits).
-                    decision.status.queue_position = old.queue_position;
-                    // The scheduler's reason, once it has written one (a reason of the reconciler's
-                    // own, such as the restart backoff, is not carried over).
-                    let scheduler_said = matches!(old.phase, Some(RunPhase::Queued | RunPhase::Suspended));
-                    let waiting = old
-                        .reason
-                        .clone()
-                        .filter(|_| scheduler_said)
-                        .unwrap_or_else(|| format!("{stage}: waiting for the cluster scheduler"));
-                    decision.status.reason = Some(waiting.clone());
-                    decision.requeue_after = Some(POLL_SECONDS);
-                    match preempted(s.attempts) {
-                        Some(p) if s.attempts > 0 => {
-                            let why = format!("{stage}: preempted by {}; queued again: {waiting}", p.by);
-                            set_phase(&mut decision, &now, RunPhase::Suspended, "Preempted", &why);
-                        }
-                        _ => set_phase(&mut decision, &now, RunPhase::Queued, "WaitingForAdmission", &waiting),
-                    }
-                    return decision;
-                }
-                if lingering > 0 {
-                    // Pods of an earlier attempt may still be writing their SIGTERM checkpoint: the
-                    // next attempt would resume from an older one, or race them to the store.
-                    let why = format!(
-                        "{stage}: waiting for {lingering} pod{} of attempt {} to stop before attempt {attempt} starts",
-                        if lingering == 1 { "" } else { "s" },
-                        s.attempts
-                    );
-                    decision.status.reason = Some(why.clone());
-                    decision.requeue_after = Some(2);
-                    // An admitted run keeps its phase, so that the cluster scheduler keeps its nodes.
-                    let phase = match old.phase {
-                        Some(p @ (RunPhase::Queued | RunPhase::Suspended)) => p,
-                        _ => RunPhase::Pending,
-                    };
-                    set_phase(&mut decision, &now, phase, "WaitingForPreviousAttempt", &why);
-                    return decision;
-                }
-                let resumed = s.attempts > 0;
-                s.attempts += 1;
-                s.phase = StagePhase::Running;
-                s.start_time = Some(now.clone());
-                s.finish_time = None;
-                s.message = None;
-                let first = Role::of(layout)[0];
-                decision.create.push(JobKey { stage, role: first, attempt: s.attempts });
-                decision.events.push(Event {
-                    warning: false,
-                    reason: if resumed { "StageRestarted" } else { "StageStarted" },
-                    note: format!(
-                        "{stage}: attempt {}{}",
-                        s.attempts,
-                        if resumed && stage.is_training() { ", from the last checkpoint" } else { "" }
-                    ),
-                });
-            }
-            let attempt = decision.status.stages[index(stage)].attempts;
-            // Jobs handed to Kueue are created suspended; Kueue admits them by unsuspending them.
-            let live: Vec<&JobView> = view
-                .jobs
-                .iter()
-                .filter(|j| j.stage == stage && j.attempt == attempt && j.current_spec && j.state.is_live())
-                .collect();
-            let created = decision.create.iter().any(|k| k.stage == stage);
-            let kueue = spec.scheduling.kueue.as_ref();
-            let suspended = !live.is_empty() && live.iter().all(|j| j.state == JobState::Suspended);
-            if suspended || (kueue.is_some() && live.is_empty() && created) {
-                let why = match kueue {
-                    Some(k) => {
-                        format!("{stage}: attempt {attempt} waits for Kueue to admit it (LocalQueue {})", k.queue_name)
-                    }
-                    None => format!("{stage}: the Jobs of attempt {attempt} are suspended"),
-                };
-                decision.status.reason = Some(why.clone());
-                decision.requeue_after = Some(POLL_SECONDS);
-                set_phase(&mut decision, &now, RunPhase::Queued, "WaitingForKueue", &why);
-                return decision;
-            }
-            let layout_note = match layout {
-                Layout::Sharded { shards } => format!("{shards} shards"),
-                Layout::Gang { nodes, gpus_per_node } => format!("{nodes} nodes x {gpus_per_node} GPUs"),
-                Layout::Single => "1 pod".into(),
-            };
-            set_phase(&mut decision, &now, RunPhase::Running, "StageRunning", &format!("{stage}: {layout_note}"));
-            decision.requeue_after = Some(POLL_SECONDS);
         }
     }
     decision
 }
 
-fn in_flight(view: &ClusterView<'_>, stage: Stage, attempt: u32) -> Vec<JobKey> {
-    view.jobs
+/// The status entry of `stage`.
+fn entry<'a>(view: &ClusterView<'_>, decision: &'a mut Decision, stage: Stage) -> &'a mut StageStatus {
+    let index = view.spec.stages().iter().position(|s| *s == stage).expect("a stage of the spec");
+    &mut decision.status.stages[index]
+}
+
+/// The preemption the cluster scheduler recorded for this attempt of `stage`, if any.
+fn preemption<'a>(view: &ClusterView<'a>, stage: Stage, attempt: u32) -> Option<&'a Preemption> {
+    view.status.preemption.as_ref().filter(|p| p.stage == stage.as_str() && p.attempt == attempt)
+}
+
+/// Makes room for a higher-priority gang when the scheduler preempted the running attempt: the pods
+/// checkpoint on SIGTERM, and the stage queues again for admission; the attempt does not count as a
+/// failure. Returns whether it did.
+fn preempt(view: &ClusterView<'_>, decision: &mut Decision, stage: Stage, now: &str) -> bool {
+    let s = entry(view, decision, stage);
+    let Some(p) = preemption(view, stage, s.attempts).filter(|_| s.phase == StagePhase::Running) else {
+        return false;
+    };
+    let attempts = s.attempts;
+    s.phase = StagePhase::Pending;
+    s.finish_time = Some(now.into());
+    let why = format!("preempted by {}: checkpointing and stopping", p.by);
+    s.message = Some(why.clone());
+    decision.stop.extend(attempt::in_flight(view, stage, attempts));
+    decision.create.retain(|k| k.stage != stage);
+    decision.events.push(Event {
+        warning: true,
+        reason: "Preempted",
+        note: format!("{stage}: attempt {attempts} preempted by {}; it resumes from its checkpoint", p.by),
+    });
+    decision.status.reason = Some(format!("{stage}: {why}"));
+    set_phase(decision, now, RunPhase::Suspended, "Preempted", &format!("{stage}: {why}"));
+    decision.requeue_after = Some(POLL_SECONDS);
+    true
+}
+
+/// `spec.suspend`: the running attempt checkpoints and stops, and nothing starts. Returns whether
+/// the run is suspended.
+fn suspend(view: &ClusterView<'_>, decision: &mut Decision, stage: Stage, now: &str) -> bool {
+    if !view.spec.suspend {
+        return false;
+    }
+    let s = entry(view, decision, stage);
+    if s.phase == StagePhase::Running {
+        let attempts = s.attempts;
+        s.phase = StagePhase::Pending;
+        s.finish_time = Some(now.into());
+        s.message = Some("suspended: checkpointing and stopping".into());
+        decision.stop.extend(attempt::in_flight(view, stage, attempts));
+        decision.create.retain(|k| k.stage != stage);
+        decision.events.push(Event {
+            warning: false,
+            reason: "Suspended",
+            note: format!("{stage}: attempt {attempts} asked to checkpoint and stop"),
+        });
+    }
+    set_phase(decision, now, RunPhase::Suspended, "SpecSuspend", "spec.suspend is true");
+    true
+}
+
+/// Starts the next attempt of a stage that is not running, once nothing holds it back: the restart
+/// backoff, the cluster scheduler's admission, or pods of the attempt before. Returns whether it is
+/// held back (the decision is then complete).
+fn start_attempt(view: &ClusterView<'_>, decision: &mut Decision, stage: Stage, layout: Layout, now: &str) -> bool {
+    let s = entry(view, decision, stage);
+    if s.phase == StagePhase::Running {
+        return false;
+    }
+    let wait = if s.phase == StagePhase::Failed {
+        let since = s.finish_time.as_deref().and_then(parse_time).unwrap_or(view.now);
+        restart_backoff(s.failures) - (view.now - since)
+    } else {
+        0
+    };
+    if wait > 0 {
+        let why = format!("{stage}: restarting in {wait} s after failure {}", s.failures);
+        decision.requeue_after = Some(wait as u64);
+        decision.status.reason = Some(why.clone());
+        set_phase(decision, now, RunPhase::Pending, "RestartBackoff", &why);
+        return true;
+    }
+    let attempt = s.attempts + 1;
+    if wait_for_admission(view, decision, stage, attempt, now) || wait_for_previous(view, decision, stage, attempt, now)
+    {
+        return true;
+    }
+    let s = entry(view, decision, stage);
+    let resumed = s.attempts > 0;
+    s.attempts = attempt;
+    s.phase = StagePhase::Running;
+    s.start_time = Some(now.into());
+    s.finish_time = None;
+    s.message = None;
+    decision.create.push(JobKey { stage, role: Role::of(layout)[0], attempt });
+    decision.events.push(Event {
+        warning: false,
+        reason: if resumed { "StageRestarted" } else { "StageStarted" },
+        note: format!(
+            "{stage}: attempt {attempt}{}",
+            if resumed && stage.is_training() { ", from the last checkpoint" } else { "" }
+        ),
+    });
+    false
+}
+
+/// Whether `attempt` of a stage that needs the cluster scheduler's admission still waits for it
+/// (the scheduler writes the admission, and meanwhile why the run waits).
+fn wait_for_admission(view: &ClusterView<'_>, decision: &mut Decision, stage: Stage, attempt: u32, now: &str) -> bool {
+    let old = view.status;
+    let admitted = old.admission.as_ref().is_some_and(|a| a.stage == stage.as_str() && a.attempt == attempt);
+    if !view.scheduler || !needs_admission(view.spec, stage) || admitted {
+        return false;
+    }
+    decision.status.queue_position = old.queue_position;
+    // The scheduler's reason, once it has written one (a reason of the reconciler's own, such as the
+    // restart backoff, is not carried over).
+    let scheduler_said = matches!(old.phase, Some(RunPhase::Queued | RunPhase::Suspended));
+    let waiting = old
+        .reason
+        .clone()
+        .filter(|_| scheduler_said)
+        .unwrap_or_else(|| format!("{stage}: waiting for the cluster scheduler"));
+    decision.status.reason = Some(waiting.clone());
+    decision.requeue_after = Some(POLL_SECONDS);
+    let previous = attempt - 1;
+    match preemption(view, stage, previous) {
+        Some(p) if previous > 0 => {
+            let why = format!("{stage}: preempted by {}; queued again: {waiting}", p.by);
+            set_phase(decision, now, RunPhase::Suspended, "Preempted", &why);
+        }
+        _ => set_phase(decision, now, RunPhase::Queued, "WaitingForAdmission", &waiting),
+    }
+    true
+}
+
+/// Whether pods of an earlier attempt are still running: they may still be writing their SIGTERM
+/// checkpoint, and `attempt` would resume from an older one, or race them to the store.
+fn wait_for_previous(view: &ClusterView<'_>, decision: &mut Decision, stage: Stage, attempt: u32, now: &str) -> bool {
+    let lingering = view.live_pods.iter().filter(|p| p.stage == stage && p.attempt < attempt).count();
+    if lingering == 0 {
+        return false;
+    }
+    let why = format!(
+        "{stage}: waiting for {lingering} pod{} of attempt {} to stop before attempt {attempt} starts",
+        if lingering == 1 { "" } else { "s" },
+        attempt - 1
+    );
+    decision.status.reason = Some(why.clone());
+    decision.requeue_after = Some(2);
+    // An admitted run keeps its phase, so that the cluster scheduler keeps its nodes.
+    let phase = match view.status.phase {
+        Some(p @ (RunPhase::Queued | RunPhase::Suspended)) => p,
+        _ => RunPhase::Pending,
+    };
+    set_phase(decision, now, phase, "WaitingForPreviousAttempt", &why);
+    true
+}
+
+/// Whether the attempt's Jobs wait for Kueue: Jobs handed to Kueue are created suspended, and Kueue
+/// admits them by unsuspending them.
+fn wait_for_kueue(view: &ClusterView<'_>, decision: &mut Decision, stage: Stage, now: &str) -> bool {
+    let attempt = entry(view, decision, stage).attempts;
+    let live: Vec<&JobView> = view
+        .jobs
         .iter()
-        .filter(|j| j.stage == stage && j.attempt == attempt && j.state.is_live())
-        .map(|j| JobKey { stage, role: j.role, attempt })
-        .collect()
+        .filter(|j| j.stage == stage && j.attempt == attempt && j.current_spec && j.state.is_live())
+        .collect();
+    let created = decision.create.iter().any(|k| k.stage == stage);
+    let kueue = view.spec.scheduling.kueue.as_ref();
+    let suspended = !live.is_empty() && live.iter().all(|j| j.state == JobState::Suspended);
+    if !(suspended || (kueue.is_some() && live.is_empty() && created)) {
+        return false;
+    }
+    let why = match kueue {
+        Some(k) => format!("{stage}: attempt {attempt} waits for Kueue to admit it (LocalQueue {})", k.queue_name),
+        None => format!("{stage}: the Jobs of attempt {attempt} are suspended"),
+    };
+    decision.status.reason = Some(why.clone());
+    decision.requeue_after = Some(POLL_SECONDS);
+    set_phase(decision, now, RunPhase::Queued, "WaitingForKueue", &why);
+    true
+}
+
+/// The stage runs: the run is `Running`, and looked at again after [`POLL_SECONDS`].
+fn running(decision: &mut Decision, stage: Stage, layout: Layout, now: &str) {
+    let layout_note = match layout {
+        Layout::Sharded { shards } => format!("{shards} shards"),
+        Layout::Gang { nodes, gpus_per_node } => format!("{nodes} nodes x {gpus_per_node} GPUs"),
+        Layout::Single => "1 pod".into(),
+    };
+    set_phase(decision, now, RunPhase::Running, "StageRunning", &format!("{stage}: {layout_note}"));
+    decision.requeue_after = Some(POLL_SECONDS);
 }
 
 /// Sets the run phase and its conditions. `Admitted` is True only while the current stage attempt

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use pretrain_crd::{PretrainRunSpec, Stage};
 
+mod attempt;
 pub mod cluster;
 pub mod invocation;
 
