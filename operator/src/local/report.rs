@@ -9,8 +9,8 @@ use std::fmt::Write as _;
 use bytes::Bytes;
 use plotters::prelude::*;
 use pretrain_crd::Stage;
+use pretrain_store::artifact::{DataPrepStats, MetricsLine, ProbeRow, TokenizeStats};
 use pretrain_store::{StageCommit, Store};
-use serde_json::Value;
 
 /// One curve of a plot: a name and its points.
 pub type Series = (String, Vec<(f64, f64)>);
@@ -67,189 +67,82 @@ pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) 
 }
 
 /// Parsed `metrics.jsonl` lines.
-fn metrics(bytes: &[u8]) -> Vec<Value> {
+fn metrics(bytes: &[u8]) -> Vec<MetricsLine> {
     String::from_utf8_lossy(bytes).lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
 }
 
-fn points(lines: &[Value], x: &str, y: &str, x_offset: f64) -> Vec<(f64, f64)> {
-    lines.iter().filter_map(|l| Some((l[x].as_f64()? + x_offset, l[y].as_f64()?))).collect()
+/// `(tokens + x_offset, y)` of each line that has a `y`.
+fn points(lines: &[MetricsLine], y: impl Fn(&MetricsLine) -> Option<f64>, x_offset: f64) -> Vec<(f64, f64)> {
+    lines.iter().filter_map(|l| Some((l.tokens as f64 + x_offset, y(l)?))).collect()
 }
 
-fn fmt_count(v: &Value) -> String {
-    v.as_u64().map_or_else(|| v.to_string(), |n| n.to_string())
+/// What the report is made of: each stage's commit and the files it reads beside them.
+struct Inputs {
+    commits: BTreeMap<Stage, StageCommit>,
+    train: Vec<MetricsLine>,
+    long_context: Vec<MetricsLine>,
+    probe_history: Vec<ProbeRow>,
+    eval_page: Option<String>,
+}
+
+/// The part of `eval.json` the report reads.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct EvalJson {
+    #[serde(default)]
+    probe_history: Vec<ProbeRow>,
+}
+
+impl Inputs {
+    async fn read(store: &Store, run: &str) -> Result<Self, pretrain_store::Error> {
+        let mut commits = BTreeMap::new();
+        for stage in Stage::ALL {
+            if let Some(c) = store.stage(run, stage)?.commit_record().await? {
+                commits.insert(stage, c);
+            }
+        }
+        let read = |stage: Stage, name: &'static str| async move {
+            let dir = store.stage(run, stage)?;
+            store.get_opt(&dir.key(name)?).await
+        };
+        let eval: Option<EvalJson> =
+            read(Stage::Eval, "eval.json").await?.and_then(|b| serde_json::from_slice(&b).ok());
+        Ok(Self {
+            commits,
+            train: read(Stage::Train, "metrics.jsonl").await?.map(|b| metrics(&b)).unwrap_or_default(),
+            long_context: read(Stage::LongContext, "metrics.jsonl").await?.map(|b| metrics(&b)).unwrap_or_default(),
+            probe_history: eval.map(|e| e.probe_history).unwrap_or_default(),
+            eval_page: read(Stage::Eval, "report.md").await?.map(|b| String::from_utf8_lossy(&b).into_owned()),
+        })
+    }
+
+    /// A stage's committed statistics, as their type.
+    fn stats<T: serde::de::DeserializeOwned>(&self, stage: Stage) -> Option<T> {
+        self.commits.get(&stage).and_then(|c| serde_json::from_value(c.stats.clone()).ok())
+    }
+
+    /// Tokens train trained on: long-context's curves continue from there.
+    fn train_tokens(&self) -> f64 {
+        self.train.last().map_or(0.0, |l| l.tokens as f64)
+    }
 }
 
 /// Writes the report of `run`; returns the keys written (page first).
 pub async fn write(store: &Store, run: &str) -> Result<Vec<String>, pretrain_store::Error> {
-    let mut commits: BTreeMap<Stage, StageCommit> = BTreeMap::new();
-    for stage in Stage::ALL {
-        if let Some(c) = store.stage(run, stage)?.commit_record().await? {
-            commits.insert(stage, c);
-        }
-    }
-    let read = |stage: Stage, name: &'static str| async move {
-        let dir = store.stage(run, stage)?;
-        store.get_opt(&dir.key(name)?).await
-    };
-    let train_metrics = read(Stage::Train, "metrics.jsonl").await?.map(|b| metrics(&b)).unwrap_or_default();
-    let lc_metrics = read(Stage::LongContext, "metrics.jsonl").await?.map(|b| metrics(&b)).unwrap_or_default();
-    let eval: Option<Value> = read(Stage::Eval, "eval.json").await?.and_then(|b| serde_json::from_slice(&b).ok());
-
+    let inputs = Inputs::read(store, run).await?;
     let mut md = String::new();
     let mut plots: Vec<(String, String)> = Vec::new();
-    let _ = writeln!(md, "# Run `{run}`\n");
-    let _ = writeln!(md, "| stage | committed | files |\n|---|---|---:|");
-    for stage in Stage::ALL {
-        match commits.get(&stage) {
-            Some(c) => {
-                let _ = writeln!(
-                    md,
-                    "| {stage} | yes (config {}) | {} |",
-                    &c.config_hash[..12.min(c.config_hash.len())],
-                    c.files.len()
-                );
-            }
-            None => {
-                let _ = writeln!(md, "| {stage} | no | |");
-            }
-        }
+    stages_section(&mut md, run, &inputs);
+    if let Some(stats) = inputs.stats::<DataPrepStats>(Stage::DataPrep) {
+        data_section(&mut md, &stats);
     }
-
-    if let Some(c) = commits.get(&Stage::DataPrep) {
-        let s = &c.stats;
-        let _ = writeln!(
-            md,
-            "\n## Data\n\n| category | read | kept by the rules | documents in the mix | bytes in the mix |"
-        );
-        let _ = writeln!(md, "|---|---:|---:|---:|---:|");
-        if let Some(read) = s["map"]["read"].as_object() {
-            for (cat, n) in read {
-                let _ = writeln!(
-                    md,
-                    "| {cat} | {} | {} | {} | {} |",
-                    fmt_count(n),
-                    fmt_count(&s["map"]["kept"][cat]),
-                    fmt_count(&s["mix"]["documents"][cat]),
-                    fmt_count(&s["mix"]["bytes"][cat])
-                );
-            }
-        }
-        let _ = writeln!(
-            md,
-            "\nDedup: {} exact and {} near duplicates removed; {} documents held out.",
-            fmt_count(&s["dedup"]["exactRemoved"]),
-            fmt_count(&s["dedup"]["nearRemoved"]),
-            fmt_count(&s["heldOut"]["documents"])
-        );
-        if let Some(dropped) = s["map"]["dropped"].as_object() {
-            let mut rules: Vec<(&String, u64)> = dropped.iter().filter_map(|(k, v)| Some((k, v.as_u64()?))).collect();
-            rules.sort_by_key(|r| std::cmp::Reverse(r.1));
-            let _ = writeln!(md, "\n| rule | documents removed |\n|---|---:|");
-            for (rule, n) in rules {
-                let _ = writeln!(md, "| {rule} | {n} |");
-            }
-        }
+    if let Some(stats) = inputs.stats::<TokenizeStats>(Stage::Tokenize) {
+        tokenizer_section(&mut md, &stats);
     }
-
-    if let Some(c) = commits.get(&Stage::Tokenize) {
-        let s = &c.stats;
-        let _ = writeln!(md, "\n## Tokenizer\n\nVocabulary {}.\n", fmt_count(&s["tokenizer"]["vocabSize"]));
-        let _ = writeln!(md, "| held-out category | bytes/token | chars/token |\n|---|---:|---:|");
-        if let Some(cats) = s["compression"]["heldout"].as_object() {
-            for (cat, v) in cats.iter().chain([(&"all".to_string(), &s["compression"]["all"])]) {
-                let _ = writeln!(
-                    md,
-                    "| {cat} | {:.3} | {:.3} |",
-                    v["bytesPerToken"].as_f64().unwrap_or(f64::NAN),
-                    v["charsPerToken"].as_f64().unwrap_or(f64::NAN)
-                );
-            }
-        }
+    if !inputs.train.is_empty() {
+        training_section(&mut md, &mut plots, &inputs);
     }
-
-    if !train_metrics.is_empty() {
-        let train_tokens = train_metrics.last().and_then(|l| l["tokens"].as_f64()).unwrap_or(0.0);
-        let mut loss = vec![("train".to_string(), points(&train_metrics, "tokens", "loss", 0.0))];
-        let held = points(&train_metrics, "tokens", "heldoutLoss", 0.0);
-        if !held.is_empty() {
-            loss.push(("train, held-out".into(), held));
-        }
-        if !lc_metrics.is_empty() {
-            loss.push(("long-context".into(), points(&lc_metrics, "tokens", "loss", train_tokens)));
-            let held = points(&lc_metrics, "tokens", "heldoutLoss", train_tokens);
-            if !held.is_empty() {
-                loss.push(("long-context, held-out".into(), held));
-            }
-        }
-        let lr = vec![
-            ("train".to_string(), points(&train_metrics, "tokens", "lr", 0.0)),
-            ("long-context".to_string(), points(&lc_metrics, "tokens", "lr", train_tokens)),
-        ];
-        let tps = vec![
-            ("train".to_string(), points(&train_metrics, "tokens", "tokensPerSecond", 0.0)),
-            ("long-context".to_string(), points(&lc_metrics, "tokens", "tokensPerSecond", train_tokens)),
-        ];
-        let _ = writeln!(md, "\n## Training\n");
-        for (stage, lines) in [("train", &train_metrics), ("long-context", &lc_metrics)] {
-            let (Some(first), Some(last)) = (lines.first(), lines.last()) else { continue };
-            let seconds: f64 = lines.iter().filter_map(|l| l["seconds"].as_f64()).sum();
-            let mean_tps = last["tokens"].as_f64().unwrap_or(0.0) / seconds.max(1e-9);
-            let mfu = lines.iter().filter_map(|l| l["mfu"].as_f64()).sum::<f64>() / lines.len() as f64;
-            let _ = writeln!(
-                md,
-                "- **{stage}**: {} steps, {} tokens, loss {:.4} → {:.4}{}, {:.0} tokens/s, MFU {:.1}%",
-                fmt_count(&last["step"]),
-                fmt_count(&last["tokens"]),
-                first["loss"].as_f64().unwrap_or(f64::NAN),
-                last["loss"].as_f64().unwrap_or(f64::NAN),
-                last["heldoutLoss"].as_f64().map(|h| format!(" (held-out {h:.4})")).unwrap_or_default(),
-                mean_tps,
-                mfu * 100.0
-            );
-        }
-        for (file, title, y, series) in [
-            ("loss.svg", "Loss", "loss (nats/token)", loss),
-            ("lr.svg", "Learning rate", "learning rate", lr),
-            ("throughput.svg", "Throughput", "tokens/s", tps),
-        ] {
-            let series: Vec<Series> = series.into_iter().filter(|(_, p)| !p.is_empty()).collect();
-            if let Some(svg) = line_chart(title, "tokens", y, &series) {
-                let _ = writeln!(md, "\n![{title}]({file})");
-                plots.push((file.to_string(), svg));
-            }
-        }
-    }
-
-    if let Some(eval) = &eval {
-        let mut probes: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
-        let train_tokens = train_metrics.last().and_then(|l| l["tokens"].as_f64()).unwrap_or(0.0);
-        for row in eval["probeHistory"].as_array().into_iter().flatten() {
-            let offset = if row["stage"] == "long-context" { train_tokens } else { 0.0 };
-            let tokens = row["tokens"].as_f64().unwrap_or(0.0) + offset;
-            for (name, lp) in row["logprobs"].as_object().into_iter().flatten() {
-                if let Some(lp) = lp.as_f64() {
-                    probes.entry(name.clone()).or_default().push((tokens, lp));
-                }
-            }
-        }
-        let series: Vec<Series> = probes.into_iter().collect();
-        if let Some(svg) = line_chart("Probes", "tokens", "log-prob of the target (nats)", &series) {
-            plots.push(("probes.svg".into(), svg));
-        }
-    }
-    if let Some(page) = read(Stage::Eval, "report.md").await? {
-        let text = String::from_utf8_lossy(&page);
-        // The eval report's sections, one level down.
-        let body: String = text
-            .lines()
-            .skip(1)
-            .map(|l| if l.starts_with('#') { format!("#{l}\n") } else { format!("{l}\n") })
-            .collect();
-        let _ = writeln!(md, "\n## Evaluation\n{body}");
-        if plots.iter().any(|(f, _)| f == "probes.svg") {
-            let _ = writeln!(md, "![Probes](probes.svg)");
-        }
-    }
+    eval_section(&mut md, &mut plots, &inputs);
 
     let dir = format!("{run}/report");
     let mut written = Vec::new();
@@ -262,6 +155,142 @@ pub async fn write(store: &Store, run: &str) -> Result<Vec<String>, pretrain_sto
         written.push(key.to_string());
     }
     Ok(written)
+}
+
+/// The title and which stages committed.
+fn stages_section(md: &mut String, run: &str, inputs: &Inputs) {
+    let _ = writeln!(md, "# Run `{run}`\n");
+    let _ = writeln!(md, "| stage | committed | files |\n|---|---|---:|");
+    for stage in Stage::ALL {
+        match inputs.commits.get(&stage) {
+            Some(c) => {
+                let hash = &c.config_hash[..12.min(c.config_hash.len())];
+                let _ = writeln!(md, "| {stage} | yes (config {hash}) | {} |", c.files.len());
+            }
+            None => {
+                let _ = writeln!(md, "| {stage} | no | |");
+            }
+        }
+    }
+}
+
+/// The data funnel: per category, then dedup, then the rules that removed documents.
+fn data_section(md: &mut String, s: &DataPrepStats) {
+    let _ =
+        writeln!(md, "\n## Data\n\n| category | read | kept by the rules | documents in the mix | bytes in the mix |");
+    let _ = writeln!(md, "|---|---:|---:|---:|---:|");
+    let count = |m: &BTreeMap<String, u64>, cat: &str| m.get(cat).map_or_else(|| "null".into(), u64::to_string);
+    for (cat, n) in &s.map.read {
+        let _ = writeln!(
+            md,
+            "| {cat} | {n} | {} | {} | {} |",
+            count(&s.map.kept, cat),
+            count(&s.mix.documents, cat),
+            count(&s.mix.bytes, cat)
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nDedup: {} exact and {} near duplicates removed; {} documents held out.",
+        s.dedup.exact_removed, s.dedup.near_removed, s.held_out.documents
+    );
+    let mut rules: Vec<(&String, u64)> = s.map.dropped.iter().map(|(k, v)| (k, *v)).collect();
+    rules.sort_by_key(|r| std::cmp::Reverse(r.1));
+    let _ = writeln!(md, "\n| rule | documents removed |\n|---|---:|");
+    for (rule, n) in rules {
+        let _ = writeln!(md, "| {rule} | {n} |");
+    }
+}
+
+/// The vocabulary and the compression on the held-out split.
+fn tokenizer_section(md: &mut String, s: &TokenizeStats) {
+    let _ = writeln!(md, "\n## Tokenizer\n\nVocabulary {}.\n", s.tokenizer.vocab_size);
+    let _ = writeln!(md, "| held-out category | bytes/token | chars/token |\n|---|---:|---:|");
+    let all = ("all".to_string(), &s.compression.all);
+    for (cat, c) in s.compression.heldout.iter().map(|(k, v)| (k.clone(), v)).chain([all]) {
+        let _ = writeln!(md, "| {cat} | {:.3} | {:.3} |", c.bytes_per_token, c.chars_per_token);
+    }
+}
+
+/// Each training stage's summary, and the loss, learning-rate and throughput curves.
+fn training_section(md: &mut String, plots: &mut Vec<(String, String)>, inputs: &Inputs) {
+    let (train, lc, offset) = (&inputs.train, &inputs.long_context, inputs.train_tokens());
+    let mut loss = vec![("train".to_string(), points(train, |l| Some(l.loss), 0.0))];
+    let held = points(train, |l| l.heldout_loss, 0.0);
+    if !held.is_empty() {
+        loss.push(("train, held-out".into(), held));
+    }
+    if !lc.is_empty() {
+        loss.push(("long-context".into(), points(lc, |l| Some(l.loss), offset)));
+        let held = points(lc, |l| l.heldout_loss, offset);
+        if !held.is_empty() {
+            loss.push(("long-context, held-out".into(), held));
+        }
+    }
+    let lr = vec![
+        ("train".to_string(), points(train, |l| Some(l.lr), 0.0)),
+        ("long-context".to_string(), points(lc, |l| Some(l.lr), offset)),
+    ];
+    let tps = vec![
+        ("train".to_string(), points(train, |l| Some(l.tokens_per_second), 0.0)),
+        ("long-context".to_string(), points(lc, |l| Some(l.tokens_per_second), offset)),
+    ];
+    let _ = writeln!(md, "\n## Training\n");
+    for (stage, lines) in [("train", train), ("long-context", lc)] {
+        let (Some(first), Some(last)) = (lines.first(), lines.last()) else { continue };
+        let seconds: f64 = lines.iter().map(|l| l.seconds).sum();
+        let mean_tps = last.tokens as f64 / seconds.max(1e-9);
+        let mfu = lines.iter().map(|l| l.mfu).sum::<f64>() / lines.len() as f64;
+        let _ = writeln!(
+            md,
+            "- **{stage}**: {} steps, {} tokens, loss {:.4} → {:.4}{}, {:.0} tokens/s, MFU {:.1}%",
+            last.step,
+            last.tokens,
+            first.loss,
+            last.loss,
+            last.heldout_loss.map(|h| format!(" (held-out {h:.4})")).unwrap_or_default(),
+            mean_tps,
+            mfu * 100.0
+        );
+    }
+    for (file, title, y, series) in [
+        ("loss.svg", "Loss", "loss (nats/token)", loss),
+        ("lr.svg", "Learning rate", "learning rate", lr),
+        ("throughput.svg", "Throughput", "tokens/s", tps),
+    ] {
+        let series: Vec<Series> = series.into_iter().filter(|(_, p)| !p.is_empty()).collect();
+        if let Some(svg) = line_chart(title, "tokens", y, &series) {
+            let _ = writeln!(md, "\n![{title}]({file})");
+            plots.push((file.to_string(), svg));
+        }
+    }
+}
+
+/// The probe trajectories, and eval's own report one level down.
+fn eval_section(md: &mut String, plots: &mut Vec<(String, String)>, inputs: &Inputs) {
+    let mut probes: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+    for row in &inputs.probe_history {
+        let offset = if row.stage == "long-context" { inputs.train_tokens() } else { 0.0 };
+        for (name, lp) in &row.logprobs {
+            probes.entry(name.clone()).or_default().push((row.tokens as f64 + offset, *lp));
+        }
+    }
+    let series: Vec<Series> = probes.into_iter().collect();
+    if let Some(svg) = line_chart("Probes", "tokens", "log-prob of the target (nats)", &series) {
+        plots.push(("probes.svg".into(), svg));
+    }
+    if let Some(text) = &inputs.eval_page {
+        // The eval report's sections, one level down.
+        let body: String = text
+            .lines()
+            .skip(1)
+            .map(|l| if l.starts_with('#') { format!("#{l}\n") } else { format!("{l}\n") })
+            .collect();
+        let _ = writeln!(md, "\n## Evaluation\n{body}");
+        if plots.iter().any(|(f, _)| f == "probes.svg") {
+            let _ = writeln!(md, "![Probes](probes.svg)");
+        }
+    }
 }
 
 #[cfg(test)]

@@ -26,6 +26,7 @@ use crate::tokenizer::Encoder;
 use crate::tokens::TokenStream;
 use crate::tokens::Tokenized;
 use pretrain_store::artifact::DocumentLine;
+pub use pretrain_store::artifact::ProbeRow;
 
 type Result<T, E = EvalError> = std::result::Result<T, E>;
 
@@ -436,20 +437,6 @@ async fn evaluate_checkpoint(
         passkey: passkeys,
         seconds: started.elapsed().as_secs_f64(),
     })
-}
-
-/// One probe reading recorded during training.
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ProbeRow {
-    /// Stage that trained.
-    pub stage: String,
-    /// Step of the checkpoint.
-    pub step: u64,
-    /// Tokens seen in that stage.
-    pub tokens: u64,
-    /// Log-probability per probe.
-    pub logprobs: BTreeMap<String, f64>,
 }
 
 /// Probe readings from a stage's `metrics.jsonl` (written at every checkpoint).

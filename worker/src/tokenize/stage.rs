@@ -20,7 +20,10 @@ use std::time::Instant;
 use bytes::Bytes;
 use pretrain_crd::Stage;
 use pretrain_crd::contract::SEPARATORS;
-use pretrain_store::artifact::DocumentLine;
+use pretrain_store::artifact::{
+    Compression, CompressionReport, Counts, DataPrepStats, DocumentLine, SplitDocuments, SplitTokens, TokenShardStats,
+    TokenizeStats, TokenizerStats, TokenizerTraining,
+};
 use pretrain_store::{FileEntry, StageCommit, StageDir};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -114,46 +117,7 @@ struct TokenizerMeta {
     vocab_size: u32,
     separator: String,
     /// `None` when copied from `tokenizer.url`.
-    training: Option<TrainingStats>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
-struct TrainingStats {
-    sample_documents: u64,
-    sample_bytes: u64,
-    seconds: f64,
-}
-
-/// Per-category counts of one encoded file.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct Counts {
-    /// Documents.
-    pub documents: u64,
-    /// Tokens, separators included.
-    pub tokens: u64,
-    /// UTF-8 bytes of text.
-    pub bytes: u64,
-    /// Characters of text.
-    pub chars: u64,
-}
-
-impl Counts {
-    /// The sum of per-category counts.
-    fn total<'a>(all: impl IntoIterator<Item = &'a Counts>) -> Counts {
-        all.into_iter().fold(Counts::default(), |mut sum, c| {
-            sum.add(c);
-            sum
-        })
-    }
-
-    fn add(&mut self, other: &Counts) {
-        self.documents += other.documents;
-        self.tokens += other.tokens;
-        self.bytes += other.bytes;
-        self.chars += other.chars;
-    }
+    training: Option<TokenizerTraining>,
 }
 
 /// `map/NNNNN.json`.
@@ -191,7 +155,8 @@ async fn upstream(ctx: &Context) -> Result<Upstream> {
         .filter(|p| p.starts_with("shards/") && p.ends_with(".jsonl.zst"))
         .collect();
     let heldout = commit.files.iter().map(|f| f.path.clone()).find(|p| p.starts_with("heldout/"));
-    let train_bytes = commit.stats["mix"]["bytes"].as_object().map(|m| m.values().filter_map(|v| v.as_u64()).sum());
+    let train_bytes =
+        serde_json::from_value::<DataPrepStats>(commit.stats).ok().map(|s| s.mix.bytes.values().sum());
     Ok(Upstream { dir, shards, heldout, train_bytes })
 }
 
@@ -269,7 +234,7 @@ async fn tokenizer(ctx: &Context, upstream: &Upstream, hash: &str) -> Result<(Ar
                 .expect("tokenizer training does not panic")?;
             let seconds = started.elapsed().as_secs_f64();
             println!("tokenize: trained in {seconds:.1} s");
-            (trained.json, Some(TrainingStats { sample_documents: documents, sample_bytes, seconds }))
+            (trained.json, Some(TokenizerTraining { sample_documents: documents, sample_bytes, seconds }))
         }
     };
     let encoder = Encoder::from_json(&json).map_err(|e| match &spec.url {
@@ -498,28 +463,6 @@ async fn map_shard(
     Ok(())
 }
 
-/// Bytes and characters per token of one category.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct Compression {
-    /// What was measured.
-    #[serde(flatten)]
-    pub counts: Counts,
-    /// UTF-8 bytes per token (separators not counted as tokens).
-    pub bytes_per_token: f64,
-    /// Characters per token.
-    pub chars_per_token: f64,
-}
-
-fn compression(counts: &Counts) -> Compression {
-    let tokens = counts.tokens.saturating_sub(counts.documents).max(1) as f64;
-    Compression {
-        counts: counts.clone(),
-        bytes_per_token: counts.bytes as f64 / tokens,
-        chars_per_token: counts.chars as f64 / tokens,
-    }
-}
-
 async fn reduce(
     ctx: &Context,
     upstream: &Upstream,
@@ -537,9 +480,11 @@ async fn reduce(
                     train.entry(category.clone()).or_default().add(c);
                 }
                 let total = Counts::total(done.categories.values());
-                shards.push(
-                    serde_json::json!({"file": done.file.path, "documents": total.documents, "tokens": total.tokens}),
-                );
+                shards.push(TokenShardStats {
+                    file: done.file.path.clone(),
+                    documents: total.documents,
+                    tokens: total.tokens,
+                });
                 files.push(done.file);
             }
             _ => missing.push(k),
@@ -565,31 +510,32 @@ async fn reduce(
                 .expect("encoding does not panic")?;
         files.push(ctx.dir.put_file("heldout/00000.tok", &output).await?);
     }
-    let report: BTreeMap<String, Compression> = heldout.iter().map(|(c, n)| (c.clone(), compression(n))).collect();
+    let report: BTreeMap<String, Compression> = heldout.iter().map(|(c, n)| (c.clone(), Compression::of(n))).collect();
     let all_heldout = Counts::total(heldout.values());
-    print_report(meta.vocab_size, &report, &compression(&all_heldout));
+    print_report(meta.vocab_size, &report, &Compression::of(&all_heldout));
 
-    let stats = serde_json::json!({
-        "tokenizer": {
-            "sha256": meta.sha256,
-            "vocabSize": meta.vocab_size,
-            "requestedVocabSize": ctx.run.spec.tokenizer.vocab_size,
-            "separator": meta.separator,
-            "trained": meta.training,
-            "url": ctx.run.spec.tokenizer.url,
-            "fastPath": encoder.is_fast(),
+    let stats = TokenizeStats {
+        tokenizer: TokenizerStats {
+            sha256: meta.sha256.clone(),
+            vocab_size: meta.vocab_size,
+            requested_vocab_size: ctx.run.spec.tokenizer.vocab_size,
+            separator: meta.separator.clone(),
+            trained: meta.training.clone(),
+            url: ctx.run.spec.tokenizer.url.clone(),
+            fast_path: encoder.is_fast(),
         },
-        "tokens": {
-            "train": train.iter().map(|(c, n)| (c.clone(), n.tokens)).collect::<BTreeMap<_, _>>(),
-            "heldout": heldout.iter().map(|(c, n)| (c.clone(), n.tokens)).collect::<BTreeMap<_, _>>(),
+        tokens: SplitTokens {
+            train: train.iter().map(|(c, n)| (c.clone(), n.tokens)).collect(),
+            heldout: heldout.iter().map(|(c, n)| (c.clone(), n.tokens)).collect(),
         },
-        "documents": {
-            "train": train.iter().map(|(c, n)| (c.clone(), n.documents)).collect::<BTreeMap<_, _>>(),
-            "heldout": all_heldout.documents,
+        documents: SplitDocuments {
+            train: train.iter().map(|(c, n)| (c.clone(), n.documents)).collect(),
+            heldout: all_heldout.documents,
         },
-        "compression": {"heldout": report, "all": compression(&all_heldout)},
-        "shards": shards,
-    });
+        compression: CompressionReport { heldout: report, all: Compression::of(&all_heldout) },
+        shards,
+    };
+    let stats = serde_json::to_value(&stats).expect("tokenize stats serialise");
     Ok(ctx.dir.commit(hash, files, stats).await?)
 }
 

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use pretrain_crd::Stage;
+use pretrain_store::artifact::TokenizeStats;
 use pretrain_store::{StageCommit, StageDir};
 
 use crate::Context;
@@ -36,7 +37,8 @@ impl Tokenized {
         let corrupt = |reason: String| UpstreamError::Corrupt { url: dir.url("tokenizer.json"), reason };
         let text = String::from_utf8(json.to_vec()).map_err(|_| corrupt("not UTF-8".into()))?;
         let encoder = Encoder::from_json(&text).map_err(|e| corrupt(e.to_string()))?;
-        let name = commit.stats["tokenizer"]["separator"].as_str().unwrap_or("<|eos|>");
+        let stats = serde_json::from_value::<TokenizeStats>(commit.stats.clone()).ok();
+        let name = stats.as_ref().map_or("<|eos|>", |s| s.tokenizer.separator.as_str());
         let separator =
             encoder.special(name).ok_or_else(|| corrupt(format!("the separator {name:?} is not a special token")))?;
         Ok(Self { dir, commit, encoder, separator })
