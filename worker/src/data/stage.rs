@@ -383,6 +383,71 @@ async fn map_shard(ctx: &Context, shard: u32, hash: &str) -> Result<()> {
 
 const MAP_FILES: [&str; 5] = ["docs.jsonl.zst", "keys.bin", "signatures.bin", "bands.bin", "terms.bin"];
 
+/// A map task's outputs, written as documents are kept: `docs.jsonl.zst`, their key records, MinHash
+/// signatures (in document order), LSH band entries (sorted on local disk) and topic terms (for
+/// in-context ordering; empty for other orders).
+struct MapWriter {
+    out: PathBuf,
+    docs: zstd::Encoder<'static, BufWriter<File>>,
+    keys: BufWriter<File>,
+    signatures: BufWriter<File>,
+    bands: ExternalSorter,
+    terms: BufWriter<File>,
+    minhash: Option<MinHasher>,
+    in_context: bool,
+}
+
+impl MapWriter {
+    fn create(out: &Path, data: &Data, seed: u64) -> Result<Self, ScratchError> {
+        let create = |name: &str| {
+            let path = out.join(name);
+            File::create(&path).map(BufWriter::new).map_err(scratch(&path))
+        };
+        let docs_path = out.join("docs.jsonl.zst");
+        let docs = zstd::Encoder::new(create("docs.jsonl.zst")?, 3).map_err(scratch(&docs_path))?;
+        let runs_dir = out.join("band-runs");
+        std::fs::create_dir_all(&runs_dir).map_err(scratch(&runs_dir))?;
+        Ok(Self {
+            out: out.to_path_buf(),
+            docs,
+            keys: create("keys.bin")?,
+            signatures: create("signatures.bin")?,
+            bands: ExternalSorter::new(&runs_dir, DEFAULT_RUN_ENTRIES),
+            terms: create("terms.bin")?,
+            minhash: hasher(data, seed),
+            in_context: data.order.strategy == OrderStrategy::InContext,
+        })
+    }
+
+    /// Writes one kept document and its records.
+    fn write(&mut self, line: &DocumentLine, record: &KeyRecord) -> std::io::Result<()> {
+        let signature = self.minhash.as_ref().map(|m| m.signature(&line.text)).unwrap_or_default();
+        serde_json::to_writer(&mut self.docs, line).map_err(std::io::Error::other)?;
+        self.docs.write_all(b"\n")?;
+        record.write(&mut self.keys)?;
+        signature.iter().try_for_each(|h| self.signatures.write_all(&h.to_le_bytes()))?;
+        if let Some(m) = &self.minhash {
+            m.band_keys(&signature).into_iter().try_for_each(|k| self.bands.push((k, record.doc())))?;
+        }
+        if self.in_context {
+            write_terms(&mut self.terms, &top_terms(&line.text))?;
+        }
+        Ok(())
+    }
+
+    fn finish(self) -> Result<(), ScratchError> {
+        let path = |name: &str| self.out.join(name);
+        self.docs.finish().and_then(|mut w| w.flush()).map_err(scratch(&path("docs.jsonl.zst")))?;
+        let mut keys = self.keys;
+        keys.flush().map_err(scratch(&path("keys.bin")))?;
+        let mut signatures = self.signatures;
+        signatures.flush().map_err(scratch(&path("signatures.bin")))?;
+        self.bands.finish(&path("bands.bin")).map_err(scratch(&path("bands.bin")))?;
+        let mut terms = self.terms;
+        terms.flush().map_err(scratch(&path("terms.bin")))
+    }
+}
+
 fn map_files(
     data: &Data,
     seed: u64,
@@ -392,22 +457,7 @@ fn map_files(
     progress: &mut Progress,
 ) -> Result<(u64, MapStats)> {
     let mut read = 0u64;
-    let docs_path = out.join("docs.jsonl.zst");
-    let keys_path = out.join("keys.bin");
-    let mut docs = zstd::Encoder::new(BufWriter::new(File::create(&docs_path).map_err(scratch(&docs_path))?), 3)
-        .map_err(scratch(&docs_path))?;
-    let mut keys = BufWriter::new(File::create(&keys_path).map_err(scratch(&keys_path))?);
-    // Topic terms for in-context ordering (empty for other orders).
-    let terms_path = out.join("terms.bin");
-    let mut terms = BufWriter::new(File::create(&terms_path).map_err(scratch(&terms_path))?);
-    let in_context = data.order.strategy == OrderStrategy::InContext;
-    let minhash = hasher(data, seed);
-    // MinHash signatures in document order, and the LSH band entries sorted on local disk.
-    let signatures_path = out.join("signatures.bin");
-    let mut signatures = BufWriter::new(File::create(&signatures_path).map_err(scratch(&signatures_path))?);
-    let runs_dir = out.join("band-runs");
-    std::fs::create_dir_all(&runs_dir).map_err(scratch(&runs_dir))?;
-    let mut bands = ExternalSorter::new(&runs_dir, DEFAULT_RUN_ENTRIES);
+    let mut writer = MapWriter::create(out, data, seed)?;
     let mut stats = MapStats::default();
     let mut documents = 0u64;
     let mut lines_removed: HashMap<&'static str, u64> = HashMap::new();
@@ -467,7 +517,6 @@ fn map_files(
                     score,
                     exact: exact_key(&text),
                 };
-                let signature = minhash.as_ref().map(|m| m.signature(&text)).unwrap_or_default();
                 let line = DocumentLine {
                     id: doc.id,
                     text,
@@ -476,17 +525,7 @@ fn map_files(
                     url: doc.url,
                     title: doc.title,
                 };
-                let result = serde_json::to_writer(&mut docs, &line)
-                    .map_err(std::io::Error::other)
-                    .and_then(|()| docs.write_all(b"\n"))
-                    .and_then(|()| record.write(&mut keys))
-                    .and_then(|()| signature.iter().try_for_each(|h| signatures.write_all(&h.to_le_bytes())))
-                    .and_then(|()| match &minhash {
-                        Some(m) => m.band_keys(&signature).into_iter().try_for_each(|k| bands.push((k, record.doc()))),
-                        None => Ok(()),
-                    })
-                    .and_then(|()| if in_context { write_terms(&mut terms, &top_terms(&line.text)) } else { Ok(()) });
-                if let Err(e) = result {
+                if let Err(e) = writer.write(&line, &record) {
                     write_error.get_or_insert(e);
                 }
                 documents += 1;
@@ -499,12 +538,7 @@ fn map_files(
             return Err(DataPrepError::Scorer(e));
         }
     }
-    docs.finish().and_then(|mut w| w.flush()).map_err(scratch(&docs_path))?;
-    keys.flush().map_err(scratch(&keys_path))?;
-    signatures.flush().map_err(scratch(&signatures_path))?;
-    let bands_path = out.join("bands.bin");
-    bands.finish(&bands_path).map_err(scratch(&bands_path))?;
-    terms.flush().map_err(scratch(&terms_path))?;
+    writer.finish()?;
     stats.lines_removed = lines_removed.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
     Ok((documents, stats))
 }

@@ -355,6 +355,43 @@ struct Suite<'a> {
     unigram: Option<Vec<f64>>,
 }
 
+impl<'a> Suite<'a> {
+    /// Everything measured at each checkpoint: held-out documents, benchmarks, passkey lengths, the
+    /// unigram baseline over the training shards, and the probes.
+    async fn load(ctx: &'a Context, tok: &'a Tokenized) -> Result<Self> {
+        let spec = &ctx.run.spec;
+        let docs = held_out(ctx, tok, spec.eval.max_held_out_tokens).await?;
+        if docs.is_empty() {
+            return Err(EvalError::Invalid(
+                "the run has no held-out documents to evaluate on; set data.heldOutFraction above 0".into(),
+            ));
+        }
+        let tasks = load_tasks(ctx, &docs).await?;
+        let mut passkey_lengths: Vec<usize> = spec.eval.passkey.lengths.iter().map(|&l| l as usize).collect();
+        if passkey_lengths.is_empty() {
+            passkey_lengths.push(spec.train.seq_len as usize);
+            passkey_lengths.extend(spec.long_context.as_ref().map(|lc| lc.seq_len as usize));
+        }
+        let cache = tempfile::tempdir()?;
+        let shards = tok.local_shards("shards/", cache.path()).await?;
+        let unigram = match TokenStream::open(&shards) {
+            Ok(stream) if !stream.is_empty() => Some(unigram_logprobs(&stream, tok.vocab_size() as usize, 100_000_000)),
+            Ok(_) => None,
+            Err(e) => return Err(EvalError::Invalid(e.to_string())),
+        };
+        Ok(Self {
+            unigram,
+            tok,
+            docs,
+            tasks,
+            passkey_lengths,
+            passkey_trials: spec.eval.passkey.trials as usize,
+            seed: spec.seed,
+            probes: &spec.eval.probes,
+        })
+    }
+}
+
 impl Suite<'_> {
     /// Measurements taken per checkpoint (for progress).
     fn measurements(&self) -> u64 {
@@ -495,62 +532,10 @@ pub fn parse_checkpoint_arg(arg: &str) -> Result<(Stage, Option<u64>)> {
 /// Runs the stage: evaluates train's final checkpoint (and long-context's) and commits the report;
 /// or, with `only`, evaluates that one checkpoint and writes its report without committing.
 pub async fn run(ctx: &Context, only: Option<&str>) -> Result<Option<StageCommit>> {
-    let spec = &ctx.run.spec;
     let tok = Tokenized::load(ctx).await?;
-    let docs = held_out(ctx, &tok, spec.eval.max_held_out_tokens).await?;
-    if docs.is_empty() {
-        return Err(EvalError::Invalid(
-            "the run has no held-out documents to evaluate on; set data.heldOutFraction above 0".into(),
-        ));
-    }
-    let tasks = load_tasks(ctx, &docs).await?;
-    let mut passkey_lengths: Vec<usize> = spec.eval.passkey.lengths.iter().map(|&l| l as usize).collect();
-    if passkey_lengths.is_empty() {
-        passkey_lengths.push(spec.train.seq_len as usize);
-        passkey_lengths.extend(spec.long_context.as_ref().map(|lc| lc.seq_len as usize));
-    }
-    let cache = tempfile::tempdir()?;
-    let shards = tok.local_shards("shards/", cache.path()).await?;
-    let unigram = match TokenStream::open(&shards) {
-        Ok(stream) if !stream.is_empty() => Some(unigram_logprobs(&stream, tok.vocab_size() as usize, 100_000_000)),
-        Ok(_) => None,
-        Err(e) => return Err(EvalError::Invalid(e.to_string())),
-    };
-    let suite = Suite {
-        unigram,
-        tok: &tok,
-        docs,
-        tasks,
-        passkey_lengths,
-        passkey_trials: spec.eval.passkey.trials as usize,
-        seed: spec.seed,
-        probes: &spec.eval.probes,
-    };
+    let suite = Suite::load(ctx, &tok).await?;
     let device = ctx.device()?;
-    let store = ctx.dir.store();
-
-    // Which checkpoints.
-    let mut targets: Vec<(String, StageDir, u64)> = Vec::new();
-    if let Some(arg) = only {
-        let (stage, step) = parse_checkpoint_arg(arg)?;
-        let dir = store.stage(ctx.run_name(), stage)?;
-        let step = match step {
-            Some(s) => s,
-            None => *checkpoint::steps(&dir).await?.first().ok_or_else(|| {
-                EvalError::Invalid(format!("--checkpoint {arg}: no checkpoints under {}", dir.url("ckpt/")))
-            })?,
-        };
-        targets.push((format!("{stage}-{}", checkpoint::dir_name(step)), dir, step));
-    } else {
-        for (stage, label) in [(Stage::Train, "base"), (Stage::LongContext, "long-context")] {
-            if stage == Stage::LongContext && spec.long_context.is_none() {
-                continue;
-            }
-            let (dir, step) = checkpoint::committed_final(ctx, stage).await?;
-            targets.push((label.to_string(), dir, step));
-        }
-    }
-
+    let targets = targets(ctx, only).await?;
     let mut checkpoints = Vec::new();
     let total = suite.measurements() * targets.len() as u64;
     let mut progress = (Progress::new("eval", "measurements", Some(total)), 0);
@@ -559,7 +544,7 @@ pub async fn run(ctx: &Context, only: Option<&str>) -> Result<Option<StageCommit
     }
     let mut probe_rows = Vec::new();
     for stage in [Stage::Train, Stage::LongContext] {
-        probe_rows.extend(probe_history(&store.stage(ctx.run_name(), stage)?).await?);
+        probe_rows.extend(probe_history(&ctx.dir.store().stage(ctx.run_name(), stage)?).await?);
     }
     let report = Report {
         checkpoints,
@@ -580,7 +565,39 @@ pub async fn run(ctx: &Context, only: Option<&str>) -> Result<Option<StageCommit
         ctx.dir.put("eval.json", Bytes::from(json)).await?,
         ctx.dir.put("report.md", Bytes::from(markdown)).await?,
     ];
-    let summary: BTreeMap<String, serde_json::Value> = report
+    Ok(Some(ctx.dir.commit(&ctx.config_hash(), files, summary(&report)).await?))
+}
+
+/// The checkpoints to evaluate, each with its label: the one `--checkpoint` names, or the final
+/// checkpoints of train (`base`) and long-context.
+async fn targets(ctx: &Context, only: Option<&str>) -> Result<Vec<(String, StageDir, u64)>> {
+    let mut targets = Vec::new();
+    if let Some(arg) = only {
+        let (stage, step) = parse_checkpoint_arg(arg)?;
+        let dir = ctx.dir.store().stage(ctx.run_name(), stage)?;
+        let step = match step {
+            Some(s) => s,
+            None => *checkpoint::steps(&dir).await?.first().ok_or_else(|| {
+                EvalError::Invalid(format!("--checkpoint {arg}: no checkpoints under {}", dir.url("ckpt/")))
+            })?,
+        };
+        targets.push((format!("{stage}-{}", checkpoint::dir_name(step)), dir, step));
+    } else {
+        for (stage, label) in [(Stage::Train, "base"), (Stage::LongContext, "long-context")] {
+            if stage == Stage::LongContext && ctx.run.spec.long_context.is_none() {
+                continue;
+            }
+            let (dir, step) = checkpoint::committed_final(ctx, stage).await?;
+            targets.push((label.to_string(), dir, step));
+        }
+    }
+    Ok(targets)
+}
+
+/// The stage's commit statistics: per checkpoint, its step, perplexity, bits per byte, benchmark
+/// scores and passkey accuracies.
+fn summary(report: &Report) -> serde_json::Value {
+    let checkpoints: BTreeMap<String, serde_json::Value> = report
         .checkpoints
         .iter()
         .map(|c| {
@@ -597,7 +614,7 @@ pub async fn run(ctx: &Context, only: Option<&str>) -> Result<Option<StageCommit
             )
         })
         .collect();
-    Ok(Some(ctx.dir.commit(&ctx.config_hash(), files, serde_json::json!({ "checkpoints": summary })).await?))
+    serde_json::json!({ "checkpoints": checkpoints })
 }
 
 /// The Markdown report.
@@ -605,117 +622,126 @@ pub fn markdown(run: &str, report: &Report) -> String {
     let mut md = String::new();
     let _ = writeln!(md, "# Evaluation of `{run}`\n");
     for c in &report.checkpoints {
-        let _ = writeln!(
-            md,
-            "## {} ({} step {}, {} tokens, trained at {} tokens, RoPE base {:.1}{})\n",
-            c.label,
-            c.stage,
-            c.step,
-            c.tokens_seen,
-            c.seq_len,
-            c.model.rope_base,
-            if c.model.rope_scaling.is_none() {
-                String::new()
-            } else {
-                format!(", {}", serde_json::to_string(&c.model.rope_scaling).unwrap_or_default())
-            }
-        );
-        let _ =
-            writeln!(md, "| held-out | documents | tokens | bytes | loss | unigram loss | perplexity | bits/byte |");
-        let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|");
-        for (cat, p) in &c.perplexity {
-            let unigram = p.unigram_loss.map_or_else(|| "-".into(), |u| format!("{u:.4}"));
-            let _ = writeln!(
-                md,
-                "| {cat} | {} | {} | {} | {:.4} | {unigram} | {:.2} | {:.4} |",
-                p.documents, p.tokens, p.bytes, p.loss, p.perplexity, p.bits_per_byte
-            );
-        }
-        if !c.benchmarks.is_empty() {
-            let _ = writeln!(md, "\n| benchmark | form | items | score | chance |");
-            let _ = writeln!(md, "|---|---|---:|---:|---:|");
-            for (name, b) in &c.benchmarks {
-                let form = match b.format {
-                    BenchmarkFormat::Cloze => "cloze, acc per byte",
-                    BenchmarkFormat::Generative => "generative, exact match",
-                };
-                let _ = writeln!(md, "| {name} | {form} | {} | {:.3} | {:.3} |", b.items, b.score, b.chance);
-            }
-        }
-        if !c.passkey.is_empty() {
-            let _ = writeln!(md, "\n| passkey length | correct | accuracy | key log-prob |");
-            let _ = writeln!(md, "|---:|---:|---:|---:|");
-            for p in &c.passkey {
-                let _ = writeln!(
-                    md,
-                    "| {} | {}/{} | {:.2} | {:.2} |",
-                    p.length, p.correct, p.trials, p.accuracy, p.key_logprob
-                );
-            }
-        }
-        if !c.probes.is_empty() {
-            let _ = writeln!(md, "\n| probe | log-prob |\n|---|---:|");
-            for (name, lp) in &c.probes {
-                let _ = writeln!(md, "| {name} | {lp:.3} |");
-            }
-        }
-        let _ = writeln!(md);
+        checkpoint_section(&mut md, c);
     }
     if let [base, long] = &report.checkpoints[..]
         && long.stage == Stage::LongContext.as_str()
     {
-        let _ = writeln!(md, "## {} vs {}\n", base.label, long.label);
-        let _ = writeln!(md, "| measure | {} | {} |\n|---|---:|---:|", base.label, long.label);
-        if let (Some(a), Some(b)) = (base.perplexity.get("all"), long.perplexity.get("all")) {
-            let _ = writeln!(
-                md,
-                "| held-out bits/byte (at {} vs {} tokens) | {:.4} | {:.4} |",
-                base.seq_len, long.seq_len, a.bits_per_byte, b.bits_per_byte
-            );
-        }
-        for (name, a) in &base.benchmarks {
-            if let Some(b) = long.benchmarks.get(name) {
-                let _ = writeln!(md, "| {name} | {:.3} | {:.3} |", a.score, b.score);
-            }
-        }
-        for (a, b) in base.passkey.iter().zip(&long.passkey) {
-            let _ = writeln!(md, "| passkey at {} tokens | {:.2} | {:.2} |", a.length, a.accuracy, b.accuracy);
-        }
-        let _ = writeln!(md);
+        comparison_section(&mut md, base, long);
     }
     if !report.probe_history.is_empty() {
-        let names: Vec<&String> = report
-            .probe_history
-            .iter()
-            .flat_map(|r| r.logprobs.keys())
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        let _ = writeln!(md, "## Probes across checkpoints (log-prob of the target, nats)\n");
-        let _ = write!(md, "| stage | step | tokens |");
+        probe_history_section(&mut md, &report.probe_history);
+    }
+    md
+}
+
+/// One checkpoint's tables: held-out perplexity, benchmarks, passkey and probes.
+fn checkpoint_section(md: &mut String, c: &CheckpointReport) {
+    let _ = writeln!(
+        md,
+        "## {} ({} step {}, {} tokens, trained at {} tokens, RoPE base {:.1}{})\n",
+        c.label,
+        c.stage,
+        c.step,
+        c.tokens_seen,
+        c.seq_len,
+        c.model.rope_base,
+        if c.model.rope_scaling.is_none() {
+            String::new()
+        } else {
+            format!(", {}", serde_json::to_string(&c.model.rope_scaling).unwrap_or_default())
+        }
+    );
+    let _ = writeln!(md, "| held-out | documents | tokens | bytes | loss | unigram loss | perplexity | bits/byte |");
+    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|");
+    for (cat, p) in &c.perplexity {
+        let unigram = p.unigram_loss.map_or_else(|| "-".into(), |u| format!("{u:.4}"));
+        let _ = writeln!(
+            md,
+            "| {cat} | {} | {} | {} | {:.4} | {unigram} | {:.2} | {:.4} |",
+            p.documents, p.tokens, p.bytes, p.loss, p.perplexity, p.bits_per_byte
+        );
+    }
+    if !c.benchmarks.is_empty() {
+        let _ = writeln!(md, "\n| benchmark | form | items | score | chance |");
+        let _ = writeln!(md, "|---|---|---:|---:|---:|");
+        for (name, b) in &c.benchmarks {
+            let form = match b.format {
+                BenchmarkFormat::Cloze => "cloze, acc per byte",
+                BenchmarkFormat::Generative => "generative, exact match",
+            };
+            let _ = writeln!(md, "| {name} | {form} | {} | {:.3} | {:.3} |", b.items, b.score, b.chance);
+        }
+    }
+    if !c.passkey.is_empty() {
+        let _ = writeln!(md, "\n| passkey length | correct | accuracy | key log-prob |");
+        let _ = writeln!(md, "|---:|---:|---:|---:|");
+        for p in &c.passkey {
+            let _ = writeln!(
+                md,
+                "| {} | {}/{} | {:.2} | {:.2} |",
+                p.length, p.correct, p.trials, p.accuracy, p.key_logprob
+            );
+        }
+    }
+    if !c.probes.is_empty() {
+        let _ = writeln!(md, "\n| probe | log-prob |\n|---|---:|");
+        for (name, lp) in &c.probes {
+            let _ = writeln!(md, "| {name} | {lp:.3} |");
+        }
+    }
+    let _ = writeln!(md);
+}
+
+/// Base against long-context on the measures both have.
+fn comparison_section(md: &mut String, base: &CheckpointReport, long: &CheckpointReport) {
+    let _ = writeln!(md, "## {} vs {}\n", base.label, long.label);
+    let _ = writeln!(md, "| measure | {} | {} |\n|---|---:|---:|", base.label, long.label);
+    if let (Some(a), Some(b)) = (base.perplexity.get("all"), long.perplexity.get("all")) {
+        let _ = writeln!(
+            md,
+            "| held-out bits/byte (at {} vs {} tokens) | {:.4} | {:.4} |",
+            base.seq_len, long.seq_len, a.bits_per_byte, b.bits_per_byte
+        );
+    }
+    for (name, a) in &base.benchmarks {
+        if let Some(b) = long.benchmarks.get(name) {
+            let _ = writeln!(md, "| {name} | {:.3} | {:.3} |", a.score, b.score);
+        }
+    }
+    for (a, b) in base.passkey.iter().zip(&long.passkey) {
+        let _ = writeln!(md, "| passkey at {} tokens | {:.2} | {:.2} |", a.length, a.accuracy, b.accuracy);
+    }
+    let _ = writeln!(md);
+}
+
+/// The probes at every checkpoint training recorded.
+fn probe_history_section(md: &mut String, history: &[ProbeRow]) {
+    let names: Vec<&String> =
+        history.iter().flat_map(|r| r.logprobs.keys()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+    let _ = writeln!(md, "## Probes across checkpoints (log-prob of the target, nats)\n");
+    let _ = write!(md, "| stage | step | tokens |");
+    for n in &names {
+        let _ = write!(md, " {n} |");
+    }
+    let _ = write!(md, "\n|---|---:|---:|");
+    for _ in &names {
+        let _ = write!(md, "---:|");
+    }
+    let _ = writeln!(md);
+    for r in history {
+        let _ = write!(md, "| {} | {} | {} |", r.stage, r.step, r.tokens);
         for n in &names {
-            let _ = write!(md, " {n} |");
-        }
-        let _ = write!(md, "\n|---|---:|---:|");
-        for _ in &names {
-            let _ = write!(md, "---:|");
-        }
-        let _ = writeln!(md);
-        for r in &report.probe_history {
-            let _ = write!(md, "| {} | {} | {} |", r.stage, r.step, r.tokens);
-            for n in &names {
-                match r.logprobs.get(*n) {
-                    Some(v) => {
-                        let _ = write!(md, " {v:.3} |");
-                    }
-                    None => md.push_str(" |"),
+            match r.logprobs.get(*n) {
+                Some(v) => {
+                    let _ = write!(md, " {v:.3} |");
                 }
+                None => md.push_str(" |"),
             }
-            let _ = writeln!(md);
         }
         let _ = writeln!(md);
     }
-    md
+    let _ = writeln!(md);
 }
 
 #[cfg(test)]

@@ -155,8 +155,7 @@ async fn upstream(ctx: &Context) -> Result<Upstream> {
         .filter(|p| p.starts_with("shards/") && p.ends_with(".jsonl.zst"))
         .collect();
     let heldout = commit.files.iter().map(|f| f.path.clone()).find(|p| p.starts_with("heldout/"));
-    let train_bytes =
-        serde_json::from_value::<DataPrepStats>(commit.stats).ok().map(|s| s.mix.bytes.values().sum());
+    let train_bytes = serde_json::from_value::<DataPrepStats>(commit.stats).ok().map(|s| s.mix.bytes.values().sum());
     Ok(Upstream { dir, shards, heldout, train_bytes })
 }
 
