@@ -201,130 +201,8 @@ impl<'a> RunObjects<'a> {
         let spec = &self.run.spec;
         let name = job_name(&self.name, stage, role, attempt);
         let labels = self.labels(Some((stage, role, attempt)));
-        let train = &spec.train.resources;
-        let plan::Pods { count: pods, gpus, cpu, memory } = plan::pods(spec, role);
-        let (phase, place) = match role {
-            Role::Map => (Some("map"), Place::Indexed { pods, master: None }),
-            Role::Gang => {
-                let master = format!("{name}-0.{}", service_name(&self.name, stage));
-                (None, Place::Indexed { pods, master: Some(master) })
-            }
-            Role::Reduce => (Some("reduce"), Place::Pod),
-            Role::Single => (None, Place::Pod),
-        };
-        let service = (role == Role::Gang).then(|| service_name(&self.name, stage));
-        let spec_path = format!("{SPEC_DIR}/{SPEC_KEY}");
-        let Invocation { args, env } = invocation(stage, &spec_path, phase, (&self.name, &spec.storage.url), place);
-        let mut env: Vec<EnvVar> = env.into_iter().map(|(name, value)| env_var(name, value)).collect();
-        env.extend([env_value("TMPDIR", "/tmp"), env_value("HOME", "/tmp")]);
-        let env_from = spec.storage.secret_ref.as_ref().map(|secret| {
-            vec![EnvFromSource {
-                secret_ref: Some(SecretEnvSource { name: secret.name.clone(), optional: Some(false) }),
-                ..EnvFromSource::default()
-            }]
-        });
-        let mut requests = BTreeMap::from([("cpu".to_string(), cpu.clone()), ("memory".to_string(), memory.clone())]);
-        let mut limits = BTreeMap::from([("memory".to_string(), memory.clone())]);
-        if gpus > 0 {
-            let gpus = Quantity(gpus.to_string());
-            requests.insert(GPU_RESOURCE.into(), gpus.clone());
-            limits.insert(GPU_RESOURCE.into(), gpus);
-        }
-        let mut mounts = vec![
-            VolumeMount {
-                name: "spec".into(),
-                mount_path: SPEC_DIR.into(),
-                read_only: Some(true),
-                ..VolumeMount::default()
-            },
-            VolumeMount { name: "tmp".into(), mount_path: "/tmp".into(), ..VolumeMount::default() },
-        ];
-        let mut volumes = vec![
-            Volume {
-                name: "spec".into(),
-                config_map: Some(ConfigMapVolumeSource {
-                    name: config_map_name(&self.name),
-                    ..ConfigMapVolumeSource::default()
-                }),
-                ..Volume::default()
-            },
-            Volume { name: "tmp".into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Volume::default() },
-        ];
-        if gpus > 0 {
-            // NCCL exchanges buffers through shared memory; the container default (64 MiB) is too small.
-            mounts.push(VolumeMount { name: "shm".into(), mount_path: "/dev/shm".into(), ..VolumeMount::default() });
-            volumes.push(Volume {
-                name: "shm".into(),
-                empty_dir: Some(EmptyDirVolumeSource {
-                    medium: Some("Memory".into()),
-                    ..EmptyDirVolumeSource::default()
-                }),
-                ..Volume::default()
-            });
-        }
-        let container = Container {
-            name: "worker".into(),
-            image: Some(spec.image.clone()),
-            command: Some(vec!["pretrain-worker".into()]),
-            args: Some(args),
-            env: Some(env),
-            env_from,
-            resources: Some(ResourceRequirements {
-                requests: Some(requests),
-                limits: Some(limits),
-                ..ResourceRequirements::default()
-            }),
-            volume_mounts: Some(mounts),
-            ports: (role == Role::Gang).then(|| {
-                vec![k8s_openapi::api::core::v1::ContainerPort {
-                    name: Some("rendezvous".into()),
-                    container_port: i32::from(MASTER_PORT),
-                    ..Default::default()
-                }]
-            }),
-            security_context: Some(SecurityContext {
-                allow_privilege_escalation: Some(false),
-                read_only_root_filesystem: Some(true),
-                run_as_non_root: Some(true),
-                capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Capabilities::default() }),
-                ..SecurityContext::default()
-            }),
-            termination_message_policy: Some("FallbackToLogsOnError".into()),
-            ..Container::default()
-        };
-        let node_selector = (gpus > 0)
-            .then(|| train.gpu_type.clone())
-            .flatten()
-            .map(|product| BTreeMap::from([(GPU_PRODUCT_LABEL.to_string(), product)]));
-        let grace = if stage.is_training() { TRAINING_GRACE_SECONDS } else { GRACE_SECONDS };
-        let pod = PodSpec {
-            containers: vec![container],
-            restart_policy: Some("Never".into()),
-            termination_grace_period_seconds: Some(grace),
-            subdomain: service,
-            node_selector,
-            // GPU nodes are commonly tainted `nvidia.com/gpu:NoSchedule` to keep other pods off.
-            tolerations: (gpus > 0).then(|| {
-                vec![Toleration {
-                    key: Some(GPU_RESOURCE.into()),
-                    operator: Some("Exists".into()),
-                    effect: Some("NoSchedule".into()),
-                    ..Toleration::default()
-                }]
-            }),
-            automount_service_account_token: Some(false),
-            enable_service_links: Some(false),
-            security_context: Some(PodSecurityContext {
-                run_as_non_root: Some(true),
-                run_as_user: Some(RUN_AS_USER),
-                run_as_group: Some(RUN_AS_USER),
-                fs_group: Some(RUN_AS_USER),
-                seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..SeccompProfile::default() }),
-                ..PodSecurityContext::default()
-            }),
-            volumes: Some(volumes),
-            ..PodSpec::default()
-        };
+        let pods = plan::pods(spec, role).count;
+        let pod = self.pod_spec(stage, role, &name);
         let indexed = matches!(role, Role::Map | Role::Gang);
         let mut job_labels = labels.clone();
         let mut suspend = None;
@@ -357,6 +235,136 @@ impl<'a> RunObjects<'a> {
             }),
             ..Job::default()
         }
+    }
+
+    /// The pod of a Job named `name`: the worker container, locked down, on a GPU node when the role
+    /// needs GPUs, in the gang's Service subdomain for gangs.
+    fn pod_spec(&self, stage: Stage, role: Role, name: &str) -> PodSpec {
+        let gpus = plan::pods(&self.run.spec, role).gpus;
+        let (mounts, volumes) = self.volumes(gpus > 0);
+        let node_selector = (gpus > 0)
+            .then(|| self.run.spec.train.resources.gpu_type.clone())
+            .flatten()
+            .map(|product| BTreeMap::from([(GPU_PRODUCT_LABEL.to_string(), product)]));
+        let grace = if stage.is_training() { TRAINING_GRACE_SECONDS } else { GRACE_SECONDS };
+        PodSpec {
+            containers: vec![self.container(stage, role, name, mounts)],
+            restart_policy: Some("Never".into()),
+            termination_grace_period_seconds: Some(grace),
+            subdomain: (role == Role::Gang).then(|| service_name(&self.name, stage)),
+            node_selector,
+            // GPU nodes are commonly tainted `nvidia.com/gpu:NoSchedule` to keep other pods off.
+            tolerations: (gpus > 0).then(|| {
+                vec![Toleration {
+                    key: Some(GPU_RESOURCE.into()),
+                    operator: Some("Exists".into()),
+                    effect: Some("NoSchedule".into()),
+                    ..Toleration::default()
+                }]
+            }),
+            automount_service_account_token: Some(false),
+            enable_service_links: Some(false),
+            security_context: Some(PodSecurityContext {
+                run_as_non_root: Some(true),
+                run_as_user: Some(RUN_AS_USER),
+                run_as_group: Some(RUN_AS_USER),
+                fs_group: Some(RUN_AS_USER),
+                seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..SeccompProfile::default() }),
+                ..PodSecurityContext::default()
+            }),
+            volumes: Some(volumes),
+            ..PodSpec::default()
+        }
+    }
+
+    /// The worker container of a Job named `name`: the stage's invocation, the store's Secret as
+    /// environment, its resources, and no privileges.
+    fn container(&self, stage: Stage, role: Role, name: &str, mounts: Vec<VolumeMount>) -> Container {
+        let spec = &self.run.spec;
+        let plan::Pods { count: pods, gpus, cpu, memory } = plan::pods(spec, role);
+        let (phase, place) = match role {
+            Role::Map => (Some("map"), Place::Indexed { pods, master: None }),
+            Role::Gang => {
+                let master = format!("{name}-0.{}", service_name(&self.name, stage));
+                (None, Place::Indexed { pods, master: Some(master) })
+            }
+            Role::Reduce => (Some("reduce"), Place::Pod),
+            Role::Single => (None, Place::Pod),
+        };
+        let spec_path = format!("{SPEC_DIR}/{SPEC_KEY}");
+        let Invocation { args, env } = invocation(stage, &spec_path, phase, (&self.name, &spec.storage.url), place);
+        let mut env: Vec<EnvVar> = env.into_iter().map(|(name, value)| env_var(name, value)).collect();
+        env.extend([env_value("TMPDIR", "/tmp"), env_value("HOME", "/tmp")]);
+        let env_from = spec.storage.secret_ref.as_ref().map(|secret| {
+            vec![EnvFromSource {
+                secret_ref: Some(SecretEnvSource { name: secret.name.clone(), optional: Some(false) }),
+                ..EnvFromSource::default()
+            }]
+        });
+        Container {
+            name: "worker".into(),
+            image: Some(spec.image.clone()),
+            command: Some(vec!["pretrain-worker".into()]),
+            args: Some(args),
+            env: Some(env),
+            env_from,
+            resources: Some(resources(cpu, memory, gpus)),
+            volume_mounts: Some(mounts),
+            ports: (role == Role::Gang).then(|| {
+                vec![k8s_openapi::api::core::v1::ContainerPort {
+                    name: Some("rendezvous".into()),
+                    container_port: i32::from(MASTER_PORT),
+                    ..Default::default()
+                }]
+            }),
+            security_context: Some(SecurityContext {
+                allow_privilege_escalation: Some(false),
+                read_only_root_filesystem: Some(true),
+                run_as_non_root: Some(true),
+                capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Capabilities::default() }),
+                ..SecurityContext::default()
+            }),
+            termination_message_policy: Some("FallbackToLogsOnError".into()),
+            ..Container::default()
+        }
+    }
+
+    /// The spec (read-only, from the run's ConfigMap), a writable `/tmp`, and for GPU pods a
+    /// memory-backed `/dev/shm`: NCCL exchanges buffers through shared memory, and the container
+    /// default (64 MiB) is too small.
+    fn volumes(&self, gpus: bool) -> (Vec<VolumeMount>, Vec<Volume>) {
+        let mut mounts = vec![
+            VolumeMount {
+                name: "spec".into(),
+                mount_path: SPEC_DIR.into(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            },
+            VolumeMount { name: "tmp".into(), mount_path: "/tmp".into(), ..VolumeMount::default() },
+        ];
+        let mut volumes = vec![
+            Volume {
+                name: "spec".into(),
+                config_map: Some(ConfigMapVolumeSource {
+                    name: config_map_name(&self.name),
+                    ..ConfigMapVolumeSource::default()
+                }),
+                ..Volume::default()
+            },
+            Volume { name: "tmp".into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Volume::default() },
+        ];
+        if gpus {
+            mounts.push(VolumeMount { name: "shm".into(), mount_path: "/dev/shm".into(), ..VolumeMount::default() });
+            volumes.push(Volume {
+                name: "shm".into(),
+                empty_dir: Some(EmptyDirVolumeSource {
+                    medium: Some("Memory".into()),
+                    ..EmptyDirVolumeSource::default()
+                }),
+                ..Volume::default()
+            });
+        }
+        (mounts, volumes)
     }
 
     /// Every object of the run's first attempt at each stage, in creation order: what
@@ -504,4 +512,16 @@ fn env_var(name: &str, value: Value) -> EnvVar {
             ..EnvVar::default()
         },
     }
+}
+
+/// Requests of `cpu`, `memory` and `gpus`; memory and GPUs are limits too.
+fn resources(cpu: &Quantity, memory: &Quantity, gpus: u32) -> ResourceRequirements {
+    let mut requests = BTreeMap::from([("cpu".to_string(), cpu.clone()), ("memory".to_string(), memory.clone())]);
+    let mut limits = BTreeMap::from([("memory".to_string(), memory.clone())]);
+    if gpus > 0 {
+        let gpus = Quantity(gpus.to_string());
+        requests.insert(GPU_RESOURCE.into(), gpus.clone());
+        limits.insert(GPU_RESOURCE.into(), gpus);
+    }
+    ResourceRequirements { requests: Some(requests), limits: Some(limits), ..ResourceRequirements::default() }
 }
