@@ -106,60 +106,22 @@ pub enum StageOutcome {
 
 /// Runs the manifest's stages in order and returns what happened to each.
 pub async fn run(opts: &RunOptions) -> Result<Vec<(Stage, StageOutcome)>, RunError> {
-    let run = pretrain_crd::load(&opts.manifest)?;
-    let store_url = opts.store.clone().unwrap_or_else(|| run.spec.storage.url.clone());
-    if store_url.starts_with("memory://") {
-        return Err(RunError::StoreUnusable {
-            url: store_url,
-            reason: "memory:// lives inside one process and stages run as separate processes; use file://".into(),
-        });
-    }
-    let store = Store::open(&store_url)?;
-    let stages = selected_stages(&run, opts.from, opts.until)?;
-    let manifest = std::path::absolute(&opts.manifest).unwrap_or_else(|_| opts.manifest.clone());
-    let name = run.metadata.name.clone().unwrap_or_default();
-    if let Some(&first) = stages.first() {
-        for earlier in run.spec.stages().into_iter().take_while(|s| *s != first) {
-            let hash = run.spec.stage_config_hash(earlier);
-            if store.stage(&name, earlier)?.committed(&hash).await?.is_none() {
-                return Err(RunError::StageRange(format!(
-                    "--from {first}: stage {earlier} has no committed outputs for this spec; run it first"
-                )));
-            }
-        }
-    }
-    let db = StateDb::open(&store_url).map_err(RunError::State)?;
+    let mut local = LocalRun::open(opts).await?;
+    local.skip_committed().await?;
     let interrupt = Interrupt::install();
-    let mut outcomes = Vec::new();
-    let mut observed = BTreeMap::new();
-    for &stage in &stages {
-        let hash = run.spec.stage_config_hash(stage);
-        if store.stage(&name, stage)?.committed(&hash).await?.is_some() {
-            println!("{stage}: outputs committed for this spec; skipped");
-            observed.insert(stage, Observed::Committed);
-            outcomes.push((stage, StageOutcome::Skipped));
-            if db.get(&name, stage).is_none_or(|r| r.config_hash != hash) {
-                let record = StageRecord { phase: RecordPhase::Skipped, ..record(&hash) };
-                db.put(&name, stage, &record).map_err(RunError::State)?;
-            }
-        }
-    }
     // Live progress bars on a terminal; plain log lines otherwise.
     let bars = std::io::IsTerminal::is_terminal(&std::io::stdout()).then(indicatif::MultiProgress::new);
+    let manifest = std::path::absolute(&opts.manifest).unwrap_or_else(|_| opts.manifest.clone());
+    let (name, store_url) = (local.name.clone(), local.store_url.clone());
     let ctx = WorkerContext { worker: &opts.worker, manifest: &manifest, run: &name, store: &store_url, bars };
     loop {
-        let (stage, attempt, layout) = match plan::next(&run.spec, &stages, &observed) {
+        let (stage, attempt, layout) = match plan::next(&local.run.spec, &local.stages, &local.observed) {
             Action::Finished => {
-                if outcomes.iter().any(|(_, o)| *o == StageOutcome::Completed) {
-                    match report::write(&store, &name).await {
-                        Ok(keys) => println!("report: {}", report_location(&store_url, &keys[0])),
-                        Err(e) => eprintln!("report: not written: {e}"),
-                    }
-                }
-                return Ok(outcomes);
+                local.write_report().await;
+                return Ok(local.outcomes);
             }
             Action::Failed { stage, reason } => {
-                let code = db.get(&name, stage).and_then(|r| r.exit_code);
+                let code = local.db.get(&local.name, stage).and_then(|r| r.exit_code);
                 return Err(RunError::StageFailed { stage, code, reason });
             }
             Action::Run { stage, attempt, layout } => (stage, attempt, layout),
@@ -167,83 +129,146 @@ pub async fn run(opts: &RunOptions) -> Result<Vec<(Stage, StageOutcome)>, RunErr
         if interrupt.requested() {
             return Err(RunError::Interrupted { stage });
         }
-        let hash = run.spec.stage_config_hash(stage);
-        let allowed = plan::attempts_allowed(&run.spec, stage);
+        local.started(stage, attempt)?;
+        let result = run_stage(&ctx, stage, layout, opts.workers, &interrupt).await;
+        local.ended(stage, attempt, result).await?;
+    }
+}
+
+/// One `pretrain run`: the manifest, its store and state database, the stages selected, and what
+/// the planner has seen of each.
+struct LocalRun {
+    run: PretrainRun,
+    name: String,
+    store: Store,
+    store_url: String,
+    db: StateDb,
+    stages: Vec<Stage>,
+    observed: BTreeMap<Stage, Observed>,
+    outcomes: Vec<(Stage, StageOutcome)>,
+}
+
+impl LocalRun {
+    /// Loads the manifest and opens its store; with `--from`, every earlier stage must have committed.
+    async fn open(opts: &RunOptions) -> Result<Self, RunError> {
+        let run = pretrain_crd::load(&opts.manifest)?;
+        let store_url = opts.store.clone().unwrap_or_else(|| run.spec.storage.url.clone());
+        if store_url.starts_with("memory://") {
+            return Err(RunError::StoreUnusable {
+                url: store_url,
+                reason: "memory:// lives inside one process and stages run as separate processes; use file://".into(),
+            });
+        }
+        let store = Store::open(&store_url)?;
+        let stages = selected_stages(&run, opts.from, opts.until)?;
+        let name = run.metadata.name.clone().unwrap_or_default();
+        if let Some(&first) = stages.first() {
+            for earlier in run.spec.stages().into_iter().take_while(|s| *s != first) {
+                let hash = run.spec.stage_config_hash(earlier);
+                if store.stage(&name, earlier)?.committed(&hash).await?.is_none() {
+                    return Err(RunError::StageRange(format!(
+                        "--from {first}: stage {earlier} has no committed outputs for this spec; run it first"
+                    )));
+                }
+            }
+        }
+        let db = StateDb::open(&store_url).map_err(RunError::State)?;
+        Ok(Self { run, name, store, store_url, db, stages, observed: BTreeMap::new(), outcomes: Vec::new() })
+    }
+
+    /// Skips the selected stages whose outputs are committed for this spec.
+    async fn skip_committed(&mut self) -> Result<(), RunError> {
+        for &stage in &self.stages {
+            let hash = self.run.spec.stage_config_hash(stage);
+            if self.store.stage(&self.name, stage)?.committed(&hash).await?.is_some() {
+                println!("{stage}: outputs committed for this spec; skipped");
+                self.observed.insert(stage, Observed::Committed);
+                self.outcomes.push((stage, StageOutcome::Skipped));
+                if self.db.get(&self.name, stage).is_none_or(|r| r.config_hash != hash) {
+                    let record = StageRecord { phase: RecordPhase::Skipped, ..record(&hash) };
+                    self.db.put(&self.name, stage, &record).map_err(RunError::State)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Records `stage`'s record, creating it for this spec when needed.
+    fn update(&self, stage: Stage, change: impl FnOnce(&mut StageRecord)) -> Result<(), RunError> {
+        let hash = self.run.spec.stage_config_hash(stage);
+        self.db.update(&self.name, stage, || record(&hash), change).map_err(RunError::State)
+    }
+
+    /// Says and records that `attempt` of `stage` starts.
+    fn started(&self, stage: Stage, attempt: u32) -> Result<(), RunError> {
         if attempt == 1 {
             println!("{stage}: starting");
         } else {
             println!(
-                "{stage}: attempt {attempt} of {allowed}{}",
+                "{stage}: attempt {attempt} of {}{}",
+                plan::attempts_allowed(&self.run.spec, stage),
                 if stage.is_training() { ", resuming from the last checkpoint" } else { "" }
             );
         }
-        db.update(
-            &name,
-            stage,
-            || record(&hash),
-            |r| {
-                *r = StageRecord {
-                    phase: RecordPhase::Running,
-                    attempts: attempt,
-                    started: Some(state::now()),
-                    ..record(&hash)
-                };
-            },
-        )
-        .map_err(RunError::State)?;
-        let result = run_stage(&ctx, stage, layout, opts.workers, &interrupt).await;
+        let hash = self.run.spec.stage_config_hash(stage);
+        self.update(stage, |r| {
+            *r = StageRecord {
+                phase: RecordPhase::Running,
+                attempts: attempt,
+                started: Some(state::now()),
+                ..record(&hash)
+            };
+        })
+    }
+
+    /// Records how `attempt` of `stage` ended, for the planner's next choice.
+    async fn ended(&mut self, stage: Stage, attempt: u32, result: Result<(), WorkerExit>) -> Result<(), RunError> {
         let finished = Some(state::now());
         match result {
             Ok(()) => {
-                if store.stage(&name, stage)?.committed(&hash).await?.is_none() {
+                let hash = self.run.spec.stage_config_hash(stage);
+                if self.store.stage(&self.name, stage)?.committed(&hash).await?.is_none() {
                     return Err(RunError::NotCommitted { stage });
                 }
-                db.update(
-                    &name,
-                    stage,
-                    || record(&hash),
-                    |r| {
-                        r.phase = RecordPhase::Committed;
-                        r.finished = finished;
-                    },
-                )
-                .map_err(RunError::State)?;
+                self.update(stage, |r| {
+                    r.phase = RecordPhase::Committed;
+                    r.finished = finished;
+                })?;
                 println!("{stage}: committed");
-                observed.insert(stage, Observed::Committed);
-                outcomes.push((stage, StageOutcome::Completed));
+                self.observed.insert(stage, Observed::Committed);
+                self.outcomes.push((stage, StageOutcome::Completed));
             }
             Err(WorkerExit::Interrupted) => {
-                db.update(
-                    &name,
-                    stage,
-                    || record(&hash),
-                    |r| {
-                        r.phase = RecordPhase::Interrupted;
-                        r.finished = finished;
-                    },
-                )
-                .map_err(RunError::State)?;
+                self.update(stage, |r| {
+                    r.phase = RecordPhase::Interrupted;
+                    r.finished = finished;
+                })?;
                 return Err(RunError::Interrupted { stage });
             }
             Err(WorkerExit::Spawn(e)) => return Err(e),
             Err(WorkerExit::Failed { code, reason }) => {
                 let permanent = code == Some(exit::INVALID);
-                db.update(
-                    &name,
-                    stage,
-                    || record(&hash),
-                    |r| {
-                        r.phase = RecordPhase::Failed;
-                        r.finished = finished;
-                        r.exit_code = code;
-                        r.reason = Some(reason.clone());
-                    },
-                )
-                .map_err(RunError::State)?;
-                if !permanent && attempt < allowed {
+                self.update(stage, |r| {
+                    r.phase = RecordPhase::Failed;
+                    r.finished = finished;
+                    r.exit_code = code;
+                    r.reason = Some(reason.clone());
+                })?;
+                if !permanent && attempt < plan::attempts_allowed(&self.run.spec, stage) {
                     eprintln!("{stage}: attempt {attempt} failed ({}): {reason}", exit_status(code));
                 }
-                observed.insert(stage, Observed::Failed { attempts: attempt, permanent, reason });
+                self.observed.insert(stage, Observed::Failed { attempts: attempt, permanent, reason });
+            }
+        }
+        Ok(())
+    }
+
+    /// The run's report, when a stage ran.
+    async fn write_report(&self) {
+        if self.outcomes.iter().any(|(_, o)| *o == StageOutcome::Completed) {
+            match report::write(&self.store, &self.name).await {
+                Ok(keys) => println!("report: {}", report_location(&self.store_url, &keys[0])),
+                Err(e) => eprintln!("report: not written: {e}"),
             }
         }
     }
