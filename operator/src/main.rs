@@ -135,52 +135,35 @@ enum Command {
     },
 }
 
+/// How a command failed: its input is unusable (a usage or manifest error, exit code 2, the message
+/// as it is), or it failed (exit code 1, `error: ` and the message).
+enum Failed {
+    Usage(String),
+    Error(String),
+}
+
+impl<E: std::fmt::Display> From<E> for Failed {
+    fn from(e: E) -> Self {
+        Failed::Error(e.to_string())
+    }
+}
+
 fn main() -> ExitCode {
     // kube's TLS and object_store's each enable one of rustls' crypto providers, and with both in
     // the process rustls cannot choose by itself: the first API call would panic.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let cli = Cli::parse();
-    match cli.command {
-        Command::Validate { file } => match pretrain_crd::load(&file) {
-            Ok(_) => {
-                println!("ok");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("{e}");
-                ExitCode::from(2)
-            }
-        },
+    exit(dispatch(Cli::parse().command))
+}
+
+/// Runs one command.
+fn dispatch(command: Command) -> Result<(), Failed> {
+    match command {
+        Command::Validate { file } => load(&file).map(|_| println!("ok")),
         Command::Crd { reference } => {
             print!("{}", if reference { pretrain_crd::reference_markdown() } else { pretrain_crd::crd_yaml() });
-            ExitCode::SUCCESS
+            Ok(())
         }
-        Command::Render { file, namespace } => {
-            let mut run = match pretrain_crd::load(&file) {
-                Ok(run) => run,
-                Err(e) => {
-                    eprintln!("{e}");
-                    return ExitCode::from(2);
-                }
-            };
-            if namespace.is_some() {
-                run.metadata.namespace = namespace;
-            }
-            let rendered = RunObjects::new(&run)
-                .map_err(|e| e.to_string())
-                .and_then(|o| o.all().map_err(|e| e.to_string()))
-                .and_then(|objects| render::to_yaml_stream(&objects).map_err(|e| e.to_string()));
-            match rendered {
-                Ok(yaml) => {
-                    print!("{yaml}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
+        Command::Render { file, namespace } => render(&file, namespace),
         Command::Operator {
             listen,
             lease,
@@ -191,128 +174,102 @@ fn main() -> ExitCode {
             worker_image,
             storage_secret,
         } => {
-            let runtime =
-                tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime starts");
             let scheduler = (!no_scheduler).then(|| {
                 let policy = Policy { min_runtime: preempt_after.max(0), ..Policy::default() };
                 (std::time::Duration::from_secs(schedule_every.max(1)), policy)
             });
             let defaults = RunDefaults { worker_image, storage_secret };
-            match runtime.block_on(operator(&listen, &lease, no_leader_election, scheduler, defaults)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+            Ok(block_on(operator(&listen, &lease, no_leader_election, scheduler, defaults))?)
         }
         Command::Export { run, out, checkpoint, format: _, store, file } => {
-            let (store, run) = match target(store, run, file.as_deref()) {
-                Ok((store, Some(run))) => (store, run),
-                Ok((_, None)) => {
-                    eprintln!("name the run, or give its manifest with -f");
-                    return ExitCode::from(2);
-                }
-                Err(code) => return code,
-            };
-            let runtime =
-                tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime starts");
-            let exported = runtime.block_on(async {
-                let store = pretrain_store::Store::open(&store)?;
-                pretrain_operator::export::export(&store, &run, &checkpoint, &out).await
-            });
-            match exported {
-                Ok(e) => {
-                    println!("exported {} (step {}) to {}", e.checkpoint, e.step, out.display());
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+            export(target(store, run, file)?, &checkpoint, &out)
         }
         Command::Status { run, store, file } => {
-            let (store, run) = match target(store, run, file.as_deref()) {
-                Ok(t) => t,
-                Err(code) => return code,
-            };
-            let runtime =
-                tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime starts");
-            match runtime.block_on(local::status(&store, run.as_deref())) {
-                Ok(text) => {
-                    print!("{text}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+            let (store, run) = target(store, run, file)?;
+            print!("{}", block_on(local::status(&store, run.as_deref()))?);
+            Ok(())
         }
-        Command::Report { run, store, file } => {
-            let (store, run) = match target(store, run, file.as_deref()) {
-                Ok(t) => t,
-                Err(code) => return code,
-            };
-            let Some(run) = run else {
-                eprintln!("name the run: pretrain report RUN, or -f MANIFEST");
-                return ExitCode::from(2);
-            };
-            let runtime =
-                tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime starts");
-            let written = runtime.block_on(async {
-                let s = pretrain_store::Store::open(&store)?;
-                local::report::write(&s, &run).await
-            });
-            match written {
-                Ok(keys) => {
-                    println!("{}", local::report_location(&store, &keys[0]));
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
+        Command::Report { run, store, file } => report(target(store, run, file)?),
         Command::Run { file, store, from, until, worker, workers } => {
             if workers == 0 {
-                eprintln!("--workers must be at least 1");
-                return ExitCode::from(2);
+                return Err(Failed::Usage("--workers must be at least 1".into()));
             }
             let worker = worker.unwrap_or_else(local::default_worker);
             let opts = RunOptions { manifest: file, store, from, until, worker, workers };
-            let runtime =
-                tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime starts");
-            match runtime.block_on(local::run(&opts)) {
-                Ok(_) => ExitCode::SUCCESS,
-                Err(local::RunError::Manifest(e)) => {
-                    eprintln!("{e}");
-                    ExitCode::from(2)
-                }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::FAILURE
-                }
+            match block_on(local::run(&opts)) {
+                Ok(_) => Ok(()),
+                Err(local::RunError::Manifest(e)) => Err(Failed::Usage(e.to_string())),
+                Err(e) => Err(e.into()),
             }
         }
     }
+}
+
+fn exit(done: Result<(), Failed>) -> ExitCode {
+    match done {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failed::Usage(message)) => {
+            eprintln!("{message}");
+            ExitCode::from(2)
+        }
+        Err(Failed::Error(message)) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs `work` to completion on a multi-threaded runtime.
+fn block_on<F: std::future::Future>(work: F) -> F::Output {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime starts");
+    runtime.block_on(work)
+}
+
+/// A manifest, validated.
+fn load(file: &std::path::Path) -> Result<pretrain_crd::PretrainRun, Failed> {
+    pretrain_crd::load(file).map_err(|e| Failed::Usage(e.to_string()))
+}
+
+/// `pretrain render`: the objects the operator creates for the manifest, as YAML.
+fn render(file: &std::path::Path, namespace: Option<String>) -> Result<(), Failed> {
+    let mut run = load(file)?;
+    if namespace.is_some() {
+        run.metadata.namespace = namespace;
+    }
+    let objects = RunObjects::new(&run)?.all()?;
+    print!("{}", render::to_yaml_stream(&objects)?);
+    Ok(())
+}
+
+/// `pretrain export`: a checkpoint as a Hugging Face model directory.
+fn export((store, run): (String, Option<String>), checkpoint: &str, out: &std::path::Path) -> Result<(), Failed> {
+    let run = run.ok_or_else(|| Failed::Usage("name the run, or give its manifest with -f".into()))?;
+    let exported = block_on(async {
+        let store = pretrain_store::Store::open(&store)?;
+        pretrain_operator::export::export(&store, &run, checkpoint, out).await
+    })?;
+    println!("exported {} (step {}) to {}", exported.checkpoint, exported.step, out.display());
+    Ok(())
+}
+
+/// `pretrain report`: writes the run's report and prints where.
+fn report((store, run): (String, Option<String>)) -> Result<(), Failed> {
+    let run = run.ok_or_else(|| Failed::Usage("name the run: pretrain report RUN, or -f MANIFEST".into()))?;
+    let keys = block_on(async {
+        let s = pretrain_store::Store::open(&store)?;
+        local::report::write(&s, &run).await
+    })?;
+    println!("{}", local::report_location(&store, &keys[0]));
+    Ok(())
 }
 
 /// The store and run a command is about: `--store`/`RUN`, else the manifest's, else `file://runs`.
 fn target(
     store: Option<String>,
     run: Option<String>,
-    file: Option<&std::path::Path>,
-) -> Result<(String, Option<String>), ExitCode> {
-    let manifest = match file.map(pretrain_crd::load).transpose() {
-        Ok(m) => m,
-        Err(e) => {
-            eprintln!("{e}");
-            return Err(ExitCode::from(2));
-        }
-    };
+    file: Option<PathBuf>,
+) -> Result<(String, Option<String>), Failed> {
+    let manifest = file.as_deref().map(load).transpose()?;
     let store =
         store.or_else(|| manifest.as_ref().map(|m| m.spec.storage.url.clone())).unwrap_or_else(|| "file://runs".into());
     let run = run.or_else(|| manifest.as_ref().and_then(|m| m.metadata.name.clone()));
