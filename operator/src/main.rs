@@ -182,14 +182,14 @@ fn dispatch(command: Command) -> Result<(), Failed> {
             Ok(block_on(operator(&listen, &lease, no_leader_election, scheduler, defaults))?)
         }
         Command::Export { run, out, checkpoint, format: _, store, file } => {
-            export(target(store, run, file)?, &checkpoint, &out)
+            export(target(store, run, file.as_deref())?, &checkpoint, &out)
         }
         Command::Status { run, store, file } => {
-            let (store, run) = target(store, run, file)?;
+            let (store, run) = target(store, run, file.as_deref())?;
             print!("{}", block_on(local::status(&store, run.as_deref()))?);
             Ok(())
         }
-        Command::Report { run, store, file } => report(target(store, run, file)?),
+        Command::Report { run, store, file } => report(target(store, run, file.as_deref())?),
         Command::Run { file, store, from, until, worker, workers } => {
             if workers == 0 {
                 return Err(Failed::Usage("--workers must be at least 1".into()));
@@ -267,9 +267,9 @@ fn report((store, run): (String, Option<String>)) -> Result<(), Failed> {
 fn target(
     store: Option<String>,
     run: Option<String>,
-    file: Option<PathBuf>,
+    file: Option<&std::path::Path>,
 ) -> Result<(String, Option<String>), Failed> {
-    let manifest = file.as_deref().map(load).transpose()?;
+    let manifest = file.map(load).transpose()?;
     let store =
         store.or_else(|| manifest.as_ref().map(|m| m.spec.storage.url.clone())).unwrap_or_else(|| "file://runs".into());
     let run = run.or_else(|| manifest.as_ref().and_then(|m| m.metadata.name.clone()));

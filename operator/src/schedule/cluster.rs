@@ -141,8 +141,21 @@ pub fn snapshot(
     now: i64,
 ) -> Snapshot {
     let mut snapshot = Snapshot::default();
-    // Pods of running gangs, by run/stage/attempt: the gangs account for them.
-    let mut gang_pods: BTreeSet<(String, String, String, String)> = BTreeSet::new();
+    let gang_pods = gangs(runs, now, &mut snapshot);
+    let (held, unbound) = other_pods(pods, &gang_pods);
+    snapshot.nodes = free_nodes(nodes, &held);
+    reserve_for_unbound(&mut snapshot.nodes, nodes, unbound);
+    snapshot.queues = queues_of(queues);
+    snapshot
+}
+
+/// `(namespace, run, stage, attempt)` of a gang's pods.
+type GangKey = (String, String, String, String);
+
+/// The runs' gangs: those that wait for admission (requests) and those that hold theirs (running);
+/// returns the keys of the running gangs' pods, which the gangs account for.
+fn gangs(runs: &[PretrainRun], now: i64, snapshot: &mut Snapshot) -> BTreeSet<GangKey> {
+    let mut gang_pods: BTreeSet<GangKey> = BTreeSet::new();
     for run in runs {
         let queue = run.spec.scheduling.queue.clone();
         let priority = run.spec.scheduling.priority;
@@ -196,8 +209,16 @@ pub fn snapshot(
         }
     }
 
-    // What other pods hold, per node; pods not bound yet hold the node the Kubernetes scheduler
-    // nominated for them, or wait to be placed below.
+    gang_pods
+}
+
+/// What pods other than the gangs' hold, per node, and the pods not bound to a node yet.
+fn other_pods<'a>(
+    pods: &'a [Pod],
+    gang_pods: &BTreeSet<GangKey>,
+) -> (BTreeMap<String, Resources>, Vec<(&'a Pod, Resources)>) {
+    // Pods not bound yet hold the node the Kubernetes scheduler nominated for them, or wait to be
+    // placed by `reserve_for_unbound`.
     let mut held: BTreeMap<String, Resources> = BTreeMap::new();
     let mut unbound: Vec<(&Pod, Resources)> = Vec::new();
     for pod in pods {
@@ -224,6 +245,12 @@ pub fn snapshot(
         }
     }
 
+    (held, unbound)
+}
+
+/// Each node with what is free on it once `held` is taken, and whether gangs may use it.
+fn free_nodes(nodes: &[KubeNode], held: &BTreeMap<String, Resources>) -> Vec<Node> {
+    let mut free = Vec::new();
     for node in nodes {
         let name = node.name_any();
         let status = node.status.as_ref();
@@ -239,25 +266,28 @@ pub fn snapshot(
         });
         let allocatable = resources(status.and_then(|s| s.allocatable.as_ref()));
         let used = held.get(&name).copied().unwrap_or_default();
-        snapshot.nodes.push(Node {
+        free.push(Node {
             gpu_type: node.labels().get(GPU_PRODUCT_LABEL).cloned(),
             allocatable: allocatable.minus(&used),
             schedulable: ready && !cordoned && !tainted,
             name,
         });
     }
-    // A pending pod of another workload will take a node before a gang admitted now can start
-    // there: reserve what it asks for where the Kubernetes scheduler would most likely put it, the
-    // usable node its node selector allows with the most free GPUs, then CPU (its default scoring
-    // prefers the least allocated node). Pods that fit nowhere hold nothing.
+    free
+}
+
+// A pending pod of another workload will take a node before a gang admitted now can start
+// there: reserve what it asks for where the Kubernetes scheduler would most likely put it, the
+// usable node its node selector allows with the most free GPUs, then CPU (its default scoring
+// prefers the least allocated node). Pods that fit nowhere hold nothing.
+fn reserve_for_unbound(free: &mut [Node], nodes: &[KubeNode], unbound: Vec<(&Pod, Resources)>) {
     for (pod, wants) in unbound {
         let selector = pod.spec.as_ref().and_then(|s| s.node_selector.clone()).unwrap_or_default();
         let fits = |n: &&mut Node| {
             let labels = nodes.iter().find(|k| k.name_any() == n.name).map(|k| k.labels().clone()).unwrap_or_default();
             n.schedulable && wants.fits_in(&n.allocatable) && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
         };
-        if let Some(node) = snapshot
-            .nodes
+        if let Some(node) = free
             .iter_mut()
             .filter(fits)
             .max_by_key(|n| (n.allocatable.gpus, n.allocatable.cpu_millis, std::cmp::Reverse(n.name.clone())))
@@ -265,25 +295,24 @@ pub fn snapshot(
             node.allocatable.take(&wants);
         }
     }
+}
 
+/// The cluster's queues; until a cluster defines it, the default queue admits by capacity alone.
+fn queues_of(queues: &[PretrainQueue]) -> Vec<Queue> {
+    let mut out = Vec::new();
     let mut has_default = false;
     for q in queues {
         has_default |= q.name_any() == DEFAULT_QUEUE;
-        snapshot.queues.push(Queue {
-            name: q.name_any(),
-            gpu_quota: q.spec.gpu_quota.clone(),
-            borrowing: q.spec.borrowing,
-        });
+        out.push(Queue { name: q.name_any(), gpu_quota: q.spec.gpu_quota.clone(), borrowing: q.spec.borrowing });
     }
     if !has_default {
-        // Until a cluster defines it, the default queue admits by capacity alone.
-        snapshot.queues.push(Queue {
+        out.push(Queue {
             name: DEFAULT_QUEUE.into(),
             gpu_quota: BTreeMap::from([("*".to_string(), u32::MAX)]),
             borrowing: false,
         });
     }
-    snapshot
+    out
 }
 
 /// A change to one run's status.
