@@ -107,6 +107,7 @@ fn minimal_manifest_validates_and_takes_defaults() {
 }
 
 #[test]
+#[expect(clippy::too_many_lines, reason = "a table of cases")]
 fn broken_manifests_give_exact_errors() {
     let cases: &[(&[(&str, &str)], &str)] = &[
         (

@@ -116,18 +116,7 @@ impl ControlPlane {
         processes.push(Process::spawn(
             "etcd",
             &binary("etcd")?,
-            &[
-                "--name=pretrain-test".into(),
-                format!("--data-dir={}", dir.join("etcd").display()),
-                format!("--listen-client-urls={etcd_url}"),
-                format!("--advertise-client-urls={etcd_url}"),
-                format!("--listen-peer-urls=http://127.0.0.1:{etcd_peer}"),
-                format!("--initial-advertise-peer-urls=http://127.0.0.1:{etcd_peer}"),
-                format!("--initial-cluster=pretrain-test=http://127.0.0.1:{etcd_peer}"),
-                // A test cluster's data is thrown away: skip the fsyncs (as envtest does).
-                "--unsafe-no-fsync".into(),
-                "--log-level=warn".into(),
-            ],
+            &etcd_args(&dir, &etcd_url, etcd_peer),
             &dir.join("etcd.log"),
         )?);
 
@@ -138,30 +127,7 @@ impl ControlPlane {
         processes.push(Process::spawn(
             "kube-apiserver",
             &binary("kube-apiserver")?,
-            &[
-                format!("--etcd-servers={etcd_url}"),
-                // Every host address: pods reach it through the pod network's gateway.
-                "--bind-address=0.0.0.0".into(),
-                // The `kubernetes` Service's endpoint: the address pods reach the API server at.
-                format!("--advertise-address={}", network.gateway()),
-                format!("--secure-port={port}"),
-                format!("--cert-dir={}", dir.join("apiserver").display()),
-                format!("--tls-cert-file={}", pki.serving.cert.display()),
-                format!("--tls-private-key-file={}", pki.serving.key.display()),
-                format!("--client-ca-file={}", pki.ca.cert.display()),
-                "--service-cluster-ip-range=10.0.0.0/24".into(),
-                "--service-account-issuer=https://kubernetes.default.svc".into(),
-                format!("--service-account-key-file={}", pki.service_account_public_key().display()),
-                format!("--service-account-signing-key-file={sa_key}"),
-                "--authorization-mode=Node,RBAC".into(),
-                "--enable-admission-plugins=OwnerReferencesPermissionEnforcement,NodeRestriction".into(),
-                format!("--default-not-ready-toleration-seconds={tolerate}"),
-                format!("--default-unreachable-toleration-seconds={tolerate}"),
-                "--allow-privileged=true".into(),
-                // Nothing dials kubelets here (no logs or exec through the API server).
-                "--kubelet-preferred-address-types=InternalIP".into(),
-                "--v=1".into(),
-            ],
+            &apiserver_args(&dir, &etcd_url, port, &pki, &network.gateway().to_string(), tolerate),
             &dir.join("kube-apiserver.log"),
         )?);
 
@@ -329,4 +295,49 @@ pub async fn client(kubeconfig: &Path) -> anyhow::Result<kube::Client> {
     let config = kube::config::Kubeconfig::read_from(kubeconfig)?;
     let config = kube::Config::from_custom_kubeconfig(config, &kube::config::KubeConfigOptions::default()).await?;
     Ok(kube::Client::try_from(config)?)
+}
+
+/// etcd's flags: its data under `dir`, clients at `etcd_url`, one member at port `etcd_peer`.
+fn etcd_args(dir: &Path, etcd_url: &str, etcd_peer: u16) -> Vec<String> {
+    vec![
+        "--name=pretrain-test".into(),
+        format!("--data-dir={}", dir.join("etcd").display()),
+        format!("--listen-client-urls={etcd_url}"),
+        format!("--advertise-client-urls={etcd_url}"),
+        format!("--listen-peer-urls=http://127.0.0.1:{etcd_peer}"),
+        format!("--initial-advertise-peer-urls=http://127.0.0.1:{etcd_peer}"),
+        format!("--initial-cluster=pretrain-test=http://127.0.0.1:{etcd_peer}"),
+        // A test cluster's data is thrown away: skip the fsyncs (as envtest does).
+        "--unsafe-no-fsync".into(),
+        "--log-level=warn".into(),
+    ]
+}
+
+/// kube-apiserver's flags: etcd at `etcd_url`, serving on `port` of every address with `pki`'s
+/// certificates, advertised to pods at `gateway`.
+fn apiserver_args(dir: &Path, etcd_url: &str, port: u16, pki: &Pki, gateway: &str, tolerate: u32) -> Vec<String> {
+    vec![
+        format!("--etcd-servers={etcd_url}"),
+        // Every host address: pods reach it through the pod network's gateway.
+        "--bind-address=0.0.0.0".into(),
+        // The `kubernetes` Service's endpoint: the address pods reach the API server at.
+        format!("--advertise-address={gateway}"),
+        format!("--secure-port={port}"),
+        format!("--cert-dir={}", dir.join("apiserver").display()),
+        format!("--tls-cert-file={}", pki.serving.cert.display()),
+        format!("--tls-private-key-file={}", pki.serving.key.display()),
+        format!("--client-ca-file={}", pki.ca.cert.display()),
+        "--service-cluster-ip-range=10.0.0.0/24".into(),
+        "--service-account-issuer=https://kubernetes.default.svc".into(),
+        format!("--service-account-key-file={}", pki.service_account_public_key().display()),
+        format!("--service-account-signing-key-file={}", pki.service_account_key.display()),
+        "--authorization-mode=Node,RBAC".into(),
+        "--enable-admission-plugins=OwnerReferencesPermissionEnforcement,NodeRestriction".into(),
+        format!("--default-not-ready-toleration-seconds={tolerate}"),
+        format!("--default-unreachable-toleration-seconds={tolerate}"),
+        "--allow-privileged=true".into(),
+        // Nothing dials kubelets here (no logs or exec through the API server).
+        "--kubelet-preferred-address-types=InternalIP".into(),
+        "--v=1".into(),
+    ]
 }

@@ -463,6 +463,50 @@ impl Statuses<'_> {
     }
 }
 
+/// The container's environment: the kubelet's own variables (with the fake GPU node's for GPU
+/// containers), then the container's, Secrets and ConfigMaps resolved.
+async fn environment(
+    host: &Host,
+    client: &Client,
+    pod: &Pod,
+    container: &Container,
+    pod_ip: std::net::Ipv4Addr,
+) -> anyhow::Result<Vec<(String, String)>> {
+    let spec = pod.spec.as_ref().expect("checked");
+    let mut env = vec![
+        ("PATH".to_string(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string()),
+        ("HOSTNAME".to_string(), spec.hostname.clone().unwrap_or_else(|| pod.name_any())),
+        ("KUBERNETES_SERVICE_HOST".to_string(), host.network.gateway().to_string()),
+        ("KUBERNETES_SERVICE_PORT".to_string(), host.api_port.to_string()),
+        ("KUBERNETES_SERVICE_PORT_HTTPS".to_string(), host.api_port.to_string()),
+    ];
+    let gpus = container.resources.as_ref().and_then(|r| r.limits.as_ref()).and_then(|l| l.get("nvidia.com/gpu"));
+    if gpus.is_some() {
+        env.extend(host.gpu_node_env.iter().cloned());
+    }
+    // Resolving the environment reads Secrets and ConfigMaps: retried, as a kubelet retries.
+    for (k, v) in retried(|| container_env(client, pod, container, pod_ip), || false).await? {
+        env.retain(|(key, _)| *key != k);
+        env.push((k, v));
+    }
+    Ok(env)
+}
+
+/// A container's state once it exited with `code`.
+fn terminated(code: i32, message: Option<String>, started_at: Time) -> ContainerState {
+    ContainerState {
+        terminated: Some(ContainerStateTerminated {
+            exit_code: code,
+            reason: Some(if code == 0 { "Completed" } else { "Error" }.into()),
+            message,
+            started_at: Some(started_at),
+            finished_at: Some(now()),
+            ..ContainerStateTerminated::default()
+        }),
+        ..ContainerState::default()
+    }
+}
+
 /// Starts the container, restarts it per `restartPolicy`, probes it and writes its status.
 #[allow(clippy::too_many_arguments)]
 async fn supervise(
@@ -485,22 +529,7 @@ async fn supervise(
         pod_ip,
         started: now(),
     };
-    let mut env = vec![
-        ("PATH".to_string(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string()),
-        ("HOSTNAME".to_string(), spec.hostname.clone().unwrap_or_else(|| pod.name_any())),
-        ("KUBERNETES_SERVICE_HOST".to_string(), host.network.gateway().to_string()),
-        ("KUBERNETES_SERVICE_PORT".to_string(), host.api_port.to_string()),
-        ("KUBERNETES_SERVICE_PORT_HTTPS".to_string(), host.api_port.to_string()),
-    ];
-    let gpus = container.resources.as_ref().and_then(|r| r.limits.as_ref()).and_then(|l| l.get("nvidia.com/gpu"));
-    if gpus.is_some() {
-        env.extend(host.gpu_node_env.iter().cloned());
-    }
-    // Resolving the environment reads Secrets and ConfigMaps: retried, as a kubelet retries.
-    for (k, v) in retried(|| container_env(client, pod, container, pod_ip), || false).await? {
-        env.retain(|(key, _)| *key != k);
-        env.push((k, v));
-    }
+    let env = environment(host, client, pod, container, pod_ip).await?;
     let mut argv: Vec<String> = container.command.clone().unwrap_or_default();
     argv.extend(container.args.clone().unwrap_or_default());
     let argv: Vec<String> = argv.iter().map(|a| expand(a, &env)).collect();
@@ -543,17 +572,7 @@ async fn supervise(
         };
         let message = (code != 0 && container.termination_message_policy.as_deref() == Some("FallbackToLogsOnError"))
             .then(|| log_tail(log));
-        let terminated = ContainerState {
-            terminated: Some(ContainerStateTerminated {
-                exit_code: code,
-                reason: Some(if code == 0 { "Completed" } else { "Error" }.into()),
-                message,
-                started_at: Some(started_at),
-                finished_at: Some(now()),
-                ..ContainerStateTerminated::default()
-            }),
-            ..ContainerState::default()
-        };
+        let terminated = terminated(code, message, started_at);
         let again = matches!(ended, Ended::Exited(_)) && (restart == "Always" || (restart == "OnFailure" && code != 0));
         if !again {
             let phase = if code == 0 { "Succeeded" } else { "Failed" };

@@ -220,6 +220,7 @@ fn json(path: &Path) -> serde_json::Value {
 }
 
 #[test]
+#[expect(clippy::too_many_lines, reason = "one end-to-end scenario, read top to bottom")]
 fn long_context_continues_from_train_and_eval_reports_both() {
     let dir = tempfile::tempdir().unwrap();
     const SYLLABLES: [&str; 10] = ["ka", "lo", "mi", "ne", "ru", "sa", "to", "vi", "ze", "po"];

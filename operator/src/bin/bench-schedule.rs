@@ -12,38 +12,54 @@ use std::time::Instant;
 
 use pretrain_operator::schedule::{Gang, Node, Policy, Queue, Request, Resources, Running, schedule};
 
-fn main() {
-    const GIB: u64 = 1 << 30;
-    let mut rng = 0x2545_F491_4F6C_DD1Du64;
-    let mut next = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
-    let kinds = ["H100", "A100"];
-    let nodes: Vec<Node> = (0..1000)
+const GIB: u64 = 1 << 30;
+const KINDS: [&str; 2] = ["H100", "A100"];
+
+/// xorshift64: the scenario's numbers, the same on every run.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// 1,000 8-GPU nodes of two types; one in 50 is not schedulable.
+fn nodes() -> Vec<Node> {
+    (0..1000)
         .map(|i| Node {
             name: format!("node-{i}"),
-            gpu_type: Some(kinds[i % 2].to_string()),
+            gpu_type: Some(KINDS[i % 2].to_string()),
             allocatable: Resources { gpus: 8, cpu_millis: 96_000, memory: 1024 * GIB },
             schedulable: i % 50 != 0,
         })
-        .collect();
-    let queues: Vec<Queue> = ["research", "prod", "eval"]
+        .collect()
+}
+
+fn queues() -> Vec<Queue> {
+    ["research", "prod", "eval"]
         .iter()
         .map(|q| Queue {
             name: q.to_string(),
             gpu_quota: BTreeMap::from([("H100".into(), 3000), ("A100".into(), 3000), ("*".into(), 1000)]),
             borrowing: *q != "prod",
         })
-        .collect();
-    let gang = |pods: u32, gpus: u32, kind: Option<&str>| Gang {
+        .collect()
+}
+
+fn gang(pods: u32, gpus: u32, kind: Option<&str>) -> Gang {
+    Gang {
         pods,
         per_pod: Resources { gpus, cpu_millis: if gpus > 0 { 32_000 } else { 8_000 }, memory: 128 * GIB },
         gpu_type: kind.map(str::to_string),
-    };
-    // 300 running gangs filling about half the cluster.
+    }
+}
+
+/// 300 running gangs filling about half the cluster.
+fn running(queues: &[Queue], rng: &mut Rng) -> Vec<Running> {
     let mut running = Vec::new();
     let mut node = 0usize;
     for i in 0..300 {
@@ -54,28 +70,40 @@ fn main() {
             id: format!("running-{i}"),
             queue: queues[i % 3].name.clone(),
             priority: (i % 3) as i32,
-            gang: gang(pods, 8, Some(kinds[(node - 1) % 2])),
+            gang: gang(pods, 8, Some(KINDS[(node - 1) % 2])),
             nodes: on,
             started: 0,
-            last_checkpoint: Some((next() % 3600) as i64),
+            last_checkpoint: Some((rng.next() % 3600) as i64),
             preemptible: i % 4 != 0,
-            expected_end: (i % 5 != 0).then(|| 3600 + (next() % 36_000) as i64),
+            expected_end: (i % 5 != 0).then(|| 3600 + (rng.next() % 36_000) as i64),
         });
     }
-    let requests: Vec<Request> = (0..1000)
+    running
+}
+
+/// 1,000 waiting requests of 1 to 16 pods, CPU and GPU, mixed priorities.
+fn requests(queues: &[Queue], rng: &mut Rng) -> Vec<Request> {
+    (0..1000)
         .map(|i| {
-            let pods = [1u32, 2, 4, 8, 16][(next() % 5) as usize];
+            let pods = [1u32, 2, 4, 8, 16][(rng.next() % 5) as usize];
             let gpus = if i % 4 == 0 { 0 } else { 8 };
             Request {
                 id: format!("queued-{i}"),
                 queue: queues[i % 3].name.clone(),
-                priority: (next() % 4) as i32,
+                priority: (rng.next() % 4) as i32,
                 submitted: i as i64,
-                gang: gang(pods, gpus, (gpus > 0 && i % 3 != 0).then_some(kinds[i % 2])),
-                expected_seconds: (i % 7 != 0).then(|| 600 + (next() % 7200) as i64),
+                gang: gang(pods, gpus, (gpus > 0 && i % 3 != 0).then_some(KINDS[i % 2])),
+                expected_seconds: (i % 7 != 0).then(|| 600 + (rng.next() % 7200) as i64),
             }
         })
-        .collect();
+        .collect()
+}
+
+fn main() {
+    let mut rng = Rng(0x2545_F491_4F6C_DD1D);
+    let (nodes, queues) = (nodes(), queues());
+    let running = running(&queues, &mut rng);
+    let requests = requests(&queues, &mut rng);
     let mut times = Vec::new();
     let mut decision = None;
     for _ in 0..7 {

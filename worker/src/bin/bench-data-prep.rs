@@ -13,83 +13,72 @@ use std::io::BufReader;
 use std::time::Instant;
 
 use pretrain_crd::spec::{Extract, Filters};
-use pretrain_worker::data::dedup::{DiskIndex, MinHasher, exact_key, near_duplicate_survivors};
+use pretrain_worker::data::dedup::{ClusterStats, DiskIndex, MinHasher, exact_key, near_duplicate_survivors};
 use pretrain_worker::data::extract::extract;
 use pretrain_worker::data::filters::{Verdict, apply};
 use pretrain_worker::data::runs::ExternalSorter;
 use pretrain_worker::data::warc::{WarcReader, http_payload};
 
-fn main() {
-    let mut args = std::env::args().skip(1);
-    let path = args.next().unwrap_or_else(|| "../shared/corpus/web-rustdocs-1.95.warc.gz".into());
-    let mut baseline: Option<f64> = None;
-    while let Some(flag) = args.next() {
-        if flag == "--baseline-seconds" {
-            baseline = args.next().and_then(|v| v.parse().ok());
-        }
-    }
-    let file = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+/// What reading, extracting and filtering the crawl gave.
+#[derive(Debug, Default)]
+struct Pass {
+    pages: u64,
+    html_bytes: u64,
+    extracted: u64,
+    kept: u64,
+    skipped: u64,
+    dropped: BTreeMap<&'static str, u64>,
+    lines_dropped: HashMap<&'static str, u64>,
+    texts: Vec<String>,
+    extract_time: f64,
+    filter_time: f64,
+}
+
+/// Reads every response of the WARC file at `path`, extracts its main content and runs the rule
+/// filters on it, timing extraction and filters.
+fn read_and_filter(path: &str) -> Pass {
+    let file = File::open(path).unwrap_or_else(|e| panic!("{path}: {e}"));
     let reader = WarcReader::new(BufReader::with_capacity(1 << 20, file), path.ends_with(".gz"), 8 << 20);
     let (extract_opts, filters) = (Extract::default(), Filters::default());
-
-    let start = Instant::now();
-    let (mut pages, mut html_bytes, mut extracted, mut kept, mut skipped) = (0u64, 0u64, 0u64, 0u64, 0u64);
-    let mut dropped: BTreeMap<&'static str, u64> = BTreeMap::new();
-    let mut lines_dropped: HashMap<&'static str, u64> = HashMap::new();
-    let mut texts: Vec<String> = Vec::new();
-    let (mut extract_time, mut filter_time) = (0.0, 0.0);
+    let mut pass = Pass::default();
     for item in reader {
         let Ok(record) = item else {
-            skipped += 1;
+            pass.skipped += 1;
             continue;
         };
         if record.header("WARC-Type") != Some("response") {
             continue;
         }
-        let Ok((_, body)) = http_payload(&record.block) else {
-            skipped += 1;
+        let Some(html) = http_payload(&record.block).ok().and_then(|(_, body)| std::str::from_utf8(body).ok()) else {
+            pass.skipped += 1;
             continue;
         };
-        let Ok(html) = std::str::from_utf8(body) else {
-            skipped += 1;
-            continue;
-        };
-        pages += 1;
-        html_bytes += body.len() as u64;
+        pass.pages += 1;
+        pass.html_bytes += html.len() as u64;
         let t = Instant::now();
         let page = extract(html, &extract_opts);
-        extract_time += t.elapsed().as_secs_f64();
+        pass.extract_time += t.elapsed().as_secs_f64();
         let Ok(page) = page else {
-            skipped += 1;
+            pass.skipped += 1;
             continue;
         };
-        extracted += 1;
+        pass.extracted += 1;
         let t = Instant::now();
-        let verdict = apply(&filters, &page.text, &mut lines_dropped);
-        filter_time += t.elapsed().as_secs_f64();
-        texts.push(page.text);
+        let verdict = apply(&filters, &page.text, &mut pass.lines_dropped);
+        pass.filter_time += t.elapsed().as_secs_f64();
+        pass.texts.push(page.text);
         match verdict {
-            Verdict::Keep(_) => kept += 1,
-            Verdict::Drop { filter, .. } => *dropped.entry(filter).or_default() += 1,
+            Verdict::Keep(_) => pass.kept += 1,
+            Verdict::Drop { filter, .. } => *pass.dropped.entry(filter).or_default() += 1,
         }
     }
-    let secs = start.elapsed().as_secs_f64();
+    pass
+}
 
-    // Dedup of every extracted page (not only the kept ones, to exercise it on more text).
-    let dedup_start = Instant::now();
-    let minhash = MinHasher::new(5, 14, 8, 1234);
-    let mut seen = std::collections::HashSet::new();
-    let unique: Vec<&String> = texts.iter().filter(|t| seen.insert(exact_key(t))).collect();
-    let signatures: Vec<Vec<u64>> = unique.iter().map(|t| minhash.signature(t)).collect();
-    let signature_secs = dedup_start.elapsed().as_secs_f64();
-    let cluster_start = Instant::now();
-    let survivors = near_duplicate_survivors(&minhash, &signatures, 0.75);
-    let memory_cluster_secs = cluster_start.elapsed().as_secs_f64();
-    let dedup_secs = dedup_start.elapsed().as_secs_f64();
-
-    // The stage's way: the same index on disk (band entries sorted in spilled runs of 16 Ki entries,
-    // signatures in a file read on demand), which bounds memory by the union-find.
-    let disk_start = Instant::now();
+/// The stage's way of clustering: the band index on disk (entries sorted in spilled runs of 16 Ki
+/// entries, signatures in a file read on demand), which bounds memory by the union-find. Returns the
+/// survivors, the clustering's counts and the number of band entries.
+fn cluster_on_disk(minhash: &MinHasher, signatures: &[Vec<u64>]) -> (Vec<bool>, ClusterStats, u64) {
     let scratch = tempfile::tempdir().expect("a temporary directory");
     let runs = scratch.path().join("runs");
     std::fs::create_dir_all(&runs).expect("runs directory");
@@ -114,28 +103,61 @@ fn main() {
         positions: (0..signatures.len()).map(|i| (0, i)).collect(),
         signature_len: signatures[0].len(),
     };
-    let (disk_survivors, stats) = index.cluster(&vec![true; signatures.len()], 0.75).expect("clustering from disk");
+    let (survivors, stats) = index.cluster(&vec![true; signatures.len()], 0.75).expect("clustering from disk");
+    (survivors, stats, entries as u64)
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let path = args.next().unwrap_or_else(|| "../shared/corpus/web-rustdocs-1.95.warc.gz".into());
+    let mut baseline: Option<f64> = None;
+    while let Some(flag) = args.next() {
+        if flag == "--baseline-seconds" {
+            baseline = args.next().and_then(|v| v.parse().ok());
+        }
+    }
+    let start = Instant::now();
+    let pass = read_and_filter(&path);
+    let secs = start.elapsed().as_secs_f64();
+    let texts = &pass.texts;
+
+    // Dedup of every extracted page (not only the kept ones, to exercise it on more text).
+    let dedup_start = Instant::now();
+    let minhash = MinHasher::new(5, 14, 8, 1234);
+    let mut seen = std::collections::HashSet::new();
+    let unique: Vec<&String> = texts.iter().filter(|t| seen.insert(exact_key(t))).collect();
+    let signatures: Vec<Vec<u64>> = unique.iter().map(|t| minhash.signature(t)).collect();
+    let signature_secs = dedup_start.elapsed().as_secs_f64();
+    let cluster_start = Instant::now();
+    let survivors = near_duplicate_survivors(&minhash, &signatures, 0.75);
+    let memory_cluster_secs = cluster_start.elapsed().as_secs_f64();
+    let dedup_secs = dedup_start.elapsed().as_secs_f64();
+    let disk_start = Instant::now();
+    let (disk_survivors, stats, entries) = cluster_on_disk(&minhash, &signatures);
     let disk_secs = disk_start.elapsed().as_secs_f64();
     assert_eq!(disk_survivors, survivors, "the disk index clusters as the in-memory one does");
+
     let text_mb = texts.iter().map(String::len).sum::<usize>() as f64 / 1e6;
-    let mb = html_bytes as f64 / 1e6;
+    let mb = pass.html_bytes as f64 / 1e6;
     println!("file: {path}");
-    println!("pages: {pages} ({mb:.1} MB of HTML), unreadable or skipped: {skipped}");
+    println!("pages: {} ({mb:.1} MB of HTML), unreadable or skipped: {}", pass.pages, pass.skipped);
     println!(
-        "time: {secs:.2} s  ({:.0} pages/s, {:.1} MB/s)  extraction {extract_time:.2} s, filters {filter_time:.2} s",
-        pages as f64 / secs,
-        mb / secs
+        "time: {secs:.2} s  ({:.0} pages/s, {:.1} MB/s)  extraction {:.2} s, filters {:.2} s",
+        pass.pages as f64 / secs,
+        mb / secs,
+        pass.extract_time,
+        pass.filter_time
     );
     println!("kept after each step:");
-    let mut left = extracted;
+    let mut left = pass.extracted;
     println!("  extracted             {left}");
     for filter in ["language", "gopher_repetition", "gopher_quality", "c4", "fineweb"] {
-        let d = dropped.get(filter).copied().unwrap_or(0);
+        let d = pass.dropped.get(filter).copied().unwrap_or(0);
         left -= d;
         println!("  after {filter:<16} {left} (dropped {d})");
     }
-    assert_eq!(left, kept);
-    let mut lines: Vec<_> = lines_dropped.into_iter().collect();
+    assert_eq!(left, pass.kept);
+    let mut lines: Vec<_> = pass.lines_dropped.iter().collect();
     lines.sort();
     println!("C4 lines removed: {lines:?}");
     println!(

@@ -23,39 +23,47 @@ use pretrain_crd::spec::ModelPreset;
 use pretrain_worker::model::{Llama, LlamaConfig, Params};
 use pretrain_worker::train::optim::{AdamW, AdamWConfig, clip};
 
+/// The benchmark's flags.
+#[derive(Debug, clap::Parser)]
+struct Args {
+    /// tiny, llama-125m or llama-1b.
+    #[arg(long, default_value = "tiny")]
+    preset: String,
+    /// Timed steps (after one warm-up step).
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// Sequences per step.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 256)]
+    seq: usize,
+    /// Vocabulary size.
+    #[arg(long, default_value_t = 32_000)]
+    vocab: u32,
+    /// cpu or cuda.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// f32 or bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// The peak the MFU divides by (default: 989 on GPUs, none on CPUs).
+    #[arg(long)]
+    peak_tflops: Option<f64>,
+    /// The composed candle operations instead of the fused kernels.
+    #[arg(long)]
+    unfused: bool,
+    /// Recompute each block's activations in the backward.
+    #[arg(long)]
+    recompute: bool,
+}
+
 fn main() {
     pretrain_worker::allocator::keep_freed_memory();
-    let mut preset = "tiny".to_string();
-    let mut steps = 5usize;
-    let mut batch = 8usize;
-    let mut seq = 256usize;
-    let mut vocab = 32_000u32;
-    let mut device = "cpu".to_string();
-    let mut dtype = "f32".to_string();
-    let mut peak_tflops = None;
-    let mut recompute = false;
-    let mut args = std::env::args().skip(1);
-    while let Some(flag) = args.next() {
-        if flag == "--unfused" {
-            pretrain_worker::model::fused::set_enabled(false);
-            continue;
-        }
-        if flag == "--recompute" {
-            recompute = true;
-            continue;
-        }
-        let value = args.next().unwrap_or_else(|| panic!("{flag} needs a value"));
-        match flag.as_str() {
-            "--preset" => preset = value,
-            "--steps" => steps = value.parse().expect("a number"),
-            "--batch" => batch = value.parse().expect("a number"),
-            "--seq" => seq = value.parse().expect("a number"),
-            "--vocab" => vocab = value.parse().expect("a number"),
-            "--device" => device = value,
-            "--dtype" => dtype = value,
-            "--peak-tflops" => peak_tflops = Some(value.parse::<f64>().expect("a number")),
-            other => panic!("unknown flag {other}"),
-        }
+    let Args { preset, steps, batch, seq, vocab, device, dtype, peak_tflops, unfused, recompute } =
+        <Args as clap::Parser>::parse();
+    if unfused {
+        pretrain_worker::model::fused::set_enabled(false);
     }
     let spec = match preset.as_str() {
         "tiny" => ModelPreset::Tiny,

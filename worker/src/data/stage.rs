@@ -448,6 +448,34 @@ impl MapWriter {
     }
 }
 
+/// A kept document's line and key record; `at` is its input file, source index and record number.
+fn kept(
+    doc: reader::RawDocument,
+    text: String,
+    score: f32,
+    source: &Source,
+    at: (u32, u16, u32),
+) -> (DocumentLine, KeyRecord) {
+    let (input, source_index, seq) = at;
+    let record = KeyRecord {
+        input,
+        seq,
+        source: source_index,
+        bytes: text.len().min(u32::MAX as usize) as u32,
+        score,
+        exact: exact_key(&text),
+    };
+    let line = DocumentLine {
+        id: doc.id,
+        text,
+        source: source.name.clone(),
+        category: source.category().to_string(),
+        url: doc.url,
+        title: doc.title,
+    };
+    (line, record)
+}
+
 fn map_files(
     data: &Data,
     seed: u64,
@@ -509,22 +537,7 @@ fn map_files(
                     }
                 };
                 *stats.kept.entry(source.name.clone()).or_default() += 1;
-                let record = KeyRecord {
-                    input: *index,
-                    seq,
-                    source: input.source as u16,
-                    bytes: text.len().min(u32::MAX as usize) as u32,
-                    score,
-                    exact: exact_key(&text),
-                };
-                let line = DocumentLine {
-                    id: doc.id,
-                    text,
-                    source: source.name.clone(),
-                    category: source.category().to_string(),
-                    url: doc.url,
-                    title: doc.title,
-                };
+                let (line, record) = kept(doc, text, score, source, (*index, input.source as u16, seq));
                 if let Err(e) = writer.write(&line, &record) {
                     write_error.get_or_insert(e);
                 }

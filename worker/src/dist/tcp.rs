@@ -151,6 +151,51 @@ fn connect_until(addr: &str, deadline: Instant) -> std::result::Result<TcpStream
     Err(last)
 }
 
+/// Rank 0's side of the rendezvous: accepts every other rank of the gang before `deadline`, turning
+/// away connections that are not of this gang; each arrived rank's control stream and ring address.
+fn gather(options: &Options, listener: &TcpListener, deadline: Instant) -> Result<Vec<Option<(TcpStream, String)>>> {
+    let world = options.world;
+    let io = |what: &str, e: std::io::Error| rendezvous_error(options, format!("{what}: {e}"));
+    let mut arrived: Vec<Option<(TcpStream, String)>> = (0..world).map(|_| None).collect();
+    let mut missing = world - 1;
+    while missing > 0 {
+        let Some((stream, addr)) = accept_until(listener, deadline).map_err(|e| io("accept", e))? else {
+            let absent: Vec<String> = (1..world).filter(|r| arrived[*r].is_none()).map(|r| r.to_string()).collect();
+            return Err(rendezvous_error(
+                options,
+                format!(
+                    "rank{} {} of {world} did not arrive within {:.0} s (set {} to wait longer)",
+                    if absent.len() == 1 { "" } else { "s" },
+                    absent.join(", "),
+                    options.rendezvous_timeout.as_secs_f64(),
+                    super::ENV_RENDEZVOUS_TIMEOUT
+                ),
+            ));
+        };
+        let left = deadline.saturating_duration_since(Instant::now()).min(Duration::from_secs(10));
+        let Ok(hello) = read_line(&stream, left).map(|l| serde_json::from_str::<Hello>(&l)) else {
+            continue; // Not one of ours (a port scan, a health check): keep waiting.
+        };
+        let Ok(hello) = hello else { continue };
+        if hello.protocol != PROTOCOL || hello.gang != options.gang || hello.world != world {
+            eprintln!(
+                "rendezvous: turned away {addr}: it is rank {} of {} in gang {:?} ({}), this is a gang of {world} for {:?} ({PROTOCOL})",
+                hello.rank, hello.world, hello.gang, hello.protocol, options.gang
+            );
+            continue;
+        }
+        if hello.rank == 0 || hello.rank >= world || arrived[hello.rank].is_some() {
+            return Err(rendezvous_error(
+                options,
+                format!("rank {} arrived twice or is out of range (from {addr})", hello.rank),
+            ));
+        }
+        arrived[hello.rank] = Some((stream, format!("{}:{}", addr.ip(), hello.ring_port)));
+        missing -= 1;
+    }
+    Ok(arrived)
+}
+
 /// Meets the gang: on rank 0 `payload` is called once and its bytes reach every rank.
 pub fn rendezvous(options: &Options, payload: impl FnOnce() -> Result<Vec<u8>>) -> Result<Membership> {
     let (rank, world) = (options.rank, options.world);
@@ -166,43 +211,7 @@ pub fn rendezvous(options: &Options, payload: impl FnOnce() -> Result<Vec<u8>>) 
     if rank == 0 {
         let port = master_port(options)?;
         let listener = TcpListener::bind(("0.0.0.0", port)).map_err(|e| io(&format!("listening on port {port}"), e))?;
-        let mut arrived: Vec<Option<(TcpStream, String)>> = (0..world).map(|_| None).collect();
-        let mut missing = world - 1;
-        while missing > 0 {
-            let Some((stream, addr)) = accept_until(&listener, deadline).map_err(|e| io("accept", e))? else {
-                let absent: Vec<String> = (1..world).filter(|r| arrived[*r].is_none()).map(|r| r.to_string()).collect();
-                return Err(rendezvous_error(
-                    options,
-                    format!(
-                        "rank{} {} of {world} did not arrive within {:.0} s (set {} to wait longer)",
-                        if absent.len() == 1 { "" } else { "s" },
-                        absent.join(", "),
-                        options.rendezvous_timeout.as_secs_f64(),
-                        super::ENV_RENDEZVOUS_TIMEOUT
-                    ),
-                ));
-            };
-            let left = deadline.saturating_duration_since(Instant::now()).min(Duration::from_secs(10));
-            let Ok(hello) = read_line(&stream, left).map(|l| serde_json::from_str::<Hello>(&l)) else {
-                continue; // Not one of ours (a port scan, a health check): keep waiting.
-            };
-            let Ok(hello) = hello else { continue };
-            if hello.protocol != PROTOCOL || hello.gang != options.gang || hello.world != world {
-                eprintln!(
-                    "rendezvous: turned away {addr}: it is rank {} of {} in gang {:?} ({}), this is a gang of {world} for {:?} ({PROTOCOL})",
-                    hello.rank, hello.world, hello.gang, hello.protocol, options.gang
-                );
-                continue;
-            }
-            if hello.rank == 0 || hello.rank >= world || arrived[hello.rank].is_some() {
-                return Err(rendezvous_error(
-                    options,
-                    format!("rank {} arrived twice or is out of range (from {addr})", hello.rank),
-                ));
-            }
-            arrived[hello.rank] = Some((stream, format!("{}:{}", addr.ip(), hello.ring_port)));
-            missing -= 1;
-        }
+        let arrived = gather(options, &listener, deadline)?;
         let bytes = payload()?;
         let mut peers = vec![format!(":{ring_port}")];
         peers.extend(arrived.iter().skip(1).map(|a| a.as_ref().expect("all arrived").1.clone()));
