@@ -2,6 +2,8 @@
 //! probability probes, cloze and generative benchmarks, passkey retrieval.
 
 pub mod passkey;
+pub mod perplexity;
+mod report;
 pub mod stage;
 pub mod tasks;
 

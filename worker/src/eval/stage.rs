@@ -6,7 +6,6 @@
 //! report under `eval/checkpoints/<stage>-step-<n>/` without committing the stage.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 
 use bytes::Bytes;
 use candle_core::{DType, Device};
@@ -16,8 +15,10 @@ use pretrain_store::{StageCommit, StageDir};
 use serde::Serialize;
 
 use super::passkey::{self, PasskeyResult};
+pub use super::perplexity::{HeldOutDoc, Perplexity, add_unigram, perplexity, unigram_logprobs};
+pub use super::report::markdown;
 use super::tasks::{self, Item, Task};
-use super::{EvalError, Request, Scorer, encode_request, probe_logprobs};
+use super::{EvalError, Scorer, encode_request, probe_logprobs};
 use crate::Context;
 use crate::checkpoint;
 use crate::model::{Llama, LlamaConfig, Params};
@@ -32,140 +33,6 @@ type Result<T, E = EvalError> = std::result::Result<T, E>;
 
 /// Items per built-in benchmark.
 const BUILTIN_ITEMS: usize = 100;
-
-/// Held-out perplexity of one category (or all).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Perplexity {
-    /// Documents scored.
-    pub documents: u64,
-    /// Tokens predicted (each document's end-of-sequence token included).
-    pub tokens: u64,
-    /// UTF-8 bytes of the documents' text.
-    pub bytes: u64,
-    /// Summed negative log-likelihood, nats.
-    pub nll: f64,
-    /// Mean NLL per token.
-    pub loss: f64,
-    /// `exp(loss)`.
-    pub perplexity: f64,
-    /// `nll / ln 2 / bytes`: comparable across tokenizers.
-    pub bits_per_byte: f64,
-    /// Mean NLL per token of the same tokens under the training data's unigram distribution: the
-    /// loss of a model that ignores context (the baseline a trained model must beat).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub unigram_loss: Option<f64>,
-}
-
-impl Perplexity {
-    fn new(documents: u64, tokens: u64, bytes: u64, nll: f64) -> Self {
-        let loss = nll / tokens.max(1) as f64;
-        Self {
-            documents,
-            tokens,
-            bytes,
-            nll,
-            loss,
-            perplexity: loss.exp(),
-            bits_per_byte: nll / std::f64::consts::LN_2 / bytes.max(1) as f64,
-            unigram_loss: None,
-        }
-    }
-}
-
-/// Natural-log unigram probabilities of the training tokens (add-one smoothed), counted over at most
-/// `cap` tokens of the shards.
-pub fn unigram_logprobs(stream: &TokenStream, vocab: usize, cap: u64) -> Vec<f64> {
-    let mut counts = vec![1u64; vocab];
-    let n = stream.len().min(cap);
-    let mut buf = Vec::with_capacity(1 << 20);
-    let mut at = 0;
-    while at < n {
-        buf.clear();
-        let take = (n - at).min(1 << 20);
-        stream.read(at, take, &mut buf);
-        for &t in &buf {
-            if let Some(c) = counts.get_mut(t as usize) {
-                *c += 1;
-            }
-        }
-        at += take;
-    }
-    let total: u64 = counts.iter().sum();
-    counts.iter().map(|&c| (c as f64 / total as f64).ln()).collect()
-}
-
-/// Adds each category's unigram loss: the mean NLL of its tokens (after the leading separator, as
-/// [`perplexity`] predicts them) under `logprobs`.
-pub fn add_unigram(report: &mut BTreeMap<String, Perplexity>, docs: &[HeldOutDoc], logprobs: &[f64]) {
-    let mut all = (0.0, 0u64);
-    let mut by_category: BTreeMap<&str, (f64, u64)> = BTreeMap::new();
-    for d in docs {
-        let e = by_category.entry(&d.category).or_default();
-        for &t in &d.tokens {
-            let lp = logprobs.get(t as usize).copied().unwrap_or(f64::NEG_INFINITY);
-            e.0 -= lp;
-            e.1 += 1;
-        }
-    }
-    for (category, (nll, n)) in by_category {
-        all = (all.0 + nll, all.1 + n);
-        if let Some(p) = report.get_mut(category) {
-            p.unigram_loss = Some(nll / n.max(1) as f64);
-        }
-    }
-    if let Some(p) = report.get_mut("all") {
-        p.unigram_loss = Some(all.0 / all.1.max(1) as f64);
-    }
-}
-
-/// One held-out document, encoded.
-#[derive(Debug, Clone)]
-pub struct HeldOutDoc {
-    /// Category.
-    pub category: String,
-    /// Text.
-    pub text: String,
-    /// Tokens, the separator appended.
-    pub tokens: Vec<u32>,
-}
-
-/// Perplexity per category and over all (`"all"`): each category's documents back to back as in
-/// training (after a leading separator), cut into windows of `seq_len` predicted tokens.
-pub fn perplexity(
-    scorer: &Scorer<'_>,
-    docs: &[HeldOutDoc],
-    separator: u32,
-    seq_len: usize,
-) -> Result<BTreeMap<String, Perplexity>> {
-    let mut by_category: BTreeMap<&str, Vec<&HeldOutDoc>> = BTreeMap::new();
-    for d in docs {
-        by_category.entry(&d.category).or_default().push(d);
-    }
-    let mut out = BTreeMap::new();
-    let (mut all_docs, mut all_tokens, mut all_bytes, mut all_nll) = (0, 0, 0, 0.0);
-    for (category, docs) in by_category {
-        let mut stream = vec![separator];
-        for d in &docs {
-            stream.extend(&d.tokens);
-        }
-        let requests: Vec<Request> = (0..stream.len() - 1)
-            .step_by(seq_len)
-            .map(|start| {
-                let end = (start + seq_len + 1).min(stream.len());
-                Request { context: vec![stream[start]], continuation: stream[start + 1..end].to_vec() }
-            })
-            .collect();
-        let nll: f64 = -scorer.loglikelihood(&requests)?.iter().map(|s| s.logprob).sum::<f64>();
-        let tokens = stream.len() as u64 - 1;
-        let bytes: u64 = docs.iter().map(|d| d.text.len() as u64).sum();
-        out.insert(category.to_string(), Perplexity::new(docs.len() as u64, tokens, bytes, nll));
-        (all_docs, all_tokens, all_bytes, all_nll) =
-            (all_docs + docs.len() as u64, all_tokens + tokens, all_bytes + bytes, all_nll + nll);
-    }
-    out.insert("all".into(), Perplexity::new(all_docs, all_tokens, all_bytes, all_nll));
-    Ok(out)
-}
 
 /// A benchmark's score.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -617,151 +484,9 @@ fn summary(report: &Report) -> serde_json::Value {
     serde_json::json!({ "checkpoints": checkpoints })
 }
 
-/// The Markdown report.
-pub fn markdown(run: &str, report: &Report) -> String {
-    let mut md = String::new();
-    let _ = writeln!(md, "# Evaluation of `{run}`\n");
-    for c in &report.checkpoints {
-        checkpoint_section(&mut md, c);
-    }
-    if let [base, long] = &report.checkpoints[..]
-        && long.stage == Stage::LongContext.as_str()
-    {
-        comparison_section(&mut md, base, long);
-    }
-    if !report.probe_history.is_empty() {
-        probe_history_section(&mut md, &report.probe_history);
-    }
-    md
-}
-
-/// One checkpoint's tables: held-out perplexity, benchmarks, passkey and probes.
-fn checkpoint_section(md: &mut String, c: &CheckpointReport) {
-    let _ = writeln!(
-        md,
-        "## {} ({} step {}, {} tokens, trained at {} tokens, RoPE base {:.1}{})\n",
-        c.label,
-        c.stage,
-        c.step,
-        c.tokens_seen,
-        c.seq_len,
-        c.model.rope_base,
-        if c.model.rope_scaling.is_none() {
-            String::new()
-        } else {
-            format!(", {}", serde_json::to_string(&c.model.rope_scaling).unwrap_or_default())
-        }
-    );
-    let _ = writeln!(md, "| held-out | documents | tokens | bytes | loss | unigram loss | perplexity | bits/byte |");
-    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|");
-    for (cat, p) in &c.perplexity {
-        let unigram = p.unigram_loss.map_or_else(|| "-".into(), |u| format!("{u:.4}"));
-        let _ = writeln!(
-            md,
-            "| {cat} | {} | {} | {} | {:.4} | {unigram} | {:.2} | {:.4} |",
-            p.documents, p.tokens, p.bytes, p.loss, p.perplexity, p.bits_per_byte
-        );
-    }
-    if !c.benchmarks.is_empty() {
-        let _ = writeln!(md, "\n| benchmark | form | items | score | chance |");
-        let _ = writeln!(md, "|---|---|---:|---:|---:|");
-        for (name, b) in &c.benchmarks {
-            let form = match b.format {
-                BenchmarkFormat::Cloze => "cloze, acc per byte",
-                BenchmarkFormat::Generative => "generative, exact match",
-            };
-            let _ = writeln!(md, "| {name} | {form} | {} | {:.3} | {:.3} |", b.items, b.score, b.chance);
-        }
-    }
-    if !c.passkey.is_empty() {
-        let _ = writeln!(md, "\n| passkey length | correct | accuracy | key log-prob |");
-        let _ = writeln!(md, "|---:|---:|---:|---:|");
-        for p in &c.passkey {
-            let _ = writeln!(
-                md,
-                "| {} | {}/{} | {:.2} | {:.2} |",
-                p.length, p.correct, p.trials, p.accuracy, p.key_logprob
-            );
-        }
-    }
-    if !c.probes.is_empty() {
-        let _ = writeln!(md, "\n| probe | log-prob |\n|---|---:|");
-        for (name, lp) in &c.probes {
-            let _ = writeln!(md, "| {name} | {lp:.3} |");
-        }
-    }
-    let _ = writeln!(md);
-}
-
-/// Base against long-context on the measures both have.
-fn comparison_section(md: &mut String, base: &CheckpointReport, long: &CheckpointReport) {
-    let _ = writeln!(md, "## {} vs {}\n", base.label, long.label);
-    let _ = writeln!(md, "| measure | {} | {} |\n|---|---:|---:|", base.label, long.label);
-    if let (Some(a), Some(b)) = (base.perplexity.get("all"), long.perplexity.get("all")) {
-        let _ = writeln!(
-            md,
-            "| held-out bits/byte (at {} vs {} tokens) | {:.4} | {:.4} |",
-            base.seq_len, long.seq_len, a.bits_per_byte, b.bits_per_byte
-        );
-    }
-    for (name, a) in &base.benchmarks {
-        if let Some(b) = long.benchmarks.get(name) {
-            let _ = writeln!(md, "| {name} | {:.3} | {:.3} |", a.score, b.score);
-        }
-    }
-    for (a, b) in base.passkey.iter().zip(&long.passkey) {
-        let _ = writeln!(md, "| passkey at {} tokens | {:.2} | {:.2} |", a.length, a.accuracy, b.accuracy);
-    }
-    let _ = writeln!(md);
-}
-
-/// The probes at every checkpoint training recorded.
-fn probe_history_section(md: &mut String, history: &[ProbeRow]) {
-    let names: Vec<&String> =
-        history.iter().flat_map(|r| r.logprobs.keys()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
-    let _ = writeln!(md, "## Probes across checkpoints (log-prob of the target, nats)\n");
-    let _ = write!(md, "| stage | step | tokens |");
-    for n in &names {
-        let _ = write!(md, " {n} |");
-    }
-    let _ = write!(md, "\n|---|---:|---:|");
-    for _ in &names {
-        let _ = write!(md, "---:|");
-    }
-    let _ = writeln!(md);
-    for r in history {
-        let _ = write!(md, "| {} | {} | {} |", r.stage, r.step, r.tokens);
-        for n in &names {
-            match r.logprobs.get(*n) {
-                Some(v) => {
-                    let _ = write!(md, " {v:.3} |");
-                }
-                None => md.push_str(" |"),
-            }
-        }
-        let _ = writeln!(md);
-    }
-    let _ = writeln!(md);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn unigram_loss_is_the_mean_nll_of_each_category_s_tokens() {
-        let doc =
-            |category: &str, tokens: Vec<u32>| HeldOutDoc { category: category.into(), text: String::new(), tokens };
-        let docs = vec![doc("web", vec![0, 1, 1]), doc("code", vec![2])];
-        let logprobs = [0.5f64.ln(), 0.25f64.ln(), 0.25f64.ln()];
-        let mut report: BTreeMap<String, Perplexity> =
-            ["web", "code", "all"].iter().map(|c| (c.to_string(), Perplexity::new(1, 1, 1, 1.0))).collect();
-        add_unigram(&mut report, &docs, &logprobs);
-        let close = |a: Option<f64>, b: f64| (a.unwrap() - b).abs() < 1e-12;
-        assert!(close(report["web"].unigram_loss, -(0.5f64.ln() + 2.0 * 0.25f64.ln()) / 3.0));
-        assert!(close(report["code"].unigram_loss, -(0.25f64.ln())));
-        assert!(close(report["all"].unigram_loss, -(0.5f64.ln() + 3.0 * 0.25f64.ln()) / 4.0));
-    }
 
     #[test]
     fn checkpoint_arguments_name_a_stage_and_maybe_a_step() {

@@ -5,8 +5,6 @@ use candle_core::CudaStorage;
 use candle_core::{CpuStorage, CustomOp3, D, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-#[cfg(feature = "cuda")]
-use super::on_gpu;
 use super::{contiguous_f32, exp, fused_for, simd_fn};
 use crate::model::gemm::{self, Mat};
 
