@@ -13,7 +13,9 @@ use std::path::Path;
 
 use pretrain_crd::Stage;
 use pretrain_crd::contract::exit;
-use pretrain_store::StageCommit;
+use pretrain_store::{StageCommit, StageDir};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 
 /// A failure's cause, boxed: stages return their own error types and the frame only needs to show
 /// them.
@@ -231,6 +233,39 @@ pub struct ScratchError {
     pub path: String,
     /// The OS error.
     pub source: std::io::Error,
+}
+
+/// A map task's completion marker, written after its outputs: the spec it was made for (its config
+/// hash) and the task's own record. A reduce (or a rerun of the task) uses the outputs only beside
+/// a marker of the current spec; the JSON keeps `configHash` beside the record's own fields.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MapDone<T> {
+    /// The config hash of the spec the outputs were made for.
+    pub config_hash: String,
+    /// What the task records about its outputs.
+    #[serde(flatten)]
+    pub task: T,
+}
+
+impl<T: Serialize + DeserializeOwned> MapDone<T> {
+    /// The marker `name` in `dir`, if there is one; one that does not parse is corrupt.
+    pub async fn read(dir: &StageDir, name: &str) -> Result<Option<Self>, pretrain_store::Error> {
+        let key = dir.key(name)?;
+        let Some(bytes) = dir.store().get_opt(&key).await? else { return Ok(None) };
+        serde_json::from_slice(&bytes).map(Some).map_err(|e| pretrain_store::Error::Corrupt {
+            store: dir.store().url().into(),
+            key: key.to_string(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// Writes the marker `name` in `dir`: the last write of a map task.
+    pub async fn write(&self, dir: &StageDir, name: &str) -> Result<(), pretrain_store::Error> {
+        let json = serde_json::to_vec_pretty(self).expect("a map marker serialises");
+        dir.put(name, bytes::Bytes::from(json)).await?;
+        Ok(())
+    }
 }
 
 /// Maps an I/O error on the scratch file `path` to a [`ScratchError`].

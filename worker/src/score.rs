@@ -178,18 +178,7 @@ mod tests {
     use crate::model::{LlamaConfig, Params};
 
     fn model() -> Llama {
-        let c = LlamaConfig {
-            vocab_size: 50,
-            dim: 32,
-            layers: 2,
-            heads: 4,
-            kv_heads: 2,
-            ffn_dim: 48,
-            rope_base: 10_000.0,
-            norm_eps: 1e-5,
-            tie_embeddings: false,
-            rope_scaling: Default::default(),
-        };
+        let c = LlamaConfig { tie_embeddings: false, ..LlamaConfig::tiny(50) };
         Llama::new(c.clone(), Params::init(&c, 9, &Device::Cpu).unwrap(), 24, &Device::Cpu).unwrap()
     }
 

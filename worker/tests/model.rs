@@ -5,22 +5,11 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
-use pretrain_worker::model::{Llama, LlamaConfig, Params, Scaling};
+use pretrain_worker::model::{Llama, LlamaConfig, Params};
 use pretrain_worker::train::optim::{AdamW, AdamWConfig, clip};
 
 fn golden_config() -> LlamaConfig {
-    LlamaConfig {
-        vocab_size: 64,
-        dim: 32,
-        layers: 2,
-        heads: 4,
-        kv_heads: 2,
-        ffn_dim: 48,
-        rope_base: 10_000.0,
-        norm_eps: 1e-5,
-        tie_embeddings: true,
-        rope_scaling: Scaling::None,
-    }
+    LlamaConfig::tiny(64)
 }
 
 fn values(t: &Tensor) -> Vec<f32> {

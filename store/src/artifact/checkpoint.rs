@@ -46,6 +46,23 @@ pub enum ParamKind {
 }
 
 impl LlamaConfig {
+    /// The smallest shape with every feature of the architecture (two blocks, grouped-query
+    /// attention with two query heads per key-value head, SwiGLU, a tied LM head): tests' model.
+    pub fn tiny(vocab_size: usize) -> Self {
+        Self {
+            vocab_size,
+            dim: 32,
+            layers: 2,
+            heads: 4,
+            kv_heads: 2,
+            ffn_dim: 48,
+            rope_base: 10_000.0,
+            norm_eps: 1e-5,
+            tie_embeddings: true,
+            rope_scaling: Scaling::None,
+        }
+    }
+
     /// The spec's model with the tokenizer's vocabulary.
     pub fn from_spec(model: &ModelConfig, vocab_size: u32) -> Self {
         Self {

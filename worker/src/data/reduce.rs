@@ -80,7 +80,7 @@ async fn read_keys(ctx: &Context, hash: &str) -> Result<(Vec<DocRef>, Vec<Vec<(u
             missing.push(shard);
             continue;
         };
-        stats.merge(&done.stats);
+        stats.merge(&done.task.stats);
         let (key, bytes) = get(&ctx.dir, &format!("{}/keys.bin", map_dir(shard, shards))).await?;
         let keys =
             KeyRecord::parse_all(&bytes).ok_or_else(|| corrupt(&ctx.dir, &key, "not a whole number of key records"))?;

@@ -37,7 +37,7 @@ use super::reader::{self, Item, ReadOptions};
 use super::reduce::reduce;
 use super::runs::{DEFAULT_RUN_ENTRIES, ExternalSorter};
 use crate::context::read_url;
-use crate::frame::{Phase, ScratchError, StageError, scratch};
+use crate::frame::{MapDone, Phase, ScratchError, StageError, scratch};
 use crate::progress::Progress;
 use crate::{Context, ContextError};
 
@@ -132,10 +132,10 @@ async fn inputs(data: &Data) -> Result<Vec<Input>> {
 /// Bumped when the output format changes, so committed outputs of an older format are redone.
 pub const OUTPUT_VERSION: u32 = 1;
 
+/// What a map task records beside its outputs (`_DONE.json`).
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub(super) struct MapDone {
-    config_hash: String,
+pub(super) struct MapTask {
     /// Layout of the map files; outputs of an older layout are mapped again.
     #[serde(default)]
     format: u32,
@@ -328,15 +328,9 @@ pub async fn run(ctx: &Context, phase: Phase) -> Result<Option<StageCommit>> {
     }
 }
 
-pub(super) async fn map_done(dir: &StageDir, shard: u32, shards: u32, hash: &str) -> Result<Option<MapDone>> {
-    let key = dir.key(&format!("{}/_DONE.json", map_dir(shard, shards)))?;
-    let Some(bytes) = dir.store().get_opt(&key).await? else { return Ok(None) };
-    let done: MapDone = serde_json::from_slice(&bytes).map_err(|e| pretrain_store::Error::Corrupt {
-        store: dir.store().url().into(),
-        key: key.to_string(),
-        reason: e.to_string(),
-    })?;
-    Ok((done.config_hash == hash && done.format == MAP_FORMAT).then_some(done))
+pub(super) async fn map_done(dir: &StageDir, shard: u32, shards: u32, hash: &str) -> Result<Option<MapDone<MapTask>>> {
+    let done = MapDone::<MapTask>::read(dir, &format!("{}/_DONE.json", map_dir(shard, shards))).await?;
+    Ok(done.filter(|d| d.config_hash == hash && d.task.format == MAP_FORMAT))
 }
 
 async fn map_shard(ctx: &Context, shard: u32, hash: &str) -> Result<()> {
@@ -375,9 +369,8 @@ async fn map_shard(ctx: &Context, shard: u32, hash: &str) -> Result<()> {
     for file in MAP_FILES {
         ctx.dir.put_file(&format!("{dir_name}/{file}"), &tmp.path().join(file)).await?;
     }
-    let done = MapDone { config_hash: hash.into(), format: MAP_FORMAT, documents, stats };
-    let json = serde_json::to_vec_pretty(&done).expect("stats serialise");
-    ctx.dir.put(&format!("{dir_name}/_DONE.json"), Bytes::from(json)).await?;
+    let done = MapDone { config_hash: hash.into(), task: MapTask { format: MAP_FORMAT, documents, stats } };
+    done.write(&ctx.dir, &format!("{dir_name}/_DONE.json")).await?;
     Ok(())
 }
 

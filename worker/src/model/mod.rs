@@ -13,6 +13,8 @@ mod gemm;
 pub mod rope;
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{CpuStorage, DType, Device, Layout, Result, Shape, Tensor, Var};
 
@@ -156,6 +158,8 @@ pub struct Llama {
     attention_factor: f64,
     /// Recompute each block's activations in the backward instead of keeping them.
     recompute: bool,
+    /// Blocks the backward has run again (with `recompute`).
+    recomputed: Arc<AtomicUsize>,
 }
 
 /// Keys and values of the positions already run, per layer, for generation one token at a time.
@@ -187,7 +191,14 @@ impl Llama {
     pub fn new(config: LlamaConfig, params: Params, max_seq_len: usize, device: &Device) -> Result<Self> {
         let scaling = config.rope_scaling;
         let rope = Rope::new(config.head_dim(), max_seq_len, config.rope_base, scaling, device)?;
-        Ok(Self { config, params, rope, attention_factor: rope::attention_factor(scaling), recompute: false })
+        Ok(Self {
+            config,
+            params,
+            rope,
+            attention_factor: rope::attention_factor(scaling),
+            recompute: false,
+            recomputed: Arc::default(),
+        })
     }
 
     /// Turns activation recomputation on or off (off by default): with it, training keeps only each
@@ -195,6 +206,11 @@ impl Llama {
     /// third more compute and a fraction of the activation memory (larger batches fit).
     pub fn set_recompute(&mut self, on: bool) {
         self.recompute = on;
+    }
+
+    /// How many blocks backward passes have run again so far (with recomputation on).
+    pub fn recomputed_blocks(&self) -> usize {
+        self.recomputed.load(Ordering::Relaxed)
     }
 
     /// Positions the model was built for (its RoPE tables).
@@ -229,7 +245,7 @@ impl Llama {
                 .collect::<Result<Vec<_>>>()?;
             x = match cache.as_deref_mut() {
                 Some(cache) => block.forward(&x, &weights, Some((cache, l, offset)))?,
-                None if self.recompute => recompute(&block, &x, &weights)?,
+                None if self.recompute => recompute(&block, &x, &weights, &self.recomputed)?,
                 None => block.forward(&x, &weights, None)?,
             };
         }
@@ -332,14 +348,14 @@ impl Block {
 /// again: activation recomputation, trading a second forward per block for the memory of its
 /// intermediate activations. The gradients are the same as without it (the forward is
 /// deterministic).
-fn recompute(block: &Block, x: &Tensor, weights: &[Tensor]) -> Result<Tensor> {
+fn recompute(block: &Block, x: &Tensor, weights: &[Tensor], counter: &Arc<AtomicUsize>) -> Result<Tensor> {
     // Forward on detached copies: candle keeps no graph of them.
     let detached: Vec<Tensor> = weights.iter().map(Tensor::detach).collect();
     let out = block.forward(&x.detach(), &detached, None)?;
     // The weights travel as one flat tensor, so that one op carries all their gradients.
     let shapes: Vec<Shape> = weights.iter().map(|w| w.shape().clone()).collect();
     let flat = Tensor::cat(&weights.iter().map(|w| w.flatten_all()).collect::<Result<Vec<_>>>()?, 0)?;
-    x.apply_op2(&flat, Recompute { block: block.clone(), shapes, out })
+    x.apply_op2(&flat, Recompute { block: block.clone(), shapes, out, counter: Arc::clone(counter) })
 }
 
 /// The op [`recompute`] records: its forward hands back the output computed without a graph; its
@@ -348,6 +364,8 @@ struct Recompute {
     block: Block,
     shapes: Vec<Shape>,
     out: Tensor,
+    /// The model's count of blocks run again.
+    counter: Arc<AtomicUsize>,
 }
 
 impl Recompute {
@@ -389,8 +407,7 @@ impl candle_core::CustomOp2 for Recompute {
     }
 
     fn bwd(&self, x: &Tensor, flat: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        #[cfg(test)]
-        tests::RECOMPUTED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.counter.fetch_add(1, Ordering::Relaxed);
         let x = Var::from_tensor(&x.detach())?;
         let flat = Var::from_tensor(&flat.detach())?;
         let mut weights = Vec::with_capacity(self.shapes.len());
@@ -433,22 +450,8 @@ fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
 mod tests {
     use super::*;
 
-    /// Blocks run again by [`Recompute`]'s backward.
-    pub(super) static RECOMPUTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
     fn tiny() -> LlamaConfig {
-        LlamaConfig {
-            vocab_size: 64,
-            dim: 32,
-            layers: 2,
-            heads: 4,
-            kv_heads: 2,
-            ffn_dim: 48,
-            rope_base: 10_000.0,
-            norm_eps: 1e-5,
-            tie_embeddings: true,
-            rope_scaling: Scaling::None,
-        }
+        LlamaConfig::tiny(64)
     }
 
     #[test]
@@ -504,12 +507,10 @@ mod tests {
                     g.flatten_all().unwrap().to_vec1().unwrap()
                 })
                 .collect();
-            (loss.to_scalar::<f32>().unwrap(), all)
+            (loss.to_scalar::<f32>().unwrap(), all, model.recomputed_blocks())
         };
-        let before = RECOMPUTED.load(std::sync::atomic::Ordering::SeqCst);
         let (plain, recomputed) = (run(false), run(true));
-        let after = RECOMPUTED.load(std::sync::atomic::Ordering::SeqCst);
-        assert!(after - before >= c.layers, "every block ran again in the backward");
+        assert_eq!((plain.2, recomputed.2), (0, c.layers), "every block ran again in the backward, once");
         assert_eq!(plain.0, recomputed.0);
         assert_eq!(plain.1, recomputed.1, "bitwise the same gradients");
     }

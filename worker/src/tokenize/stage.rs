@@ -31,7 +31,7 @@ use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use super::train::{BpeError, train_bpe};
 use crate::Context;
-use crate::frame::{Phase, ScratchError, StageError, UpstreamError, scratch};
+use crate::frame::{MapDone, Phase, ScratchError, StageError, UpstreamError, scratch};
 use crate::progress::Progress;
 use crate::tokenizer::{Encoder, EncoderError};
 use crate::tokens::{ShardError, ShardWriter};
@@ -120,11 +120,10 @@ struct TokenizerMeta {
     training: Option<TokenizerTraining>,
 }
 
-/// `map/NNNNN.json`.
+/// What a map task records beside its token shard (`map/NNNNN.json`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct MapDone {
-    config_hash: String,
+struct MapTask {
     tokenizer_sha256: String,
     file: FileEntry,
     categories: BTreeMap<String, Counts>,
@@ -406,17 +405,8 @@ fn shard_name(k: u32) -> String {
     format!("shards/{k:05}.tok")
 }
 
-async fn map_done(ctx: &Context, k: u32) -> Result<Option<MapDone>> {
-    let key = ctx.dir.key(&map_name(k))?;
-    let Some(bytes) = ctx.dir.store().get_opt(&key).await? else { return Ok(None) };
-    serde_json::from_slice(&bytes).map(Some).map_err(|e| {
-        pretrain_store::Error::Corrupt {
-            store: ctx.dir.store().url().into(),
-            key: key.to_string(),
-            reason: e.to_string(),
-        }
-        .into()
-    })
+async fn map_done(ctx: &Context, k: u32) -> Result<Option<MapDone<MapTask>>> {
+    Ok(MapDone::read(&ctx.dir, &map_name(k)).await?)
 }
 
 async fn map_shard(
@@ -429,7 +419,7 @@ async fn map_shard(
     let input = &upstream.shards[k as usize];
     if let Some(done) = map_done(ctx, k).await?
         && done.config_hash == hash
-        && done.tokenizer_sha256 == meta.sha256
+        && done.task.tokenizer_sha256 == meta.sha256
     {
         return Ok(());
     }
@@ -457,8 +447,8 @@ async fn map_shard(
         total.bytes as f64 / total.tokens.max(1) as f64,
         total.bytes as f64 / 1e6 / seconds.max(1e-9)
     );
-    let done = MapDone { config_hash: hash.into(), tokenizer_sha256: meta.sha256.clone(), file, categories, seconds };
-    ctx.dir.put(&map_name(k), Bytes::from(serde_json::to_vec_pretty(&done).expect("marker serialises"))).await?;
+    let task = MapTask { tokenizer_sha256: meta.sha256.clone(), file, categories, seconds };
+    MapDone { config_hash: hash.into(), task }.write(&ctx.dir, &map_name(k)).await?;
     Ok(())
 }
 
@@ -474,7 +464,9 @@ async fn reduce(
     let mut missing = Vec::new();
     for k in 0..upstream.shards.len() as u32 {
         match map_done(ctx, k).await? {
-            Some(done) if done.config_hash == hash && done.tokenizer_sha256 == meta.sha256 => {
+            Some(MapDone { config_hash, task: done })
+                if config_hash == hash && done.tokenizer_sha256 == meta.sha256 =>
+            {
                 for (category, c) in &done.categories {
                     train.entry(category.clone()).or_default().add(c);
                 }

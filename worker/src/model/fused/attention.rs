@@ -5,7 +5,7 @@ use candle_core::CudaStorage;
 use candle_core::{CpuStorage, CustomOp3, D, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{contiguous_f32, exp, fused_for, simd_fn};
+use super::{In, contiguous_f32, exp, forward3, fused_for, simd_fn};
 use crate::model::gemm::{self, Mat};
 
 /// `softmax(scale * s + causal mask)` over the last dimension of `[.., t, t]` scores, composed from
@@ -131,62 +131,7 @@ impl CustomOp3 for Attention {
         "causal-attention"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.check(l1, l2, l3)?;
-        let (q, k, v) = (
-            contiguous_f32(s1, l1, self.name())?,
-            contiguous_f32(s2, l2, self.name())?,
-            contiguous_f32(s3, l3, self.name())?,
-        );
-        let (t, hd, groups) = (self.seq, self.head_dim, self.heads / self.kv_heads);
-        let head = t * hd;
-        let mut o = vec![0f32; q.len()];
-        // One task per key/value head: its query heads one after the other.
-        o.par_chunks_mut(groups * head).enumerate().for_each(|(task, o)| {
-            let (k, v) = (&k[task * head..(task + 1) * head], &v[task * head..(task + 1) * head]);
-            let mut p = vec![0f32; QUERY_BLOCK.min(t) * t];
-            for j in 0..groups {
-                let q = &q[(task * groups + j) * head..][..head];
-                let o = &mut o[j * head..(j + 1) * head];
-                for (r0, rows) in self.blocks() {
-                    let keys = r0 + rows;
-                    self.probabilities(q, k, r0, rows, &mut p);
-                    gemm::matmul(
-                        &mut o[r0 * hd..],
-                        hd,
-                        Mat::rows(&p, rows, keys, keys),
-                        Mat::rows(v, keys, hd, hd),
-                        false,
-                    );
-                }
-            }
-        });
-        Ok((CpuStorage::F32(o), l1.shape().clone()))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        s3: &CudaStorage,
-        l3: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        self.check(l1, l2, l3)?;
-        let (o, lse) = crate::model::cuda::attention((s1, l1), (s2, l2), (s3, l3), &self.kernel_shape())?;
-        *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = Some(lse);
-        Ok((o, l1.shape().clone()))
-    }
+    forward3!();
 
     fn bwd(
         &self,
@@ -232,6 +177,59 @@ impl CustomOp3 for Attention {
     }
 }
 
+impl Attention {
+    fn cpu3(
+        &self,
+        (s1, l1): In<'_, CpuStorage>,
+        (s2, l2): In<'_, CpuStorage>,
+        (s3, l3): In<'_, CpuStorage>,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.check(l1, l2, l3)?;
+        let (q, k, v) = (
+            contiguous_f32(s1, l1, self.name())?,
+            contiguous_f32(s2, l2, self.name())?,
+            contiguous_f32(s3, l3, self.name())?,
+        );
+        let (t, hd, groups) = (self.seq, self.head_dim, self.heads / self.kv_heads);
+        let head = t * hd;
+        let mut o = vec![0f32; q.len()];
+        // One task per key/value head: its query heads one after the other.
+        o.par_chunks_mut(groups * head).enumerate().for_each(|(task, o)| {
+            let (k, v) = (&k[task * head..(task + 1) * head], &v[task * head..(task + 1) * head]);
+            let mut p = vec![0f32; QUERY_BLOCK.min(t) * t];
+            for j in 0..groups {
+                let q = &q[(task * groups + j) * head..][..head];
+                let o = &mut o[j * head..(j + 1) * head];
+                for (r0, rows) in self.blocks() {
+                    let keys = r0 + rows;
+                    self.probabilities(q, k, r0, rows, &mut p);
+                    gemm::matmul(
+                        &mut o[r0 * hd..],
+                        hd,
+                        Mat::rows(&p, rows, keys, keys),
+                        Mat::rows(v, keys, hd, hd),
+                        false,
+                    );
+                }
+            }
+        });
+        Ok((CpuStorage::F32(o), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda3(
+        &self,
+        (s1, l1): In<'_, CudaStorage>,
+        (s2, l2): In<'_, CudaStorage>,
+        (s3, l3): In<'_, CudaStorage>,
+    ) -> Result<(CudaStorage, Shape)> {
+        self.check(l1, l2, l3)?;
+        let (o, lse) = crate::model::cuda::attention((s1, l1), (s2, l2), (s3, l3), &self.kernel_shape())?;
+        *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = Some(lse);
+        Ok((o, l1.shape().clone()))
+    }
+}
+
 /// Attention's gradients on a CUDA device, `[dq, dk, dv]` flattened into one buffer, from q, k and v
 /// (the op's inputs) and the forward's output, its gradient and its log-sum-exp.
 #[cfg(feature = "cuda")]
@@ -248,26 +246,20 @@ impl CustomOp3 for AttentionGrad<'_> {
         "causal-attention-grad"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    forward3!();
+}
+
+#[cfg(feature = "cuda")]
+impl AttentionGrad<'_> {
+    fn cpu3(&self, _: In<'_, CpuStorage>, _: In<'_, CpuStorage>, _: In<'_, CpuStorage>) -> Result<(CpuStorage, Shape)> {
         candle_core::bail!("causal-attention-grad runs on CUDA devices (the CPU's is Attention::backward)")
     }
 
-    fn cuda_fwd(
+    fn cuda3(
         &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        s3: &CudaStorage,
-        l3: &Layout,
+        (s1, l1): In<'_, CudaStorage>,
+        (s2, l2): In<'_, CudaStorage>,
+        (s3, l3): In<'_, CudaStorage>,
     ) -> Result<(CudaStorage, Shape)> {
         self.attention.check(l1, l2, l3)?;
         let (o, o_layout) = self.o.storage_and_layout();

@@ -7,7 +7,7 @@ use rayon::prelude::*;
 
 #[cfg(feature = "cuda")]
 use super::on_gpu;
-use super::{contiguous_f32, exp, fused_for, simd_fn};
+use super::{In, contiguous_f32, exp, forward3, fused_for, simd_fn};
 
 /// Mean cross-entropy of `logits` `[n, vocab]` against `targets` `[n]` (u32), in fp32 whatever the
 /// logits' dtype (fused, bf16 logits are read as they are: no fp32 copy of them is made).
@@ -95,14 +95,15 @@ impl CustomOp3 for CrossEntropyGrad {
         "cross-entropy-grad"
     }
 
-    fn cpu_fwd(
+    forward3!();
+}
+
+impl CrossEntropyGrad {
+    fn cpu3(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
+        (s1, l1): In<'_, CpuStorage>,
+        (s2, l2): In<'_, CpuStorage>,
+        (s3, l3): In<'_, CpuStorage>,
     ) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s1, l1, self.name())?;
         let (_, v) = l1.shape().dims2()?;
@@ -131,14 +132,11 @@ impl CustomOp3 for CrossEntropyGrad {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
+    fn cuda3(
         &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        s3: &CudaStorage,
-        l3: &Layout,
+        (s1, l1): In<'_, CudaStorage>,
+        (s2, l2): In<'_, CudaStorage>,
+        (s3, l3): In<'_, CudaStorage>,
     ) -> Result<(CudaStorage, Shape)> {
         let (n, v) = l1.shape().dims2()?;
         if l2.shape().elem_count() != n || l3.shape().elem_count() != 2 * n {

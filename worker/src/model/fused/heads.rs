@@ -7,7 +7,7 @@ use rayon::prelude::*;
 
 #[cfg(feature = "cuda")]
 use super::on_gpu;
-use super::{contiguous_f32, fused_for, simd_fn};
+use super::{In, contiguous_f32, forward3, fused_for, simd_fn};
 use crate::model::Rope;
 
 /// The rows of a projection `[batch * seq, heads * head_dim]` as heads `[batch, heads, seq, head_dim]`,
@@ -182,36 +182,7 @@ impl CustomOp3 for SplitHeads {
         "split-heads-rope"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.check(l1)?;
-        let x = contiguous_f32(s1, l1, "split-heads-rope")?;
-        let tables = self.tables((s2, l2), (s3, l3), "split-heads-rope")?;
-        let y = self.forward(x, Some(tables));
-        Ok((CpuStorage::F32(y), Shape::from((self.batch, self.heads, self.seq, self.head_dim))))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        s3: &CudaStorage,
-        l3: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        self.check(l1)?;
-        let tables = Some(((s2, l2), (s3, l3)));
-        on_gpu(crate::model::cuda::heads((s1, l1), tables, self.kernel_shape(), true), self.heads_shape())
-    }
+    forward3!();
 
     fn bwd(
         &self,
@@ -223,6 +194,33 @@ impl CustomOp3 for SplitHeads {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?.apply_op3_no_bwd(cos, sin, &MergeHeads(*self))?;
         Ok((Some(grad), None, None))
+    }
+}
+
+impl SplitHeads {
+    fn cpu3(
+        &self,
+        (s1, l1): In<'_, CpuStorage>,
+        (s2, l2): In<'_, CpuStorage>,
+        (s3, l3): In<'_, CpuStorage>,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.check(l1)?;
+        let x = contiguous_f32(s1, l1, "split-heads-rope")?;
+        let tables = self.tables((s2, l2), (s3, l3), "split-heads-rope")?;
+        let y = self.forward(x, Some(tables));
+        Ok((CpuStorage::F32(y), Shape::from((self.batch, self.heads, self.seq, self.head_dim))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda3(
+        &self,
+        (s1, l1): In<'_, CudaStorage>,
+        (s2, l2): In<'_, CudaStorage>,
+        (s3, l3): In<'_, CudaStorage>,
+    ) -> Result<(CudaStorage, Shape)> {
+        self.check(l1)?;
+        let tables = Some(((s2, l2), (s3, l3)));
+        on_gpu(crate::model::cuda::heads((s1, l1), tables, self.kernel_shape(), true), self.heads_shape())
     }
 }
 
@@ -274,14 +272,15 @@ impl CustomOp3 for MergeHeads {
         "merge-heads-rope"
     }
 
-    fn cpu_fwd(
+    forward3!();
+}
+
+impl MergeHeads {
+    fn cpu3(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
+        (s1, l1): In<'_, CpuStorage>,
+        (s2, l2): In<'_, CpuStorage>,
+        (s3, l3): In<'_, CpuStorage>,
     ) -> Result<(CpuStorage, Shape)> {
         let split = self.0;
         let g = contiguous_f32(s1, l1, "merge-heads-rope")?;
@@ -291,14 +290,11 @@ impl CustomOp3 for MergeHeads {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
+    fn cuda3(
         &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        s3: &CudaStorage,
-        l3: &Layout,
+        (s1, l1): In<'_, CudaStorage>,
+        (s2, l2): In<'_, CudaStorage>,
+        (s3, l3): In<'_, CudaStorage>,
     ) -> Result<(CudaStorage, Shape)> {
         let split = self.0;
         if l1.dims() != [split.batch, split.heads, split.seq, split.head_dim] {

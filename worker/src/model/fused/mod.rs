@@ -110,6 +110,42 @@ macro_rules! simd_fn {
 }
 pub(crate) use simd_fn;
 
+/// One input of a custom op: its storage and its layout.
+pub(crate) type In<'a, S> = (&'a S, &'a Layout);
+
+/// The `cpu_fwd` and `cuda_fwd` of a `CustomOp3` impl, whose six-argument signatures candle's trait
+/// dictates, written once: they hand the three inputs as [`In`] pairs to the op's own `cpu3` and
+/// `cuda3` (the latter on builds with feature `cuda`).
+macro_rules! forward3 {
+    () => {
+        fn cpu_fwd(
+            &self,
+            s1: &CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+            s3: &CpuStorage,
+            l3: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            self.cpu3((s1, l1), (s2, l2), (s3, l3))
+        }
+
+        #[cfg(feature = "cuda")]
+        fn cuda_fwd(
+            &self,
+            s1: &CudaStorage,
+            l1: &Layout,
+            s2: &CudaStorage,
+            l2: &Layout,
+            s3: &CudaStorage,
+            l3: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            self.cuda3((s1, l1), (s2, l2), (s3, l3))
+        }
+    };
+}
+pub(crate) use forward3;
+
 /// `e^x` in f32, within 2e-7 relative of the exact value and branch-free, so that loops over slices
 /// vectorise (libm's `expf` is one call per element, 7% of a CPU training step): `x = n ln 2 + r`
 /// with `|r| <= ln 2 / 2`, then `2^n` times Cephes' degree-7 polynomial for `e^r`. NaN stays NaN;

@@ -7,7 +7,7 @@ use rayon::prelude::*;
 
 #[cfg(feature = "cuda")]
 use super::on_gpu;
-use super::{ROWS_PER_TASK, contiguous_f32, fused_for, simd_fn};
+use super::{In, ROWS_PER_TASK, contiguous_f32, forward3, fused_for, simd_fn};
 
 /// `x * w / sqrt(mean(x^2) + eps)` over the last dimension, computed in fp32 whatever the input. Fused
 /// (one pass forward, one pass backward for both gradients) when `x` and `w` share a dtype the kernels
@@ -114,14 +114,15 @@ impl CustomOp3 for RmsNormGrad {
         "rms-norm-grad"
     }
 
-    fn cpu_fwd(
+    forward3!();
+}
+
+impl RmsNormGrad {
+    fn cpu3(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
+        (s1, l1): In<'_, CpuStorage>,
+        (s2, l2): In<'_, CpuStorage>,
+        (s3, l3): In<'_, CpuStorage>,
     ) -> Result<(CpuStorage, Shape)> {
         let d = check_norm_weight(l1, l2, self.name())?;
         let x = contiguous_f32(s1, l1, self.name())?;
@@ -141,14 +142,11 @@ impl CustomOp3 for RmsNormGrad {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
+    fn cuda3(
         &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        s3: &CudaStorage,
-        l3: &Layout,
+        (s1, l1): In<'_, CudaStorage>,
+        (s2, l2): In<'_, CudaStorage>,
+        (s3, l3): In<'_, CudaStorage>,
     ) -> Result<(CudaStorage, Shape)> {
         let d = check_norm_weight(l1, l2, self.name())?;
         let n = l1.shape().elem_count();

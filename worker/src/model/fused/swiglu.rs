@@ -7,7 +7,7 @@ use rayon::prelude::*;
 
 #[cfg(feature = "cuda")]
 use super::on_gpu;
-use super::{contiguous_f32, exp, fused_for, simd_fn};
+use super::{In, contiguous_f32, exp, forward3, fused_for, simd_fn};
 
 /// `silu(gate) * up`, the SwiGLU activation. Fused where the kernels serve the dtype (both gradients
 /// in one pass); composed elsewhere.
@@ -82,14 +82,15 @@ impl CustomOp3 for SwiGluGrad {
         "swiglu-grad"
     }
 
-    fn cpu_fwd(
+    forward3!();
+}
+
+impl SwiGluGrad {
+    fn cpu3(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
+        (s1, l1): In<'_, CpuStorage>,
+        (s2, l2): In<'_, CpuStorage>,
+        (s3, l3): In<'_, CpuStorage>,
     ) -> Result<(CpuStorage, Shape)> {
         let a = contiguous_f32(s1, l1, self.name())?;
         let u = contiguous_f32(s2, l2, self.name())?;
@@ -105,14 +106,11 @@ impl CustomOp3 for SwiGluGrad {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
+    fn cuda3(
         &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        s3: &CudaStorage,
-        l3: &Layout,
+        (s1, l1): In<'_, CudaStorage>,
+        (s2, l2): In<'_, CudaStorage>,
+        (s3, l3): In<'_, CudaStorage>,
     ) -> Result<(CudaStorage, Shape)> {
         on_gpu(crate::model::cuda::swiglu_grad((s1, l1), (s2, l2), (s3, l3)), 2 * l1.shape().elem_count())
     }
