@@ -657,9 +657,16 @@ async fn a_higher_priority_run_preempts_a_checkpointing_victim_that_waits_in_lin
     assert_eq!(admitted.status, "False", "a preempted run waiting again is not admitted: {admitted:?}");
     assert!(admitted.reason.is_some() && admitted.observed_generation.is_some(), "{admitted:?}");
     assert_eq!(train_stage(&waiting).failures, 0, "a preemption is not a failure");
+    // The run is Suspended as soon as its Jobs are stopped; its pods finish the step and checkpoint
+    // on SIGTERM after that, so their logs are waited for, not read at once.
     for pod in &victims {
-        let log = std::fs::read_to_string(cluster.kubelet.log_path("queue", &pod.name_any())).unwrap_or_default();
-        assert!(log.contains("on SIGTERM"), "{} did not checkpoint on SIGTERM:\n{log}", pod.name_any());
+        let path = cluster.kubelet.log_path("queue", &pod.name_any());
+        let what = format!("{} to checkpoint on SIGTERM", pod.name_any());
+        eventually(Duration::from_secs(300), &what, || {
+            let path = path.clone();
+            async move { std::fs::read_to_string(path).ok().filter(|l| l.contains("on SIGTERM")) }
+        })
+        .await;
     }
     let described = cluster.kubectl_ok(&["-n", "queue", "describe", "ptr", "low"], None);
     assert!(described.contains("Preempted"), "{described}");
