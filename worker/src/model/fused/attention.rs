@@ -178,12 +178,7 @@ impl CustomOp3 for Attention {
 }
 
 impl Attention {
-    fn cpu3(
-        &self,
-        (s1, l1): In<'_, CpuStorage>,
-        (s2, l2): In<'_, CpuStorage>,
-        (s3, l3): In<'_, CpuStorage>,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu3(&self, [(s1, l1), (s2, l2), (s3, l3)]: [In<'_, CpuStorage>; 3]) -> Result<(CpuStorage, Shape)> {
         self.check(l1, l2, l3)?;
         let (q, k, v) = (
             contiguous_f32(s1, l1, self.name())?,
@@ -217,12 +212,7 @@ impl Attention {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda3(
-        &self,
-        (s1, l1): In<'_, CudaStorage>,
-        (s2, l2): In<'_, CudaStorage>,
-        (s3, l3): In<'_, CudaStorage>,
-    ) -> Result<(CudaStorage, Shape)> {
+    fn cuda3(&self, [(s1, l1), (s2, l2), (s3, l3)]: [In<'_, CudaStorage>; 3]) -> Result<(CudaStorage, Shape)> {
         self.check(l1, l2, l3)?;
         let (o, lse) = crate::model::cuda::attention((s1, l1), (s2, l2), (s3, l3), &self.kernel_shape())?;
         *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = Some(lse);
@@ -251,16 +241,11 @@ impl CustomOp3 for AttentionGrad<'_> {
 
 #[cfg(feature = "cuda")]
 impl AttentionGrad<'_> {
-    fn cpu3(&self, _: In<'_, CpuStorage>, _: In<'_, CpuStorage>, _: In<'_, CpuStorage>) -> Result<(CpuStorage, Shape)> {
+    fn cpu3(&self, _: [In<'_, CpuStorage>; 3]) -> Result<(CpuStorage, Shape)> {
         candle_core::bail!("causal-attention-grad runs on CUDA devices (the CPU's is Attention::backward)")
     }
 
-    fn cuda3(
-        &self,
-        (s1, l1): In<'_, CudaStorage>,
-        (s2, l2): In<'_, CudaStorage>,
-        (s3, l3): In<'_, CudaStorage>,
-    ) -> Result<(CudaStorage, Shape)> {
+    fn cuda3(&self, [(s1, l1), (s2, l2), (s3, l3)]: [In<'_, CudaStorage>; 3]) -> Result<(CudaStorage, Shape)> {
         self.attention.check(l1, l2, l3)?;
         let (o, o_layout) = self.o.storage_and_layout();
         let (g, g_layout) = self.g.storage_and_layout();

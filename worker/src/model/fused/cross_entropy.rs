@@ -99,12 +99,7 @@ impl CustomOp3 for CrossEntropyGrad {
 }
 
 impl CrossEntropyGrad {
-    fn cpu3(
-        &self,
-        (s1, l1): In<'_, CpuStorage>,
-        (s2, l2): In<'_, CpuStorage>,
-        (s3, l3): In<'_, CpuStorage>,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu3(&self, [(s1, l1), (s2, l2), (s3, l3)]: [In<'_, CpuStorage>; 3]) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s1, l1, self.name())?;
         let (_, v) = l1.shape().dims2()?;
         let (start, end) =
@@ -132,12 +127,7 @@ impl CrossEntropyGrad {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda3(
-        &self,
-        (s1, l1): In<'_, CudaStorage>,
-        (s2, l2): In<'_, CudaStorage>,
-        (s3, l3): In<'_, CudaStorage>,
-    ) -> Result<(CudaStorage, Shape)> {
+    fn cuda3(&self, [(s1, l1), (s2, l2), (s3, l3)]: [In<'_, CudaStorage>; 3]) -> Result<(CudaStorage, Shape)> {
         let (n, v) = l1.shape().dims2()?;
         if l2.shape().elem_count() != n || l3.shape().elem_count() != 2 * n {
             candle_core::bail!(

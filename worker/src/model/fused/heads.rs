@@ -198,12 +198,7 @@ impl CustomOp3 for SplitHeads {
 }
 
 impl SplitHeads {
-    fn cpu3(
-        &self,
-        (s1, l1): In<'_, CpuStorage>,
-        (s2, l2): In<'_, CpuStorage>,
-        (s3, l3): In<'_, CpuStorage>,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu3(&self, [(s1, l1), (s2, l2), (s3, l3)]: [In<'_, CpuStorage>; 3]) -> Result<(CpuStorage, Shape)> {
         self.check(l1)?;
         let x = contiguous_f32(s1, l1, "split-heads-rope")?;
         let tables = self.tables((s2, l2), (s3, l3), "split-heads-rope")?;
@@ -212,12 +207,7 @@ impl SplitHeads {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda3(
-        &self,
-        (s1, l1): In<'_, CudaStorage>,
-        (s2, l2): In<'_, CudaStorage>,
-        (s3, l3): In<'_, CudaStorage>,
-    ) -> Result<(CudaStorage, Shape)> {
+    fn cuda3(&self, [(s1, l1), (s2, l2), (s3, l3)]: [In<'_, CudaStorage>; 3]) -> Result<(CudaStorage, Shape)> {
         self.check(l1)?;
         let tables = Some(((s2, l2), (s3, l3)));
         on_gpu(crate::model::cuda::heads((s1, l1), tables, self.kernel_shape(), true), self.heads_shape())
@@ -276,12 +266,7 @@ impl CustomOp3 for MergeHeads {
 }
 
 impl MergeHeads {
-    fn cpu3(
-        &self,
-        (s1, l1): In<'_, CpuStorage>,
-        (s2, l2): In<'_, CpuStorage>,
-        (s3, l3): In<'_, CpuStorage>,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu3(&self, [(s1, l1), (s2, l2), (s3, l3)]: [In<'_, CpuStorage>; 3]) -> Result<(CpuStorage, Shape)> {
         let split = self.0;
         let g = contiguous_f32(s1, l1, "merge-heads-rope")?;
         let tables = split.tables((s2, l2), (s3, l3), "merge-heads-rope")?;
@@ -290,12 +275,7 @@ impl MergeHeads {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda3(
-        &self,
-        (s1, l1): In<'_, CudaStorage>,
-        (s2, l2): In<'_, CudaStorage>,
-        (s3, l3): In<'_, CudaStorage>,
-    ) -> Result<(CudaStorage, Shape)> {
+    fn cuda3(&self, [(s1, l1), (s2, l2), (s3, l3)]: [In<'_, CudaStorage>; 3]) -> Result<(CudaStorage, Shape)> {
         let split = self.0;
         if l1.dims() != [split.batch, split.heads, split.seq, split.head_dim] {
             candle_core::bail!("merge-heads-rope: input {:?} for {:?}", l1.dims(), split.heads_shape());

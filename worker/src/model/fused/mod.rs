@@ -114,7 +114,7 @@ pub(crate) use simd_fn;
 pub(crate) type In<'a, S> = (&'a S, &'a Layout);
 
 /// The `cpu_fwd` and `cuda_fwd` of a `CustomOp3` impl, whose six-argument signatures candle's trait
-/// dictates, written once: they hand the three inputs as [`In`] pairs to the op's own `cpu3` and
+/// dictates, written once: they hand the three inputs as an array of [`In`] pairs to the op's own `cpu3` and
 /// `cuda3` (the latter on builds with feature `cuda`).
 macro_rules! forward3 {
     () => {
@@ -127,7 +127,7 @@ macro_rules! forward3 {
             s3: &CpuStorage,
             l3: &Layout,
         ) -> Result<(CpuStorage, Shape)> {
-            self.cpu3((s1, l1), (s2, l2), (s3, l3))
+            self.cpu3([(s1, l1), (s2, l2), (s3, l3)])
         }
 
         #[cfg(feature = "cuda")]
@@ -140,7 +140,7 @@ macro_rules! forward3 {
             s3: &CudaStorage,
             l3: &Layout,
         ) -> Result<(CudaStorage, Shape)> {
-            self.cuda3((s1, l1), (s2, l2), (s3, l3))
+            self.cuda3([(s1, l1), (s2, l2), (s3, l3)])
         }
     };
 }

@@ -118,12 +118,7 @@ impl CustomOp3 for RmsNormGrad {
 }
 
 impl RmsNormGrad {
-    fn cpu3(
-        &self,
-        (s1, l1): In<'_, CpuStorage>,
-        (s2, l2): In<'_, CpuStorage>,
-        (s3, l3): In<'_, CpuStorage>,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu3(&self, [(s1, l1), (s2, l2), (s3, l3)]: [In<'_, CpuStorage>; 3]) -> Result<(CpuStorage, Shape)> {
         let d = check_norm_weight(l1, l2, self.name())?;
         let x = contiguous_f32(s1, l1, self.name())?;
         let w = contiguous_f32(s2, l2, self.name())?;
@@ -142,12 +137,7 @@ impl RmsNormGrad {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda3(
-        &self,
-        (s1, l1): In<'_, CudaStorage>,
-        (s2, l2): In<'_, CudaStorage>,
-        (s3, l3): In<'_, CudaStorage>,
-    ) -> Result<(CudaStorage, Shape)> {
+    fn cuda3(&self, [(s1, l1), (s2, l2), (s3, l3)]: [In<'_, CudaStorage>; 3]) -> Result<(CudaStorage, Shape)> {
         let d = check_norm_weight(l1, l2, self.name())?;
         let n = l1.shape().elem_count();
         on_gpu(crate::model::cuda::rms_norm_grad((s1, l1), (s2, l2), (s3, l3), d, self.eps), n + d)

@@ -86,12 +86,7 @@ impl CustomOp3 for SwiGluGrad {
 }
 
 impl SwiGluGrad {
-    fn cpu3(
-        &self,
-        (s1, l1): In<'_, CpuStorage>,
-        (s2, l2): In<'_, CpuStorage>,
-        (s3, l3): In<'_, CpuStorage>,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu3(&self, [(s1, l1), (s2, l2), (s3, l3)]: [In<'_, CpuStorage>; 3]) -> Result<(CpuStorage, Shape)> {
         let a = contiguous_f32(s1, l1, self.name())?;
         let u = contiguous_f32(s2, l2, self.name())?;
         let g = contiguous_f32(s3, l3, self.name())?;
@@ -106,12 +101,7 @@ impl SwiGluGrad {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda3(
-        &self,
-        (s1, l1): In<'_, CudaStorage>,
-        (s2, l2): In<'_, CudaStorage>,
-        (s3, l3): In<'_, CudaStorage>,
-    ) -> Result<(CudaStorage, Shape)> {
+    fn cuda3(&self, [(s1, l1), (s2, l2), (s3, l3)]: [In<'_, CudaStorage>; 3]) -> Result<(CudaStorage, Shape)> {
         on_gpu(crate::model::cuda::swiglu_grad((s1, l1), (s2, l2), (s3, l3)), 2 * l1.shape().elem_count())
     }
 }
