@@ -285,6 +285,7 @@ async fn operator(
     scheduler: Option<(std::time::Duration, Policy)>,
     defaults: RunDefaults,
 ) -> anyhow::Result<()> {
+    controller::init_logging();
     let client = kube::Client::try_default().await?;
     let metrics = std::sync::Arc::new(Metrics::default());
     let listener = tokio::net::TcpListener::bind(listen).await?;

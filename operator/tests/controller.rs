@@ -6,7 +6,7 @@ use std::sync::Arc;
 use http::{Method, Request, Response};
 use kube::client::Body;
 use pretrain_crd::PretrainRun;
-use pretrain_operator::k8s::controller::{Context, FINALIZER, reconcile};
+use pretrain_operator::k8s::controller::{Context, Error, FINALIZER, error_policy, reconcile};
 use pretrain_operator::k8s::metrics::Metrics;
 use pretrain_store::Store;
 use serde_json::{Value, json};
@@ -78,12 +78,12 @@ fn empty_list(kind: &str) -> Value {
 }
 
 #[tokio::test]
-async fn a_fresh_run_gets_its_finalizer_manifest_first_job_status_and_event() {
+async fn a_fresh_run_first_gets_only_its_finalizer() {
     let tmp = tempfile::tempdir().unwrap();
     let store = format!("file://{}", tmp.path().display());
     let (ctx, mut server) = context(&store);
-    let run = Arc::new(run(&spec(&store), json!({}), None));
-    let object = serde_json::to_value(&*run).unwrap();
+    let fresh = Arc::new(run(&spec(&store), json!({}), None));
+    let with_finalizer = serde_json::to_value(run(&spec(&store), json!({"finalizers": [FINALIZER]}), None)).unwrap();
     let answered = tokio::spawn(async move {
         let (body, send) = expect(&mut server, Method::PATCH, RUN).await;
         // A JSON patch whose test makes the server refuse it if the finalizers changed meanwhile.
@@ -94,8 +94,24 @@ async fn a_fresh_run_gets_its_finalizer_manifest_first_job_status_and_event() {
                 {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]},
             ])
         );
-        reply(send, &object);
+        reply(send, &with_finalizer);
+        server
+    });
+    // kube-runtime's finalizer helper: the write brings the run back, and the next reconcile acts.
+    let action = reconcile(fresh, Arc::clone(&ctx)).await.unwrap();
+    assert_eq!(action, kube::runtime::controller::Action::await_change());
+    let mut server = answered.await.unwrap();
+    assert!(tokio::time::timeout(std::time::Duration::from_millis(50), server.next_request()).await.is_err());
+}
 
+#[tokio::test]
+async fn a_new_run_gets_its_manifest_first_job_status_and_event() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = format!("file://{}", tmp.path().display());
+    let (ctx, mut server) = context(&store);
+    let run = Arc::new(run(&spec(&store), json!({"finalizers": [FINALIZER]}), None));
+    let object = serde_json::to_value(&*run).unwrap();
+    let answered = tokio::spawn(async move {
         let (_, send) = expect(&mut server, Method::GET, LIST_JOBS).await;
         reply(send, &empty_list("JobList"));
         let (_, send) = expect(&mut server, Method::GET, LIST_PODS).await;
@@ -309,9 +325,13 @@ async fn a_deleted_run_keeps_its_data_while_a_pod_still_runs_its_sigterm_checkpo
                          "status": {"phase": "Running"}});
         reply(send, &json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": [pod]}));
     });
-    let action = reconcile(run, ctx).await.unwrap();
+    let error = reconcile(Arc::clone(&run), Arc::clone(&ctx)).await.unwrap_err();
     answered.await.unwrap();
+    assert!(matches!(error, Error::PodsStopping { live: 1 }), "{error}");
+    // Not a failure: looked at again shortly, the finalizer kept.
+    let action = error_policy(run, &error, Arc::clone(&ctx));
     assert_eq!(action, kube::runtime::controller::Action::requeue(std::time::Duration::from_secs(2)));
+    assert!(!ctx.metrics.encode().contains("pods-stopping"), "not counted as a failed reconcile");
     assert!(
         s.get_opt(&pretrain_store::key("tiny/train/ckpt/latest").unwrap()).await.unwrap().is_some(),
         "the data of a run whose pods still run is kept"

@@ -47,7 +47,7 @@ impl<'a> Scorer<'a> {
     }
 
     fn device(&self) -> &Device {
-        self.model.params.get("model.embed_tokens.weight").device()
+        self.model.device()
     }
 
     /// Log-likelihoods of each request's continuation, batched by length. A context longer than the

@@ -7,7 +7,7 @@
 use candle_core::{DType, Device, Tensor, Var};
 use pretrain_kernels::emu::{Emu, Host};
 use pretrain_kernels::{self as kernels, Attention, Heads, Ty};
-use pretrain_worker::model::{Rope, Scaling, fused};
+use pretrain_worker::model::{Kernels, Rope, Scaling};
 
 #[allow(dead_code)] // these tests use only its random draws
 mod common;
@@ -68,8 +68,9 @@ fn rms_norm_and_its_gradients_match_the_cpu_path() {
             let x = rounded(&values(rows * d, 1, 2.0), ty);
             let w = rounded(&values(d, 2, 1.0), ty);
             let up = rounded(&values(rows * d, 3, 1.0), ty);
-            let (want, grads) =
-                reference(&[(&x, &[rows, d]), (&w, &[d])], &up, |t| fused::rms_norm(&t[0], &t[1], 1e-5).unwrap());
+            let (want, grads) = reference(&[(&x, &[rows, d]), (&w, &[d])], &up, |t| {
+                Kernels::Fused.rms_norm(&t[0], &t[1], 1e-5).unwrap()
+            });
             let (hx, hw, hg) = (Host::from_f32(&x, ty), Host::from_f32(&w, ty), Host::from_f32(&up, ty));
             let y = Host::zeros(rows * d, ty);
             kernels::rms_norm(&Emu, hx.buf(), hw.buf(), y.buf(), rows, d, 1e-5).unwrap();
@@ -100,7 +101,8 @@ fn swiglu_and_its_gradients_match_the_cpu_path() {
             let a = rounded(&values(n, 4, 6.0), ty);
             let u = rounded(&values(n, 5, 2.0), ty);
             let up = rounded(&values(n, 6, 1.0), ty);
-            let (want, grads) = reference(&[(&a, &[n]), (&u, &[n])], &up, |t| fused::swiglu(&t[0], &t[1]).unwrap());
+            let (want, grads) =
+                reference(&[(&a, &[n]), (&u, &[n])], &up, |t| Kernels::Fused.swiglu(&t[0], &t[1]).unwrap());
             let (ha, hu, hg) = (Host::from_f32(&a, ty), Host::from_f32(&u, ty), Host::from_f32(&up, ty));
             let y = Host::zeros(n, ty);
             kernels::swiglu(&Emu, ha.buf(), hu.buf(), y.buf(), n).unwrap();
@@ -126,7 +128,7 @@ fn heads_split_with_rope_and_merge_back_match_the_cpu_path() {
             let x = rounded(&values(n, 7, 3.0), ty);
             let up = rounded(&values(n, 8, 1.0), ty);
             let (want, grads) = reference(&[(&x, &[batch * seq, nheads * hd])], &up, |t| {
-                fused::split_heads(&t[0], (batch, seq, nheads), rotate.then_some(&rope), offset).unwrap()
+                Kernels::Fused.split_heads(&t[0], (batch, seq, nheads), rotate.then_some(&rope), offset).unwrap()
             });
             let tables = rotate.then(|| (hcos.buf(), hsin.buf()));
             let (hx, hg) = (Host::from_f32(&x, ty), Host::from_f32(&up, ty));
@@ -138,7 +140,7 @@ fn heads_split_with_rope_and_merge_back_match_the_cpu_path() {
         }
         // merge_heads is the split's gradient without rotation.
         let x = rounded(&values(n, 9, 3.0), ty);
-        let want = flat(&fused::merge_heads(&tensor(&x, &[batch, nheads, seq, hd])).unwrap());
+        let want = flat(&Kernels::Fused.merge_heads(&tensor(&x, &[batch, nheads, seq, hd])).unwrap());
         let (hx, y) = (Host::from_f32(&x, ty), Host::zeros(n, ty));
         kernels::heads(&Emu, shape, hx.buf(), y.buf(), None, false).unwrap();
         assert_close("merge-heads", ty, &y.to_f32(), &want);
@@ -154,7 +156,7 @@ fn cross_entropy_and_its_gradient_match_the_cpu_path_without_fp32_logits() {
             let t = Tensor::new(targets.as_slice(), &Device::Cpu).unwrap();
             // The mean loss times 2.5, so that each row's gradient is 2.5 / rows.
             let (want, grads) =
-                reference(&[(&logits, &[rows, vocab])], &[2.5], |x| fused::cross_entropy(&x[0], &t).unwrap());
+                reference(&[(&logits, &[rows, vocab])], &[2.5], |x| Kernels::Fused.cross_entropy(&x[0], &t).unwrap());
             let (hl, ht) = (Host::from_f32(&logits, ty), Host::from_u32(&targets));
             let loss = Host::zeros(rows, Ty::F32);
             kernels::cross_entropy(&Emu, hl.buf(), ht.buf(), loss.buf(), rows, vocab).unwrap();
@@ -196,7 +198,7 @@ fn attention_and_its_gradients_match_the_cpu_path() {
             let up = rounded(&values(nq, 14, 1.0), ty);
             let (want, grads) =
                 reference(&[(&q, &[b, h, t, hd]), (&k, &[b, kv, t, hd]), (&v, &[b, kv, t, hd])], &up, |x| {
-                    fused::causal_attention(&x[0], &x[1], &x[2], scale as f64).unwrap()
+                    Kernels::Fused.causal_attention(&x[0], &x[1], &x[2], scale as f64).unwrap()
                 });
             let shape = Attention { batch: b, heads: h, kv_heads: kv, seq: t, head_dim: hd, scale, cuda_cores };
             let (hq, hk, hv, hg) =

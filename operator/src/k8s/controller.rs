@@ -11,6 +11,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret, Service};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{self, Event as FinalizerEvent, finalizer};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use pretrain_crd::status::RunPhase;
@@ -22,7 +23,7 @@ use super::metrics::Metrics;
 use super::observe::{self, LABEL_JOB_NAME, PodContext};
 use super::render::{self, FIELD_MANAGER, RenderError, RunObjects, job_name};
 use crate::labels::LABEL_RUN;
-use crate::plan::cluster::{ClusterView, Decision, JobKey, LivePod, decide};
+use crate::plan::cluster::{ClusterView, Decision, JobKey, JobView, LivePod, decide};
 use crate::plan::{Layout, layout};
 
 /// The finalizer that lets the operator stop a deleted run's pods and, when asked, delete its data.
@@ -48,6 +49,16 @@ pub enum Error {
         /// The Secret's name.
         name: String,
     },
+    /// A deleted run's cleanup waits for its pods, which checkpoint during their grace period,
+    /// before deleting its data (the finalizer stays until they are gone).
+    #[error("waiting for {live} pods to stop before deleting the run's data")]
+    PodsStopping {
+        /// Pods of the run still running.
+        live: usize,
+    },
+    /// The finalizer helper refused the run (no name).
+    #[error("finalizer: {0}")]
+    Finalizer(String),
 }
 
 impl Error {
@@ -58,6 +69,8 @@ impl Error {
             Error::Store(_) => "store",
             Error::Render(_) => "render",
             Error::Secret { .. } => "secret",
+            Error::PodsStopping { .. } => "pods-stopping",
+            Error::Finalizer(_) => "finalizer",
         }
     }
 }
@@ -174,22 +187,35 @@ impl Context {
     }
 }
 
-/// One reconcile of `run`.
+/// One reconcile of `run`, in kube-runtime's finalizer helper: a new run first gets our finalizer
+/// (and nothing else: the write brings the run back), a live run is reconciled ([`apply_run`]), a
+/// deleted one cleaned up ([`cleanup`]) before the finalizer is removed.
+#[tracing::instrument(name = "reconcile", skip_all, fields(run = %run.name_any(), namespace = %run.namespace().unwrap_or_default()))]
 pub async fn reconcile(run: Arc<PretrainRun>, ctx: Arc<Context>) -> Result<Action, Error> {
     ctx.metrics.reconciled();
-    let rendered = ctx.defaults.apply(&run);
+    let namespace = RunObjects::new(&ctx.defaults.apply(&run))?.namespace().to_string();
+    let runs: Api<PretrainRun> = Api::namespaced(ctx.client.clone(), &namespace);
+    finalizer(&runs, FINALIZER, run, |event| async {
+        match event {
+            FinalizerEvent::Apply(run) => apply_run(&run, &ctx).await,
+            FinalizerEvent::Cleanup(run) => cleanup(&run, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| match e {
+        finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e,
+        finalizer::Error::AddFinalizer(e) | finalizer::Error::RemoveFinalizer(e) => Error::Kube(e),
+        other => Error::Finalizer(other.to_string()),
+    })
+}
+
+/// Reconciles a live run: decides from its Jobs, pods and store what to create and stop, does it,
+/// and writes the status and Events.
+async fn apply_run(run: &PretrainRun, ctx: &Context) -> Result<Action, Error> {
+    let rendered = ctx.defaults.apply(run);
     let objects = RunObjects::new(&rendered)?;
     let (name, ns) = (objects.name().to_string(), objects.namespace().to_string());
     let runs: Api<PretrainRun> = Api::namespaced(ctx.client.clone(), &ns);
-    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
-
-    if run.metadata.deletion_timestamp.is_some() {
-        return finalize(&run, &objects, &ctx).await;
-    }
-    if !run.finalizers().iter().any(|f| f == FINALIZER) {
-        runs.patch(&name, &PatchParams::default(), &Patch::Json::<()>(add_finalizer(run.finalizers()))).await?;
-    }
-
     let status = run.status.clone().unwrap_or_default();
     if let Err(errors) = pretrain_crd::validate_spec(&run.spec) {
         let mut failed = status.clone();
@@ -197,27 +223,15 @@ pub async fn reconcile(run: Arc<PretrainRun>, ctx: Arc<Context>) -> Result<Actio
         failed.reason = Some(format!("invalid spec: {errors}"));
         failed.observed_generation = run.metadata.generation;
         if run.status.as_ref() != Some(&failed) {
-            patch_status(&runs, &run, &failed).await?;
-            publish(&ctx, &run, true, "InvalidSpec", format!("invalid spec: {errors}")).await;
+            patch_status(&runs, run, &failed).await?;
+            publish(ctx, run, true, "InvalidSpec", format!("invalid spec: {errors}")).await;
         }
         return Ok(Action::await_change());
     }
 
-    let store = open_store(&ctx, &rendered).await?;
+    let store = open_store(ctx, &rendered).await?;
     let (committed, checkpoint) = observe::store_state(&store, &name, &run.spec).await?;
-    let listed = jobs.list(&ListParams::default().labels(&format!("{LABEL_RUN}={name}"))).await?;
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-    let run_pods = pods.list(&ListParams::default().labels(&format!("{LABEL_RUN}={name}"))).await?.items;
-    let cluster = pod_context(&ctx, &run_pods).await?;
-    let mut views = Vec::new();
-    for job in &listed.items {
-        let job_name = job.name_any();
-        let own: Vec<Pod> =
-            run_pods.iter().filter(|p| p.labels().get(LABEL_JOB_NAME) == Some(&job_name)).cloned().collect();
-        views.extend(observe::job_view(job, &run.spec, &own, &cluster));
-    }
-    let live_pods: Vec<LivePod> =
-        run_pods.iter().filter(|p| !cluster.settled(p)).filter_map(observe::live_pod).collect();
+    let (views, live_pods, now) = observe_jobs(ctx, run, &ns, &name).await?;
     let view = ClusterView {
         spec: &run.spec,
         generation: run.metadata.generation,
@@ -225,15 +239,15 @@ pub async fn reconcile(run: Arc<PretrainRun>, ctx: Arc<Context>) -> Result<Actio
         committed: &committed,
         jobs: &views,
         checkpoint,
-        now: cluster.now,
+        now,
         scheduler: ctx.scheduler,
         live_pods: &live_pods,
     };
     let decision = decide(&view);
-    apply(&run, &objects, &decision, &ctx).await?;
+    enact(run, &objects, &decision, ctx).await?;
     ctx.metrics.observe_phase(&format!("{ns}/{name}"), decision.status.phase);
     if decision.status != status {
-        match patch_status(&runs, &run, &decision.status).await {
+        match patch_status(&runs, run, &decision.status).await {
             // Decided from a copy of the run older than the server's (the cache lags behind a
             // write): decide again from the newer one, or counters written since would be lost.
             Err(Error::Kube(kube::Error::Api(e))) if e.code == 409 => {
@@ -246,13 +260,38 @@ pub async fn reconcile(run: Arc<PretrainRun>, ctx: Arc<Context>) -> Result<Actio
         if event.reason == "StageRestarted" {
             ctx.metrics.restarted();
         }
-        publish(&ctx, &run, event.warning, event.reason, event.note.clone()).await;
+        publish(ctx, run, event.warning, event.reason, event.note.clone()).await;
     }
     Ok(decision.requeue_after.map_or_else(Action::await_change, |s| Action::requeue(Duration::from_secs(s))))
 }
 
+/// The run's Jobs as the planner sees them (with their pods' outcomes), its pods still running,
+/// and the clock.
+async fn observe_jobs(
+    ctx: &Context,
+    run: &PretrainRun,
+    ns: &str,
+    name: &str,
+) -> Result<(Vec<JobView>, Vec<LivePod>, i64), Error> {
+    let selector = ListParams::default().labels(&format!("{LABEL_RUN}={name}"));
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), ns);
+    let listed = jobs.list(&selector).await?;
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let run_pods = pods.list(&selector).await?.items;
+    let cluster = pod_context(ctx, &run_pods).await?;
+    let mut views = Vec::new();
+    for job in &listed.items {
+        let job_name = job.name_any();
+        let own: Vec<Pod> =
+            run_pods.iter().filter(|p| p.labels().get(LABEL_JOB_NAME) == Some(&job_name)).cloned().collect();
+        views.extend(observe::job_view(job, &run.spec, &own, &cluster));
+    }
+    let live_pods = run_pods.iter().filter(|p| !cluster.settled(p)).filter_map(observe::live_pod).collect();
+    Ok((views, live_pods, cluster.now))
+}
+
 /// Creates and stops what `decision` says, in order: the manifest, a gang's Service, the Jobs.
-async fn apply(run: &PretrainRun, objects: &RunObjects<'_>, decision: &Decision, ctx: &Context) -> Result<(), Error> {
+async fn enact(run: &PretrainRun, objects: &RunObjects<'_>, decision: &Decision, ctx: &Context) -> Result<(), Error> {
     let ns = objects.namespace();
     let ssa = PatchParams::apply(FIELD_MANAGER).force();
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), ns);
@@ -282,11 +321,10 @@ async fn apply(run: &PretrainRun, objects: &RunObjects<'_>, decision: &Decision,
 }
 
 /// A deleted run: stop its Jobs (their pods checkpoint), delete its store data when the spec asks,
-/// then let it go. Owner references delete the Jobs, Services and ConfigMap afterwards.
-async fn finalize(run: &PretrainRun, objects: &RunObjects<'_>, ctx: &Context) -> Result<Action, Error> {
-    if !run.finalizers().iter().any(|f| f == FINALIZER) {
-        return Ok(Action::await_change());
-    }
+/// once no pod of it runs. Owner references delete the Jobs, Services and ConfigMap afterwards.
+async fn cleanup(run: &PretrainRun, ctx: &Context) -> Result<Action, Error> {
+    let rendered = ctx.defaults.apply(run);
+    let objects = RunObjects::new(&rendered)?;
     let name = objects.name();
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), objects.namespace());
     let listed = jobs.list(&ListParams::default().labels(&format!("{LABEL_RUN}={name}"))).await?;
@@ -300,19 +338,14 @@ async fn finalize(run: &PretrainRun, objects: &RunObjects<'_>, ctx: &Context) ->
         let cluster = pod_context(ctx, &listed).await?;
         let live = listed.iter().filter(|p| !cluster.settled(p)).count();
         if live > 0 {
-            log("info", &format!("waiting for {live} pods to stop before deleting the run's data"), Some(run));
-            return Ok(Action::requeue(Duration::from_secs(2)));
+            return Err(Error::PodsStopping { live });
         }
-        let store = open_store(ctx, &ctx.defaults.apply(run)).await?;
+        let store = open_store(ctx, &rendered).await?;
         let prefix = pretrain_store::key(name)?;
         let removed = store.delete_prefix(&prefix).await?;
         publish(ctx, run, false, "DataDeleted", format!("deleted {removed} objects under {}", store.url())).await;
     }
     ctx.metrics.observe_phase(&format!("{}/{name}", objects.namespace()), None);
-    let runs: Api<PretrainRun> = Api::namespaced(ctx.client.clone(), objects.namespace());
-    if let Some(patch) = remove_finalizer(run.finalizers()) {
-        runs.patch(name, &PatchParams::default(), &Patch::Json::<()>(patch)).await?;
-    }
     Ok(Action::await_change())
 }
 
@@ -336,32 +369,6 @@ async fn pod_context(ctx: &Context, pods: &[Pod]) -> Result<PodContext, Error> {
         }
     }
     Ok(cluster)
-}
-
-/// A JSON patch adding our finalizer to `current`, refused by the API server (its `test`) if the
-/// list changed since it was read: another controller's finalizer is never clobbered from a stale
-/// cache (the way kube-runtime's finalizer helper writes it).
-pub fn add_finalizer(current: &[String]) -> json_patch::Patch {
-    let ops = if current.is_empty() {
-        json!([
-            {"op": "test", "path": "/metadata/finalizers", "value": null},
-            {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]},
-        ])
-    } else {
-        json!([
-            {"op": "test", "path": "/metadata/finalizers", "value": current},
-            {"op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER},
-        ])
-    };
-    serde_json::from_value(ops).expect("a JSON patch")
-}
-
-/// A JSON patch removing our finalizer at its index in `current`, guarded by a `test` of that index.
-pub fn remove_finalizer(current: &[String]) -> Option<json_patch::Patch> {
-    let index = current.iter().position(|f| f == FINALIZER)?;
-    let path = format!("/metadata/finalizers/{index}");
-    let ops = json!([{"op": "test", "path": path, "value": FINALIZER}, {"op": "remove", "path": path}]);
-    Some(serde_json::from_value(ops).expect("a JSON patch"))
 }
 
 /// Opens `run`'s store (defaults applied) with the store configuration in its storage Secret.
@@ -423,7 +430,7 @@ async fn publish(ctx: &Context, run: &PretrainRun, warning: bool, reason: &str, 
         secondary: None,
     };
     if let Err(e) = ctx.recorder.publish(&event, &run.object_ref(&())).await {
-        log("warn", &format!("recording event {reason}: {e}"), Some(run));
+        tracing::warn!(run = %run.name_any(), reason, error = %e, "recording an event failed");
     }
 }
 
@@ -431,15 +438,21 @@ async fn publish(ctx: &Context, run: &PretrainRun, warning: bool, reason: &str, 
 /// (The controller runtime hands the run and context over by value.)
 #[allow(clippy::needless_pass_by_value)]
 pub fn error_policy(run: Arc<PretrainRun>, error: &Error, ctx: Arc<Context>) -> Action {
+    let (name, namespace) = (run.name_any(), run.namespace().unwrap_or_default());
+    if let Error::PodsStopping { .. } = error {
+        // Not a failure: the cleanup looks again shortly.
+        tracing::info!(run = name, namespace, "{error}");
+        return Action::requeue(Duration::from_secs(2));
+    }
     ctx.metrics.failed(error.kind());
-    log("error", &format!("reconcile failed: {error}"), Some(&run));
+    tracing::error!(run = name, namespace, error = %error, "reconcile failed");
     let wait = ctx.backoff.failed(&backoff_key(&run));
     // A refusal the user can act on (an object the API server finds invalid, a missing Secret)
     // shows in `kubectl describe`, not only in the operator's log.
     let refused = match error {
         Error::Kube(kube::Error::Api(e)) => (400..500).contains(&e.code) && e.code != 409,
-        Error::Secret { .. } | Error::Render(_) => true,
-        Error::Kube(_) | Error::Store(_) => false,
+        Error::Secret { .. } | Error::Render(_) | Error::Finalizer(_) => true,
+        Error::Kube(_) | Error::Store(_) | Error::PodsStopping { .. } => false,
     };
     if refused && let Ok(handle) = tokio::runtime::Handle::try_current() {
         let note = error.to_string();
@@ -448,18 +461,12 @@ pub fn error_policy(run: Arc<PretrainRun>, error: &Error, ctx: Arc<Context>) -> 
     Action::requeue(wait)
 }
 
-/// One structured JSON log line on stdout.
-pub fn log(level: &str, message: &str, run: Option<&PretrainRun>) {
-    let mut line = BTreeMap::from([
-        ("ts", json!(jiff::Timestamp::now().to_string())),
-        ("level", json!(level)),
-        ("msg", json!(message)),
-    ]);
-    if let Some(run) = run {
-        line.insert("run", json!(run.name_any()));
-        line.insert("namespace", json!(run.namespace()));
-    }
-    println!("{}", json!(line));
+/// Logs as JSON lines on stdout (the operator process's), at the level `RUST_LOG` sets (`info` by
+/// default): each line carries the reconcile span's run and namespace.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().json().with_env_filter(filter).with_current_span(true).try_init();
 }
 
 /// Runs the controller until SIGTERM or Ctrl-C: PretrainRuns and the Jobs they own, every namespace.
@@ -482,7 +489,7 @@ pub async fn run(ctx: Arc<Context>) {
         )
         .for_each(|result| async move {
             if let Err(e) = result {
-                log("warn", &format!("controller: {e}"), None);
+                tracing::warn!(error = %e, "controller");
             }
         })
         .await;

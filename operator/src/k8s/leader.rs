@@ -115,11 +115,11 @@ impl Elector {
             match self.try_acquire(jiff::Timestamp::now(), Instant::now()).await {
                 Ok(true) => break,
                 Ok(false) => {}
-                Err(e) => super::controller::log("warn", &format!("leader election: {e}"), None),
+                Err(e) => tracing::warn!(error = %e, "leader election"),
             }
             tokio::time::sleep(period).await;
         }
-        super::controller::log("info", &format!("leading as {}", self.identity), None);
+        tracing::info!(identity = %self.identity, "leading");
         async move {
             let mut renewed = Instant::now();
             loop {
@@ -130,11 +130,11 @@ impl Elector {
                 match tokio::time::timeout(left, attempt).await {
                     Ok(Ok(true)) => renewed = Instant::now(),
                     Ok(Ok(false)) => return,
-                    Ok(Err(e)) => super::controller::log("warn", &format!("renewing the lease: {e}"), None),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "renewing the lease"),
                     Err(_) => {}
                 }
                 if renewed.elapsed() >= self.renew_deadline() {
-                    super::controller::log("warn", "could not renew the lease within the renew deadline", None);
+                    tracing::warn!("could not renew the lease within the renew deadline");
                     return;
                 }
             }

@@ -12,7 +12,6 @@ use kube::{Client, ResourceExt};
 use pretrain_crd::{PretrainQueue, PretrainRun};
 use serde_json::json;
 
-use super::controller::log;
 use crate::schedule::cluster::{patches, queue_status, snapshot};
 use crate::schedule::{Policy, schedule};
 
@@ -66,13 +65,11 @@ pub async fn run(client: Client, policy: Policy, interval: Duration) {
     loop {
         let now = jiff::Timestamp::now().as_second();
         match pass(&client, policy, now).await {
-            Ok(p) if p.admitted + p.preempted > 0 => log(
-                "info",
-                &format!("scheduler: admitted {}, preempted {}, {} waiting", p.admitted, p.preempted, p.waiting),
-                None,
-            ),
+            Ok(p) if p.admitted + p.preempted > 0 => {
+                tracing::info!(admitted = p.admitted, preempted = p.preempted, waiting = p.waiting, "scheduler pass");
+            }
             Ok(_) => {}
-            Err(e) => log("warn", &format!("scheduler: {e}"), None),
+            Err(e) => tracing::warn!(error = %e, "scheduler pass failed"),
         }
         tokio::time::sleep(interval).await;
     }

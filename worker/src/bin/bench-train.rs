@@ -20,7 +20,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use candle_core::{DType, Device, Tensor};
 use pretrain_crd::spec::ModelPreset;
-use pretrain_worker::model::{Llama, LlamaConfig, Params};
+use pretrain_worker::model::{Kernels, Llama, LlamaConfig, Params};
 use pretrain_worker::train::optim::{AdamW, AdamWConfig, clip};
 
 /// The benchmark's flags.
@@ -62,9 +62,6 @@ fn main() {
     pretrain_worker::allocator::keep_freed_memory();
     let Args { preset, steps, batch, seq, vocab, device, dtype, peak_tflops, unfused, recompute } =
         <Args as clap::Parser>::parse();
-    if unfused {
-        pretrain_worker::model::fused::set_enabled(false);
-    }
     let spec = match preset.as_str() {
         "tiny" => ModelPreset::Tiny,
         "llama-125m" => ModelPreset::Llama125m,
@@ -86,6 +83,7 @@ fn main() {
     let config = LlamaConfig::from_spec(&spec, vocab);
     let mut model = Llama::new(config.clone(), Params::init(&config, 1, &dev).unwrap(), seq, &dev).unwrap();
     model.set_recompute(recompute);
+    model.set_kernels(if unfused { Kernels::Composed } else { Kernels::Fused });
     let mut opt =
         AdamW::new(AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 }, &model.params).unwrap();
     let tokens: Vec<u32> = (0..batch * (seq + 1)).map(|i| ((i * 2_654_435_761) % vocab as usize) as u32).collect();

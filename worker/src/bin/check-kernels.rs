@@ -15,10 +15,10 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
-use pretrain_worker::model::{Llama, LlamaConfig, Params, Rope, Scaling, fused};
+use pretrain_worker::model::{Kernels, Llama, LlamaConfig, Params, Rope, Scaling};
 use pretrain_worker::train::optim::{AdamW, AdamWConfig, clip};
 
-type Op = Box<dyn Fn(&[Tensor]) -> candle_core::Result<Tensor>>;
+type Op = Box<dyn Fn(Kernels, &[Tensor]) -> candle_core::Result<Tensor>>;
 
 struct Checker {
     device: Device,
@@ -51,7 +51,7 @@ fn variables(inputs: &[Tensor], device: &Device, dtype: DType) -> candle_core::R
 
 /// Output and gradients of `sum(op(inputs) * upstream)`, each input on `device` in `dtype`.
 fn run(
-    op: &Op,
+    (op, kernels): (&Op, Kernels),
     inputs: &[Tensor],
     upstream: &Tensor,
     device: &Device,
@@ -59,7 +59,7 @@ fn run(
 ) -> candle_core::Result<Vec<Tensor>> {
     let vars = variables(inputs, device, dtype)?;
     let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-    let out = op(&ts)?;
+    let out = op(kernels, &ts)?;
     let up = upstream.to_dtype(out.dtype())?.to_device(device)?;
     let grads = (out.broadcast_mul(&up)?.to_dtype(DType::F32)?).sum_all()?.backward()?;
     let mut all = vec![out];
@@ -89,12 +89,10 @@ impl Checker {
             .iter()
             .map(|t| if t.dtype() == DType::F32 { t.to_dtype(dtype)?.to_dtype(DType::F32) } else { Ok(t.clone()) })
             .collect::<candle_core::Result<_>>()?;
-        fused::set_enabled(false);
-        let probe = op(&rounded)?;
+        let probe = op(Kernels::Composed, &rounded)?;
         let upstream = Tensor::randn(0f32, 1.0, probe.shape(), &Device::Cpu)?.to_dtype(dtype)?.to_dtype(DType::F32)?;
-        let want = run(op, &rounded, &upstream, &Device::Cpu, DType::F32);
-        fused::set_enabled(true);
-        let got = run(op, &rounded, &upstream, &self.device, dtype);
+        let want = run((op, Kernels::Composed), &rounded, &upstream, &Device::Cpu, DType::F32);
+        let got = run((op, Kernels::Fused), &rounded, &upstream, &self.device, dtype);
         let (want, got) = (want?, got?);
         let limit = tolerance(dtype);
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
@@ -107,7 +105,7 @@ impl Checker {
     fn nan(&mut self, name: &str, op: &Op, inputs: &[Tensor], dtype: DType) -> candle_core::Result<()> {
         let on: Vec<Tensor> =
             inputs.iter().map(|t| t.to_dtype(dtype)?.to_device(&self.device)).collect::<candle_core::Result<_>>()?;
-        let out = op(&on)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let out = op(Kernels::Fused, &on)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         self.checks += 1;
         let nans = out.iter().filter(|v| v.is_nan()).count();
         if nans == 0 {
@@ -128,12 +126,12 @@ fn ops() -> Vec<(String, Op, Vec<Tensor>)> {
     for (rows, d) in [(37, 70), (512, 768)] {
         all.push((
             format!("rms-norm {rows}x{d}"),
-            Box::new(|t| fused::rms_norm(&t[0], &t[1], 1e-5)),
+            Box::new(|k, t| k.rms_norm(&t[0], &t[1], 1e-5)),
             vec![randn(&[rows, d], 2.0), (randn(&[d], 0.1) + 1.0).expect("weights")],
         ));
         all.push((
             format!("swiglu {rows}x{d}"),
-            Box::new(|t| fused::swiglu(&t[0], &t[1])),
+            Box::new(|k, t| k.swiglu(&t[0], &t[1])),
             vec![randn(&[rows, d], 3.0), randn(&[rows, d], 1.0)],
         ));
     }
@@ -141,17 +139,17 @@ fn ops() -> Vec<(String, Op, Vec<Tensor>)> {
         for rotate in [false, true] {
             all.push((
                 format!("split-heads {b}x{t}x{h}x{hd}{}", if rotate { " rope" } else { "" }),
-                Box::new(move |x| {
+                Box::new(move |k, x| {
                     let yarn = Scaling::Yarn { factor: 4.0, original_len: 16 };
                     let r = Rope::new(hd, offset + t, 10_000.0, yarn, x[0].device())?;
-                    fused::split_heads(&x[0], (b, t, h), rotate.then_some(&r), offset)
+                    k.split_heads(&x[0], (b, t, h), rotate.then_some(&r), offset)
                 }),
                 vec![randn(&[b * t, h * hd], 1.0)],
             ));
         }
         all.push((
             format!("merge-heads {b}x{t}x{h}x{hd}"),
-            Box::new(|x| fused::merge_heads(&x[0])),
+            Box::new(|k, x| k.merge_heads(&x[0])),
             vec![randn(&[b, h, t, hd], 1.0)],
         ));
     }
@@ -160,7 +158,7 @@ fn ops() -> Vec<(String, Op, Vec<Tensor>)> {
         let targets = Tensor::new(targets.as_slice(), &Device::Cpu).expect("targets");
         all.push((
             format!("cross-entropy {rows}x{vocab}"),
-            Box::new(|t| fused::cross_entropy(&t[0], &t[1])),
+            Box::new(|k, t| k.cross_entropy(&t[0], &t[1])),
             vec![randn(&[rows, vocab], 3.0), targets],
         ));
     }
@@ -168,7 +166,7 @@ fn ops() -> Vec<(String, Op, Vec<Tensor>)> {
         let scale = 1.0 / (hd as f64).sqrt();
         all.push((
             format!("attention {b}x{h}/{kv}x{t}x{hd}"),
-            Box::new(move |x| fused::causal_attention(&x[0], &x[1], &x[2], scale)),
+            Box::new(move |k, x| k.causal_attention(&x[0], &x[1], &x[2], scale)),
             vec![randn(&[b, h, t, hd], 1.0), randn(&[b, kv, t, hd], 1.0), randn(&[b, kv, t, hd], 1.0)],
         ));
     }
@@ -197,9 +195,9 @@ fn step(checker: &mut Checker, dtype: DType) -> candle_core::Result<()> {
     let targets = Tensor::from_vec(tokens[batch..].to_vec(), (batch, seq), &dev)?;
     let mut results = Vec::new();
     // Unfused, fused, and fused with every block recomputed in the backward.
-    for (enabled, recompute) in [(false, false), (true, false), (true, true)] {
-        fused::set_enabled(enabled);
+    for (kernels, recompute) in [(Kernels::Composed, false), (Kernels::Fused, false), (Kernels::Fused, true)] {
         let mut model = Llama::new(config.clone(), Params::init(&config, 7, &dev)?, seq, &dev)?;
+        model.set_kernels(kernels);
         model.set_recompute(recompute);
         let (loss, _) = model.loss(&inputs, &targets, dtype)?;
         let store = loss.backward()?;
@@ -213,7 +211,6 @@ fn step(checker: &mut Checker, dtype: DType) -> candle_core::Result<()> {
         let names: Vec<String> = model.params.iter().map(|(n, _, _)| n.to_string()).collect();
         results.push((loss, before, weights, names));
     }
-    fused::set_enabled(true);
     let limit = tolerance(dtype) * if dtype == DType::BF16 { 2.0 } else { 1.0 };
     let (unfused, fused_run) = (&results[0], &results[1]);
     checker.report(&format!("training step {dtype:?} loss"), rel_error(&fused_run.0, &unfused.0)?, limit);
@@ -245,8 +242,8 @@ fn step(checker: &mut Checker, dtype: DType) -> candle_core::Result<()> {
 /// Milliseconds per forward + backward of `op` at training shapes, fused and composed, on the device.
 fn time(device: &Device, dtype: DType) -> candle_core::Result<()> {
     let r = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, device); // drawn on the device: gigabytes
-    let attention: fn(&[Tensor]) -> candle_core::Result<Tensor> =
-        |x| fused::causal_attention(&x[0], &x[1], &x[2], 0.125);
+    let attention: fn(Kernels, &[Tensor]) -> candle_core::Result<Tensor> =
+        |k, x| k.causal_attention(&x[0], &x[1], &x[2], 0.125);
     let targets: Vec<u32> = (0..32768u32).map(|i| i * 7919 % 32000).collect();
     let shapes: Vec<(&str, Op, Vec<Tensor>)> = vec![
         (
@@ -259,34 +256,36 @@ fn time(device: &Device, dtype: DType) -> candle_core::Result<()> {
             Box::new(attention),
             vec![r(&[8, 32, 2048, 64])?, r(&[8, 4, 2048, 64])?, r(&[8, 4, 2048, 64])?],
         ),
-        ("rms-norm 32768x768", Box::new(|t| fused::rms_norm(&t[0], &t[1], 1e-5)), vec![r(&[32768, 768])?, r(&[768])?]),
-        ("swiglu 32768x2048", Box::new(|t| fused::swiglu(&t[0], &t[1])), vec![r(&[32768, 2048])?, r(&[32768, 2048])?]),
+        ("rms-norm 32768x768", Box::new(|k, t| k.rms_norm(&t[0], &t[1], 1e-5)), vec![r(&[32768, 768])?, r(&[768])?]),
+        ("swiglu 32768x2048", Box::new(|k, t| k.swiglu(&t[0], &t[1])), vec![r(&[32768, 2048])?, r(&[32768, 2048])?]),
         (
             "cross-entropy 32768x32000",
-            Box::new(|t| fused::cross_entropy(&t[0], &t[1])),
+            Box::new(|k, t| k.cross_entropy(&t[0], &t[1])),
             vec![r(&[32768, 32000])?, Tensor::from_vec(targets, 32768, device)?],
         ),
     ];
     for (name, op, inputs) in shapes {
         let mut line = format!("time {name} {dtype:?}:");
-        for enabled in [true, false] {
-            fused::set_enabled(enabled);
+        for kernels in [Kernels::Fused, Kernels::Composed] {
             let vars = variables(&inputs, device, dtype)?;
             let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
             let mut total = 0.0;
             for rep in 0..6 {
                 device.synchronize()?;
                 let t0 = Instant::now();
-                let out = op(&ts)?;
+                let out = op(kernels, &ts)?;
                 let _ = out.to_dtype(DType::F32)?.sum_all()?.backward()?;
                 device.synchronize()?;
                 if rep > 0 {
                     total += t0.elapsed().as_secs_f64();
                 }
             }
-            line += &format!(" {} {:.2} ms", if enabled { "fused" } else { "composed" }, total / 5.0 * 1e3);
+            line += &format!(
+                " {} {:.2} ms",
+                if kernels == Kernels::Fused { "fused" } else { "composed" },
+                total / 5.0 * 1e3
+            );
         }
-        fused::set_enabled(true);
         println!("{line}");
     }
     Ok(())
@@ -332,10 +331,10 @@ fn main() {
         nan_q[3 * 64 + 1] = f32::NAN;
         let q = Tensor::from_vec(nan_q, (1, 2, 40, 64), &Device::Cpu).expect("q");
         let kv = randn(&[1, 1, 40, 64], 1.0);
-        let attention: Op = Box::new(|x| fused::causal_attention(&x[0], &x[1], &x[2], 0.125));
+        let attention: Op = Box::new(|k, x| k.causal_attention(&x[0], &x[1], &x[2], 0.125));
         let mut nan_x = randn(&[4, 96], 1.0).flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("values");
         nan_x[100] = f32::NAN;
-        let norm: Op = Box::new(|x| fused::rms_norm(&x[0], &x[1], 1e-5));
+        let norm: Op = Box::new(|k, x| k.rms_norm(&x[0], &x[1], 1e-5));
         for (name, op, inputs) in [
             ("attention", attention, vec![q, kv.clone(), kv]),
             ("rms-norm", norm, vec![Tensor::from_vec(nan_x, (4, 96), &Device::Cpu).expect("x"), randn(&[96], 1.0)]),

@@ -2,24 +2,26 @@
 
 #[cfg(feature = "cuda")]
 use candle_core::CudaStorage;
-use candle_core::{CpuStorage, CustomOp3, D, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, D, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{In, contiguous_f32, exp, forward3, fused_for, simd_fn};
+use super::{In, Kernels, contiguous_f32, exp, forward3, simd_fn};
 use crate::model::gemm::{self, Mat};
 
-/// `softmax(scale * s + causal mask)` over the last dimension of `[.., t, t]` scores, composed from
-/// candle operations: [`causal_attention`]'s path off the CPU (on it, the fused kernel never forms
-/// the scores).
+/// `softmax(scale * s + causal mask)` over the last dimension of `[.., t, keys]` scores (in fp32,
+/// returned in the scores' dtype), composed from candle operations: [`Kernels::causal_attention`]'s
+/// path where the fused kernel does not serve. Query row `i` is at position `keys - t + i` and sees
+/// the keys up to it (with `keys > t`, the keys before the queries are a cache of earlier positions).
 pub(crate) fn causal_softmax(scores: &Tensor, scale: f64) -> Result<Tensor> {
-    let t = scores.dim(D::Minus1)?;
+    let (t, keys) = (scores.dim(D::Minus2)?, scores.dim(D::Minus1)?);
+    let offset = keys.saturating_sub(t);
     let mask: Vec<f32> =
-        (0..t).flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY })).collect();
-    let mask = Tensor::from_vec(mask, (t, t), scores.device())?.to_dtype(scores.dtype())?;
-    let x = (scores * scale)?.broadcast_add(&mask)?;
+        (0..t).flat_map(|i| (0..keys).map(move |j| if j <= offset + i { 0.0 } else { f32::NEG_INFINITY })).collect();
+    let mask = Tensor::from_vec(mask, (t, keys), scores.device())?;
+    let x = (scores.to_dtype(DType::F32)? * scale)?.broadcast_add(&mask)?;
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
-    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?.to_dtype(scores.dtype())
 }
 
 simd_fn! {
@@ -57,37 +59,42 @@ simd_fn! {
 /// Query rows per block of the fused attention: a block multiplies only the keys its rows can see.
 const QUERY_BLOCK: usize = 64;
 
-/// Causal attention `softmax(scale q k^T + mask) v` with grouped-query heads: `q` `[batch, heads, seq,
-/// head_dim]`, `k` and `v` `[batch, kv_heads, seq, head_dim]`, query head `i` reading key/value head
-/// `i / (heads / kv_heads)`. On the CPU in fp32, and on CUDA devices in fp32 or bf16 for the head
-/// sizes of [`pretrain_kernels::ATTENTION_HEAD_DIMS`], it is one fused kernel (FlashAttention's shape:
-/// no `seq x seq` tensor is ever stored; the backward recomputes the probabilities block by block, and
-/// blocks above the diagonal are never computed); elsewhere it is composed from candle operations.
-pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    let (b, h, t, hd) = q.dims4()?;
-    let (kb, kv, kt, khd) = k.dims4()?;
-    if (kb, kt, khd) != (b, t, hd) || v.dims() != k.dims() || kv == 0 || !h.is_multiple_of(kv) {
-        candle_core::bail!("attention: q {:?}, k {:?}, v {:?} do not fit together", q.dims(), k.dims(), v.dims());
+impl Kernels {
+    /// Causal attention `softmax(scale q k^T + mask) v` with grouped-query heads: `q` `[batch, heads, seq,
+    /// head_dim]`, `k` and `v` `[batch, kv_heads, keys, head_dim]`, query head `i` reading key/value head
+    /// `i / (heads / kv_heads)`. With as many keys as queries, query `i` sees keys `0..=i`; with more
+    /// (generation with a cache of earlier positions' keys and values), the queries are the last
+    /// positions and each sees every key up to its own. On the CPU in fp32, and on CUDA devices in fp32 or bf16 for the head
+    /// sizes of [`pretrain_kernels::ATTENTION_HEAD_DIMS`], it is one fused kernel (FlashAttention's shape:
+    /// no `seq x seq` tensor is ever stored; the backward recomputes the probabilities block by block, and
+    /// blocks above the diagonal are never computed); elsewhere it is composed from candle operations.
+    pub fn causal_attention(self, q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+        let (b, h, t, hd) = q.dims4()?;
+        let (kb, kv, kt, khd) = k.dims4()?;
+        if (kb, khd) != (b, hd) || kt < t || v.dims() != k.dims() || kv == 0 || !h.is_multiple_of(kv) {
+            candle_core::bail!("attention: q {:?}, k {:?}, v {:?} do not fit together", q.dims(), k.dims(), v.dims());
+        }
+        let kernel_fits = kt == t && (q.device().is_cpu() || pretrain_kernels::ATTENTION_HEAD_DIMS.contains(&hd));
+        if self.serves(q) && kernel_fits {
+            let op = Attention {
+                scale: scale as f32,
+                batch: b,
+                heads: h,
+                kv_heads: kv,
+                seq: t,
+                head_dim: hd,
+                #[cfg(feature = "cuda")]
+                lse: std::sync::Mutex::new(None),
+            };
+            return q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op);
+        }
+        // The query heads sharing a key/value head stacked into one `[groups x t, hd]` matrix, so keys
+        // and values are never repeated.
+        let groups = h / kv;
+        let scores = q.contiguous()?.reshape((b, kv, groups * t, hd))?.matmul(&k.t()?.contiguous()?)?;
+        let probs = causal_softmax(&scores.reshape((b, h, t, kt))?, scale)?;
+        probs.reshape((b, kv, groups * t, kt))?.matmul(&v.contiguous()?)?.reshape((b, h, t, hd))
     }
-    if fused_for(q) && (q.device().is_cpu() || pretrain_kernels::ATTENTION_HEAD_DIMS.contains(&hd)) {
-        let op = Attention {
-            scale: scale as f32,
-            batch: b,
-            heads: h,
-            kv_heads: kv,
-            seq: t,
-            head_dim: hd,
-            #[cfg(feature = "cuda")]
-            lse: std::sync::Mutex::new(None),
-        };
-        return q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op);
-    }
-    // The query heads sharing a key/value head stacked into one `[groups x t, hd]` matrix, so keys
-    // and values are never repeated.
-    let groups = h / kv;
-    let scores = q.contiguous()?.reshape((b, kv, groups * t, hd))?.matmul(&k.t()?.contiguous()?)?;
-    let probs = causal_softmax(&scores.reshape((b, h, t, t))?, scale)?;
-    probs.reshape((b, kv, groups * t, t))?.matmul(&v.contiguous()?)?.reshape((b, h, t, hd))
 }
 
 #[derive(Debug)]

@@ -7,16 +7,18 @@ use rayon::prelude::*;
 
 #[cfg(feature = "cuda")]
 use super::on_gpu;
-use super::{In, contiguous_f32, exp, forward3, fused_for, simd_fn};
+use super::{In, Kernels, contiguous_f32, exp, forward3, simd_fn};
 
-/// Mean cross-entropy of `logits` `[n, vocab]` against `targets` `[n]` (u32), in fp32 whatever the
-/// logits' dtype (fused, bf16 logits are read as they are: no fp32 copy of them is made).
-pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    if fused_for(logits) {
-        let targets = targets.to_dtype(DType::U32)?.contiguous()?;
-        return logits.contiguous()?.apply_op2(&targets, CrossEntropy)?.mean_all();
+impl Kernels {
+    /// Mean cross-entropy of `logits` `[n, vocab]` against `targets` `[n]` (u32), in fp32 whatever the
+    /// logits' dtype (fused, bf16 logits are read as they are: no fp32 copy of them is made).
+    pub fn cross_entropy(self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        if self.serves(logits) {
+            let targets = targets.to_dtype(DType::U32)?.contiguous()?;
+            return logits.contiguous()?.apply_op2(&targets, CrossEntropy)?.mean_all();
+        }
+        candle_nn::loss::cross_entropy(&logits.to_dtype(DType::F32)?, targets)
     }
-    candle_nn::loss::cross_entropy(&logits.to_dtype(DType::F32)?, targets)
 }
 
 /// Per row: `logsumexp(x) - x[target]`.

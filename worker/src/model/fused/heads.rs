@@ -7,34 +7,37 @@ use rayon::prelude::*;
 
 #[cfg(feature = "cuda")]
 use super::on_gpu;
-use super::{In, contiguous_f32, forward3, fused_for, simd_fn};
+use super::{In, Kernels, contiguous_f32, forward3, simd_fn};
 use crate::model::Rope;
 
-/// The rows of a projection `[batch * seq, heads * head_dim]` as heads `[batch, heads, seq, head_dim]`,
-/// rotated by `rope` at positions `offset..offset + seq` when it is given. Fused where the kernels
-/// serve the dtype (one copy, the rotation on the way); composed elsewhere ([`Rope::apply_at`]).
-pub fn split_heads(
-    x: &Tensor,
-    (batch, seq, heads): (usize, usize, usize),
-    rope: Option<&Rope>,
-    offset: usize,
-) -> Result<Tensor> {
-    let head_dim = x.dim(D::Minus1)? / heads;
-    if fused_for(x) {
-        let op = SplitHeads { batch, seq, heads, head_dim };
-        let x = x.contiguous()?;
-        return match rope {
-            Some(rope) => {
-                let (cos, sin) = rope.window(offset, seq)?;
-                x.apply_op3(&cos.contiguous()?, &sin.contiguous()?, op)
-            }
-            None => x.apply_op1(op),
-        };
-    }
-    let x = x.reshape((batch, seq, heads, head_dim))?.transpose(1, 2)?.contiguous()?;
-    match rope {
-        Some(rope) => rope.apply_at(&x, offset),
-        None => Ok(x),
+impl Kernels {
+    /// The rows of a projection `[batch * seq, heads * head_dim]` as heads `[batch, heads, seq, head_dim]`,
+    /// rotated by `rope` at positions `offset..offset + seq` when it is given. Fused where the kernels
+    /// serve the dtype (one copy, the rotation on the way); composed elsewhere ([`Rope::apply_at`]).
+    pub fn split_heads(
+        self,
+        x: &Tensor,
+        (batch, seq, heads): (usize, usize, usize),
+        rope: Option<&Rope>,
+        offset: usize,
+    ) -> Result<Tensor> {
+        let head_dim = x.dim(D::Minus1)? / heads;
+        if self.serves(x) {
+            let op = SplitHeads { batch, seq, heads, head_dim };
+            let x = x.contiguous()?;
+            return match rope {
+                Some(rope) => {
+                    let (cos, sin) = rope.window(offset, seq)?;
+                    x.apply_op3(&cos.contiguous()?, &sin.contiguous()?, op)
+                }
+                None => x.apply_op1(op),
+            };
+        }
+        let x = x.reshape((batch, seq, heads, head_dim))?.transpose(1, 2)?.contiguous()?;
+        match rope {
+            Some(rope) => rope.apply_at(&x, offset),
+            None => Ok(x),
+        }
     }
 }
 
@@ -214,14 +217,16 @@ impl SplitHeads {
     }
 }
 
-/// Heads `[batch, heads, seq, head_dim]` back into rows `[batch * seq, heads * head_dim]` (attention's
-/// output for the output projection). Fused where the kernels serve the dtype; composed elsewhere.
-pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
-    let (batch, heads, seq, head_dim) = x.dims4()?;
-    if fused_for(x) {
-        return x.contiguous()?.apply_op1(MergeHeads(SplitHeads { batch, seq, heads, head_dim }));
+impl Kernels {
+    /// Heads `[batch, heads, seq, head_dim]` back into rows `[batch * seq, heads * head_dim]` (attention's
+    /// output for the output projection). Fused where the kernels serve the dtype; composed elsewhere.
+    pub fn merge_heads(self, x: &Tensor) -> Result<Tensor> {
+        let (batch, heads, seq, head_dim) = x.dims4()?;
+        if self.serves(x) {
+            return x.contiguous()?.apply_op1(MergeHeads(SplitHeads { batch, seq, heads, head_dim }));
+        }
+        x.transpose(1, 2)?.reshape((batch * seq, heads * head_dim))
     }
-    x.transpose(1, 2)?.reshape((batch * seq, heads * head_dim))
 }
 
 /// Heads back into rows, rotated back by the tables when there are any: split-heads' gradient, and

@@ -7,8 +7,8 @@
 //! each element once or twice.
 //!
 //! On CUDA devices (feature `cuda`) the same operations run pretrain-kernels' CUDA kernels, in fp32 or
-//! bf16 storage (`cuda.rs`). Elsewhere, for other dtypes, or when [`set_enabled`] turned them off,
-//! the functions fall back to composed, differentiable candle operations.
+//! bf16 storage (`cuda.rs`). Elsewhere, for other dtypes, or with [`Kernels::Composed`],
+//! the operations fall back to composed, differentiable candle operations.
 
 mod attention;
 mod cross_entropy;
@@ -18,38 +18,40 @@ mod swiglu;
 #[cfg(test)]
 mod tests;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-
 #[cfg(feature = "cuda")]
 use candle_core::CudaStorage;
 #[cfg(feature = "cuda")]
 use candle_core::Shape;
 use candle_core::{CpuStorage, DType, Device, Layout, Result, Tensor};
 
-pub use self::attention::causal_attention;
-pub use self::cross_entropy::cross_entropy;
-pub use self::heads::{merge_heads, split_heads};
-pub use self::rms_norm::rms_norm;
-pub use self::swiglu::swiglu;
-
-static ENABLED: AtomicBool = AtomicBool::new(true);
-
-/// Turns the fused kernels on or off (on by default) for the whole process, so that a training step
-/// can be compared with (or benchmarked against) the composed candle operations.
-pub fn set_enabled(enabled: bool) {
-    ENABLED.store(enabled, Ordering::Relaxed);
+/// Which implementation a model's operations run: the fused kernels (the default), or the composed,
+/// differentiable candle operations they replace, so that a training step can be compared with (or
+/// benchmarked against) the composed one. A value, not a switch: two models in one process can differ.
+///
+/// The operations are methods ([`Kernels::causal_attention`], [`Kernels::cross_entropy`],
+/// [`Kernels::rms_norm`], [`Kernels::swiglu`], [`Kernels::split_heads`], [`Kernels::merge_heads`]).
+/// `Fused` falls back to the composed operations for tensors the kernels do not serve.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Kernels {
+    /// The fused kernels where they serve the tensors (see [`Kernels::serves`]).
+    #[default]
+    Fused,
+    /// Always the composed candle operations.
+    Composed,
 }
 
-/// Whether the fused kernels serve tensors like `x`: fp32 on the CPU; fp32 or bf16 on a CUDA device
-/// (feature `cuda`).
-pub(crate) fn fused_for(x: &Tensor) -> bool {
-    if !ENABLED.load(Ordering::Relaxed) {
-        return false;
-    }
-    match x.device() {
-        Device::Cpu => x.dtype() == DType::F32,
-        Device::Cuda(_) => cfg!(feature = "cuda") && matches!(x.dtype(), DType::F32 | DType::BF16),
-        _ => false,
+impl Kernels {
+    /// Whether the fused kernels serve tensors like `x`: with `Fused`, fp32 on the CPU; fp32 or bf16
+    /// on a CUDA device (feature `cuda`).
+    pub fn serves(self, x: &Tensor) -> bool {
+        if self == Self::Composed {
+            return false;
+        }
+        match x.device() {
+            Device::Cpu => x.dtype() == DType::F32,
+            Device::Cuda(_) => cfg!(feature = "cuda") && matches!(x.dtype(), DType::F32 | DType::BF16),
+            _ => false,
+        }
     }
 }
 

@@ -7,20 +7,22 @@ use rayon::prelude::*;
 
 #[cfg(feature = "cuda")]
 use super::on_gpu;
-use super::{In, ROWS_PER_TASK, contiguous_f32, forward3, fused_for, simd_fn};
+use super::{In, Kernels, ROWS_PER_TASK, contiguous_f32, forward3, simd_fn};
 
-/// `x * w / sqrt(mean(x^2) + eps)` over the last dimension, computed in fp32 whatever the input. Fused
-/// (one pass forward, one pass backward for both gradients) when `x` and `w` share a dtype the kernels
-/// serve; composed otherwise.
-pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    if fused_for(x) && weight.dtype() == x.dtype() {
-        return x.contiguous()?.apply_op2(&weight.contiguous()?, RmsNorm { eps: eps as f32 });
+impl Kernels {
+    /// `x * w / sqrt(mean(x^2) + eps)` over the last dimension, computed in fp32 whatever the input. Fused
+    /// (one pass forward, one pass backward for both gradients) when `x` and `w` share a dtype the kernels
+    /// serve; composed otherwise.
+    pub fn rms_norm(self, x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+        if self.serves(x) && weight.dtype() == x.dtype() {
+            return x.contiguous()?.apply_op2(&weight.contiguous()?, RmsNorm { eps: eps as f32 });
+        }
+        let dtype = x.dtype();
+        let x32 = x.to_dtype(DType::F32)?;
+        let mean = x32.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = x32.broadcast_div(&(mean + eps)?.sqrt()?)?;
+        normed.to_dtype(dtype)?.broadcast_mul(weight)
     }
-    let dtype = x.dtype();
-    let x32 = x.to_dtype(DType::F32)?;
-    let mean = x32.sqr()?.mean_keepdim(D::Minus1)?;
-    let normed = x32.broadcast_div(&(mean + eps)?.sqrt()?)?;
-    normed.to_dtype(dtype)?.broadcast_mul(weight)
 }
 
 struct RmsNorm {

@@ -7,18 +7,20 @@ use rayon::prelude::*;
 
 #[cfg(feature = "cuda")]
 use super::on_gpu;
-use super::{In, contiguous_f32, exp, forward3, fused_for, simd_fn};
+use super::{In, Kernels, contiguous_f32, exp, forward3, simd_fn};
 
-/// `silu(gate) * up`, the SwiGLU activation. Fused where the kernels serve the dtype (both gradients
-/// in one pass); composed elsewhere.
-pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    if fused_for(gate) && up.dtype() == gate.dtype() {
-        if gate.shape() != up.shape() {
-            candle_core::bail!("swiglu: gate {:?} and up {:?} differ in shape", gate.dims(), up.dims());
+impl Kernels {
+    /// `silu(gate) * up`, the SwiGLU activation. Fused where the kernels serve the dtype (both gradients
+    /// in one pass); composed elsewhere.
+    pub fn swiglu(self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        if self.serves(gate) && up.dtype() == gate.dtype() {
+            if gate.shape() != up.shape() {
+                candle_core::bail!("swiglu: gate {:?} and up {:?} differ in shape", gate.dims(), up.dims());
+            }
+            return gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu);
         }
-        return gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu);
+        gate.silu()? * up
     }
-    gate.silu()? * up
 }
 
 struct SwiGlu;

@@ -32,13 +32,13 @@ fn fused_kernels_match_the_composed_operations_and_their_gradients() {
 
     let logits = Var::from_tensor(&Tensor::randn(0f32, 2.0, (6, 11), &dev).unwrap()).unwrap();
     let targets = Tensor::new(&[0u32, 3, 10, 5, 5, 1], &dev).unwrap();
-    let fused = cross_entropy(&logits, &targets).unwrap();
+    let fused = Kernels::Fused.cross_entropy(&logits, &targets).unwrap();
     let composed = candle_nn::loss::cross_entropy(logits.as_tensor(), &targets).unwrap();
     close(&fused, &composed);
     let g1 = (fused * 3.0).unwrap().backward().unwrap();
     let g2 = (composed * 3.0).unwrap().backward().unwrap();
     close(g1.get(&logits).unwrap(), g2.get(&logits).unwrap());
-    assert!(cross_entropy(&logits, &Tensor::new(&[0u32, 3, 11, 5, 5, 1], &dev).unwrap()).is_err());
+    assert!(Kernels::Fused.cross_entropy(&logits, &Tensor::new(&[0u32, 3, 11, 5, 5, 1], &dev).unwrap()).is_err());
 }
 
 /// `sum(out * weights)`'s gradients with respect to `vars`.
@@ -57,7 +57,7 @@ fn rms_norm_and_swiglu_match_the_composed_operations_and_their_gradients() {
     // 70 rows of an odd width: several parallel tasks, the last one short.
     let (x, w) = (var(&[2, 35, 7], &dev), var(&[7], &dev));
     let up = Tensor::randn(0f32, 1.0, (2, 35, 7), &dev).unwrap();
-    let fused = rms_norm(&x, &w, 1e-5).unwrap();
+    let fused = Kernels::Fused.rms_norm(&x, &w, 1e-5).unwrap();
     let composed = {
         let mean = x.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
         x.broadcast_div(&(mean + 1e-5).unwrap().sqrt().unwrap()).unwrap().broadcast_mul(&w).unwrap()
@@ -66,12 +66,12 @@ fn rms_norm_and_swiglu_match_the_composed_operations_and_their_gradients() {
     for (a, b) in grads(&fused, &up, &[&x, &w]).iter().zip(grads(&composed, &up, &[&x, &w])) {
         close(a, &b);
     }
-    assert!(rms_norm(&x, &Tensor::ones(6, DType::F32, &dev).unwrap(), 1e-5).is_err());
+    assert!(Kernels::Fused.rms_norm(&x, &Tensor::ones(6, DType::F32, &dev).unwrap(), 1e-5).is_err());
 
     // More elements than one parallel task takes, and not a multiple of it.
     let (gate, up) = (var(&[3, 3001], &dev), var(&[3, 3001], &dev));
     let weights = Tensor::randn(0f32, 1.0, (3, 3001), &dev).unwrap();
-    let fused = swiglu(&gate, &up).unwrap();
+    let fused = Kernels::Fused.swiglu(&gate, &up).unwrap();
     let composed = (gate.silu().unwrap() * up.as_tensor()).unwrap();
     close(&fused, &composed);
     for (a, b) in grads(&fused, &weights, &[&gate, &up]).iter().zip(grads(&composed, &weights, &[&gate, &up])) {
@@ -88,20 +88,20 @@ fn split_heads_with_rope_and_merge_heads_match_reshapes_and_their_gradients() {
     let weights = Tensor::randn(0f32, 1.0, (b, n, t, hd), &dev).unwrap();
     let reshaped = x.reshape((b, t, n, hd)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
     for offset in [0, 4] {
-        let fused = split_heads(&x, (b, t, n), Some(&rope), offset).unwrap();
+        let fused = Kernels::Fused.split_heads(&x, (b, t, n), Some(&rope), offset).unwrap();
         let composed = rope.apply_at(&reshaped, offset).unwrap();
         close(&fused, &composed);
         close(&grads(&fused, &weights, &[&x])[0], &grads(&composed, &weights, &[&x])[0]);
     }
-    let err = split_heads(&x, (b, t, n), Some(&rope), 5).unwrap_err().to_string();
+    let err = Kernels::Fused.split_heads(&x, (b, t, n), Some(&rope), 5).unwrap_err().to_string();
     assert!(err.contains("position 9 is beyond the 9 positions"), "{err}");
-    let plain = split_heads(&x, (b, t, n), None, 0).unwrap();
+    let plain = Kernels::Fused.split_heads(&x, (b, t, n), None, 0).unwrap();
     close(&plain, &reshaped);
     close(&grads(&plain, &weights, &[&x])[0], &grads(&reshaped, &weights, &[&x])[0]);
 
     let heads = var(&[b, n, t, hd], &dev);
     let weights = Tensor::randn(0f32, 1.0, (b * t, n * hd), &dev).unwrap();
-    let fused = merge_heads(&heads).unwrap();
+    let fused = Kernels::Fused.merge_heads(&heads).unwrap();
     let composed = heads.transpose(1, 2).unwrap().reshape((b * t, n * hd)).unwrap();
     close(&fused, &composed);
     close(&grads(&fused, &weights, &[&heads])[0], &grads(&composed, &weights, &[&heads])[0]);
@@ -114,7 +114,7 @@ fn fused_attention_matches_the_composed_operations_and_their_gradients() {
     for (b, h, kv, t, hd) in [(2, 6, 2, 70, 6), (1, 2, 2, 3, 4)] {
         let (q, k, v) = (var(&[b, h, t, hd], &dev), var(&[b, kv, t, hd], &dev), var(&[b, kv, t, hd], &dev));
         let weights = Tensor::randn(0f32, 1.0, (b, h, t, hd), &dev).unwrap();
-        let fused = causal_attention(&q, &k, &v, 0.4).unwrap();
+        let fused = Kernels::Fused.causal_attention(&q, &k, &v, 0.4).unwrap();
         let composed = {
             let repeat = |x: &Tensor| {
                 let x = x.unsqueeze(2).unwrap().repeat((1, 1, h / kv, 1, 1)).unwrap();
@@ -136,7 +136,7 @@ fn fused_attention_matches_the_composed_operations_and_their_gradients() {
         }
     }
     let (q, k) = (var(&[1, 3, 4, 2], &dev), var(&[1, 2, 4, 2], &dev));
-    assert!(causal_attention(&q, &k, &k, 1.0).is_err(), "3 heads cannot share 2 key/value heads");
+    assert!(Kernels::Fused.causal_attention(&q, &k, &k, 1.0).is_err(), "3 heads cannot share 2 key/value heads");
 }
 
 #[test]
@@ -152,4 +152,25 @@ fn fast_exp_is_within_2e7_of_libm_and_keeps_nan() {
     assert!(exp(f32::NAN).is_nan());
     assert_eq!(exp(100.0), f32::INFINITY);
     assert!(exp(-100.0) > 0.0 && exp(-100.0) < 2.0 * f32::MIN_POSITIVE);
+}
+
+#[test]
+fn attention_over_cached_keys_equals_the_last_rows_of_full_attention() {
+    let dev = Device::Cpu;
+    let (b, h, kv, t, hd) = (2, 4, 2, 7, 4);
+    let q = Tensor::randn(0f32, 1.0, (b, h, t, hd), &dev).unwrap();
+    let (k, v) = (
+        Tensor::randn(0f32, 1.0, (b, kv, t, hd), &dev).unwrap(),
+        Tensor::randn(0f32, 1.0, (b, kv, t, hd), &dev).unwrap(),
+    );
+    let full = Kernels::Fused.causal_attention(&q, &k, &v, 0.5).unwrap();
+    for last in [1, 3] {
+        let queries = q.narrow(2, t - last, last).unwrap();
+        for kernels in [Kernels::Fused, Kernels::Composed] {
+            let cached = kernels.causal_attention(&queries, &k, &v, 0.5).unwrap();
+            close(&cached, &full.narrow(2, t - last, last).unwrap());
+        }
+    }
+    let long = Tensor::randn(0f32, 1.0, (b, h, t + 1, hd), &dev).unwrap();
+    assert!(Kernels::Fused.causal_attention(&long, &k, &v, 0.5).is_err(), "more queries than keys");
 }
