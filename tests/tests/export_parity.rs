@@ -103,6 +103,7 @@ fn transformers_gives_our_logits_for_every_rope_setting() {
             seq_len,
             loss: None,
             loss_window: Vec::new(),
+            spike_streak: Vec::new(),
             saved_unix: None,
         };
         let hf = hf_config(&state, None);

@@ -53,6 +53,16 @@ impl<'a> Scorer<'a> {
     /// Log-likelihoods of each request's continuation, batched by length. A context longer than the
     /// model's positions is cut from the left; a continuation that alone exceeds them is an error.
     pub fn loglikelihood(&self, requests: &[Request]) -> Result<Vec<Scored>> {
+        Ok(self
+            .token_logprobs(requests)?
+            .into_iter()
+            .map(|(logprobs, greedy)| Scored { logprob: logprobs.iter().sum(), tokens: logprobs.len(), greedy })
+            .collect())
+    }
+
+    /// The log-probability of each continuation token of each request, and whether every one was
+    /// the model's most likely token ([`Scorer::loglikelihood`] before the sum).
+    pub fn token_logprobs(&self, requests: &[Request]) -> Result<Vec<(Vec<f64>, bool)>> {
         let max = self.model.max_seq_len();
         let mut seqs = Vec::with_capacity(requests.len());
         for (i, r) in requests.iter().enumerate() {
@@ -73,7 +83,7 @@ impl<'a> Scorer<'a> {
         }
         let mut order: Vec<usize> = (0..seqs.len()).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(seqs[i].len()));
-        let mut out = vec![Scored { logprob: 0.0, tokens: 0, greedy: false }; seqs.len()];
+        let mut out = vec![(Vec::new(), false); seqs.len()];
         let mut at = 0;
         while at < order.len() {
             let len = seqs[order[at]].len() - 1;
@@ -96,13 +106,11 @@ impl<'a> Scorer<'a> {
             let best = logits.argmax(D::Minus1)?.to_vec2::<u32>()?;
             for (row, &i) in batch.iter().enumerate() {
                 let n = seqs[i].len() - 1;
-                let k = requests[i].continuation.len();
-                let span = n - k..n;
-                out[i] = Scored {
-                    logprob: picked[row][span.clone()].iter().map(|&v| f64::from(v)).sum(),
-                    tokens: k,
-                    greedy: span.clone().all(|p| best[row][p] == targets[row * len + p]),
-                };
+                let span = n - requests[i].continuation.len()..n;
+                out[i] = (
+                    picked[row][span.clone()].iter().map(|&v| f64::from(v)).collect(),
+                    span.clone().all(|p| best[row][p] == targets[row * len + p]),
+                );
             }
             at += rows;
         }
@@ -145,17 +153,32 @@ pub enum ScoreError {
     Model(#[from] candle_core::Error),
 }
 
-/// A text request encoded as the model saw documents in training: the separator that ends the
-/// previous document, then the context; the continuation encoded on its own.
+/// A text request encoded as the model saw documents in training (the separator that ends the
+/// previous document, then the text), split the way lm-evaluation-harness splits it: whitespace that
+/// ends the context moves to the front of the continuation, the two are encoded together, and the
+/// continuation is what follows the context's own tokens. So `"... the" + " ball"` and
+/// `"... the " + "ball"` score the same tokens, those the model saw in training.
 pub fn encode_request(
     encoder: &Encoder,
     separator: u32,
     context: &str,
     continuation: &str,
 ) -> std::result::Result<Request, EncoderError> {
+    let trimmed = context.trim_end();
+    let moved = format!("{}{continuation}", &context[trimmed.len()..]);
     let mut ctx = vec![separator];
-    ctx.extend(encoder.encode(context)?);
-    Ok(Request { context: ctx, continuation: encoder.encode(continuation)? })
+    ctx.extend(encoder.encode(trimmed)?);
+    let whole = encoder.encode(&format!("{trimmed}{moved}"))?;
+    let continuation = whole.get(ctx.len() - 1..).unwrap_or_default().to_vec();
+    Ok(Request { context: ctx, continuation })
+}
+
+/// A generation prompt as the model saw documents in training: the separator, then the context as
+/// written (trailing whitespace included).
+pub fn encode_prompt(encoder: &Encoder, separator: u32, context: &str) -> std::result::Result<Vec<u32>, EncoderError> {
+    let mut prompt = vec![separator];
+    prompt.extend(encoder.encode(context)?);
+    Ok(prompt)
 }
 
 /// The log-probability (natural log) of each probe's target after its prompt.

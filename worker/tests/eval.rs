@@ -9,8 +9,9 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use pretrain_crd::contract::exit;
 use pretrain_crd::spec::Probe;
-use pretrain_worker::eval::stage::{HeldOutDoc, perplexity};
-use pretrain_worker::eval::{Scorer, passkey, probe_logprobs};
+use pretrain_worker::eval::stage::{HeldOutDoc, perplexity, run_task};
+use pretrain_worker::eval::tasks;
+use pretrain_worker::eval::{Scorer, encode_request, passkey, probe_logprobs};
 use pretrain_worker::model::rope::ntk_base;
 use pretrain_worker::model::{Llama, LlamaConfig, Params, Scaling};
 use pretrain_worker::tokenize::train::train_bpe;
@@ -46,6 +47,13 @@ fn direct_logprob(model: &Llama, seq: &[u32], from: usize) -> f64 {
     (from..seq.len()).map(|p| log_softmax(&logits[p - 1])[seq[p] as usize]).sum()
 }
 
+/// The log-probability of each next token of `seq` (`seq[1..]`), by one plain forward pass.
+fn position_logprobs(model: &Llama, seq: &[u32]) -> Vec<f64> {
+    let ids = Tensor::new(&seq[..seq.len() - 1], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let logits = model.forward(&ids, DType::F32).unwrap().get(0).unwrap().to_vec2::<f32>().unwrap();
+    logits.iter().zip(&seq[1..]).map(|(row, &t)| log_softmax(row)[t as usize]).collect()
+}
+
 #[test]
 fn perplexity_is_exp_of_the_mean_nll_computed_independently() {
     let dev = Device::Cpu;
@@ -69,18 +77,24 @@ fn perplexity_is_exp_of_the_mean_nll_computed_independently() {
             stream.extend(&d.tokens);
             bytes += d.text.len() as u64;
         }
-        let mut nll = 0.0;
+        let (mut nll, mut text_nll) = (0.0, 0.0);
         let mut start = 0;
         while start + 1 < stream.len() {
             let end = (start + 17).min(stream.len());
-            nll -= direct_logprob(&model, &stream[start..end], 1);
+            for (p, lp) in (start + 1..end).zip(position_logprobs(&model, &stream[start..end])) {
+                nll -= lp;
+                // Bits per byte leave out the end-of-sequence predictions: they have no bytes.
+                if stream[p] != 1 {
+                    text_nll -= lp;
+                }
+            }
             start += 16;
         }
         let n = stream.len() as u64 - 1;
         let p = &got[category];
         assert_eq!((p.tokens, p.bytes), (n, bytes));
         assert!((p.perplexity - (nll / n as f64).exp()).abs() < 1e-6 * p.perplexity, "{category}");
-        let bpb = nll / std::f64::consts::LN_2 / bytes as f64;
+        let bpb = text_nll / std::f64::consts::LN_2 / bytes as f64;
         assert!((p.bits_per_byte - bpb).abs() < 1e-6 * bpb);
         total = (total.0 + nll, total.1 + n, total.2 + bytes);
     }
@@ -116,6 +130,70 @@ fn probe_logprobs_match_a_direct_forward_pass() {
         assert!((lp - want).abs() < 1e-4, "{}: {lp} vs {want}", p.name);
         assert!(lp < 0.0);
     }
+}
+
+#[test]
+fn a_context_s_trailing_space_moves_into_the_continuation_as_lm_eval_moves_it() {
+    let texts = common::words(3, 3000, |s| format!("word{}", s % 40));
+    let texts: Vec<String> = texts.chunks(50).map(|c| c.join(" ")).collect();
+    let enc = tokenizer(&texts, 280);
+    let sep = enc.special("<|eos|>").unwrap();
+    let apart = encode_request(&enc, sep, "word1 word2", " word3").unwrap();
+    assert_eq!(encode_request(&enc, sep, "word1 word2 ", "word3").unwrap(), apart);
+    assert_eq!(apart.context, [vec![sep], enc.encode("word1 word2").unwrap()].concat());
+    assert_eq!(apart.continuation, enc.encode(" word3").unwrap(), "the tokens training saw after the context");
+}
+
+/// The built-in last-word task scored as lm-evaluation-harness scores LAMBADA: on a model trained on
+/// text in which every word follows from the one before, the target word is its greedy choice.
+#[test]
+fn last_word_is_the_greedy_choice_of_a_model_trained_on_predictable_text() {
+    const WORDS: [&str; 12] =
+        ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet", "kilo", "lima"];
+    // Documents that run through the words in a cycle, from a different word each.
+    let docs: Vec<String> = (0..40)
+        .map(|d| (0..80).map(|i| WORDS[(d * 5 + i) % WORDS.len()]).collect::<Vec<_>>().join(" ") + ".")
+        .collect();
+    let enc = tokenizer(&docs, 300);
+    let sep = enc.special("<|eos|>").unwrap();
+    let mut stream = Vec::new();
+    for d in &docs[..30] {
+        stream.extend(enc.encode(d).unwrap());
+        stream.push(sep);
+    }
+    let dev = Device::Cpu;
+    let c = config(enc.vocab_size() as usize);
+    let model = Llama::new(c.clone(), Params::init(&c, 3, &dev).unwrap(), 32, &dev).unwrap();
+    let mut opt =
+        AdamW::new(AdamWConfig { weight_decay: 0.0, ..AdamWConfig::from_spec(&Default::default()) }, &model.params)
+            .unwrap();
+    // Trained at every position it is scored at: scoring cuts contexts to the model's 32.
+    let (batch, t) = (8, 32);
+    for step in 0..200 {
+        let rows: Vec<u32> = (0..batch)
+            .flat_map(|b| {
+                let at = (step * 97 + b * 331) % (stream.len() - t - 1);
+                stream[at..at + t + 1].to_vec()
+            })
+            .collect();
+        let all = Tensor::from_vec(rows, (batch, t + 1), &dev).unwrap();
+        let (inputs, targets) = (all.narrow(1, 0, t).unwrap(), all.narrow(1, 1, t).unwrap());
+        let (loss, _) = model.loss(&inputs.contiguous().unwrap(), &targets.contiguous().unwrap(), DType::F32).unwrap();
+        let grads = loss.backward().unwrap();
+        let g: Vec<Tensor> = model.params.iter().map(|(_, _, v)| grads.get(v.as_tensor()).unwrap().clone()).collect();
+        opt.step(&model.params, &g, 1e-2).unwrap();
+    }
+    // Held-out documents (not trained on).
+    let held_out: Vec<&str> = docs[30..].iter().map(String::as_str).collect();
+    let task = tasks::last_word(&held_out, 50, 7);
+    assert!(task.items.len() >= 30, "{} items", task.items.len());
+    let scored = run_task(&Scorer::new(&model, DType::F32), &enc, sep, &task).unwrap();
+    eprintln!("trained: {scored:?}");
+    assert!(scored.score >= 0.9, "{scored:?}");
+    assert!(scored.perplexity.unwrap() < 1.5, "{scored:?}");
+    let untrained = Llama::new(c.clone(), Params::init(&c, 3, &dev).unwrap(), 32, &dev).unwrap();
+    let before = run_task(&Scorer::new(&untrained, DType::F32), &enc, sep, &task).unwrap();
+    assert!(before.score < 0.2 && before.perplexity.unwrap() > 10.0, "{before:?}");
 }
 
 /// Passkey retrieval is measured two ways: exact answers, and the log-probability of the key. The

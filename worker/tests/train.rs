@@ -161,6 +161,7 @@ fn snapshot(step: u64, config: &LlamaConfig) -> Snapshot {
         seq_len: 8,
         loss: Some(1.0),
         loss_window: vec![],
+        spike_streak: Vec::new(),
         saved_unix: None,
     };
     Snapshot::take(state, vec![("w".into(), weight.clone())], vec![("exp_avg.w".into(), weight)]).unwrap()

@@ -53,7 +53,9 @@ pub struct Benchmark {
     /// URL of the JSONL task file.
     #[schemars(length(min = 1))]
     pub url: String,
-    /// `cloze` (choices scored by normalised log-likelihood) or `generative` (greedy, exact match).
+    /// `cloze` (choices scored by log-likelihood, lm-evaluation-harness's `acc_norm`), `generative`
+    /// (greedy, exact match) or `loglikelihood` (a target's log-likelihood and whether greedy decoding
+    /// gives it, as lm-evaluation-harness scores LAMBADA).
     pub format: BenchmarkFormat,
 }
 
@@ -65,6 +67,9 @@ pub enum BenchmarkFormat {
     Cloze,
     /// Greedy generation scored by exact match.
     Generative,
+    /// A target continuation scored by its log-likelihood (perplexity) and whether greedy decoding
+    /// produces it (accuracy).
+    Loglikelihood,
 }
 
 /// Passkey retrieval.

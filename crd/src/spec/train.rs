@@ -204,11 +204,16 @@ pub struct LossSpike {
     pub window: u32,
     /// What to do about a spike.
     pub action: SpikeAction,
+    /// Most spikes handled (skipped or rolled back) in a row: the next one means the loss has moved
+    /// to a new level, so its update is applied and the window restarts from the losses of the
+    /// streak (a `new-level` event in the metrics), so that a lasting shift never stalls training.
+    #[schemars(range(min = 1))]
+    pub max_consecutive: u32,
 }
 
 impl Default for LossSpike {
     fn default() -> Self {
-        Self { z_score: 6.0, window: 100, action: SpikeAction::Skip }
+        Self { z_score: 6.0, window: 100, action: SpikeAction::Skip, max_consecutive: 10 }
     }
 }
 
@@ -244,6 +249,7 @@ impl Train {
             e.push("spec.train.precision", "bf16 needs GPUs (gpusPerNode > 0); use auto or fp32 on CPUs");
         }
         e.check(self.loss_spike.window >= 2, "spec.train.lossSpike.window", "must be at least 2");
+        e.check(self.loss_spike.max_consecutive >= 1, "spec.train.lossSpike.maxConsecutive", "must be at least 1");
     }
 
     /// The global batch is whole micro-batches on every rank, and the budget at least one of it.

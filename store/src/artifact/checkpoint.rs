@@ -213,6 +213,9 @@ pub struct TrainState {
     pub loss: Option<f64>,
     /// Recent losses of the spike detector.
     pub loss_window: Vec<f64>,
+    /// The losses of the spikes flagged in a row up to this step (none after a normal step).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub spike_streak: Vec<f64>,
     /// When the step loop took the checkpoint (Unix seconds): what a preemption would lose is
     /// counted from here.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -11,7 +11,9 @@ use super::{LlamaConfig, Scaling};
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct MetricsLine {
-    /// What loss-spike handling did at this step: `skipped` or `rolled-back`.
+    /// What loss-spike handling did at this step: `skipped` or `rolled-back` (a spike), or
+    /// `new-level` (the spike after `lossSpike.maxConsecutive` in a row: the update was applied and the
+    /// detector restarted from the new loss level).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event: Option<String>,
     /// Gradient norm before clipping.

@@ -156,6 +156,7 @@ fn checkpoint_times(model: &Llama, opt: &AdamW) {
         seq_len: 0,
         loss: None,
         loss_window: Vec::new(),
+        spike_streak: Vec::new(),
         saved_unix: None,
     };
     let named = model.params.named();

@@ -44,7 +44,7 @@ pub struct Item {
 }
 
 /// The order of `items` (a permutation of their indices) that packs related documents into contexts
-/// of about `context_bytes`.
+/// of about `context_bytes`, never two copies of one document into one context.
 pub fn in_context(items: &[Item], terms: &[Vec<(u32, u16)>], context_bytes: u64, seed: u64) -> Vec<usize> {
     let n_docs = terms.len();
     // Document frequency and TF-IDF weights.
@@ -102,13 +102,15 @@ pub fn in_context(items: &[Item], terms: &[Vec<(u32, u16)>], context_bytes: u64,
         }
         visited[start] = true;
         order.push(start);
+        // The documents in this context: another copy of one of them may not join it.
+        let mut members = vec![items[start].doc];
         let (mut filled, mut current) = (u64::from(items[start].bytes), start);
         while filled < context_bytes {
             let here = &vectors[items[current].doc];
             let mut best: Option<(f64, usize)> = None;
             for (t, _) in &terms[items[current].doc] {
                 for &candidate in index.get(t).map(Vec::as_slice).unwrap_or_default() {
-                    if visited[candidate] || items[candidate].doc == items[current].doc {
+                    if visited[candidate] || members.contains(&items[candidate].doc) {
                         continue;
                     }
                     let score = cosine(here, &vectors[items[candidate].doc]);
@@ -119,6 +121,7 @@ pub fn in_context(items: &[Item], terms: &[Vec<(u32, u16)>], context_bytes: u64,
             }
             let Some((_, next)) = best else { break };
             visited[next] = true;
+            members.push(items[next].doc);
             order.push(next);
             filled += u64::from(items[next].bytes);
             current = next;

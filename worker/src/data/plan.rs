@@ -146,6 +146,13 @@ pub struct StreamEntry {
 /// The training stream: every copy of every placed document, ordered by `data.order` (shuffled,
 /// easy first, or in-context groups of related documents of about `seq_len` tokens, from `terms`,
 /// each document's topic terms in canonical order).
+///
+/// A document with `c` copies (a category mixed in at more than one epoch) has copy `k` placed in
+/// the `k`-th of `c` equal stretches of the run: shuffled within it, or at its difficulty's
+/// quantile within it for a curriculum (each epoch of the category runs easy to hard). So every
+/// category's epochs span the whole run, and copies are a `c`-th of it apart. Then no training
+/// context may hold two copies of one document: a copy that would land within one context of the
+/// previous copy waits until it no longer does ([`spread_copies`]).
 pub fn order(
     data: &Data,
     seed: u64,
@@ -154,34 +161,92 @@ pub fn order(
     placements: &[Option<Placement>],
     terms: &[Vec<(u32, u16)>],
 ) -> Vec<StreamEntry> {
+    let quantile = match data.order.strategy {
+        OrderStrategy::Curriculum => difficulty_quantiles(data.order.curriculum_by, docs, placements),
+        _ => Vec::new(),
+    };
     let mut stream = Vec::new();
     for (i, d) in docs.iter().enumerate() {
         let Some(p) = placements[i] else { continue };
         let r = &d.key;
         for copy in 0..p.copies {
-            let key = match data.order.strategy {
-                // Easy first: shortest (or lowest-scoring) documents first, canonical order on ties.
-                OrderStrategy::Curriculum if data.order.curriculum_by == CurriculumKey::Quality => {
-                    (u64::from((r.score.clamp(0.0, 1.0) * 1e6) as u32) << 32) | i as u64
+            let within = match data.order.strategy {
+                OrderStrategy::Curriculum => quantile[i],
+                _ => {
+                    let h = xxh3_64_with_seed(
+                        &[u64::from(r.input), u64::from(r.seq), u64::from(copy)].map(u64::to_le_bytes).concat(),
+                        seed ^ 3,
+                    );
+                    (h >> 11) as f64 / (1u64 << 53) as f64
                 }
-                OrderStrategy::Curriculum => (u64::from(r.bytes) << 32) | i as u64,
-                _ => xxh3_64_with_seed(
-                    &[u64::from(r.input), u64::from(r.seq), u64::from(copy)].map(u64::to_le_bytes).concat(),
-                    seed ^ 3,
-                ),
             };
-            stream.push(StreamEntry { doc: i, copy, key });
+            // A position in [0, 1): positive floats sort as their bits do.
+            let at = (f64::from(copy) + within) / f64::from(p.copies);
+            stream.push(StreamEntry { doc: i, copy, key: at.to_bits() });
         }
     }
-    stream.sort_by_key(|e| e.key);
+    stream.sort_by_key(|e| (e.key, e.doc));
+    // Contexts of train.seqLen tokens, at about 4 bytes a token.
+    let context_bytes = u64::from(seq_len) * 4;
     if data.order.strategy == OrderStrategy::InContext {
-        // Contexts of train.seqLen tokens, at about 4 bytes a token.
         let items: Vec<OrderItem> =
             stream.iter().map(|e| OrderItem { doc: e.doc, bytes: docs[e.doc].key.bytes }).collect();
-        let context_bytes = u64::from(seq_len) * 4;
         stream = in_context(&items, terms, context_bytes, seed).into_iter().map(|i| stream[i]).collect();
     }
-    stream
+    spread_copies(stream, |doc| u64::from(docs[doc].key.bytes), context_bytes, docs.len())
+}
+
+/// Each placed document's rank by difficulty (`curriculumBy`: length, or quality score), canonical
+/// order on ties, as a quantile in [0, 1) (0 for documents not placed).
+fn difficulty_quantiles(by: CurriculumKey, docs: &[DocRef], placements: &[Option<Placement>]) -> Vec<f64> {
+    let difficulty = |d: &DocRef| match by {
+        CurriculumKey::Quality => u64::from((d.key.score.clamp(0.0, 1.0) * 1e6) as u32),
+        CurriculumKey::Length => u64::from(d.key.bytes),
+    };
+    let mut ranked: Vec<usize> = (0..docs.len()).filter(|&i| placements[i].is_some_and(|p| p.copies > 0)).collect();
+    ranked.sort_by_key(|&i| (difficulty(&docs[i]), i));
+    let mut quantile = vec![0.0; docs.len()];
+    for (rank, &i) in ranked.iter().enumerate() {
+        quantile[i] = rank as f64 / ranked.len() as f64;
+    }
+    quantile
+}
+
+/// The stream with every copy of a document at least `context_bytes` after the end of its previous
+/// copy, so that no training context holds both: a copy that would come too soon waits, and takes
+/// the first place where it no longer does; everything else keeps its order. (Only a stream too
+/// short to separate them leaves copies closer, at its end.)
+fn spread_copies(
+    stream: Vec<StreamEntry>,
+    bytes: impl Fn(usize) -> u64,
+    context_bytes: u64,
+    docs: usize,
+) -> Vec<StreamEntry> {
+    let mut out = Vec::with_capacity(stream.len());
+    let mut last_end: Vec<Option<u64>> = vec![None; docs];
+    let mut waiting: std::collections::VecDeque<StreamEntry> = std::collections::VecDeque::new();
+    let mut offset = 0u64;
+    let mut input = stream.into_iter();
+    loop {
+        let fits = |e: &StreamEntry, offset: u64| last_end[e.doc].is_none_or(|end| offset >= end + context_bytes);
+        let next = if let Some(k) = waiting.iter().position(|e| fits(e, offset)) {
+            waiting.remove(k).expect("a waiting entry")
+        } else if let Some(e) = input.next() {
+            if !fits(&e, offset) {
+                waiting.push_back(e);
+                continue;
+            }
+            e
+        } else if let Some(e) = waiting.pop_front() {
+            e
+        } else {
+            break;
+        };
+        offset += bytes(next.doc);
+        last_end[next.doc] = Some(offset);
+        out.push(next);
+    }
+    out
 }
 
 /// A uniform number in [0, 1) from the seed, a purpose, and a document's canonical position.
@@ -331,6 +396,42 @@ mod tests {
             .into_iter()
             .map(|e| (all[e.doc].key.input, all[e.doc].key.seq, e.copy))
             .collect()
+    }
+
+    /// A category at three epochs beside one at one: in every order, no context (256 bytes here) holds
+    /// two copies of a document, and the copies are spread over the run.
+    #[test]
+    fn copies_of_a_document_never_share_a_context_and_spread_over_the_run() {
+        for strategy in ["shuffle", "curriculum", "in-context"] {
+            let d = data(&format!(
+                "mix: {{weights: {{web: 0.25, code: 0.75}}, maxEpochs: 3}}\norder: {{strategy: {strategy}}}\n"
+            ));
+            let all = docs(300, 2);
+            let mix = place(&d, 5, &all, &vec![true; all.len()]);
+            assert!(mix.placements.iter().flatten().any(|p| p.copies >= 2), "some documents are upsampled");
+            // Related documents in pairs, so the in-context walk wants to put copies together.
+            let terms: Vec<Vec<(u32, u16)>> = all.iter().map(|x| vec![(x.key.seq / 2, 3), (9999, 1)]).collect();
+            let stream = order(&d, 5, 64, &all, &mix.placements, &terms);
+            let total: u32 = mix.placements.iter().flatten().map(|p| p.copies).sum();
+            assert_eq!(stream.len(), total as usize, "{strategy}: every copy once");
+            let mut offset = 0u64;
+            let mut seen: BTreeMap<usize, (u64, usize)> = BTreeMap::new(); // doc -> (end offset, index)
+            let mut gaps = Vec::new();
+            for (k, e) in stream.iter().enumerate() {
+                if let Some((end, at)) = seen.get(&e.doc) {
+                    assert!(offset >= end + 256, "{strategy}: two copies of document {} within a context", e.doc);
+                    gaps.push(k - at);
+                }
+                offset += u64::from(all[e.doc].key.bytes);
+                seen.insert(e.doc, (offset, k));
+            }
+            let mean = gaps.iter().sum::<usize>() as f64 / gaps.len() as f64;
+            assert!(
+                mean > stream.len() as f64 / 6.0,
+                "{strategy}: copies {mean:.0} apart in a stream of {}",
+                stream.len()
+            );
+        }
     }
 
     #[test]

@@ -7,7 +7,7 @@ mod report;
 pub mod stage;
 pub mod tasks;
 
-pub use crate::score::{Request, ScoreError, Scored, Scorer, encode_request, probe_logprobs};
+pub use crate::score::{Request, ScoreError, Scored, Scorer, encode_prompt, encode_request, probe_logprobs};
 use crate::tokenizer::EncoderError;
 
 /// Why an evaluation failed.

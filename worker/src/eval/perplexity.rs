@@ -25,7 +25,8 @@ pub struct Perplexity {
     pub loss: f64,
     /// `exp(loss)`.
     pub perplexity: f64,
-    /// `nll / ln 2 / bytes`: comparable across tokenizers.
+    /// The NLL of the text's own tokens (the end-of-sequence predictions left out, as they have no
+    /// bytes), in bits per UTF-8 byte of the text: comparable across tokenizers.
     pub bits_per_byte: f64,
     /// Mean NLL per token of the same tokens under the training data's unigram distribution: the
     /// loss of a model that ignores context (the baseline a trained model must beat).
@@ -34,7 +35,9 @@ pub struct Perplexity {
 }
 
 impl Perplexity {
-    fn new(documents: u64, tokens: u64, bytes: u64, nll: f64) -> Self {
+    /// From the summed NLL of every predicted token (`nll`) and of the text's tokens alone
+    /// (`text_nll`: without the end-of-sequence predictions).
+    fn new(documents: u64, tokens: u64, bytes: u64, (nll, text_nll): (f64, f64)) -> Self {
         let loss = nll / tokens.max(1) as f64;
         Self {
             documents,
@@ -43,7 +46,7 @@ impl Perplexity {
             nll,
             loss,
             perplexity: loss.exp(),
-            bits_per_byte: nll / std::f64::consts::LN_2 / bytes.max(1) as f64,
+            bits_per_byte: text_nll / std::f64::consts::LN_2 / bytes.max(1) as f64,
             unigram_loss: None,
         }
     }
@@ -119,7 +122,7 @@ pub fn perplexity(
         by_category.entry(&d.category).or_default().push(d);
     }
     let mut out = BTreeMap::new();
-    let (mut all_docs, mut all_tokens, mut all_bytes, mut all_nll) = (0, 0, 0, 0.0);
+    let (mut all_docs, mut all_tokens, mut all_bytes, mut all_nll) = (0, 0, 0, (0.0, 0.0));
     for (category, docs) in by_category {
         let mut stream = vec![separator];
         for d in &docs {
@@ -132,12 +135,20 @@ pub fn perplexity(
                 Request { context: vec![stream[start]], continuation: stream[start + 1..end].to_vec() }
             })
             .collect();
-        let nll: f64 = -scorer.loglikelihood(&requests)?.iter().map(|s| s.logprob).sum::<f64>();
+        let (mut nll, mut text_nll) = (0.0, 0.0);
+        for (request, (logprobs, _)) in requests.iter().zip(scorer.token_logprobs(&requests)?) {
+            for (&target, lp) in request.continuation.iter().zip(logprobs) {
+                nll -= lp;
+                if target != separator {
+                    text_nll -= lp;
+                }
+            }
+        }
         let tokens = stream.len() as u64 - 1;
         let bytes: u64 = docs.iter().map(|d| d.text.len() as u64).sum();
-        out.insert(category.to_string(), Perplexity::new(docs.len() as u64, tokens, bytes, nll));
-        (all_docs, all_tokens, all_bytes, all_nll) =
-            (all_docs + docs.len() as u64, all_tokens + tokens, all_bytes + bytes, all_nll + nll);
+        out.insert(category.to_string(), Perplexity::new(docs.len() as u64, tokens, bytes, (nll, text_nll)));
+        (all_docs, all_tokens, all_bytes) = (all_docs + docs.len() as u64, all_tokens + tokens, all_bytes + bytes);
+        all_nll = (all_nll.0 + nll, all_nll.1 + text_nll);
     }
     out.insert("all".into(), Perplexity::new(all_docs, all_tokens, all_bytes, all_nll));
     Ok(out)
@@ -154,7 +165,7 @@ mod tests {
         let docs = vec![doc("web", vec![0, 1, 1]), doc("code", vec![2])];
         let logprobs = [0.5f64.ln(), 0.25f64.ln(), 0.25f64.ln()];
         let mut report: BTreeMap<String, Perplexity> =
-            ["web", "code", "all"].iter().map(|c| (c.to_string(), Perplexity::new(1, 1, 1, 1.0))).collect();
+            ["web", "code", "all"].iter().map(|c| (c.to_string(), Perplexity::new(1, 1, 1, (1.0, 1.0)))).collect();
         add_unigram(&mut report, &docs, &logprobs);
         let close = |a: Option<f64>, b: f64| (a.unwrap() - b).abs() < 1e-12;
         assert!(close(report["web"].unigram_loss, -(0.5f64.ln() + 2.0 * 0.25f64.ln()) / 3.0));

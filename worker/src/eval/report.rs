@@ -54,14 +54,20 @@ fn checkpoint_section(md: &mut String, c: &CheckpointReport) {
         );
     }
     if !c.benchmarks.is_empty() {
-        let _ = writeln!(md, "\n| benchmark | form | items | score | chance |");
-        let _ = writeln!(md, "|---|---|---:|---:|---:|");
+        let _ = writeln!(md, "\n| benchmark | form | items | score | chance | also |");
+        let _ = writeln!(md, "|---|---|---:|---:|---:|---|");
         for (name, b) in &c.benchmarks {
             let form = match b.format {
-                BenchmarkFormat::Cloze => "cloze, acc per byte",
+                BenchmarkFormat::Cloze => "cloze, acc_norm (per character)",
                 BenchmarkFormat::Generative => "generative, exact match",
+                BenchmarkFormat::Loglikelihood => "target, greedy acc",
             };
-            let _ = writeln!(md, "| {name} | {form} | {} | {:.3} | {:.3} |", b.items, b.score, b.chance);
+            let mut also = Vec::new();
+            also.extend(b.acc_bytes.map(|a| format!("acc per byte {a:.3}")));
+            also.extend(b.acc_raw.map(|a| format!("acc {a:.3}")));
+            also.extend(b.perplexity.map(|p| format!("perplexity {p:.2}")));
+            let also = also.join(", ");
+            let _ = writeln!(md, "| {name} | {form} | {} | {:.3} | {:.3} | {also} |", b.items, b.score, b.chance);
         }
     }
     if !c.passkey.is_empty() {

@@ -18,7 +18,7 @@ use super::passkey::{self, PasskeyResult};
 pub use super::perplexity::{HeldOutDoc, Perplexity, add_unigram, perplexity, unigram_logprobs};
 pub use super::report::markdown;
 use super::tasks::{self, Item, Task};
-use super::{EvalError, Scorer, encode_request, probe_logprobs};
+use super::{EvalError, Scorer, encode_prompt, encode_request, probe_logprobs};
 use crate::Context;
 use crate::checkpoint;
 use crate::model::{Llama, LlamaConfig, Params};
@@ -38,79 +38,136 @@ const BUILTIN_ITEMS: usize = 100;
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TaskResult {
-    /// `cloze` or `generative`.
+    /// `cloze`, `generative` or `loglikelihood`.
     pub format: BenchmarkFormat,
     /// Items scored.
     pub items: usize,
-    /// Cloze: accuracy by log-likelihood per byte of the choice; generative: exact match.
+    /// Cloze: accuracy by log-likelihood per character of the choice (lm-evaluation-harness's
+    /// `acc_norm`); generative: exact match; loglikelihood: the share of targets greedy decoding gives.
     pub score: f64,
-    /// Cloze: accuracy by summed log-likelihood.
+    /// Cloze: accuracy by summed log-likelihood (lm-evaluation-harness's `acc`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub acc_raw: Option<f64>,
-    /// What a uniform guess scores (cloze: mean 1/choices; generative: 0).
+    /// Cloze: accuracy by log-likelihood per byte of the choice (UTF-8).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub acc_bytes: Option<f64>,
+    /// Loglikelihood: `exp(-mean)` of the targets' log-likelihoods over items.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub perplexity: Option<f64>,
+    /// What a uniform guess scores (cloze: mean 1/choices; otherwise 0).
     pub chance: f64,
 }
 
 /// Scores a benchmark.
 pub fn run_task(scorer: &Scorer<'_>, encoder: &Encoder, separator: u32, task: &Task) -> Result<TaskResult> {
-    match task.format {
-        BenchmarkFormat::Cloze => {
-            let mut requests = Vec::new();
-            for item in &task.items {
-                let Item::Cloze { context, choices, .. } = item else { unreachable!("cloze task items") };
-                for c in choices {
-                    requests.push(encode_request(encoder, separator, context, c)?);
-                }
-            }
-            let scores = scorer.loglikelihood(&requests)?;
-            let (mut norm, mut raw, mut chance, mut at) = (0usize, 0usize, 0.0, 0);
-            for item in &task.items {
-                let Item::Cloze { choices, answer, .. } = item else { unreachable!("cloze task items") };
-                let s = &scores[at..at + choices.len()];
-                at += choices.len();
-                let argmax = |f: &dyn Fn(usize) -> f64| {
-                    (0..choices.len()).max_by(|&a, &b| f(a).total_cmp(&f(b))).expect("at least 2 choices")
-                };
-                norm += usize::from(argmax(&|k| s[k].logprob / choices[k].len() as f64) == *answer);
-                raw += usize::from(argmax(&|k| s[k].logprob) == *answer);
-                chance += 1.0 / choices.len() as f64;
-            }
-            let n = task.items.len().max(1) as f64;
-            Ok(TaskResult {
-                format: task.format,
-                items: task.items.len(),
-                score: norm as f64 / n,
-                acc_raw: Some(raw as f64 / n),
-                chance: chance / n,
-            })
-        }
-        BenchmarkFormat::Generative => {
-            let mut correct = 0;
-            for item in &task.items {
-                let Item::Generative { context, answers, until, max_tokens } = item else {
-                    unreachable!("generative task items")
-                };
-                let prompt = encode_request(encoder, separator, context, "")?.context;
-                let stop = |out: &[u32]| {
-                    out.last() == Some(&separator)
-                        || encoder.decode_lossy(out).is_ok_and(|t| until.iter().any(|u| t.contains(u.as_str())))
-                };
-                let generated = scorer.generate(&prompt, *max_tokens, &stop)?;
-                let ids: Vec<u32> = generated.into_iter().filter(|&t| t != separator).collect();
-                let text = encoder.decode_lossy(&ids)?;
-                let cut = until.iter().filter_map(|u| text.find(u.as_str())).min().unwrap_or(text.len());
-                let output = text[..cut].trim();
-                correct += usize::from(answers.iter().any(|a| a.trim() == output));
-            }
-            Ok(TaskResult {
-                format: task.format,
-                items: task.items.len(),
-                score: correct as f64 / task.items.len().max(1) as f64,
-                acc_raw: None,
-                chance: 0.0,
-            })
+    let result = match task.format {
+        BenchmarkFormat::Cloze => run_cloze(scorer, encoder, separator, &task.items)?,
+        BenchmarkFormat::Generative => run_generative(scorer, encoder, separator, &task.items)?,
+        BenchmarkFormat::Loglikelihood => run_targets(scorer, encoder, separator, &task.items)?,
+    };
+    Ok(TaskResult { format: task.format, items: task.items.len(), ..result })
+}
+
+/// A result with every measure empty, for the runs to fill in.
+fn empty(format: BenchmarkFormat) -> TaskResult {
+    TaskResult { format, items: 0, score: 0.0, acc_raw: None, acc_bytes: None, perplexity: None, chance: 0.0 }
+}
+
+/// Cloze items: each choice's log-likelihood after the context, the best choice by three rules.
+fn run_cloze(scorer: &Scorer<'_>, encoder: &Encoder, separator: u32, items: &[Item]) -> Result<TaskResult> {
+    let mut requests = Vec::new();
+    for item in items {
+        let Item::Cloze { context, choices, .. } = item else { unreachable!("cloze task items") };
+        for c in choices {
+            requests.push(encode_request(encoder, separator, context, c)?);
         }
     }
+    let scores = scorer.loglikelihood(&requests)?;
+    let (mut chars, mut bytes, mut raw, mut chance, mut at) = (0usize, 0usize, 0usize, 0.0, 0);
+    for item in items {
+        let Item::Cloze { choices, answer, .. } = item else { unreachable!("cloze task items") };
+        let logprobs: Vec<f64> = scores[at..at + choices.len()].iter().map(|s| s.logprob).collect();
+        at += choices.len();
+        let picked = ClozePicks::new(choices, &logprobs);
+        chars += usize::from(picked.per_char == *answer);
+        bytes += usize::from(picked.per_byte == *answer);
+        raw += usize::from(picked.raw == *answer);
+        chance += 1.0 / choices.len() as f64;
+    }
+    let n = items.len().max(1) as f64;
+    Ok(TaskResult {
+        score: chars as f64 / n,
+        acc_raw: Some(raw as f64 / n),
+        acc_bytes: Some(bytes as f64 / n),
+        chance: chance / n,
+        ..empty(BenchmarkFormat::Cloze)
+    })
+}
+
+/// The choice each rule picks: the highest log-likelihood per character (lm-evaluation-harness's
+/// `acc_norm`, which divides by the string's length in characters), per UTF-8 byte, and summed.
+#[derive(Debug, PartialEq, Eq)]
+struct ClozePicks {
+    per_char: usize,
+    per_byte: usize,
+    raw: usize,
+}
+
+impl ClozePicks {
+    fn new(choices: &[String], logprobs: &[f64]) -> Self {
+        let best = |f: &dyn Fn(usize) -> f64| {
+            (0..choices.len()).max_by(|&a, &b| f(a).total_cmp(&f(b))).expect("at least 2 choices")
+        };
+        Self {
+            per_char: best(&|k| logprobs[k] / choices[k].chars().count() as f64),
+            per_byte: best(&|k| logprobs[k] / choices[k].len() as f64),
+            raw: best(&|k| logprobs[k]),
+        }
+    }
+}
+
+/// Generative items: greedy generation to a stop string, exact match after trimming.
+fn run_generative(scorer: &Scorer<'_>, encoder: &Encoder, separator: u32, items: &[Item]) -> Result<TaskResult> {
+    let mut correct = 0;
+    for item in items {
+        let Item::Generative { context, answers, until, max_tokens } = item else {
+            unreachable!("generative task items")
+        };
+        let prompt = encode_prompt(encoder, separator, context)?;
+        let stop = |out: &[u32]| {
+            out.last() == Some(&separator)
+                || encoder.decode_lossy(out).is_ok_and(|t| until.iter().any(|u| t.contains(u.as_str())))
+        };
+        let generated = scorer.generate(&prompt, *max_tokens, &stop)?;
+        let ids: Vec<u32> = generated.into_iter().filter(|&t| t != separator).collect();
+        let text = encoder.decode_lossy(&ids)?;
+        let cut = until.iter().filter_map(|u| text.find(u.as_str())).min().unwrap_or(text.len());
+        let output = text[..cut].trim();
+        correct += usize::from(answers.iter().any(|a| a.trim() == output));
+    }
+    Ok(TaskResult { score: correct as f64 / items.len().max(1) as f64, ..empty(BenchmarkFormat::Generative) })
+}
+
+/// Target items: the share whose every token is the model's greedy choice, and the perplexity of
+/// the targets (`exp` of minus the mean log-likelihood per item), as lm-evaluation-harness reports
+/// LAMBADA.
+fn run_targets(scorer: &Scorer<'_>, encoder: &Encoder, separator: u32, items: &[Item]) -> Result<TaskResult> {
+    let requests = items
+        .iter()
+        .map(|item| {
+            let Item::Target { context, target } = item else { unreachable!("loglikelihood task items") };
+            encode_request(encoder, separator, context, target)
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let scores = scorer.loglikelihood(&requests)?;
+    let n = items.len().max(1) as f64;
+    let greedy = scores.iter().filter(|s| s.greedy).count();
+    let mean = scores.iter().map(|s| s.logprob).sum::<f64>() / n;
+    Ok(TaskResult {
+        score: greedy as f64 / n,
+        perplexity: Some((-mean).exp()),
+        ..empty(BenchmarkFormat::Loglikelihood)
+    })
 }
 
 /// Everything measured on one checkpoint.
@@ -487,6 +544,16 @@ fn summary(report: &Report) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn acc_norm_divides_by_characters_as_lm_eval_does_and_acc_bytes_by_bytes() {
+        // " café" is 5 characters in 6 bytes: per character it loses, per byte it wins.
+        let choices = [" café".to_string(), " cafe".to_string()];
+        let picks = ClozePicks::new(&choices, &[-5.5, -5.4]);
+        assert_eq!(picks, ClozePicks { per_char: 1, per_byte: 0, raw: 1 });
+        let picks = ClozePicks::new(&choices, &[-5.0, -5.4]);
+        assert_eq!(picks, ClozePicks { per_char: 0, per_byte: 0, raw: 0 });
+    }
 
     #[test]
     fn checkpoint_arguments_name_a_stage_and_maybe_a_step() {

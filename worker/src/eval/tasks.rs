@@ -3,8 +3,12 @@
 //! A task file has one JSON object per line:
 //! - cloze: `{"context": "The capital of France is", "choices": [" Paris", " Rome"], "answer": 0}`;
 //!   every choice is scored as a continuation of the context, and the one with the highest
-//!   log-likelihood per byte wins (`accNorm`; `acc` uses the raw sum). No letters, no options listed
-//!   in the prompt: the model is asked to continue text, which is what a pretrained model does.
+//!   log-likelihood per character wins (lm-evaluation-harness's `acc_norm`; `accBytes` divides by
+//!   bytes, `accRaw` uses the raw sum). No letters, no options listed in the prompt: the model is
+//!   asked to continue text, which is what a pretrained model does.
+//! - loglikelihood: `{"context": "... he picked up the", "target": " ball"}`; the target is scored
+//!   by its log-likelihood (the task's perplexity is `exp(-mean)` over items) and counts as right
+//!   when greedy decoding gives every one of its tokens, as lm-evaluation-harness scores LAMBADA.
 //! - generative: `{"context": "2 + 2 =", "answer": " 4", "until": ["\n"], "maxTokens": 8}`; the model
 //!   continues greedily until a stop string (default a newline) or `maxTokens` (default 32), and the
 //!   output must equal an answer (one string or a list) after trimming whitespace.
@@ -28,6 +32,13 @@ pub enum Item {
         choices: Vec<String>,
         /// Index of the right one.
         answer: usize,
+    },
+    /// A target scored by log-likelihood and by whether greedy decoding gives it.
+    Target {
+        /// Text before the target.
+        context: String,
+        /// The continuation scored.
+        target: String,
     },
     /// Greedy generation scored by exact match.
     Generative {
@@ -87,6 +98,16 @@ struct GenerativeLine {
     max_tokens: Option<usize>,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct TargetLine {
+    #[serde(default)]
+    #[allow(dead_code)]
+    id: Option<serde_json::Value>,
+    context: String,
+    target: String,
+}
+
 /// Most tokens a generative item may ask for.
 pub const MAX_GENERATED_TOKENS: usize = 256;
 
@@ -135,8 +156,16 @@ pub fn parse(name: &str, format: BenchmarkFormat, file: &str, text: &str) -> Res
                 }
                 Item::Generative { context: g.context, answers, until, max_tokens }
             }
+            BenchmarkFormat::Loglikelihood => {
+                let t: TargetLine = serde_json::from_str(raw).map_err(|e| err(line, e.to_string()))?;
+                if t.target.is_empty() {
+                    return Err(err(line, "target is empty".into()));
+                }
+                Item::Target { context: t.context, target: t.target }
+            }
         };
-        if matches!(&item, Item::Cloze { context, .. } | Item::Generative { context, .. } if context.is_empty()) {
+        let (Item::Cloze { context, .. } | Item::Generative { context, .. } | Item::Target { context, .. }) = &item;
+        if context.is_empty() {
             return Err(err(line, "context is empty".into()));
         }
         items.push(item);
@@ -250,7 +279,8 @@ pub fn next_sentence(docs: &[&str], n: usize, seed: u64) -> Task {
 
 /// Up to `n` last-word items from held-out documents, LAMBADA-style: the context runs up to a word of
 /// at least four letters that already occurred in it (so the context makes it predictable), and the
-/// model must generate that word. Deterministic in `seed`.
+/// target is that word with its leading space, scored as lm-evaluation-harness scores LAMBADA (its
+/// log-likelihood, and whether greedy decoding gives it). Deterministic in `seed`.
 pub fn last_word(docs: &[&str], n: usize, seed: u64) -> Task {
     let mut candidates: Vec<(usize, usize, &str)> = Vec::new();
     for (d, text) in docs.iter().enumerate() {
@@ -284,16 +314,14 @@ pub fn last_word(docs: &[&str], n: usize, seed: u64) -> Task {
         }
         per_doc[d] += 1;
         let text = docs[d];
-        items.push(Item::Generative {
+        items.push(Item::Target {
             context: text[floor_boundary(text, at.saturating_sub(1000))..at - 1].to_string(),
-            answers: vec![word.to_string()],
-            until: vec![" ".into(), "\n".into(), ".".into(), ",".into()],
-            max_tokens: 8,
+            target: format!(" {word}"),
         });
     }
     Task {
         name: "heldout-last-word".into(),
-        format: BenchmarkFormat::Generative,
+        format: BenchmarkFormat::Loglikelihood,
         source: "held-out documents: generate a word the context already used (LAMBADA-style)".into(),
         items,
     }
@@ -332,6 +360,9 @@ mod tests {
                 max_tokens: 4
             }
         );
+        let l = "{\"context\": \"he picked up the\", \"target\": \" ball\"}";
+        let t = parse("lambada", BenchmarkFormat::Loglikelihood, "l.jsonl", l).unwrap();
+        assert_eq!(t.items[0], Item::Target { context: "he picked up the".into(), target: " ball".into() });
         let bad = [
             (
                 BenchmarkFormat::Cloze,
@@ -361,6 +392,8 @@ mod tests {
                 "f.jsonl:1: maxTokens must be",
             ),
             (BenchmarkFormat::Generative, "\n\n", "f.jsonl:0: has no items"),
+            (BenchmarkFormat::Loglikelihood, "{\"context\": \"a\", \"target\": \"\"}", "f.jsonl:1: target is empty"),
+            (BenchmarkFormat::Loglikelihood, "{\"context\": \"a\", \"answer\": \"b\"}", "f.jsonl:1: unknown field"),
         ];
         for (format, text, want) in bad {
             let e = parse("t", format, "f.jsonl", text).unwrap_err().to_string();
@@ -419,10 +452,11 @@ mod tests {
         let task = last_word(&docs, 5, 3);
         assert_eq!(task.items.len(), 5);
         for item in &task.items {
-            let Item::Generative { context, answers, .. } = item else { panic!("generative") };
-            assert!(context.contains(&answers[0]));
+            let Item::Target { context, target } = item else { panic!("a target") };
+            let word = target.strip_prefix(' ').expect("the target starts with the space before the word");
+            assert!(context.contains(word));
             let doc = docs.iter().find(|d| d.contains(context.as_str())).unwrap();
-            assert!(doc.contains(&format!("{context} {}", answers[0])));
+            assert!(doc.contains(&format!("{context}{target}")));
         }
     }
 }

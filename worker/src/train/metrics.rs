@@ -88,10 +88,12 @@ impl Throughput {
     pub fn line(&self, state: &TrainState, step: &StepReport, seconds: f64) -> MetricsLine {
         let tokens_per_second = self.step_tokens as f64 / seconds / self.world as f64;
         MetricsLine {
-            event: step.spike.map(|a| match a {
-                pretrain_crd::spec::SpikeAction::Rollback => "rolled-back".into(),
-                _ => "skipped".into(),
-            }),
+            event: match (step.spike, step.new_level) {
+                (Some(pretrain_crd::spec::SpikeAction::Rollback), _) => Some("rolled-back".into()),
+                (Some(_), _) => Some("skipped".into()),
+                (None, true) => Some("new-level".into()),
+                (None, false) => None,
+            },
             grad_norm: step.grad_norm,
             heldout_loss: None,
             loss: step.loss,

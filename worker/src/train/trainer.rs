@@ -18,42 +18,82 @@ use crate::checkpoint::{self, Loaded, TrainState};
 use crate::dist::{self, BUCKET_BYTES, Collective};
 use crate::model::{Llama, LlamaConfig, Params};
 
-/// Loss-spike detection: z-score of a step's loss against a rolling window of the previous ones.
+/// Loss-spike detection: z-score of a step's loss against a rolling window of the previous ones,
+/// with a cap on spikes in a row.
 #[derive(Debug, Clone)]
 pub struct SpikeDetector {
     window: VecDeque<f64>,
     size: usize,
     z: f64,
+    max_consecutive: usize,
+    /// Losses of the spikes flagged in a row so far.
+    streak: Vec<f64>,
+}
+
+/// What the detector made of a step's loss.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Verdict {
+    /// Not a spike: it joined the window.
+    Normal,
+    /// A spike, `z` standard deviations above the window's mean.
+    Spike {
+        /// Its z-score.
+        z: f64,
+    },
+    /// A spike after the most allowed in a row: the loss has moved to a new level. The window
+    /// restarts from the streak's losses, and the step counts as normal.
+    NewLevel {
+        /// Its z-score.
+        z: f64,
+        /// Spikes in the streak, this one included.
+        streak: usize,
+    },
 }
 
 impl SpikeDetector {
-    /// A detector over `size` steps flagging losses `z` standard deviations above the mean (z = 0 disables).
-    pub fn new(size: usize, z: f64, history: &[f64]) -> Self {
+    /// A detector over `size` steps flagging losses `z` standard deviations above the mean (z = 0
+    /// disables), at most `max_consecutive` in a row; `history` and `streak` restore a checkpoint's.
+    pub fn new(size: usize, z: f64, max_consecutive: usize, history: &[f64], streak: &[f64]) -> Self {
         let skip = history.len().saturating_sub(size);
-        Self { window: history[skip..].iter().copied().collect(), size, z }
+        Self { window: history[skip..].iter().copied().collect(), size, z, max_consecutive, streak: streak.to_vec() }
     }
 
-    /// Whether `loss` is a spike; normal losses join the window, spikes do not.
-    pub fn observe(&mut self, loss: f64) -> Option<f64> {
+    /// Judges `loss`: normal losses join the window, spikes do not (until a new level is accepted).
+    pub fn observe(&mut self, loss: f64) -> Verdict {
         if self.z > 0.0 && self.window.len() >= self.size {
             let n = self.window.len() as f64;
             let mean = self.window.iter().sum::<f64>() / n;
             let var = self.window.iter().map(|l| (l - mean).powi(2)).sum::<f64>() / n;
             let z = (loss - mean) / var.sqrt().max(1e-8);
             if z > self.z {
-                return Some(z);
+                self.streak.push(loss);
+                if self.streak.len() <= self.max_consecutive {
+                    return Verdict::Spike { z };
+                }
+                let streak = self.streak.len();
+                self.window = self.streak.drain(..).collect();
+                while self.window.len() > self.size {
+                    self.window.pop_front();
+                }
+                return Verdict::NewLevel { z, streak };
             }
         }
+        self.streak.clear();
         self.window.push_back(loss);
         if self.window.len() > self.size {
             self.window.pop_front();
         }
-        None
+        Verdict::Normal
     }
 
     /// The window, for checkpoints.
     pub fn history(&self) -> Vec<f64> {
         self.window.iter().copied().collect()
+    }
+
+    /// The spikes in a row so far, for checkpoints.
+    pub fn streak(&self) -> &[f64] {
+        &self.streak
     }
 }
 
@@ -68,6 +108,9 @@ pub struct StepReport {
     pub lr: f64,
     /// The update was not applied: the loss was a spike and the spec says skip or roll back.
     pub spike: Option<SpikeAction>,
+    /// The loss was a spike after the most allowed in a row, accepted as a new level (the update
+    /// was applied).
+    pub new_level: bool,
     /// Some rank was asked to stop: every rank checkpoints (rank 0) and stops after this step.
     pub stopping: bool,
 }
@@ -139,7 +182,13 @@ impl Trainer {
         Ok(Self {
             model,
             optimizer,
-            detector: SpikeDetector::new(spike.window as usize, spike.z_score, &state.loss_window),
+            detector: SpikeDetector::new(
+                spike.window as usize,
+                spike.z_score,
+                spike.max_consecutive as usize,
+                &state.loss_window,
+                &state.spike_streak,
+            ),
             state,
             collective,
             job,
@@ -216,15 +265,22 @@ impl Trainer {
         }
         let grad_norm = clip(&mut grads, self.job.optimizer.grad_clip)?;
         let lr = learning_rate(self.state.step, self.job.total_steps, &self.job.schedule, &self.job.optimizer);
-        let spike = match self.detector.observe(loss) {
-            Some(z) => {
+        let verdict = self.detector.observe(loss);
+        let (label, step) = (&self.job.label, self.state.step);
+        let spike = match verdict {
+            Verdict::Spike { z } => {
                 eprintln!(
-                    "{}: loss spike at step {}: {loss:.4} is {z:.1} standard deviations above the window",
-                    self.job.label, self.state.step
+                    "{label}: loss spike at step {step}: {loss:.4} is {z:.1} standard deviations above the window"
                 );
                 Some(self.spike_action).filter(|a| *a != SpikeAction::Log)
             }
-            None => None,
+            Verdict::NewLevel { z, streak } => {
+                eprintln!(
+                    "{label}: loss spike at step {step} ({loss:.4}, z {z:.1}) is the {streak}th in a row: the loss has moved to a new level, which is accepted (the update is applied)"
+                );
+                None
+            }
+            Verdict::Normal => None,
         };
         if spike.is_none() {
             self.optimizer.step(&self.model.params, &grads, lr)?;
@@ -237,7 +293,9 @@ impl Trainer {
         state.lr = lr;
         state.loss = Some(loss);
         state.loss_window = self.detector.history();
-        Ok(StepReport { loss, grad_norm, lr, spike, stopping })
+        state.spike_streak = self.detector.streak().to_vec();
+        let new_level = matches!(verdict, Verdict::NewLevel { .. });
+        Ok(StepReport { loss, grad_norm, lr, spike, new_level, stopping })
     }
 
     /// After a spike with `rollBack`: every rank reloads the weights and optimizer of the stage's
@@ -321,6 +379,7 @@ fn fresh_state(ctx: &Context, job: &Job) -> TrainState {
         seq_len: job.seq_len,
         loss: None,
         loss_window: Vec::new(),
+        spike_streak: Vec::new(),
         saved_unix: None,
     }
 }
@@ -340,15 +399,40 @@ mod tests {
 
     #[test]
     fn spike_detector_flags_outliers_and_keeps_them_out_of_the_window() {
-        let mut d = SpikeDetector::new(4, 3.0, &[]);
+        let mut d = SpikeDetector::new(4, 3.0, 10, &[], &[]);
         for l in [2.0, 2.1, 1.9, 2.0] {
-            assert_eq!(d.observe(l), None);
+            assert_eq!(d.observe(l), Verdict::Normal);
         }
-        assert!(d.observe(9.0).is_some());
+        assert!(matches!(d.observe(9.0), Verdict::Spike { .. }));
         assert_eq!(d.history(), [2.0, 2.1, 1.9, 2.0]);
-        assert_eq!(d.observe(2.05), None);
-        let restored = SpikeDetector::new(4, 3.0, &d.history());
+        assert_eq!(d.observe(2.05), Verdict::Normal);
+        let restored = SpikeDetector::new(4, 3.0, 10, &d.history(), d.streak());
         assert_eq!(restored.history(), d.history());
-        assert_eq!(SpikeDetector::new(4, 0.0, &[1.0; 4]).observe(100.0), None);
+        assert_eq!(SpikeDetector::new(4, 0.0, 10, &[1.0; 4], &[]).observe(100.0), Verdict::Normal);
+    }
+
+    #[test]
+    fn a_lasting_shift_in_the_loss_is_accepted_after_the_most_spikes_in_a_row() {
+        let mut d = SpikeDetector::new(4, 3.0, 3, &[2.0, 2.1, 1.9, 2.0], &[]);
+        // The loss jumps to about 5 and stays there: three spikes are handled, the fourth is a new
+        // level, and the detector then judges against it.
+        let verdicts: Vec<Verdict> = [5.0, 5.1, 4.9, 5.0].iter().map(|&l| d.observe(l)).collect();
+        assert!(verdicts[..3].iter().all(|v| matches!(v, Verdict::Spike { .. })), "{verdicts:?}");
+        assert!(matches!(verdicts[3], Verdict::NewLevel { streak: 4, .. }), "{verdicts:?}");
+        assert_eq!(d.history(), [5.0, 5.1, 4.9, 5.0]);
+        assert!(d.streak().is_empty());
+        assert_eq!(d.observe(5.05), Verdict::Normal);
+        // A streak survives a checkpoint: two spikes, a restore, two more reach the cap.
+        let mut d = SpikeDetector::new(4, 3.0, 3, &[2.0, 2.1, 1.9, 2.0], &[]);
+        d.observe(9.0);
+        d.observe(9.0);
+        let mut restored = SpikeDetector::new(4, 3.0, 3, &d.history(), d.streak());
+        assert!(matches!(restored.observe(9.0), Verdict::Spike { .. }));
+        assert!(matches!(restored.observe(9.0), Verdict::NewLevel { streak: 4, .. }));
+        // A normal step ends a streak.
+        let mut d = SpikeDetector::new(4, 3.0, 2, &[2.0, 2.1, 1.9, 2.0], &[]);
+        for l in [9.0, 9.0, 2.0, 9.0, 9.0] {
+            assert!(!matches!(d.observe(l), Verdict::NewLevel { .. }));
+        }
     }
 }
