@@ -163,8 +163,12 @@ fn broken_manifests_give_exact_errors() {
             "spec.data.sources[0].filters.gopherQuality.minWords: must not exceed maxWords (500 > 100)",
         ),
         (
-            &[("spec.data.mix.weights", "{web: 1.0, books: 0.5}")],
+            &[("spec.data.mix.weights", "{web: 1.0, code: 0.2, books: 0.5}")],
             "spec.data.mix.weights.books: \"books\" is not a category of any source",
+        ),
+        (
+            &[("spec.data.mix.weights", "{web: 1.0}")],
+            "spec.data.mix.weights: category \"code\" has no weight; give it one (0 leaves its documents out of training)",
         ),
         (
             &[("spec.data.heldOutFraction", "0.7")],

@@ -90,6 +90,42 @@ fn plain_warc_resumes_after_a_broken_record_and_skips_oversized_ones() {
     assert!(skipped[1].contains("exceeds the 4096-byte limit"), "{skipped:?}");
 }
 
+/// A page served in Latin-1 (declared in the HTTP header) and one in Shift_JIS (declared nowhere) are
+/// read, decoded, and say which charset they came in.
+#[test]
+fn pages_in_other_charsets_are_decoded_not_dropped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let record = |uri: &str, content_type: &str, body: &[u8]| {
+        let mut http = format!("HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\n\r\n").into_bytes();
+        http.extend_from_slice(body);
+        let mut rec = format!(
+            "WARC/1.0\r\nWARC-Type: response\r\nWARC-Target-URI: {uri}\r\nWARC-Record-ID: <urn:{uri}>\r\nContent-Length: {}\r\n\r\n",
+            http.len()
+        )
+        .into_bytes();
+        rec.extend_from_slice(&http);
+        rec.extend_from_slice(b"\r\n\r\n");
+        rec
+    };
+    let german = "<html><body><main><p>Schöne Grüße aus München und Köln.</p></main></body></html>";
+    let japanese = "<html><body><main><p>日本語のウェブページです。東京の天気は晴れです。今日はとても良い天気ですね。</p></main></body></html>";
+    let mut file =
+        record("https://x.de/a", "text/html; charset=iso-8859-1", &encoding_rs::WINDOWS_1252.encode(german).0);
+    file.extend(record("https://x.jp/b", "text/html", &encoding_rs::SHIFT_JIS.encode(japanese).0));
+    let path = tmp.path().join("charsets.warc");
+    std::fs::write(&path, &file).unwrap();
+    let (docs, skipped) = read(&path, SourceFormat::Warc, 1 << 20);
+    assert!(skipped.is_empty(), "{skipped:?}");
+    let got: Vec<(&str, Option<&str>)> = docs.iter().map(|d| (d.text.as_str(), d.charset)).collect();
+    assert_eq!(
+        got,
+        [
+            ("Schöne Grüße aus München und Köln.", Some("windows-1252")),
+            ("日本語のウェブページです。東京の天気は晴れです。今日はとても良い天気ですね。", Some("Shift_JIS"))
+        ]
+    );
+}
+
 #[test]
 fn jsonl_counts_broken_lines_and_keeps_the_rest() {
     let tmp = tempfile::tempdir().unwrap();

@@ -327,6 +327,14 @@ impl Mix {
                 "spec.data.mix.weights",
                 "at least one weight must be greater than 0",
             );
+            for category in categories.iter().filter(|c| !self.weights.contains_key(**c)) {
+                e.push(
+                    "spec.data.mix.weights",
+                    format!(
+                        "category {category:?} has no weight; give it one (0 leaves its documents out of training)"
+                    ),
+                );
+            }
         }
         e.positive(self.max_epochs, "spec.data.mix.maxEpochs");
     }

@@ -194,6 +194,10 @@ fn data_section(md: &mut String, s: &DataPrepStats) {
         "\nDedup: {} exact and {} near duplicates removed; {} documents held out.",
         s.dedup.exact_removed, s.dedup.near_removed, s.held_out.documents
     );
+    if !s.map.decoded.is_empty() {
+        let charsets: Vec<String> = s.map.decoded.iter().map(|(c, n)| format!("{n} {c}")).collect();
+        let _ = writeln!(md, "\nWeb pages decoded from other charsets than UTF-8: {}.", charsets.join(", "));
+    }
     let mut rules: Vec<(&String, u64)> = s.map.dropped.iter().map(|(k, v)| (k, *v)).collect();
     rules.sort_by_key(|r| std::cmp::Reverse(r.1));
     let _ = writeln!(md, "\n| rule | documents removed |\n|---|---:|");

@@ -42,6 +42,9 @@ pub struct MapStats {
     pub files: u64,
     /// Documents read, per source.
     pub read: BTreeMap<String, u64>,
+    /// Web pages read in a charset other than UTF-8 (decoded), per charset.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub decoded: BTreeMap<String, u64>,
     /// Documents kept by the rule filters, per source.
     pub kept: BTreeMap<String, u64>,
     /// Documents dropped, per filter and reason (`c4/too_few_sentences`).
@@ -69,6 +72,7 @@ impl MapStats {
         };
         self.files += other.files;
         add(&mut self.read, &other.read);
+        add(&mut self.decoded, &other.decoded);
         add(&mut self.kept, &other.kept);
         add(&mut self.dropped, &other.dropped);
         add(&mut self.lines_removed, &other.lines_removed);

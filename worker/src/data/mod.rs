@@ -10,6 +10,7 @@
 //! - `runs`: sorted runs on disk (external sort, k-way merge) that hold the LSH index.
 
 pub mod bert;
+pub mod charset;
 pub mod dedup;
 pub mod extract;
 pub mod filters;

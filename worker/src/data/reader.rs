@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use pretrain_crd::spec::{Extract, SourceFormat};
 
+use super::charset::decode_html;
 use super::extract::extract;
 use super::warc::{WarcReader, http_payload};
 
@@ -23,6 +24,8 @@ pub struct RawDocument {
     pub url: Option<String>,
     /// The page title, when known.
     pub title: Option<String>,
+    /// The charset a web page was decoded from, when it was not UTF-8.
+    pub charset: Option<&'static str>,
 }
 
 pub use pretrain_store::artifact::Skipped;
@@ -201,7 +204,7 @@ pub fn read_file(path: &Path, options: &ReadOptions<'_>, emit: &mut dyn FnMut(It
                 return Ok(());
             }
             match String::from_utf8(bytes) {
-                Ok(text) => emit(Item::Document(RawDocument { id: name, text, url: None, title: None })),
+                Ok(text) => emit(Item::Document(RawDocument { id: name, text, url: None, title: None, charset: None })),
                 Err(e) => emit(Item::Skipped(Skipped {
                     file: name,
                     offset: e.utf8_error().valid_up_to() as u64,
@@ -314,7 +317,7 @@ fn read_parquet_rows<R: parquet::file::reader::ChunkReader + 'static>(
             continue;
         }
         let id = id.unwrap_or_else(|| format!("{name}#{row_no}"));
-        emit(Item::Document(RawDocument { id, text, url, title }));
+        emit(Item::Document(RawDocument { id, text, url, title, charset: None }));
     }
     Ok(())
 }
@@ -364,18 +367,21 @@ pub(crate) fn read_warc<R: BufRead + std::io::Seek>(
                     emit(skip(record.offset, format!("content type {} is not HTML", content_type.unwrap_or_default())));
                     continue;
                 }
-                let Ok(html) = std::str::from_utf8(body) else {
-                    emit(skip(record.offset, "invalid UTF-8".into()));
-                    continue;
-                };
-                match extract(html, options.extract) {
-                    Ok(page) => emit(Item::Document(RawDocument { id, text: page.text, url, title: page.title })),
+                let html = decode_html(body, content_type.as_deref(), url.as_deref());
+                match extract(&html.text, options.extract) {
+                    Ok(page) => emit(Item::Document(RawDocument {
+                        id,
+                        text: page.text,
+                        url,
+                        title: page.title,
+                        charset: html.charset,
+                    })),
                     Err(reason) => emit(skip(record.offset, reason)),
                 }
             }
             // WET files: the text was extracted already.
             "conversion" => match String::from_utf8(record.block) {
-                Ok(text) => emit(Item::Document(RawDocument { id, text, url, title: None })),
+                Ok(text) => emit(Item::Document(RawDocument { id, text, url, title: None, charset: None })),
                 Err(_) => emit(skip(record.offset, "invalid UTF-8".into())),
             },
             // warcinfo, request, metadata, revisit: not documents.
@@ -431,7 +437,13 @@ pub(crate) fn read_jsonl(
             _ => format!("{name}:{line_no}"),
         };
         let field = |k: &str| value.get(k).and_then(|v| v.as_str()).map(str::to_string);
-        emit(Item::Document(RawDocument { id, text: text.to_string(), url: field("url"), title: field("title") }));
+        emit(Item::Document(RawDocument {
+            id,
+            text: text.to_string(),
+            url: field("url"),
+            title: field("title"),
+            charset: None,
+        }));
     }
 }
 

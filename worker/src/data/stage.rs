@@ -510,6 +510,9 @@ fn map_files(
                 read += 1;
                 progress.update(read, || format!("{} files", stats.files));
                 *stats.read.entry(source.name.clone()).or_default() += 1;
+                if let Some(charset) = doc.charset {
+                    *stats.decoded.entry(charset.to_string()).or_default() += 1;
+                }
                 let text = match apply(&filters, &doc.text, &mut lines_removed) {
                     Verdict::Keep(text) => text,
                     Verdict::Drop { filter, reason } => {

@@ -171,3 +171,48 @@ pub fn dtype(precision: Precision, device: &Device) -> Result<DType> {
         (Precision::Bf16 | Precision::Auto, true) => Ok(DType::BF16),
     }
 }
+
+/// The token budget against the data. When training needs more tokens than the stream holds, the
+/// loader reads the stream again, which multiplies every category's epochs (those the mix gave it,
+/// `epochs`): refused when a category would go over `max_epochs`, said with the numbers otherwise.
+/// `Ok(None)` when the budget fits in one pass.
+pub fn check_budget(
+    budget: u64,
+    stream_tokens: u64,
+    epochs: &std::collections::BTreeMap<String, f64>,
+    max_epochs: f64,
+) -> std::result::Result<Option<String>, String> {
+    let passes = budget as f64 / stream_tokens.max(1) as f64;
+    if passes <= 1.0 {
+        return Ok(None);
+    }
+    let repeated: Vec<String> = epochs.iter().map(|(c, e)| format!("{c} {:.2}", e * passes)).collect();
+    let worst = epochs.iter().map(|(c, e)| (c, e * passes)).max_by(|a, b| a.1.total_cmp(&b.1));
+    let said = format!(
+        "spec.train.tokens is {budget} but the training stream holds {stream_tokens} tokens: the loader reads it {passes:.2} times, so the categories train for {} epochs",
+        if repeated.is_empty() { "unknown".to_string() } else { repeated.join(", ") }
+    );
+    match worst {
+        Some((category, e)) if e > max_epochs * (1.0 + 1e-9) => Err(format!(
+            "{said}, and {category} goes over spec.data.mix.maxEpochs ({max_epochs}); lower spec.train.tokens to at most {}, raise maxEpochs, or add data",
+            (stream_tokens as f64 * max_epochs / (e / passes)).floor() as u64
+        )),
+        _ => Ok(Some(said)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_budget_beyond_the_stream_is_said_and_refused_over_max_epochs() {
+        let epochs: std::collections::BTreeMap<String, f64> = [("web".into(), 1.0), ("code".into(), 2.0)].into();
+        assert_eq!(check_budget(900, 1000, &epochs, 4.0), Ok(None));
+        let said = check_budget(1500, 1000, &epochs, 4.0).unwrap().unwrap();
+        assert!(said.contains("1.50 times") && said.contains("code 3.00, web 1.50"), "{said}");
+        let refused = check_budget(2500, 1000, &epochs, 4.0).unwrap_err();
+        assert!(refused.contains("code goes over spec.data.mix.maxEpochs (4)"), "{refused}");
+        assert!(refused.contains("at most 2000"), "{refused}");
+    }
+}

@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use pretrain_crd::Stage;
 use pretrain_crd::spec::SpikeAction;
 use pretrain_store::FileEntry;
-use pretrain_store::artifact::TrainStats;
+use pretrain_store::artifact::{DataPrepStats, TrainStats};
 
 use super::error::Result;
 pub use super::error::TrainError;
@@ -72,6 +72,27 @@ impl Streams {
     }
 }
 
+/// Refuses a token budget that would repeat a category beyond `maxEpochs` (the epochs the mix gave
+/// each category, from data-prep's commit, times the passes over the stream), and says any
+/// repetition ([`job::check_budget`]).
+async fn check_budget(ctx: &Context, job: &Job, stream_tokens: u64) -> Result<()> {
+    let spec = &ctx.run.spec;
+    let dir = ctx.dir.store().stage(ctx.run_name(), Stage::DataPrep)?;
+    let epochs = match dir.committed(&spec.stage_config_hash(Stage::DataPrep)).await? {
+        Some(commit) => serde_json::from_value::<DataPrepStats>(commit.stats).map(|s| s.mix.epochs).unwrap_or_default(),
+        None => Default::default(),
+    };
+    let budget = job.total_steps * job.step_tokens();
+    match job::check_budget(budget, stream_tokens, &epochs, spec.data.mix.max_epochs) {
+        Ok(None) => Ok(()),
+        Ok(Some(said)) => {
+            eprintln!("{}: {said}", job.label);
+            Ok(())
+        }
+        Err(refused) => Err(TrainError::Invalid(refused)),
+    }
+}
+
 /// Runs the train or long-context stage (as `ctx.stage` says) to its commit, or until SIGTERM.
 pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
     let spec = &ctx.run.spec;
@@ -82,6 +103,9 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
     };
     let cache = tempfile::tempdir()?;
     let streams = Streams::open(&tok, &job, cache.path()).await?;
+    if ctx.stage == Stage::Train {
+        check_budget(ctx, &job, streams.train.len()).await?;
+    }
     let device = ctx.device()?;
     let dtype = job::dtype(spec.train.precision, &device)?;
     job.config.check().map_err(TrainError::Invalid)?;
