@@ -26,7 +26,7 @@ def main() -> None:
                 Trafilatura(favour_precision=True),
                 GopherRepetitionFilter(),
                 GopherQualityFilter(),
-                C4QualityFilter(),
+                C4QualityFilter(filter_no_terminal_punct=False),  # as FineWeb runs it, and our default
                 FineWebQualityFilter(),
             ],
             tasks=1,

@@ -124,13 +124,16 @@ impl Default for GopherRepetition {
     }
 }
 
-/// C4 filter: line-level cleaning and page-level rules.
+/// C4 filter: line-level cleaning and page-level rules. The defaults are FineWeb's use of it
+/// (DataTrove's FineWeb pipeline runs `C4QualityFilter(filter_no_terminal_punct=False)`): C4's
+/// rules without the terminal-punctuation line rule, which FineWeb found removes too much.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", default)]
 pub struct C4 {
     /// Apply this filter.
     pub enabled: bool,
-    /// Drop lines that do not end in terminal punctuation.
+    /// Drop lines that do not end in terminal punctuation (C4's original rule; off in FineWeb,
+    /// and by default).
     pub terminal_punctuation: bool,
     /// Drop lines with fewer words than this.
     pub min_words_per_line: u32,
@@ -154,7 +157,7 @@ impl Default for C4 {
     fn default() -> Self {
         Self {
             enabled: true,
-            terminal_punctuation: true,
+            terminal_punctuation: false,
             min_words_per_line: 3,
             min_sentences: 5,
             max_word_length: 1000,

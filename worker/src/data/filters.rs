@@ -533,8 +533,9 @@ pub enum Verdict {
     },
 }
 
-/// Applies the enabled filters in DataTrove's FineWeb order: language, Gopher repetition, Gopher
-/// quality, C4, FineWeb. `lines_dropped` accumulates C4's per-line removals.
+/// Applies the enabled filters in DataTrove's FineWeb order (`examples/fineweb.py`: language, Gopher
+/// repetition, Gopher quality, C4, FineWeb), with FineWeb's settings by default: C4 without its
+/// terminal-punctuation line rule. `lines_dropped` accumulates C4's per-line removals.
 pub fn apply(filters: &Filters, text: &str, lines_dropped: &mut HashMap<&'static str, u64>) -> Verdict {
     let drop = |filter, reason| Verdict::Drop { filter, reason };
     if filters.language.enabled
@@ -639,7 +640,8 @@ mod tests {
     fn c4_cleans_lines_and_counts_sentences() {
         let text = "Intro line without punct\nThis line cites a source [1] and more [citation needed].\nClick here to enable javascript please.\nWe use cookies on this site, ok.\nTwo words.\nThe quick brown fox jumps. Over the lazy dog! Really?\nAnother full sentence is here.\nAnd a final one ends here...\n";
         let mut dropped = HashMap::new();
-        let cleaned = c4(&C4::default(), text, &mut dropped).unwrap();
+        let original = C4 { terminal_punctuation: true, ..C4::default() };
+        let cleaned = c4(&original, text, &mut dropped).unwrap();
         assert_eq!(
             cleaned,
             "This line cites a source  and more .\nThe quick brown fox jumps. Over the lazy dog! Really?\nAnother full sentence is here."
@@ -655,6 +657,16 @@ mod tests {
         let lorem = "Lorem ipsum dolor sit amet, consectetur. Adipiscing elit sed do. Eiusmod tempor incididunt.";
         assert_eq!(c4(&C4::default(), lorem, &mut dropped), Err("lorem_ipsum".into()));
         assert_eq!(remove_citations("a[12] b[] c[edit] d[x]"), "a b c d[x]");
+    }
+
+    /// FineWeb keeps C4's rules but not the terminal-punctuation one, and so do the defaults.
+    #[test]
+    fn the_default_c4_is_fineweb_s_without_the_terminal_punctuation_rule() {
+        let text = "A heading without a full stop\nThe quick brown fox jumps. Over the lazy dog! Really?\nAnother full sentence is here.\nAnd a final one ends here...\n";
+        let mut dropped = HashMap::new();
+        let cleaned = c4(&C4::default(), text, &mut dropped).unwrap();
+        assert_eq!(cleaned, text.trim_end());
+        assert!(!dropped.contains_key("c4_no_terminal_punctuation"), "{dropped:?}");
     }
 
     #[test]
