@@ -160,16 +160,23 @@ pub struct ClusterStats {
     pub rejected: u64,
 }
 
+/// Members of one bucket that later members are verified against, at most: enough that a pair of
+/// duplicates is found in a bucket also holding unrelated documents (LSH collisions), bounded so that
+/// a huge bucket stays linear in its length.
+pub const BUCKET_HEADS: usize = 16;
+
 /// Near-duplicate clusters of `n` documents from their band entries `(band key, document)`, sorted
 /// by key then document (document indices in canonical order). Candidates sharing a key are merged
 /// only if their full signatures, read on demand by `signature(document, buffer)`, agree on at least
 /// `threshold` of components. Returns for each document whether it survives (the first document of
 /// each cluster does).
 ///
-/// The entries are streamed run by run: each member of a run is compared with the run's first,
-/// which is enough to connect a cluster of true duplicates and linear in the run length for huge
-/// buckets. Memory is the union-find (4 bytes a document) and two signatures; the entries and the
-/// signatures can live on disk.
+/// The entries are streamed run by run (a run of equal keys is a bucket). Each member of a bucket is
+/// verified against the bucket's heads: its earlier members that matched no head before them (up to
+/// [`BUCKET_HEADS`]); one that matches none becomes a head itself. So a bucket headed by an
+/// unrelated document still merges the duplicates behind it, and one of true duplicates costs one
+/// comparison a member. Memory is the union-find (4 bytes a document) and [`BUCKET_HEADS`] + 1
+/// signatures; the entries and the signatures can live on disk.
 pub fn cluster<E>(
     n: usize,
     entries: impl IntoIterator<Item = Result<(u64, u32), E>>,
@@ -179,32 +186,51 @@ pub fn cluster<E>(
 ) -> Result<(Vec<bool>, ClusterStats), E> {
     let mut sets = UnionFind::new(n);
     let mut stats = ClusterStats::default();
-    let (mut first_signature, mut other_signature) = (vec![0u64; signature_len], vec![0u64; signature_len]);
-    // The current run: its key, its first document, and whether that one's signature is loaded.
-    let mut run: Option<(u64, u32, bool)> = None;
+    let mut heads: Vec<(u32, Vec<u64>)> = Vec::with_capacity(BUCKET_HEADS);
+    let mut other_signature = vec![0u64; signature_len];
+    // The current bucket's key, and its first document until that one's signature is needed.
+    let mut run: Option<u64> = None;
+    let mut pending: Option<u32> = None;
     for entry in entries {
         let (key, doc) = entry?;
-        let (first, loaded) = match &mut run {
-            Some((run_key, first, loaded)) if *run_key == key => (*first, loaded),
-            _ => {
-                run = Some((key, doc, false));
-                continue;
-            }
-        };
-        if doc == first || sets.find(first) == sets.find(doc) {
+        if run != Some(key) {
+            (run, pending) = (Some(key), Some(doc));
+            heads.clear();
             continue;
         }
-        if !*loaded {
+        if let Some(first) = pending.take() {
+            let mut first_signature = vec![0u64; signature_len];
             signature(first, &mut first_signature)?;
-            *loaded = true;
+            heads.push((first, first_signature));
         }
-        signature(doc, &mut other_signature)?;
-        stats.compared += 1;
-        if jaccard_estimate(&first_signature, &other_signature) >= threshold {
-            sets.union(first, doc);
-            stats.merged += 1;
-        } else {
-            stats.rejected += 1;
+        if heads.iter().any(|(head, _)| *head == doc) {
+            continue;
+        }
+        let mut loaded = false;
+        let mut matched = false;
+        for (head, head_signature) in &heads {
+            if sets.find(*head) == sets.find(doc) {
+                matched = true;
+                continue;
+            }
+            if !loaded {
+                signature(doc, &mut other_signature)?;
+                loaded = true;
+            }
+            stats.compared += 1;
+            if jaccard_estimate(head_signature, &other_signature) >= threshold {
+                sets.union(*head, doc);
+                stats.merged += 1;
+                matched = true;
+            } else {
+                stats.rejected += 1;
+            }
+        }
+        if !matched && heads.len() < BUCKET_HEADS {
+            if !loaded {
+                signature(doc, &mut other_signature)?;
+            }
+            heads.push((doc, other_signature.clone()));
         }
     }
     Ok(((0..n as u32).map(|i| sets.find(i) == i).collect(), stats))
@@ -417,6 +443,23 @@ mod tests {
         let eligible: Vec<bool> = (0..docs.len()).map(|i| i % 2 == 1).collect();
         let (got, _) = index.cluster(&eligible, 0.75).unwrap();
         assert!(got.iter().all(|k| *k));
+    }
+
+    /// A bucket whose first member is unrelated (an LSH collision) still merges the duplicates
+    /// behind it: they are verified against each other, not only against the first.
+    #[test]
+    fn duplicates_behind_an_unrelated_bucket_head_are_merged() {
+        let unrelated: Vec<u64> = (0..16).collect();
+        let a: Vec<u64> = (100..116).collect();
+        let signatures = [unrelated, a.clone(), a];
+        let entries = [(7u64, 0u32), (7, 1), (7, 2)].map(Ok::<_, std::convert::Infallible>);
+        let read = |doc: u32, out: &mut [u64]| {
+            out.copy_from_slice(&signatures[doc as usize]);
+            Ok(())
+        };
+        let (survivors, stats) = cluster(3, entries, 16, 0.8, read).unwrap();
+        assert_eq!(survivors, [true, true, false], "{stats:?}");
+        assert_eq!((stats.merged, stats.rejected), (1, 2));
     }
 
     #[test]
