@@ -74,6 +74,18 @@ fn default_token_budget_is_chinchilla() {
     assert_eq!(s.train_steps(), (20 * params).div_ceil(524_288));
 }
 
+/// `train.tokens` is the run's budget: long-context takes its fraction (10% by default) out of train's.
+#[test]
+fn long_context_takes_its_share_out_of_the_budget() {
+    let mut s = spec("");
+    s.train.tokens = Some(1_000_000);
+    assert_eq!((s.train_tokens(), s.long_context_tokens()), (1_000_000, 0));
+    s.long_context = serde_yaml::from_str("{seqLen: 32768}").unwrap();
+    assert_eq!((s.train_tokens(), s.long_context_tokens()), (900_000, 100_000));
+    assert_eq!(s.total_tokens(), 1_000_000);
+    assert_eq!(s.train.seq_len, 4096, "the recipe's short length");
+}
+
 #[test]
 fn source_format_is_inferred_from_the_extension() {
     let cases = [

@@ -70,6 +70,8 @@ spec:
     dedup: {{exact: false, minhash: {{enabled: false}}}}
     heldOutFraction: 0.1
     shards: 2
+    # The drills train far longer than 300 documents last (to be stopped mid-run): they say so.
+    mix: {{maxEpochs: 1000}}
   tokenizer: {{vocabSize: 300}}
   model: {{preset: tiny, dim: 64, layers: 2, heads: 4, kvHeads: 2, ffnDim: 128}}
   train:

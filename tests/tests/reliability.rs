@@ -126,7 +126,7 @@ fn a_full_disk_or_a_read_only_store_during_a_checkpoint_keeps_the_previous_one_l
     let out = run(&manifest(clean.path(), "disk", 5120), None, &["--until", "train"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
 
-    // 20 steps, a checkpoint every 5: the disk fills up while step 10 is saved.
+    // 15 steps, a checkpoint every 5: the disk fills up while step 10 is saved.
     let tmp = tempfile::tempdir().unwrap();
     let file = manifest(tmp.path(), "disk", 5120);
     let ckpt = tmp.path().join("store/disk/train/ckpt");

@@ -16,7 +16,9 @@ pub struct LongContext {
     /// How RoPE is rescaled for the new length.
     #[serde(default)]
     pub rope: RopeScaling,
-    /// Fraction of the train token budget spent at the long length.
+    /// Share of the run's token budget (`train.tokens`) trained at the long length, taken out of
+    /// train's: the seed recipe trains about 90% of the tokens at the short length and 10% long
+    /// (the default).
     #[serde(default = "default_tokens_fraction")]
     #[schemars(range(min = 0.0, max = 1.0))]
     pub tokens_fraction: f64,
@@ -40,7 +42,7 @@ impl LongContext {
 }
 
 fn default_tokens_fraction() -> f64 {
-    0.05
+    0.1
 }
 
 /// RoPE rescaling.
@@ -87,9 +89,9 @@ impl LongContext {
             format!("must be greater than spec.train.seqLen ({}), got {}", t.seq_len, self.seq_len),
         );
         e.check(
-            self.tokens_fraction > 0.0 && self.tokens_fraction <= 1.0,
+            self.tokens_fraction > 0.0 && self.tokens_fraction < 1.0,
             "spec.longContext.tokensFraction",
-            format!("must be in (0, 1], got {}", self.tokens_fraction),
+            format!("must be above 0 and below 1 (train keeps the rest of the budget), got {}", self.tokens_fraction),
         );
         if let Some(f) = self.rope.factor {
             e.check(f >= 1.0 && f.is_finite(), "spec.longContext.rope.factor", format!("must be at least 1, got {f}"));

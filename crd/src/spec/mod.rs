@@ -190,11 +190,24 @@ pub struct Kueue {
 }
 
 impl PretrainRunSpec {
-    /// The train stage's token budget: as set, or 20 tokens per parameter (Chinchilla).
-    pub fn train_tokens(&self) -> u64 {
+    /// The run's token budget: `train.tokens` as set, or 20 tokens per parameter (Chinchilla). Train
+    /// and long-context share it.
+    pub fn total_tokens(&self) -> u64 {
         self.train
             .tokens
             .unwrap_or_else(|| self.model.resolved().parameters(self.tokenizer.vocab_size).saturating_mul(20))
+    }
+
+    /// Long-context's share of the budget: `longContext.tokensFraction` of it (0 without
+    /// `longContext`).
+    pub fn long_context_tokens(&self) -> u64 {
+        let total = self.total_tokens();
+        self.long_context.as_ref().map_or(0, |lc| ((total as f64 * lc.tokens_fraction).ceil() as u64).min(total))
+    }
+
+    /// The train stage's token budget: the run's, less long-context's share.
+    pub fn train_tokens(&self) -> u64 {
+        self.total_tokens() - self.long_context_tokens()
     }
 
     /// Optimizer steps of the train stage (the budget rounded up to whole global batches).

@@ -10,10 +10,12 @@ use crate::field::Errors;
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", default)]
 pub struct Train {
-    /// Tokens per training sequence.
+    /// Tokens per training sequence. The default, 4096, is the seed recipe's short length (train at
+    /// 4K/8K, then extend with `longContext`).
     #[schemars(range(min = 16, max = 1_048_576))]
     pub seq_len: u32,
-    /// Token budget; omitted means 20 tokens per parameter (Chinchilla).
+    /// The run's token budget, long-context's share (`longContext.tokensFraction`) included; omitted
+    /// means 20 tokens per parameter (Chinchilla).
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub tokens: Option<u64>,
@@ -47,7 +49,7 @@ pub struct Train {
 impl Default for Train {
     fn default() -> Self {
         Self {
-            seq_len: 2048,
+            seq_len: 4096,
             tokens: None,
             global_batch_tokens: 524_288,
             micro_batch_size: 8,

@@ -76,8 +76,8 @@ impl Job {
         }
     }
 
-    /// The long-context job: train's model with the new RoPE, `tokensFraction` of train's token
-    /// budget at the new length, train's optimizer settings at `longContext.lr` (a tenth of train's
+    /// The long-context job: train's model with the new RoPE, its `tokensFraction` share of the run's
+    /// token budget at the new length, train's optimizer settings at `longContext.lr` (a tenth of train's
     /// peak by default) with a warmup of at most a tenth of the steps, starting from the final
     /// checkpoint that train committed.
     pub async fn long_context(ctx: &Context, vocab: u32) -> Result<Self> {
@@ -98,7 +98,7 @@ impl Job {
         let unit = micro * world;
         let sequences = ((spec.train.global_batch_tokens as usize / seq_len) / unit).max(1) * unit;
         let step_tokens = (sequences * seq_len) as u64;
-        let tokens = (spec.train_tokens() as f64 * lc.tokens_fraction).ceil() as u64;
+        let tokens = spec.long_context_tokens();
         let total_steps = tokens.div_ceil(step_tokens).max(1);
         let mut schedule = spec.train.schedule.clone();
         schedule.warmup_steps = schedule.warmup_steps.min(total_steps.div_ceil(10));
