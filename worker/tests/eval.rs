@@ -408,6 +408,11 @@ fn long_context_continues_from_train_and_eval_reports_both() {
     let md = std::fs::read_to_string(store.join("eval/report.md")).unwrap();
     assert!(md.contains("## Probes across checkpoints"), "{md}");
     assert!(md.contains("| passkey at 400 tokens |"), "{md}");
+    assert!(md.contains("| held-out loss in 400-token windows |"), "{md}");
+    for c in checkpoints {
+        assert_eq!(c["lossByLength"][0]["length"], 400, "{c}");
+        assert!(c["lossByLength"][0]["loss"].as_f64().unwrap() > 0.0, "{c}");
+    }
 
     // One checkpoint on demand, written beside the committed report.
     // (20 steps, a checkpoint every 5, two kept: 15 and 20.)

@@ -71,12 +71,14 @@ fn checkpoint_section(md: &mut String, c: &CheckpointReport) {
         }
     }
     if !c.passkey.is_empty() {
-        let _ = writeln!(md, "\n| passkey length | correct | accuracy | key log-prob |");
-        let _ = writeln!(md, "|---:|---:|---:|---:|");
+        let _ = writeln!(md, "\n| length | passkey correct | accuracy | key log-prob | held-out loss |");
+        let _ = writeln!(md, "|---:|---:|---:|---:|---:|");
         for p in &c.passkey {
+            let loss = c.loss_by_length.iter().find(|l| l.length == p.length);
+            let loss = loss.map_or_else(|| "-".into(), |l| format!("{:.4}", l.loss));
             let _ = writeln!(
                 md,
-                "| {} | {}/{} | {:.2} | {:.2} |",
+                "| {} | {}/{} | {:.2} | {:.2} | {loss} |",
                 p.length, p.correct, p.trials, p.accuracy, p.key_logprob
             );
         }
@@ -108,6 +110,9 @@ fn comparison_section(md: &mut String, base: &CheckpointReport, long: &Checkpoin
     }
     for (a, b) in base.passkey.iter().zip(&long.passkey) {
         let _ = writeln!(md, "| passkey at {} tokens | {:.2} | {:.2} |", a.length, a.accuracy, b.accuracy);
+    }
+    for (a, b) in base.loss_by_length.iter().zip(&long.loss_by_length) {
+        let _ = writeln!(md, "| held-out loss in {}-token windows | {:.4} | {:.4} |", a.length, a.loss, b.loss);
     }
     let _ = writeln!(md);
 }

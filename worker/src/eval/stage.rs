@@ -170,6 +170,16 @@ fn run_targets(scorer: &Scorer<'_>, encoder: &Encoder, separator: u32, items: &[
     })
 }
 
+/// Held-out loss in windows of one length.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LengthLoss {
+    /// Tokens per window.
+    pub length: usize,
+    /// Mean NLL per token.
+    pub loss: f64,
+}
+
 /// Everything measured on one checkpoint.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -194,6 +204,9 @@ pub struct CheckpointReport {
     pub benchmarks: BTreeMap<String, TaskResult>,
     /// Passkey accuracy per length.
     pub passkey: Vec<PasskeyResult>,
+    /// Held-out loss (all categories) in windows of each passkey length: how the loss holds up at
+    /// lengths the checkpoint was or was not trained at.
+    pub loss_by_length: Vec<LengthLoss>,
     /// Seconds the evaluation took.
     pub seconds: f64,
 }
@@ -375,6 +388,7 @@ async fn evaluate_checkpoint(
         println!("eval: {label}: {} {:.3} over {} items (chance {:.3})", task.name, r.score, r.items, r.chance);
         benchmarks.insert(task.name.clone(), r);
     }
+    let loss_by_length = losses_by_length(suite, &scorer, seq_len, &perplexity)?;
     let mut passkeys = Vec::new();
     for &length in &suite.passkey_lengths {
         let r = passkey::run(&scorer, encoder, separator, length, suite.passkey_trials, suite.seed)?;
@@ -396,8 +410,31 @@ async fn evaluate_checkpoint(
         probes,
         benchmarks,
         passkey: passkeys,
+        loss_by_length,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// The held-out loss over all categories in windows of each passkey length (the perplexity already
+/// measured at the checkpoint's own length is reused).
+fn losses_by_length(
+    suite: &Suite<'_>,
+    scorer: &Scorer<'_>,
+    seq_len: usize,
+    at_own_length: &BTreeMap<String, Perplexity>,
+) -> Result<Vec<LengthLoss>> {
+    let mut out = Vec::new();
+    for &length in &suite.passkey_lengths {
+        let all = if length == seq_len {
+            at_own_length.get("all").copied()
+        } else {
+            perplexity(scorer, &suite.docs, suite.tok.separator, length)?.get("all").copied()
+        };
+        if let Some(all) = all {
+            out.push(LengthLoss { length, loss: all.loss });
+        }
+    }
+    Ok(out)
 }
 
 /// Probe readings from a stage's `metrics.jsonl` (written at every checkpoint).
