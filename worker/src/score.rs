@@ -166,8 +166,7 @@ pub fn encode_request(
 ) -> std::result::Result<Request, EncoderError> {
     let trimmed = context.trim_end();
     let moved = format!("{}{continuation}", &context[trimmed.len()..]);
-    let mut ctx = vec![separator];
-    ctx.extend(encoder.encode(trimmed)?);
+    let ctx = encode_prompt(encoder, separator, trimmed)?;
     let whole = encoder.encode(&format!("{trimmed}{moved}"))?;
     let continuation = whole.get(ctx.len() - 1..).unwrap_or_default().to_vec();
     Ok(Request { context: ctx, continuation })

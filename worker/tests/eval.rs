@@ -108,12 +108,18 @@ fn tokenizer(texts: &[String], vocab: u32) -> Encoder {
     Encoder::from_json(&train_bpe(texts, vocab, &specials).unwrap().json).unwrap()
 }
 
-#[test]
-fn probe_logprobs_match_a_direct_forward_pass() {
+/// A tokenizer trained on texts of the words `word0` to `word39`, and its separator.
+fn word_tokenizer() -> (Encoder, u32) {
     let texts = common::words(3, 3000, |s| format!("word{}", s % 40));
     let texts: Vec<String> = texts.chunks(50).map(|c| c.join(" ")).collect();
     let enc = tokenizer(&texts, 280);
     let sep = enc.special("<|eos|>").unwrap();
+    (enc, sep)
+}
+
+#[test]
+fn probe_logprobs_match_a_direct_forward_pass() {
+    let (enc, sep) = word_tokenizer();
     let dev = Device::Cpu;
     let c = config(enc.vocab_size() as usize);
     let model = Llama::new(c.clone(), Params::init(&c, 8, &dev).unwrap(), 64, &dev).unwrap();
@@ -134,10 +140,7 @@ fn probe_logprobs_match_a_direct_forward_pass() {
 
 #[test]
 fn a_context_s_trailing_space_moves_into_the_continuation_as_lm_eval_moves_it() {
-    let texts = common::words(3, 3000, |s| format!("word{}", s % 40));
-    let texts: Vec<String> = texts.chunks(50).map(|c| c.join(" ")).collect();
-    let enc = tokenizer(&texts, 280);
-    let sep = enc.special("<|eos|>").unwrap();
+    let (enc, sep) = word_tokenizer();
     let apart = encode_request(&enc, sep, "word1 word2", " word3").unwrap();
     assert_eq!(encode_request(&enc, sep, "word1 word2 ", "word3").unwrap(), apart);
     assert_eq!(apart.context, [vec![sep], enc.encode("word1 word2").unwrap()].concat());

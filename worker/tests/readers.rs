@@ -26,13 +26,19 @@ fn read(path: &Path, format: SourceFormat, max: u64) -> (Vec<pretrain_worker::da
 }
 
 fn warc_record(uri: &str, html: &str) -> Vec<u8> {
-    let http = format!("HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\n\r\n{html}");
+    warc_response(uri, "text/html; charset=utf-8", html.as_bytes())
+}
+
+/// A WARC response record of an HTTP response with `content_type` and `body`.
+fn warc_response(uri: &str, content_type: &str, body: &[u8]) -> Vec<u8> {
+    let mut http = format!("HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\n\r\n").into_bytes();
+    http.extend_from_slice(body);
     let mut rec = format!(
         "WARC/1.0\r\nWARC-Type: response\r\nWARC-Target-URI: {uri}\r\nWARC-Record-ID: <urn:{uri}>\r\nContent-Length: {}\r\n\r\n",
         http.len()
     )
     .into_bytes();
-    rec.extend_from_slice(http.as_bytes());
+    rec.extend_from_slice(&http);
     rec.extend_from_slice(b"\r\n\r\n");
     rec
 }
@@ -95,23 +101,11 @@ fn plain_warc_resumes_after_a_broken_record_and_skips_oversized_ones() {
 #[test]
 fn pages_in_other_charsets_are_decoded_not_dropped() {
     let tmp = tempfile::tempdir().unwrap();
-    let record = |uri: &str, content_type: &str, body: &[u8]| {
-        let mut http = format!("HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\n\r\n").into_bytes();
-        http.extend_from_slice(body);
-        let mut rec = format!(
-            "WARC/1.0\r\nWARC-Type: response\r\nWARC-Target-URI: {uri}\r\nWARC-Record-ID: <urn:{uri}>\r\nContent-Length: {}\r\n\r\n",
-            http.len()
-        )
-        .into_bytes();
-        rec.extend_from_slice(&http);
-        rec.extend_from_slice(b"\r\n\r\n");
-        rec
-    };
     let german = "<html><body><main><p>Schöne Grüße aus München und Köln.</p></main></body></html>";
     let japanese = "<html><body><main><p>日本語のウェブページです。東京の天気は晴れです。今日はとても良い天気ですね。</p></main></body></html>";
     let mut file =
-        record("https://x.de/a", "text/html; charset=iso-8859-1", &encoding_rs::WINDOWS_1252.encode(german).0);
-    file.extend(record("https://x.jp/b", "text/html", &encoding_rs::SHIFT_JIS.encode(japanese).0));
+        warc_response("https://x.de/a", "text/html; charset=iso-8859-1", &encoding_rs::WINDOWS_1252.encode(german).0);
+    file.extend(warc_response("https://x.jp/b", "text/html", &encoding_rs::SHIFT_JIS.encode(japanese).0));
     let path = tmp.path().join("charsets.warc");
     std::fs::write(&path, &file).unwrap();
     let (docs, skipped) = read(&path, SourceFormat::Warc, 1 << 20);

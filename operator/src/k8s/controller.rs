@@ -193,12 +193,13 @@ impl Context {
 #[tracing::instrument(name = "reconcile", skip_all, fields(run = %run.name_any(), namespace = %run.namespace().unwrap_or_default()))]
 pub async fn reconcile(run: Arc<PretrainRun>, ctx: Arc<Context>) -> Result<Action, Error> {
     ctx.metrics.reconciled();
-    let namespace = RunObjects::new(&ctx.defaults.apply(&run))?.namespace().to_string();
-    let runs: Api<PretrainRun> = Api::namespaced(ctx.client.clone(), &namespace);
+    let rendered = ctx.defaults.apply(&run);
+    let objects = RunObjects::new(&rendered)?;
+    let runs: Api<PretrainRun> = Api::namespaced(ctx.client.clone(), objects.namespace());
     finalizer(&runs, FINALIZER, run, |event| async {
         match event {
-            FinalizerEvent::Apply(run) => apply_run(&run, &ctx).await,
-            FinalizerEvent::Cleanup(run) => cleanup(&run, &ctx).await,
+            FinalizerEvent::Apply(run) => apply_run(&run, &objects, ctx.as_ref()).await,
+            FinalizerEvent::Cleanup(run) => cleanup(&run, &objects, ctx.as_ref()).await,
         }
     })
     .await
@@ -209,11 +210,9 @@ pub async fn reconcile(run: Arc<PretrainRun>, ctx: Arc<Context>) -> Result<Actio
     })
 }
 
-/// Reconciles a live run: decides from its Jobs, pods and store what to create and stop, does it,
-/// and writes the status and Events.
-async fn apply_run(run: &PretrainRun, ctx: &Context) -> Result<Action, Error> {
-    let rendered = ctx.defaults.apply(run);
-    let objects = RunObjects::new(&rendered)?;
+/// Reconciles a live run (`objects`: its rendering, the cluster's defaults applied): decides from its
+/// Jobs, pods and store what to create and stop, does it, and writes the status and Events.
+async fn apply_run(run: &PretrainRun, objects: &RunObjects<'_>, ctx: &Context) -> Result<Action, Error> {
     let (name, ns) = (objects.name().to_string(), objects.namespace().to_string());
     let runs: Api<PretrainRun> = Api::namespaced(ctx.client.clone(), &ns);
     let status = run.status.clone().unwrap_or_default();
@@ -229,7 +228,7 @@ async fn apply_run(run: &PretrainRun, ctx: &Context) -> Result<Action, Error> {
         return Ok(Action::await_change());
     }
 
-    let store = open_store(ctx, &rendered).await?;
+    let store = open_store(ctx, objects.run()).await?;
     let (committed, checkpoint) = observe::store_state(&store, &name, &run.spec).await?;
     let (views, live_pods, now) = observe_jobs(ctx, run, &ns, &name).await?;
     let view = ClusterView {
@@ -244,7 +243,7 @@ async fn apply_run(run: &PretrainRun, ctx: &Context) -> Result<Action, Error> {
         live_pods: &live_pods,
     };
     let decision = decide(&view);
-    enact(run, &objects, &decision, ctx).await?;
+    enact(run, objects, &decision, ctx).await?;
     ctx.metrics.observe_phase(&format!("{ns}/{name}"), decision.status.phase);
     if decision.status != status {
         match patch_status(&runs, run, &decision.status).await {
@@ -322,9 +321,7 @@ async fn enact(run: &PretrainRun, objects: &RunObjects<'_>, decision: &Decision,
 
 /// A deleted run: stop its Jobs (their pods checkpoint), delete its store data when the spec asks,
 /// once no pod of it runs. Owner references delete the Jobs, Services and ConfigMap afterwards.
-async fn cleanup(run: &PretrainRun, ctx: &Context) -> Result<Action, Error> {
-    let rendered = ctx.defaults.apply(run);
-    let objects = RunObjects::new(&rendered)?;
+async fn cleanup(run: &PretrainRun, objects: &RunObjects<'_>, ctx: &Context) -> Result<Action, Error> {
     let name = objects.name();
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), objects.namespace());
     let listed = jobs.list(&ListParams::default().labels(&format!("{LABEL_RUN}={name}"))).await?;
@@ -340,7 +337,7 @@ async fn cleanup(run: &PretrainRun, ctx: &Context) -> Result<Action, Error> {
         if live > 0 {
             return Err(Error::PodsStopping { live });
         }
-        let store = open_store(ctx, &rendered).await?;
+        let store = open_store(ctx, objects.run()).await?;
         let prefix = pretrain_store::key(name)?;
         let removed = store.delete_prefix(&prefix).await?;
         publish(ctx, run, false, "DataDeleted", format!("deleted {removed} objects under {}", store.url())).await;

@@ -135,6 +135,11 @@ impl<'a> RunObjects<'a> {
         &self.namespace
     }
 
+    /// The run these objects render.
+    pub fn run(&self) -> &'a PretrainRun {
+        self.run
+    }
+
     fn meta(&self, name: String, labels: BTreeMap<String, String>) -> ObjectMeta {
         ObjectMeta {
             name: Some(name),

@@ -5,25 +5,28 @@
 //! replacing malformed sequences). DataTrove does the same with `charset_normalizer` after a UTF-8
 //! attempt.
 
+use std::borrow::Cow;
+
 use chardetng::EncodingDetector;
 use encoding_rs::{Encoding, UTF_8};
 
-/// A decoded body: its text, and the charset it was decoded from when that was not UTF-8.
+/// A decoded body: its text (borrowed from the body when that is UTF-8 already), and the charset it
+/// was decoded from when that was not UTF-8.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Decoded {
+pub struct Decoded<'a> {
     /// The text.
-    pub text: String,
+    pub text: Cow<'a, str>,
     /// The charset's WHATWG name (`windows-1252`, `Shift_JIS`, ...), `None` for UTF-8.
     pub charset: Option<&'static str>,
 }
 
 /// Decodes an HTML body served with `content_type` from `url`.
-pub fn decode_html(body: &[u8], content_type: Option<&str>, url: Option<&str>) -> Decoded {
+pub fn decode_html<'a>(body: &'a [u8], content_type: Option<&str>, url: Option<&str>) -> Decoded<'a> {
     if let Some((encoding, bom)) = Encoding::for_bom(body) {
         return decode(encoding, &body[bom..]);
     }
     if let Ok(text) = std::str::from_utf8(body) {
-        return Decoded { text: text.to_string(), charset: None };
+        return Decoded { text: Cow::Borrowed(text), charset: None };
     }
     let declared = content_type.and_then(charset_param).or_else(|| meta_charset(&body[..body.len().min(1024)]));
     let encoding = declared.filter(|e| *e != UTF_8).unwrap_or_else(|| {
@@ -34,9 +37,9 @@ pub fn decode_html(body: &[u8], content_type: Option<&str>, url: Option<&str>) -
     decode(encoding, body)
 }
 
-fn decode(encoding: &'static Encoding, bytes: &[u8]) -> Decoded {
+fn decode<'a>(encoding: &'static Encoding, bytes: &'a [u8]) -> Decoded<'a> {
     let (text, _) = encoding.decode_without_bom_handling(bytes);
-    Decoded { text: text.into_owned(), charset: (encoding != UTF_8).then(|| encoding.name()) }
+    Decoded { text, charset: (encoding != UTF_8).then(|| encoding.name()) }
 }
 
 /// The encoding a `charset=` parameter names (`text/html; charset="iso-8859-1"`).

@@ -172,13 +172,10 @@ pub fn order(
         for copy in 0..p.copies {
             let within = match data.order.strategy {
                 OrderStrategy::Curriculum => quantile[i],
-                _ => {
-                    let h = xxh3_64_with_seed(
-                        &[u64::from(r.input), u64::from(r.seq), u64::from(copy)].map(u64::to_le_bytes).concat(),
-                        seed ^ 3,
-                    );
-                    (h >> 11) as f64 / (1u64 << 53) as f64
-                }
+                _ => to_unit(xxh3_64_with_seed(
+                    &[u64::from(r.input), u64::from(r.seq), u64::from(copy)].map(u64::to_le_bytes).concat(),
+                    seed ^ 3,
+                )),
             };
             // A position in [0, 1): positive floats sort as their bits do.
             let at = (f64::from(copy) + within) / f64::from(p.copies);
@@ -251,7 +248,11 @@ fn spread_copies(
 
 /// A uniform number in [0, 1) from the seed, a purpose, and a document's canonical position.
 fn unit(seed: u64, purpose: u64, key: &KeyRecord) -> f64 {
-    let h = xxh3_64_with_seed(&[key.doc(), purpose].map(u64::to_le_bytes).concat(), seed);
+    to_unit(xxh3_64_with_seed(&[key.doc(), purpose].map(u64::to_le_bytes).concat(), seed))
+}
+
+/// A hash as a uniform number in [0, 1) (its top 53 bits).
+fn to_unit(h: u64) -> f64 {
     (h >> 11) as f64 / (1u64 << 53) as f64
 }
 
