@@ -155,18 +155,41 @@ pub async fn read_spec(spec: &str) -> Result<PretrainRun, ContextError> {
 
 /// Reads a whole object named by a URL: a local path, `file://`, or any store URL.
 pub async fn read_url(url: &str) -> Result<bytes::Bytes, ContextError> {
-    let fetch_error = |source| ContextError::SpecFetch { url: url.into(), source };
-    if !url.contains("://") || url.starts_with("file://") {
-        let path = url.strip_prefix("file://").unwrap_or(url);
+    if let Some(path) = local_path(url) {
         return tokio::fs::read(path)
             .await
             .map(bytes::Bytes::from)
             .map_err(|source| ContextError::File { path: path.into(), source });
     }
+    let (store, key) = remote(url)?;
+    store.get(&key).await.map_err(|source| ContextError::SpecFetch { url: url.into(), source })
+}
+
+/// Like [`read_url`], but `None` when there is no such file or object (an optional file beside the
+/// ones a spec names).
+pub async fn read_url_opt(url: &str) -> Result<Option<bytes::Bytes>, ContextError> {
+    if let Some(path) = local_path(url) {
+        return match tokio::fs::read(path).await {
+            Ok(bytes) => Ok(Some(bytes.into())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(ContextError::File { path: path.into(), source }),
+        };
+    }
+    let (store, key) = remote(url)?;
+    store.get_opt(&key).await.map_err(|source| ContextError::SpecFetch { url: url.into(), source })
+}
+
+/// The store and key of a store URL.
+fn remote(url: &str) -> Result<(Store, object_store::path::Path), ContextError> {
+    let fetch_error = |source| ContextError::SpecFetch { url: url.into(), source };
     let (dir, name) = url
         .rsplit_once('/')
         .ok_or_else(|| fetch_error(pretrain_store::Error::Url { url: url.into(), reason: "names no object".into() }))?;
     let store = Store::open(dir).map_err(fetch_error)?;
-    let key = pretrain_store::key(name).map_err(fetch_error)?;
-    store.get(&key).await.map_err(fetch_error)
+    Ok((store, pretrain_store::key(name).map_err(fetch_error)?))
+}
+
+/// The path of a local URL (a path or `file://`).
+fn local_path(url: &str) -> Option<&str> {
+    (!url.contains("://") || url.starts_with("file://")).then(|| url.strip_prefix("file://").unwrap_or(url))
 }

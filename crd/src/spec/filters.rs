@@ -230,15 +230,28 @@ impl Default for Language {
 pub struct Quality {
     /// Which scorer; `none` keeps every document the rules kept.
     pub classifier: QualityClassifier,
-    /// URL of a trained scorer: the n-gram model file, or for BERT a Hugging Face
-    /// `BertForSequenceClassification` directory (config.json, model.safetensors, tokenizer.json).
+    /// URL of a model. For `ngram`, a trained model file (else the stage trains one). For `bert`, a
+    /// Hugging Face directory (config.json, model.safetensors, tokenizer.json; a sentence-transformers
+    /// `sentence_bert_config.json` bounds the input length): a `BertForSequenceClassification` used as
+    /// shipped, or, when `labelledUrl` or `referenceSources` is set, an encoder (all-MiniLM-L6-v2,
+    /// say) under which the stage trains a linear head on mean-pooled embeddings, FineWeb-Edu's
+    /// recipe (a linear head over a frozen encoder).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub model_url: Option<String>,
-    /// JSONL file of `{text, label}` to train the n-gram classifier from.
+    /// JSONL file of `{text, label}` to train the classifier (n-gram model or BERT head) from.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub labelled_url: Option<String>,
     /// Sources whose documents are the positive class (the rest of the corpus is the negative).
     pub reference_sources: Vec<String>,
+    /// Most labelled documents of each class a classifier trains on (a fifth of them is held out to
+    /// measure it: precision, recall, F1 and the score distribution go to the stage's statistics).
+    #[schemars(range(min = 10))]
+    pub training_documents: u32,
+    /// Documents the BERT encoder runs at once. Batches hold documents of one token count and always
+    /// this many rows, so a score never depends on which documents share its batch; other batch
+    /// sizes round differently (within 1e-6).
+    #[schemars(range(min = 1))]
+    pub batch_size: u32,
     /// Keep documents scoring at least this. Scores are probabilities: the n-gram model's, or the BERT
     /// classifier's for its positive label (the label named good/positive/hq, else the last; the
     /// sigmoid of a single regression output, so `t` means a raw score of ln(t / (1 - t))).
@@ -259,6 +272,8 @@ impl Default for Quality {
             model_url: None,
             labelled_url: None,
             reference_sources: Vec::new(),
+            training_documents: 20_000,
+            batch_size: 32,
             threshold: 0.5,
             keep_top_fraction: None,
             categories: Vec::new(),
@@ -274,7 +289,8 @@ pub enum QualityClassifier {
     None,
     /// Hashed word n-grams with logistic regression, trained in the stage.
     Ngram,
-    /// A BERT-family sequence classifier loaded from `modelUrl`.
+    /// A BERT-family model from `modelUrl`: a shipped sequence classifier, or an encoder with a
+    /// linear head trained in the stage.
     Bert,
 }
 
@@ -366,6 +382,12 @@ impl Quality {
                 format!("{c:?} is not a category of any source"),
             );
         }
+        e.check(self.batch_size >= 1, "spec.data.quality.batchSize", "must be at least 1");
+        e.check(
+            self.training_documents >= 10,
+            "spec.data.quality.trainingDocuments",
+            format!("must be at least 10 (a fifth is held out), got {}", self.training_documents),
+        );
         match self.classifier {
             QualityClassifier::None => {}
             QualityClassifier::Bert => e.check(

@@ -194,6 +194,21 @@ fn data_section(md: &mut String, s: &DataPrepStats) {
         "\nDedup: {} exact and {} near duplicates removed; {} documents held out.",
         s.dedup.exact_removed, s.dedup.near_removed, s.held_out.documents
     );
+    if let Some(c) = &s.quality.classifier {
+        let _ = writeln!(
+            md,
+            "\nQuality classifier ({}), trained on {} labelled documents and measured on {} held out ({} good): precision {:.3}, recall {:.3}, F1 {:.3} at score {}, AUC {:.3}.",
+            c.classifier,
+            c.train_examples.iter().sum::<u64>(),
+            c.heldout_examples.iter().sum::<u64>(),
+            c.heldout_examples[0],
+            c.precision,
+            c.recall,
+            c.f1,
+            c.threshold,
+            c.auc
+        );
+    }
     if !s.map.decoded.is_empty() {
         let charsets: Vec<String> = s.map.decoded.iter().map(|(c, n)| format!("{n} {c}")).collect();
         let _ = writeln!(md, "\nWeb pages decoded from other charsets than UTF-8: {}.", charsets.join(", "));

@@ -112,6 +112,35 @@ pub struct QualityStats {
     pub thresholds: BTreeMap<String, f32>,
     /// Documents under it, per category.
     pub removed: BTreeMap<String, u64>,
+    /// How the classifier trained in the stage did on its held-out examples.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub classifier: Option<ClassifierEval>,
+}
+
+/// A quality classifier trained in data-prep, measured on the labelled examples it did not train on.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ClassifierEval {
+    /// `ngram`, or `bert-head` (a linear head over a frozen BERT-family encoder).
+    pub classifier: String,
+    /// Examples trained on, positive and negative.
+    pub train_examples: [u64; 2],
+    /// Held-out examples, positive and negative.
+    pub heldout_examples: [u64; 2],
+    /// The score at which a document counts as positive for the figures below.
+    pub threshold: f32,
+    /// Held-out positives among the documents scoring at least `threshold`.
+    pub precision: f64,
+    /// Held-out positives scoring at least `threshold`, of all held-out positives.
+    pub recall: f64,
+    /// Harmonic mean of precision and recall.
+    pub f1: f64,
+    /// Area under the ROC curve: the chance a held-out positive outscores a held-out negative.
+    pub auc: f64,
+    /// Held-out positives per score decile ([0, 0.1), ..., [0.9, 1]).
+    pub positive_histogram: Vec<u64>,
+    /// Held-out negatives per score decile.
+    pub negative_histogram: Vec<u64>,
 }
 
 /// Deduplication in data-prep.

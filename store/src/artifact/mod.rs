@@ -19,7 +19,8 @@ pub use checkpoint::{
     FORMAT_VERSION, InvalidManifest, LlamaConfig, Manifest, ParamKind, Scaling, TrainState, dir_name,
 };
 pub use data::{
-    DataPrepStats, DedupStats, DocumentLine, HeldOutStats, MapStats, MixStats, QualityStats, Skipped, StreamStats,
+    ClassifierEval, DataPrepStats, DedupStats, DocumentLine, HeldOutStats, MapStats, MixStats, QualityStats, Skipped,
+    StreamStats,
 };
 pub use eval::ProbeRow;
 pub use tokens::{

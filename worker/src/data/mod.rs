@@ -4,8 +4,9 @@
 //!   and survives damaged gzip members; `extract` turns HTML into main-content text.
 //! - `filters`: Gopher quality and repetition, C4, FineWeb and language rules, with DataTrove's
 //!   thresholds and drop reasons.
-//! - `quality`: the trainable hashed n-gram logistic-regression scorer; `bert`: a BERT-family
-//!   sequence classifier (Hugging Face layout) run with candle.
+//! - `quality`: the trainable hashed n-gram logistic-regression scorer and the linear head trained
+//!   over BERT embeddings; `bert`: BERT-family encoders and sequence classifiers (Hugging Face
+//!   layout) run with candle; `scoring`: the scorer a map task applies, loaded or trained.
 //! - `dedup`: exact keys, MinHash signatures, LSH bands verified by signature Jaccard, union-find.
 //! - `runs`: sorted runs on disk (external sort, k-way merge) that hold the LSH index.
 
@@ -21,5 +22,6 @@ pub mod quality;
 pub mod reader;
 mod reduce;
 pub mod runs;
+mod scoring;
 pub mod stage;
 pub mod warc;

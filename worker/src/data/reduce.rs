@@ -16,6 +16,7 @@ use pretrain_store::{FileEntry, StageCommit, StageDir};
 use super::dedup::{ClusterStats, DiskIndex};
 use super::keys::{KeyRecord, parse_terms};
 use super::plan::{self, DocRef, MixPlan, Placement, StreamEntry};
+use super::scoring::trained_eval;
 use super::stage::{DataPrepError, OUTPUT_VERSION, Result, hasher, map_dir, map_done};
 use crate::Context;
 use crate::frame::{ScratchError, scratch};
@@ -48,7 +49,11 @@ pub(super) async fn reduce(ctx: &Context, hash: &str) -> Result<StageCommit> {
     let stats = DataPrepStats {
         output_version: OUTPUT_VERSION,
         map,
-        quality: QualityStats { thresholds: cut.thresholds, removed: cut.removed },
+        quality: QualityStats {
+            thresholds: cut.thresholds,
+            removed: cut.removed,
+            classifier: trained_eval(&ctx.dir, hash).await?,
+        },
         dedup: DedupStats {
             candidates: docs.len() as u64,
             exact_removed: exact_removed as u64,

@@ -15,28 +15,25 @@
 //! then record), dedup keeps the first of each cluster in that order, and every random choice is a
 //! hash of the seed and that position.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use bytes::Bytes;
 use pretrain_crd::spec::{Data, OrderStrategy, QualityClassifier, Source};
 use pretrain_store::artifact::DocumentLine;
 pub use pretrain_store::artifact::MapStats;
 use pretrain_store::{StageCommit, StageDir, Store};
 use serde::{Deserialize, Serialize};
 
-use super::bert::BertScorer;
 use super::dedup::{MinHasher, exact_key};
 use super::filters::{Verdict, apply};
 use super::keys::{KeyRecord, write_terms};
 use super::order::top_terms;
-use super::quality::{QualityError, QualityModel, Training};
 use super::reader::{self, Item, ReadOptions};
 use super::reduce::reduce;
 use super::runs::{DEFAULT_RUN_ENTRIES, ExternalSorter};
-use crate::context::read_url;
+use super::scoring::{QualityScorer, quality_scorer};
 use crate::frame::{MapDone, Phase, ScratchError, StageError, scratch};
 use crate::progress::Progress;
 use crate::{Context, ContextError};
@@ -93,15 +90,16 @@ pub(super) type Result<T, E = DataPrepError> = std::result::Result<T, E>;
 
 /// One input file of the run, in canonical order.
 #[derive(Debug, Clone)]
-struct Input {
-    source: usize,
+pub(super) struct Input {
+    pub(super) source: usize,
     /// The file's path or URL, for messages.
-    name: String,
-    location: Location,
+    pub(super) name: String,
+    pub(super) location: Location,
 }
 
+/// Where an input file is.
 #[derive(Debug, Clone)]
-enum Location {
+pub(super) enum Location {
     Local(PathBuf),
     Remote { store: Store, key: object_store::path::Path },
 }
@@ -165,147 +163,6 @@ fn check_supported(data: &Data) -> Result<()> {
         ));
     }
     Ok(())
-}
-
-/// Where the trained quality model is kept for every map shard; keyed by the config hash so a model
-/// trained for other settings is never reused.
-fn quality_model_name(hash: &str) -> String {
-    format!("quality/model-{}.bin", &hash[..hash.len().min(16)])
-}
-
-/// A model-based quality scorer.
-#[derive(Debug)]
-enum QualityScorer {
-    Ngram(QualityModel),
-    Bert(Box<BertScorer>),
-}
-
-impl QualityScorer {
-    fn score(&self, text: &str) -> Result<f32, String> {
-        match self {
-            QualityScorer::Ngram(model) => Ok(model.score(text)),
-            QualityScorer::Bert(model) => model.score(text).map_err(|e| e.to_string()),
-        }
-    }
-}
-
-/// The configured quality scorer, if any.
-async fn quality_scorer(ctx: &Context, hash: &str, all: &[Input]) -> Result<Option<QualityScorer>> {
-    let q = &ctx.run.spec.data.quality;
-    match q.classifier {
-        QualityClassifier::None => Ok(None),
-        QualityClassifier::Ngram => Ok(Some(QualityScorer::Ngram(quality_model(ctx, hash, all).await?))),
-        QualityClassifier::Bert => {
-            let url = q.model_url.as_deref().expect("validated: bert has a modelUrl");
-            let dir = url.trim_end_matches('/');
-            let config = read_url(&format!("{dir}/config.json")).await?;
-            let weights = read_url(&format!("{dir}/model.safetensors")).await?;
-            let tokenizer = read_url(&format!("{dir}/tokenizer.json")).await?;
-            // Data-prep pods are CPU pods; a GPU build on a GPU node uses the GPU.
-            let device = candle_core::Device::cuda_if_available(0).unwrap_or(candle_core::Device::Cpu);
-            let scorer =
-                tokio::task::spawn_blocking(move || BertScorer::from_bytes(&config, &weights, &tokenizer, &device))
-                    .await
-                    .expect("loading the model does not panic")
-                    .map_err(|e| DataPrepError::Invalid(format!("spec.data.quality.modelUrl: {dir}/{e}")))?;
-            Ok(Some(QualityScorer::Bert(Box::new(scorer))))
-        }
-    }
-}
-
-/// The n-gram quality model: loaded from `modelUrl`, else from an earlier map shard, else trained
-/// here from `labelledUrl` or from the reference sources against the rest (deterministic, so
-/// every shard that trains it gets the same model).
-async fn quality_model(ctx: &Context, hash: &str, all: &[Input]) -> Result<QualityModel> {
-    let q = &ctx.run.spec.data.quality;
-    let bad_model = |url: &str, e: QualityError| DataPrepError::Invalid(format!("{url}: {e}"));
-    if let Some(url) = &q.model_url {
-        let bytes = read_url(url).await?;
-        return QualityModel::from_bytes(&bytes).map_err(|e| bad_model(url, e));
-    }
-    let name = quality_model_name(hash);
-    let key = ctx.dir.key(&name)?;
-    if let Some(bytes) = ctx.dir.store().get_opt(&key).await? {
-        return QualityModel::from_bytes(&bytes).map_err(|e| bad_model(&ctx.dir.url(&name), e));
-    }
-    let data = ctx.run.spec.data.clone();
-    let examples: Vec<(String, bool)> = match &q.labelled_url {
-        Some(url) => labelled_examples(url, &read_url(url).await?)?,
-        None => {
-            let tmp = tempfile::tempdir().map_err(scratch(Path::new("tempdir")))?;
-            let mut local = Vec::new();
-            for (i, input) in all.iter().enumerate() {
-                let path = match &input.location {
-                    Location::Local(p) => p.clone(),
-                    Location::Remote { store, key } => reader::download(store, &input.name, key, tmp.path(), i).await?,
-                };
-                local.push((input.source, path));
-            }
-            tokio::task::spawn_blocking(move || reference_examples(&data, &local))
-                .await
-                .expect("sampling does not panic")?
-        }
-    };
-    let borrowed: Vec<(&str, bool)> = examples.iter().map(|(t, y)| (t.as_str(), *y)).collect();
-    let training = Training { seed: ctx.run.spec.seed, ..Training::default() };
-    let model = QualityModel::train(&borrowed, training)
-        .map_err(|e| DataPrepError::Invalid(format!("spec.data.quality: {e}")))?;
-    ctx.dir.put(&name, Bytes::from(model.to_bytes())).await?;
-    Ok(model)
-}
-
-/// `{text, label}` lines; a label is true/false, 1/0, or "good"/"bad"/"hq"/"lq".
-fn labelled_examples(url: &str, bytes: &[u8]) -> Result<Vec<(String, bool)>> {
-    let mut out = Vec::new();
-    for (i, line) in bytes.split(|b| *b == b'\n').enumerate() {
-        if line.iter().all(u8::is_ascii_whitespace) {
-            continue;
-        }
-        let bad = |why: &str| DataPrepError::Invalid(format!("{url}:{}: {why}", i + 1));
-        let value: serde_json::Value = serde_json::from_slice(line).map_err(|e| bad(&format!("invalid JSON: {e}")))?;
-        let text = value.get("text").and_then(|t| t.as_str()).ok_or_else(|| bad("no string field \"text\""))?;
-        let label = match value.get("label") {
-            Some(serde_json::Value::Bool(b)) => *b,
-            Some(serde_json::Value::Number(n)) => n.as_f64().is_some_and(|x| x > 0.5),
-            Some(serde_json::Value::String(s)) => matches!(s.as_str(), "good" | "hq" | "positive" | "1" | "true"),
-            _ => return Err(bad("no label (true/false, 1/0 or \"good\"/\"bad\")")),
-        };
-        out.push((text.to_string(), label));
-    }
-    Ok(out)
-}
-
-/// Most documents sampled per class when training from sources.
-const QUALITY_SAMPLE: usize = 20_000;
-
-/// Positive examples: documents of the reference sources; negative: the other sources' documents,
-/// both as extracted (before the rule filters), the first `QUALITY_SAMPLE` of each in canonical order.
-fn reference_examples(data: &Data, inputs: &[(usize, PathBuf)]) -> Result<Vec<(String, bool)>> {
-    let reference: HashSet<&str> = data.quality.reference_sources.iter().map(String::as_str).collect();
-    let (mut positive, mut negative) = (Vec::new(), Vec::new());
-    for (source_index, path) in inputs {
-        let source = &data.sources[*source_index];
-        let is_reference = reference.contains(source.name.as_str());
-        let wanted = if is_reference { &mut positive } else { &mut negative };
-        if wanted.len() >= QUALITY_SAMPLE {
-            continue;
-        }
-        let options = ReadOptions {
-            format: source.resolved_format().expect("validated: every source has a format"),
-            text_field: &source.text_field,
-            max_document_bytes: data.max_document_bytes,
-            extract: &data.extract,
-        };
-        reader::read_file(path, &options, &mut |item| {
-            if let Item::Document(d) = item
-                && wanted.len() < QUALITY_SAMPLE
-            {
-                wanted.push((d.text, is_reference));
-            }
-        })?;
-    }
-    positive.extend(negative);
-    Ok(positive)
 }
 
 /// Runs the stage's `phase` and returns the commit when the reduce ran.
@@ -469,6 +326,45 @@ fn kept(
     (line, record)
 }
 
+/// A document the rules kept: as read, its cleaned text, its place (input file, source, record) and
+/// its file's position in the task's inputs (for messages).
+type KeptDocument = (reader::RawDocument, String, (u32, u16, u32), usize);
+
+/// Documents the rules kept, waiting for their quality scores: scored a batch at a time (the BERT
+/// models run a batch at once), then written in the order they were read.
+struct Pending<'a> {
+    docs: Vec<KeptDocument>,
+    model: Option<&'a QualityScorer>,
+    batch: usize,
+}
+
+impl Pending<'_> {
+    fn is_full(&self) -> bool {
+        self.docs.len() >= self.batch
+    }
+
+    /// Scores and writes the waiting documents.
+    fn flush(&mut self, data: &Data, inputs: &[(u32, Input, PathBuf)], writer: &mut MapWriter) -> Result<u64> {
+        let docs = std::mem::take(&mut self.docs);
+        let scores = match self.model {
+            None => vec![1.0; docs.len()],
+            Some(model) => {
+                let texts: Vec<&str> = docs.iter().map(|d| d.1.as_str()).collect();
+                model.score_batch(&texts, self.batch).map_err(|e| {
+                    let (_, _, (_, _, seq), file) = &docs[0];
+                    DataPrepError::Scorer(format!("{}: records {seq} and after: {e}", inputs[*file].1.name))
+                })?
+            }
+        };
+        let written = docs.len() as u64;
+        for ((doc, text, at, _), score) in docs.into_iter().zip(scores) {
+            let (line, record) = kept(doc, text, score, &data.sources[usize::from(at.1)], at);
+            writer.write(&line, &record).map_err(scratch(&writer.out))?;
+        }
+        Ok(written)
+    }
+}
+
 fn map_files(
     data: &Data,
     seed: u64,
@@ -482,9 +378,10 @@ fn map_files(
     let mut stats = MapStats::default();
     let mut documents = 0u64;
     let mut lines_removed: HashMap<&'static str, u64> = HashMap::new();
-    let mut write_error = None;
-    let mut score_error = None;
-    for (index, input, path) in inputs {
+    let batch = if model.is_some() { data.quality.batch_size as usize } else { 1 };
+    let mut pending = Pending { docs: Vec::with_capacity(batch), model, batch };
+    let mut flush_error = None;
+    for (position, (index, input, path)) in inputs.iter().enumerate() {
         let source: &Source = &data.sources[input.source];
         let filters =
             source.filters_over(&data.filters, "filters").map_err(|e| DataPrepError::Invalid(format!("{}", e[0])))?;
@@ -505,6 +402,7 @@ fn map_files(
                     stats.malformed_examples.push(s);
                 }
             }
+            Item::Document(_) if flush_error.is_some() => {}
             Item::Document(doc) => {
                 seq += 1;
                 read += 1;
@@ -524,29 +422,21 @@ fn map_files(
                     stats.empty += 1;
                     return;
                 }
-                let score = match model.map(|m| m.score(&text)) {
-                    None => 1.0,
-                    Some(Ok(score)) => score,
-                    Some(Err(e)) => {
-                        score_error.get_or_insert_with(|| format!("{}: record {seq}: {e}", input.name));
-                        return;
-                    }
-                };
                 *stats.kept.entry(source.name.clone()).or_default() += 1;
-                let (line, record) = kept(doc, text, score, source, (*index, input.source as u16, seq));
-                if let Err(e) = writer.write(&line, &record) {
-                    write_error.get_or_insert(e);
+                pending.docs.push((doc, text, (*index, input.source as u16, seq), position));
+                if pending.is_full() && flush_error.is_none() {
+                    match pending.flush(data, inputs, &mut writer) {
+                        Ok(n) => documents += n,
+                        Err(e) => flush_error = Some(e),
+                    }
                 }
-                documents += 1;
             }
         })?;
-        if let Some(e) = write_error.take() {
-            return Err(scratch(out)(e).into());
-        }
-        if let Some(e) = score_error.take() {
-            return Err(DataPrepError::Scorer(e));
+        if let Some(e) = flush_error.take() {
+            return Err(e);
         }
     }
+    documents += pending.flush(data, inputs, &mut writer)?;
     writer.finish()?;
     stats.lines_removed = lines_removed.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
     Ok((documents, stats))
