@@ -247,9 +247,8 @@ pub struct Quality {
     /// measure it: precision, recall, F1 and the score distribution go to the stage's statistics).
     #[schemars(range(min = 10))]
     pub training_documents: u32,
-    /// Documents the BERT encoder runs at once. Batches hold documents of one token count and always
-    /// this many rows, so a score never depends on which documents share its batch; other batch
-    /// sizes round differently (within 1e-6).
+    /// Documents the BERT encoder runs at once, in parallel. Each has a forward pass of its own, so a
+    /// score never depends on the batch size or on the documents beside it.
     #[schemars(range(min = 1))]
     pub batch_size: u32,
     /// Keep documents scoring at least this. Scores are probabilities: the n-gram model's, or the BERT

@@ -13,17 +13,18 @@
 //!   raw scale, and a threshold `t` means a raw score of `ln(t / (1 - t))`.
 //!
 //! Documents are truncated to the model's maximum length, as the classifiers were trained, and run
-//! in batches of documents with the same token count (no padding), every batch exactly `batch`
-//! documents (a short one is filled with copies of its last). The matrix shapes are then always the
-//! same, so a document's result never depends on which documents share its batch or where it sits
-//! in it (nor, therefore, on the shard count): bitwise. Across batch sizes the matrix kernels round
-//! differently (within 1e-6), which is why `batchSize` is part of the stage's config.
+//! one forward pass each, `batch` documents in parallel. Batching documents into one matrix would
+//! pad them to one length or group them by length, and either way change the matrix shapes a
+//! document is multiplied in, and with them the kernels' rounding (we measured differences of 1e-7
+//! between batch sizes on the CPU). One pass per document keeps every score bitwise independent of
+//! the batch size, the documents beside it, and so the shard count.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 use candle_core::{D, DType, Device, IndexOp, Tensor};
 use candle_nn::{Linear, Module, VarBuilder};
 use candle_transformers::models::bert::{BertModel, Config};
+use rayon::prelude::*;
 use tokenizers::{Encoding, Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
 
 /// The longest input any BERT-family classifier takes.
@@ -159,39 +160,27 @@ impl Encoder {
         self.tokenizer.encode(&text[..end], true).map_err(|e| BertError::Run(format!("tokenizing: {e}")))
     }
 
-    /// Runs the model over `texts` in batches of at most `batch` documents of one token count,
-    /// applies `head` to each batch's last hidden states (`[documents, tokens, hidden]` to
-    /// `[documents, k]`) and returns each text's row, in the order of `texts`.
+    /// Runs the model over `texts`, `batch` documents at a time in parallel, applies `head` to each
+    /// document's last hidden states (`[1, tokens, hidden]` to `[1, k]`) and returns each text's row,
+    /// in the order of `texts`.
     fn run(
         &self,
         texts: &[&str],
         batch: usize,
-        head: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
+        head: impl Fn(&Tensor) -> candle_core::Result<Tensor> + Sync,
     ) -> Result<Vec<Vec<f32>>, BertError> {
-        let encodings: Vec<Encoding> = texts.iter().map(|t| self.encode(t)).collect::<Result<_, _>>()?;
-        let mut by_length: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-        for (i, e) in encodings.iter().enumerate() {
-            by_length.entry(e.len()).or_default().push(i);
-        }
-        let mut out = vec![Vec::new(); texts.len()];
-        let batch = batch.max(1);
-        // Every batch has exactly `batch` rows: a short one is filled with copies of its last
-        // document, so the matrix shapes, and with them the arithmetic, are always the same.
-        let run_batch = |members: &[usize], len: usize| -> candle_core::Result<Vec<Vec<f32>>> {
-            let rows = || members.iter().chain(std::iter::repeat_n(&members[members.len() - 1], batch - members.len()));
-            let ids: Vec<u32> = rows().flat_map(|&i| encodings[i].get_ids().iter().copied()).collect();
-            let types: Vec<u32> = rows().flat_map(|&i| encodings[i].get_type_ids().iter().copied()).collect();
-            let ids = Tensor::from_vec(ids, (batch, len), &self.device)?;
-            let types = Tensor::from_vec(types, (batch, len), &self.device)?;
-            head(&self.model.forward(&ids, &types, None)?)?.to_vec2::<f32>()
+        let one = |text: &&str| -> Result<Vec<f32>, BertError> {
+            let encoding = self.encode(text)?;
+            let run = || -> candle_core::Result<Vec<f32>> {
+                let ids = Tensor::new(encoding.get_ids(), &self.device)?.unsqueeze(0)?;
+                let types = Tensor::new(encoding.get_type_ids(), &self.device)?.unsqueeze(0)?;
+                head(&self.model.forward(&ids, &types, None)?)?.squeeze(0)?.to_vec1::<f32>()
+            };
+            run().map_err(|e| BertError::Run(e.to_string()))
         };
-        for (len, members) in by_length {
-            for chunk in members.chunks(batch) {
-                let rows = run_batch(chunk, len).map_err(|e| BertError::Run(e.to_string()))?;
-                for (&i, row) in chunk.iter().zip(rows) {
-                    out[i] = row;
-                }
-            }
+        let mut out = Vec::with_capacity(texts.len());
+        for chunk in texts.chunks(batch.max(1)) {
+            out.extend(chunk.par_iter().map(one).collect::<Result<Vec<_>, _>>()?);
         }
         Ok(out)
     }
