@@ -173,6 +173,17 @@ async fn token_shards_decode_to_the_data_prep_documents_in_order() {
         let decoded = decode_shard(&encoder, &stage.join(format!("shards/{k:05}.tok")));
         assert_eq!(decoded, expected, "shard {k}");
         train_docs += expected.len() as u64;
+        // Each document's category beside the shard: its index among the sorted categories.
+        let categories: Vec<u16> = std::fs::read(stage.join(format!("shards/{k:05}.cat")))
+            .unwrap()
+            .chunks_exact(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+            .collect();
+        let want: Vec<u16> = read_docs(&prep.join(format!("shards/{k:05}.jsonl.zst")))
+            .iter()
+            .map(|d| u16::from(d.category == "web"))
+            .collect();
+        assert_eq!(categories, want, "shard {k}: categories (code 0, web 1)");
     }
     let heldout: Vec<String> = read_docs(&prep.join("heldout/00000.jsonl.zst")).into_iter().map(|d| d.text).collect();
     assert!(!heldout.is_empty());
@@ -182,7 +193,16 @@ async fn token_shards_decode_to_the_data_prep_documents_in_order() {
     let paths: Vec<&str> = commit.files.iter().map(|f| f.path.as_str()).collect();
     assert_eq!(
         paths,
-        ["heldout/00000.tok", "shards/00000.tok", "shards/00001.tok", "shards/00002.tok", "tokenizer.json"]
+        [
+            "heldout/00000.tok",
+            "shards/00000.cat",
+            "shards/00000.tok",
+            "shards/00001.cat",
+            "shards/00001.tok",
+            "shards/00002.cat",
+            "shards/00002.tok",
+            "tokenizer.json"
+        ]
     );
     let stats = &commit.stats;
     let sha = commit.files.iter().find(|f| f.path == "tokenizer.json").unwrap().sha256.clone();

@@ -185,7 +185,9 @@ impl Default for Dedup {
     }
 }
 
-/// MinHash LSH parameters.
+/// MinHash LSH parameters. The defaults are FineWeb's: DataTrove's `MinhashConfig`
+/// (`pipeline/dedup/minhash.py`: word 5-grams, 14 buckets of 8 hashes). The signature check
+/// (`jaccardThreshold`) is ours: DataTrove merges every bucket collision.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", default)]
 pub struct MinHash {
@@ -236,11 +238,16 @@ pub struct Order {
     pub strategy: OrderStrategy,
     /// What a curriculum sorts by (easy first).
     pub curriculum_by: CurriculumKey,
+    /// In-context order: a document whose neighbour earlier in the input is at least this similar
+    /// (cosine of their embeddings) is dropped as near-identical, as Shi et al. (2024) dedup before
+    /// traversing; above 1 keeps every document.
+    #[schemars(range(min = 0.0, max = 2.0))]
+    pub semantic_dedup: f64,
 }
 
 impl Default for Order {
     fn default() -> Self {
-        Self { strategy: OrderStrategy::Shuffle, curriculum_by: CurriculumKey::Quality }
+        Self { strategy: OrderStrategy::Shuffle, curriculum_by: CurriculumKey::Quality, semantic_dedup: 0.95 }
     }
 }
 
@@ -252,7 +259,8 @@ pub enum OrderStrategy {
     Shuffle,
     /// Sorted by `curriculumBy`.
     Curriculum,
-    /// Nearest neighbours packed into the same training context.
+    /// One traversal of the documents' nearest-neighbour graph (Shi et al. 2024): related documents
+    /// follow each other, so they share training contexts.
     InContext,
 }
 
@@ -267,9 +275,22 @@ pub enum CurriculumKey {
 }
 
 impl Data {
+    /// The sources' categories, sorted, each once: the numbering of tokenize's per-document
+    /// category files.
+    pub fn categories(&self) -> Vec<String> {
+        let set: BTreeSet<&str> = self.sources.iter().map(Source::category).collect();
+        set.into_iter().map(String::from).collect()
+    }
+
     /// The rules of `spec.data`.
     pub(crate) fn check(&self, e: &mut Errors) {
         e.check(!self.sources.is_empty(), "spec.data.sources", "must list at least one source");
+        let d = self.order.semantic_dedup;
+        e.check(
+            (0.0..=2.0).contains(&d),
+            "spec.data.order.semanticDedup",
+            format!("must be a cosine similarity in [0, 1], or above 1 to keep every document; got {d}"),
+        );
         let mut names = BTreeSet::new();
         for (i, s) in self.sources.iter().enumerate() {
             s.check(&format!("spec.data.sources[{i}]"), &self.filters, e);

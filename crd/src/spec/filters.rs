@@ -23,7 +23,8 @@ pub struct Filters {
     pub language: Language,
 }
 
-/// Gopher quality filter.
+/// Gopher quality filter. The defaults are DataTrove's `GopherQualityFilter`
+/// (`pipeline/filters/gopher_quality_filter.py`), which are Rae et al.'s (2021, appendix A).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", default)]
 pub struct GopherQuality {
@@ -84,7 +85,8 @@ pub struct NgramLimit {
     pub max_fraction: f64,
 }
 
-/// Gopher repetition filter.
+/// Gopher repetition filter. The defaults are DataTrove's `GopherRepetitionFilter`
+/// (`pipeline/filters/gopher_repetition_filter.py`), Rae et al.'s table A1.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", default)]
 pub struct GopherRepetition {
@@ -170,7 +172,8 @@ impl Default for C4 {
     }
 }
 
-/// FineWeb quality filter.
+/// FineWeb quality filter. The defaults are DataTrove's `FineWebQualityFilter`
+/// (`pipeline/filters/fineweb_quality_filter.py`), as FineWeb ran it (Penedo et al. 2024).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", default)]
 pub struct FineWeb {
@@ -205,7 +208,8 @@ impl Default for FineWeb {
     }
 }
 
-/// Language identification.
+/// Language identification. FineWeb keeps English at a score of 0.65 with DataTrove's
+/// `LanguageFilter` (`pipeline/filters/language_filter.py`, fastText); we identify with `whatlang`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", default)]
 pub struct Language {

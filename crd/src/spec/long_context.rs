@@ -32,6 +32,18 @@ pub struct LongContext {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0.0))]
     pub lr: Option<f64>,
+    /// The long-context data, as Fu et al. (2024) choose it ("per-source length upsampling"):
+    /// every category keeps its share of the tokens, and within each, documents of at least
+    /// `longDocumentTokens` are drawn this many times as often as shorter ones. 1 reads the training
+    /// stream as it is.
+    #[serde(default = "default_upsample_long")]
+    #[schemars(range(min = 1.0))]
+    pub upsample_long: f64,
+    /// The tokens from which a document counts as long; defaults to `train.seqLen` (documents the
+    /// base model never saw whole).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub long_document_tokens: Option<u32>,
 }
 
 impl LongContext {
@@ -43,6 +55,10 @@ impl LongContext {
 
 fn default_tokens_fraction() -> f64 {
     0.1
+}
+
+fn default_upsample_long() -> f64 {
+    4.0
 }
 
 /// RoPE rescaling.
@@ -104,6 +120,11 @@ impl LongContext {
         }
         if let Some(mb) = self.micro_batch_size {
             e.check(mb >= 1, "spec.longContext.microBatchSize", "must be at least 1");
+        }
+        let u = self.upsample_long;
+        e.check(u >= 1.0 && u.is_finite(), "spec.longContext.upsampleLong", format!("must be at least 1, got {u}"));
+        if let Some(t) = self.long_document_tokens {
+            e.check(t >= 1, "spec.longContext.longDocumentTokens", "must be at least 1");
         }
     }
 }

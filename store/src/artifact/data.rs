@@ -159,6 +159,8 @@ pub struct DedupStats {
     pub lsh_pairs_merged: u64,
     /// Band collisions the signature check refused.
     pub lsh_collisions_rejected: u64,
+    /// Documents dropped as near-identical neighbours by in-context ordering's semantic dedup.
+    pub semantic_removed: u64,
 }
 
 /// The held-out split.
@@ -193,4 +195,8 @@ pub struct StreamStats {
     pub documents: u64,
     /// Output shards.
     pub shards: u64,
+    /// In-context order: the mean cosine similarity of consecutive documents on its path, and in
+    /// canonical order (the baseline), over the document embeddings.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adjacent_similarity: Option<[f64; 2]>,
 }

@@ -13,7 +13,6 @@ use pretrain_crd::spec::{CurriculumKey, Data, OrderStrategy, QualityClassifier};
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use super::keys::KeyRecord;
-use super::order::{Item as OrderItem, in_context};
 use super::quality::top_fraction_threshold;
 
 /// A document the map phase kept: its key record, and where its map shard left it.
@@ -143,23 +142,24 @@ pub struct StreamEntry {
     pub key: u64,
 }
 
-/// The training stream: every copy of every placed document, ordered by `data.order` (shuffled,
-/// easy first, or in-context groups of related documents of about `seq_len` tokens, from `terms`,
-/// each document's topic terms in canonical order).
+/// The training stream: every copy of every placed document, ordered by `data.order`: shuffled,
+/// easy first, or along the in-context path (`path_position`: each document's place on the
+/// traversal of [`super::order::Graph`], as a fraction of it; empty for the other orders).
 ///
 /// A document with `c` copies (a category mixed in at more than one epoch) has copy `k` placed in
-/// the `k`-th of `c` equal stretches of the run: shuffled within it, or at its difficulty's
-/// quantile within it for a curriculum (each epoch of the category runs easy to hard). So every
-/// category's epochs span the whole run, and copies are a `c`-th of it apart. Then no training
-/// context may hold two copies of one document: a copy that would land within one context of the
-/// previous copy waits until it no longer does ([`spread_copies`]).
+/// the `k`-th of `c` equal stretches of the run: shuffled within it, at its difficulty's quantile
+/// within it for a curriculum (each epoch of the category runs easy to hard), or at its place on the
+/// path (each epoch follows the path). So every category's epochs span the whole run, and copies are
+/// a `c`-th of it apart. Then no training context may hold two copies of one document: a copy that
+/// would land within one context (`seq_len` tokens, at 4 bytes a token) of the previous copy waits
+/// until it no longer does ([`spread_copies`]).
 pub fn order(
     data: &Data,
     seed: u64,
     seq_len: u32,
     docs: &[DocRef],
     placements: &[Option<Placement>],
-    terms: &[Vec<(u32, u16)>],
+    path_position: &[f64],
 ) -> Vec<StreamEntry> {
     let quantile = match data.order.strategy {
         OrderStrategy::Curriculum => difficulty_quantiles(data.order.curriculum_by, docs, placements),
@@ -172,7 +172,8 @@ pub fn order(
         for copy in 0..p.copies {
             let within = match data.order.strategy {
                 OrderStrategy::Curriculum => quantile[i],
-                _ => to_unit(xxh3_64_with_seed(
+                OrderStrategy::InContext => path_position[i],
+                OrderStrategy::Shuffle => to_unit(xxh3_64_with_seed(
                     &[u64::from(r.input), u64::from(r.seq), u64::from(copy)].map(u64::to_le_bytes).concat(),
                     seed ^ 3,
                 )),
@@ -183,13 +184,7 @@ pub fn order(
         }
     }
     stream.sort_by_key(|e| (e.key, e.doc));
-    // Contexts of train.seqLen tokens, at about 4 bytes a token.
     let context_bytes = u64::from(seq_len) * 4;
-    if data.order.strategy == OrderStrategy::InContext {
-        let items: Vec<OrderItem> =
-            stream.iter().map(|e| OrderItem { doc: e.doc, bytes: docs[e.doc].key.bytes }).collect();
-        stream = in_context(&items, terms, context_bytes, seed).into_iter().map(|i| stream[i]).collect();
-    }
     spread_copies(stream, |doc| u64::from(docs[doc].key.bytes), context_bytes, docs.len())
 }
 
@@ -393,7 +388,8 @@ mod tests {
     }
 
     fn order_of(d: &Data, all: &[DocRef], mix: &MixPlan, terms: &[Vec<(u32, u16)>]) -> Vec<(u32, u32, u32)> {
-        order(d, 11, 64, all, &mix.placements, terms)
+        let path = super::super::order::plan(terms, &vec![true; all.len()], 11, 1.1);
+        order(d, 11, 64, all, &mix.placements, &path.position)
             .into_iter()
             .map(|e| (all[e.doc].key.input, all[e.doc].key.seq, e.copy))
             .collect()
@@ -412,7 +408,8 @@ mod tests {
             assert!(mix.placements.iter().flatten().any(|p| p.copies >= 2), "some documents are upsampled");
             // Related documents in pairs, so the in-context walk wants to put copies together.
             let terms: Vec<Vec<(u32, u16)>> = all.iter().map(|x| vec![(x.key.seq / 2, 3), (9999, 1)]).collect();
-            let stream = order(&d, 5, 64, &all, &mix.placements, &terms);
+            let path = super::super::order::plan(&terms, &vec![true; all.len()], 5, 1.1);
+            let stream = order(&d, 5, 64, &all, &mix.placements, &path.position);
             let total: u32 = mix.placements.iter().flatten().map(|p| p.copies).sum();
             assert_eq!(stream.len(), total as usize, "{strategy}: every copy once");
             let mut offset = 0u64;

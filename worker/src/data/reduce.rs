@@ -15,6 +15,7 @@ use pretrain_store::{FileEntry, StageCommit, StageDir};
 
 use super::dedup::{ClusterStats, DiskIndex};
 use super::keys::{KeyRecord, parse_terms};
+use super::order;
 use super::plan::{self, DocRef, MixPlan, Placement, StreamEntry};
 use super::scoring::trained_eval;
 use super::stage::{DataPrepError, OUTPUT_VERSION, Result, hasher, map_dir, map_done};
@@ -43,8 +44,25 @@ pub(super) async fn reduce(ctx: &Context, hash: &str) -> Result<StageCommit> {
             }
         }
     }
+    let (mut semantic_removed, mut path) = (0, None);
+    if data.order.strategy == OrderStrategy::InContext {
+        let included = survivor.clone();
+        let threshold = data.order.semantic_dedup as f32;
+        let seed = spec.seed;
+        let plan = tokio::task::spawn_blocking(move || order::plan(&terms, &included, seed, threshold))
+            .await
+            .expect("the in-context plan does not panic");
+        for (keep, dropped) in survivor.iter_mut().zip(&plan.dropped) {
+            if *dropped && *keep {
+                *keep = false;
+                semantic_removed += 1;
+            }
+        }
+        path = Some(plan);
+    }
     let mix = plan::place(data, spec.seed, &docs, &survivor);
-    let stream = plan::order(data, spec.seed, spec.train.seq_len, &docs, &mix.placements, &terms);
+    let positions = path.as_ref().map(|p| p.position.as_slice()).unwrap_or_default();
+    let stream = plan::order(data, spec.seed, spec.train.seq_len, &docs, &mix.placements, positions);
     let routed = route(ctx, &docs, &mix.placements, &stream, tmp.path()).await?;
     let stats = DataPrepStats {
         output_version: OUTPUT_VERSION,
@@ -61,10 +79,15 @@ pub(super) async fn reduce(ctx: &Context, hash: &str) -> Result<StageCommit> {
             lsh_pairs_compared: near.compared,
             lsh_pairs_merged: near.merged,
             lsh_collisions_rejected: near.rejected,
+            semantic_removed,
         },
         held_out: HeldOutStats { documents: routed.held_out },
         mix: routed.mix_stats(mix),
-        train: StreamStats { documents: stream.len() as u64, shards: u64::from(data.shards) },
+        train: StreamStats {
+            documents: stream.len() as u64,
+            shards: u64::from(data.shards),
+            adjacent_similarity: path.map(|p| [p.adjacent_similarity, p.canonical_similarity]),
+        },
     };
     let stats = serde_json::to_value(&stats).expect("data-prep stats serialise");
     Ok(ctx.dir.commit(hash, routed.files, stats).await?)

@@ -126,6 +126,9 @@ struct TokenizerMeta {
 struct MapTask {
     tokenizer_sha256: String,
     file: FileEntry,
+    /// `shards/NNNNN.cat`: each document's category (absent from tasks of older versions).
+    #[serde(default)]
+    category_file: Option<FileEntry>,
     categories: BTreeMap<String, Counts>,
     seconds: f64,
 }
@@ -341,16 +344,19 @@ fn for_each_line(path: &Path, display: &str, mut f: impl FnMut(u64, &[u8]) -> Re
 /// Text of documents encoded per parallel batch.
 const BATCH_BYTES: usize = 4 << 20;
 
-/// Encodes a data-prep `jsonl.zst` file into a token shard; returns counts per category.
+/// Encodes a data-prep `jsonl.zst` file into a token shard, and writes each document's category
+/// (its index in `categories`, [`write_categories`]) beside it (`.cat`); returns counts per category.
 pub fn encode_file(
     encoder: &Encoder,
     separator: u32,
     input: &Path,
     display: &str,
     output: &Path,
+    categories: &[String],
     progress: &mut Progress,
 ) -> Result<BTreeMap<String, Counts>> {
     let mut writer = ShardWriter::create(output, encoder.vocab_size())?;
+    let mut category_of = Vec::new();
     let mut counts: BTreeMap<String, Counts> = BTreeMap::new();
     let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<DocumentLine>>(2);
     std::thread::scope(|scope| {
@@ -379,6 +385,13 @@ pub fn encode_file(
                 for (doc, mut tokens) in batch.iter().zip(ids) {
                     tokens.push(separator);
                     writer.push(&tokens)?;
+                    let index =
+                        categories.iter().position(|c| *c == doc.category).ok_or_else(|| TokenizeError::Input {
+                            file: display.into(),
+                            line: category_of.len() as u64 + 1,
+                            reason: format!("category {:?} is not one of the spec's {categories:?}", doc.category),
+                        })?;
+                    category_of.push(index as u16);
                     let c = counts.entry(doc.category.clone()).or_default();
                     c.documents += 1;
                     c.tokens += tokens.len() as u64;
@@ -394,7 +407,14 @@ pub fn encode_file(
         encoded.and(read)
     })?;
     writer.finish()?;
+    let path = output.with_extension("cat");
+    std::fs::write(&path, write_categories(&category_of)).map_err(scratch(&path))?;
     Ok(counts)
+}
+
+/// A category file: one little-endian u16 per document of its shard, in order.
+pub fn write_categories(categories: &[u16]) -> Vec<u8> {
+    categories.iter().flat_map(|c| c.to_le_bytes()).collect()
 }
 
 fn map_name(k: u32) -> String {
@@ -420,6 +440,7 @@ async fn map_shard(
     if let Some(done) = map_done(ctx, k).await?
         && done.config_hash == hash
         && done.task.tokenizer_sha256 == meta.sha256
+        && done.task.category_file.is_some()
     {
         return Ok(());
     }
@@ -430,12 +451,16 @@ async fn map_shard(
     let separator = encoder.special(&meta.separator).expect("the separator was checked when the tokenizer loaded");
     let display = upstream.dir.url(input);
     let (enc, out) = (Arc::clone(encoder), output.clone());
+    let names = ctx.run.spec.data.categories();
     let mut progress = Progress::new(format!("tokenize map {k}"), "documents", None);
-    let categories =
-        tokio::task::spawn_blocking(move || encode_file(&enc, separator, &local, &display, &out, &mut progress))
-            .await
-            .expect("encoding does not panic")?;
+    let categories = tokio::task::spawn_blocking(move || {
+        encode_file(&enc, separator, &local, &display, &out, &names, &mut progress)
+    })
+    .await
+    .expect("encoding does not panic")?;
     let file = ctx.dir.put_file(&shard_name(k), &output).await?;
+    let category_file =
+        Some(ctx.dir.put_file(&shard_name(k).replace(".tok", ".cat"), &output.with_extension("cat")).await?);
     let seconds = started.elapsed().as_secs_f64();
     let total = Counts::total(categories.values());
     println!(
@@ -447,7 +472,7 @@ async fn map_shard(
         total.bytes as f64 / total.tokens.max(1) as f64,
         total.bytes as f64 / 1e6 / seconds.max(1e-9)
     );
-    let task = MapTask { tokenizer_sha256: meta.sha256.clone(), file, categories, seconds };
+    let task = MapTask { tokenizer_sha256: meta.sha256.clone(), file, category_file, categories, seconds };
     MapDone { config_hash: hash.into(), task }.write(&ctx.dir, &map_name(k)).await?;
     Ok(())
 }
@@ -477,6 +502,7 @@ async fn reduce(
                     tokens: total.tokens,
                 });
                 files.push(done.file);
+                files.extend(done.category_file);
             }
             _ => missing.push(k),
         }
@@ -494,11 +520,13 @@ async fn reduce(
         let separator = encoder.special(&meta.separator).expect("the separator was checked when the tokenizer loaded");
         let display = upstream.dir.url(name);
         let (enc, out) = (Arc::clone(encoder), output.clone());
+        let names = ctx.run.spec.data.categories();
         let mut progress = Progress::new("tokenize held-out", "documents", None);
-        heldout =
-            tokio::task::spawn_blocking(move || encode_file(&enc, separator, &local, &display, &out, &mut progress))
-                .await
-                .expect("encoding does not panic")?;
+        heldout = tokio::task::spawn_blocking(move || {
+            encode_file(&enc, separator, &local, &display, &out, &names, &mut progress)
+        })
+        .await
+        .expect("encoding does not panic")?;
         files.push(ctx.dir.put_file("heldout/00000.tok", &output).await?);
     }
     let report: BTreeMap<String, Compression> = heldout.iter().map(|(c, n)| (c.clone(), Compression::of(n))).collect();

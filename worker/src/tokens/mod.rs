@@ -6,5 +6,5 @@ pub mod stream;
 mod tokenized;
 
 pub use shard::{ShardError, ShardWriter, TokenShard};
-pub use stream::TokenStream;
+pub use stream::{TokenStream, UpsampleReport};
 pub use tokenized::Tokenized;

@@ -53,9 +53,49 @@ impl Tokenized {
     /// store's are read in place, others are downloaded to `cache` (once: a file of the right size
     /// is kept).
     pub async fn local_shards(&self, prefix: &str, cache: &Path) -> pretrain_store::Result<Vec<PathBuf>> {
+        let names: Vec<&str> = self
+            .commit
+            .files
+            .iter()
+            .filter(|f| f.path.starts_with(prefix) && f.path.ends_with(".tok"))
+            .map(|f| f.path.as_str())
+            .collect();
+        self.local_files(&names, cache).await
+    }
+
+    /// Each training document's category (its index in the spec's sorted categories), in stream
+    /// order, from the `.cat` file beside each shard; `None` when tokenize committed none (an
+    /// older version).
+    pub async fn categories(&self, cache: &Path) -> Result<Option<Vec<u16>>, UpstreamError> {
+        let shards: Vec<String> = self
+            .commit
+            .files
+            .iter()
+            .filter(|f| f.path.starts_with("shards/") && f.path.ends_with(".tok"))
+            .map(|f| f.path.replace(".tok", ".cat"))
+            .collect();
+        if !shards.iter().all(|c| self.commit.files.iter().any(|f| f.path == *c)) {
+            return Ok(None);
+        }
+        let names: Vec<&str> = shards.iter().map(String::as_str).collect();
+        let mut out = Vec::new();
+        for (path, name) in self.local_files(&names, cache).await?.iter().zip(&names) {
+            let corrupt = |reason: String| UpstreamError::Corrupt { url: self.dir.url(name), reason };
+            let bytes = std::fs::read(path).map_err(|e| corrupt(e.to_string()))?;
+            if bytes.len() % 2 != 0 {
+                return Err(corrupt(format!("{} bytes is not a whole number of u16 categories", bytes.len())));
+            }
+            out.extend(bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])));
+        }
+        Ok(Some(out))
+    }
+
+    /// Committed files as local files: a local store's are read in place, others are downloaded to
+    /// `cache` (once: a file of the right size is kept).
+    async fn local_files(&self, names: &[&str], cache: &Path) -> pretrain_store::Result<Vec<PathBuf>> {
         let mut out = Vec::new();
         let root = self.dir.store().url().strip_prefix("file://").map(PathBuf::from);
-        for f in self.commit.files.iter().filter(|f| f.path.starts_with(prefix) && f.path.ends_with(".tok")) {
+        for f in self.commit.files.iter().filter(|f| names.contains(&f.path.as_str())) {
             let key = self.dir.key(&f.path)?;
             let path = match &root {
                 Some(root) => root.join(key.as_ref()),

@@ -35,8 +35,22 @@ pub struct Job {
     pub schedule: Schedule,
     /// Initial weights.
     pub start: Start,
-    /// Read whole documents longest first (long-context) instead of in shard order.
-    pub long_documents_first: bool,
+    /// Long-context data: long documents upsampled within each category ([`LongData`]), instead of
+    /// the stream in shard order.
+    pub long_data: Option<LongData>,
+}
+
+/// How long-context training draws its data ([`crate::tokens::TokenStream::upsample_long`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LongData {
+    /// Tokens from which a document is long.
+    pub long_tokens: u64,
+    /// How much more often a long document is drawn.
+    pub upsample: f64,
+    /// Seed of the draws and the shuffle.
+    pub seed: u64,
+    /// The spec's categories, in the numbering of tokenize's category files.
+    pub categories: Vec<String>,
 }
 
 /// Where a job's weights come from when it has no checkpoint of its own yet.
@@ -72,7 +86,7 @@ impl Job {
             optimizer: t.optimizer.clone(),
             schedule: t.schedule.clone(),
             start: Start::Seed(spec.seed),
-            long_documents_first: false,
+            long_data: None,
         }
     }
 
@@ -116,7 +130,12 @@ impl Job {
             optimizer,
             schedule,
             start: Start::Weights { dir: train_dir, step },
-            long_documents_first: true,
+            long_data: Some(LongData {
+                long_tokens: u64::from(lc.long_document_tokens.unwrap_or(spec.train.seq_len)),
+                upsample: lc.upsample_long,
+                seed: spec.seed,
+                categories: spec.data.categories(),
+            }),
         })
     }
 }

@@ -11,9 +11,8 @@
 //! sequence stays whole. The cursor (a token position in the repeated sequence numbering) is all that
 //! a checkpoint needs to resume the exact same batches, whatever the number of ranks.
 //!
-//! Long-context training reorders the stream by document, longest first
-//! ([`TokenStream::long_documents_first`]), so that its few steps see whole long documents rather
-//! than windows spanning many short ones.
+//! Long-context training reads whole documents, long ones upsampled within each category
+//! ([`TokenStream::upsample_long`], after Fu et al. 2024), in a seeded order.
 
 use std::sync::mpsc::{Receiver, sync_channel};
 use std::thread::JoinHandle;
@@ -210,6 +209,57 @@ mod tests {
         s.read(20, 8, &mut out);
         // Positions 20.. are the end of the 10-token document, the 3-token one, then the next epoch.
         assert_eq!(out, [8, 9, 10, 11, 12, 13, 14, 15]);
+    }
+
+    /// Category 0: 40 documents of 5 tokens and 10 of 40; category 1: 100 of 5, interleaved.
+    /// Upsampling documents of 40+ tokens 4 times keeps each category's tokens (in expectation) and
+    /// raises category 0's share of long-document tokens from 2/3 to about 8/9; whole documents only.
+    #[test]
+    fn long_documents_are_upsampled_within_each_category() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("0.tok");
+        let mut w = ShardWriter::create(&path, 5000).unwrap();
+        let (mut categories, mut next) = (Vec::new(), 0u32);
+        for i in 0..150u32 {
+            let (category, len) = match i % 3 {
+                0 if i < 120 && i % 12 == 0 => (0u16, 40),
+                0 | 1 if i < 120 => (0, 5),
+                _ => (1, 5),
+            };
+            w.push(&(next..next + len).collect::<Vec<u32>>()).unwrap();
+            next += len;
+            categories.push(category);
+        }
+        w.finish().unwrap();
+        let open = || TokenStream::open(std::slice::from_ref(&path)).unwrap();
+        let before: Vec<(u64, u64)> = (0..2u16)
+            .map(|c| {
+                let docs = (0..150).filter(|&i| categories[i] == c);
+                let lens: Vec<u64> = docs.map(|i| if i % 3 == 0 && i < 120 && i % 12 == 0 { 40 } else { 5 }).collect();
+                (lens.iter().sum(), lens.iter().filter(|&&l| l >= 40).sum())
+            })
+            .collect();
+        let (s, report) = open().upsample_long(&categories, 40, 4.0, 3).unwrap();
+        assert_eq!(report.before, before);
+        for c in 0..2 {
+            let (tokens, after) = (report.before[c].0 as f64, report.after[c].0 as f64);
+            assert!((after - tokens).abs() <= 0.25 * tokens, "category {c}: {after} tokens, was {tokens}");
+        }
+        let share = |(t, l): (u64, u64)| l as f64 / t as f64;
+        assert!(share(report.after[0]) > 0.8 && share(report.before[0]) < 0.7, "{report:?}");
+        assert_eq!(report.after[1].1, 0);
+        // The stream is whole documents: every run of consecutive ids starts at a document start.
+        let mut out = Vec::new();
+        s.read(0, s.len(), &mut out);
+        assert_eq!(out.len() as u64, report.after.iter().map(|a| a.0).sum::<u64>());
+        let (again, _) = open().upsample_long(&categories, 40, 4.0, 3).unwrap();
+        let mut second = Vec::new();
+        again.read(0, again.len(), &mut second);
+        assert_eq!(out, second, "deterministic");
+        let (plain, report) = open().upsample_long(&categories, 40, 1.0, 3).unwrap();
+        assert_eq!(report.after, report.before, "no upsampling: the stream's documents, shuffled");
+        assert_eq!(plain.len(), open().len());
+        assert!(open().upsample_long(&categories[1..], 40, 4.0, 3).is_err());
     }
 
     #[test]

@@ -14,7 +14,7 @@ use pretrain_store::artifact::{DataPrepStats, TrainStats};
 
 use super::error::Result;
 pub use super::error::TrainError;
-use super::job::{self, Job};
+use super::job::{self, Job, LongData};
 use super::loader::{BatchShape, Prefetcher};
 use super::metrics::{MetricsLine, MetricsLog, Pace, Throughput};
 use super::saver::Saver;
@@ -58,18 +58,48 @@ impl Streams {
                 job.seq_len
             )));
         }
-        if job.long_documents_first {
-            train = train.long_documents_first();
-            println!(
-                "{}: longest documents first (the longest has {} tokens; sequences have {})",
-                job.label,
-                train.longest_document(),
-                job.seq_len
-            );
+        if let Some(long) = &job.long_data {
+            train = long_context_data(tok, train, long, job.label, cache).await?;
         }
         let heldout = if heldout_paths.is_empty() { None } else { Some(TokenStream::open(&heldout_paths)?) };
         Ok(Self { train: Arc::new(train), heldout })
     }
+}
+
+/// The long-context stream: long documents upsampled within each category (Fu et al. 2024), with
+/// a line per category saying how the share of long-document tokens changed.
+async fn long_context_data(
+    tok: &Tokenized,
+    train: TokenStream,
+    long: &LongData,
+    label: &str,
+    cache: &std::path::Path,
+) -> Result<TokenStream> {
+    let categories = match tok.categories(cache).await? {
+        Some(c) => c,
+        None => {
+            eprintln!(
+                "{label}: tokenize's output has no per-document categories (written by an older version): all documents count as one category"
+            );
+            vec![0; train.documents() as usize]
+        }
+    };
+    let (train, report) = train
+        .upsample_long(&categories, long.long_tokens, long.upsample, long.seed)
+        .map_err(|e| TrainError::Invalid(format!("long-context data: {e}")))?;
+    let share = |(tokens, long): (u64, u64)| 100.0 * long as f64 / tokens.max(1) as f64;
+    for (c, (before, after)) in report.before.iter().zip(&report.after).enumerate() {
+        println!(
+            "{label}: {}: {} tokens, {:.1}% in documents of {}+ tokens (the training stream: {} tokens, {:.1}%)",
+            long.categories.get(c).map_or("all", String::as_str),
+            after.0,
+            share(*after),
+            long.long_tokens,
+            before.0,
+            share(*before)
+        );
+    }
+    Ok(train)
 }
 
 /// Refuses a token budget that would repeat a category beyond `maxEpochs` (the epochs the mix gave
