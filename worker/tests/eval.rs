@@ -199,19 +199,8 @@ fn last_word_is_the_greedy_choice_of_a_model_trained_on_predictable_text() {
     assert!(before.score < 0.2 && before.perplexity.unwrap() > 10.0, "{before:?}");
 }
 
-/// Passkey retrieval is measured two ways: exact answers, and the log-probability of the key. The
-/// model here learns to copy the key (most greedy answers start with it) but, trained on nothing
-/// after the key, runs on with more digits, so it answers no trial exactly; the test checks the
-/// log-probability against the bound no model can beat without reading the key.
-///
-/// About a minute in release mode, far longer in debug builds, so CI leaves it out; run it with
-/// `cargo test --release -p pretrain-worker --test eval -- --ignored`.
-#[test]
-#[ignore = "trains a model for a minute; run with --release -- --ignored"]
-fn passkey_retrieval_beats_chance_on_a_model_trained_for_it() {
-    // A tokenizer that knows the passkey prompt's words, and a model trained on passkey prompts
-    // followed by their key: to lower the loss it must learn to copy the key from the needle.
-    const LENGTH: usize = 96;
+/// A tokenizer that knows the passkey prompt's words, its separator, and 4,000 keys.
+fn passkey_tokenizer() -> (Encoder, u32, Vec<String>) {
     let keys = common::words(5, 4000, |s| (10_000 + s % 90_000).to_string());
     let sample: Vec<String> = keys
         .chunks(40)
@@ -223,14 +212,18 @@ fn passkey_retrieval_beats_chance_on_a_model_trained_for_it() {
         .collect();
     let enc = tokenizer(&sample, 400);
     let sep = enc.special("<|eos|>").unwrap();
-    // Each example with a mask of the positions whose next token repeats the key (every occurrence
-    // but the first): the loss is taken there only, so every step teaches retrieval.
-    let examples: Vec<(Vec<u32>, Vec<f32>)> = keys
-        .iter()
+    (enc, sep, keys)
+}
+
+/// Passkey prompts of `length` tokens followed by their key, each with a mask of the positions
+/// whose next token repeats the key (every occurrence but the first): the loss is taken there only,
+/// so every step teaches retrieval.
+fn passkey_examples(enc: &Encoder, sep: u32, keys: &[String], length: usize) -> Vec<(Vec<u32>, Vec<f32>)> {
+    keys.iter()
         .enumerate()
         .map(|(i, k)| {
             let (mut ids, answer) =
-                passkey::prompt(&enc, sep, LENGTH, k.parse().unwrap(), (i % 11) as f64 / 10.0).unwrap();
+                passkey::prompt(enc, sep, length, k.parse().unwrap(), (i % 11) as f64 / 10.0).unwrap();
             ids.extend(&answer);
             let mut mask = vec![0f32; ids.len()];
             let starts: Vec<usize> =
@@ -242,17 +235,18 @@ fn passkey_retrieval_beats_chance_on_a_model_trained_for_it() {
             }
             (ids, mask)
         })
-        .collect();
+        .collect()
+}
+
+/// `steps` AdamW steps of 16 examples on the masked retrieval loss, at `lr` after 20 warmup steps.
+fn train_passkey(model: &Llama, examples: &[(Vec<u32>, Vec<f32>)], steps: usize, lr: f64) {
     let t = examples.iter().map(|e| e.0.len()).min().unwrap();
     let dev = Device::Cpu;
-    let c = LlamaConfig { dim: 96, ffn_dim: 192, ..config(enc.vocab_size() as usize) };
-    let model = Llama::new(c.clone(), Params::init(&c, 2, &dev).unwrap(), LENGTH, &dev).unwrap();
     let mut opt =
         AdamW::new(AdamWConfig { weight_decay: 0.0, ..AdamWConfig::from_spec(&Default::default()) }, &model.params)
             .unwrap();
     let batch = 16;
-    const STEPS: usize = 500;
-    for step in 0..STEPS {
+    for step in 0..steps {
         let (mut rows, mut masks) = (Vec::new(), Vec::new());
         for b in 0..batch {
             let (ids, mask) = &examples[(step * batch + b) % examples.len()];
@@ -268,20 +262,77 @@ fn passkey_retrieval_beats_chance_on_a_model_trained_for_it() {
         let loss = ((picked * &mask).unwrap().sum_all().unwrap() / -count).unwrap();
         let grads = loss.backward().unwrap();
         let g: Vec<Tensor> = model.params.iter().map(|(_, _, v)| grads.get(v.as_tensor()).unwrap().clone()).collect();
-        let lr = 3e-3 * ((step + 1) as f64 / 20.0).min(1.0);
-        opt.step(&model.params, &g, lr).unwrap();
+        opt.step(&model.params, &g, lr * ((step + 1) as f64 / 20.0).min(1.0)).unwrap();
     }
+}
+
+/// Keys are uniform over 90,000 values and no key's tokens are a prefix of another's, so without
+/// reading the key from the context no model does better on average than log(1/90,000) (Gibbs'
+/// inequality). Beating that by 2 nats (7x) means the model retrieves (part of) the key.
+fn passkey_chance() -> f64 {
+    -(90_000f64).ln()
+}
+
+/// The passkey model of these tests: 2 layers of 96 (heads of 24).
+fn passkey_config(vocab: u32) -> LlamaConfig {
+    LlamaConfig { dim: 96, ffn_dim: 192, ..config(vocab as usize) }
+}
+
+/// Passkey retrieval is measured two ways: exact answers, and the log-probability of the key. The
+/// model here learns to copy the key (most greedy answers start with it) but, trained on nothing
+/// after the key, runs on with more digits, so it answers no trial exactly; the test checks the
+/// log-probability against the bound no model can beat without reading the key.
+///
+/// About a minute in release mode, far longer in debug builds, so CI leaves it out; run it with
+/// `cargo test --release -p pretrain-worker --test eval -- --ignored`.
+#[test]
+#[ignore = "trains a model for a minute; run with --release -- --ignored"]
+fn passkey_retrieval_beats_chance_on_a_model_trained_for_it() {
+    const LENGTH: usize = 96;
+    let (enc, sep, keys) = passkey_tokenizer();
+    let dev = Device::Cpu;
+    let c = passkey_config(enc.vocab_size());
+    let model = Llama::new(c.clone(), Params::init(&c, 2, &dev).unwrap(), LENGTH, &dev).unwrap();
+    train_passkey(&model, &passkey_examples(&enc, sep, &keys, LENGTH), 500, 3e-3);
     let scorer = Scorer::new(&model, DType::F32);
     let result = passkey::run(&scorer, &enc, sep, LENGTH, 10, 99).unwrap();
     let untrained = Llama::new(c.clone(), Params::init(&c, 2, &dev).unwrap(), LENGTH, &dev).unwrap();
     let before = passkey::run(&Scorer::new(&untrained, DType::F32), &enc, sep, LENGTH, 10, 99).unwrap();
     eprintln!("trained: {result:?}\nuntrained: {before:?}");
-    // Keys are uniform over 90,000 values and no key's tokens are a prefix of another's, so without
-    // reading the key from the context no model does better on average than log(1/90,000) (Gibbs'
-    // inequality). Beating that by 2 nats (7x) means the model retrieves (part of) the key.
-    let chance = -(90_000f64).ln();
-    assert!(result.key_logprob > chance + 2.0, "{result:?} vs chance {chance}");
-    assert!(before.key_logprob < chance, "{before:?}");
+    assert!(result.key_logprob > passkey_chance() + 2.0, "{result:?} vs chance {}", passkey_chance());
+    assert!(before.key_logprob < passkey_chance(), "{before:?}");
+}
+
+/// The long-context recipe on that model: trained for retrieval at 96 tokens, it is at chance at
+/// NEW tokens, where the needle is farther back than any distance it saw; with RoPE rescaled by
+/// NTK (as `longContext.rope` does) and a short continuation at the new length, it retrieves there.
+///
+/// Minutes in release mode; run it with `cargo test --release -p pretrain-worker --test eval --
+/// --ignored`.
+#[test]
+#[ignore = "trains a model for minutes; run with --release -- --ignored"]
+fn long_context_extension_makes_passkey_work_at_the_new_length() {
+    const BASE: usize = 96;
+    const NEW: usize = 384;
+    let (enc, sep, keys) = passkey_tokenizer();
+    let dev = Device::Cpu;
+    let c = passkey_config(enc.vocab_size());
+    let base = Llama::new(c.clone(), Params::init(&c, 2, &dev).unwrap(), NEW, &dev).unwrap();
+    train_passkey(&base, &passkey_examples(&enc, sep, &keys, BASE), 500, 3e-3);
+    let at_base = passkey::run(&Scorer::new(&base, DType::F32), &enc, sep, BASE, 10, 99).unwrap();
+    let base_at_new = passkey::run(&Scorer::new(&base, DType::F32), &enc, sep, NEW, 10, 99).unwrap();
+
+    let factor = NEW as f64 / BASE as f64;
+    let long = LlamaConfig { rope_base: ntk_base(c.rope_base, factor, c.dim / c.heads), ..c.clone() };
+    let copied = base.params.named().into_iter().map(|(n, t)| (n, t.copy().unwrap())).collect();
+    let extended = Llama::new(long.clone(), Params::from_named(&long, copied, &dev).unwrap(), NEW, &dev).unwrap();
+    train_passkey(&extended, &passkey_examples(&enc, sep, &keys[..1000], NEW), 150, 1e-3);
+    let extended_at_new = passkey::run(&Scorer::new(&extended, DType::F32), &enc, sep, NEW, 10, 99).unwrap();
+    eprintln!("base at {BASE}: {at_base:?}\nbase at {NEW}: {base_at_new:?}\nextended at {NEW}: {extended_at_new:?}");
+    let chance = passkey_chance();
+    assert!(at_base.key_logprob > chance + 2.0, "the base retrieves at its own length: {at_base:?}");
+    assert!(base_at_new.key_logprob < chance + 0.5, "the base at {NEW} is at chance: {base_at_new:?}");
+    assert!(extended_at_new.key_logprob > chance + 2.0, "extended at {NEW}: {extended_at_new:?} vs chance {chance}");
 }
 
 fn worker(stage: &str, spec: &Path) -> Command {
