@@ -323,7 +323,7 @@ fn long_context_extension_makes_passkey_work_at_the_new_length() {
     let base_at_new = passkey::run(&Scorer::new(&base, DType::F32), &enc, sep, NEW, 10, 99).unwrap();
 
     let factor = NEW as f64 / BASE as f64;
-    let long = LlamaConfig { rope_base: ntk_base(c.rope_base, factor, c.dim / c.heads), ..c.clone() };
+    let long = LlamaConfig { rope_base: ntk_base(c.rope_base, factor, c.dim / c.heads), ..c };
     let copied = base.params.named().into_iter().map(|(n, t)| (n, t.copy().unwrap())).collect();
     let extended = Llama::new(long.clone(), Params::from_named(&long, copied, &dev).unwrap(), NEW, &dev).unwrap();
     train_passkey(&extended, &passkey_examples(&enc, sep, &keys[..1000], NEW), 150, 1e-3);
