@@ -132,6 +132,7 @@ fn killed_and_resumed_runs_end_with_identical_weights() {
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap())
         .collect();
     assert_eq!(steps, (1..=STEPS).collect::<Vec<_>>(), "one metrics line per step across the restart");
+    tensorboard_matches_metrics(&store.join("termed/train"), &metrics);
 
     // Retention keeps the newest two checkpoints (deleting files; the file store leaves empty folders).
     let mut left: Vec<String> = std::fs::read_dir(store.join("straight/train/ckpt"))
@@ -223,4 +224,36 @@ async fn a_checkpoint_of_another_model_shape_is_refused() {
     let message = err.to_string();
     assert!(message.contains("was trained with model") && message.contains("step-000000003"), "{message}");
     assert!(matches!(err, pretrain_worker::train::stage::TrainError::Invalid(_)));
+}
+
+/// The stage's TensorBoard event file, read back by the `tensorboard` package's reader: every scalar
+/// of every step of `metrics.jsonl`, once (a resumed run included), at the step's time.
+fn tensorboard_matches_metrics(stage: &Path, metrics: &str) {
+    let logdir = stage.join("tensorboard");
+    let Some(read) = common::python_json::<std::collections::BTreeMap<String, Vec<(u64, f64, f64)>>>(
+        "check_tensorboard.py",
+        &[&logdir],
+        "tensorboard",
+    ) else {
+        return;
+    };
+    let lines: Vec<pretrain_store::artifact::MetricsLine> =
+        metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let mut expected: std::collections::BTreeMap<String, Vec<(u64, f64, f64)>> = Default::default();
+    for line in &lines {
+        for (tag, value) in pretrain_worker::train::tensorboard::scalars(line) {
+            expected.entry(tag).or_default().push((line.step, f64::from(value), line.time.unwrap()));
+        }
+    }
+    assert_eq!(read.keys().collect::<Vec<_>>(), expected.keys().collect::<Vec<_>>(), "tags");
+    assert!(read.contains_key("loss") && read.contains_key("heldout_loss"), "{:?}", read.keys());
+    for (tag, want) in &expected {
+        let got = &read[tag];
+        assert_eq!(got.len(), want.len(), "{tag}: one value a step");
+        for (g, w) in got.iter().zip(want) {
+            assert_eq!(g.0, w.0, "{tag}: steps");
+            assert!((g.1 - w.1).abs() <= 1e-6 * w.1.abs().max(1e-30), "{tag} at step {}: {} vs {}", w.0, g.1, w.1);
+            assert!((g.2 - w.2).abs() < 1e-3, "{tag} at step {}: wall time {} vs {}", w.0, g.2, w.2);
+        }
+    }
 }

@@ -34,6 +34,9 @@ pub struct MetricsLine {
     pub seconds: f64,
     /// Steps done, this one included.
     pub step: u64,
+    /// Unix time (seconds) at the end of the step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<f64>,
     /// Tokens trained on so far.
     pub tokens: u64,
     /// Tokens per second per rank.

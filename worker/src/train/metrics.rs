@@ -102,6 +102,7 @@ impl Throughput {
             probes: Default::default(),
             seconds,
             step: state.step,
+            time: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok().map(|d| d.as_secs_f64()),
             tokens: state.tokens_seen,
             tokens_per_second,
         }

@@ -8,4 +8,5 @@ pub mod optim;
 mod saver;
 pub mod schedule;
 pub mod stage;
+pub mod tensorboard;
 pub mod trainer;

@@ -6,6 +6,7 @@ use pretrain_store::{FileEntry, StageDir};
 use tokio::task::JoinHandle;
 
 use super::error::{Result, TrainError};
+use super::tensorboard;
 use crate::checkpoint::{self, Snapshot};
 
 /// The save in flight, and the files of the newest finished one.
@@ -39,6 +40,7 @@ impl Saver {
         let (dir, keep, step) = (self.dir.clone(), self.keep, snapshot.state.step);
         self.pending = Some(tokio::spawn(async move {
             let saved = async {
+                dir.put(tensorboard::FILE, Bytes::from(tensorboard::events(&metrics))).await?;
                 dir.put("metrics.jsonl", metrics).await?;
                 checkpoint::save(&dir, snapshot, keep).await
             };

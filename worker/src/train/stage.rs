@@ -18,6 +18,7 @@ use super::job::{self, Job, LongData};
 use super::loader::{BatchShape, Prefetcher};
 use super::metrics::{MetricsLine, MetricsLog, Pace, Throughput};
 use super::saver::Saver;
+use super::tensorboard;
 use super::trainer::Trainer;
 use crate::Context;
 use crate::checkpoint::{self, Snapshot};
@@ -279,6 +280,7 @@ async fn commit(
         files = loaded.files;
     }
     files.push(ctx.dir.put_file("metrics.jsonl", metrics.path()?).await?);
+    ctx.dir.put(tensorboard::FILE, bytes::Bytes::from(tensorboard::events(&metrics.bytes()?))).await?;
     let stats = serde_json::to_value(stats).expect("train stats serialise");
     let commit = ctx.dir.commit(&ctx.config_hash(), files, stats).await?;
     trainer.collective.finish()?;
