@@ -47,6 +47,7 @@ pub fn scalars(line: &MetricsLine) -> Vec<(String, f32)> {
     out
 }
 
+#[derive(Clone, Copy)]
 enum Body<'a> {
     FileVersion(&'a str),
     Summary(&'a [(String, f32)]),
