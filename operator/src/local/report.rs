@@ -209,6 +209,13 @@ fn data_section(md: &mut String, s: &DataPrepStats) {
             c.auc
         );
     }
+    if let Some([path, input]) = s.train.adjacent_similarity {
+        let _ = writeln!(
+            md,
+            "\nIn-context order: consecutive documents at a mean cosine similarity of {path:.3} on the path ({input:.3} in input order); {} dropped as near-identical neighbours.",
+            s.dedup.semantic_removed
+        );
+    }
     if !s.map.decoded.is_empty() {
         let charsets: Vec<String> = s.map.decoded.iter().map(|(c, n)| format!("{n} {c}")).collect();
         let _ = writeln!(md, "\nWeb pages decoded from other charsets than UTF-8: {}.", charsets.join(", "));
@@ -331,5 +338,35 @@ mod tests {
         assert_eq!(svg.matches("stroke=\"#FF7F0E\" stroke-width=\"2\"").count(), 2, "{svg}");
         assert!(svg.contains("Loss") && svg.contains("tokens"));
         assert!(line_chart("x", "x", "y", &[("a".into(), vec![])]).is_none());
+    }
+
+    /// The data section says what the trained classifier measured and what in-context order did,
+    /// and says nothing of either when the run had neither.
+    #[test]
+    fn the_data_section_reports_the_classifier_and_the_in_context_order() {
+        let mut s = DataPrepStats::default();
+        let mut plain = String::new();
+        data_section(&mut plain, &s);
+        assert!(!plain.contains("Quality classifier") && !plain.contains("In-context"), "{plain}");
+        s.quality.classifier = Some(pretrain_store::artifact::ClassifierEval {
+            classifier: "bert-head".into(),
+            train_examples: [40, 40],
+            heldout_examples: [10, 12],
+            threshold: 0.5,
+            precision: 0.9,
+            recall: 0.8,
+            f1: 0.847,
+            auc: 0.95,
+            ..Default::default()
+        });
+        s.train.adjacent_similarity = Some([0.47, 0.01]);
+        s.dedup.semantic_removed = 3;
+        let mut md = String::new();
+        data_section(&mut md, &s);
+        assert!(
+            md.contains("Quality classifier (bert-head), trained on 80 labelled documents and measured on 22 held out (10 good): precision 0.900, recall 0.800, F1 0.847 at score 0.5, AUC 0.950."),
+            "{md}"
+        );
+        assert!(md.contains("mean cosine similarity of 0.470 on the path (0.010 in input order); 3 dropped"), "{md}");
     }
 }
