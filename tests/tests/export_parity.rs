@@ -105,6 +105,7 @@ fn transformers_gives_our_logits_for_every_rope_setting() {
             loss_window: Vec::new(),
             spike_streak: Vec::new(),
             saved_unix: None,
+            history: Default::default(),
         };
         let hf = hf_config(&state, None);
         std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&hf).unwrap()).unwrap();

@@ -110,6 +110,11 @@ fn killed_and_resumed_runs_end_with_identical_weights() {
     assert_eq!(worker("train", &killed).status().unwrap().code(), Some(exit::DONE));
     let resumed = commit(&store, "killed");
     assert_eq!(model_sha(&resumed), model_sha(&reference), "bitwise the same weights after SIGKILL + resume");
+    // The checkpoints count the failure the stage survived, and the training time, for
+    // `checkpoint.every: auto`.
+    assert_eq!(final_history(&store, "straight")["failures"], 0);
+    assert_eq!(final_history(&store, "killed")["failures"], 1, "{}", final_history(&store, "killed"));
+    assert!(final_history(&store, "killed")["trainSeconds"].as_f64().unwrap() > 0.0);
 
     // SIGTERM: checkpoint, exit 75, resume.
     let termed = manifest(tmp.path(), "termed", MODEL);
@@ -126,6 +131,22 @@ fn killed_and_resumed_runs_end_with_identical_weights() {
     }
     assert_eq!(worker("train", &termed).status().unwrap().code(), Some(exit::DONE));
     assert_eq!(model_sha(&commit(&store, "termed")), model_sha(&reference));
+    assert_eq!(final_history(&store, "termed")["failures"], 0, "a preemption that checkpointed is not a failure");
+
+    // `checkpoint.every: auto` with a failure every few microseconds: Young/Daly checkpoints often,
+    // says so, and the weights are still the uninterrupted run's.
+    let auto = manifest(tmp.path(), "auto", MODEL);
+    let text = std::fs::read_to_string(&auto).unwrap().replace(
+        "checkpoint: {everySteps: 3, keep: 2}",
+        "checkpoint: {every: auto, everySteps: 10, mtbfHours: 0.000000001, keep: 2}",
+    );
+    std::fs::write(&auto, text).unwrap();
+    prepare(&auto);
+    let out = worker("train", &auto).stdout(std::process::Stdio::piped()).output().unwrap();
+    assert_eq!(out.status.code(), Some(exit::DONE));
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert!(log.contains("next checkpoint in ") && log.contains("(Young/Daly: the last held the step loop"), "{log}");
+    assert_eq!(model_sha(&commit(&store, "auto")), model_sha(&reference));
     let metrics = std::fs::read_to_string(store.join("termed/train/metrics.jsonl")).unwrap();
     let steps: Vec<u64> = metrics
         .lines()
@@ -164,6 +185,7 @@ fn snapshot(step: u64, config: &LlamaConfig) -> Snapshot {
         loss_window: vec![],
         spike_streak: Vec::new(),
         saved_unix: None,
+        history: Default::default(),
     };
     Snapshot::take(state, vec![("w".into(), weight.clone())], vec![("exp_avg.w".into(), weight)]).unwrap()
 }
@@ -256,4 +278,11 @@ fn tensorboard_matches_metrics(stage: &Path, metrics: &str) {
             assert!((g.2 - w.2).abs() < 1e-3, "{tag} at step {}: wall time {} vs {}", w.0, g.2, w.2);
         }
     }
+}
+
+/// `history` of the final checkpoint's `state.json`.
+fn final_history(store: &Path, run: &str) -> serde_json::Value {
+    let state = store.join(run).join(format!("train/ckpt/{}/state.json", checkpoint::dir_name(STEPS)));
+    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(state).unwrap()).unwrap();
+    state["history"].clone()
 }

@@ -37,7 +37,8 @@ pub use self::model::{Model, ModelConfig, ModelPreset};
 pub use self::plain::{ObjectMeta, PretrainRun, Quantity};
 pub use self::tokenizer::{BUILTIN_SPECIAL_TOKENS, Tokenizer};
 pub use self::train::{
-    Checkpointing, LossSpike, Optimizer, Precision, Resources, Schedule, ScheduleKind, SpikeAction, Train,
+    CheckpointEvery, Checkpointing, LossSpike, Optimizer, Precision, Resources, Schedule, ScheduleKind, SpikeAction,
+    Train,
 };
 #[cfg(feature = "kube")]
 use crate::status::PretrainRunStatus;

@@ -220,6 +220,21 @@ pub struct TrainState {
     /// counted from here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub saved_unix: Option<u64>,
+    /// The stage's attempts up to this checkpoint, for the checkpoint interval.
+    #[serde(default)]
+    pub history: RunHistory,
+}
+
+/// What a stage's attempts went through, carried from checkpoint to checkpoint.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct RunHistory {
+    /// Attempts that resumed after a failure (not after a checkpoint taken on SIGTERM).
+    pub failures: u32,
+    /// Wall seconds of the steps up to this checkpoint, over all attempts.
+    pub train_seconds: f64,
+    /// This checkpoint was taken on SIGTERM (a preemption, not a failure, ended the attempt).
+    pub stopped: bool,
 }
 
 /// `MANIFEST.json`.

@@ -16,7 +16,7 @@ mod tokens;
 mod train;
 
 pub use checkpoint::{
-    FORMAT_VERSION, InvalidManifest, LlamaConfig, Manifest, ParamKind, Scaling, TrainState, dir_name,
+    FORMAT_VERSION, InvalidManifest, LlamaConfig, Manifest, ParamKind, RunHistory, Scaling, TrainState, dir_name,
 };
 pub use data::{
     ClassifierEval, DataPrepStats, DedupStats, DocumentLine, HeldOutStats, MapStats, MixStats, QualityStats, Skipped,

@@ -158,6 +158,7 @@ fn checkpoint_times(model: &Llama, opt: &AdamW) {
         loss_window: Vec::new(),
         spike_streak: Vec::new(),
         saved_unix: None,
+        history: Default::default(),
     };
     let named = model.params.named();
     let t = Instant::now();

@@ -1,6 +1,7 @@
 //! The train stage: the loop, AdamW, schedules, the prefetching loader, checkpoints.
 
 mod error;
+pub mod interval;
 pub mod job;
 pub mod loader;
 mod metrics;

@@ -8,12 +8,13 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use pretrain_crd::Stage;
-use pretrain_crd::spec::SpikeAction;
+use pretrain_crd::spec::{CheckpointEvery, SpikeAction};
 use pretrain_store::FileEntry;
-use pretrain_store::artifact::{DataPrepStats, TrainStats};
+use pretrain_store::artifact::{DataPrepStats, RunHistory, TrainStats};
 
 use super::error::Result;
 pub use super::error::TrainError;
+use super::interval::Interval;
 use super::job::{self, Job, LongData};
 use super::loader::{BatchShape, Prefetcher};
 use super::metrics::{MetricsLine, MetricsLog, Pace, Throughput};
@@ -149,7 +150,12 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
     let mut prefetch = Prefetcher::start(Arc::clone(&streams.train), shape, first_step, job.total_steps, cursor, 4);
     let throughput = Throughput::new(&job, &device, spec.train.resources.gpu_type.as_deref(), shape.world);
     let mut saver = Saver::new(ctx.dir.clone(), spec.train.checkpoint.keep);
-    let every = spec.train.checkpoint.every_steps.max(1);
+    let gpus = spec.train.resources.nodes * spec.train.resources.gpus_per_node.max(1);
+    let mut interval = Interval::new(&spec.train.checkpoint, gpus, first_step);
+    if first_step > 0 && !trainer.state.history.stopped {
+        trainer.state.history.failures += 1; // resumed after a failure, not a checkpoint on SIGTERM
+    }
+    trainer.state.history.stopped = false;
     let mut pace = Pace::new(&job, first_step);
     while trainer.state.step < job.total_steps {
         let Some(batch) = prefetch.next() else { break };
@@ -169,16 +175,23 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
             }
             continue;
         }
+        trainer.state.history.train_seconds += line.seconds;
+        interval.step_done(line.seconds);
         // Held-out loss and probes only at scheduled checkpoints: a checkpoint on SIGTERM must be quick
         // (the grace period runs), and the metrics stay those of an uninterrupted run.
-        let scheduled = trainer.state.step.is_multiple_of(every) || trainer.state.step == job.total_steps;
+        let scheduled =
+            interval.due(trainer.state.step, &trainer.state.history) || trainer.state.step == job.total_steps;
+        let held = Instant::now();
         if scheduled {
             measure(&trainer, &streams, &tok, ctx, &mut line)?;
         }
         metrics.write(&line)?;
         pace.report(&line);
         if scheduled || step.stopping {
+            trainer.state.history.stopped = step.stopping;
             save(&mut trainer, &mut saver, &mut metrics).await?;
+            interval.checkpointed(trainer.state.step, held.elapsed().as_secs_f64());
+            announce_interval(&job, &interval, &trainer.state.history, spec.train.checkpoint.every);
             if step.stopping {
                 saver.wait().await?;
                 println!("{}: checkpointed step {} on SIGTERM", job.label, trainer.state.step);
@@ -195,6 +208,20 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
     let files = saver.finish().await?;
     let stats = stats(&job, &trainer, &streams, pace.seconds());
     commit(ctx, trainer, files, &mut metrics, &stats, &device).await
+}
+
+/// With `checkpoint.every: auto`, says the interval chosen after a checkpoint, and why.
+fn announce_interval(job: &Job, interval: &Interval, history: &RunHistory, every: CheckpointEvery) {
+    if every == CheckpointEvery::Auto {
+        println!(
+            "{}: next checkpoint in {} steps (Young/Daly: the last held the step loop {:.2} s; MTBF {:.2} h after {} failures)",
+            job.label,
+            interval.steps(history),
+            interval.cost().unwrap_or(0.0),
+            interval.mtbf_seconds(history) / 3600.0,
+            history.failures
+        );
+    }
 }
 
 /// Waits for the save in flight, then hands a snapshot of the trainer to the saver, with the metrics

@@ -381,6 +381,7 @@ fn fresh_state(ctx: &Context, job: &Job) -> TrainState {
         loss_window: Vec::new(),
         spike_streak: Vec::new(),
         saved_unix: None,
+        history: Default::default(),
     }
 }
 
