@@ -31,9 +31,10 @@ fn run(file: &Path, faults: Option<&str>, extra: &[&str]) -> Output {
     cmd.output().expect("pretrain runs")
 }
 
-/// Fields of metrics lines and checkpoint states that record the clock rather than the model, and
-/// the config hash, which covers the store URL (the two runs write to different directories).
-const TIMING: [&str; 5] = ["tokensPerSecond", "mfu", "seconds", "savedUnix", "configHash"];
+/// Fields of metrics lines and checkpoint states that record the clock or the attempts rather than
+/// the model (`history`: failures survived and training seconds), and the config hash, which covers
+/// the store URL (the two runs write to different directories).
+const TIMING: [&str; 7] = ["tokensPerSecond", "mfu", "seconds", "savedUnix", "time", "history", "configHash"];
 
 fn strip(v: &mut serde_json::Value) {
     match v {
