@@ -89,6 +89,7 @@ impl PretrainRunSpec {
             Stage::DataPrep => serde_json::to_value(&self.data).map(|mut data| {
                 if let Some(map) = data.as_object_mut() {
                     map.remove("resources");
+                    map.remove("tasks");
                 }
                 data
             }),

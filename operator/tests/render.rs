@@ -66,6 +66,7 @@ fn a_gpu_gang_is_an_indexed_job_with_rendezvous_gpus_and_a_checkpoint_grace_peri
         [
             "ConfigMap gang-spec",
             "Job gang-data-prep-map-1",
+            "Job gang-data-prep-dedup-1",
             "Job gang-data-prep-reduce-1",
             "Job gang-tokenize-map-1",
             "Job gang-tokenize-reduce-1",
@@ -129,6 +130,20 @@ fn a_gpu_gang_is_an_indexed_job_with_rendezvous_gpus_and_a_checkpoint_grace_peri
     let map = serde_json::to_value(objects.job(Stage::DataPrep, Role::Map, 1)).unwrap();
     assert_eq!(map["spec"]["completions"], 8);
     assert!(map["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu").is_none());
+}
+
+/// Dedup tasks (as many as the shards by default) are indexed and retried alone, like map tasks.
+#[test]
+fn dedup_tasks_are_an_indexed_job_retried_by_index() {
+    let run = fixture("gpu-gang.yaml");
+    let objects = RunObjects::new(&run).unwrap();
+    let dedup = serde_json::to_value(objects.job(Stage::DataPrep, Role::Dedup, 1)).unwrap();
+    assert_eq!(dedup["spec"]["completions"], 8);
+    assert_eq!(dedup["spec"]["completionMode"], "Indexed");
+    assert_eq!(dedup["spec"]["backoffLimitPerIndex"], 3);
+    assert_eq!(dedup["spec"]["podFailurePolicy"]["rules"][1]["action"], "Ignore");
+    let args = &dedup["spec"]["template"]["spec"]["containers"][0]["args"];
+    assert_eq!(*args, serde_json::json!(["data-prep", "--spec", "/etc/pretrain/run.yaml", "--phase", "dedup"]));
 }
 
 #[test]

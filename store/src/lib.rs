@@ -4,6 +4,7 @@
 //! Shared by the operator (which only reads commits) and the worker (which writes stage outputs).
 
 use std::fmt;
+use std::ops::Range;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -302,6 +303,21 @@ impl Store {
     /// A transfer cut off part way resumes at the byte it reached, from the same version of the
     /// object.
     pub async fn download(&self, key: &Path, dest: &std::path::Path) -> Result<u64> {
+        self.download_part(key, None, dest).await
+    }
+
+    /// Streams bytes `range` of an object into a local file, as [`Store::download`] does.
+    pub async fn download_range(&self, key: &Path, range: Range<u64>, dest: &std::path::Path) -> Result<u64> {
+        self.download_part(key, Some(range), dest).await
+    }
+
+    /// Reads byte ranges of an object, nearby ranges in one request.
+    pub async fn get_ranges(&self, key: &Path, ranges: &[Range<u64>]) -> Result<Vec<Bytes>> {
+        let read = || self.inner.get_ranges(key, ranges);
+        self.retry.run("get", key, read).await.map_err(|e| self.object_error(key, e))
+    }
+
+    async fn download_part(&self, key: &Path, part: Option<Range<u64>>, dest: &std::path::Path) -> Result<u64> {
         let local = |e: std::io::Error| Error::Corrupt {
             store: self.url.clone(),
             key: key.to_string(),
@@ -311,15 +327,16 @@ impl Store {
         let (mut written, mut expected, mut e_tag) = (0u64, None::<u64>, None::<String>);
         let mut attempt = 1;
         loop {
-            let options = GetOptions {
-                range: (written > 0).then_some(GetRange::Offset(written)),
-                if_match: e_tag.clone(),
-                ..GetOptions::default()
+            let range = match &part {
+                Some(part) if part.is_empty() => break,
+                Some(part) => Some(GetRange::Bounded(part.start + written..part.end)),
+                None => (written > 0).then_some(GetRange::Offset(written)),
             };
+            let options = GetOptions { range, if_match: e_tag.clone(), ..GetOptions::default() };
             let failure = match self.inner.get_opts(key, options).await {
                 Ok(result) => {
                     if expected.is_none() {
-                        expected = Some(result.meta.size);
+                        expected = Some(part.as_ref().map_or(result.meta.size, |p| p.end - p.start));
                         e_tag.clone_from(&result.meta.e_tag);
                     }
                     let mut stream = result.into_stream();

@@ -26,6 +26,8 @@ pub type Cause = Box<dyn StdError + Send + Sync>;
 pub enum Phase {
     /// Map task `n` (one Indexed Job index).
     Map(u32),
+    /// Dedup task `n` of data-prep, after every map task (one Indexed Job index).
+    Dedup(u32),
     /// The step that needs every map task done, and commits.
     Reduce,
     /// Every map task, then the reduce, in this process.
@@ -37,8 +39,13 @@ pub enum Phase {
 pub enum Outcome {
     /// The stage committed these outputs.
     Committed(Box<StageCommit>),
-    /// Map task `n` finished; the reduce commits.
-    Mapped(u32),
+    /// Task `task` of a phase before the reduce (`map`, `dedup`) finished; the reduce commits.
+    TaskDone {
+        /// The phase.
+        phase: &'static str,
+        /// Its task.
+        task: u32,
+    },
     /// A non-leader rank finished its steps; rank 0 committed.
     Joined {
         /// Steps trained.
@@ -58,7 +65,7 @@ impl Outcome {
     pub fn exit_code(&self) -> i32 {
         match self {
             Self::Preempted { .. } => exit::RESUME,
-            Self::Committed(_) | Self::Mapped(_) | Self::Joined { .. } | Self::Measured => exit::DONE,
+            Self::Committed(_) | Self::TaskDone { .. } | Self::Joined { .. } | Self::Measured => exit::DONE,
         }
     }
 
@@ -66,7 +73,7 @@ impl Outcome {
     pub fn describe(&self, stage: Stage, rank: u32) -> String {
         match self {
             Self::Committed(commit) => format!("{stage}: committed {} files", commit.files.len()),
-            Self::Mapped(n) => format!("{stage}: map task {n} done"),
+            Self::TaskDone { phase, task } => format!("{stage}: {phase} task {task} done"),
             Self::Joined { step } => format!("{stage}: rank {rank} trained {step} steps; rank 0 committed"),
             Self::Preempted { step } => {
                 format!("{stage}: stopped on SIGTERM after checkpointing step {step}; resume to continue")

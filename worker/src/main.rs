@@ -22,8 +22,9 @@ struct Cli {
     /// The PretrainRun manifest: a file path or an object-store URL.
     #[arg(long)]
     spec: String,
-    /// For sharded stages: `map` runs the shard of JOB_COMPLETION_INDEX, `reduce` the cross-shard
-    /// step, `all` both in this process.
+    /// For sharded stages: `map` runs the map task of JOB_COMPLETION_INDEX, `dedup` (data-prep) the
+    /// dedup task of JOB_COMPLETION_INDEX, `reduce` the step that commits, `all` every task in this
+    /// process.
     #[arg(long, value_enum, default_value_t = PhaseArg::All)]
     phase: PhaseArg,
     /// For eval: measure one checkpoint (`train`, `train/40`, `long-context/step-000000012`) and write
@@ -36,6 +37,7 @@ struct Cli {
 enum PhaseArg {
     All,
     Map,
+    Dedup,
     Reduce,
 }
 
@@ -82,15 +84,18 @@ async fn dispatch(ctx: &Context, cli: &Cli) -> Result<Outcome, StageError> {
     let phase = match cli.phase {
         PhaseArg::All => Phase::All,
         PhaseArg::Map => Phase::Map(ctx.shard_index),
+        PhaseArg::Dedup => Phase::Dedup(ctx.shard_index),
         PhaseArg::Reduce => Phase::Reduce,
     };
+    let task =
+        Outcome::TaskDone { phase: if cli.phase == PhaseArg::Dedup { "dedup" } else { "map" }, task: ctx.shard_index };
     let committed = |commit: Option<StageCommit>, otherwise: Outcome| match commit {
         Some(commit) => Outcome::Committed(Box::new(commit)),
         None => otherwise,
     };
     Ok(match ctx.stage {
-        Stage::DataPrep => committed(data::stage::run(ctx, phase).await?, Outcome::Mapped(ctx.shard_index)),
-        Stage::Tokenize => committed(tokenize::stage::run(ctx, phase).await?, Outcome::Mapped(ctx.shard_index)),
+        Stage::DataPrep => committed(data::stage::run(ctx, phase).await?, task),
+        Stage::Tokenize => committed(tokenize::stage::run(ctx, phase).await?, task),
         Stage::Train | Stage::LongContext => train::stage::run(ctx, train::stage::stop_flag()).await?,
         Stage::Eval => committed(eval::stage::run(ctx, cli.checkpoint.as_deref()).await?, Outcome::Measured),
     })

@@ -120,15 +120,24 @@ async fn dedups_splits_and_mixes_identically_for_1_and_4_shards() {
 }
 
 #[tokio::test]
-async fn reduce_names_the_map_shards_that_are_missing() {
+async fn each_phase_names_the_tasks_of_the_phase_before_that_are_missing() {
     let tmp = tempfile::tempdir().unwrap();
     corpus(tmp.path());
     let ctx = Context::from_env(Stage::DataPrep, manifest(tmp.path(), "partial", 3).to_str().unwrap()).await.unwrap();
     run(&ctx, Phase::Map(1)).await.unwrap();
     let err = run(&ctx, Phase::Reduce).await.unwrap_err().to_string();
-    assert_eq!(err, "map shards [0, 2] of 3 have not finished for this spec; run them before the reduce");
+    assert_eq!(err, "map tasks [0, 2] of 3 have not finished for this spec; run them before the reduce");
+    let err = run(&ctx, Phase::Dedup(0)).await.unwrap_err().to_string();
+    assert_eq!(err, "map tasks [0, 2] of 3 have not finished for this spec; run them before the dedup tasks");
     run(&ctx, Phase::Map(0)).await.unwrap();
     run(&ctx, Phase::Map(2)).await.unwrap();
+    run(&ctx, Phase::Dedup(1)).await.unwrap();
+    let err = run(&ctx, Phase::Reduce).await.unwrap_err().to_string();
+    assert_eq!(err, "dedup tasks [0, 2] of 3 have not finished for this spec; run them before the reduce");
+    let err = run(&ctx, Phase::Dedup(3)).await.unwrap_err().to_string();
+    assert_eq!(err, "dedup task 3 does not exist: spec.data.tasks.dedup is 3");
+    run(&ctx, Phase::Dedup(0)).await.unwrap();
+    run(&ctx, Phase::Dedup(2)).await.unwrap();
     assert!(run(&ctx, Phase::Reduce).await.unwrap().is_some());
 }
 
@@ -217,4 +226,47 @@ async fn in_context_order_puts_related_documents_side_by_side() {
         similarity[0].as_f64().unwrap() > similarity[1].as_f64().unwrap() + 0.2,
         "path against input order: {similarity}"
     );
+}
+
+/// The shared corpus's Debian licenses (full of near duplicates) and Python sources, through a
+/// quality cut, exact and MinHash dedup with 1, 4 and 16 dedup tasks: the same output bytes and the
+/// same statistics. (The task count is not part of the spec's hash, so the later runs reuse the map
+/// tasks' outputs and redo the dedup tasks and the reduce.)
+#[tokio::test]
+async fn the_outputs_do_not_depend_on_the_number_of_dedup_tasks_on_the_shared_corpus() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/corpus");
+    let outputs = |name: &str| {
+        let stage = tmp.path().join("store").join(name).join("data-prep");
+        let mut files = Vec::new();
+        for sub in ["shards", "heldout"] {
+            let mut names: Vec<_> = std::fs::read_dir(stage.join(sub)).unwrap().map(|e| e.unwrap().path()).collect();
+            names.sort();
+            files.extend(names.into_iter().map(|p| (p.file_name().unwrap().to_owned(), std::fs::read(p).unwrap())));
+        }
+        files
+    };
+    let mut first = None;
+    let name = "tasks";
+    for tasks in [1, 4, 16] {
+        let data = format!(
+            "    sources:\n      - {{name: legal, url: \"{legal}\"}}\n      - {{name: code, url: \"{code}\"}}\n    quality: {{classifier: ngram, referenceSources: [code], keepTopFraction: 0.9}}\n    shards: 3\n    tasks: {{dedup: {tasks}}}",
+            legal = shared.join("legal-debian.jsonl.gz").display(),
+            code = shared.join("code-python-stdlib.jsonl.gz").display(),
+        );
+        let manifest = write_manifest(tmp.path(), name, &data, SMALL_TRAIN);
+        let ctx = Context::from_env(Stage::DataPrep, manifest.to_str().unwrap()).await.unwrap();
+        let commit = run(&ctx, Phase::All).await.unwrap().expect("the reduce commits");
+        let dedup = &commit.stats["dedup"];
+        assert!(dedup["nearRemoved"].as_u64().unwrap() > 10, "the licenses have near duplicates: {dedup}");
+        assert!(dedup["exactRemoved"].as_u64().unwrap() > 100, "and exact ones: {dedup}");
+        let files = outputs(name);
+        match &first {
+            None => first = Some((commit.stats, files)),
+            Some((stats, want)) => {
+                assert_eq!(&commit.stats, stats, "{tasks} dedup tasks");
+                assert!(files == *want, "{tasks} dedup tasks write other bytes");
+            }
+        }
+    }
 }

@@ -44,6 +44,10 @@ pub struct Data {
     #[serde(default = "default_shards")]
     #[schemars(range(min = 1, max = 10000))]
     pub shards: u32,
+    /// Parallel tasks of the phases after the map (which runs `shards` tasks). The output does not
+    /// depend on them: any counts give the same bytes.
+    #[serde(default)]
+    pub tasks: Tasks,
     /// Documents larger than this are skipped and counted, never loaded whole.
     #[serde(default = "default_max_document_bytes")]
     #[schemars(range(min = 1))]
@@ -51,6 +55,19 @@ pub struct Data {
     /// CPU and memory of each data-prep and tokenize pod.
     #[serde(default)]
     pub resources: CpuResources,
+}
+
+/// Parallel tasks of data-prep's phases after the map.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Tasks {
+    /// Dedup tasks: each owns an equal share of the exact-hash and LSH band-key space, finds and
+    /// verifies the duplicates in it, and needs memory for one bucket at a time and local disk for
+    /// its share of the band entries (about `28 x buckets x documents / dedup` bytes). Default:
+    /// `shards`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 4096))]
+    pub dedup: Option<u32>,
 }
 
 /// Requests (and limits) of a CPU-only pod.
@@ -68,6 +85,9 @@ impl Default for CpuResources {
         Self { cpu: Quantity("4".into()), memory: Quantity("16Gi".into()) }
     }
 }
+
+/// Dedup tasks at most: each owns at least one of the 4096 slices of the key space.
+pub const MAX_DEDUP_TASKS: u32 = 4096;
 
 fn default_held_out_fraction() -> f64 {
     0.01
@@ -275,6 +295,11 @@ pub enum CurriculumKey {
 }
 
 impl Data {
+    /// Dedup tasks: `tasks.dedup`, by default `shards`.
+    pub fn dedup_tasks(&self) -> u32 {
+        self.tasks.dedup.unwrap_or(self.shards).clamp(1, MAX_DEDUP_TASKS)
+    }
+
     /// The sources' categories, sorted, each once: the numbering of tokenize's per-document
     /// category files.
     pub fn categories(&self) -> Vec<String> {
@@ -309,6 +334,13 @@ impl Data {
             format!("must be at least 0 and below 0.5, got {}", self.held_out_fraction),
         );
         e.check((1..=10_000).contains(&self.shards), "spec.data.shards", "must be between 1 and 10000");
+        if let Some(dedup) = self.tasks.dedup {
+            e.check(
+                (1..=MAX_DEDUP_TASKS).contains(&dedup),
+                "spec.data.tasks.dedup",
+                format!("must be between 1 and {MAX_DEDUP_TASKS}, got {dedup}"),
+            );
+        }
         e.check(
             (1..=MAX_DOCUMENT_BYTES).contains(&self.max_document_bytes),
             "spec.data.maxDocumentBytes",

@@ -77,6 +77,7 @@ pub fn job_view(job: &Job, spec: &PretrainRunSpec, pods: &[Pod], cluster: &PodCo
     let stage: Stage = labels.get(LABEL_STAGE)?.parse().ok()?;
     let role = match labels.get(LABEL_ROLE)?.as_str() {
         "map" => Role::Map,
+        "dedup" => Role::Dedup,
         "reduce" => Role::Reduce,
         "gang" => Role::Gang,
         "single" => Role::Single,

@@ -78,7 +78,7 @@ pub fn config_map_name(run: &str) -> String {
 pub fn job_name(run: &str, stage: Stage, role: Role, attempt: u32) -> String {
     let attempt = attempt.to_string();
     match role {
-        Role::Map | Role::Reduce => object_name(&[run, stage.as_str(), role.as_str(), &attempt]),
+        Role::Map | Role::Dedup | Role::Reduce => object_name(&[run, stage.as_str(), role.as_str(), &attempt]),
         Role::Gang | Role::Single => object_name(&[run, stage.as_str(), &attempt]),
     }
 }
@@ -208,7 +208,7 @@ impl<'a> RunObjects<'a> {
         let labels = self.labels(Some((stage, role, attempt)));
         let pods = plan::pods(spec, role).count;
         let pod = self.pod_spec(stage, role, &name);
-        let indexed = matches!(role, Role::Map | Role::Gang);
+        let indexed = role.is_task() || role == Role::Gang;
         let mut job_labels = labels.clone();
         let mut suspend = None;
         if let Some(kueue) = &spec.scheduling.kueue {
@@ -225,11 +225,11 @@ impl<'a> RunObjects<'a> {
                 completions: Some(pods as i32),
                 parallelism: Some(pods as i32),
                 completion_mode: Some(if indexed { "Indexed" } else { "NonIndexed" }.into()),
-                // A map task is retried alone, up to MAP_TASK_RETRIES times; every other Job fails
+                // A map or dedup task is retried alone, up to MAP_TASK_RETRIES times; every other Job fails
                 // at its first failed pod: restarts are the operator's decision, from the last
                 // checkpoint, for the whole gang.
-                backoff_limit: (role != Role::Map).then_some(0),
-                backoff_limit_per_index: (role == Role::Map).then_some(MAP_TASK_RETRIES),
+                backoff_limit: (!role.is_task()).then_some(0),
+                backoff_limit_per_index: role.is_task().then_some(MAP_TASK_RETRIES),
                 pod_failure_policy: Some(failure_policy(role)),
                 suspend,
                 template: PodTemplateSpec {
@@ -288,7 +288,7 @@ impl<'a> RunObjects<'a> {
         let spec = &self.run.spec;
         let plan::Pods { count: pods, gpus, cpu, memory } = plan::pods(spec, role);
         let (phase, place) = match role {
-            Role::Map => (Some("map"), Place::Indexed { pods, master: None }),
+            Role::Map | Role::Dedup => (Some(role.as_str()), Place::Indexed { pods, master: None }),
             Role::Gang => {
                 let master = format!("{name}-0.{}", service_name(&self.name, stage));
                 (None, Place::Indexed { pods, master: Some(master) })
@@ -421,14 +421,14 @@ pub fn to_yaml_stream(objects: &[Object]) -> Result<String, serde_yaml::Error> {
     Ok(out)
 }
 
-/// How often the Job controller retries one failed map task (data-prep and tokenize shards) before
+/// How often the Job controller retries one failed map or dedup task before
 /// the Job fails; the other shards go on meanwhile.
 pub const MAP_TASK_RETRIES: i32 = 3;
 
 /// A Job's pod failure policy. Invalid input (exit code 2)
 /// fails the whole Job at once, since no retry can help. A pod the cluster disrupted (evicted,
 /// preempted, deleted by the taint manager or with its node: `DisruptionTarget`) does not count as
-/// a failure: a map task is simply retried without spending its retries; any other Job (a gang is
+/// a failure: a map or dedup task is simply retried without spending its retries; any other Job (a gang is
 /// all or nothing) fails at once, and the operator, reading the rule in the Job's condition or the
 /// pod's, resumes it from the checkpoint without spending the stage's restart budget.
 fn failure_policy(role: Role) -> PodFailurePolicy {
@@ -444,7 +444,7 @@ fn failure_policy(role: Role) -> PodFailurePolicy {
                 ..PodFailurePolicyRule::default()
             },
             PodFailurePolicyRule {
-                action: if role == Role::Map { "Ignore" } else { "FailJob" }.into(),
+                action: if role.is_task() { "Ignore" } else { "FailJob" }.into(),
                 on_pod_conditions: Some(vec![PodFailurePolicyOnPodConditionsPattern {
                     type_: "DisruptionTarget".into(),
                     status: "True".into(),

@@ -50,40 +50,51 @@ pub(super) async fn run_stage(
     interrupt: &Interrupt,
 ) -> Result<(), WorkerExit> {
     match layout {
-        Layout::Sharded { shards } if workers > 1 && shards > 1 => {
-            // Map tasks over `workers` processes, each with its share of the cores, then the reduce.
-            let threads = (std::thread::available_parallelism().map_or(1, |n| n.get()) / workers).max(1);
-            let mut next = 0u32;
-            let mut running = tokio::task::JoinSet::new();
-            let mut failure = None;
-            while next < shards || !running.is_empty() {
-                while failure.is_none() && next < shards && running.len() < workers && !interrupt.requested() {
-                    let task = Task { phase: "map", index: next, threads: Some(threads) };
-                    let owned = OwnedContext::from(ctx);
-                    let interrupt = interrupt.clone();
-                    running.spawn(async move { run_worker(&owned.borrow(), stage, task, &interrupt).await });
-                    next += 1;
-                }
-                match running.join_next().await {
-                    Some(Ok(Ok(()))) => {}
-                    Some(Ok(Err(e))) => failure = failure.or(Some(e)),
-                    Some(Err(join)) => {
-                        failure = failure.or(Some(WorkerExit::Failed { code: None, reason: join.to_string() }))
-                    }
-                    None => break,
-                }
-                if interrupt.requested() && failure.is_none() && running.is_empty() {
-                    failure = Some(WorkerExit::Interrupted);
-                }
-            }
-            if let Some(f) = failure {
-                return Err(f);
-            }
+        Layout::Sharded { shards, dedup } if workers > 1 && shards.max(dedup) > 1 => {
+            // Each phase's tasks over `workers` processes, each with its share of the cores, then
+            // the reduce.
+            run_tasks(ctx, stage, "map", shards, workers, interrupt).await?;
+            run_tasks(ctx, stage, "dedup", dedup, workers, interrupt).await?;
             run_worker(ctx, stage, Task { phase: "reduce", index: 0, threads: None }, interrupt).await
         }
         // Locally a gang runs as one process (data-parallel ranks on one machine are one process).
         _ => run_worker(ctx, stage, Task { phase: "all", index: 0, threads: None }, interrupt).await,
     }
+}
+
+/// Runs tasks 0..`tasks` of `phase` over at most `workers` processes at once; the first failure
+/// stops new tasks from starting and is returned once the running ones end.
+async fn run_tasks(
+    ctx: &WorkerContext<'_>,
+    stage: Stage,
+    phase: &'static str,
+    tasks: u32,
+    workers: usize,
+    interrupt: &Interrupt,
+) -> Result<(), WorkerExit> {
+    let threads = (std::thread::available_parallelism().map_or(1, |n| n.get()) / workers).max(1);
+    let mut next = 0u32;
+    let mut running = tokio::task::JoinSet::new();
+    let mut failure = None;
+    while next < tasks || !running.is_empty() {
+        while failure.is_none() && next < tasks && running.len() < workers && !interrupt.requested() {
+            let task = Task { phase, index: next, threads: Some(threads) };
+            let owned = OwnedContext::from(ctx);
+            let interrupt = interrupt.clone();
+            running.spawn(async move { run_worker(&owned.borrow(), stage, task, &interrupt).await });
+            next += 1;
+        }
+        match running.join_next().await {
+            Some(Ok(Ok(()))) => {}
+            Some(Ok(Err(e))) => failure = failure.or(Some(e)),
+            Some(Err(join)) => failure = failure.or(Some(WorkerExit::Failed { code: None, reason: join.to_string() })),
+            None => break,
+        }
+        if interrupt.requested() && failure.is_none() && running.is_empty() {
+            failure = Some(WorkerExit::Interrupted);
+        }
+    }
+    failure.map_or(Ok(()), Err)
 }
 
 /// One process of a stage.

@@ -418,7 +418,8 @@ fn wait_for_kueue(view: &ClusterView<'_>, decision: &mut Decision, stage: Stage,
 /// The stage runs: the run is `Running`, and looked at again after [`POLL_SECONDS`].
 fn running(decision: &mut Decision, stage: Stage, layout: Layout, now: &str) {
     let layout_note = match layout {
-        Layout::Sharded { shards } => format!("{shards} shards"),
+        Layout::Sharded { shards, dedup: 0 } => format!("{shards} shards"),
+        Layout::Sharded { shards, dedup } => format!("{shards} shards, {dedup} dedup tasks"),
         Layout::Gang { nodes, gpus_per_node } => format!("{nodes} nodes x {gpus_per_node} GPUs"),
         Layout::Single => "1 pod".into(),
     };

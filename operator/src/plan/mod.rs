@@ -32,11 +32,14 @@ pub enum Observed {
 /// How a stage's processes are laid out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Layout {
-    /// `shards` independent map tasks (`--phase map`, `JOB_COMPLETION_INDEX` 0..shards), then one
-    /// reduce (`--phase reduce`).
+    /// `shards` independent map tasks (`--phase map`, `JOB_COMPLETION_INDEX` 0..shards), then
+    /// `dedup` independent dedup tasks (`--phase dedup`; none for tokenize), then one reduce
+    /// (`--phase reduce`).
     Sharded {
         /// Map tasks.
         shards: u32,
+        /// Dedup tasks.
+        dedup: u32,
     },
     /// All-or-nothing gang of `nodes` processes (ranks), each with `gpus_per_node` GPUs.
     Gang {
@@ -55,6 +58,8 @@ pub enum Layout {
 pub enum Role {
     /// The map pods of a sharded stage.
     Map,
+    /// The dedup pods of data-prep, after its map.
+    Dedup,
     /// The reduce pod of a sharded stage.
     Reduce,
     /// A training gang.
@@ -76,13 +81,15 @@ pub struct Pods<'a> {
     pub memory: &'a Quantity,
 }
 
-/// The pods of `role`'s Job in `spec`: `data.shards` map pods and one reduce pod with
+/// The pods of `role`'s Job in `spec`: `data.shards` map pods, `data.tasks.dedup` dedup pods and
+/// one reduce pod with
 /// `data.resources`, one pod per node with `gpusPerNode` GPUs for a gang, and one pod with at most
 /// one GPU for a single-pod stage, both with `train.resources`.
 pub fn pods(spec: &PretrainRunSpec, role: Role) -> Pods<'_> {
     let (data, train) = (&spec.data.resources, &spec.train.resources);
     let (count, gpus, cpu, memory) = match role {
         Role::Map => (spec.data.shards.max(1), 0, &data.cpu, &data.memory),
+        Role::Dedup => (spec.data.dedup_tasks(), 0, &data.cpu, &data.memory),
         Role::Reduce => (1, 0, &data.cpu, &data.memory),
         Role::Gang => (train.nodes.max(1), train.gpus_per_node, &train.cpu, &train.memory),
         Role::Single => (1, train.gpus_per_node.min(1), &train.cpu, &train.memory),
@@ -95,16 +102,23 @@ impl Role {
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Map => "map",
+            Role::Dedup => "dedup",
             Role::Reduce => "reduce",
             Role::Gang => "gang",
             Role::Single => "single",
         }
     }
 
+    /// Whether the role's pods are independent tasks of an Indexed Job, each retried alone.
+    pub fn is_task(self) -> bool {
+        matches!(self, Role::Map | Role::Dedup)
+    }
+
     /// The roles of a layout's Jobs, in the order they run.
     pub fn of(layout: Layout) -> &'static [Role] {
         match layout {
-            Layout::Sharded { .. } => &[Role::Map, Role::Reduce],
+            Layout::Sharded { dedup: 0, .. } => &[Role::Map, Role::Reduce],
+            Layout::Sharded { .. } => &[Role::Map, Role::Dedup, Role::Reduce],
             Layout::Gang { .. } => &[Role::Gang],
             Layout::Single => &[Role::Single],
         }
@@ -137,7 +151,8 @@ pub enum Action {
 /// How `stage` runs under `spec`.
 pub fn layout(spec: &PretrainRunSpec, stage: Stage) -> Layout {
     match stage {
-        Stage::DataPrep | Stage::Tokenize => Layout::Sharded { shards: spec.data.shards.max(1) },
+        Stage::DataPrep => Layout::Sharded { shards: spec.data.shards.max(1), dedup: spec.data.dedup_tasks() },
+        Stage::Tokenize => Layout::Sharded { shards: spec.data.shards.max(1), dedup: 0 },
         Stage::Train | Stage::LongContext => {
             Layout::Gang { nodes: spec.train.resources.nodes.max(1), gpus_per_node: spec.train.resources.gpus_per_node }
         }
@@ -197,7 +212,7 @@ mod tests {
         let all = spec.stages();
         assert_eq!(
             next(&spec, &all, &BTreeMap::new()),
-            Action::Run { stage: Stage::DataPrep, attempt: 1, layout: Layout::Sharded { shards: 8 } }
+            Action::Run { stage: Stage::DataPrep, attempt: 1, layout: Layout::Sharded { shards: 8, dedup: 8 } }
         );
         let done = observed(&[(Stage::DataPrep, Observed::Committed), (Stage::Tokenize, Observed::Committed)]);
         assert_eq!(

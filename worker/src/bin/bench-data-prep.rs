@@ -13,10 +13,9 @@ use std::io::BufReader;
 use std::time::Instant;
 
 use pretrain_crd::spec::{Extract, Filters};
-use pretrain_worker::data::dedup::{ClusterStats, DiskIndex, MinHasher, exact_key, near_duplicate_survivors};
+use pretrain_worker::data::dedup::{MinHasher, exact_key, near_duplicates};
 use pretrain_worker::data::extract::extract;
 use pretrain_worker::data::filters::{Verdict, apply};
-use pretrain_worker::data::runs::ExternalSorter;
 use pretrain_worker::data::warc::{WarcReader, http_payload};
 
 /// What reading, extracting and filtering the crawl gave.
@@ -75,38 +74,6 @@ fn read_and_filter(path: &str) -> Pass {
     pass
 }
 
-/// The stage's way of clustering: the band index on disk (entries sorted in spilled runs of 16 Ki
-/// entries, signatures in a file read on demand), which bounds memory by the union-find. Returns the
-/// survivors, the clustering's counts and the number of band entries.
-fn cluster_on_disk(minhash: &MinHasher, signatures: &[Vec<u64>]) -> (Vec<bool>, ClusterStats, u64) {
-    let scratch = tempfile::tempdir().expect("a temporary directory");
-    let runs = scratch.path().join("runs");
-    std::fs::create_dir_all(&runs).expect("runs directory");
-    let mut sorter = ExternalSorter::new(&runs, 1 << 14);
-    let sig_path = scratch.path().join("signatures.bin");
-    let mut sig_file = std::io::BufWriter::new(File::create(&sig_path).expect("signature file"));
-    for (i, sig) in signatures.iter().enumerate() {
-        for h in sig {
-            std::io::Write::write_all(&mut sig_file, &h.to_le_bytes()).expect("signature written");
-        }
-        for key in minhash.band_keys(sig) {
-            sorter.push((key, i as u64)).expect("band entry written");
-        }
-    }
-    std::io::Write::flush(&mut sig_file).expect("signatures flushed");
-    let bands = scratch.path().join("bands.bin");
-    let entries = sorter.finish(&bands).expect("band entries sorted");
-    let index = DiskIndex {
-        band_files: vec![bands],
-        signature_files: vec![sig_path],
-        ids: (0..signatures.len() as u64).collect(),
-        positions: (0..signatures.len()).map(|i| (0, i)).collect(),
-        signature_len: signatures[0].len(),
-    };
-    let (survivors, stats) = index.cluster(&vec![true; signatures.len()], 0.75).expect("clustering from disk");
-    (survivors, stats, entries as u64)
-}
-
 fn main() {
     let mut args = std::env::args().skip(1);
     let path = args.next().unwrap_or_else(|| "../shared/corpus/web-rustdocs-1.95.warc.gz".into());
@@ -129,13 +96,9 @@ fn main() {
     let signatures: Vec<Vec<u64>> = unique.iter().map(|t| minhash.signature(t)).collect();
     let signature_secs = dedup_start.elapsed().as_secs_f64();
     let cluster_start = Instant::now();
-    let survivors = near_duplicate_survivors(&minhash, &signatures, 0.75);
-    let memory_cluster_secs = cluster_start.elapsed().as_secs_f64();
+    let (survivors, stats) = near_duplicates(&minhash, &signatures, 0.75);
+    let cluster_secs = cluster_start.elapsed().as_secs_f64();
     let dedup_secs = dedup_start.elapsed().as_secs_f64();
-    let disk_start = Instant::now();
-    let (disk_survivors, stats, entries) = cluster_on_disk(&minhash, &signatures);
-    let disk_secs = disk_start.elapsed().as_secs_f64();
-    assert_eq!(disk_survivors, survivors, "the disk index clusters as the in-memory one does");
 
     let text_mb = texts.iter().map(String::len).sum::<usize>() as f64 / 1e6;
     let mb = pass.html_bytes as f64 / 1e6;
@@ -173,9 +136,8 @@ fn main() {
         survivors.iter().filter(|s| **s).count()
     );
     println!(
-        "  LSH clustering of {} signatures: in memory {memory_cluster_secs:.3} s; disk-backed (write {entries} band entries in sorted runs + merge + read signatures) {disk_secs:.3} s, ratio {:.2}x; {} candidate pairs compared, {} merged, {} LSH collisions refused",
+        "  LSH clustering of {} signatures in memory: {cluster_secs:.3} s; {} candidate pairs compared, {} duplicate pairs, {} LSH collisions refused",
         signatures.len(),
-        disk_secs / memory_cluster_secs.max(1e-9),
         stats.compared,
         stats.merged,
         stats.rejected

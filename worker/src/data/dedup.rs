@@ -1,15 +1,10 @@
 //! Deduplication: exact (hash of the normalised text) and fuzzy (MinHash signatures, LSH bands, and a
 //! Jaccard check of the full signatures before two documents are merged).
 
-use std::fs::File;
-use std::io;
-use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
+use std::collections::HashMap;
 
-use xxhash_rust::xxh3::{xxh3_64_with_seed, xxh3_128};
-
-use super::runs::Merge;
 use pretrain_crd::seeded::splitmix;
+use xxhash_rust::xxh3::{xxh3_64_with_seed, xxh3_128};
 
 /// Hash of a document's normalised text: lowercase, whitespace runs collapsed. Equal hashes are
 /// exact duplicates.
@@ -112,52 +107,66 @@ pub fn jaccard_estimate(a: &[u64], b: &[u64]) -> f64 {
     same as f64 / a.len().max(1) as f64
 }
 
-/// Disjoint sets over document indices; the smallest index of a set is its survivor.
-#[derive(Debug, Clone)]
-pub struct UnionFind {
-    parent: Vec<u32>,
+/// Disjoint sets over the documents named by duplicate pairs (document ids in canonical order):
+/// memory grows with the documents that have a duplicate, not with the corpus. The smallest id of a
+/// set is its survivor.
+#[derive(Debug, Clone, Default)]
+pub struct Clusters {
+    parent: HashMap<u64, u64>,
 }
 
-impl UnionFind {
-    /// `n` singleton sets.
-    pub fn new(n: usize) -> Self {
-        Self { parent: (0..n as u32).collect() }
-    }
-
+impl Clusters {
     /// The representative (smallest member) of `x`'s set.
-    pub fn find(&mut self, x: u32) -> u32 {
+    pub fn find(&mut self, x: u64) -> u64 {
         let mut root = x;
-        while self.parent[root as usize] != root {
-            root = self.parent[root as usize];
+        while let Some(&p) = self.parent.get(&root).filter(|p| **p != root) {
+            root = p;
         }
         let mut x = x;
-        while self.parent[x as usize] != root {
-            let next = self.parent[x as usize];
-            self.parent[x as usize] = root;
+        while x != root {
+            let next = self.parent.insert(x, root).unwrap_or(root);
             x = next;
         }
         root
     }
 
     /// Merges the sets of `a` and `b`, keeping the smaller representative.
-    pub fn union(&mut self, a: u32, b: u32) {
+    pub fn union(&mut self, a: u64, b: u64) {
         let (ra, rb) = (self.find(a), self.find(b));
         if ra != rb {
             let (keep, drop) = if ra < rb { (ra, rb) } else { (rb, ra) };
-            self.parent[drop as usize] = keep;
+            self.parent.insert(drop, keep);
+            self.parent.entry(keep).or_insert(keep);
         }
+    }
+
+    /// Every document that is not the first of its set, sorted.
+    pub fn dropped(mut self) -> Vec<u64> {
+        let members: Vec<u64> = self.parent.keys().copied().collect();
+        let mut dropped: Vec<u64> = members.into_iter().filter(|&x| self.find(x) != x).collect();
+        dropped.sort_unstable();
+        dropped
     }
 }
 
-/// What near-duplicate clustering did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// What near-duplicate verification did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ClusterStats {
     /// Candidate pairs (sharing a band key) whose signatures were compared.
     pub compared: u64,
-    /// Pairs merged: their signatures agreed on at least the threshold.
+    /// Pairs found to be duplicates: their signatures agreed on at least the threshold.
     pub merged: u64,
     /// LSH collisions refused by the signature check.
     pub rejected: u64,
+}
+
+impl ClusterStats {
+    /// Adds another task's counts.
+    pub fn add(&mut self, other: &Self) {
+        self.compared += other.compared;
+        self.merged += other.merged;
+        self.rejected += other.rejected;
+    }
 }
 
 /// Members of one bucket that later members are verified against, at most: enough that a pair of
@@ -165,151 +174,87 @@ pub struct ClusterStats {
 /// a huge bucket stays linear in its length.
 pub const BUCKET_HEADS: usize = 16;
 
-/// Near-duplicate clusters of `n` documents from their band entries `(band key, document)`, sorted
-/// by key then document (document indices in canonical order). Candidates sharing a key are merged
-/// only if their full signatures, read on demand by `signature(document, buffer)`, agree on at least
-/// `threshold` of components. Returns for each document whether it survives (the first document of
-/// each cluster does).
+/// One LSH bucket (the documents sharing a band key) being verified, its members given in canonical
+/// order. Each member is compared with the bucket's heads: earlier members that matched no head
+/// before them (up to [`BUCKET_HEADS`]). A pair that agrees on at least the threshold of signature
+/// components is a duplicate pair; a member that matches no head becomes a head itself. So a bucket
+/// headed by an unrelated document still pairs the duplicates behind it, and one of true duplicates
+/// costs one comparison a member.
 ///
-/// The entries are streamed run by run (a run of equal keys is a bucket). Each member of a bucket is
-/// verified against the bucket's heads: its earlier members that matched no head before them (up to
-/// [`BUCKET_HEADS`]); one that matches none becomes a head itself. So a bucket headed by an
-/// unrelated document still merges the duplicates behind it, and one of true duplicates costs one
-/// comparison a member. Memory is the union-find (4 bytes a document) and [`BUCKET_HEADS`] + 1
-/// signatures; the entries and the signatures can live on disk.
-pub fn cluster<E>(
-    n: usize,
-    entries: impl IntoIterator<Item = Result<(u64, u32), E>>,
-    signature_len: usize,
-    threshold: f64,
-    mut signature: impl FnMut(u32, &mut [u64]) -> Result<(), E>,
-) -> Result<(Vec<bool>, ClusterStats), E> {
-    let mut sets = UnionFind::new(n);
-    let mut stats = ClusterStats::default();
-    let mut heads: Vec<(u32, Vec<u64>)> = Vec::with_capacity(BUCKET_HEADS);
-    let mut other_signature = vec![0u64; signature_len];
-    // The current bucket's key, and its first document until that one's signature is needed.
-    let mut run: Option<u64> = None;
-    let mut pending: Option<u32> = None;
-    for entry in entries {
-        let (key, doc) = entry?;
-        if run != Some(key) {
-            (run, pending) = (Some(key), Some(doc));
-            heads.clear();
-            continue;
-        }
-        if let Some(first) = pending.take() {
-            let mut first_signature = vec![0u64; signature_len];
-            signature(first, &mut first_signature)?;
-            heads.push((first, first_signature));
-        }
-        if heads.iter().any(|(head, _)| *head == doc) {
-            continue;
-        }
-        let mut loaded = false;
+/// The result depends on the bucket's members only, not on any other bucket, so buckets can be
+/// verified by any number of tasks in any order; the pairs are clustered afterwards ([`Clusters`]).
+#[derive(Debug, Default)]
+pub struct Bucket {
+    heads: Vec<(u64, Vec<u64>)>,
+}
+
+impl Bucket {
+    /// Starts a new bucket.
+    pub fn clear(&mut self) {
+        self.heads.clear();
+    }
+
+    /// Verifies `doc` against the heads; `pair(head, doc)` is called for each duplicate found.
+    pub fn add(
+        &mut self,
+        doc: u64,
+        signature: &[u64],
+        threshold: f64,
+        stats: &mut ClusterStats,
+        mut pair: impl FnMut(u64, u64),
+    ) {
         let mut matched = false;
-        for (head, head_signature) in &heads {
-            if sets.find(*head) == sets.find(doc) {
-                matched = true;
-                continue;
-            }
-            if !loaded {
-                signature(doc, &mut other_signature)?;
-                loaded = true;
+        for (head, head_signature) in &self.heads {
+            if *head == doc {
+                return;
             }
             stats.compared += 1;
-            if jaccard_estimate(head_signature, &other_signature) >= threshold {
-                sets.union(*head, doc);
+            if jaccard_estimate(head_signature, signature) >= threshold {
+                pair(*head, doc);
                 stats.merged += 1;
                 matched = true;
             } else {
                 stats.rejected += 1;
             }
         }
-        if !matched && heads.len() < BUCKET_HEADS {
-            if !loaded {
-                signature(doc, &mut other_signature)?;
-            }
-            heads.push((doc, other_signature.clone()));
+        if !matched && self.heads.len() < BUCKET_HEADS {
+            self.heads.push((doc, signature.to_vec()));
         }
     }
-    Ok(((0..n as u32).map(|i| sets.find(i) == i).collect(), stats))
 }
 
-/// The LSH index of many map shards on local disk: each shard's band entries (`(band key, document
-/// id)`, sorted; see [`runs`](super::runs)) and its signatures (fixed-size, in the shard's order).
-#[derive(Debug, Clone)]
-pub struct DiskIndex {
-    /// Each shard's sorted band entries.
-    pub band_files: Vec<PathBuf>,
-    /// Each shard's signatures, `signature_len` little-endian `u64`s per document.
-    pub signature_files: Vec<PathBuf>,
-    /// Every document's id, in canonical (ascending) order; band entries name documents by these.
-    pub ids: Vec<u64>,
-    /// Where each document's signature is: shard and position within the shard's file.
-    pub positions: Vec<(u32, usize)>,
-    /// Components of a signature.
-    pub signature_len: usize,
-}
-
-impl DiskIndex {
-    /// [`cluster`] over the `eligible` documents (by canonical index), streaming the shards' band
-    /// entries in one k-way merge and reading signatures from disk as candidates need them.
-    pub fn cluster(&self, eligible: &[bool], threshold: f64) -> io::Result<(Vec<bool>, ClusterStats)> {
-        let signature_bytes = self.signature_len * 8;
-        let files = self
-            .signature_files
-            .iter()
-            .map(|p| File::open(p).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", p.display()))))
-            .collect::<io::Result<Vec<_>>>()?;
-        let entries = Merge::open(&self.band_files)?.filter_map(|entry| match entry {
-            Err(e) => Some(Err(e)),
-            Ok((key, doc)) => match self.ids.binary_search(&doc) {
-                Ok(i) if eligible[i] => Some(Ok((key, i as u32))),
-                Ok(_) => None,
-                Err(_) => Some(Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!(
-                        "a band bucket names document {} of input {} that no shard lists; the map outputs \
-                         disagree (delete the map/ folder and run the stage again)",
-                        doc & 0xffff_ffff,
-                        doc >> 32
-                    ),
-                ))),
-            },
-        });
-        let mut raw = vec![0u8; signature_bytes];
-        let read_signature = |i: u32, out: &mut [u64]| -> io::Result<()> {
-            let (shard, pos) = self.positions[i as usize];
-            let path = &self.signature_files[shard as usize];
-            files[shard as usize]
-                .read_exact_at(&mut raw, (pos * signature_bytes) as u64)
-                .map_err(|e| io::Error::new(e.kind(), format!("{}: signature {pos}: {e}", path.display())))?;
-            for (o, c) in out.iter_mut().zip(raw.chunks_exact(8)) {
-                *o = u64::from_le_bytes(c.try_into().expect("8 bytes"));
-            }
-            Ok(())
-        };
-        cluster(self.ids.len(), entries, self.signature_len, threshold, read_signature)
-    }
-}
-
-/// [`cluster`] over signatures held in memory (in document order).
-pub fn near_duplicate_survivors<S: AsRef<[u64]>>(hasher: &MinHasher, signatures: &[S], threshold: f64) -> Vec<bool> {
-    let mut keyed: Vec<(u64, u32)> = Vec::with_capacity(signatures.len() * hasher.bands);
+/// Near-duplicate clustering of signatures held in memory (in document order): which documents
+/// survive (the first of each cluster does), and the verification's counts. The stage does the same
+/// from disk, split by band key over its dedup tasks.
+pub fn near_duplicates<S: AsRef<[u64]>>(
+    hasher: &MinHasher,
+    signatures: &[S],
+    threshold: f64,
+) -> (Vec<bool>, ClusterStats) {
+    let mut keyed: Vec<(u64, u64)> = Vec::with_capacity(signatures.len() * hasher.bands);
     for (i, sig) in signatures.iter().enumerate() {
-        keyed.extend(hasher.band_keys(sig.as_ref()).into_iter().map(|k| (k, i as u32)));
+        keyed.extend(hasher.band_keys(sig.as_ref()).into_iter().map(|k| (k, i as u64)));
     }
     keyed.sort_unstable();
-    let len = signatures.first().map_or(0, |s| s.as_ref().len());
-    let copy = |doc: u32, out: &mut [u64]| {
-        out.copy_from_slice(signatures[doc as usize].as_ref());
-        Ok::<(), std::convert::Infallible>(())
-    };
-    match cluster(signatures.len(), keyed.into_iter().map(Ok), len, threshold, copy) {
-        Ok((survivors, _)) => survivors,
-        Err(never) => match never {},
+    let (mut clusters, mut stats, mut bucket) = (Clusters::default(), ClusterStats::default(), Bucket::default());
+    let mut key = None;
+    for (k, doc) in keyed {
+        if key != Some(k) {
+            key = Some(k);
+            bucket.clear();
+        }
+        bucket.add(doc, signatures[doc as usize].as_ref(), threshold, &mut stats, |a, b| clusters.union(a, b));
     }
+    let mut survivors = vec![true; signatures.len()];
+    for doc in clusters.dropped() {
+        survivors[doc as usize] = false;
+    }
+    (survivors, stats)
+}
+
+/// [`near_duplicates`]' survivors.
+pub fn near_duplicate_survivors<S: AsRef<[u64]>>(hasher: &MinHasher, signatures: &[S], threshold: f64) -> Vec<bool> {
+    near_duplicates(hasher, signatures, threshold).0
 }
 
 #[cfg(test)]
@@ -383,90 +328,28 @@ mod tests {
         assert!(bases.iter().all(|&i| survivors[i]));
     }
 
-    /// The on-disk index (three shards' sorted band files and signature files) finds exactly the
-    /// clusters the in-memory one does, and skips documents that are not eligible.
-    #[test]
-    fn disk_index_matches_the_in_memory_clustering() {
-        use std::io::Write;
-
-        use crate::data::runs::ExternalSorter;
-
-        let hasher = MinHasher::new(5, 14, 8, 3);
-        let mut docs = Vec::new();
-        let mut state = 17u64;
-        for base in 0..60u64 {
-            let words = vocabulary_text(base, 200);
-            docs.push(words.join(" "));
-            let mut copy = words.clone();
-            for w in copy.iter_mut() {
-                if splitmix(&mut state) % 100 < 1 {
-                    *w = format!("edit{}", splitmix(&mut state));
-                }
-            }
-            docs.push(copy.join(" "));
-        }
-        let signatures: Vec<Signature> = docs.iter().map(|d| hasher.signature(d)).collect();
-        let want = near_duplicate_survivors(&hasher, &signatures, 0.75);
-        assert!(want.iter().filter(|k| !**k).count() >= 50, "the plant has duplicates");
-
-        // Documents are ids (input i / 40, record i % 40), dealt round-robin to three shards.
-        let dir = tempfile::tempdir().unwrap();
-        let ids: Vec<u64> = (0..docs.len() as u64).map(|i| ((i / 40) << 32) | (i % 40)).collect();
-        let mut positions = vec![(0, 0); docs.len()];
-        let (mut band_files, mut signature_files) = (Vec::new(), Vec::new());
-        for shard in 0..3u32 {
-            let runs = dir.path().join(format!("runs-{shard}"));
-            std::fs::create_dir_all(&runs).unwrap();
-            let mut sorter = ExternalSorter::new(&runs, 100);
-            let sig_path = dir.path().join(format!("signatures-{shard}.bin"));
-            let mut sig_file = std::fs::File::create(&sig_path).unwrap();
-            for (pos, i) in (shard as usize..docs.len()).step_by(3).enumerate() {
-                positions[i] = (shard, pos);
-                for h in &signatures[i] {
-                    sig_file.write_all(&h.to_le_bytes()).unwrap();
-                }
-                for key in hasher.band_keys(&signatures[i]) {
-                    sorter.push((key, ids[i])).unwrap();
-                }
-            }
-            let bands = dir.path().join(format!("bands-{shard}.bin"));
-            sorter.finish(&bands).unwrap();
-            band_files.push(bands);
-            signature_files.push(sig_path);
-        }
-        let index = DiskIndex { band_files, signature_files, ids, positions, signature_len: 112 };
-        let (got, stats) = index.cluster(&vec![true; docs.len()], 0.75).unwrap();
-        assert_eq!(got, want);
-        assert_eq!(stats.merged as usize, want.iter().filter(|k| !**k).count());
-
-        // Without the originals, their copies have nothing to merge with and all survive.
-        let eligible: Vec<bool> = (0..docs.len()).map(|i| i % 2 == 1).collect();
-        let (got, _) = index.cluster(&eligible, 0.75).unwrap();
-        assert!(got.iter().all(|k| *k));
-    }
-
     /// A bucket whose first member is unrelated (an LSH collision) still merges the duplicates
     /// behind it: they are verified against each other, not only against the first.
     #[test]
-    fn duplicates_behind_an_unrelated_bucket_head_are_merged() {
+    fn duplicates_behind_an_unrelated_bucket_head_are_paired() {
         let unrelated: Vec<u64> = (0..16).collect();
         let a: Vec<u64> = (100..116).collect();
-        let signatures = [unrelated, a.clone(), a];
-        let entries = [(7u64, 0u32), (7, 1), (7, 2)].map(Ok::<_, std::convert::Infallible>);
-        let read = |doc: u32, out: &mut [u64]| {
-            out.copy_from_slice(&signatures[doc as usize]);
-            Ok(())
-        };
-        let (survivors, stats) = cluster(3, entries, 16, 0.8, read).unwrap();
-        assert_eq!(survivors, [true, true, false], "{stats:?}");
+        let mut bucket = Bucket::default();
+        let (mut stats, mut pairs) = (ClusterStats::default(), Vec::new());
+        for (doc, signature) in [(0, &unrelated), (1, &a), (2, &a)] {
+            bucket.add(doc, signature, 0.8, &mut stats, |x, y| pairs.push((x, y)));
+        }
+        assert_eq!(pairs, [(1, 2)], "{stats:?}");
         assert_eq!((stats.merged, stats.rejected), (1, 2));
     }
 
     #[test]
-    fn union_find_keeps_the_first_document() {
-        let mut sets = UnionFind::new(5);
-        sets.union(4, 2);
-        sets.union(2, 3);
-        assert_eq!((sets.find(4), sets.find(3), sets.find(0)), (2, 2, 0));
+    fn clusters_keep_the_first_document_and_hold_only_the_paired_ones() {
+        let mut sets = Clusters::default();
+        sets.union(40, 20);
+        sets.union(20, 30);
+        sets.union(7, 9);
+        assert_eq!((sets.find(40), sets.find(30), sets.find(5)), (20, 20, 5));
+        assert_eq!(sets.dropped(), [9, 30, 40]);
     }
 }

@@ -36,26 +36,28 @@ impl KeyRecord {
         document_id(self.input, self.seq)
     }
 
+    /// Bytes of a record.
+    pub const SIZE: usize = 34;
+
+    /// One record.
+    pub fn parse(r: &[u8; Self::SIZE]) -> Self {
+        let u32_at = |i: usize| u32::from_le_bytes(r[i..i + 4].try_into().expect("4 bytes"));
+        KeyRecord {
+            input: u32_at(0),
+            seq: u32_at(4),
+            source: u16::from_le_bytes(r[8..10].try_into().expect("2 bytes")),
+            bytes: u32_at(10),
+            score: f32::from_le_bytes(r[14..18].try_into().expect("4 bytes")),
+            exact: u128::from_le_bytes(r[18..34].try_into().expect("16 bytes")),
+        }
+    }
+
     /// Every record of a `keys.bin`; `None` when it is not a whole number of records.
     pub fn parse_all(bytes: &[u8]) -> Option<Vec<Self>> {
-        const SIZE: usize = 34;
-        if !bytes.len().is_multiple_of(SIZE) {
+        if !bytes.len().is_multiple_of(Self::SIZE) {
             return None;
         }
-        let u32_at = |b: &[u8], i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
-        Some(
-            bytes
-                .chunks_exact(SIZE)
-                .map(|r| KeyRecord {
-                    input: u32_at(r, 0),
-                    seq: u32_at(r, 4),
-                    source: u16::from_le_bytes(r[8..10].try_into().expect("2 bytes")),
-                    bytes: u32_at(r, 10),
-                    score: f32::from_le_bytes(r[14..18].try_into().expect("4 bytes")),
-                    exact: u128::from_le_bytes(r[18..34].try_into().expect("16 bytes")),
-                })
-                .collect(),
-        )
+        Some(bytes.chunks_exact(Self::SIZE).map(|r| Self::parse(r.try_into().expect("a record"))).collect())
     }
 }
 

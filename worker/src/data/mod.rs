@@ -7,10 +7,13 @@
 //! - `quality`: the trainable hashed n-gram logistic-regression scorer and the linear head trained
 //!   over BERT embeddings; `bert`: BERT-family encoders and sequence classifiers (Hugging Face
 //!   layout) run with candle; `scoring`: the scorer a map task applies, loaded or trained.
-//! - `dedup`: exact keys, MinHash signatures, LSH bands verified by signature Jaccard, union-find.
-//! - `runs`: sorted runs on disk (external sort, k-way merge) that hold the LSH index.
+//! - `dedup`: exact keys, MinHash signatures, LSH buckets verified by signature Jaccard, clusters of
+//!   duplicate pairs; `buckets`: the dedup tasks, each verifying its share of the buckets.
+//! - `runs`: sorted runs on disk (external sort, k-way merge, slice index) that hold the exact-hash
+//!   and LSH indexes.
 
 pub mod bert;
+mod buckets;
 pub mod charset;
 pub mod dedup;
 pub mod extract;

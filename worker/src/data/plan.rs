@@ -1,19 +1,19 @@
-//! The reduce's decisions, pure: which documents pass quality, which survive exact deduplication,
-//! which are held out, how many copies of each the mix trains on, and the order of the training
-//! stream. They work on [`DocRef`]s in canonical order (input file, then record) and are tested in
-//! memory; reading the map outputs, near-duplicate clustering and writing the shards are the
-//! reduce's (`reduce.rs`).
+//! The reduce's decisions, pure: the quality thresholds and who passes them, which documents are
+//! held out, how many copies of each the mix trains on, and the order of the training stream. They
+//! work on [`DocRef`]s in canonical order (input file, then record) and are tested in memory; the
+//! dedup tasks (`buckets.rs`) find the duplicates, and reading the map outputs and writing the
+//! shards are the reduce's (`reduce.rs`).
 //!
 //! Every random choice is a hash of the seed, a purpose and the document's canonical position, so
 //! the plan does not depend on the number of map shards.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 
 use pretrain_crd::spec::{CurriculumKey, Data, OrderStrategy, QualityClassifier};
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use super::keys::KeyRecord;
-use super::quality::top_fraction_threshold;
+use super::quality::ScoreHistogram;
 
 /// A document the map phase kept: its key record, and where its map shard left it.
 #[derive(Debug, Clone, PartialEq)]
@@ -37,47 +37,45 @@ pub struct QualityCut {
     pub passes: Vec<bool>,
 }
 
-/// Applies `data.quality`: a threshold, or the top fraction of each scored category.
-pub fn quality_cut(data: &Data, docs: &[DocRef]) -> QualityCut {
-    let category_of = |d: &DocRef| data.sources[d.key.source as usize].category().to_string();
+/// The quality threshold of each scored category under `data.quality`: the fixed threshold, or
+/// the floor of each category's top fraction in the map tasks' summed score histograms. Empty when
+/// no classifier runs.
+pub fn quality_thresholds(data: &Data, scores: &ScoreHistogram) -> BTreeMap<String, f32> {
     let q = &data.quality;
-    let scored = |category: &str| q.categories.is_empty() || q.categories.iter().any(|c| c == category);
-    let mut thresholds: BTreeMap<String, f32> = BTreeMap::new();
-    if q.classifier != QualityClassifier::None {
-        let mut by_category: BTreeMap<String, Vec<f32>> = BTreeMap::new();
-        for d in docs {
-            by_category.entry(category_of(d)).or_default().push(d.key.score);
-        }
-        for (category, scores) in by_category {
-            if scored(&category) {
-                let threshold = match q.keep_top_fraction {
-                    Some(fraction) => top_fraction_threshold(&scores, fraction),
-                    None => q.threshold as f32,
-                };
-                thresholds.insert(category, threshold);
-            }
-        }
+    if q.classifier == QualityClassifier::None {
+        return BTreeMap::new();
     }
+    let category = |s: u16| data.sources.get(usize::from(s)).map_or_else(String::new, |x| x.category().to_string());
+    let scored = |c: &str| q.categories.is_empty() || q.categories.iter().any(|x| x == c);
+    match q.keep_top_fraction {
+        Some(fraction) => scores.top_fraction_thresholds(fraction, category, scored),
+        None => (0..data.sources.len() as u16)
+            .map(category)
+            .filter(|c| scored(c))
+            .map(|c| (c, q.threshold as f32))
+            .collect(),
+    }
+}
+
+/// Whether a document of source `source` with quality score `score` passes `thresholds`.
+pub fn passes_quality(data: &Data, thresholds: &BTreeMap<String, f32>, source: u16, score: f32) -> bool {
+    data.sources.get(usize::from(source)).and_then(|s| thresholds.get(s.category())).is_none_or(|t| score >= *t)
+}
+
+/// Applies the quality thresholds (see [`quality_thresholds`]) to every document.
+pub fn quality_cut(data: &Data, thresholds: BTreeMap<String, f32>, docs: &[DocRef]) -> QualityCut {
     let mut removed: BTreeMap<String, u64> = BTreeMap::new();
     let passes = docs
         .iter()
         .map(|d| {
-            let category = category_of(d);
-            let keep = thresholds.get(&category).is_none_or(|t| d.key.score >= *t);
+            let keep = passes_quality(data, &thresholds, d.key.source, d.key.score);
             if !keep {
-                *removed.entry(category).or_default() += 1;
+                *removed.entry(data.sources[d.key.source as usize].category().to_string()).or_default() += 1;
             }
             keep
         })
         .collect();
     QualityCut { thresholds, removed, passes }
-}
-
-/// Who survives exact deduplication among the documents that pass quality: the first of each exact
-/// hash in canonical order (everyone who passes, when exact dedup is off).
-pub fn exact_survivors(data: &Data, docs: &[DocRef], passes: &[bool]) -> Vec<bool> {
-    let mut seen = HashSet::new();
-    docs.iter().zip(passes).map(|(d, pass)| *pass && (!data.dedup.exact || seen.insert(d.key.exact))).collect()
 }
 
 /// Where one surviving document goes: held out, or `copies` times into the training stream.
@@ -322,31 +320,23 @@ mod tests {
             .collect()
     }
 
+    fn cut_of(d: &Data, all: &[DocRef]) -> QualityCut {
+        let mut scores = ScoreHistogram::default();
+        all.iter().for_each(|x| scores.add(x.key.source, x.key.score));
+        quality_cut(d, quality_thresholds(d, &scores), all)
+    }
+
     #[test]
     fn the_quality_cut_keeps_the_top_fraction_of_scored_categories_only() {
         let d =
             data("quality: {classifier: ngram, referenceSources: [web], keepTopFraction: 0.5, categories: [web]}\n");
         let all = docs(140, 1);
-        let cut = quality_cut(&d, &all);
+        let cut = cut_of(&d, &all);
         assert_eq!(cut.thresholds.keys().collect::<Vec<_>>(), ["web"]);
         let kept_web = all.iter().zip(&cut.passes).filter(|(x, p)| x.key.source == 0 && **p).count();
         assert!((30..=45).contains(&kept_web), "{kept_web} of 70 web documents kept");
         assert!(all.iter().zip(&cut.passes).all(|(x, p)| x.key.source == 0 || *p), "code is not scored");
         assert_eq!(cut.removed["web"], 70 - kept_web as u64);
-    }
-
-    #[test]
-    fn exact_dedup_keeps_the_first_of_each_hash_among_those_that_pass() {
-        let d = data("");
-        let all = docs(120, 1);
-        let mut passes = vec![true; 120];
-        passes[3] = false;
-        let kept = exact_survivors(&d, &all, &passes);
-        assert!(!kept[3] && kept[53], "the first that passes survives");
-        assert!(kept[..50].iter().enumerate().all(|(i, k)| *k == (i != 3)));
-        assert_eq!(kept.iter().filter(|k| **k).count(), 50);
-        let off = data("dedup: {exact: false}\n");
-        assert_eq!(exact_survivors(&off, &all, &passes), passes);
     }
 
     #[test]
@@ -377,9 +367,8 @@ mod tests {
             let plan = |shards: u32| {
                 let all = docs(300, shards);
                 let terms: Vec<Vec<(u32, u16)>> = all.iter().map(|x| vec![(x.key.seq % 5, 1)]).collect();
-                let cut = quality_cut(&d, &all);
-                let kept = exact_survivors(&d, &all, &cut.passes);
-                let mix = place(&d, 11, &all, &kept);
+                let cut = cut_of(&d, &all);
+                let mix = place(&d, 11, &all, &cut.passes);
                 order_of(&d, &all, &mix, &terms)
             };
             assert_eq!(plan(1), plan(4), "{order}");

@@ -5,6 +5,8 @@
 //! DCLM and FineWeb-Edu but small enough to train in seconds on a CPU. Training is deterministic for a
 //! seed. The model file is a small header followed by little-endian f32 weights.
 
+use std::collections::BTreeMap;
+
 use pretrain_store::artifact::ClassifierEval;
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
@@ -309,15 +311,85 @@ pub fn evaluate(classifier: &str, scored: &[(f32, bool)], train_examples: [u64; 
     }
 }
 
-/// The scores at or above which the top `fraction` of `scores` lie (keep-top-fraction per category).
-pub fn top_fraction_threshold(scores: &[f32], fraction: f64) -> f32 {
-    if scores.is_empty() {
-        return f32::INFINITY;
+/// Quality scores per source, counted in fine bins (the top 24 bits of the score's order-preserving
+/// bit pattern, about 5 significant digits): each map task writes its own (`scores.bin`), and their
+/// sum gives the keep-top-fraction thresholds without any task holding every score.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ScoreHistogram(BTreeMap<(u16, u32), u64>);
+
+/// A score's bit pattern, ordered as the scores are.
+fn ordered_bits(score: f32) -> u32 {
+    let bits = score.to_bits();
+    if bits & 0x8000_0000 != 0 { !bits } else { bits | 0x8000_0000 }
+}
+
+/// The smallest score of bin `bin`.
+fn bin_floor(bin: u32) -> f32 {
+    let ordered = bin << 8;
+    if ordered & 0x8000_0000 != 0 { f32::from_bits(ordered & 0x7fff_ffff) } else { f32::from_bits(!ordered) }
+}
+
+impl ScoreHistogram {
+    /// Counts one document of source `source`.
+    pub fn add(&mut self, source: u16, score: f32) {
+        *self.0.entry((source, ordered_bits(score) >> 8)).or_default() += 1;
     }
-    let mut sorted = scores.to_vec();
-    sorted.sort_by(|a, b| b.total_cmp(a));
-    let keep = ((scores.len() as f64 * fraction).ceil() as usize).clamp(1, scores.len());
-    sorted[keep - 1]
+
+    /// Adds another task's counts.
+    pub fn merge(&mut self, other: &Self) {
+        for (k, n) in &other.0 {
+            *self.0.entry(*k).or_default() += n;
+        }
+    }
+
+    /// The stored form: `(source, bin, count)` as three little-endian `u64`s each.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.0.iter().flat_map(|((s, b), n)| [u64::from(*s), u64::from(*b), *n]).flat_map(u64::to_le_bytes).collect()
+    }
+
+    /// Reads the stored form; `None` if it is not one.
+    pub fn parse(bytes: &[u8]) -> Option<Self> {
+        if !bytes.len().is_multiple_of(24) {
+            return None;
+        }
+        let mut h = Self::default();
+        for e in bytes.chunks_exact(24) {
+            let word = |i: usize| u64::from_le_bytes(e[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+            let key = (u16::try_from(word(0)).ok()?, u32::try_from(word(1)).ok()?);
+            *h.0.entry(key).or_default() += word(2);
+        }
+        Some(h)
+    }
+
+    /// The score at or above which each scored category's top `fraction` lies: the floor of the bin
+    /// where the count from the top reaches the fraction (so at least that fraction is kept, and at
+    /// most one bin more). `category` names each source's category; `scored` says which are scored.
+    pub fn top_fraction_thresholds(
+        &self,
+        fraction: f64,
+        category: impl Fn(u16) -> String,
+        scored: impl Fn(&str) -> bool,
+    ) -> BTreeMap<String, f32> {
+        let mut bins: BTreeMap<String, BTreeMap<u32, u64>> = BTreeMap::new();
+        for ((source, bin), n) in &self.0 {
+            let c = category(*source);
+            if scored(&c) {
+                *bins.entry(c).or_default().entry(*bin).or_default() += n;
+            }
+        }
+        bins.into_iter()
+            .map(|(c, bins)| {
+                let total: u64 = bins.values().sum();
+                let keep = ((total as f64 * fraction).ceil() as u64).clamp(1, total.max(1));
+                let mut seen = 0;
+                let bin = bins.iter().rev().find(|(_, n)| {
+                    seen += **n;
+                    seen >= keep
+                });
+                (c, bin.map_or(f32::INFINITY, |(b, _)| bin_floor(*b)))
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]
@@ -423,10 +495,23 @@ mod tests {
     }
 
     #[test]
-    fn top_fraction_threshold_keeps_the_best() {
-        let scores = [0.1, 0.9, 0.5, 0.7, 0.3];
-        assert_eq!(top_fraction_threshold(&scores, 0.4), 0.7);
-        assert_eq!(top_fraction_threshold(&scores, 1.0), 0.1);
-        assert_eq!(top_fraction_threshold(&scores, 0.01), 0.9);
+    fn top_fraction_thresholds_keep_the_best_from_merged_histograms() {
+        let (mut a, mut b) = (ScoreHistogram::default(), ScoreHistogram::default());
+        for (i, s) in [0.1f32, 0.9, 0.5, 0.7, 0.3, -2.0, 3.5].into_iter().enumerate() {
+            if i % 2 == 0 { &mut a } else { &mut b }.add(0, s);
+        }
+        b.add(1, 0.42);
+        a.merge(&ScoreHistogram::parse(&b.to_bytes()).unwrap());
+        let at = |fraction: f64| {
+            a.top_fraction_thresholds(fraction, |s| ["web", "code"][usize::from(s)].to_string(), |c| c == "web")
+        };
+        let kept = |t: f32| [0.1f32, 0.9, 0.5, 0.7, 0.3, -2.0, 3.5].iter().filter(|s| **s >= t).count();
+        assert_eq!(kept(at(3.0 / 7.0)["web"]), 3);
+        assert_eq!(kept(at(1.0)["web"]), 7, "negative scores too");
+        assert_eq!(kept(at(0.01)["web"]), 1);
+        assert!(!at(0.5).contains_key("code"), "code is not scored");
+        // The floor is within 5 significant digits of the score that decides.
+        assert!((at(3.0 / 7.0)["web"] - 0.7).abs() < 1e-4 && at(3.0 / 7.0)["web"] <= 0.7);
+        assert_eq!(ScoreHistogram::parse(&[1, 2, 3]), None);
     }
 }

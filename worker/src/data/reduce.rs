@@ -2,7 +2,7 @@
 //! near-duplicate clusters, routes each kept document to its output shard on local disk, writes
 //! the shards sorted by stream position, and commits with the stage's [`DataPrepStats`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
@@ -13,12 +13,13 @@ use pretrain_store::artifact::{
 };
 use pretrain_store::{FileEntry, StageCommit, StageDir};
 
-use super::dedup::{ClusterStats, DiskIndex};
+use super::buckets::{dedup_dir, dedup_done, thresholds};
+use super::dedup::{ClusterStats, Clusters};
 use super::keys::{KeyRecord, parse_terms};
 use super::order;
 use super::plan::{self, DocRef, MixPlan, Placement, StreamEntry};
 use super::scoring::trained_eval;
-use super::stage::{DataPrepError, OUTPUT_VERSION, Result, hasher, map_dir, map_done};
+use super::stage::{DataPrepError, OUTPUT_VERSION, Result, map_dir, map_done};
 use crate::Context;
 use crate::frame::{ScratchError, scratch};
 
@@ -27,21 +28,19 @@ pub(super) async fn reduce(ctx: &Context, hash: &str) -> Result<StageCommit> {
     let spec = &ctx.run.spec;
     let data = &spec.data;
     let tmp = tempfile::tempdir().map_err(scratch(Path::new("tempdir")))?;
+    let thresholds = thresholds(ctx, hash, "reduce").await?;
     let (docs, terms, map) = read_keys(ctx, hash).await?;
-    let cut = plan::quality_cut(data, &docs);
-    let exact = plan::exact_survivors(data, &docs, &cut.passes);
-    let exact_removed = exact.iter().zip(&cut.passes).filter(|(s, p)| **p && !**s).count();
-    let mut survivor = exact.clone();
-    let mut near_removed = 0;
-    let mut near = ClusterStats::default();
-    if hasher(data, spec.seed).is_some() {
-        let (keep, stats) = near_duplicates(ctx, &docs, &exact, tmp.path()).await?;
-        near = stats;
-        for (i, keep) in keep.into_iter().enumerate() {
-            if survivor[i] && !keep {
-                survivor[i] = false;
-                near_removed += 1;
-            }
+    let cut = plan::quality_cut(data, thresholds, &docs);
+    let dedup = read_dedup(ctx, hash).await?;
+    let mut survivor = cut.passes.clone();
+    let (mut exact_removed, mut near_removed) = (0, 0);
+    for (keep, d) in survivor.iter_mut().zip(&docs) {
+        if *keep && dedup.exact.contains(&d.key.doc()) {
+            *keep = false;
+            exact_removed += 1;
+        } else if *keep && dedup.near.contains(&d.key.doc()) {
+            *keep = false;
+            near_removed += 1;
         }
     }
     let (mut semantic_removed, mut path) = (0, None);
@@ -74,11 +73,11 @@ pub(super) async fn reduce(ctx: &Context, hash: &str) -> Result<StageCommit> {
         },
         dedup: DedupStats {
             candidates: docs.len() as u64,
-            exact_removed: exact_removed as u64,
+            exact_removed,
             near_removed,
-            lsh_pairs_compared: near.compared,
-            lsh_pairs_merged: near.merged,
-            lsh_collisions_rejected: near.rejected,
+            lsh_pairs_compared: dedup.stats.compared,
+            lsh_pairs_merged: dedup.stats.merged,
+            lsh_collisions_rejected: dedup.stats.rejected,
             semantic_removed,
         },
         held_out: HeldOutStats { documents: routed.held_out },
@@ -127,7 +126,7 @@ async fn read_keys(ctx: &Context, hash: &str) -> Result<(Vec<DocRef>, Vec<Vec<(u
         );
     }
     if !missing.is_empty() {
-        return Err(DataPrepError::MapsMissing { missing, shards });
+        return Err(DataPrepError::TasksMissing { phase: "map", missing, tasks: shards, next: "reduce" });
     }
     // Canonical order: input file, then record, whatever the shard count.
     docs.sort_by_key(|(d, _)| (d.key.input, d.key.seq));
@@ -145,40 +144,48 @@ fn corrupt(dir: &StageDir, key: &str, reason: &str) -> pretrain_store::Error {
     pretrain_store::Error::Corrupt { store: dir.store().url().into(), key: key.into(), reason: reason.into() }
 }
 
-/// MinHash near-duplicate clustering across every map task, from the tasks' sorted band buckets and
-/// signatures downloaded to `scratch_dir` and read from disk: memory holds the union-find, not the
-/// index. Only `eligible` documents (kept by quality and exact dedup) take part. Returns which
-/// documents survive.
-async fn near_duplicates(
-    ctx: &Context,
-    docs: &[DocRef],
-    eligible: &[bool],
-    scratch_dir: &Path,
-) -> Result<(Vec<bool>, ClusterStats)> {
-    let data = &ctx.run.spec.data;
-    let shards = data.shards;
-    let mut band_files = Vec::new();
-    let mut signature_files = Vec::new();
-    for shard in 0..shards {
-        for (name, list) in [("bands.bin", &mut band_files), ("signatures.bin", &mut signature_files)] {
-            let local = scratch_dir.join(format!("{shard:05}-{name}"));
-            let key = ctx.dir.key(&format!("{}/{name}", map_dir(shard, shards)))?;
-            ctx.dir.store().download(&key, &local).await?;
-            list.push(local);
+/// What the dedup tasks decided: the exact duplicates, the near duplicates (every document of a
+/// cluster of duplicate pairs but its first), and the verification's counts. Memory grows with the
+/// duplicates, not with the corpus.
+struct Dedup {
+    exact: HashSet<u64>,
+    near: HashSet<u64>,
+    stats: ClusterStats,
+}
+
+/// Every dedup task's outputs for this spec (all must be done), the pairs clustered.
+async fn read_dedup(ctx: &Context, hash: &str) -> Result<Dedup> {
+    let tasks = ctx.run.spec.data.dedup_tasks();
+    let mut missing = Vec::new();
+    let (mut exact, mut clusters, mut stats) = (HashSet::new(), Clusters::default(), ClusterStats::default());
+    for task in 0..tasks {
+        let Some(done) = dedup_done(&ctx.dir, task, tasks, hash).await? else {
+            missing.push(task);
+            continue;
+        };
+        stats.add(&done.near);
+        let dir = dedup_dir(task, tasks);
+        let (key, bytes) = get(&ctx.dir, &format!("{dir}/exact.bin")).await?;
+        let ids = words(&bytes).filter(|w| w.len() as u64 == done.exact_dropped);
+        exact.extend(ids.ok_or_else(|| corrupt(&ctx.dir, &key, "not the documents its _DONE.json counts"))?);
+        let (key, bytes) = get(&ctx.dir, &format!("{dir}/pairs.bin")).await?;
+        let pairs = words(&bytes).filter(|w| w.len() % 2 == 0);
+        for pair in pairs.ok_or_else(|| corrupt(&ctx.dir, &key, "not a whole number of pairs"))?.chunks_exact(2) {
+            clusters.union(pair[0], pair[1]);
         }
     }
-    let minhash = &data.dedup.minhash;
-    let index = DiskIndex {
-        band_files,
-        signature_files,
-        ids: docs.iter().map(|d| d.key.doc()).collect(),
-        positions: docs.iter().map(|d| (d.shard, d.pos)).collect(),
-        signature_len: (minhash.buckets * minhash.hashes_per_bucket) as usize,
-    };
-    let (eligible, threshold) = (eligible.to_vec(), minhash.jaccard_threshold);
-    let scratch_dir = scratch_dir.to_path_buf();
-    let work = move || index.cluster(&eligible, threshold).map_err(scratch(&scratch_dir));
-    Ok(tokio::task::spawn_blocking(work).await.expect("near-duplicate clustering does not panic")?)
+    if !missing.is_empty() {
+        return Err(DataPrepError::TasksMissing { phase: "dedup", missing, tasks, next: "reduce" });
+    }
+    Ok(Dedup { exact, near: clusters.dropped().into_iter().collect(), stats })
+}
+
+/// A file of little-endian `u64`s; `None` if its length is not a multiple of 8.
+fn words(bytes: &[u8]) -> Option<Vec<u64>> {
+    bytes
+        .len()
+        .is_multiple_of(8)
+        .then(|| bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect())
 }
 
 /// What routing wrote: the output files, and the counts of the mix it realised.

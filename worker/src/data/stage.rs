@@ -26,10 +26,12 @@ pub use pretrain_store::artifact::MapStats;
 use pretrain_store::{StageCommit, StageDir, Store};
 use serde::{Deserialize, Serialize};
 
+use super::buckets::dedup_task;
 use super::dedup::{MinHasher, exact_key};
 use super::filters::{Verdict, apply};
 use super::keys::{KeyRecord, write_terms};
 use super::order::top_terms;
+use super::quality::ScoreHistogram;
 use super::reader::{self, Item, ReadOptions};
 use super::reduce::reduce;
 use super::runs::{DEFAULT_RUN_ENTRIES, ExternalSorter};
@@ -60,13 +62,17 @@ pub enum DataPrepError {
     /// The quality scorer failed on a document.
     #[error("quality scorer: {0}")]
     Scorer(String),
-    /// The reduce ran before every map task finished.
-    #[error("map shards {missing:?} of {shards} have not finished for this spec; run them before the reduce")]
-    MapsMissing {
-        /// The unfinished map tasks.
+    /// A phase ran before every task of the phase before it finished.
+    #[error("{phase} tasks {missing:?} of {tasks} have not finished for this spec; run them before the {next}")]
+    TasksMissing {
+        /// The unfinished phase: `map` or `dedup`.
+        phase: &'static str,
+        /// Its unfinished tasks.
         missing: Vec<u32>,
-        /// Map tasks in all.
-        shards: u32,
+        /// Its tasks in all.
+        tasks: u32,
+        /// The phase that needs them.
+        next: &'static str,
     },
 }
 
@@ -79,7 +85,7 @@ impl From<DataPrepError> for StageError {
             DataPrepError::Store(store) => store.into(),
             DataPrepError::Fetch(fetch) => fetch.into(),
             DataPrepError::Invalid(_) => StageError::Invalid(Box::new(e)),
-            DataPrepError::Scratch(_) | DataPrepError::Scorer(_) | DataPrepError::MapsMissing { .. } => {
+            DataPrepError::Scratch(_) | DataPrepError::Scorer(_) | DataPrepError::TasksMissing { .. } => {
                 StageError::Failed(Box::new(e))
             }
         }
@@ -141,8 +147,10 @@ pub(super) struct MapTask {
     pub(super) stats: MapStats,
 }
 
-/// The map files' layout: 2 moved signatures out of `keys.bin` and added `bands.bin`.
-const MAP_FORMAT: u32 = 2;
+/// The map files' layout: 2 moved signatures out of `keys.bin` and added `bands.bin`; 3 put each
+/// document's location in the band entries, indexed them by slice (`bands.idx`) and added the
+/// exact-hash index (`exact.bin`, `exact.idx`) and the score histogram (`scores.bin`).
+const MAP_FORMAT: u32 = 3;
 
 pub(super) fn map_dir(shard: u32, shards: u32) -> String {
     format!("map/{shard:05}-of-{shards:05}")
@@ -175,10 +183,17 @@ pub async fn run(ctx: &Context, phase: Phase) -> Result<Option<StageCommit>> {
             map_shard(ctx, shard, &hash).await?;
             Ok(None)
         }
+        Phase::Dedup(task) => {
+            dedup_task(ctx, task, &hash).await?;
+            Ok(None)
+        }
         Phase::Reduce => reduce(ctx, &hash).await.map(Some),
         Phase::All => {
             for shard in 0..data.shards {
                 map_shard(ctx, shard, &hash).await?;
+            }
+            for task in 0..data.dedup_tasks() {
+                dedup_task(ctx, task, &hash).await?;
             }
             reduce(ctx, &hash).await.map(Some)
         }
@@ -218,7 +233,7 @@ async fn map_shard(ctx: &Context, shard: u32, hash: &str) -> Result<()> {
     let out = tmp.path().to_path_buf();
     let mut progress = Progress::new(format!("data-prep map {shard}"), "documents", None);
     let (documents, stats) =
-        tokio::task::spawn_blocking(move || map_files(&data, seed, model.as_ref(), &mine, &out, &mut progress))
+        tokio::task::spawn_blocking(move || map_files(&data, seed, shard, model.as_ref(), &mine, &out, &mut progress))
             .await
             .expect("the map task does not panic")?;
 
@@ -231,7 +246,17 @@ async fn map_shard(ctx: &Context, shard: u32, hash: &str) -> Result<()> {
     Ok(())
 }
 
-const MAP_FILES: [&str; 5] = ["docs.jsonl.zst", "keys.bin", "signatures.bin", "bands.bin", "terms.bin"];
+const MAP_FILES: [&str; 9] = [
+    "docs.jsonl.zst",
+    "keys.bin",
+    "signatures.bin",
+    "bands.bin",
+    "bands.idx",
+    "exact.bin",
+    "exact.idx",
+    "scores.bin",
+    "terms.bin",
+];
 
 /// A map task's outputs, written as documents are kept: `docs.jsonl.zst`, their key records, MinHash
 /// signatures (in document order), LSH band entries (sorted on local disk) and topic terms (for
@@ -241,31 +266,41 @@ struct MapWriter {
     docs: zstd::Encoder<'static, BufWriter<File>>,
     keys: BufWriter<File>,
     signatures: BufWriter<File>,
-    bands: ExternalSorter,
+    /// `[band key, document, location]`, location being `shard << 32 | line`.
+    bands: ExternalSorter<3>,
+    /// `[exact hash (2 words), document, location]`, when exact dedup is on.
+    exact: ExternalSorter<4>,
+    exact_on: bool,
+    scores: ScoreHistogram,
     terms: BufWriter<File>,
     minhash: Option<MinHasher>,
     in_context: bool,
+    shard: u32,
+    written: u64,
 }
 
 impl MapWriter {
-    fn create(out: &Path, data: &Data, seed: u64) -> Result<Self, ScratchError> {
+    fn create(out: &Path, data: &Data, seed: u64, shard: u32) -> Result<Self, ScratchError> {
         let create = |name: &str| {
             let path = out.join(name);
             File::create(&path).map(BufWriter::new).map_err(scratch(&path))
         };
         let docs_path = out.join("docs.jsonl.zst");
         let docs = zstd::Encoder::new(create("docs.jsonl.zst")?, 3).map_err(scratch(&docs_path))?;
-        let runs_dir = out.join("band-runs");
-        std::fs::create_dir_all(&runs_dir).map_err(scratch(&runs_dir))?;
         Ok(Self {
             out: out.to_path_buf(),
             docs,
             keys: create("keys.bin")?,
             signatures: create("signatures.bin")?,
-            bands: ExternalSorter::new(&runs_dir, DEFAULT_RUN_ENTRIES),
+            bands: ExternalSorter::new(&out.join("band-runs"), DEFAULT_RUN_ENTRIES),
+            exact: ExternalSorter::new(&out.join("exact-runs"), DEFAULT_RUN_ENTRIES),
+            exact_on: data.dedup.exact,
+            scores: ScoreHistogram::default(),
             terms: create("terms.bin")?,
             minhash: hasher(data, seed),
             in_context: data.order.strategy == OrderStrategy::InContext,
+            shard,
+            written: 0,
         })
     }
 
@@ -276,9 +311,16 @@ impl MapWriter {
         self.docs.write_all(b"\n")?;
         record.write(&mut self.keys)?;
         signature.iter().try_for_each(|h| self.signatures.write_all(&h.to_le_bytes()))?;
+        let location = u64::from(self.shard) << 32 | self.written;
         if let Some(m) = &self.minhash {
-            m.band_keys(&signature).into_iter().try_for_each(|k| self.bands.push((k, record.doc())))?;
+            m.band_keys(&signature).into_iter().try_for_each(|k| self.bands.push([k, record.doc(), location]))?;
         }
+        if self.exact_on {
+            let hash = record.exact;
+            self.exact.push([(hash >> 64) as u64, hash as u64, record.doc(), location])?;
+        }
+        self.scores.add(record.source, record.score);
+        self.written += 1;
         if self.in_context {
             write_terms(&mut self.terms, &top_terms(&line.text))?;
         }
@@ -292,7 +334,16 @@ impl MapWriter {
         keys.flush().map_err(scratch(&path("keys.bin")))?;
         let mut signatures = self.signatures;
         signatures.flush().map_err(scratch(&path("signatures.bin")))?;
-        self.bands.finish(&path("bands.bin")).map_err(scratch(&path("bands.bin")))?;
+        for (name, index) in [
+            ("bands", self.bands.finish(&path("bands.bin"), false)),
+            ("exact", self.exact.finish(&path("exact.bin"), false)),
+        ] {
+            let index = index.map_err(scratch(&path(&format!("{name}.bin"))))?;
+            let idx = path(&format!("{name}.idx"));
+            std::fs::write(&idx, index.to_bytes()).map_err(scratch(&idx))?;
+        }
+        let scores = path("scores.bin");
+        std::fs::write(&scores, self.scores.to_bytes()).map_err(scratch(&scores))?;
         let mut terms = self.terms;
         terms.flush().map_err(scratch(&path("terms.bin")))
     }
@@ -368,13 +419,14 @@ impl Pending<'_> {
 fn map_files(
     data: &Data,
     seed: u64,
+    shard: u32,
     model: Option<&QualityScorer>,
     inputs: &[(u32, Input, PathBuf)],
     out: &Path,
     progress: &mut Progress,
 ) -> Result<(u64, MapStats)> {
     let mut read = 0u64;
-    let mut writer = MapWriter::create(out, data, seed)?;
+    let mut writer = MapWriter::create(out, data, seed, shard)?;
     let mut stats = MapStats::default();
     let mut documents = 0u64;
     let mut lines_removed: HashMap<&'static str, u64> = HashMap::new();

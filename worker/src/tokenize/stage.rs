@@ -188,6 +188,7 @@ pub async fn run(ctx: &Context, phase: Phase) -> Result<Option<StageCommit>> {
             Ok(None)
         }
         Phase::Reduce => reduce(ctx, &upstream, &hash, tok).await.map(Some),
+        Phase::Dedup(_) => Err(TokenizeError::Invalid("tokenize has no dedup phase; run map or reduce".into())),
         Phase::All => {
             for k in 0..upstream.shards.len() as u32 {
                 map_shard(ctx, &upstream, &hash, tok, k).await?;
