@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# data-prep at scale: a synthetic web corpus of N documents with planted exact and near duplicates
+# (scripts/web_corpus.py), through data-prep's phases run as separate worker processes, the way the
+# operator runs them as Indexed Jobs: 8 map tasks, then the dedup tasks, then the reduce, once with
+# each dedup task count given. Rule filters and the quality cut are off, so dedup alone removes
+# documents.
+#
+#   scripts/bench-data-prep-scale.sh [N] [DEDUP_TASKS...]     (default: 2000000, then 1 8)
+#
+# Prints each task's peak memory (RSS) and time, each phase's wall time (two tasks at a time on
+# this machine's two cores), dedup recall and precision against the plant, and whether the outputs
+# with every task count are byte-identical. The corpus and the store stay in
+# $PRETRAIN_BENCH_DIR (default ~/.cache/pretrain/bench-scale/N); the map outputs are reused by later
+# task counts (the count is not part of the spec's hash), as they would be on a cluster.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+n=${1:-2000000}
+shift || true
+counts=("$@")
+[ ${#counts[@]} -gt 0 ] || counts=(1 8)
+work=${PRETRAIN_BENCH_DIR:-$HOME/.cache/pretrain/bench-scale}/$n
+py=$(scripts/python-env.sh)
+command -v zstd >/dev/null || { echo "the score needs the zstd command" >&2; exit 1; }
+if [ ! -f "$work/corpus/done" ]; then
+    echo "generating $n documents into $work/corpus" >&2
+    "$py" scripts/web_corpus.py gen "$work/corpus" "$n"
+    touch "$work/corpus/done"
+fi
+cargo build --quiet --release -p pretrain-worker --bin pretrain-worker
+worker=$PWD/target/release/pretrain-worker
+stage=$work/store/scale/data-prep
+
+# One task under /usr/bin/time: appends "phase task peak-KiB seconds" to the log.
+task() {
+    local phase=$1 index=$2 manifest=$3
+    local out
+    out=$(mktemp)
+    JOB_COMPLETION_INDEX=$index RAYON_NUM_THREADS=1 /usr/bin/time -f "%M %e" -o "$out" \
+        "$worker" data-prep --spec "$manifest" --phase "$phase" > "$work/$phase-$index.out" 2>&1 \
+        || { tail -5 "$work/$phase-$index.out" >&2; exit 1; }
+    echo "$phase $index $(cat "$out")" >> "$log"
+    rm -f "$out"
+}
+export -f task
+export worker work
+
+# Runs `count` tasks of `phase`, two at a time; prints the phase's wall time.
+phase() {
+    local phase=$1 count=$2 manifest=$3 start
+    start=$(date +%s.%N)
+    seq 0 $((count - 1)) | xargs -P 2 -I{} bash -c "task $phase {} $manifest" || exit 1
+    python3 -c "print(f'{$(date +%s.%N) - $start:.1f}')"
+}
+
+for tasks in "${counts[@]}"; do
+    manifest=$work/scale-$tasks.yaml
+    cat > "$manifest" <<EOF
+apiVersion: pretrain.dev/v1alpha1
+kind: PretrainRun
+metadata: {name: scale}
+spec:
+  storage: {url: "file://$work/store"}
+  seed: 7
+  data:
+    sources: [{name: web, url: "$work/corpus/part-*.jsonl"}]
+    filters: {gopherQuality: {enabled: false}, gopherRepetition: {enabled: false}, c4: {enabled: false}, fineweb: {enabled: false}, language: {enabled: false}}
+    heldOutFraction: 0.001
+    shards: 8
+    tasks: {dedup: $tasks}
+  model: {preset: tiny}
+  train: {seqLen: 256, tokens: 1000000, resources: {gpusPerNode: 0}}
+EOF
+    rm -f "$stage/_SUCCESS.json"
+    export log=$work/tasks-$tasks.log
+    : > "$log"
+    map_s=$(phase map 8 "$manifest")
+    dedup_s=$(phase dedup "$tasks" "$manifest")
+    reduce_s=$(phase reduce 1 "$manifest")
+    echo "== $tasks dedup tasks: map ${map_s} s (its outputs reused after the first count), dedup ${dedup_s} s, reduce ${reduce_s} s"
+    echo "   phase task peak-KiB seconds:"
+    sort -k1,1 -k2,2n "$log" | sed 's/^/    /'
+    awk '{if ($3 > m[$1]) m[$1] = $3} END {for (p in m) printf "   largest %s task: %.0f MiB\n", p, m[p] / 1024}' "$log"
+    (cd "$stage" && sha256sum shards/* heldout/*) > "$work/sums-$tasks.txt"
+    "$py" scripts/web_corpus.py score "$work/corpus" "$stage"
+done
+for tasks in "${counts[@]}"; do
+    if cmp -s "$work/sums-${counts[0]}.txt" "$work/sums-$tasks.txt"; then
+        echo "outputs with $tasks dedup tasks: identical to ${counts[0]} ($(wc -l < "$work/sums-$tasks.txt") files)"
+    else
+        echo "outputs with $tasks dedup tasks DIFFER from ${counts[0]}" >&2
+        exit 1
+    fi
+done
