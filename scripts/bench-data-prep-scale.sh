@@ -68,7 +68,7 @@ spec:
     shards: 8
     tasks: {dedup: $tasks}
   model: {preset: tiny}
-  train: {seqLen: 256, tokens: 1000000, resources: {gpusPerNode: 0}}
+  train: {seqLen: 64, tokens: 100000, globalBatchTokens: 1024, microBatchSize: 16, schedule: {warmupSteps: 1}, resources: {gpusPerNode: 0}}
 EOF
     rm -f "$stage/_SUCCESS.json"
     export log=$work/tasks-$tasks.log

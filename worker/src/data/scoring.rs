@@ -17,7 +17,7 @@ use pretrain_store::artifact::ClassifierEval;
 use super::bert::{BertScorer, Encoder, ModelFiles};
 use super::quality::{HeadTraining, LinearHead, QualityError, QualityModel, Training, evaluate, held_out};
 use super::reader::{self, Item, ReadOptions};
-use super::stage::{DataPrepError, Input, Location, Result};
+use super::stage::{DataPrepError, Input, Result};
 use crate::Context;
 use crate::context::{read_url, read_url_opt};
 use crate::frame::scratch;
@@ -200,11 +200,7 @@ async fn labelled(ctx: &Context, all: &[Input]) -> Result<Vec<(String, bool)>> {
     let tmp = tempfile::tempdir().map_err(scratch(Path::new("tempdir")))?;
     let mut local = Vec::new();
     for (i, input) in all.iter().enumerate() {
-        let path = match &input.location {
-            Location::Local(p) => p.clone(),
-            Location::Remote { store, key } => reader::download(store, &input.name, key, tmp.path(), i).await?,
-        };
-        local.push((input.source, path));
+        local.push((input.source, input.local(tmp.path(), i).await?));
     }
     tokio::task::spawn_blocking(move || reference_examples(&data, &local, limit))
         .await

@@ -110,6 +110,17 @@ pub(super) enum Location {
     Remote { store: Store, key: object_store::path::Path },
 }
 
+impl Input {
+    /// A local path to the file: the file itself, or a download of it into `tmp` (named by `index`,
+    /// its place in the run's inputs).
+    pub(super) async fn local(&self, tmp: &Path, index: usize) -> Result<PathBuf> {
+        Ok(match &self.location {
+            Location::Local(p) => p.clone(),
+            Location::Remote { store, key } => reader::download(store, &self.name, key, tmp, index).await?,
+        })
+    }
+}
+
 /// Lists every input file of every source, sources in spec order, files sorted.
 async fn inputs(data: &Data) -> Result<Vec<Input>> {
     let mut all = Vec::new();
@@ -223,10 +234,7 @@ async fn map_shard(ctx: &Context, shard: u32, hash: &str) -> Result<()> {
         if index as u32 % shards != shard {
             continue;
         }
-        let path = match &input.location {
-            Location::Local(p) => p.clone(),
-            Location::Remote { store, key } => reader::download(store, &input.name, key, tmp.path(), index).await?,
-        };
+        let path = input.local(tmp.path(), index).await?;
         mine.push((index as u32, input, path));
     }
     let seed = ctx.run.spec.seed;

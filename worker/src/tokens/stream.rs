@@ -86,14 +86,6 @@ impl TokenStream {
         docs
     }
 
-    /// The same tokens with whole documents ordered longest first (ties in stream order).
-    pub fn long_documents_first(mut self) -> Self {
-        let mut docs = self.document_segments();
-        docs.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-        self.order = Some(DocumentOrder::new(docs));
-        self
-    }
-
     /// Long-context data after Fu et al. (2024), per-source length upsampling: every category
     /// (`categories`: each document's, in stream order) keeps its share of the stream's tokens, and
     /// within it documents of at least `long` tokens are drawn `upsample` times as often as shorter
@@ -148,16 +140,6 @@ impl TokenStream {
     /// Documents in the stream's shards.
     pub fn documents(&self) -> u64 {
         self.shards.iter().map(TokenShard::documents).sum()
-    }
-
-    /// The longest document, in tokens.
-    pub fn longest_document(&self) -> u64 {
-        self.shards
-            .iter()
-            .flat_map(|s| (0..s.documents()).map(|d| s.document_range(d)))
-            .map(|r| r.end - r.start)
-            .max()
-            .unwrap_or(0)
     }
 
     /// Tokens in one pass over the data (as reordered, if it is).

@@ -196,19 +196,20 @@ mod tests {
     }
 
     #[test]
-    fn long_documents_come_first_whole() {
+    fn a_reordered_stream_reads_whole_documents_across_epochs() {
         let dir = tempfile::tempdir().unwrap();
-        let s = stream(dir.path()).long_documents_first();
+        let plain = stream(dir.path());
+        let categories = vec![0u16; plain.documents() as usize];
+        let (s, _) = plain.upsample_long(&categories, 100, 1.0, 5).unwrap();
         assert_eq!(s.len(), 25);
-        assert_eq!(s.longest_document(), 12);
+        let mut pass = Vec::new();
+        s.read(0, 25, &mut pass);
+        let mut sorted = pass.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..25).collect::<Vec<u32>>(), "every token once a pass");
         let mut out = Vec::new();
-        s.read(0, 25, &mut out);
-        let expected: Vec<u32> = (13..25).chain(0..10).chain(10..13).collect();
-        assert_eq!(out, expected);
-        out.clear();
-        s.read(20, 8, &mut out);
-        // Positions 20.. are the end of the 10-token document, the 3-token one, then the next epoch.
-        assert_eq!(out, [8, 9, 10, 11, 12, 13, 14, 15]);
+        s.read(22, 8, &mut out);
+        assert_eq!(out, [&pass[22..], &pass[..5]].concat(), "the pass ends, then the next begins");
     }
 
     /// Category 0: 40 documents of 5 tokens and 10 of 40; category 1: 100 of 5, interleaved.

@@ -56,12 +56,6 @@ impl MetricsLog {
         self.file.flush()?;
         Ok(Bytes::from(std::fs::read(&self.path)?))
     }
-
-    /// The local file, complete.
-    pub fn path(&mut self) -> Result<&Path> {
-        self.file.flush()?;
-        Ok(&self.path)
-    }
 }
 
 /// Tokens per second and model FLOPs utilisation of a step.

@@ -306,8 +306,9 @@ async fn commit(
             .ok_or_else(|| TrainError::Invalid("no checkpoint to commit".into()))?;
         files = loaded.files;
     }
-    files.push(ctx.dir.put_file("metrics.jsonl", metrics.path()?).await?);
-    ctx.dir.put(tensorboard::FILE, bytes::Bytes::from(tensorboard::events(&metrics.bytes()?))).await?;
+    let lines = metrics.bytes()?;
+    ctx.dir.put(tensorboard::FILE, bytes::Bytes::from(tensorboard::events(&lines))).await?;
+    files.push(ctx.dir.put("metrics.jsonl", lines).await?);
     let stats = serde_json::to_value(stats).expect("train stats serialise");
     let commit = ctx.dir.commit(&ctx.config_hash(), files, stats).await?;
     trainer.collective.finish()?;
