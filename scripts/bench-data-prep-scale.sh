@@ -11,7 +11,8 @@
 # this machine's two cores), dedup recall and precision against the plant, and whether the outputs
 # with every task count are byte-identical. The corpus and the store stay in
 # $PRETRAIN_BENCH_DIR (default ~/.cache/pretrain/bench-scale/N); the map outputs are reused by later
-# task counts (the count is not part of the spec's hash), as they would be on a cluster.
+# task counts (the count is not part of the spec's hash), as they would be on a cluster, so their
+# figures are those of the first count.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n=${1:-2000000}
@@ -70,7 +71,8 @@ spec:
   model: {preset: tiny}
   train: {seqLen: 64, tokens: 100000, globalBatchTokens: 1024, microBatchSize: 16, schedule: {warmupSteps: 1}, resources: {gpusPerNode: 0}}
 EOF
-    rm -f "$stage/_SUCCESS.json"
+    # Each count redoes the dedup tasks and the reduce; the map outputs stay.
+    rm -rf "$stage/_SUCCESS.json" "$stage/dedup"
     export log=$work/tasks-$tasks.log
     : > "$log"
     map_s=$(phase map 8 "$manifest")

@@ -311,9 +311,9 @@ impl Store {
         self.download_part(key, Some(range), dest).await
     }
 
-    /// Reads bytes `range` of an object.
-    pub async fn get_range(&self, key: &Path, range: Range<u64>) -> Result<Bytes> {
-        let read = || self.inner.get_range(key, range.clone());
+    /// Reads byte ranges of an object, nearby ranges in one request.
+    pub async fn get_ranges(&self, key: &Path, ranges: &[Range<u64>]) -> Result<Vec<Bytes>> {
+        let read = || self.inner.get_ranges(key, ranges);
         self.retry.run("get", key, read).await.map_err(|e| self.object_error(key, e))
     }
 
