@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """A synthetic web corpus with planted duplicates, for data-prep at scale, and the score of a
 data-prep run's dedup against the plant.
 

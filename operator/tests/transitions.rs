@@ -218,6 +218,7 @@ fn every_transition_decides_as_the_fixture_says() {
             attempt: k.attempt,
             current_spec: true,
             state: pretrain_operator::plan::cluster::JobState::Active,
+            tasks: None,
         }));
         let again = decide(&ClusterView { status: &d.status, jobs: &jobs, ..view });
         if again.create.iter().any(|k| d.create.contains(k)) {

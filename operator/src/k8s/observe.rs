@@ -101,7 +101,11 @@ pub fn job_view(job: &Job, spec: &PretrainRunSpec, pods: &[Pod], cluster: &PodCo
             JobState::Failed(classify(pods, expected, job_failure(job), cluster))
         }
     };
-    Some(JobView { stage, role, attempt, current_spec, state })
+    let tasks = role.is_task().then(|| {
+        let count = |n: Option<i32>| n.unwrap_or(0).max(0) as u32;
+        (count(job.status.as_ref().and_then(|s| s.succeeded)), count(job.spec.as_ref().and_then(|s| s.completions)))
+    });
+    Some(JobView { stage, role, attempt, current_spec, state, tasks })
 }
 
 /// The message of a failed Job's `Failed` condition when its pod failure policy failed it because a

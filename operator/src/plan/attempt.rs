@@ -18,12 +18,18 @@ enum Attempt {
     Missing,
     /// Made for another version of the spec.
     Stale(Vec<JobKey>),
-    /// In flight; `next` is a role whose Job is still to be created.
-    InFlight { next: Option<Role> },
+    /// In flight; `next` is a role whose Job is still to be created, `progress` says which phase
+    /// runs and how far it got.
+    InFlight { next: Option<Role>, progress: String },
     /// The last role succeeded.
     Succeeded,
     /// A Job failed.
     Failed(Failure),
+}
+
+/// The roles of `stage`'s Jobs, in the order they run.
+fn roles_of(view: &ClusterView<'_>, stage: Stage) -> &'static [Role] {
+    Role::of(super::layout(view.spec, stage))
 }
 
 fn attempt_state(view: &ClusterView<'_>, stage: Stage, attempt: u32) -> Attempt {
@@ -42,14 +48,20 @@ fn attempt_state(view: &ClusterView<'_>, stage: Stage, attempt: u32) -> Attempt 
     if let Some(JobState::Lost(why)) = jobs.iter().map(|j| &j.state).find(|s| matches!(s, JobState::Lost(_))) {
         return Attempt::Failed(Failure::Disruption(why.clone()));
     }
-    let roles = Role::of(super::layout(view.spec, stage));
+    let roles = roles_of(view, stage);
     let done = |role: Role| jobs.iter().any(|j| j.role == role && j.state == JobState::Succeeded);
     if roles.iter().all(|r| done(*r)) {
         return Attempt::Succeeded;
     }
     // The first role not yet succeeded runs next; create it when no Job of it exists.
-    let next = roles.iter().copied().find(|r| !done(*r)).filter(|r| !jobs.iter().any(|j| j.role == *r));
-    Attempt::InFlight { next }
+    let current = roles.iter().copied().find(|r| !done(*r)).expect("a role is not done");
+    let job = jobs.iter().find(|j| j.role == current);
+    let progress = match job.map(|j| j.tasks) {
+        None => format!("{}: starting", current.as_str()),
+        Some(Some((done, all))) => format!("{}: {done} of {all} tasks done", current.as_str()),
+        Some(None) => format!("{}: running", current.as_str()),
+    };
+    Attempt::InFlight { next: job.is_none().then_some(current), progress }
 }
 
 /// The Jobs of an attempt that have not ended.
@@ -190,8 +202,12 @@ fn settle_running(view: &ClusterView<'_>, s: &mut StageStatus, stage: Stage, now
     };
     let mut settled = Settled::default();
     match attempt_state(view, stage, s.attempts) {
-        Attempt::InFlight { next } => {
+        Attempt::InFlight { next, progress } => {
             settled.create = next.map(|role| JobKey { stage, role, attempt: s.attempts });
+            // Only a sharded stage has phases worth naming; a gang's message is its own.
+            if roles_of(view, stage).len() > 1 {
+                s.message = Some(progress);
+            }
         }
         Attempt::Stale(active) => {
             settled.stop = active;

@@ -31,6 +31,9 @@ pub struct JobView {
     pub current_spec: bool,
     /// Where it is.
     pub state: JobState,
+    /// For the independent tasks of a map or dedup Job: tasks succeeded, and tasks in all.
+    #[serde(default)]
+    pub tasks: Option<(u32, u32)>,
 }
 
 fn yes() -> bool {
