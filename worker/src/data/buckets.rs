@@ -20,7 +20,7 @@ use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
 use pretrain_crd::spec::Data;
-use pretrain_store::{StageDir, Store};
+use pretrain_store::StageDir;
 use serde::{Deserialize, Serialize};
 
 use super::dedup::{Bucket, ClusterStats};
@@ -66,11 +66,10 @@ pub(super) async fn dedup_done(dir: &StageDir, task: u32, tasks: u32, hash: &str
     Ok(done.filter(|d| d.config_hash == hash && d.task.format == DEDUP_FORMAT).map(|d| d.task))
 }
 
-/// The quality thresholds of this spec, from every map task's score histogram (which must all be
-/// done).
-pub(super) async fn thresholds(ctx: &Context, hash: &str, next: &'static str) -> Result<BTreeMap<String, f32>> {
+/// The quality thresholds of this spec, from every map task's score histogram (the caller checked
+/// that every map task is done).
+pub(super) async fn thresholds(ctx: &Context) -> Result<BTreeMap<String, f32>> {
     let data = &ctx.run.spec.data;
-    require_maps(ctx, hash, next).await?;
     let mut scores = ScoreHistogram::default();
     for shard in 0..data.shards {
         let name = format!("{}/scores.bin", map_dir(shard, data.shards));
@@ -81,6 +80,7 @@ pub(super) async fn thresholds(ctx: &Context, hash: &str, next: &'static str) ->
     Ok(quality_thresholds(data, &scores))
 }
 
+/// Fails unless every map task is done for this spec, naming the phase that needs them (`next`).
 async fn require_maps(ctx: &Context, hash: &str, next: &'static str) -> Result<()> {
     let shards = ctx.run.spec.data.shards;
     let mut missing = Vec::new();
@@ -96,6 +96,7 @@ async fn require_maps(ctx: &Context, hash: &str, next: &'static str) -> Result<(
     }
 }
 
+/// The stage's file `name` is not what its writer wrote.
 pub(super) fn corrupt(dir: &StageDir, name: &str, reason: &str) -> DataPrepError {
     let key = dir.key(name).map_or_else(|_| name.to_string(), |k| k.to_string());
     pretrain_store::Error::Corrupt { store: dir.store().url().into(), key, reason: reason.into() }.into()
@@ -113,15 +114,16 @@ pub(super) async fn dedup_task(ctx: &Context, task: u32, hash: &str) -> Result<(
     if dedup_done(&ctx.dir, task, tasks, hash).await?.is_some() {
         return Ok(());
     }
-    let thresholds = thresholds(ctx, hash, "dedup tasks").await?;
+    require_maps(ctx, hash, "dedup tasks").await?;
+    let thresholds = thresholds(ctx).await?;
     let tmp = tempfile::tempdir().map_err(scratch(Path::new("tempdir")))?;
-    let maps = MapFiles::new(ctx, data)?;
+    let maps = MapFiles::new(ctx, data);
     let mut progress = Progress::new(format!("data-prep dedup {task}"), "entries", None);
     let mut done = DedupTask { format: DEDUP_FORMAT, ..DedupTask::default() };
     let exact_out = tmp.path().join("exact.bin");
     let mut dropped = ExternalSorter::<1>::new(&tmp.path().join("exact-runs"), 1 << 20);
     if data.dedup.exact {
-        let files = maps.download_share::<4>(ctx, "exact", task, tasks, tmp.path()).await?;
+        let files = maps.download_share::<4>("exact", task, tasks, tmp.path()).await?;
         let out = tmp.path().join("exact-candidates.bin");
         (done.exact_entries, done.exact_candidates) = candidates::<4>(files, 2, &out).await?;
         let mut pass = ExactPass { data, thresholds: &thresholds, key: None, kept: false, dropped: &mut dropped };
@@ -132,7 +134,7 @@ pub(super) async fn dedup_task(ctx: &Context, task: u32, hash: &str) -> Result<(
     let pairs_out = tmp.path().join("pairs.bin");
     let mut pairs = ExternalSorter::<2>::new(&tmp.path().join("pair-runs"), 1 << 20);
     if data.dedup.minhash.enabled {
-        let files = maps.download_share::<3>(ctx, "bands", task, tasks, tmp.path()).await?;
+        let files = maps.download_share::<3>("bands", task, tasks, tmp.path()).await?;
         let out = tmp.path().join("band-candidates.bin");
         (done.band_entries, done.band_candidates) = candidates::<3>(files, 1, &out).await?;
         let mut pass = NearPass {
@@ -296,23 +298,21 @@ async fn for_each_chunk<const W: usize>(
 
 /// Where the map tasks' records and signatures are.
 struct MapFiles {
-    store: Store,
     dir: StageDir,
     shards: u32,
     signature_len: usize,
 }
 
 impl MapFiles {
-    fn new(ctx: &Context, data: &Data) -> Result<Self> {
+    fn new(ctx: &Context, data: &Data) -> Self {
         let minhash = &data.dedup.minhash;
         let signature_len = if minhash.enabled { (minhash.buckets * minhash.hashes_per_bucket) as usize } else { 0 };
-        Ok(Self { store: ctx.dir.store().clone(), dir: ctx.dir.clone(), shards: data.shards, signature_len })
+        Self { dir: ctx.dir.clone(), shards: data.shards, signature_len }
     }
 
     /// Downloads this task's share of every map task's `{name}.bin` into `tmp`.
     async fn download_share<const W: usize>(
         &self,
-        ctx: &Context,
         name: &str,
         task: u32,
         tasks: u32,
@@ -322,13 +322,13 @@ impl MapFiles {
         for shard in 0..self.shards {
             let dir = map_dir(shard, self.shards);
             let idx_name = format!("{dir}/{name}.idx");
-            let index = SliceIndex::parse(&ctx.dir.get(&idx_name).await?)
-                .ok_or_else(|| corrupt(&ctx.dir, &idx_name, "not a slice index"))?;
+            let index = SliceIndex::parse(&self.dir.get(&idx_name).await?)
+                .ok_or_else(|| corrupt(&self.dir, &idx_name, "not a slice index"))?;
             let entries = index.entries(task_slices(task, tasks));
             let bytes = entry_bytes::<W>() as u64;
             let local = tmp.join(format!("{name}-{shard:05}.bin"));
             let key = self.dir.key(&format!("{dir}/{name}.bin"))?;
-            self.store.download_range(&key, entries.start * bytes..entries.end * bytes, &local).await?;
+            self.dir.store().download_range(&key, entries.start * bytes..entries.end * bytes, &local).await?;
             files.push(local);
         }
         Ok(files)
@@ -379,7 +379,7 @@ impl MapFiles {
     async fn ranges(&self, name: &str, lines: &[u64], size: usize) -> Result<Vec<bytes::Bytes>> {
         let size = size as u64;
         let ranges: Vec<_> = lines.iter().map(|l| l * size..(l + 1) * size).collect();
-        let got = self.store.get_ranges(&self.dir.key(name)?, &ranges).await?;
+        let got = self.dir.store().get_ranges(&self.dir.key(name)?, &ranges).await?;
         if got.len() != ranges.len() || got.iter().any(|b| b.len() as u64 != size) {
             return Err(corrupt(&self.dir, name, "shorter than the dedup index says"));
         }

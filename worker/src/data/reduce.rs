@@ -13,7 +13,7 @@ use pretrain_store::artifact::{
 };
 use pretrain_store::{FileEntry, StageCommit, StageDir};
 
-use super::buckets::{dedup_dir, dedup_done, thresholds};
+use super::buckets::{corrupt, dedup_dir, dedup_done, thresholds};
 use super::dedup::{ClusterStats, Clusters};
 use super::keys::{KeyRecord, parse_terms};
 use super::order;
@@ -28,8 +28,8 @@ pub(super) async fn reduce(ctx: &Context, hash: &str) -> Result<StageCommit> {
     let spec = &ctx.run.spec;
     let data = &spec.data;
     let tmp = tempfile::tempdir().map_err(scratch(Path::new("tempdir")))?;
-    let thresholds = thresholds(ctx, hash, "reduce").await?;
     let (docs, terms, map) = read_keys(ctx, hash).await?;
+    let thresholds = thresholds(ctx).await?;
     let cut = plan::quality_cut(data, thresholds, &docs);
     let dedup = read_dedup(ctx, hash).await?;
     let mut survivor = cut.passes.clone();
@@ -108,15 +108,17 @@ async fn read_keys(ctx: &Context, hash: &str) -> Result<(Vec<DocRef>, Vec<Vec<(u
             continue;
         };
         stats.merge(&done.task.stats);
-        let (key, bytes) = get(&ctx.dir, &format!("{}/keys.bin", map_dir(shard, shards))).await?;
-        let keys =
-            KeyRecord::parse_all(&bytes).ok_or_else(|| corrupt(&ctx.dir, &key, "not a whole number of key records"))?;
+        let name = format!("{}/keys.bin", map_dir(shard, shards));
+        let bytes = ctx.dir.get(&name).await?;
+        let keys = KeyRecord::parse_all(&bytes)
+            .ok_or_else(|| corrupt(&ctx.dir, &name, "not a whole number of key records"))?;
         let mut terms = Vec::new();
         if in_context {
-            let (key, bytes) = get(&ctx.dir, &format!("{}/terms.bin", map_dir(shard, shards))).await?;
+            let name = format!("{}/terms.bin", map_dir(shard, shards));
+            let bytes = ctx.dir.get(&name).await?;
             terms = parse_terms(&bytes)
                 .filter(|t| t.len() == keys.len())
-                .ok_or_else(|| corrupt(&ctx.dir, &key, "term lists do not match the key records"))?;
+                .ok_or_else(|| corrupt(&ctx.dir, &name, "term lists do not match the key records"))?;
         }
         let mut terms = terms.into_iter();
         docs.extend(
@@ -132,16 +134,6 @@ async fn read_keys(ctx: &Context, hash: &str) -> Result<(Vec<DocRef>, Vec<Vec<(u
     docs.sort_by_key(|(d, _)| (d.key.input, d.key.seq));
     let (docs, terms) = docs.into_iter().unzip();
     Ok((docs, terms, stats))
-}
-
-async fn get(dir: &StageDir, name: &str) -> Result<(String, bytes::Bytes)> {
-    let key = dir.key(name)?;
-    let bytes = dir.store().get(&key).await?;
-    Ok((key.to_string(), bytes))
-}
-
-fn corrupt(dir: &StageDir, key: &str, reason: &str) -> pretrain_store::Error {
-    pretrain_store::Error::Corrupt { store: dir.store().url().into(), key: key.into(), reason: reason.into() }
 }
 
 /// What the dedup tasks decided: the exact duplicates, the near duplicates (every document of a
@@ -165,12 +157,14 @@ async fn read_dedup(ctx: &Context, hash: &str) -> Result<Dedup> {
         };
         stats.add(&done.near);
         let dir = dedup_dir(task, tasks);
-        let (key, bytes) = get(&ctx.dir, &format!("{dir}/exact.bin")).await?;
+        let name = format!("{dir}/exact.bin");
+        let bytes = ctx.dir.get(&name).await?;
         let ids = words(&bytes).filter(|w| w.len() as u64 == done.exact_dropped);
-        exact.extend(ids.ok_or_else(|| corrupt(&ctx.dir, &key, "not the documents its _DONE.json counts"))?);
-        let (key, bytes) = get(&ctx.dir, &format!("{dir}/pairs.bin")).await?;
+        exact.extend(ids.ok_or_else(|| corrupt(&ctx.dir, &name, "not the documents its _DONE.json counts"))?);
+        let name = format!("{dir}/pairs.bin");
+        let bytes = ctx.dir.get(&name).await?;
         let pairs = words(&bytes).filter(|w| w.len() % 2 == 0);
-        for pair in pairs.ok_or_else(|| corrupt(&ctx.dir, &key, "not a whole number of pairs"))?.chunks_exact(2) {
+        for pair in pairs.ok_or_else(|| corrupt(&ctx.dir, &name, "not a whole number of pairs"))?.chunks_exact(2) {
             clusters.union(pair[0], pair[1]);
         }
     }

@@ -130,26 +130,18 @@ pub struct ExternalSorter<const W: usize> {
     buffer: Vec<Entry<W>>,
     capacity: usize,
     runs: Vec<PathBuf>,
-    total: u64,
 }
 
 impl<const W: usize> ExternalSorter<W> {
     /// A sorter that keeps at most `capacity` entries in memory and spills runs into `dir`.
     pub fn new(dir: &Path, capacity: usize) -> Self {
         let capacity = capacity.max(1);
-        Self {
-            dir: dir.to_path_buf(),
-            buffer: Vec::with_capacity(capacity.min(1 << 16)),
-            capacity,
-            runs: Vec::new(),
-            total: 0,
-        }
+        Self { dir: dir.to_path_buf(), buffer: Vec::with_capacity(capacity.min(1 << 16)), capacity, runs: Vec::new() }
     }
 
     /// Adds an entry.
     pub fn push(&mut self, entry: Entry<W>) -> io::Result<()> {
         self.buffer.push(entry);
-        self.total += 1;
         if self.buffer.len() >= self.capacity {
             self.spill()?;
         }
@@ -193,11 +185,6 @@ impl<const W: usize> ExternalSorter<W> {
             }
         }
         writer.finish()
-    }
-
-    /// Entries pushed so far.
-    pub fn total(&self) -> u64 {
-        self.total
     }
 }
 
