@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # data-prep at scale: a synthetic web corpus of N documents with planted exact and near duplicates
 # (scripts/web_corpus.py), through data-prep's phases run as separate worker processes, the way the
-# operator runs them as Indexed Jobs: 8 map tasks, then the dedup tasks, then the reduce, once with
-# each dedup task count given. Rule filters and the quality cut are off, so dedup alone removes
-# documents.
+# operator runs them as Indexed Jobs: 8 map tasks, then T dedup tasks, the cluster task, T route
+# tasks, T write tasks (T at most 8, the map and output shards) and the reduce, once with each task
+# count T given. Rule filters and the quality cut are off, so dedup alone removes documents.
 #
-#   scripts/bench-data-prep-scale.sh [N] [DEDUP_TASKS...]     (default: 2000000, then 1 8)
+#   scripts/bench-data-prep-scale.sh [N] [TASKS...]     (default: 2000000, then 1 8)
 #
 # Prints each task's peak memory (RSS) and time, each phase's wall time (two tasks at a time on
 # this machine's two cores), dedup recall and precision against the plant, and whether the outputs
@@ -54,6 +54,7 @@ phase() {
 }
 
 for tasks in "${counts[@]}"; do
+    shared=$((tasks < 8 ? tasks : 8))
     manifest=$work/scale-$tasks.yaml
     cat > "$manifest" <<EOF
 apiVersion: pretrain.dev/v1alpha1
@@ -67,18 +68,23 @@ spec:
     filters: {gopherQuality: {enabled: false}, gopherRepetition: {enabled: false}, c4: {enabled: false}, fineweb: {enabled: false}, language: {enabled: false}}
     heldOutFraction: 0.001
     shards: 8
-    tasks: {dedup: $tasks}
+    tasks: {dedup: $tasks, route: $shared, write: $shared}
   model: {preset: tiny}
   train: {seqLen: 64, tokens: 100000, globalBatchTokens: 1024, microBatchSize: 16, schedule: {warmupSteps: 1}, resources: {gpusPerNode: 0}}
 EOF
-    # Each count redoes the dedup tasks and the reduce; the map outputs stay.
-    rm -rf "$stage/_SUCCESS.json" "$stage/dedup"
+    # Each count redoes every phase after the map; the map outputs stay.
+    rm -rf "$stage/_SUCCESS.json" "$stage/dedup" "$stage/cluster" "$stage/route" "$stage/write" \
+        "$stage/shards" "$stage/heldout"
     export log=$work/tasks-$tasks.log
     : > "$log"
     map_s=$(phase map 8 "$manifest")
     dedup_s=$(phase dedup "$tasks" "$manifest")
+    cluster_s=$(phase cluster 1 "$manifest")
+    route_s=$(phase route "$shared" "$manifest")
+    write_s=$(phase write "$shared" "$manifest")
     reduce_s=$(phase reduce 1 "$manifest")
-    echo "== $tasks dedup tasks: map ${map_s} s (its outputs reused after the first count), dedup ${dedup_s} s, reduce ${reduce_s} s"
+    echo "== $tasks dedup, $shared route and write tasks: map ${map_s} s (its outputs reused after the first count)," \
+        "dedup ${dedup_s} s, cluster ${cluster_s} s, route ${route_s} s, write ${write_s} s, reduce ${reduce_s} s"
     echo "   phase task peak-KiB seconds:"
     sort -k1,1 -k2,2n "$log" | sed 's/^/    /'
     awk '{if ($3 > m[$1]) m[$1] = $3} END {for (p in m) printf "   largest %s task: %.0f MiB\n", p, m[p] / 1024}' "$log"
@@ -87,9 +93,9 @@ EOF
 done
 for tasks in "${counts[@]}"; do
     if cmp -s "$work/sums-${counts[0]}.txt" "$work/sums-$tasks.txt"; then
-        echo "outputs with $tasks dedup tasks: identical to ${counts[0]} ($(wc -l < "$work/sums-$tasks.txt") files)"
+        echo "outputs with $tasks tasks a phase: identical to ${counts[0]} ($(wc -l < "$work/sums-$tasks.txt") files)"
     else
-        echo "outputs with $tasks dedup tasks DIFFER from ${counts[0]}" >&2
+        echo "outputs with $tasks tasks a phase DIFFER from ${counts[0]}" >&2
         exit 1
     fi
 done

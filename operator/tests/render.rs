@@ -67,6 +67,9 @@ fn a_gpu_gang_is_an_indexed_job_with_rendezvous_gpus_and_a_checkpoint_grace_peri
             "ConfigMap gang-spec",
             "Job gang-data-prep-map-1",
             "Job gang-data-prep-dedup-1",
+            "Job gang-data-prep-cluster-1",
+            "Job gang-data-prep-route-1",
+            "Job gang-data-prep-write-1",
             "Job gang-data-prep-reduce-1",
             "Job gang-tokenize-map-1",
             "Job gang-tokenize-reduce-1",
@@ -132,18 +135,27 @@ fn a_gpu_gang_is_an_indexed_job_with_rendezvous_gpus_and_a_checkpoint_grace_peri
     assert!(map["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu").is_none());
 }
 
-/// Dedup tasks (as many as the shards by default) are indexed and retried alone, like map tasks.
+/// Dedup, route and write tasks (as many as the shards by default) are indexed and retried alone,
+/// like map tasks; the cluster task is one pod.
 #[test]
-fn dedup_tasks_are_an_indexed_job_retried_by_index() {
+fn dedup_route_and_write_tasks_are_indexed_jobs_retried_by_index() {
     let run = fixture("gpu-gang.yaml");
     let objects = RunObjects::new(&run).unwrap();
-    let dedup = serde_json::to_value(objects.job(Stage::DataPrep, Role::Dedup, 1)).unwrap();
-    assert_eq!(dedup["spec"]["completions"], 8);
-    assert_eq!(dedup["spec"]["completionMode"], "Indexed");
-    assert_eq!(dedup["spec"]["backoffLimitPerIndex"], 3);
-    assert_eq!(dedup["spec"]["podFailurePolicy"]["rules"][1]["action"], "Ignore");
-    let args = &dedup["spec"]["template"]["spec"]["containers"][0]["args"];
-    assert_eq!(*args, serde_json::json!(["data-prep", "--spec", "/etc/pretrain/run.yaml", "--phase", "dedup"]));
+    for role in [Role::Dedup, Role::Route, Role::Write] {
+        let job = serde_json::to_value(objects.job(Stage::DataPrep, role, 1)).unwrap();
+        assert_eq!(job["spec"]["completions"], 8, "{role:?}");
+        assert_eq!(job["spec"]["completionMode"], "Indexed");
+        assert_eq!(job["spec"]["backoffLimitPerIndex"], 3);
+        assert_eq!(job["spec"]["podFailurePolicy"]["rules"][1]["action"], "Ignore");
+        let args = &job["spec"]["template"]["spec"]["containers"][0]["args"];
+        let phase = role.as_str();
+        assert_eq!(*args, serde_json::json!(["data-prep", "--spec", "/etc/pretrain/run.yaml", "--phase", phase]));
+    }
+    let cluster = serde_json::to_value(objects.job(Stage::DataPrep, Role::Cluster, 1)).unwrap();
+    assert_eq!(cluster["spec"]["completions"], 1);
+    assert_eq!(cluster["spec"]["backoffLimit"], 0);
+    let args = &cluster["spec"]["template"]["spec"]["containers"][0]["args"];
+    assert_eq!(*args, serde_json::json!(["data-prep", "--spec", "/etc/pretrain/run.yaml", "--phase", "cluster"]));
 }
 
 #[test]

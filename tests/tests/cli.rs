@@ -174,7 +174,7 @@ fn run_redoes_a_stage_whose_config_changed_and_then_skips_it() {
     assert_eq!(
         text(&out.stdout),
         format!(
-            "data-prep: starting\ndata-prep: committed 3 files\ndata-prep: committed\nreport: {}\n",
+            "data-prep: starting\ndata-prep: committed 4 files\ndata-prep: committed\nreport: {}\n",
             report.display()
         )
     );

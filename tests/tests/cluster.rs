@@ -435,8 +435,9 @@ async fn when_the_leading_operator_dies_the_other_replica_takes_over_and_creates
     let names: Vec<String> =
         jobs.list(&ListParams::default()).await.unwrap().items.iter().map(|j| j.name_any()).collect();
     assert!(names.iter().all(|n| n.ends_with("-1")), "a stage was attempted again: {names:?}");
-    // data-prep: map, dedup, reduce; tokenize: map, reduce; train; long-context; eval.
-    assert_eq!(names.len(), 8, "{names:?}");
+    // data-prep: map, dedup, cluster, route, write, reduce; tokenize: map, reduce; train;
+    // long-context; eval.
+    assert_eq!(names.len(), 11, "{names:?}");
 }
 
 /// A run of [`manifest_with`]'s shape whose train stage is a gang of `nodes` pods of one fake GPU

@@ -28,10 +28,31 @@ pub enum Phase {
     Map(u32),
     /// Dedup task `n` of data-prep, after every map task (one Indexed Job index).
     Dedup(u32),
-    /// The step that needs every map task done, and commits.
+    /// The cluster task of data-prep, after every dedup task.
+    Cluster,
+    /// Route task `n` of data-prep, after the cluster task (one Indexed Job index).
+    Route(u32),
+    /// Write task `n` of data-prep, after every route task (one Indexed Job index).
+    Write(u32),
+    /// The step that needs every task before it done, and commits.
     Reduce,
-    /// Every map task, then the reduce, in this process.
+    /// Every task of every phase, then the reduce, in this process.
     All,
+}
+
+impl Phase {
+    /// The phase's name, as `--phase` takes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Map(_) => "map",
+            Phase::Dedup(_) => "dedup",
+            Phase::Cluster => "cluster",
+            Phase::Route(_) => "route",
+            Phase::Write(_) => "write",
+            Phase::Reduce => "reduce",
+            Phase::All => "all",
+        }
+    }
 }
 
 /// How a stage process that did not fail ended.
@@ -39,7 +60,8 @@ pub enum Phase {
 pub enum Outcome {
     /// The stage committed these outputs.
     Committed(Box<StageCommit>),
-    /// Task `task` of a phase before the reduce (`map`, `dedup`) finished; the reduce commits.
+    /// Task `task` of a phase before the reduce (`map`, `dedup`, `cluster`, `route`, `write`)
+    /// finished; the reduce commits.
     TaskDone {
         /// The phase.
         phase: &'static str,

@@ -22,9 +22,9 @@ struct Cli {
     /// The PretrainRun manifest: a file path or an object-store URL.
     #[arg(long)]
     spec: String,
-    /// For sharded stages: `map` runs the map task of JOB_COMPLETION_INDEX, `dedup` (data-prep) the
-    /// dedup task of JOB_COMPLETION_INDEX, `reduce` the step that commits, `all` every task in this
-    /// process.
+    /// For sharded stages: `map` runs the map task of JOB_COMPLETION_INDEX; for data-prep, `dedup`,
+    /// `route` and `write` run that task of their phase and `cluster` the one cluster task; `reduce`
+    /// runs the step that commits, `all` every task in this process.
     #[arg(long, value_enum, default_value_t = PhaseArg::All)]
     phase: PhaseArg,
     /// For eval: measure one checkpoint (`train`, `train/40`, `long-context/step-000000012`) and write
@@ -38,6 +38,9 @@ enum PhaseArg {
     All,
     Map,
     Dedup,
+    Cluster,
+    Route,
+    Write,
     Reduce,
 }
 
@@ -85,10 +88,12 @@ async fn dispatch(ctx: &Context, cli: &Cli) -> Result<Outcome, StageError> {
         PhaseArg::All => Phase::All,
         PhaseArg::Map => Phase::Map(ctx.shard_index),
         PhaseArg::Dedup => Phase::Dedup(ctx.shard_index),
+        PhaseArg::Cluster => Phase::Cluster,
+        PhaseArg::Route => Phase::Route(ctx.shard_index),
+        PhaseArg::Write => Phase::Write(ctx.shard_index),
         PhaseArg::Reduce => Phase::Reduce,
     };
-    let task =
-        Outcome::TaskDone { phase: if cli.phase == PhaseArg::Dedup { "dedup" } else { "map" }, task: ctx.shard_index };
+    let task = Outcome::TaskDone { phase: phase.name(), task: ctx.shard_index };
     let committed = |commit: Option<StageCommit>, otherwise: Outcome| match commit {
         Some(commit) => Outcome::Committed(Box::new(commit)),
         None => otherwise,

@@ -82,7 +82,12 @@ struct Output {
 async fn prepare(dir: &Path, name: &str, shards: u32) -> Output {
     let (stats, stream) = prepare_all(&manifest(dir, name, shards), shards).await;
     let stage = dir.join("store").join(name).join("data-prep");
-    let heldout = read_jsonl_zst(&stage.join("heldout/00000.jsonl.zst")).into_iter().map(|d| d.id).collect();
+    let mut heldout: Vec<String> = std::fs::read_dir(stage.join("heldout"))
+        .unwrap()
+        .flat_map(|f| read_jsonl_zst(&f.unwrap().path()))
+        .map(|d| d.id)
+        .collect();
+    heldout.sort();
     Output { stream: stream.into_iter().map(|d| d.id).collect(), heldout, stats }
 }
 
@@ -126,18 +131,31 @@ async fn each_phase_names_the_tasks_of_the_phase_before_that_are_missing() {
     let ctx = Context::from_env(Stage::DataPrep, manifest(tmp.path(), "partial", 3).to_str().unwrap()).await.unwrap();
     run(&ctx, Phase::Map(1)).await.unwrap();
     let err = run(&ctx, Phase::Reduce).await.unwrap_err().to_string();
-    assert_eq!(err, "map tasks [0, 2] of 3 have not finished for this spec; run them before the reduce");
+    assert_eq!(err, "write tasks [0, 1, 2] of 3 have not finished for this spec; run them before the reduce");
     let err = run(&ctx, Phase::Dedup(0)).await.unwrap_err().to_string();
     assert_eq!(err, "map tasks [0, 2] of 3 have not finished for this spec; run them before the dedup tasks");
     run(&ctx, Phase::Map(0)).await.unwrap();
     run(&ctx, Phase::Map(2)).await.unwrap();
     run(&ctx, Phase::Dedup(1)).await.unwrap();
     let err = run(&ctx, Phase::Reduce).await.unwrap_err().to_string();
-    assert_eq!(err, "dedup tasks [0, 2] of 3 have not finished for this spec; run them before the reduce");
+    assert_eq!(err, "write tasks [0, 1, 2] of 3 have not finished for this spec; run them before the reduce");
+    let err = run(&ctx, Phase::Cluster).await.unwrap_err().to_string();
+    assert_eq!(err, "dedup tasks [0, 2] of 3 have not finished for this spec; run them before the cluster task");
     let err = run(&ctx, Phase::Dedup(3)).await.unwrap_err().to_string();
     assert_eq!(err, "dedup task 3 does not exist: spec.data.tasks.dedup is 3");
     run(&ctx, Phase::Dedup(0)).await.unwrap();
     run(&ctx, Phase::Dedup(2)).await.unwrap();
+    let err = run(&ctx, Phase::Route(1)).await.unwrap_err().to_string();
+    assert_eq!(err, "the cluster task has not finished for this spec; run it before the route tasks");
+    run(&ctx, Phase::Cluster).await.unwrap();
+    run(&ctx, Phase::Route(1)).await.unwrap();
+    let err = run(&ctx, Phase::Write(0)).await.unwrap_err().to_string();
+    assert_eq!(err, "route tasks [0, 2] of 3 have not finished for this spec; run them before the write tasks");
+    run(&ctx, Phase::Route(0)).await.unwrap();
+    run(&ctx, Phase::Route(2)).await.unwrap();
+    for task in 0..3 {
+        run(&ctx, Phase::Write(task)).await.unwrap();
+    }
     assert!(run(&ctx, Phase::Reduce).await.unwrap().is_some());
 }
 
@@ -229,11 +247,12 @@ async fn in_context_order_puts_related_documents_side_by_side() {
 }
 
 /// The shared corpus's Debian licenses (full of near duplicates) and Python sources, through a
-/// quality cut, exact and MinHash dedup with 1, 4 and 16 dedup tasks: the same output bytes and the
-/// same statistics. (The task count is not part of the spec's hash, so the later runs reuse the map
-/// tasks' outputs and redo the dedup tasks and the reduce.)
+/// quality cut, exact and MinHash dedup, a 40/60 mix and held-out split, with 1, 4 and 16 dedup
+/// tasks and 1 to 3 route and write tasks: the same output bytes and the same statistics. (The task
+/// counts are not part of the spec's hash, so the later runs reuse the map tasks' outputs and redo
+/// the phases after it.)
 #[tokio::test]
-async fn the_outputs_do_not_depend_on_the_number_of_dedup_tasks_on_the_shared_corpus() {
+async fn the_outputs_do_not_depend_on_the_number_of_tasks_on_the_shared_corpus() {
     let tmp = tempfile::tempdir().unwrap();
     let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/corpus");
     let outputs = |name: &str| {
@@ -248,9 +267,9 @@ async fn the_outputs_do_not_depend_on_the_number_of_dedup_tasks_on_the_shared_co
     };
     let mut first = None;
     let name = "tasks";
-    for tasks in [1, 4, 16] {
+    for (dedup, route, write) in [(1, 1, 1), (4, 2, 3), (16, 3, 2)] {
         let data = format!(
-            "    sources:\n      - {{name: legal, url: \"{legal}\"}}\n      - {{name: code, url: \"{code}\"}}\n    quality: {{classifier: ngram, referenceSources: [code], keepTopFraction: 0.9}}\n    shards: 3\n    tasks: {{dedup: {tasks}}}",
+            "    sources:\n      - {{name: legal, url: \"{legal}\"}}\n      - {{name: code, url: \"{code}\"}}\n    quality: {{classifier: ngram, referenceSources: [code], keepTopFraction: 0.9}}\n    mix: {{weights: {{legal: 0.4, code: 0.6}}, maxEpochs: 3}}\n    heldOutFraction: 0.05\n    shards: 3\n    tasks: {{dedup: {dedup}, route: {route}, write: {write}}}",
             legal = shared.join("legal-debian.jsonl.gz").display(),
             code = shared.join("code-python-stdlib.jsonl.gz").display(),
         );
@@ -264,8 +283,8 @@ async fn the_outputs_do_not_depend_on_the_number_of_dedup_tasks_on_the_shared_co
         match &first {
             None => first = Some((commit.stats, files)),
             Some((stats, want)) => {
-                assert_eq!(&commit.stats, stats, "{tasks} dedup tasks");
-                assert!(files == *want, "{tasks} dedup tasks write other bytes");
+                assert_eq!(&commit.stats, stats, "{dedup}/{route}/{write} tasks");
+                assert!(files == *want, "{dedup}/{route}/{write} tasks write other bytes");
             }
         }
     }

@@ -185,9 +185,13 @@ async fn token_shards_decode_to_the_data_prep_documents_in_order() {
             .collect();
         assert_eq!(categories, want, "shard {k}: categories (code 0, web 1)");
     }
-    let heldout: Vec<String> = read_docs(&prep.join("heldout/00000.jsonl.zst")).into_iter().map(|d| d.text).collect();
-    assert!(!heldout.is_empty());
-    assert_eq!(decode_shard(&encoder, &stage.join("heldout/00000.tok")), heldout);
+    // Every held-out file, encoded by the map task of its number.
+    for k in 0..3 {
+        let heldout: Vec<String> =
+            read_docs(&prep.join(format!("heldout/{k:05}.jsonl.zst"))).into_iter().map(|d| d.text).collect();
+        assert!(!heldout.is_empty(), "held-out file {k}");
+        assert_eq!(decode_shard(&encoder, &stage.join(format!("heldout/{k:05}.tok"))), heldout);
+    }
 
     // The commit: every file, tokens per category and split, the report, the tokenizer's hash.
     let paths: Vec<&str> = commit.files.iter().map(|f| f.path.as_str()).collect();
@@ -195,6 +199,8 @@ async fn token_shards_decode_to_the_data_prep_documents_in_order() {
         paths,
         [
             "heldout/00000.tok",
+            "heldout/00001.tok",
+            "heldout/00002.tok",
             "shards/00000.cat",
             "shards/00000.tok",
             "shards/00001.cat",

@@ -40,7 +40,10 @@ pub struct Data {
     #[serde(default = "default_held_out_fraction")]
     #[schemars(range(min = 0.0, max = 0.5))]
     pub held_out_fraction: f64,
-    /// Number of data-prep pods and output shards.
+    /// Number of data-prep map tasks, output shards and held-out files. A map task streams its
+    /// input files and sorts its indexes on local disk in 64 MiB runs: memory about 250 MiB
+    /// (one batch of documents), local disk about 400 bytes a document of its share plus their
+    /// compressed text.
     #[serde(default = "default_shards")]
     #[schemars(range(min = 1, max = 10000))]
     pub shards: u32,
@@ -57,7 +60,11 @@ pub struct Data {
     pub resources: CpuResources,
 }
 
-/// Parallel tasks of data-prep's phases after the map.
+/// Parallel tasks of data-prep's phases after the map: dedup, route and write. The cluster task
+/// and the reduce are one each: the cluster task holds the documents that have a near duplicate
+/// (about 100 bytes each) and sorts the drops on local disk (16 bytes each), except that
+/// `order.strategy: in-context` plans its path there over every surviving document (about 250 bytes
+/// each); the reduce reads only the tasks' records.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", default)]
 pub struct Tasks {
@@ -68,6 +75,19 @@ pub struct Tasks {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 4096))]
     pub dedup: Option<u32>,
+    /// Route tasks: each reads a contiguous share of the map tasks' documents once and sends each
+    /// kept copy towards its output shard; memory and local disk grow with its share (about `40 x
+    /// copies + text bytes` of `shards / route` map tasks), not with the corpus. Default: `shards`;
+    /// at most `shards`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub route: Option<u32>,
+    /// Write tasks: each merges and writes a contiguous share of the output shards (and held-out
+    /// files), one at a time: local disk for one output shard, memory for one read buffer per route
+    /// task. Default: `shards`; at most `shards`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub write: Option<u32>,
 }
 
 /// Requests (and limits) of a CPU-only pod.
@@ -300,6 +320,16 @@ impl Data {
         self.tasks.dedup.unwrap_or(self.shards).clamp(1, MAX_DEDUP_TASKS)
     }
 
+    /// Route tasks: `tasks.route`, by default `shards`, at most `shards`.
+    pub fn route_tasks(&self) -> u32 {
+        self.tasks.route.unwrap_or(self.shards).clamp(1, self.shards.max(1))
+    }
+
+    /// Write tasks: `tasks.write`, by default `shards`, at most `shards`.
+    pub fn write_tasks(&self) -> u32 {
+        self.tasks.write.unwrap_or(self.shards).clamp(1, self.shards.max(1))
+    }
+
     /// The sources' categories, sorted, each once: the numbering of tokenize's per-document
     /// category files.
     pub fn categories(&self) -> Vec<String> {
@@ -340,6 +370,15 @@ impl Data {
                 "spec.data.tasks.dedup",
                 format!("must be between 1 and {MAX_DEDUP_TASKS}, got {dedup}"),
             );
+        }
+        for (field, tasks) in [("route", self.tasks.route), ("write", self.tasks.write)] {
+            if let Some(n) = tasks {
+                e.check(
+                    (1..=self.shards).contains(&n),
+                    format!("spec.data.tasks.{field}"),
+                    format!("must be between 1 and spec.data.shards ({}), got {n}", self.shards),
+                );
+            }
         }
         e.check(
             (1..=MAX_DOCUMENT_BYTES).contains(&self.max_document_bytes),

@@ -78,6 +78,9 @@ pub fn job_view(job: &Job, spec: &PretrainRunSpec, pods: &[Pod], cluster: &PodCo
     let role = match labels.get(LABEL_ROLE)?.as_str() {
         "map" => Role::Map,
         "dedup" => Role::Dedup,
+        "cluster" => Role::Cluster,
+        "route" => Role::Route,
+        "write" => Role::Write,
         "reduce" => Role::Reduce,
         "gang" => Role::Gang,
         "single" => Role::Single,

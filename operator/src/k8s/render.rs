@@ -78,7 +78,9 @@ pub fn config_map_name(run: &str) -> String {
 pub fn job_name(run: &str, stage: Stage, role: Role, attempt: u32) -> String {
     let attempt = attempt.to_string();
     match role {
-        Role::Map | Role::Dedup | Role::Reduce => object_name(&[run, stage.as_str(), role.as_str(), &attempt]),
+        Role::Map | Role::Dedup | Role::Cluster | Role::Route | Role::Write | Role::Reduce => {
+            object_name(&[run, stage.as_str(), role.as_str(), &attempt])
+        }
         Role::Gang | Role::Single => object_name(&[run, stage.as_str(), &attempt]),
     }
 }
@@ -225,7 +227,7 @@ impl<'a> RunObjects<'a> {
                 completions: Some(pods as i32),
                 parallelism: Some(pods as i32),
                 completion_mode: Some(if indexed { "Indexed" } else { "NonIndexed" }.into()),
-                // A map or dedup task is retried alone, up to MAP_TASK_RETRIES times; every other Job fails
+                // A task (map, dedup, route, write) is retried alone, up to MAP_TASK_RETRIES times; every other Job fails
                 // at its first failed pod: restarts are the operator's decision, from the last
                 // checkpoint, for the whole gang.
                 backoff_limit: (!role.is_task()).then_some(0),
@@ -288,12 +290,14 @@ impl<'a> RunObjects<'a> {
         let spec = &self.run.spec;
         let plan::Pods { count: pods, gpus, cpu, memory } = plan::pods(spec, role);
         let (phase, place) = match role {
-            Role::Map | Role::Dedup => (Some(role.as_str()), Place::Indexed { pods, master: None }),
+            Role::Map | Role::Dedup | Role::Route | Role::Write => {
+                (Some(role.as_str()), Place::Indexed { pods, master: None })
+            }
             Role::Gang => {
                 let master = format!("{name}-0.{}", service_name(&self.name, stage));
                 (None, Place::Indexed { pods, master: Some(master) })
             }
-            Role::Reduce => (Some("reduce"), Place::Pod),
+            Role::Cluster | Role::Reduce => (Some(role.as_str()), Place::Pod),
             Role::Single => (None, Place::Pod),
         };
         let spec_path = format!("{SPEC_DIR}/{SPEC_KEY}");
@@ -421,14 +425,14 @@ pub fn to_yaml_stream(objects: &[Object]) -> Result<String, serde_yaml::Error> {
     Ok(out)
 }
 
-/// How often the Job controller retries one failed map or dedup task before
+/// How often the Job controller retries one failed task (map, dedup, route, write) before
 /// the Job fails; the other shards go on meanwhile.
 pub const MAP_TASK_RETRIES: i32 = 3;
 
 /// A Job's pod failure policy. Invalid input (exit code 2)
 /// fails the whole Job at once, since no retry can help. A pod the cluster disrupted (evicted,
 /// preempted, deleted by the taint manager or with its node: `DisruptionTarget`) does not count as
-/// a failure: a map or dedup task is simply retried without spending its retries; any other Job (a gang is
+/// a failure: a task (map, dedup, route, write) is simply retried without spending its retries; any other Job (a gang is
 /// all or nothing) fails at once, and the operator, reading the rule in the Job's condition or the
 /// pod's, resumes it from the checkpoint without spending the stage's restart budget.
 fn failure_policy(role: Role) -> PodFailurePolicy {

@@ -50,11 +50,16 @@ pub(super) async fn run_stage(
     interrupt: &Interrupt,
 ) -> Result<(), WorkerExit> {
     match layout {
-        Layout::Sharded { shards, dedup } if workers > 1 && shards.max(dedup) > 1 => {
+        Layout::Sharded { shards, after_map } if workers > 1 && shards > 1 => {
             // Each phase's tasks over `workers` processes, each with its share of the cores, then
             // the reduce.
             run_tasks(ctx, stage, "map", shards, workers, interrupt).await?;
-            run_tasks(ctx, stage, "dedup", dedup, workers, interrupt).await?;
+            if let Some(t) = after_map {
+                run_tasks(ctx, stage, "dedup", t.dedup, workers, interrupt).await?;
+                run_tasks(ctx, stage, "cluster", 1, workers, interrupt).await?;
+                run_tasks(ctx, stage, "route", t.route, workers, interrupt).await?;
+                run_tasks(ctx, stage, "write", t.write, workers, interrupt).await?;
+            }
             run_worker(ctx, stage, Task { phase: "reduce", index: 0, threads: None }, interrupt).await
         }
         // Locally a gang runs as one process (data-parallel ranks on one machine are one process).

@@ -31,7 +31,8 @@ pub struct JobView {
     pub current_spec: bool,
     /// Where it is.
     pub state: JobState,
-    /// For the independent tasks of a map or dedup Job: tasks succeeded, and tasks in all.
+    /// For the independent tasks of a map, dedup, route or write Job: tasks succeeded, and tasks in
+    /// all.
     #[serde(default)]
     pub tasks: Option<(u32, u32)>,
 }
@@ -421,8 +422,10 @@ fn wait_for_kueue(view: &ClusterView<'_>, decision: &mut Decision, stage: Stage,
 /// The stage runs: the run is `Running`, and looked at again after [`POLL_SECONDS`].
 fn running(decision: &mut Decision, stage: Stage, layout: Layout, now: &str) {
     let layout_note = match layout {
-        Layout::Sharded { shards, dedup: 0 } => format!("{shards} shards"),
-        Layout::Sharded { shards, dedup } => format!("{shards} shards, {dedup} dedup tasks"),
+        Layout::Sharded { shards, after_map: None } => format!("{shards} shards"),
+        Layout::Sharded { shards, after_map: Some(t) } => {
+            format!("{shards} shards; {} dedup, {} route and {} write tasks", t.dedup, t.route, t.write)
+        }
         Layout::Gang { nodes, gpus_per_node } => format!("{nodes} nodes x {gpus_per_node} GPUs"),
         Layout::Single => "1 pod".into(),
     };

@@ -33,13 +33,13 @@ pub enum Observed {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Layout {
     /// `shards` independent map tasks (`--phase map`, `JOB_COMPLETION_INDEX` 0..shards), then
-    /// `dedup` independent dedup tasks (`--phase dedup`; none for tokenize), then one reduce
+    /// data-prep's phases after the map (`after_map`; none for tokenize), then one reduce
     /// (`--phase reduce`).
     Sharded {
         /// Map tasks.
         shards: u32,
-        /// Dedup tasks.
-        dedup: u32,
+        /// data-prep's tasks after the map.
+        after_map: Option<DataTasks>,
     },
     /// All-or-nothing gang of `nodes` processes (ranks), each with `gpus_per_node` GPUs.
     Gang {
@@ -52,6 +52,18 @@ pub enum Layout {
     Single,
 }
 
+/// data-prep's phases after its map: `dedup` independent dedup tasks, one cluster task, `route`
+/// route tasks and `write` write tasks (`--phase dedup|cluster|route|write`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataTasks {
+    /// Dedup tasks.
+    pub dedup: u32,
+    /// Route tasks.
+    pub route: u32,
+    /// Write tasks.
+    pub write: u32,
+}
+
 /// The role of a stage's Job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -60,6 +72,12 @@ pub enum Role {
     Map,
     /// The dedup pods of data-prep, after its map.
     Dedup,
+    /// The cluster pod of data-prep, after its dedup pods.
+    Cluster,
+    /// The route pods of data-prep, after its cluster pod.
+    Route,
+    /// The write pods of data-prep, after its route pods.
+    Write,
     /// The reduce pod of a sharded stage.
     Reduce,
     /// A training gang.
@@ -81,8 +99,8 @@ pub struct Pods<'a> {
     pub memory: &'a Quantity,
 }
 
-/// The pods of `role`'s Job in `spec`: `data.shards` map pods, `data.tasks.dedup` dedup pods and
-/// one reduce pod with
+/// The pods of `role`'s Job in `spec`: `data.shards` map pods, `data.tasks.dedup` dedup pods, one
+/// cluster pod, `data.tasks.route` route pods, `data.tasks.write` write pods and one reduce pod with
 /// `data.resources`, one pod per node with `gpusPerNode` GPUs for a gang, and one pod with at most
 /// one GPU for a single-pod stage, both with `train.resources`.
 pub fn pods(spec: &PretrainRunSpec, role: Role) -> Pods<'_> {
@@ -90,7 +108,9 @@ pub fn pods(spec: &PretrainRunSpec, role: Role) -> Pods<'_> {
     let (count, gpus, cpu, memory) = match role {
         Role::Map => (spec.data.shards.max(1), 0, &data.cpu, &data.memory),
         Role::Dedup => (spec.data.dedup_tasks(), 0, &data.cpu, &data.memory),
-        Role::Reduce => (1, 0, &data.cpu, &data.memory),
+        Role::Route => (spec.data.route_tasks(), 0, &data.cpu, &data.memory),
+        Role::Write => (spec.data.write_tasks(), 0, &data.cpu, &data.memory),
+        Role::Cluster | Role::Reduce => (1, 0, &data.cpu, &data.memory),
         Role::Gang => (train.nodes.max(1), train.gpus_per_node, &train.cpu, &train.memory),
         Role::Single => (1, train.gpus_per_node.min(1), &train.cpu, &train.memory),
     };
@@ -103,6 +123,9 @@ impl Role {
         match self {
             Role::Map => "map",
             Role::Dedup => "dedup",
+            Role::Cluster => "cluster",
+            Role::Route => "route",
+            Role::Write => "write",
             Role::Reduce => "reduce",
             Role::Gang => "gang",
             Role::Single => "single",
@@ -111,14 +134,16 @@ impl Role {
 
     /// Whether the role's pods are independent tasks of an Indexed Job, each retried alone.
     pub fn is_task(self) -> bool {
-        matches!(self, Role::Map | Role::Dedup)
+        matches!(self, Role::Map | Role::Dedup | Role::Route | Role::Write)
     }
 
     /// The roles of a layout's Jobs, in the order they run.
     pub fn of(layout: Layout) -> &'static [Role] {
         match layout {
-            Layout::Sharded { dedup: 0, .. } => &[Role::Map, Role::Reduce],
-            Layout::Sharded { .. } => &[Role::Map, Role::Dedup, Role::Reduce],
+            Layout::Sharded { after_map: None, .. } => &[Role::Map, Role::Reduce],
+            Layout::Sharded { after_map: Some(_), .. } => {
+                &[Role::Map, Role::Dedup, Role::Cluster, Role::Route, Role::Write, Role::Reduce]
+            }
             Layout::Gang { .. } => &[Role::Gang],
             Layout::Single => &[Role::Single],
         }
@@ -151,8 +176,15 @@ pub enum Action {
 /// How `stage` runs under `spec`.
 pub fn layout(spec: &PretrainRunSpec, stage: Stage) -> Layout {
     match stage {
-        Stage::DataPrep => Layout::Sharded { shards: spec.data.shards.max(1), dedup: spec.data.dedup_tasks() },
-        Stage::Tokenize => Layout::Sharded { shards: spec.data.shards.max(1), dedup: 0 },
+        Stage::DataPrep => Layout::Sharded {
+            shards: spec.data.shards.max(1),
+            after_map: Some(DataTasks {
+                dedup: spec.data.dedup_tasks(),
+                route: spec.data.route_tasks(),
+                write: spec.data.write_tasks(),
+            }),
+        },
+        Stage::Tokenize => Layout::Sharded { shards: spec.data.shards.max(1), after_map: None },
         Stage::Train | Stage::LongContext => {
             Layout::Gang { nodes: spec.train.resources.nodes.max(1), gpus_per_node: spec.train.resources.gpus_per_node }
         }
@@ -212,7 +244,11 @@ mod tests {
         let all = spec.stages();
         assert_eq!(
             next(&spec, &all, &BTreeMap::new()),
-            Action::Run { stage: Stage::DataPrep, attempt: 1, layout: Layout::Sharded { shards: 8, dedup: 8 } }
+            Action::Run {
+                stage: Stage::DataPrep,
+                attempt: 1,
+                layout: Layout::Sharded { shards: 8, after_map: Some(DataTasks { dedup: 8, route: 8, write: 8 }) }
+            }
         );
         let done = observed(&[(Stage::DataPrep, Observed::Committed), (Stage::Tokenize, Observed::Committed)]);
         assert_eq!(

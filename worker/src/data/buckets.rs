@@ -1,18 +1,22 @@
-//! The dedup tasks, between the map and the reduce, the way DataTrove splits MinHash dedup: task `t`
-//! of `T` owns an equal share of the key space ([`task_slices`]) of the map tasks' sorted exact-hash
-//! and LSH band indexes. It downloads its share of each map task's index (a byte range found by the
-//! index's slice table), merges them, and keeps the buckets (entries sharing a key) of two or more
-//! documents. For those it reads the documents' key records and signatures from the map outputs by
-//! byte range, a chunk of documents at a time, and decides:
-//! - exact: of the documents sharing a hash that pass quality, all but the first in canonical order
-//!   are dropped (`exact.bin`, their ids, sorted);
-//! - near: each bucket is verified as [`Bucket`] does, over the members that pass quality and are
-//!   not exact duplicates of an earlier member (those are the exact dedup's); the duplicate pairs
-//!   found are written (`pairs.bin`), and the reduce unions them.
+//! The dedup tasks, between the map and the cluster task, the way DataTrove splits MinHash dedup:
+//! task `t` of `T` owns an equal share of the key space ([`task_slices`]) of the map tasks' sorted
+//! exact-hash and LSH band indexes. It downloads its share of each map task's index (a byte range
+//! found by the index's slice table) and merges them.
+//! - Exact: every document has one exact-hash entry, which carries its source, size and quality
+//!   score, so the task sees each document of its share once. Of the documents sharing a hash that
+//!   pass quality, all but the first in canonical order are dropped (`exact.bin`: `[location,
+//!   document]`, sorted). The task counts each source's documents, quality and exact removals, and
+//!   the bytes and difficulties (`difficulty.bin`) of the rest that are not held out: the cluster
+//!   task needs only these sums, less the near duplicates, to decide the mix.
+//! - Near: the buckets (band entries sharing a key) of two or more documents are verified as
+//!   [`Bucket`] does, over the members that pass quality and are not exact duplicates of an earlier
+//!   member, reading their key records and signatures from the map outputs by byte range, a chunk of
+//!   documents at a time. The duplicate pairs found are written (`pairs.bin`), with each paired
+//!   document's location and record (`members.bin`); the cluster task unions them.
 //!
 //! A bucket's decision depends on its members only, so the outputs, summed over the tasks, are the
-//! same for any number of tasks. Memory is one chunk of documents and one bucket's heads; local disk
-//! holds the task's share of the indexes.
+//! same for any number of tasks. Memory is one chunk of documents and one bucket; local disk holds
+//! the task's share of the indexes.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
@@ -25,7 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use super::dedup::{Bucket, ClusterStats};
 use super::keys::KeyRecord;
-use super::plan::{passes_quality, quality_thresholds};
+use super::plan::{DifficultyHistogram, difficulty, held_out, passes_quality, quality_thresholds};
 use super::quality::ScoreHistogram;
 use super::runs::{Entry, ExternalSorter, Merge, SliceIndex, entry_bytes, task_slices};
 use super::stage::{DataPrepError, Result, map_dir, map_done};
@@ -37,7 +41,7 @@ use crate::progress::Progress;
 const CHUNK: usize = 1 << 16;
 
 /// The dedup outputs' layout.
-const DEDUP_FORMAT: u32 = 1;
+const DEDUP_FORMAT: u32 = 2;
 
 pub(super) fn dedup_dir(task: u32, tasks: u32) -> String {
     format!("dedup/{task:05}-of-{tasks:05}")
@@ -49,9 +53,8 @@ pub(super) fn dedup_dir(task: u32, tasks: u32) -> String {
 pub(super) struct DedupTask {
     #[serde(default)]
     format: u32,
-    /// Exact-hash entries in the task's share, and those in buckets of two or more.
+    /// Exact-hash entries in the task's share: one a document.
     pub(super) exact_entries: u64,
-    pub(super) exact_candidates: u64,
     /// Documents dropped as exact duplicates.
     pub(super) exact_dropped: u64,
     /// Band entries in the task's share, and those in buckets of two or more.
@@ -59,6 +62,48 @@ pub(super) struct DedupTask {
     pub(super) band_candidates: u64,
     /// The verification's counts.
     pub(super) near: ClusterStats,
+    /// The share's documents by source (index in `spec.data.sources`).
+    pub(super) sources: Vec<SourceTally>,
+}
+
+/// One source's documents in a dedup task's share.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct SourceTally {
+    /// Documents.
+    pub(super) documents: u64,
+    /// Under the quality threshold.
+    pub(super) quality_removed: u64,
+    /// Exact duplicates of a document that passes quality.
+    pub(super) exact_removed: u64,
+    /// Text bytes of the others that are not held out: the training candidates, before near dedup.
+    pub(super) train_bytes: u64,
+}
+
+impl SourceTally {
+    /// Adds another task's counts, source by source.
+    pub(super) fn add_all(all: &mut Vec<Self>, other: &[Self]) {
+        if all.len() < other.len() {
+            all.resize(other.len(), Self::default());
+        }
+        for (a, b) in all.iter_mut().zip(other) {
+            a.documents += b.documents;
+            a.quality_removed += b.quality_removed;
+            a.exact_removed += b.exact_removed;
+            a.train_bytes += b.train_bytes;
+        }
+    }
+}
+
+/// A document's source, size and score packed into two words of an index entry, as the map writes
+/// them: `[source << 32 | bytes, score bits]`.
+pub(super) fn pack(record: &KeyRecord) -> [u64; 2] {
+    [u64::from(record.source) << 32 | u64::from(record.bytes), u64::from(record.score.to_bits())]
+}
+
+/// The source, size and score of [`pack`]ed words.
+pub(super) fn unpack(words: [u64; 2]) -> (u16, u32, f32) {
+    ((words[0] >> 32) as u16, words[0] as u32, f32::from_bits(words[1] as u32))
 }
 
 pub(super) async fn dedup_done(dir: &StageDir, task: u32, tasks: u32, hash: &str) -> Result<Option<DedupTask>> {
@@ -118,71 +163,122 @@ pub(super) async fn dedup_task(ctx: &Context, task: u32, hash: &str) -> Result<(
     let thresholds = thresholds(ctx).await?;
     let tmp = tempfile::tempdir().map_err(scratch(Path::new("tempdir")))?;
     let maps = MapFiles::new(ctx, data);
-    let mut progress = Progress::new(format!("data-prep dedup {task}"), "entries", None);
     let mut done = DedupTask { format: DEDUP_FORMAT, ..DedupTask::default() };
-    let exact_out = tmp.path().join("exact.bin");
-    let mut dropped = ExternalSorter::<1>::new(&tmp.path().join("exact-runs"), 1 << 20);
-    if data.dedup.exact {
-        let files = maps.download_share::<4>("exact", task, tasks, tmp.path()).await?;
-        let out = tmp.path().join("exact-candidates.bin");
-        (done.exact_entries, done.exact_candidates) = candidates::<4>(files, 2, &out).await?;
-        let mut pass = ExactPass { data, thresholds: &thresholds, key: None, kept: false, dropped: &mut dropped };
-        for_each_chunk::<4>(&out, &maps, false, &mut progress, |e, record, _| pass.visit(e, record)).await?;
-    }
-    done.exact_dropped = dropped.finish(&exact_out, true).map_err(scratch(&exact_out))?.len();
+    let out = |name: &str| tmp.path().join(name);
 
-    let pairs_out = tmp.path().join("pairs.bin");
-    let mut pairs = ExternalSorter::<2>::new(&tmp.path().join("pair-runs"), 1 << 20);
+    let files = maps.download_share::<6>("exact", task, tasks, tmp.path()).await?;
+    let mut pass = ExactPass::new(data, ctx.run.spec.seed, thresholds.clone(), &out("exact-runs"));
+    let mut progress = Progress::new(format!("data-prep dedup {task}"), "entries", None);
+    let pass = tokio::task::spawn_blocking(move || -> Result<ExactPass, ScratchError> {
+        let path = files.first().cloned().unwrap_or_default();
+        for entry in Merge::<6>::open(&files).map_err(scratch(&path))? {
+            pass.visit(&entry.map_err(scratch(&path))?).map_err(scratch(&path))?;
+            progress.update(pass.entries, String::new);
+        }
+        Ok(pass)
+    })
+    .await
+    .expect("the exact pass does not panic")?;
+    (done.exact_entries, done.exact_dropped, done.sources) = (pass.entries, pass.dropped, pass.sources);
+    pass.drops.finish(&out("exact.bin"), true).map_err(scratch(&out("exact.bin")))?;
+    std::fs::write(out("difficulty.bin"), pass.difficulties.to_bytes()).map_err(scratch(&out("difficulty.bin")))?;
+
+    let mut pairs = ExternalSorter::<2>::new(&out("pair-runs"), 1 << 20);
+    let mut members = ExternalSorter::<4>::new(&out("member-runs"), 1 << 20);
     if data.dedup.minhash.enabled {
         let files = maps.download_share::<3>("bands", task, tasks, tmp.path()).await?;
-        let out = tmp.path().join("band-candidates.bin");
-        (done.band_entries, done.band_candidates) = candidates::<3>(files, 1, &out).await?;
+        (done.band_entries, done.band_candidates) = candidates::<3>(files, 1, &out("band-candidates.bin")).await?;
         let mut pass = NearPass {
             data,
             thresholds: &thresholds,
             key: None,
             bucket: Bucket::default(),
             exact: HashSet::new(),
+            accepted: HashMap::new(),
             stats: ClusterStats::default(),
             pairs: &mut pairs,
+            members: &mut members,
         };
-        for_each_chunk::<3>(&out, &maps, true, &mut progress, |e, record, signature| pass.visit(e, record, signature))
-            .await?;
+        let mut progress = Progress::new(format!("data-prep dedup {task} near"), "entries", None);
+        for_each_chunk::<3>(&out("band-candidates.bin"), &maps, &mut progress, |e, record, signature| {
+            pass.visit(e, record, signature)
+        })
+        .await?;
         done.near = pass.stats;
     }
-    pairs.finish(&pairs_out, true).map_err(scratch(&pairs_out))?;
+    pairs.finish(&out("pairs.bin"), true).map_err(scratch(&out("pairs.bin")))?;
+    members.finish(&out("members.bin"), true).map_err(scratch(&out("members.bin")))?;
 
     let dir_name = dedup_dir(task, tasks);
-    ctx.dir.put_file(&format!("{dir_name}/exact.bin"), &exact_out).await?;
-    ctx.dir.put_file(&format!("{dir_name}/pairs.bin"), &pairs_out).await?;
+    for name in ["exact.bin", "pairs.bin", "members.bin", "difficulty.bin"] {
+        ctx.dir.put_file(&format!("{dir_name}/{name}"), &out(name)).await?;
+    }
     MapDone { config_hash: hash.into(), task: done }.write(&ctx.dir, &format!("{dir_name}/_DONE.json")).await?;
     Ok(())
 }
 
-/// The exact pass's state across chunks: the current hash and whether a member of it was kept.
-struct ExactPass<'a> {
-    data: &'a Data,
-    thresholds: &'a BTreeMap<String, f32>,
+/// The exact pass over every document of the task's share, in hash order: it counts each source's
+/// documents, drops the exact duplicates (`[location, document]`, when exact dedup is on) and counts
+/// the training candidates' bytes and difficulties.
+struct ExactPass {
+    data: Data,
+    seed: u64,
+    thresholds: BTreeMap<String, f32>,
+    /// The current hash, and whether a member of it was kept.
     key: Option<[u64; 2]>,
     kept: bool,
-    dropped: &'a mut ExternalSorter<1>,
+    entries: u64,
+    dropped: u64,
+    drops: ExternalSorter<2>,
+    sources: Vec<SourceTally>,
+    difficulties: DifficultyHistogram,
 }
 
-impl ExactPass<'_> {
-    /// One entry `[hash, hash, document, location]` with its document's record.
-    fn visit(&mut self, e: &Entry<4>, record: &KeyRecord) -> std::io::Result<()> {
+impl ExactPass {
+    fn new(data: &Data, seed: u64, thresholds: BTreeMap<String, f32>, runs: &Path) -> Self {
+        Self {
+            data: data.clone(),
+            seed,
+            thresholds,
+            key: None,
+            kept: false,
+            entries: 0,
+            dropped: 0,
+            drops: ExternalSorter::new(runs, 1 << 20),
+            sources: vec![SourceTally::default(); data.sources.len()],
+            difficulties: DifficultyHistogram::default(),
+        }
+    }
+
+    /// One entry `[hash, hash, document, location, packed record (2 words)]`.
+    fn visit(&mut self, e: &Entry<6>) -> std::io::Result<()> {
+        self.entries += 1;
         if self.key != Some([e[0], e[1]]) {
             (self.key, self.kept) = (Some([e[0], e[1]]), false);
         }
-        if !passes_quality(self.data, self.thresholds, record.source, record.score) {
-            return Ok(());
-        }
-        if self.kept {
-            self.dropped.push([e[2]])
+        let (source, bytes, score) = unpack([e[4], e[5]]);
+        let Some(tally) = self.sources.get_mut(usize::from(source)) else {
+            return Err(std::io::Error::other(format!(
+                "an exact-hash entry names source {source}, but spec.data.sources has {}; the map outputs \
+                 disagree with the spec (delete the data-prep map/ folder and run the stage again)",
+                self.data.sources.len()
+            )));
+        };
+        tally.documents += 1;
+        if !passes_quality(&self.data, &self.thresholds, source, score) {
+            tally.quality_removed += 1;
+        } else if self.kept && self.data.dedup.exact {
+            tally.exact_removed += 1;
+            self.dropped += 1;
+            self.drops.push([e[3], e[2]])?;
         } else {
             self.kept = true;
-            Ok(())
+            if !held_out(&self.data, self.seed, e[2]) {
+                tally.train_bytes += u64::from(bytes);
+                self.difficulties.add(difficulty(self.data.order.curriculum_by, bytes, score));
+            }
         }
+        Ok(())
     }
 }
 
@@ -194,8 +290,12 @@ struct NearPass<'a> {
     bucket: Bucket,
     /// Exact hashes of the bucket's members so far.
     exact: HashSet<u128>,
+    /// The bucket's members verified so far: `[location, packed record]` by document.
+    accepted: HashMap<u64, [u64; 3]>,
     stats: ClusterStats,
     pairs: &'a mut ExternalSorter<2>,
+    /// `[document, location, packed record]` of every document in a pair.
+    members: &'a mut ExternalSorter<4>,
 }
 
 impl NearPass<'_> {
@@ -205,16 +305,26 @@ impl NearPass<'_> {
             self.key = Some(e[0]);
             self.bucket.clear();
             self.exact.clear();
+            self.accepted.clear();
         }
         if !passes_quality(self.data, self.thresholds, record.source, record.score)
             || (self.data.dedup.exact && !self.exact.insert(record.exact))
         {
             return Ok(());
         }
+        let [packed, score] = pack(record);
+        self.accepted.insert(e[1], [e[2], packed, score]);
         let threshold = self.data.dedup.minhash.jaccard_threshold;
         let mut found = Vec::new();
         self.bucket.add(e[1], signature, threshold, &mut self.stats, |a, b| found.push([a, b]));
-        found.into_iter().try_for_each(|pair| self.pairs.push(pair))
+        for pair in found {
+            self.pairs.push(pair)?;
+            for doc in pair {
+                let [location, packed, score] = self.accepted[&doc];
+                self.members.push([doc, location, packed, score])?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -248,12 +358,11 @@ async fn candidates<const W: usize>(files: Vec<PathBuf>, key_words: usize, out: 
     Ok(tokio::task::spawn_blocking(work).await.expect("the candidate pass does not panic")?)
 }
 
-/// Reads the candidate entries in `path` a chunk at a time, fetches the records (and signatures,
-/// when `signatures`) of the chunk's documents from the map outputs, and visits the entries in order.
+/// Reads the candidate entries in `path` a chunk at a time, fetches the records and signatures of
+/// the chunk's documents from the map outputs, and visits the entries in order.
 async fn for_each_chunk<const W: usize>(
     path: &Path,
     maps: &MapFiles,
-    signatures: bool,
     progress: &mut Progress,
     mut visit: impl FnMut(&Entry<W>, &KeyRecord, &[u64]) -> std::io::Result<()>,
 ) -> Result<()> {
@@ -278,7 +387,7 @@ async fn for_each_chunk<const W: usize>(
             return Ok(());
         }
         let locations: Vec<u64> = chunk.iter().map(|e| e[W - 1]).collect();
-        let fetched = maps.fetch(&locations, signatures).await?;
+        let fetched = maps.fetch(&locations).await?;
         for e in &chunk {
             let (record, signature) = &fetched[&e[W - 1]];
             if record.doc() != e[W - 2] {
@@ -334,9 +443,9 @@ impl MapFiles {
         Ok(files)
     }
 
-    /// The key record (and signature, when `signatures`) of each document location
+    /// The key record and signature of each document location
     /// (`shard << 32 | line`).
-    async fn fetch(&self, locations: &[u64], signatures: bool) -> Result<HashMap<u64, (KeyRecord, Vec<u64>)>> {
+    async fn fetch(&self, locations: &[u64]) -> Result<HashMap<u64, (KeyRecord, Vec<u64>)>> {
         let mut by_shard: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
         for &l in locations {
             by_shard.entry((l >> 32) as u32).or_default().push(l & 0xffff_ffff);
@@ -354,11 +463,7 @@ impl MapFiles {
             let dir = map_dir(shard, self.shards);
             let records = self.ranges(&format!("{dir}/keys.bin"), &lines, KeyRecord::SIZE).await?;
             let sig_bytes = self.signature_len * 8;
-            let sigs = if signatures {
-                self.ranges(&format!("{dir}/signatures.bin"), &lines, sig_bytes).await?
-            } else {
-                Vec::new()
-            };
+            let sigs = self.ranges(&format!("{dir}/signatures.bin"), &lines, sig_bytes).await?;
             for (i, line) in lines.iter().enumerate() {
                 let record = KeyRecord::parse(records[i].as_ref().try_into().expect("a whole record"));
                 let signature = sigs.get(i).map_or_else(Vec::new, |s| {

@@ -15,6 +15,7 @@
 pub mod bert;
 mod buckets;
 pub mod charset;
+mod cluster;
 pub mod dedup;
 pub mod extract;
 pub mod filters;
@@ -24,6 +25,7 @@ pub mod plan;
 pub mod quality;
 pub mod reader;
 mod reduce;
+mod route;
 pub mod runs;
 mod scoring;
 pub mod stage;

@@ -7,7 +7,7 @@
 //! Every random choice is a hash of the seed, a purpose and the document's canonical position, so
 //! the plan does not depend on the number of map shards.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use pretrain_crd::spec::{CurriculumKey, Data, OrderStrategy, QualityClassifier};
 use xxhash_rust::xxh3::xxh3_64_with_seed;
@@ -78,170 +78,230 @@ pub fn quality_cut(data: &Data, thresholds: BTreeMap<String, f32>, docs: &[DocRe
     QualityCut { thresholds, removed, passes }
 }
 
-/// Where one surviving document goes: held out, or `copies` times into the training stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Placement {
-    /// In the held-out split (then never trained on).
-    pub held_out: bool,
-    /// Copies in the training stream: the category's epochs, the fraction drawn per document.
-    pub copies: u32,
+/// Whether document `doc` (its canonical id, [`KeyRecord::doc`]) is held out: a hash of the seed and
+/// the id, so any task decides it alone.
+pub fn held_out(data: &Data, seed: u64, doc: u64) -> bool {
+    unit(seed, 1, doc) < data.held_out_fraction
 }
 
-/// The held-out split and the mix.
+/// The held-out file (of `shards`) a held-out document goes to.
+pub fn held_out_shard(seed: u64, doc: u64, shards: u32) -> u32 {
+    ((unit(seed, 5, doc) * f64::from(shards)) as u32).min(shards.saturating_sub(1))
+}
+
+/// Copies of a training document whose category the mix takes at `epochs`: the whole epochs, and
+/// one more with the fraction's probability.
+pub fn copies(seed: u64, epochs: f64, doc: u64) -> u32 {
+    let whole = epochs.floor();
+    whole as u32 + u32::from(unit(seed, 2, doc) < epochs - whole)
+}
+
+/// A document's difficulty for a curriculum (`curriculumBy`): its length, or its quality score.
+pub fn difficulty(by: CurriculumKey, bytes: u32, score: f32) -> f32 {
+    match by {
+        CurriculumKey::Length => bytes as f32,
+        CurriculumKey::Quality => score.clamp(0.0, 1.0),
+    }
+}
+
+/// The training documents counted by difficulty, in bins of about 1% (a difficulty's top 16 bits,
+/// ordered): at most 65,536 bins, whatever the corpus. Tasks count their documents; the sums give
+/// every document its quantile ([`Quantiles`]).
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct MixPlan {
-    /// Training bytes per category before the mix.
-    pub bytes_before: BTreeMap<String, u64>,
-    /// Epochs of each category the mix takes.
-    pub epochs: BTreeMap<String, f64>,
-    /// Each document's placement; `None` for one that did not survive.
-    pub placements: Vec<Option<Placement>>,
+pub struct DifficultyHistogram(BTreeMap<u32, u64>);
+
+/// The bin of a difficulty (not negative).
+fn difficulty_bin(d: f32) -> u32 {
+    d.max(0.0).to_bits() >> 16
 }
 
-/// Splits off the held-out documents, then gives each category the epochs its mix weight asks for
-/// (within `maxEpochs`) and each surviving document its copies.
-pub fn place(data: &Data, seed: u64, docs: &[DocRef], survivor: &[bool]) -> MixPlan {
-    let category_of = |d: &DocRef| data.sources[d.key.source as usize].category().to_string();
-    let held_out: Vec<bool> = docs.iter().map(|d| unit(seed, 1, &d.key) < data.held_out_fraction).collect();
-    let mut bytes_before: BTreeMap<String, u64> = BTreeMap::new();
-    for (i, d) in docs.iter().enumerate() {
-        if survivor[i] && !held_out[i] {
-            *bytes_before.entry(category_of(d)).or_default() += u64::from(d.key.bytes);
+impl DifficultyHistogram {
+    /// Counts one document.
+    pub fn add(&mut self, d: f32) {
+        *self.0.entry(difficulty_bin(d)).or_default() += 1;
+    }
+
+    /// Uncounts one document counted before (a near duplicate found later).
+    pub fn remove(&mut self, d: f32) {
+        if let Some(n) = self.0.get_mut(&difficulty_bin(d)) {
+            *n = n.saturating_sub(1);
         }
     }
-    let epochs = mix_epochs(&bytes_before, &data.mix.weights, data.mix.max_epochs);
-    let placements = docs
-        .iter()
-        .enumerate()
-        .map(|(i, d)| {
-            survivor[i].then(|| {
-                let copies = if held_out[i] {
-                    0
-                } else {
-                    let e = epochs.get(&category_of(d)).copied().unwrap_or(0.0);
-                    let whole = e.floor();
-                    whole as u32 + u32::from(unit(seed, 2, &d.key) < e - whole)
-                };
-                Placement { held_out: held_out[i], copies }
-            })
-        })
-        .collect();
-    MixPlan { bytes_before, epochs, placements }
+
+    /// Adds another task's counts.
+    pub fn merge(&mut self, other: &Self) {
+        for (bin, n) in &other.0 {
+            *self.0.entry(*bin).or_default() += n;
+        }
+    }
+
+    /// The stored form: `(bin, count)` as two little-endian `u64`s each.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.0.iter().flat_map(|(b, n)| [u64::from(*b), *n]).flat_map(u64::to_le_bytes).collect()
+    }
+
+    /// Reads the stored form; `None` if it is not one.
+    pub fn parse(bytes: &[u8]) -> Option<Self> {
+        if !bytes.len().is_multiple_of(16) {
+            return None;
+        }
+        let mut h = Self::default();
+        for e in bytes.chunks_exact(16) {
+            let bin = u32::try_from(u64::from_le_bytes(e[..8].try_into().expect("8 bytes"))).ok()?;
+            *h.0.entry(bin).or_default() += u64::from_le_bytes(e[8..].try_into().expect("8 bytes"));
+        }
+        Some(h)
+    }
+
+    /// Each bin's place among all the documents.
+    pub fn quantiles(&self) -> Quantiles {
+        let mut below = 0;
+        let mut bins = BTreeMap::new();
+        for (bin, n) in &self.0 {
+            bins.insert(*bin, (below, *n));
+            below += n;
+        }
+        Quantiles { bins, total: below }
+    }
 }
 
-/// One training copy of a document at its place in the stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StreamEntry {
-    /// The document, as its index in canonical order.
-    pub doc: usize,
-    /// Which of its copies.
-    pub copy: u32,
-    /// The key the stream is sorted by.
-    pub key: u64,
+/// Where each difficulty bin begins among all the training documents, and how many it holds.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Quantiles {
+    bins: BTreeMap<u32, (u64, u64)>,
+    total: u64,
 }
 
-/// The training stream: every copy of every placed document, ordered by `data.order`: shuffled,
-/// easy first, or along the in-context path (`path_position`: each document's place on the
-/// traversal of [`super::order::Graph`], as a fraction of it; empty for the other orders).
+impl Quantiles {
+    /// The quantile in [0, 1) of a document of difficulty `d`, spread within its bin by `u` (a
+    /// uniform number of the document's own).
+    pub fn at(&self, d: f32, u: f64) -> f64 {
+        let (below, n) = self.bins.get(&difficulty_bin(d)).copied().unwrap_or((self.total, 0));
+        ((below as f64 + n as f64 * u) / self.total.max(1) as f64).min(1.0 - f64::EPSILON)
+    }
+}
+
+/// Each training copy's position in the stream, in [0, 1), by `data.order`: the whole stream sorts
+/// by it, and it decides the output shard ([`output_shard`]), so any task places any copy alone.
 ///
-/// A document with `c` copies (a category mixed in at more than one epoch) has copy `k` placed in
-/// the `k`-th of `c` equal stretches of the run: shuffled within it, at its difficulty's quantile
-/// within it for a curriculum (each epoch of the category runs easy to hard), or at its place on the
-/// path (each epoch follows the path). So every category's epochs span the whole run, and copies are
-/// a `c`-th of it apart. Then no training context may hold two copies of one document: a copy that
-/// would land within one context (`seq_len` tokens, at 4 bytes a token) of the previous copy waits
-/// until it no longer does ([`spread_copies`]).
-pub fn order(
-    data: &Data,
+/// A document with `c` copies (a category mixed in at more than one epoch) has copy `k` in the `k`-th
+/// of `c` equal stretches of the run: shuffled within it, at its difficulty's quantile within it for a
+/// curriculum (each epoch of the category runs easy to hard), or at its place on the in-context path
+/// (each epoch follows the path). So every category's epochs span the whole run, and a document's
+/// copies are a `c`-th of the run apart.
+#[derive(Debug, Clone)]
+pub struct StreamOrder {
+    strategy: OrderStrategy,
+    by: CurriculumKey,
     seed: u64,
-    seq_len: u32,
-    docs: &[DocRef],
-    placements: &[Option<Placement>],
-    path_position: &[f64],
-) -> Vec<StreamEntry> {
-    let quantile = match data.order.strategy {
-        OrderStrategy::Curriculum => difficulty_quantiles(data.order.curriculum_by, docs, placements),
-        _ => Vec::new(),
-    };
-    let mut stream = Vec::new();
-    for (i, d) in docs.iter().enumerate() {
-        let Some(p) = placements[i] else { continue };
-        let r = &d.key;
-        for copy in 0..p.copies {
-            let within = match data.order.strategy {
-                OrderStrategy::Curriculum => quantile[i],
-                OrderStrategy::InContext => path_position[i],
-                OrderStrategy::Shuffle => to_unit(xxh3_64_with_seed(
-                    &[u64::from(r.input), u64::from(r.seq), u64::from(copy)].map(u64::to_le_bytes).concat(),
-                    seed ^ 3,
-                )),
-            };
-            // A position in [0, 1): positive floats sort as their bits do.
-            let at = (f64::from(copy) + within) / f64::from(p.copies);
-            stream.push(StreamEntry { doc: i, copy, key: at.to_bits() });
+    quantiles: Quantiles,
+}
+
+impl StreamOrder {
+    /// The order of `data`, with the training documents' difficulties (for a curriculum).
+    pub fn new(data: &Data, seed: u64, difficulties: &DifficultyHistogram) -> Self {
+        let quantiles = difficulties.quantiles();
+        Self { strategy: data.order.strategy, by: data.order.curriculum_by, seed, quantiles }
+    }
+
+    /// The position of copy `copy` of `copies` of the document of `record`; `path` is its place on
+    /// the in-context path (used by that order only).
+    pub fn position(&self, record: &KeyRecord, copy: u32, copies: u32, path: f64) -> f64 {
+        let doc = record.doc();
+        let within = match self.strategy {
+            OrderStrategy::Curriculum => {
+                self.quantiles.at(difficulty(self.by, record.bytes, record.score), unit(self.seed, 4, doc))
+            }
+            OrderStrategy::InContext => path,
+            OrderStrategy::Shuffle => to_unit(xxh3_64_with_seed(
+                &[doc >> 32, doc & 0xffff_ffff, u64::from(copy)].map(u64::to_le_bytes).concat(),
+                self.seed ^ 3,
+            )),
+        };
+        (f64::from(copy) + within) / f64::from(copies.max(1))
+    }
+}
+
+/// The output shard (of `shards`) of a stream position: equal stretches of positions, so the shards
+/// hold about equal numbers of copies.
+pub fn output_shard(position: f64, shards: u32) -> u32 {
+    ((position * f64::from(shards)) as u32).min(shards.saturating_sub(1))
+}
+
+/// The stream of one output shard, with every copy of a document at least `context_bytes` after the
+/// end of its previous copy, so that no training context holds both: a copy that would come too soon
+/// waits, and takes the first place where it no longer does; everything else keeps its order. (Only
+/// a shard too short to separate them leaves copies closer, at its end. Copies in different shards
+/// are a `c`-th of the run apart, so only a run shorter than `c` contexts could put two in one.)
+///
+/// Memory: the documents of the last context, and the copies waiting.
+#[derive(Debug)]
+pub struct Spread<T> {
+    context_bytes: u64,
+    offset: u64,
+    /// The end of each document's last copy, for the copies within one context of the offset.
+    recent: HashMap<u64, u64>,
+    ends: VecDeque<(u64, u64)>,
+    waiting: VecDeque<(u64, u64, T)>,
+}
+
+impl<T> Spread<T> {
+    /// An empty stream.
+    pub fn new(context_bytes: u64) -> Self {
+        Self { context_bytes, offset: 0, recent: HashMap::new(), ends: VecDeque::new(), waiting: VecDeque::new() }
+    }
+
+    fn fits(&self, doc: u64) -> bool {
+        self.recent.get(&doc).is_none_or(|end| self.offset >= end + self.context_bytes)
+    }
+
+    fn emit(&mut self, doc: u64, bytes: u64, item: T, out: &mut impl FnMut(T)) {
+        self.offset += bytes;
+        self.recent.insert(doc, self.offset);
+        self.ends.push_back((self.offset, doc));
+        while let Some(&(end, d)) = self.ends.front() {
+            if end + self.context_bytes > self.offset {
+                break;
+            }
+            self.ends.pop_front();
+            if self.recent.get(&d) == Some(&end) {
+                self.recent.remove(&d);
+            }
+        }
+        out(item);
+    }
+
+    /// Emits the waiting copies that fit now, first come first.
+    fn drain(&mut self, out: &mut impl FnMut(T)) {
+        while let Some(k) = self.waiting.iter().position(|(doc, _, _)| self.fits(*doc)) {
+            let (doc, bytes, item) = self.waiting.remove(k).expect("a waiting copy");
+            self.emit(doc, bytes, item, out);
         }
     }
-    stream.sort_by_key(|e| (e.key, e.doc));
-    let context_bytes = u64::from(seq_len) * 4;
-    spread_copies(stream, |doc| u64::from(docs[doc].key.bytes), context_bytes, docs.len())
-}
 
-/// Each placed document's rank by difficulty (`curriculumBy`: length, or quality score), canonical
-/// order on ties, as a quantile in [0, 1) (0 for documents not placed).
-fn difficulty_quantiles(by: CurriculumKey, docs: &[DocRef], placements: &[Option<Placement>]) -> Vec<f64> {
-    let difficulty = |d: &DocRef| match by {
-        CurriculumKey::Quality => u64::from((d.key.score.clamp(0.0, 1.0) * 1e6) as u32),
-        CurriculumKey::Length => u64::from(d.key.bytes),
-    };
-    let mut ranked: Vec<usize> = (0..docs.len()).filter(|&i| placements[i].is_some_and(|p| p.copies > 0)).collect();
-    ranked.sort_by_key(|&i| (difficulty(&docs[i]), i));
-    let mut quantile = vec![0.0; docs.len()];
-    for (rank, &i) in ranked.iter().enumerate() {
-        quantile[i] = rank as f64 / ranked.len() as f64;
-    }
-    quantile
-}
-
-/// The stream with every copy of a document at least `context_bytes` after the end of its previous
-/// copy, so that no training context holds both: a copy that would come too soon waits, and takes
-/// the first place where it no longer does; everything else keeps its order. (Only a stream too
-/// short to separate them leaves copies closer, at its end.)
-fn spread_copies(
-    stream: Vec<StreamEntry>,
-    bytes: impl Fn(usize) -> u64,
-    context_bytes: u64,
-    docs: usize,
-) -> Vec<StreamEntry> {
-    let mut out = Vec::with_capacity(stream.len());
-    let mut last_end: Vec<Option<u64>> = vec![None; docs];
-    let mut waiting: std::collections::VecDeque<StreamEntry> = std::collections::VecDeque::new();
-    let mut offset = 0u64;
-    let mut input = stream.into_iter();
-    loop {
-        let fits = |e: &StreamEntry, offset: u64| last_end[e.doc].is_none_or(|end| offset >= end + context_bytes);
-        let next = if let Some(k) = waiting.iter().position(|e| fits(e, offset)) {
-            waiting.remove(k).expect("a waiting entry")
-        } else if let Some(e) = input.next() {
-            if !fits(&e, offset) {
-                waiting.push_back(e);
-                continue;
-            }
-            e
-        } else if let Some(e) = waiting.pop_front() {
-            e
+    /// The next copy in position order: document `doc`, `bytes` of text.
+    pub fn push(&mut self, doc: u64, bytes: u64, item: T, out: &mut impl FnMut(T)) {
+        self.drain(out);
+        if self.fits(doc) {
+            self.emit(doc, bytes, item, out);
         } else {
-            break;
-        };
-        offset += bytes(next.doc);
-        last_end[next.doc] = Some(offset);
-        out.push(next);
+            self.waiting.push_back((doc, bytes, item));
+        }
     }
-    out
+
+    /// The copies still waiting, at the end of the shard.
+    pub fn finish(mut self, out: &mut impl FnMut(T)) {
+        loop {
+            self.drain(out);
+            let Some((doc, bytes, item)) = self.waiting.pop_front() else { return };
+            self.emit(doc, bytes, item, out);
+        }
+    }
 }
 
 /// A uniform number in [0, 1) from the seed, a purpose, and a document's canonical position.
-fn unit(seed: u64, purpose: u64, key: &KeyRecord) -> f64 {
-    to_unit(xxh3_64_with_seed(&[key.doc(), purpose].map(u64::to_le_bytes).concat(), seed))
+fn unit(seed: u64, purpose: u64, doc: u64) -> f64 {
+    to_unit(xxh3_64_with_seed(&[doc, purpose].map(u64::to_le_bytes).concat(), seed))
 }
 
 /// A hash as a uniform number in [0, 1) (its top 53 bits).
@@ -341,94 +401,104 @@ mod tests {
 
     #[test]
     fn placement_holds_out_a_fraction_and_gives_scarce_categories_more_copies() {
-        let d = data("heldOutFraction: 0.1\nmix: {weights: {web: 0.25, code: 0.75}, maxEpochs: 4}\n");
-        let all = docs(2000, 1);
-        let survivor = vec![true; all.len()];
-        let mix = place(&d, 7, &all, &survivor);
-        let held = mix.placements.iter().flatten().filter(|p| p.held_out).count();
+        let d = data("heldOutFraction: 0.1\n");
+        let held = (0..2000u64).filter(|&doc| held_out(&d, 7, doc << 32)).count();
         assert!((150..=250).contains(&held), "{held} of 2000 held out");
-        assert!(mix.placements.iter().flatten().all(|p| !p.held_out || p.copies == 0));
-        let copies = |source: u16| -> u32 {
-            all.iter()
-                .zip(&mix.placements)
-                .filter(|(x, _)| x.key.source == source)
-                .map(|(_, p)| p.unwrap().copies)
-                .sum()
-        };
-        let ratio = f64::from(copies(1)) / f64::from(copies(0));
-        assert!((2.7..=3.3).contains(&ratio), "code:web copies {ratio}, weights ask for 3");
-        assert!(place(&d, 7, &all, &vec![false; all.len()]).placements.iter().all(Option::is_none));
+        let shards: Vec<u32> = (0..2000u64).map(|doc| held_out_shard(7, doc, 4)).collect();
+        assert!((0..4).all(|k| shards.iter().filter(|s| **s == k).count() > 400), "held-out files about equal");
+        let total = |epochs: f64| (0..2000u64).map(|doc| copies(7, epochs, doc)).sum::<u32>();
+        assert_eq!(total(3.0), 6000);
+        assert!((2700..=3300).contains(&total(1.5)), "{}", total(1.5));
+        assert_eq!(total(0.0), 0);
     }
 
-    #[test]
-    fn the_plan_does_not_depend_on_the_number_of_map_shards() {
-        for order in ["shuffle", "curriculum", "in-context"] {
-            let d = data(&format!("mix: {{weights: {{web: 0.3, code: 0.7}}}}\norder: {{strategy: {order}}}\n"));
-            let plan = |shards: u32| {
-                let all = docs(300, shards);
-                let terms: Vec<Vec<(u32, u16)>> = all.iter().map(|x| vec![(x.key.seq % 5, 1)]).collect();
-                let cut = cut_of(&d, &all);
-                let mix = place(&d, 11, &all, &cut.passes);
-                order_of(&d, &all, &mix, &terms)
-            };
-            assert_eq!(plan(1), plan(4), "{order}");
-            assert_eq!(plan(1), plan(16), "{order}");
+    /// The stream of `all` under `d`: every copy's position, sorted, cut into `shards` output shards,
+    /// each spread; as (document index, copy) in stream order.
+    fn stream(d: &Data, all: &[DocRef], epochs: f64, path: &[f64], shards: u32) -> Vec<(usize, u32)> {
+        let mut difficulties = DifficultyHistogram::default();
+        let by = d.order.curriculum_by;
+        all.iter().for_each(|x| difficulties.add(difficulty(by, x.key.bytes, x.key.score)));
+        let order = StreamOrder::new(d, 5, &difficulties);
+        let mut copies_of: Vec<(f64, usize, u32)> = Vec::new();
+        for (i, x) in all.iter().enumerate() {
+            let c = copies(5, epochs, x.key.doc());
+            for copy in 0..c {
+                copies_of.push((order.position(&x.key, copy, c, path.get(i).copied().unwrap_or(0.0)), i, copy));
+            }
         }
+        copies_of.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        let mut out = Vec::new();
+        for k in 0..shards {
+            let mut spread = Spread::new(256);
+            let mut emit = |item| out.push(item);
+            for &(at, i, copy) in copies_of.iter().filter(|c| output_shard(c.0, shards) == k) {
+                assert!((0.0..1.0).contains(&at));
+                spread.push(all[i].key.doc(), u64::from(all[i].key.bytes), (i, copy), &mut emit);
+            }
+            spread.finish(&mut emit);
+        }
+        out
     }
 
-    fn order_of(d: &Data, all: &[DocRef], mix: &MixPlan, terms: &[Vec<(u32, u16)>]) -> Vec<(u32, u32, u32)> {
-        let path = super::super::order::plan(terms, &vec![true; all.len()], 11, 1.1);
-        order(d, 11, 64, all, &mix.placements, &path.position)
-            .into_iter()
-            .map(|e| (all[e.doc].key.input, all[e.doc].key.seq, e.copy))
-            .collect()
-    }
-
-    /// A category at three epochs beside one at one: in every order, no context (256 bytes here) holds
-    /// two copies of a document, and the copies are spread over the run.
+    /// A category at three epochs: in every order, no context (256 bytes here) holds two copies of a
+    /// document, every copy is in the stream once, and the copies are spread over the run.
     #[test]
     fn copies_of_a_document_never_share_a_context_and_spread_over_the_run() {
         for strategy in ["shuffle", "curriculum", "in-context"] {
-            let d = data(&format!(
-                "mix: {{weights: {{web: 0.25, code: 0.75}}, maxEpochs: 3}}\norder: {{strategy: {strategy}}}\n"
-            ));
+            let d = data(&format!("order: {{strategy: {strategy}}}\n"));
             let all = docs(300, 2);
-            let mix = place(&d, 5, &all, &vec![true; all.len()]);
-            assert!(mix.placements.iter().flatten().any(|p| p.copies >= 2), "some documents are upsampled");
             // Related documents in pairs, so the in-context walk wants to put copies together.
             let terms: Vec<Vec<(u32, u16)>> = all.iter().map(|x| vec![(x.key.seq / 2, 3), (9999, 1)]).collect();
-            let path = super::super::order::plan(&terms, &vec![true; all.len()], 5, 1.1);
-            let stream = order(&d, 5, 64, &all, &mix.placements, &path.position);
-            let total: u32 = mix.placements.iter().flatten().map(|p| p.copies).sum();
-            assert_eq!(stream.len(), total as usize, "{strategy}: every copy once");
-            let mut offset = 0u64;
-            let mut seen: BTreeMap<usize, (u64, usize)> = BTreeMap::new(); // doc -> (end offset, index)
-            let mut gaps = Vec::new();
-            for (k, e) in stream.iter().enumerate() {
-                if let Some((end, at)) = seen.get(&e.doc) {
-                    assert!(offset >= end + 256, "{strategy}: two copies of document {} within a context", e.doc);
-                    gaps.push(k - at);
+            let path = super::super::order::plan(&terms, &vec![true; all.len()], 5, 1.1).position;
+            for shards in [1, 3] {
+                let s = stream(&d, &all, 2.5, &path, shards);
+                let total: u32 = all.iter().map(|x| copies(5, 2.5, x.key.doc())).sum();
+                assert_eq!(s.len(), total as usize, "{strategy}: every copy once");
+                let mut offset = 0u64;
+                let mut seen: BTreeMap<usize, (u64, usize)> = BTreeMap::new(); // doc -> (end offset, index)
+                let mut gaps = Vec::new();
+                for (k, &(i, _)) in s.iter().enumerate() {
+                    if let Some((end, at)) = seen.get(&i) {
+                        assert!(offset >= end + 256, "{strategy}: two copies of document {i} within a context");
+                        gaps.push(k - at);
+                    }
+                    offset += u64::from(all[i].key.bytes);
+                    seen.insert(i, (offset, k));
                 }
-                offset += u64::from(all[e.doc].key.bytes);
-                seen.insert(e.doc, (offset, k));
+                let mean = gaps.iter().sum::<usize>() as f64 / gaps.len() as f64;
+                assert!(mean > s.len() as f64 / 4.0, "{strategy}: copies {mean:.0} apart in a stream of {}", s.len());
             }
-            let mean = gaps.iter().sum::<usize>() as f64 / gaps.len() as f64;
-            assert!(
-                mean > stream.len() as f64 / 6.0,
-                "{strategy}: copies {mean:.0} apart in a stream of {}",
-                stream.len()
-            );
         }
+    }
+
+    #[test]
+    fn a_copy_too_close_to_the_last_waits_until_a_context_has_passed() {
+        let mut out = Vec::new();
+        let mut spread = Spread::new(100);
+        let mut emit = |x| out.push(x);
+        for (doc, bytes) in [(1, 60), (1, 60), (2, 60), (3, 60), (4, 60)] {
+            spread.push(doc, bytes, (doc, bytes), &mut emit);
+        }
+        spread.finish(&mut emit);
+        // Document 1's second copy waits until 100 bytes (two documents) are past its first.
+        assert_eq!(out.iter().map(|x| x.0).collect::<Vec<_>>(), [1, 2, 3, 1, 4]);
     }
 
     #[test]
     fn curriculum_puts_short_documents_first_and_every_copy_in_the_stream() {
-        let d = data("mix: {weights: {web: 0.5, code: 0.5}}\norder: {strategy: curriculum, curriculumBy: length}\n");
+        let d = data("order: {strategy: curriculum, curriculumBy: length}\n");
         let all = docs(100, 3);
-        let mix = place(&d, 1, &all, &[true; 100]);
-        let stream = order(&d, 1, 64, &all, &mix.placements, &[]);
-        let total: u32 = mix.placements.iter().flatten().map(|p| p.copies).sum();
-        assert_eq!(stream.len(), total as usize);
-        assert!(stream.windows(2).all(|w| all[w[0].doc].key.bytes <= all[w[1].doc].key.bytes));
+        let s = stream(&d, &all, 1.0, &[], 4);
+        assert_eq!(s.len(), 100);
+        assert!(s.windows(2).all(|w| all[w[0].0].key.bytes <= all[w[1].0].key.bytes));
+        let h = {
+            let mut h = DifficultyHistogram::default();
+            [0.5f32, 0.25, 0.5, 1e9].iter().for_each(|x| h.add(*x));
+            h.remove(1e9);
+            h
+        };
+        assert_eq!(DifficultyHistogram::parse(&h.to_bytes()), Some(h.clone()));
+        let q = h.quantiles();
+        assert_eq!((q.at(0.25, 0.5), q.at(0.5, 0.0), q.at(0.5, 0.5)), (1.0 / 6.0, 1.0 / 3.0, 2.0 / 3.0));
     }
 }

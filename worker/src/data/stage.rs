@@ -26,7 +26,8 @@ pub use pretrain_store::artifact::MapStats;
 use pretrain_store::{StageCommit, StageDir, Store};
 use serde::{Deserialize, Serialize};
 
-use super::buckets::dedup_task;
+use super::buckets::{dedup_task, pack};
+use super::cluster::cluster_task;
 use super::dedup::{MinHasher, exact_key};
 use super::filters::{Verdict, apply};
 use super::keys::{KeyRecord, write_terms};
@@ -34,6 +35,7 @@ use super::order::top_terms;
 use super::quality::ScoreHistogram;
 use super::reader::{self, Item, ReadOptions};
 use super::reduce::reduce;
+use super::route::{route_task, write_task};
 use super::runs::{DEFAULT_RUN_ENTRIES, ExternalSorter};
 use super::scoring::{QualityScorer, quality_scorer};
 use crate::frame::{MapDone, Phase, ScratchError, StageError, scratch};
@@ -63,9 +65,9 @@ pub enum DataPrepError {
     #[error("quality scorer: {0}")]
     Scorer(String),
     /// A phase ran before every task of the phase before it finished.
-    #[error("{phase} tasks {missing:?} of {tasks} have not finished for this spec; run them before the {next}")]
+    #[error("{}", tasks_missing(phase, missing, *tasks, next))]
     TasksMissing {
-        /// The unfinished phase: `map` or `dedup`.
+        /// The unfinished phase: `map`, `dedup`, `cluster`, `route` or `write`.
         phase: &'static str,
         /// Its unfinished tasks.
         missing: Vec<u32>,
@@ -74,6 +76,14 @@ pub enum DataPrepError {
         /// The phase that needs them.
         next: &'static str,
     },
+}
+
+fn tasks_missing(phase: &str, missing: &[u32], tasks: u32, next: &str) -> String {
+    if tasks == 1 {
+        format!("the {phase} task has not finished for this spec; run it before the {next}")
+    } else {
+        format!("{phase} tasks {missing:?} of {tasks} have not finished for this spec; run them before the {next}")
+    }
 }
 
 /// What running data-prep again can fix: not the spec or the inputs; a store outage, a scorer
@@ -145,7 +155,7 @@ async fn inputs(data: &Data) -> Result<Vec<Input>> {
 }
 
 /// Bumped when the output format changes, so committed outputs of an older format are redone.
-pub const OUTPUT_VERSION: u32 = 1;
+pub const OUTPUT_VERSION: u32 = 2;
 
 /// What a map task records beside its outputs (`_DONE.json`).
 #[derive(Debug, Serialize, Deserialize)]
@@ -160,8 +170,9 @@ pub(super) struct MapTask {
 
 /// The map files' layout: 2 moved signatures out of `keys.bin` and added `bands.bin`; 3 put each
 /// document's location in the band entries, indexed them by slice (`bands.idx`) and added the
-/// exact-hash index (`exact.bin`, `exact.idx`) and the score histogram (`scores.bin`).
-const MAP_FORMAT: u32 = 3;
+/// exact-hash index (`exact.bin`, `exact.idx`) and the score histogram (`scores.bin`); 4 writes an
+/// exact-hash entry for every document (exact dedup on or off), with its source, size and score.
+const MAP_FORMAT: u32 = 4;
 
 pub(super) fn map_dir(shard: u32, shards: u32) -> String {
     format!("map/{shard:05}-of-{shards:05}")
@@ -198,6 +209,18 @@ pub async fn run(ctx: &Context, phase: Phase) -> Result<Option<StageCommit>> {
             dedup_task(ctx, task, &hash).await?;
             Ok(None)
         }
+        Phase::Cluster => {
+            cluster_task(ctx, &hash).await?;
+            Ok(None)
+        }
+        Phase::Route(task) => {
+            route_task(ctx, task, &hash).await?;
+            Ok(None)
+        }
+        Phase::Write(task) => {
+            write_task(ctx, task, &hash).await?;
+            Ok(None)
+        }
         Phase::Reduce => reduce(ctx, &hash).await.map(Some),
         Phase::All => {
             for shard in 0..data.shards {
@@ -205,6 +228,13 @@ pub async fn run(ctx: &Context, phase: Phase) -> Result<Option<StageCommit>> {
             }
             for task in 0..data.dedup_tasks() {
                 dedup_task(ctx, task, &hash).await?;
+            }
+            cluster_task(ctx, &hash).await?;
+            for task in 0..data.route_tasks() {
+                route_task(ctx, task, &hash).await?;
+            }
+            for task in 0..data.write_tasks() {
+                write_task(ctx, task, &hash).await?;
             }
             reduce(ctx, &hash).await.map(Some)
         }
@@ -276,9 +306,9 @@ struct MapWriter {
     signatures: BufWriter<File>,
     /// `[band key, document, location]`, location being `shard << 32 | line`.
     bands: ExternalSorter<3>,
-    /// `[exact hash (2 words), document, location]`, when exact dedup is on.
-    exact: ExternalSorter<4>,
-    exact_on: bool,
+    /// `[exact hash (2 words), document, location, source << 32 | bytes, score bits]`, one a
+    /// document (the dedup tasks count the documents from these, with exact dedup on or off).
+    exact: ExternalSorter<6>,
     scores: ScoreHistogram,
     terms: BufWriter<File>,
     minhash: Option<MinHasher>,
@@ -302,7 +332,6 @@ impl MapWriter {
             signatures: create("signatures.bin")?,
             bands: ExternalSorter::new(&out.join("band-runs"), DEFAULT_RUN_ENTRIES),
             exact: ExternalSorter::new(&out.join("exact-runs"), DEFAULT_RUN_ENTRIES),
-            exact_on: data.dedup.exact,
             scores: ScoreHistogram::default(),
             terms: create("terms.bin")?,
             minhash: hasher(data, seed),
@@ -323,10 +352,9 @@ impl MapWriter {
         if let Some(m) = &self.minhash {
             m.band_keys(&signature).into_iter().try_for_each(|k| self.bands.push([k, record.doc(), location]))?;
         }
-        if self.exact_on {
-            let hash = record.exact;
-            self.exact.push([(hash >> 64) as u64, hash as u64, record.doc(), location])?;
-        }
+        let hash = record.exact;
+        let [packed, score] = pack(record);
+        self.exact.push([(hash >> 64) as u64, hash as u64, record.doc(), location, packed, score])?;
         self.scores.add(record.source, record.score);
         self.written += 1;
         if self.in_context {

@@ -5,7 +5,9 @@
 //!   `tokenizer.meta.json` (written after it) records the spec hash it was made for and its sha256.
 //! - `shards/NNNNN.tok`: data-prep's `shards/NNNNN.jsonl.zst`, encoded (format in [`crate::tokens::shard`]);
 //!   `map/NNNNN.json` marks one as done (map task `NNNNN` of a sharded run).
-//! - `heldout/00000.tok`: the held-out split, encoded by the reduce, which also measures compression.
+//! - `heldout/NNNNN.tok`: data-prep's held-out files, encoded by the map tasks (task `k` takes every
+//!   `shards`-th of them from the `k`-th); the reduce sums their counts into the compression report,
+//!   so no process reads every token.
 //!
 //! Documents keep data-prep's order (in-context groups stay adjacent), each followed by the
 //! end-of-sequence token.
@@ -130,8 +132,19 @@ struct MapTask {
     #[serde(default)]
     category_file: Option<FileEntry>,
     categories: BTreeMap<String, Counts>,
+    /// The held-out files the task encoded, and their counts per category.
+    #[serde(default)]
+    heldout_files: Vec<FileEntry>,
+    #[serde(default)]
+    heldout: BTreeMap<String, Counts>,
+    /// Layout of the task's outputs: 1 added the held-out files.
+    #[serde(default)]
+    format: u32,
     seconds: f64,
 }
+
+/// The map tasks' layout.
+const MAP_FORMAT: u32 = 1;
 
 /// The committed data-prep outputs this stage reads.
 #[derive(Debug)]
@@ -139,7 +152,8 @@ struct Upstream {
     dir: StageDir,
     /// `shards/NNNNN.jsonl.zst`, in order.
     shards: Vec<String>,
-    heldout: Option<String>,
+    /// `heldout/NNNNN.jsonl.zst`, in order.
+    heldout: Vec<String>,
     /// Bytes of training text, when data-prep recorded it.
     train_bytes: Option<u64>,
 }
@@ -156,7 +170,7 @@ async fn upstream(ctx: &Context) -> Result<Upstream> {
         .map(|f| f.path.clone())
         .filter(|p| p.starts_with("shards/") && p.ends_with(".jsonl.zst"))
         .collect();
-    let heldout = commit.files.iter().map(|f| f.path.clone()).find(|p| p.starts_with("heldout/"));
+    let heldout = commit.files.iter().map(|f| f.path.clone()).filter(|p| p.starts_with("heldout/")).collect();
     let train_bytes = serde_json::from_value::<DataPrepStats>(commit.stats).ok().map(|s| s.mix.bytes.values().sum());
     Ok(Upstream { dir, shards, heldout, train_bytes })
 }
@@ -188,7 +202,9 @@ pub async fn run(ctx: &Context, phase: Phase) -> Result<Option<StageCommit>> {
             Ok(None)
         }
         Phase::Reduce => reduce(ctx, &upstream, &hash, tok).await.map(Some),
-        Phase::Dedup(_) => Err(TokenizeError::Invalid("tokenize has no dedup phase; run map or reduce".into())),
+        Phase::Dedup(_) | Phase::Cluster | Phase::Route(_) | Phase::Write(_) => {
+            Err(TokenizeError::Invalid(format!("tokenize has no {} phase; run map or reduce", phase.name())))
+        }
         Phase::All => {
             for k in 0..upstream.shards.len() as u32 {
                 map_shard(ctx, &upstream, &hash, tok, k).await?;
@@ -441,7 +457,7 @@ async fn map_shard(
     if let Some(done) = map_done(ctx, k).await?
         && done.config_hash == hash
         && done.task.tokenizer_sha256 == meta.sha256
-        && done.task.category_file.is_some()
+        && done.task.format == MAP_FORMAT
     {
         return Ok(());
     }
@@ -462,8 +478,37 @@ async fn map_shard(
     let file = ctx.dir.put_file(&shard_name(k), &output).await?;
     let category_file =
         Some(ctx.dir.put_file(&shard_name(k).replace(".tok", ".cat"), &output.with_extension("cat")).await?);
+    let mut task = MapTask {
+        tokenizer_sha256: meta.sha256.clone(),
+        file,
+        category_file,
+        categories,
+        heldout_files: Vec::new(),
+        heldout: BTreeMap::new(),
+        format: MAP_FORMAT,
+        seconds: 0.0,
+    };
+    let shards = upstream.shards.len();
+    for (i, name) in upstream.heldout.iter().enumerate().filter(|(i, _)| i % shards == k as usize) {
+        let local = fetch(&upstream.dir, name, tmp.path()).await?;
+        let output = tmp.path().join(format!("heldout-{i:05}.tok"));
+        let (enc, out, display) = (Arc::clone(encoder), output.clone(), upstream.dir.url(name));
+        let names = ctx.run.spec.data.categories();
+        let mut progress = Progress::new(format!("tokenize held-out {i}"), "documents", None);
+        let counts = tokio::task::spawn_blocking(move || {
+            encode_file(&enc, separator, &local, &display, &out, &names, &mut progress)
+        })
+        .await
+        .expect("encoding does not panic")?;
+        for (category, c) in &counts {
+            task.heldout.entry(category.clone()).or_default().add(c);
+        }
+        let stored = name.trim_end_matches(".jsonl.zst").to_string() + ".tok";
+        task.heldout_files.push(ctx.dir.put_file(&stored, &output).await?);
+    }
     let seconds = started.elapsed().as_secs_f64();
-    let total = Counts::total(categories.values());
+    task.seconds = seconds;
+    let total = Counts::total(task.categories.values());
     println!(
         "tokenize: shard {}/{}: {} documents, {} tokens, {:.2} bytes/token, {:.1} MB/s",
         k + 1,
@@ -473,7 +518,6 @@ async fn map_shard(
         total.bytes as f64 / total.tokens.max(1) as f64,
         total.bytes as f64 / 1e6 / seconds.max(1e-9)
     );
-    let task = MapTask { tokenizer_sha256: meta.sha256.clone(), file, category_file, categories, seconds };
     MapDone { config_hash: hash.into(), task }.write(&ctx.dir, &map_name(k)).await?;
     Ok(())
 }
@@ -486,15 +530,21 @@ async fn reduce(
 ) -> Result<StageCommit> {
     let mut files = vec![FileEntry { path: "tokenizer.json".into(), size: meta.size, sha256: meta.sha256.clone() }];
     let mut train: BTreeMap<String, Counts> = BTreeMap::new();
+    // The held-out files: encoded for evaluation, and the text the compression report is measured on.
+    let mut heldout: BTreeMap<String, Counts> = BTreeMap::new();
+    let mut heldout_files = Vec::new();
     let mut shards = Vec::new();
     let mut missing = Vec::new();
     for k in 0..upstream.shards.len() as u32 {
         match map_done(ctx, k).await? {
             Some(MapDone { config_hash, task: done })
-                if config_hash == hash && done.tokenizer_sha256 == meta.sha256 =>
+                if config_hash == hash && done.tokenizer_sha256 == meta.sha256 && done.format == MAP_FORMAT =>
             {
                 for (category, c) in &done.categories {
                     train.entry(category.clone()).or_default().add(c);
+                }
+                for (category, c) in &done.heldout {
+                    heldout.entry(category.clone()).or_default().add(c);
                 }
                 let total = Counts::total(done.categories.values());
                 shards.push(TokenShardStats {
@@ -504,6 +554,7 @@ async fn reduce(
                 });
                 files.push(done.file);
                 files.extend(done.category_file);
+                heldout_files.extend(done.heldout_files);
             }
             _ => missing.push(k),
         }
@@ -511,25 +562,8 @@ async fn reduce(
     if !missing.is_empty() {
         return Err(TokenizeError::MapsMissing { missing, tasks: upstream.shards.len() });
     }
-
-    // The held-out split: encoded for evaluation, and the text the compression report is measured on.
-    let mut heldout = BTreeMap::new();
-    if let Some(name) = &upstream.heldout {
-        let tmp = tempfile::tempdir().map_err(scratch(Path::new("tempdir")))?;
-        let local = fetch(&upstream.dir, name, tmp.path()).await?;
-        let output = tmp.path().join("heldout.tok");
-        let separator = encoder.special(&meta.separator).expect("the separator was checked when the tokenizer loaded");
-        let display = upstream.dir.url(name);
-        let (enc, out) = (Arc::clone(encoder), output.clone());
-        let names = ctx.run.spec.data.categories();
-        let mut progress = Progress::new("tokenize held-out", "documents", None);
-        heldout = tokio::task::spawn_blocking(move || {
-            encode_file(&enc, separator, &local, &display, &out, &names, &mut progress)
-        })
-        .await
-        .expect("encoding does not panic")?;
-        files.push(ctx.dir.put_file("heldout/00000.tok", &output).await?);
-    }
+    heldout_files.sort_by(|a, b| a.path.cmp(&b.path));
+    files.extend(heldout_files);
     let report: BTreeMap<String, Compression> = heldout.iter().map(|(c, n)| (c.clone(), Compression::of(n))).collect();
     let all_heldout = Counts::total(heldout.values());
     print_report(meta.vocab_size, &report, &Compression::of(&all_heldout));

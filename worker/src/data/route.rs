@@ -1,0 +1,452 @@
+//! The route and write tasks, after the cluster task: the shuffle that moves every kept document
+//! from its map task to its output shard, in two parallel phases, as a MapReduce shuffle does.
+//!
+//! - **Route task `r` of `R`** owns a contiguous range of map tasks. It reads each one's documents
+//!   and key records once, with the cluster task's decisions for them, and decides each document
+//!   alone: quality, duplicates, held out or not ([`held_out`]), copies ([`copies`]), and each copy's
+//!   stream position ([`StreamOrder`]), which names its output shard ([`output_shard`]). It writes
+//!   one file (`route/<r>-of-<R>/docs.bin`) of sections, one per output shard and one per held-out
+//!   file, each sorted by position, with the sections' offsets (`docs.idx`). Memory and local disk
+//!   grow with its map tasks' documents (`data.shards` and `data.tasks.route`), not the corpus.
+//! - **Write task `w` of `W`** owns a contiguous range of output shards. For each, it downloads that
+//!   section of every route file, merges them by position, keeps copies of one document a context
+//!   apart ([`Spread`]) and writes `shards/NNNNN.jsonl.zst`; then the same for `heldout/NNNNN.jsonl.zst`
+//!   (sorted by document; empty when no held-out document hashes to it). Memory is one read buffer per route task; local disk one output shard.
+//!
+//! Every decision is a function of the document, the seed and the cluster task's sums, so the bytes
+//! written are the same for any number of route and write tasks.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
+use std::fs::File;
+use std::io::{BufRead, BufReader, BufWriter, Read, Write};
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use pretrain_store::{FileEntry, StageDir};
+use serde::{Deserialize, Serialize};
+
+use super::buckets::corrupt;
+use super::cluster::{CLUSTER_DIR, ClusterTask, DROP, cluster_done, difficulties};
+use super::keys::KeyRecord;
+use super::plan::{Spread, StreamOrder, copies, held_out, held_out_shard, output_shard, passes_quality};
+use super::stage::{DataPrepError, Result, map_dir};
+use crate::Context;
+use crate::frame::{MapDone, ScratchError, scratch};
+use crate::progress::Progress;
+
+/// The route and write outputs' layout.
+const ROUTE_FORMAT: u32 = 1;
+
+/// Bytes before a routed line: position key, document, copy, text bytes, line length.
+const HEADER: usize = 8 + 8 + 4 + 4 + 4;
+
+pub(super) fn route_dir(task: u32, tasks: u32) -> String {
+    format!("route/{task:05}-of-{tasks:05}")
+}
+
+pub(super) fn write_dir(task: u32, tasks: u32) -> String {
+    format!("write/{task:05}-of-{tasks:05}")
+}
+
+/// The contiguous share of `items` that task `task` of `tasks` owns.
+pub(super) fn share(task: u32, tasks: u32, items: u32) -> Range<u32> {
+    let at = |t: u32| (u64::from(t) * u64::from(items) / u64::from(tasks.max(1))) as u32;
+    at(task)..at(task + 1)
+}
+
+/// What a route task routed (`_DONE.json`).
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct RouteTask {
+    #[serde(default)]
+    format: u32,
+    /// Training copies per category.
+    pub(super) documents: BTreeMap<String, u64>,
+    /// Their text bytes per category.
+    pub(super) bytes: BTreeMap<String, u64>,
+    /// Held-out documents.
+    pub(super) held_out: u64,
+}
+
+/// What a write task wrote (`_DONE.json`).
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct WriteTask {
+    #[serde(default)]
+    format: u32,
+    /// The files, in the stage's commit.
+    pub(super) files: Vec<FileEntry>,
+    /// Training copies written.
+    pub(super) documents: u64,
+}
+
+pub(super) async fn route_done(dir: &StageDir, task: u32, tasks: u32, hash: &str) -> Result<Option<RouteTask>> {
+    let done = MapDone::<RouteTask>::read(dir, &format!("{}/_DONE.json", route_dir(task, tasks))).await?;
+    Ok(done.filter(|d| d.config_hash == hash && d.task.format == ROUTE_FORMAT).map(|d| d.task))
+}
+
+pub(super) async fn write_done(dir: &StageDir, task: u32, tasks: u32, hash: &str) -> Result<Option<WriteTask>> {
+    let done = MapDone::<WriteTask>::read(dir, &format!("{}/_DONE.json", write_dir(task, tasks))).await?;
+    Ok(done.filter(|d| d.config_hash == hash && d.task.format == ROUTE_FORMAT).map(|d| d.task))
+}
+
+/// The cluster task's decisions, or an error naming it as missing before `next`.
+pub(super) async fn require_cluster(ctx: &Context, hash: &str, next: &'static str) -> Result<ClusterTask> {
+    cluster_done(&ctx.dir, hash).await?.ok_or(DataPrepError::TasksMissing {
+        phase: "cluster",
+        missing: vec![0],
+        tasks: 1,
+        next,
+    })
+}
+
+/// One copy on its way to an output shard: its section of the route file, position key, document,
+/// copy, and where its line is in the task's scratch file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Routed {
+    section: u32,
+    key: u64,
+    doc: u64,
+    copy: u32,
+    text_bytes: u32,
+    offset: u64,
+    len: u32,
+}
+
+/// Runs route task `task` of this spec (`hash`), unless it is done.
+pub(super) async fn route_task(ctx: &Context, task: u32, hash: &str) -> Result<()> {
+    let data = &ctx.run.spec.data;
+    let tasks = data.route_tasks();
+    if task >= tasks {
+        return Err(DataPrepError::Invalid(format!(
+            "route task {task} does not exist: spec.data.tasks.route is {tasks}"
+        )));
+    }
+    if route_done(&ctx.dir, task, tasks, hash).await?.is_some() {
+        return Ok(());
+    }
+    let cluster = require_cluster(ctx, hash, "route tasks").await?;
+    let order = StreamOrder::new(data, ctx.run.spec.seed, &difficulties(&ctx.dir).await?);
+    let tmp = tempfile::tempdir().map_err(scratch(Path::new("tempdir")))?;
+    let lines_path = tmp.path().join("lines.bin");
+    let mut lines = BufWriter::new(File::create(&lines_path).map_err(scratch(&lines_path))?);
+    let mut router =
+        Router { ctx, cluster: &cluster, order, routed: Vec::new(), written: 0, done: RouteTask::default() };
+    let mut progress = Progress::new(format!("data-prep route {task}"), "documents", None);
+    for shard in share(task, tasks, data.shards) {
+        router.shard(shard, tmp.path(), &mut lines, &mut progress).await?;
+    }
+    lines.flush().map_err(scratch(&lines_path))?;
+    drop(lines);
+    let Router { mut routed, mut done, .. } = router;
+    routed.sort_unstable();
+    // The file: sections in order, each sorted by position; the index: where each begins.
+    let sections = 2 * data.shards as usize;
+    let dir_name = route_dir(task, tasks);
+    let mut offsets = vec![0u64; sections + 1];
+    let mut writer = ctx.dir.writer(&format!("{dir_name}/docs.bin"))?;
+    let file = File::open(&lines_path).map_err(scratch(&lines_path))?;
+    let (mut buffer, mut written) = (Vec::with_capacity(1 << 21), 0u64);
+    for r in &routed {
+        let start = buffer.len();
+        buffer.extend_from_slice(&r.key.to_le_bytes());
+        buffer.extend_from_slice(&r.doc.to_le_bytes());
+        buffer.extend_from_slice(&r.copy.to_le_bytes());
+        buffer.extend_from_slice(&r.text_bytes.to_le_bytes());
+        buffer.extend_from_slice(&r.len.to_le_bytes());
+        buffer.resize(start + HEADER + r.len as usize, 0);
+        file.read_exact_at(&mut buffer[start + HEADER..], r.offset).map_err(scratch(&lines_path))?;
+        written += (HEADER + r.len as usize) as u64;
+        offsets[r.section as usize + 1] = written;
+        if buffer.len() >= 1 << 20 {
+            writer.write(&buffer).await?;
+            buffer.clear();
+        }
+    }
+    writer.write(&buffer).await?;
+    writer.finish().await?;
+    for k in 1..offsets.len() {
+        offsets[k] = offsets[k].max(offsets[k - 1]);
+    }
+    let index: Vec<u8> = offsets.iter().flat_map(|o| o.to_le_bytes()).collect();
+    ctx.dir.put(&format!("{dir_name}/docs.idx"), index.into()).await?;
+    done.format = ROUTE_FORMAT;
+    MapDone { config_hash: hash.into(), task: done }.write(&ctx.dir, &format!("{dir_name}/_DONE.json")).await?;
+    Ok(())
+}
+
+/// A route task's state: the copies routed so far (their lines in the scratch file) and the counts.
+struct Router<'a> {
+    ctx: &'a Context,
+    cluster: &'a ClusterTask,
+    order: StreamOrder,
+    routed: Vec<Routed>,
+    written: u64,
+    done: RouteTask,
+}
+
+impl Router<'_> {
+    /// Routes the documents of map task `shard`, appending their lines to `lines`.
+    async fn shard(&mut self, shard: u32, tmp: &Path, lines: &mut impl Write, progress: &mut Progress) -> Result<()> {
+        let (ctx, data) = (self.ctx, &self.ctx.run.spec.data);
+        let (seed, shards) = (ctx.run.spec.seed, data.shards);
+        let dir = map_dir(shard, shards);
+        let name = format!("{dir}/keys.bin");
+        let keys = KeyRecord::parse_all(&ctx.dir.get(&name).await?)
+            .ok_or_else(|| corrupt(&ctx.dir, &name, "not a whole number of key records"))?;
+        let decisions = self.decisions(shard).await?;
+        let local = tmp.join("map-docs.jsonl.zst");
+        ctx.dir.store().download(&ctx.dir.key(&format!("{dir}/docs.jsonl.zst"))?, &local).await?;
+        let decoder = zstd::Decoder::new(File::open(&local).map_err(scratch(&local))?).map_err(scratch(&local))?;
+        let mut decisions = decisions.into_iter().peekable();
+        let mut count = 0usize;
+        for (line_no, line) in BufReader::new(decoder).split(b'\n').enumerate() {
+            let line = line.map_err(scratch(&local))?;
+            count += 1;
+            let name = format!("{dir}/docs.jsonl.zst");
+            let record =
+                keys.get(line_no).ok_or_else(|| corrupt(&ctx.dir, &name, "more documents than key records"))?;
+            let mut decision = None;
+            while let Some(&(at, value)) = decisions.peek() {
+                if at > line_no as u64 {
+                    break;
+                }
+                decisions.next();
+                if at == line_no as u64 {
+                    decision = Some(value);
+                }
+            }
+            progress.update(self.written + count as u64, String::new);
+            if decision == Some(DROP) || !passes_quality(data, &self.cluster.thresholds, record.source, record.score) {
+                continue;
+            }
+            let doc = record.doc();
+            let category = data.sources.get(usize::from(record.source)).map_or("", |s| s.category());
+            let (offset, len) = (self.written, line.len() as u32);
+            lines.write_all(&line).map_err(scratch(tmp))?;
+            self.written += u64::from(len);
+            let copy_of = |section: u32, key: u64, copy: u32| Routed {
+                section,
+                key,
+                doc,
+                copy,
+                text_bytes: record.bytes,
+                offset,
+                len,
+            };
+            if held_out(data, seed, doc) {
+                self.done.held_out += 1;
+                self.routed.push(copy_of(shards + held_out_shard(seed, doc, shards), doc, 0));
+                continue;
+            }
+            let c = copies(seed, self.cluster.epochs.get(category).copied().unwrap_or(0.0), doc);
+            let path = decision.map_or(0.0, f64::from_bits);
+            for copy in 0..c {
+                let position = self.order.position(record, copy, c, path);
+                self.routed.push(copy_of(output_shard(position, shards), position.to_bits(), copy));
+            }
+            *self.done.documents.entry(category.to_string()).or_default() += u64::from(c);
+            *self.done.bytes.entry(category.to_string()).or_default() += u64::from(c) * u64::from(record.bytes);
+        }
+        if count != keys.len() {
+            return Err(corrupt(&ctx.dir, &format!("{dir}/docs.jsonl.zst"), "fewer documents than key records"));
+        }
+        Ok(())
+    }
+
+    /// The cluster task's decisions for map task `shard`: `(line, value)`, sorted by line.
+    async fn decisions(&self, shard: u32) -> Result<Vec<(u64, u64)>> {
+        let dir = &self.ctx.dir;
+        let name = format!("{CLUSTER_DIR}/decisions.bin");
+        let (from, to) = (self.cluster.decisions[shard as usize], self.cluster.decisions[shard as usize + 1]);
+        if from == to {
+            return Ok(Vec::new());
+        }
+        let range = from * 16..to * 16;
+        let got = dir.store().get_ranges(&dir.key(&name)?, std::slice::from_ref(&range)).await?;
+        let bytes = got.first().filter(|b| b.len() as u64 == (to - from) * 16);
+        let bytes = bytes.ok_or_else(|| corrupt(dir, &name, "shorter than its index in _DONE.json"))?;
+        let word = |c: &[u8]| u64::from_le_bytes(c.try_into().expect("8 bytes"));
+        Ok(bytes.chunks_exact(16).map(|c| (word(&c[..8]) & 0xffff_ffff, word(&c[8..]))).collect())
+    }
+}
+
+/// Runs write task `task` of this spec (`hash`), unless it is done.
+pub(super) async fn write_task(ctx: &Context, task: u32, hash: &str) -> Result<()> {
+    let data = &ctx.run.spec.data;
+    let tasks = data.write_tasks();
+    if task >= tasks {
+        return Err(DataPrepError::Invalid(format!(
+            "write task {task} does not exist: spec.data.tasks.write is {tasks}"
+        )));
+    }
+    if write_done(&ctx.dir, task, tasks, hash).await?.is_some() {
+        return Ok(());
+    }
+    let routes = data.route_tasks();
+    let mut missing = Vec::new();
+    for r in 0..routes {
+        if route_done(&ctx.dir, r, routes, hash).await?.is_none() {
+            missing.push(r);
+        }
+    }
+    if !missing.is_empty() {
+        return Err(DataPrepError::TasksMissing { phase: "route", missing, tasks: routes, next: "write tasks" });
+    }
+    let shards = data.shards;
+    let mine = share(task, tasks, shards);
+    // Each route file's offsets for this task's training sections and held-out sections.
+    let mut offsets = Vec::new();
+    for r in 0..routes {
+        let name = format!("{}/docs.idx", route_dir(r, routes));
+        let ranges = [
+            u64::from(mine.start) * 8..(u64::from(mine.end) + 1) * 8,
+            u64::from(shards + mine.start) * 8..(u64::from(shards + mine.end) + 1) * 8,
+        ];
+        let got = ctx.dir.store().get_ranges(&ctx.dir.key(&name)?, &ranges).await?;
+        let parse = |b: &bytes::Bytes| -> Vec<u64> {
+            b.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect()
+        };
+        let [train, held] = [&got[0], &got[1]].map(parse);
+        if train.len() != mine.len() + 1 || held.len() != mine.len() + 1 {
+            return Err(corrupt(&ctx.dir, &name, "shorter than spec.data.shards asks"));
+        }
+        offsets.push((train, held));
+    }
+    let tmp = tempfile::tempdir().map_err(scratch(Path::new("tempdir")))?;
+    let context_bytes = u64::from(ctx.run.spec.train.seq_len) * 4;
+    let mut done = WriteTask { format: ROUTE_FORMAT, ..WriteTask::default() };
+    let mut progress = Progress::new(format!("data-prep write {task}"), "documents", None);
+    for (i, k) in mine.enumerate() {
+        let sections = |held: bool| -> Vec<Range<u64>> {
+            offsets.iter().map(|(t, h)| if held { h[i]..h[i + 1] } else { t[i]..t[i + 1] }).collect()
+        };
+        let parts = download_sections(&ctx.dir, routes, &sections(false), tmp.path()).await?;
+        let name = format!("shards/{k:05}.jsonl.zst");
+        let (file, n) = write_merged(&ctx.dir, &parts, &name, Some(context_bytes), &mut progress).await?;
+        done.files.push(file);
+        done.documents += n;
+        let parts = download_sections(&ctx.dir, routes, &sections(true), tmp.path()).await?;
+        let name = format!("heldout/{k:05}.jsonl.zst");
+        done.files.push(write_merged(&ctx.dir, &parts, &name, None, &mut progress).await?.0);
+    }
+    let dir_name = write_dir(task, tasks);
+    MapDone { config_hash: hash.into(), task: done }.write(&ctx.dir, &format!("{dir_name}/_DONE.json")).await?;
+    Ok(())
+}
+
+/// Downloads section `ranges[r]` of each route task `r`'s file into `tmp`; the non-empty ones.
+async fn download_sections(dir: &StageDir, routes: u32, ranges: &[Range<u64>], tmp: &Path) -> Result<Vec<PathBuf>> {
+    let mut parts = Vec::new();
+    for (r, range) in (0..routes).zip(ranges) {
+        if range.is_empty() {
+            continue;
+        }
+        let local = tmp.join(format!("part-{r:05}.bin"));
+        let key = dir.key(&format!("{}/docs.bin", route_dir(r, routes)))?;
+        dir.store().download_range(&key, range.clone(), &local).await?;
+        parts.push(local);
+    }
+    Ok(parts)
+}
+
+/// One routed line read back: position key, document, copy, text bytes, and the line.
+struct Line {
+    key: u64,
+    doc: u64,
+    copy: u32,
+    text_bytes: u32,
+    line: Vec<u8>,
+}
+
+/// Reads the next routed line of a section; `None` at its end.
+fn read_line(reader: &mut impl Read) -> std::io::Result<Option<Line>> {
+    let mut header = [0u8; HEADER];
+    match reader.read_exact(&mut header) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let u64_at = |i: usize| u64::from_le_bytes(header[i..i + 8].try_into().expect("8 bytes"));
+    let u32_at = |i: usize| u32::from_le_bytes(header[i..i + 4].try_into().expect("4 bytes"));
+    let mut line = vec![0u8; u32_at(24) as usize];
+    reader.read_exact(&mut line)?;
+    Ok(Some(Line { key: u64_at(0), doc: u64_at(8), copy: u32_at(16), text_bytes: u32_at(20), line }))
+}
+
+/// Merges the sorted sections `parts` by position and writes them as `name` (`jsonl.zst`); with
+/// `context_bytes`, copies of a document are kept that far apart ([`Spread`]). Returns the file and
+/// the lines written.
+async fn write_merged(
+    dir: &StageDir,
+    parts: &[PathBuf],
+    name: &str,
+    context_bytes: Option<u64>,
+    progress: &mut Progress,
+) -> Result<(FileEntry, u64)> {
+    let mut readers = parts
+        .iter()
+        .map(|p| File::open(p).map(|f| BufReader::with_capacity(1 << 16, f)).map_err(scratch(p)))
+        .collect::<Result<Vec<_>, ScratchError>>()?;
+    let mut heap = BinaryHeap::new();
+    let mut heads: Vec<Option<Line>> = Vec::with_capacity(parts.len());
+    for (i, reader) in readers.iter_mut().enumerate() {
+        let head = read_line(reader).map_err(scratch(&parts[i]))?;
+        if let Some(l) = &head {
+            heap.push(Reverse((l.key, l.doc, l.copy, i)));
+        }
+        heads.push(head);
+    }
+    let encoder = zstd::Encoder::new(Vec::new(), 3).map_err(scratch(Path::new(name)))?;
+    let mut out = Output { encoder, lines: 0, error: None };
+    let mut writer = dir.writer(name)?;
+    let mut spread = context_bytes.map(Spread::new);
+    while let Some(Reverse((_, _, _, i))) = heap.pop() {
+        let line = heads[i].take().expect("a head for every heap entry");
+        let next = read_line(&mut readers[i]).map_err(scratch(&parts[i]))?;
+        if let Some(l) = &next {
+            heap.push(Reverse((l.key, l.doc, l.copy, i)));
+        }
+        heads[i] = next;
+        match &mut spread {
+            Some(spread) => spread.push(line.doc, u64::from(line.text_bytes), line.line, &mut |l| out.put(&l)),
+            None => out.put(&line.line),
+        }
+        out.check(name)?;
+        if out.encoder.get_ref().len() > 1 << 20 {
+            writer.write(&std::mem::take(out.encoder.get_mut())).await?;
+        }
+        progress.update(out.lines, String::new);
+    }
+    if let Some(spread) = spread {
+        spread.finish(&mut |l| out.put(&l));
+        out.check(name)?;
+    }
+    let lines = out.lines;
+    let rest = out.encoder.finish().map_err(scratch(Path::new(name)))?;
+    writer.write(&rest).await?;
+    Ok((writer.finish().await?, lines))
+}
+
+/// An output file being compressed, and the first error compressing it.
+struct Output {
+    encoder: zstd::Encoder<'static, Vec<u8>>,
+    lines: u64,
+    error: Option<std::io::Error>,
+}
+
+impl Output {
+    fn put(&mut self, line: &[u8]) {
+        self.lines += 1;
+        if let Err(e) = self.encoder.write_all(line).and_then(|()| self.encoder.write_all(b"\n")) {
+            self.error.get_or_insert(e);
+        }
+    }
+
+    /// The first error compressing, if any.
+    fn check(&mut self, name: &str) -> Result<(), ScratchError> {
+        self.error.take().map_or(Ok(()), |e| Err(scratch(Path::new(name))(e)))
+    }
+}
