@@ -153,6 +153,8 @@ async fn each_phase_names_the_tasks_of_the_phase_before_that_are_missing() {
     assert_eq!(err, "route tasks [0, 2] of 3 have not finished for this spec; run them before the write tasks");
     run(&ctx, Phase::Route(0)).await.unwrap();
     run(&ctx, Phase::Route(2)).await.unwrap();
+    let err = run(&ctx, Phase::Write(3)).await.unwrap_err().to_string();
+    assert_eq!(err, "write task 3 does not exist: spec.data.tasks.write is 3");
     for task in 0..3 {
         run(&ctx, Phase::Write(task)).await.unwrap();
     }

@@ -6,7 +6,8 @@
 //!   alone: quality, duplicates, held out or not ([`held_out`]), copies ([`copies`]), and each copy's
 //!   stream position ([`StreamOrder`]), which names its output shard ([`output_shard`]). It writes
 //!   one file (`route/<r>-of-<R>/docs.bin`) of sections, one per output shard and one per held-out
-//!   file, each sorted by position, with the sections' offsets (`docs.idx`). Memory and local disk
+//!   file, each sorted by position and compressed as one zstd frame, with the sections' offsets
+//!   (`docs.idx`). Memory and local disk
 //!   grow with its map tasks' documents (`data.shards` and `data.tasks.route`), not the corpus.
 //! - **Write task `w` of `W`** owns a contiguous range of output shards. For each, it downloads that
 //!   section of every route file, merges them by position, keeps copies of one document a context
@@ -36,8 +37,8 @@ use crate::Context;
 use crate::frame::{MapDone, ScratchError, scratch};
 use crate::progress::Progress;
 
-/// The route and write outputs' layout.
-const ROUTE_FORMAT: u32 = 1;
+/// The route and write outputs' layout: 2 compresses each section of a route file.
+const ROUTE_FORMAT: u32 = 2;
 
 /// Bytes before a routed line: position key, document, copy, text bytes, line length.
 const HEADER: usize = 8 + 8 + 4 + 4 + 4;
@@ -132,8 +133,15 @@ pub(super) async fn route_task(ctx: &Context, task: u32, hash: &str) -> Result<(
     let tmp = tempfile::tempdir().map_err(scratch(Path::new("tempdir")))?;
     let lines_path = tmp.path().join("lines.bin");
     let mut lines = BufWriter::new(File::create(&lines_path).map_err(scratch(&lines_path))?);
-    let mut router =
-        Router { ctx, cluster: &cluster, order, routed: Vec::new(), written: 0, done: RouteTask::default() };
+    let mut router = Router {
+        ctx,
+        cluster: &cluster,
+        order,
+        lines_path: lines_path.clone(),
+        routed: Vec::new(),
+        written: 0,
+        done: RouteTask::default(),
+    };
     let mut progress = Progress::new(format!("data-prep route {task}"), "documents", None);
     for shard in share(task, tasks, data.shards) {
         router.shard(shard, tmp.path(), &mut lines, &mut progress).await?;
@@ -142,34 +150,10 @@ pub(super) async fn route_task(ctx: &Context, task: u32, hash: &str) -> Result<(
     drop(lines);
     let Router { mut routed, mut done, .. } = router;
     routed.sort_unstable();
-    // The file: sections in order, each sorted by position; the index: where each begins.
-    let sections = 2 * data.shards as usize;
     let dir_name = route_dir(task, tasks);
-    let mut offsets = vec![0u64; sections + 1];
     let mut writer = ctx.dir.writer(&format!("{dir_name}/docs.bin"))?;
-    let file = File::open(&lines_path).map_err(scratch(&lines_path))?;
-    let (mut buffer, mut written) = (Vec::with_capacity(1 << 21), 0u64);
-    for r in &routed {
-        let start = buffer.len();
-        buffer.extend_from_slice(&r.key.to_le_bytes());
-        buffer.extend_from_slice(&r.doc.to_le_bytes());
-        buffer.extend_from_slice(&r.copy.to_le_bytes());
-        buffer.extend_from_slice(&r.text_bytes.to_le_bytes());
-        buffer.extend_from_slice(&r.len.to_le_bytes());
-        buffer.resize(start + HEADER + r.len as usize, 0);
-        file.read_exact_at(&mut buffer[start + HEADER..], r.offset).map_err(scratch(&lines_path))?;
-        written += (HEADER + r.len as usize) as u64;
-        offsets[r.section as usize + 1] = written;
-        if buffer.len() >= 1 << 20 {
-            writer.write(&buffer).await?;
-            buffer.clear();
-        }
-    }
-    writer.write(&buffer).await?;
+    let offsets = write_sections(&mut writer, &routed, &lines_path, 2 * data.shards as usize).await?;
     writer.finish().await?;
-    for k in 1..offsets.len() {
-        offsets[k] = offsets[k].max(offsets[k - 1]);
-    }
     let index: Vec<u8> = offsets.iter().flat_map(|o| o.to_le_bytes()).collect();
     ctx.dir.put(&format!("{dir_name}/docs.idx"), index.into()).await?;
     done.format = ROUTE_FORMAT;
@@ -177,11 +161,64 @@ pub(super) async fn route_task(ctx: &Context, task: u32, hash: &str) -> Result<(
     Ok(())
 }
 
+/// Writes the routed copies (sorted) as sections, one per output shard and held-out file, each sorted
+/// by position and compressed as one zstd frame, their lines read from the scratch file `lines`;
+/// returns where each of the `sections` begins, in bytes, and (last) the file's length.
+async fn write_sections(
+    writer: &mut pretrain_store::FileWriter,
+    routed: &[Routed],
+    lines: &Path,
+    sections: usize,
+) -> Result<Vec<u64>> {
+    let file = File::open(lines).map_err(scratch(lines))?;
+    let mut offsets = vec![0u64; sections + 1];
+    let (mut current, mut written, mut record) = (None, 0u64, Vec::new());
+    let mut encoder = zstd::Encoder::new(Vec::new(), 1).map_err(scratch(lines))?;
+    for r in routed {
+        if current != Some(r.section) {
+            if let Some(section) = current {
+                let frame = std::mem::replace(&mut encoder, zstd::Encoder::new(Vec::new(), 1).map_err(scratch(lines))?);
+                let rest = frame.finish().map_err(scratch(lines))?;
+                writer.write(&rest).await?;
+                written += rest.len() as u64;
+                offsets[section as usize + 1] = written;
+            }
+            current = Some(r.section);
+        }
+        record.clear();
+        record.extend_from_slice(&r.key.to_le_bytes());
+        record.extend_from_slice(&r.doc.to_le_bytes());
+        record.extend_from_slice(&r.copy.to_le_bytes());
+        record.extend_from_slice(&r.text_bytes.to_le_bytes());
+        record.extend_from_slice(&r.len.to_le_bytes());
+        record.resize(HEADER + r.len as usize, 0);
+        file.read_exact_at(&mut record[HEADER..], r.offset).map_err(scratch(lines))?;
+        encoder.write_all(&record).map_err(scratch(lines))?;
+        if encoder.get_ref().len() >= 1 << 20 {
+            let chunk = std::mem::take(encoder.get_mut());
+            writer.write(&chunk).await?;
+            written += chunk.len() as u64;
+        }
+    }
+    if let Some(section) = current {
+        let rest = encoder.finish().map_err(scratch(lines))?;
+        writer.write(&rest).await?;
+        written += rest.len() as u64;
+        offsets[section as usize + 1] = written;
+    }
+    for k in 1..offsets.len() {
+        offsets[k] = offsets[k].max(offsets[k - 1]);
+    }
+    Ok(offsets)
+}
+
 /// A route task's state: the copies routed so far (their lines in the scratch file) and the counts.
 struct Router<'a> {
     ctx: &'a Context,
     cluster: &'a ClusterTask,
     order: StreamOrder,
+    /// The scratch file of the routed lines.
+    lines_path: PathBuf,
     routed: Vec<Routed>,
     written: u64,
     done: RouteTask,
@@ -225,7 +262,7 @@ impl Router<'_> {
             let doc = record.doc();
             let category = data.sources.get(usize::from(record.source)).map_or("", |s| s.category());
             let (offset, len) = (self.written, line.len() as u32);
-            lines.write_all(&line).map_err(scratch(tmp))?;
+            lines.write_all(&line).map_err(scratch(&self.lines_path))?;
             self.written += u64::from(len);
             let copy_of = |section: u32, key: u64, copy: u32| Routed {
                 section,
@@ -388,7 +425,10 @@ async fn write_merged(
 ) -> Result<(FileEntry, u64)> {
     let mut readers = parts
         .iter()
-        .map(|p| File::open(p).map(|f| BufReader::with_capacity(1 << 16, f)).map_err(scratch(p)))
+        .map(|p| {
+            let decoder = File::open(p).and_then(zstd::Decoder::new).map_err(scratch(p))?;
+            Ok(BufReader::with_capacity(1 << 16, decoder))
+        })
         .collect::<Result<Vec<_>, ScratchError>>()?;
     let mut heap = BinaryHeap::new();
     let mut heads: Vec<Option<Line>> = Vec::with_capacity(parts.len());
