@@ -8,7 +8,11 @@
 //!   over BERT embeddings; `bert`: BERT-family encoders and sequence classifiers (Hugging Face
 //!   layout) run with candle; `scoring`: the scorer a map task applies, loaded or trained.
 //! - `dedup`: exact keys, MinHash signatures, LSH buckets verified by signature Jaccard, clusters of
-//!   duplicate pairs; `buckets`: the dedup tasks, each verifying its share of the buckets.
+//!   duplicate pairs; `buckets`: the dedup tasks, each verifying its share of the buckets; `cluster`:
+//!   the one task that unions the pairs and decides the mix.
+//! - `plan`: every decision about one document (quality, held out, copies, stream position), pure;
+//!   `route`: the route and write tasks that move each document to its output shard; `reduce`: the
+//!   commit.
 //! - `runs`: sorted runs on disk (external sort, k-way merge, slice index) that hold the exact-hash
 //!   and LSH indexes.
 

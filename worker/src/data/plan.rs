@@ -1,11 +1,11 @@
-//! The reduce's decisions, pure: the quality thresholds and who passes them, which documents are
-//! held out, how many copies of each the mix trains on, and the order of the training stream. They
-//! work on [`DocRef`]s in canonical order (input file, then record) and are tested in memory; the
-//! dedup tasks (`buckets.rs`) find the duplicates, and reading the map outputs and writing the
-//! shards are the reduce's (`reduce.rs`).
+//! data-prep's decisions, pure: the quality thresholds and who passes them, which documents are
+//! held out, how many copies of each the mix trains on, each copy's position in the training stream
+//! and so its output shard, and how copies of one document are kept a context apart. Each is a
+//! function of one document, the seed and small sums the cluster task makes (the mix's epochs, the
+//! difficulty histogram), so any route task decides any document alone; they are tested in memory.
 //!
-//! Every random choice is a hash of the seed, a purpose and the document's canonical position, so
-//! the plan does not depend on the number of map shards.
+//! Every random choice is a hash of the seed, a purpose and the document's canonical position
+//! (input file, then record), so the plan does not depend on the number of map shards or tasks.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 

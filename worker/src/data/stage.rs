@@ -1,6 +1,7 @@
-//! The data-prep stage: map shards read, extract and filter their slice of the inputs; the reduce
-//! deduplicates across all shards, splits off the held-out set, mixes categories and orders the
-//! documents, then writes `jsonl.zst` shards and commits.
+//! The data-prep stage: map shards read, extract and filter their slice of the inputs; dedup tasks
+//! find the duplicates in shares of the key space; the cluster task unions them and decides the
+//! mix; route and write tasks move every kept document to its output shard, split off the held-out
+//! set and order the stream; the reduce commits (see `docs/architecture.md`).
 //!
 //! Layout under `<run>/data-prep/`:
 //! - `map/<shard>-of-<shards>/`: one map shard's kept documents (`docs.jsonl.zst`), their per-document
@@ -8,7 +9,9 @@
 //!   (`signatures.bin`, fixed-size, in the same order), LSH band buckets (`bands.bin`: band key and
 //!   document, sorted), topic terms for in-context ordering (`terms.bin`), and its statistics
 //!   (`_DONE.json`, written last).
-//! - `shards/NNNNN.jsonl.zst`, `heldout/00000.jsonl.zst`: the training stream and the held-out split;
+//! - `dedup/`, `cluster/`, `route/`, `write/`: the later phases' outputs (`buckets.rs`, `cluster.rs`,
+//!   `route.rs`).
+//! - `shards/NNNNN.jsonl.zst`, `heldout/NNNNN.jsonl.zst`: the training stream and the held-out split;
 //!   each line is `{id, text, source, category, url?, title?}`.
 //!
 //! Results do not depend on the shard count: every document has a canonical position (input file,
