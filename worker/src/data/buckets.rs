@@ -32,7 +32,7 @@ use super::keys::KeyRecord;
 use super::plan::{DifficultyHistogram, difficulty, held_out, passes_quality, quality_thresholds};
 use super::quality::ScoreHistogram;
 use super::runs::{Entry, ExternalSorter, Merge, SliceIndex, entry_bytes, task_slices};
-use super::stage::{DataPrepError, Result, map_dir, map_done};
+use super::stage::{DataPrepError, Result, check_task, map_dir, map_done};
 use crate::Context;
 use crate::frame::{MapDone, ScratchError, scratch};
 use crate::progress::Progress;
@@ -151,11 +151,7 @@ pub(super) fn corrupt(dir: &StageDir, name: &str, reason: &str) -> DataPrepError
 pub(super) async fn dedup_task(ctx: &Context, task: u32, hash: &str) -> Result<()> {
     let data = &ctx.run.spec.data;
     let tasks = data.dedup_tasks();
-    if task >= tasks {
-        return Err(DataPrepError::Invalid(format!(
-            "dedup task {task} does not exist: spec.data.tasks.dedup is {tasks}"
-        )));
-    }
+    check_task("dedup", task, tasks)?;
     if dedup_done(&ctx.dir, task, tasks, hash).await?.is_some() {
         return Ok(());
     }

@@ -32,7 +32,7 @@ use super::buckets::corrupt;
 use super::cluster::{CLUSTER_DIR, ClusterTask, DROP, cluster_done, difficulties};
 use super::keys::KeyRecord;
 use super::plan::{Spread, StreamOrder, copies, held_out, held_out_shard, output_shard, passes_quality};
-use super::stage::{DataPrepError, Result, map_dir};
+use super::stage::{DataPrepError, Result, check_task, map_dir};
 use crate::Context;
 use crate::frame::{MapDone, ScratchError, scratch};
 use crate::progress::Progress;
@@ -120,11 +120,7 @@ struct Routed {
 pub(super) async fn route_task(ctx: &Context, task: u32, hash: &str) -> Result<()> {
     let data = &ctx.run.spec.data;
     let tasks = data.route_tasks();
-    if task >= tasks {
-        return Err(DataPrepError::Invalid(format!(
-            "route task {task} does not exist: spec.data.tasks.route is {tasks}"
-        )));
-    }
+    check_task("route", task, tasks)?;
     if route_done(&ctx.dir, task, tasks, hash).await?.is_some() {
         return Ok(());
     }
@@ -314,11 +310,7 @@ impl Router<'_> {
 pub(super) async fn write_task(ctx: &Context, task: u32, hash: &str) -> Result<()> {
     let data = &ctx.run.spec.data;
     let tasks = data.write_tasks();
-    if task >= tasks {
-        return Err(DataPrepError::Invalid(format!(
-            "write task {task} does not exist: spec.data.tasks.write is {tasks}"
-        )));
-    }
+    check_task("write", task, tasks)?;
     if write_done(&ctx.dir, task, tasks, hash).await?.is_some() {
         return Ok(());
     }

@@ -89,6 +89,15 @@ fn tasks_missing(phase: &str, missing: &[u32], tasks: u32, next: &str) -> String
     }
 }
 
+/// Fails unless `task` is one of the `tasks` of `phase` (`spec.data.tasks.<phase>`).
+pub(super) fn check_task(phase: &str, task: u32, tasks: u32) -> Result<()> {
+    if task < tasks {
+        Ok(())
+    } else {
+        Err(DataPrepError::Invalid(format!("{phase} task {task} does not exist: spec.data.tasks.{phase} is {tasks}")))
+    }
+}
+
 /// What running data-prep again can fix: not the spec or the inputs; a store outage, a scorer
 /// failure or an early reduce, yes.
 impl From<DataPrepError> for StageError {

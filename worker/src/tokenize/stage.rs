@@ -446,6 +446,28 @@ async fn map_done(ctx: &Context, k: u32) -> Result<Option<MapDone<MapTask>>> {
     Ok(MapDone::read(&ctx.dir, &map_name(k)).await?)
 }
 
+/// Encodes data-prep's file `name` (downloaded into `tmp`) into the local `output`, with a progress
+/// bar `label`; returns its counts per category.
+async fn encode_stored(
+    upstream: &Upstream,
+    (encoder, separator): (&Arc<Encoder>, u32),
+    categories: Vec<String>,
+    name: String,
+    tmp: PathBuf,
+    output: PathBuf,
+    label: String,
+) -> Result<BTreeMap<String, Counts>> {
+    let local = fetch(&upstream.dir, &name, &tmp).await?;
+    let display = upstream.dir.url(&name);
+    let enc = Arc::clone(encoder);
+    let mut progress = Progress::new(label, "documents", None);
+    tokio::task::spawn_blocking(move || {
+        encode_file(&enc, separator, &local, &display, &output, &categories, &mut progress)
+    })
+    .await
+    .expect("encoding does not panic")
+}
+
 async fn map_shard(
     ctx: &Context,
     upstream: &Upstream,
@@ -463,18 +485,21 @@ async fn map_shard(
     }
     let started = Instant::now();
     let tmp = tempfile::tempdir().map_err(scratch(Path::new("tempdir")))?;
-    let local = fetch(&upstream.dir, input, tmp.path()).await?;
-    let output = tmp.path().join("out.tok");
     let separator = encoder.special(&meta.separator).expect("the separator was checked when the tokenizer loaded");
-    let display = upstream.dir.url(input);
-    let (enc, out) = (Arc::clone(encoder), output.clone());
     let names = ctx.run.spec.data.categories();
-    let mut progress = Progress::new(format!("tokenize map {k}"), "documents", None);
-    let categories = tokio::task::spawn_blocking(move || {
-        encode_file(&enc, separator, &local, &display, &out, &names, &mut progress)
-    })
-    .await
-    .expect("encoding does not panic")?;
+    let encode = |name: &str, output: PathBuf, label: String| {
+        encode_stored(
+            upstream,
+            (encoder, separator),
+            names.clone(),
+            name.to_string(),
+            tmp.path().to_path_buf(),
+            output,
+            label,
+        )
+    };
+    let output = tmp.path().join("out.tok");
+    let categories = encode(input, output.clone(), format!("tokenize map {k}")).await?;
     let file = ctx.dir.put_file(&shard_name(k), &output).await?;
     let category_file =
         Some(ctx.dir.put_file(&shard_name(k).replace(".tok", ".cat"), &output.with_extension("cat")).await?);
@@ -490,16 +515,8 @@ async fn map_shard(
     };
     let shards = upstream.shards.len();
     for (i, name) in upstream.heldout.iter().enumerate().filter(|(i, _)| i % shards == k as usize) {
-        let local = fetch(&upstream.dir, name, tmp.path()).await?;
         let output = tmp.path().join(format!("heldout-{i:05}.tok"));
-        let (enc, out, display) = (Arc::clone(encoder), output.clone(), upstream.dir.url(name));
-        let names = ctx.run.spec.data.categories();
-        let mut progress = Progress::new(format!("tokenize held-out {i}"), "documents", None);
-        let counts = tokio::task::spawn_blocking(move || {
-            encode_file(&enc, separator, &local, &display, &out, &names, &mut progress)
-        })
-        .await
-        .expect("encoding does not panic")?;
+        let counts = encode(name, output.clone(), format!("tokenize held-out {i}")).await?;
         for (category, c) in &counts {
             task.heldout.entry(category.clone()).or_default().add(c);
         }
