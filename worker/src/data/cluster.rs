@@ -10,7 +10,6 @@
 //! this task that grows with the corpus; the other orders do not.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::{BufReader, Read};
 use std::path::Path;
 
 use pretrain_crd::spec::{Data, OrderStrategy};
@@ -22,7 +21,7 @@ use super::dedup::{ClusterStats, Clusters};
 use super::keys::{KeyRecord, parse_terms};
 use super::order;
 use super::plan::{DifficultyHistogram, DocRef, difficulty, held_out, mix_epochs, passes_quality};
-use super::runs::{Entry, ExternalSorter, entry_bytes};
+use super::runs::{Entry, ExternalSorter, Merge, entry_bytes};
 use super::stage::{DataPrepError, Result, map_dir, map_done};
 use crate::Context;
 use crate::frame::{MapDone, scratch};
@@ -132,13 +131,13 @@ pub(super) async fn cluster_task(ctx: &Context, hash: &str) -> Result<()> {
         let name = format!("{}/exact.bin", dedup_dir(task, data.dedup_tasks()));
         let local = tmp.path().join("exact.bin");
         ctx.dir.store().download(&ctx.dir.key(&name)?, &local).await?;
-        for_each_entry::<2>(&local, |[location, doc]| {
+        for entry in Merge::<2>::open(std::slice::from_ref(&local)).map_err(scratch(&local))? {
+            let [location, doc] = entry.map_err(|e| corrupt(&ctx.dir, &name, &e.to_string()))?;
             if in_context {
                 dropped.insert(doc);
             }
-            decisions.push([location, DROP])
-        })
-        .map_err(|e| corrupt(&ctx.dir, &name, &e.to_string()))?;
+            decisions.push([location, DROP]).map_err(scratch(&runs))?;
+        }
     }
     if in_context {
         let plan = in_context_plan(ctx, hash, &done.thresholds, &dropped).await?;
@@ -192,36 +191,15 @@ fn uncount(
 /// and (last) their count.
 fn per_shard(path: &Path, shards: u32) -> std::io::Result<Vec<u64>> {
     let mut offsets = vec![0u64; shards as usize + 1];
-    for_each_entry::<2>(path, |[location, _]| {
+    for entry in Merge::<2>::open(&[path.to_path_buf()])? {
+        let [location, _] = entry?;
         let shard = ((location >> 32) as usize).min(shards as usize - 1);
         offsets[shard + 1] += 1;
-        Ok(())
-    })?;
+    }
     for k in 1..offsets.len() {
         offsets[k] += offsets[k - 1];
     }
     Ok(offsets)
-}
-
-/// Streams the entries of a file of `W`-word entries.
-fn for_each_entry<const W: usize>(
-    path: &Path,
-    mut f: impl FnMut(Entry<W>) -> std::io::Result<()>,
-) -> std::io::Result<()> {
-    let mut reader = BufReader::new(std::fs::File::open(path)?);
-    let mut raw = vec![0u8; entry_bytes::<W>()];
-    loop {
-        match reader.read_exact(&mut raw) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(e),
-        }
-        let mut e = [0u64; W];
-        for (w, c) in e.iter_mut().zip(raw.chunks_exact(8)) {
-            *w = u64::from_le_bytes(c.try_into().expect("8 bytes"));
-        }
-        f(e)?;
-    }
 }
 
 /// What the dedup tasks found, summed: each source's counts and the training candidates'

@@ -26,17 +26,6 @@ pub struct DocRef {
     pub key: KeyRecord,
 }
 
-/// The quality decision: each scored category's threshold, and who passes.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct QualityCut {
-    /// The threshold of each scored category (a fixed one, or that of the top fraction).
-    pub thresholds: BTreeMap<String, f32>,
-    /// Documents under their category's threshold, per category.
-    pub removed: BTreeMap<String, u64>,
-    /// Whether each document passes.
-    pub passes: Vec<bool>,
-}
-
 /// The quality threshold of each scored category under `data.quality`: the fixed threshold, or
 /// the floor of each category's top fraction in the map tasks' summed score histograms. Empty when
 /// no classifier runs.
@@ -60,22 +49,6 @@ pub fn quality_thresholds(data: &Data, scores: &ScoreHistogram) -> BTreeMap<Stri
 /// Whether a document of source `source` with quality score `score` passes `thresholds`.
 pub fn passes_quality(data: &Data, thresholds: &BTreeMap<String, f32>, source: u16, score: f32) -> bool {
     data.sources.get(usize::from(source)).and_then(|s| thresholds.get(s.category())).is_none_or(|t| score >= *t)
-}
-
-/// Applies the quality thresholds (see [`quality_thresholds`]) to every document.
-pub fn quality_cut(data: &Data, thresholds: BTreeMap<String, f32>, docs: &[DocRef]) -> QualityCut {
-    let mut removed: BTreeMap<String, u64> = BTreeMap::new();
-    let passes = docs
-        .iter()
-        .map(|d| {
-            let keep = passes_quality(data, &thresholds, d.key.source, d.key.score);
-            if !keep {
-                *removed.entry(data.sources[d.key.source as usize].category().to_string()).or_default() += 1;
-            }
-            keep
-        })
-        .collect();
-    QualityCut { thresholds, removed, passes }
 }
 
 /// Whether document `doc` (its canonical id, [`KeyRecord::doc`]) is held out: a hash of the seed and
@@ -380,10 +353,13 @@ mod tests {
             .collect()
     }
 
-    fn cut_of(d: &Data, all: &[DocRef]) -> QualityCut {
+    /// The thresholds from `all`'s scores, and whether each document passes them.
+    fn cut_of(d: &Data, all: &[DocRef]) -> (BTreeMap<String, f32>, Vec<bool>) {
         let mut scores = ScoreHistogram::default();
         all.iter().for_each(|x| scores.add(x.key.source, x.key.score));
-        quality_cut(d, quality_thresholds(d, &scores), all)
+        let thresholds = quality_thresholds(d, &scores);
+        let passes = all.iter().map(|x| passes_quality(d, &thresholds, x.key.source, x.key.score)).collect();
+        (thresholds, passes)
     }
 
     #[test]
@@ -391,12 +367,11 @@ mod tests {
         let d =
             data("quality: {classifier: ngram, referenceSources: [web], keepTopFraction: 0.5, categories: [web]}\n");
         let all = docs(140, 1);
-        let cut = cut_of(&d, &all);
-        assert_eq!(cut.thresholds.keys().collect::<Vec<_>>(), ["web"]);
-        let kept_web = all.iter().zip(&cut.passes).filter(|(x, p)| x.key.source == 0 && **p).count();
+        let (thresholds, passes) = cut_of(&d, &all);
+        assert_eq!(thresholds.keys().collect::<Vec<_>>(), ["web"]);
+        let kept_web = all.iter().zip(&passes).filter(|(x, p)| x.key.source == 0 && **p).count();
         assert!((30..=45).contains(&kept_web), "{kept_web} of 70 web documents kept");
-        assert!(all.iter().zip(&cut.passes).all(|(x, p)| x.key.source == 0 || *p), "code is not scored");
-        assert_eq!(cut.removed["web"], 70 - kept_web as u64);
+        assert!(all.iter().zip(&passes).all(|(x, p)| x.key.source == 0 || *p), "code is not scored");
     }
 
     #[test]

@@ -231,16 +231,16 @@ impl Router<'_> {
             .ok_or_else(|| corrupt(&ctx.dir, &name, "not a whole number of key records"))?;
         let decisions = self.decisions(shard).await?;
         let local = tmp.join("map-docs.jsonl.zst");
-        ctx.dir.store().download(&ctx.dir.key(&format!("{dir}/docs.jsonl.zst"))?, &local).await?;
+        let docs_name = format!("{dir}/docs.jsonl.zst");
+        ctx.dir.store().download(&ctx.dir.key(&docs_name)?, &local).await?;
         let decoder = zstd::Decoder::new(File::open(&local).map_err(scratch(&local))?).map_err(scratch(&local))?;
         let mut decisions = decisions.into_iter().peekable();
         let mut count = 0usize;
         for (line_no, line) in BufReader::new(decoder).split(b'\n').enumerate() {
             let line = line.map_err(scratch(&local))?;
             count += 1;
-            let name = format!("{dir}/docs.jsonl.zst");
             let record =
-                keys.get(line_no).ok_or_else(|| corrupt(&ctx.dir, &name, "more documents than key records"))?;
+                keys.get(line_no).ok_or_else(|| corrupt(&ctx.dir, &docs_name, "more documents than key records"))?;
             let mut decision = None;
             while let Some(&(at, value)) = decisions.peek() {
                 if at > line_no as u64 {
@@ -284,7 +284,7 @@ impl Router<'_> {
             *self.done.bytes.entry(category.to_string()).or_default() += u64::from(c) * u64::from(record.bytes);
         }
         if count != keys.len() {
-            return Err(corrupt(&ctx.dir, &format!("{dir}/docs.jsonl.zst"), "fewer documents than key records"));
+            return Err(corrupt(&ctx.dir, &docs_name, "fewer documents than key records"));
         }
         Ok(())
     }
