@@ -30,7 +30,14 @@ pub enum Phase {
     Dedup(u32),
     /// The cluster task of data-prep, after every dedup task.
     Cluster,
-    /// Route task `n` of data-prep, after the cluster task (one Indexed Job index).
+    /// Embed task `n` of data-prep's in-context order, after the cluster task (one Indexed Job
+    /// index).
+    Embed(u32),
+    /// Order task `n` of data-prep's in-context order, after every embed task (one Indexed Job
+    /// index).
+    Order(u32),
+    /// Route task `n` of data-prep, after the cluster task, or the order tasks for in-context
+    /// order (one Indexed Job index).
     Route(u32),
     /// Write task `n` of data-prep, after every route task (one Indexed Job index).
     Write(u32),
@@ -47,6 +54,8 @@ impl Phase {
             Phase::Map(_) => "map",
             Phase::Dedup(_) => "dedup",
             Phase::Cluster => "cluster",
+            Phase::Embed(_) => "embed",
+            Phase::Order(_) => "order",
             Phase::Route(_) => "route",
             Phase::Write(_) => "write",
             Phase::Reduce => "reduce",

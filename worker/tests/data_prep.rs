@@ -214,12 +214,9 @@ async fn ngram_quality_classifier_trained_from_reference_sources_keeps_the_good_
     assert_eq!(kept.iter().filter(|d| d.source == "spam").count(), 60, "unscored categories are untouched");
 }
 
-#[tokio::test]
-async fn in_context_order_puts_related_documents_side_by_side() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    // Eight topics with their own vocabularies of 80 words, six documents each, interleaved in the
-    // file.
+/// Eight topics with their own vocabularies of 80 words, six documents each, interleaved in the
+/// file: `web.jsonl` in `dir`.
+fn topic_corpus(dir: &Path) {
     let docs: Vec<String> = (0..48u64)
         .map(|i| {
             let topic = i % 8;
@@ -228,24 +225,72 @@ async fn in_context_order_puts_related_documents_side_by_side() {
         })
         .collect();
     std::fs::write(dir.join("web.jsonl"), docs.join("\n")).unwrap();
+}
+
+/// How many of the stream's consecutive pairs share a topic.
+fn same_topic(stream: &[DocumentLine]) -> usize {
+    let topic = |id: &str| id.split('-').next().unwrap().to_string();
+    stream.windows(2).filter(|w| topic(&w[0].id) == topic(&w[1].id)).count()
+}
+
+const ORDER_TRAIN: &str = "{seqLen: 1024, tokens: 100000, globalBatchTokens: 16384, microBatchSize: 16, schedule: {warmupSteps: 1}, resources: {gpusPerNode: 0}}";
+
+#[tokio::test]
+async fn in_context_order_puts_related_documents_side_by_side() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    topic_corpus(dir);
     let data = format!(
         "    sources: [{{name: web, url: \"{d}/web.jsonl\"}}]\n    order: {{strategy: in-context}}\n    heldOutFraction: 0\n    shards: 2",
         d = dir.display()
     );
-    let train = "{seqLen: 1024, tokens: 100000, globalBatchTokens: 16384, microBatchSize: 16, schedule: {warmupSteps: 1}, resources: {gpusPerNode: 0}}";
-    let (stats, stream) = prepare_all(&write_manifest(dir, "ordered", &data, train), 2).await;
-    let stream: Vec<String> = stream.into_iter().map(|d| d.id).collect();
+    let (stats, stream) = prepare_all(&write_manifest(dir, "ordered", &data, ORDER_TRAIN), 2).await;
     assert_eq!(stream.len(), 48);
-    let topic = |id: &str| id.split('-').next().unwrap().to_string();
-    let same = stream.windows(2).filter(|w| topic(&w[0]) == topic(&w[1])).count();
     // One traversal walks each topic through before it jumps, so all but a few of the 47 pairs of
     // neighbours share a topic; a random order would put about 1 in 8 (6 of 47) on the same topic.
-    assert!(same >= 36, "{same} of 47 neighbours share a topic: {stream:?}");
+    let same = same_topic(&stream);
+    assert!(same >= 36, "{same} of 47 neighbours share a topic: {:?}", stream.iter().map(|d| &d.id).collect::<Vec<_>>());
     let similarity = &stats["train"]["adjacentSimilarity"];
     assert!(
         similarity[0].as_f64().unwrap() > similarity[1].as_f64().unwrap() + 0.2,
-        "path against input order: {similarity}"
+        "path against two random documents: {similarity}"
     );
+}
+
+/// In-context order split into partitions of about 12 documents, with 1 embed and 1 order task,
+/// then 2 embed and 3 order tasks (and other dedup and write counts): the same bytes and statistics,
+/// and the topics still follow each other.
+#[tokio::test]
+async fn in_context_partitions_keep_topics_together_for_any_number_of_tasks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    topic_corpus(dir);
+    let mut first: Option<(serde_json::Value, Vec<DocumentLine>)> = None;
+    for (dedup, route, order, write) in [(1, 1, 1, 1), (3, 2, 3, 2)] {
+        let data = format!(
+            "    sources: [{{name: web, url: \"{d}/web.jsonl\"}}]\n    order: {{strategy: in-context, partitionDocuments: 12}}\n    heldOutFraction: 0.1\n    shards: 3\n    tasks: {{dedup: {dedup}, route: {route}, order: {order}, write: {write}}}",
+            d = dir.display()
+        );
+        let (stats, stream) = prepare_all(&write_manifest(dir, "partitioned", &data, ORDER_TRAIN), 3).await;
+        let same = same_topic(&stream);
+        let n = stream.len();
+        assert!(n > 30 && n < 48, "the held-out documents are not in the stream: {n}");
+        assert!(same * 10 >= (n - 1) * 7, "{same} of {} neighbours share a topic", n - 1);
+        let similarity = &stats["train"]["adjacentSimilarity"];
+        assert!(similarity[0].as_f64().unwrap() > similarity[1].as_f64().unwrap() + 0.2, "{similarity}");
+        let cluster = std::fs::read(dir.join("store/partitioned/data-prep/cluster/_DONE.json")).unwrap();
+        let partitions = serde_json::from_slice::<serde_json::Value>(&cluster).unwrap()["partitions"].clone();
+        assert_eq!(partitions, 4, "about 43 documents on the path, 12 a partition");
+        eprintln!("{dedup}/{route}/{order}/{write} tasks: {same} of {} pairs share a topic; {similarity}", n - 1);
+        match &first {
+            None => first = Some((stats, stream)),
+            Some((want_stats, want_stream)) => {
+                assert_eq!(&stats, want_stats, "{dedup}/{route}/{order}/{write} tasks");
+                let ids = |s: &[DocumentLine]| s.iter().map(|d| d.id.clone()).collect::<Vec<_>>();
+                assert_eq!(ids(&stream), ids(want_stream), "{dedup}/{route}/{order}/{write} tasks");
+            }
+        }
+    }
 }
 
 /// The shared corpus's Debian licenses (full of near duplicates) and Python sources, through a

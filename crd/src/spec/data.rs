@@ -60,11 +60,12 @@ pub struct Data {
     pub resources: CpuResources,
 }
 
-/// Parallel tasks of data-prep's phases after the map: dedup, route and write. The cluster task
-/// and the reduce are one each: the cluster task holds the documents that have a near duplicate
-/// (about 100 bytes each) and sorts the drops on local disk (16 bytes each), except that
-/// `order.strategy: in-context` plans its path there over every surviving document (about 250 bytes
-/// each); the reduce reads only the tasks' records.
+/// Parallel tasks of data-prep's phases after the map: dedup, route, write, and for
+/// `order.strategy: in-context` embed and order tasks. The cluster task and the reduce are one
+/// each: the cluster task holds the documents that have a near duplicate (about 100 bytes each),
+/// sorts the drops on local disk (16 bytes each), and for in-context order sums the term counts
+/// (32 MiB) and clusters a sample of 32 documents a partition; the reduce reads only the tasks'
+/// records.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", default)]
 pub struct Tasks {
@@ -77,8 +78,10 @@ pub struct Tasks {
     pub dedup: Option<u32>,
     /// Route tasks: each reads a contiguous share of the map tasks' documents once and sends each
     /// kept copy towards its output shard; memory and local disk grow with its share (about `40 x
-    /// copies + text bytes` of `shards / route` map tasks), not with the corpus. Default: `shards`;
-    /// at most `shards`.
+    /// copies + text bytes` of `shards / route` map tasks), not with the corpus. For in-context
+    /// order, as many embed tasks run first, each embedding the same share and sending each
+    /// document's embedding to its partition (local disk about 540 bytes a document of its share,
+    /// memory 24). Default: `shards`; at most `shards`.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 10000))]
     pub route: Option<u32>,
@@ -88,6 +91,12 @@ pub struct Tasks {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 10000))]
     pub write: Option<u32>,
+    /// Order tasks (in-context order only): each plans a contiguous share of the partitions
+    /// (`order.partitionDocuments`), one at a time: memory about 1 KB a document of the largest
+    /// partition. Default: `shards`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub order: Option<u32>,
 }
 
 /// Requests (and limits) of a CPU-only pod.
@@ -283,11 +292,23 @@ pub struct Order {
     /// traversing; above 1 keeps every document.
     #[schemars(range(min = 0.0, max = 2.0))]
     pub semantic_dedup: f64,
+    /// In-context order: documents per partition. The documents are split by topic (k-means on a
+    /// sample of their embeddings) into about `documents / partitionDocuments` partitions, each
+    /// planned alone by an order task, which holds it in memory (about 1 KB a document) and walks
+    /// it; the partitions follow each other along a path through their centroids. One partition
+    /// walks the whole corpus at once.
+    #[schemars(range(min = 2))]
+    pub partition_documents: u64,
 }
 
 impl Default for Order {
     fn default() -> Self {
-        Self { strategy: OrderStrategy::Shuffle, curriculum_by: CurriculumKey::Quality, semantic_dedup: 0.95 }
+        Self {
+            strategy: OrderStrategy::Shuffle,
+            curriculum_by: CurriculumKey::Quality,
+            semantic_dedup: 0.95,
+            partition_documents: 1_000_000,
+        }
     }
 }
 
@@ -328,6 +349,16 @@ impl Data {
     /// Write tasks: `tasks.write`, by default `shards`, at most `shards`.
     pub fn write_tasks(&self) -> u32 {
         self.tasks.write.unwrap_or(self.shards).clamp(1, self.shards.max(1))
+    }
+
+    /// Order tasks (in-context order): `tasks.order`, by default `shards`.
+    pub fn order_tasks(&self) -> u32 {
+        self.tasks.order.unwrap_or(self.shards).clamp(1, 10_000)
+    }
+
+    /// Embed tasks (in-context order): as many as route tasks, owning the same shares.
+    pub fn embed_tasks(&self) -> u32 {
+        self.route_tasks()
     }
 
     /// The sources' categories, sorted, each once: the numbering of tokenize's per-document
@@ -371,6 +402,14 @@ impl Data {
                 format!("must be between 1 and {MAX_DEDUP_TASKS}, got {dedup}"),
             );
         }
+        if let Some(n) = self.tasks.order {
+            e.check((1..=10_000).contains(&n), "spec.data.tasks.order", format!("must be between 1 and 10000, got {n}"));
+        }
+        e.check(
+            self.order.partition_documents >= 2,
+            "spec.data.order.partitionDocuments",
+            format!("must be at least 2, got {}", self.order.partition_documents),
+        );
         for (field, tasks) in [("route", self.tasks.route), ("write", self.tasks.write)] {
             if let Some(n) = tasks {
                 e.check(

@@ -79,6 +79,8 @@ pub fn job_view(job: &Job, spec: &PretrainRunSpec, pods: &[Pod], cluster: &PodCo
         "map" => Role::Map,
         "dedup" => Role::Dedup,
         "cluster" => Role::Cluster,
+        "embed" => Role::Embed,
+        "order" => Role::Order,
         "route" => Role::Route,
         "write" => Role::Write,
         "reduce" => Role::Reduce,

@@ -78,9 +78,14 @@ pub fn config_map_name(run: &str) -> String {
 pub fn job_name(run: &str, stage: Stage, role: Role, attempt: u32) -> String {
     let attempt = attempt.to_string();
     match role {
-        Role::Map | Role::Dedup | Role::Cluster | Role::Route | Role::Write | Role::Reduce => {
-            object_name(&[run, stage.as_str(), role.as_str(), &attempt])
-        }
+        Role::Map
+        | Role::Dedup
+        | Role::Cluster
+        | Role::Embed
+        | Role::Order
+        | Role::Route
+        | Role::Write
+        | Role::Reduce => object_name(&[run, stage.as_str(), role.as_str(), &attempt]),
         Role::Gang | Role::Single => object_name(&[run, stage.as_str(), &attempt]),
     }
 }
@@ -290,7 +295,7 @@ impl<'a> RunObjects<'a> {
         let spec = &self.run.spec;
         let plan::Pods { count: pods, gpus, cpu, memory } = plan::pods(spec, role);
         let (phase, place) = match role {
-            Role::Map | Role::Dedup | Role::Route | Role::Write => {
+            Role::Map | Role::Dedup | Role::Embed | Role::Order | Role::Route | Role::Write => {
                 (Some(role.as_str()), Place::Indexed { pods, master: None })
             }
             Role::Gang => {

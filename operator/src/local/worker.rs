@@ -57,6 +57,10 @@ pub(super) async fn run_stage(
             if let Some(t) = after_map {
                 run_tasks(ctx, stage, "dedup", t.dedup, workers, interrupt).await?;
                 run_tasks(ctx, stage, "cluster", 1, workers, interrupt).await?;
+                if let Some(order) = t.order {
+                    run_tasks(ctx, stage, "embed", t.route, workers, interrupt).await?;
+                    run_tasks(ctx, stage, "order", order, workers, interrupt).await?;
+                }
                 run_tasks(ctx, stage, "route", t.route, workers, interrupt).await?;
                 run_tasks(ctx, stage, "write", t.write, workers, interrupt).await?;
             }

@@ -423,9 +423,13 @@ fn wait_for_kueue(view: &ClusterView<'_>, decision: &mut Decision, stage: Stage,
 fn running(decision: &mut Decision, stage: Stage, layout: Layout, now: &str) {
     let layout_note = match layout {
         Layout::Sharded { shards, after_map: None } => format!("{shards} shards"),
-        Layout::Sharded { shards, after_map: Some(t) } => {
-            format!("{shards} shards; {} dedup, {} route and {} write tasks", t.dedup, t.route, t.write)
-        }
+        Layout::Sharded { shards, after_map: Some(t) } => match t.order {
+            None => format!("{shards} shards; {} dedup, {} route and {} write tasks", t.dedup, t.route, t.write),
+            Some(order) => format!(
+                "{shards} shards; {} dedup, {} embed, {order} order, {} route and {} write tasks",
+                t.dedup, t.route, t.route, t.write
+            ),
+        },
         Layout::Gang { nodes, gpus_per_node } => format!("{nodes} nodes x {gpus_per_node} GPUs"),
         Layout::Single => "1 pod".into(),
     };

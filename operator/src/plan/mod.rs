@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use pretrain_crd::spec::OrderStrategy;
 use pretrain_crd::{PretrainRunSpec, Stage};
 
 mod attempt;
@@ -52,12 +53,15 @@ pub enum Layout {
     Single,
 }
 
-/// data-prep's phases after its map: `dedup` independent dedup tasks, one cluster task, `route`
-/// route tasks and `write` write tasks (`--phase dedup|cluster|route|write`).
+/// data-prep's phases after its map: `dedup` independent dedup tasks, one cluster task, for
+/// in-context order `route` embed tasks and `order` order tasks, `route` route tasks and `write`
+/// write tasks (`--phase dedup|cluster|embed|order|route|write`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DataTasks {
     /// Dedup tasks.
     pub dedup: u32,
+    /// Order tasks, for in-context order (after as many embed tasks as route tasks).
+    pub order: Option<u32>,
     /// Route tasks.
     pub route: u32,
     /// Write tasks.
@@ -74,7 +78,11 @@ pub enum Role {
     Dedup,
     /// The cluster pod of data-prep, after its dedup pods.
     Cluster,
-    /// The route pods of data-prep, after its cluster pod.
+    /// The embed pods of data-prep's in-context order, after its cluster pod.
+    Embed,
+    /// The order pods of data-prep's in-context order, after its embed pods.
+    Order,
+    /// The route pods of data-prep, after its cluster pod (or its order pods).
     Route,
     /// The write pods of data-prep, after its route pods.
     Write,
@@ -100,7 +108,8 @@ pub struct Pods<'a> {
 }
 
 /// The pods of `role`'s Job in `spec`: `data.shards` map pods, `data.tasks.dedup` dedup pods, one
-/// cluster pod, `data.tasks.route` route pods, `data.tasks.write` write pods and one reduce pod with
+/// cluster pod, `data.tasks.route` embed pods, `data.tasks.order` order pods, `data.tasks.route`
+/// route pods, `data.tasks.write` write pods and one reduce pod with
 /// `data.resources`, one pod per node with `gpusPerNode` GPUs for a gang, and one pod with at most
 /// one GPU for a single-pod stage, both with `train.resources`.
 pub fn pods(spec: &PretrainRunSpec, role: Role) -> Pods<'_> {
@@ -108,6 +117,8 @@ pub fn pods(spec: &PretrainRunSpec, role: Role) -> Pods<'_> {
     let (count, gpus, cpu, memory) = match role {
         Role::Map => (spec.data.shards.max(1), 0, &data.cpu, &data.memory),
         Role::Dedup => (spec.data.dedup_tasks(), 0, &data.cpu, &data.memory),
+        Role::Embed => (spec.data.embed_tasks(), 0, &data.cpu, &data.memory),
+        Role::Order => (spec.data.order_tasks(), 0, &data.cpu, &data.memory),
         Role::Route => (spec.data.route_tasks(), 0, &data.cpu, &data.memory),
         Role::Write => (spec.data.write_tasks(), 0, &data.cpu, &data.memory),
         Role::Cluster | Role::Reduce => (1, 0, &data.cpu, &data.memory),
@@ -124,6 +135,8 @@ impl Role {
             Role::Map => "map",
             Role::Dedup => "dedup",
             Role::Cluster => "cluster",
+            Role::Embed => "embed",
+            Role::Order => "order",
             Role::Route => "route",
             Role::Write => "write",
             Role::Reduce => "reduce",
@@ -134,16 +147,26 @@ impl Role {
 
     /// Whether the role's pods are independent tasks of an Indexed Job, each retried alone.
     pub fn is_task(self) -> bool {
-        matches!(self, Role::Map | Role::Dedup | Role::Route | Role::Write)
+        matches!(self, Role::Map | Role::Dedup | Role::Embed | Role::Order | Role::Route | Role::Write)
     }
 
     /// The roles of a layout's Jobs, in the order they run.
     pub fn of(layout: Layout) -> &'static [Role] {
         match layout {
             Layout::Sharded { after_map: None, .. } => &[Role::Map, Role::Reduce],
-            Layout::Sharded { after_map: Some(_), .. } => {
+            Layout::Sharded { after_map: Some(DataTasks { order: None, .. }), .. } => {
                 &[Role::Map, Role::Dedup, Role::Cluster, Role::Route, Role::Write, Role::Reduce]
             }
+            Layout::Sharded { after_map: Some(DataTasks { order: Some(_), .. }), .. } => &[
+                Role::Map,
+                Role::Dedup,
+                Role::Cluster,
+                Role::Embed,
+                Role::Order,
+                Role::Route,
+                Role::Write,
+                Role::Reduce,
+            ],
             Layout::Gang { .. } => &[Role::Gang],
             Layout::Single => &[Role::Single],
         }
@@ -180,6 +203,7 @@ pub fn layout(spec: &PretrainRunSpec, stage: Stage) -> Layout {
             shards: spec.data.shards.max(1),
             after_map: Some(DataTasks {
                 dedup: spec.data.dedup_tasks(),
+                order: (spec.data.order.strategy == OrderStrategy::InContext).then(|| spec.data.order_tasks()),
                 route: spec.data.route_tasks(),
                 write: spec.data.write_tasks(),
             }),
@@ -247,7 +271,7 @@ mod tests {
             Action::Run {
                 stage: Stage::DataPrep,
                 attempt: 1,
-                layout: Layout::Sharded { shards: 8, after_map: Some(DataTasks { dedup: 8, route: 8, write: 8 }) }
+                layout: Layout::Sharded { shards: 8, after_map: Some(DataTasks { dedup: 8, order: None, route: 8, write: 8 }) }
             }
         );
         let done = observed(&[(Stage::DataPrep, Observed::Committed), (Stage::Tokenize, Observed::Committed)]);

@@ -28,6 +28,7 @@ use pretrain_store::StageDir;
 use serde::{Deserialize, Serialize};
 
 use super::dedup::{Bucket, ClusterStats};
+use super::incontext::{in_context, sum_df};
 use super::keys::KeyRecord;
 use super::plan::{DifficultyHistogram, difficulty, held_out, passes_quality, quality_thresholds};
 use super::quality::ScoreHistogram;
@@ -40,8 +41,8 @@ use crate::progress::Progress;
 /// Documents whose records are read at once.
 const CHUNK: usize = 1 << 16;
 
-/// The dedup outputs' layout.
-const DEDUP_FORMAT: u32 = 2;
+/// The dedup outputs' layout: 3 adds the feature-count slice of in-context order (`df.bin`).
+const DEDUP_FORMAT: u32 = 3;
 
 pub(super) fn dedup_dir(task: u32, tasks: u32) -> String {
     format!("dedup/{task:05}-of-{tasks:05}")
@@ -205,6 +206,9 @@ pub(super) async fn dedup_task(ctx: &Context, task: u32, hash: &str) -> Result<(
     pairs.finish(&out("pairs.bin"), true).map_err(scratch(&out("pairs.bin")))?;
     members.finish(&out("members.bin"), true).map_err(scratch(&out("members.bin")))?;
 
+    if in_context(data) {
+        sum_df(ctx, task, tasks).await?;
+    }
     let dir_name = dedup_dir(task, tasks);
     for name in ["exact.bin", "pairs.bin", "members.bin", "difficulty.bin"] {
         ctx.dir.put_file(&format!("{dir_name}/{name}"), &out(name)).await?;

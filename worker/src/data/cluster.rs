@@ -3,34 +3,30 @@
 //! the corpus), decides the mix from the dedup tasks' sums, and writes every decision the route
 //! tasks need about single documents, sorted by location (`decisions.bin`: `[location, value]`,
 //! located per map task by [`ClusterTask::decisions`]): [`DROP`] for an exact or near duplicate (or
-//! a semantic one), else a document's place on the in-context path (as `f64` bits).
-//!
-//! In-context order still plans its path over the whole corpus here (its neighbour graph and
-//! traversal read every surviving document's topic terms), so a run that asks for it needs memory in
-//! this task that grows with the corpus; the other orders do not.
+//! a semantic one). For in-context order it also decides the partitions the order tasks plan
+//! (`incontext.rs`).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use pretrain_crd::spec::{Data, OrderStrategy};
+use pretrain_crd::spec::Data;
 use pretrain_store::StageDir;
 use serde::{Deserialize, Serialize};
 
 use super::buckets::{SourceTally, corrupt, dedup_dir, dedup_done, thresholds, unpack};
 use super::dedup::{ClusterStats, Clusters};
-use super::keys::{KeyRecord, parse_terms};
-use super::order;
-use super::plan::{DifficultyHistogram, DocRef, difficulty, held_out, mix_epochs, passes_quality};
+use super::incontext::{Sample, in_context, partition};
+use super::plan::{DifficultyHistogram, difficulty, held_out, mix_epochs};
 use super::runs::{Entry, ExternalSorter, Merge, entry_bytes};
-use super::stage::{DataPrepError, Result, map_dir, map_done};
+use super::stage::{DataPrepError, Result};
 use crate::Context;
 use crate::frame::{MapDone, scratch};
 
 /// The decision that drops a document.
 pub(super) const DROP: u64 = u64::MAX;
 
-/// The cluster outputs' layout.
-const CLUSTER_FORMAT: u32 = 1;
+/// The cluster outputs' layout: 2 moved in-context planning to the embed and order tasks.
+const CLUSTER_FORMAT: u32 = 2;
 
 /// Where the cluster task writes.
 pub(super) const CLUSTER_DIR: &str = "cluster";
@@ -50,17 +46,34 @@ pub(super) struct ClusterTask {
     pub(super) candidates: u64,
     pub(super) exact_removed: u64,
     pub(super) near_removed: u64,
-    pub(super) semantic_removed: u64,
     /// The near-duplicate verification's counts, over every dedup task.
     pub(super) lsh: ClusterStats,
-    /// Training bytes per category before the mix.
+    /// Training bytes per category after exact and near dedup.
     pub(super) bytes_before: BTreeMap<String, u64>,
-    /// Epochs of each category the mix takes.
-    pub(super) epochs: BTreeMap<String, f64>,
-    /// Mean cosine of neighbours on the in-context path, and in canonical order.
-    pub(super) adjacent_similarity: Option<[f64; 2]>,
+    /// In-context order's partitions (0 for the other orders).
+    pub(super) partitions: u32,
     /// Where each map task's decisions begin in `decisions.bin`, in entries; the last is their count.
     pub(super) decisions: Vec<u64>,
+}
+
+/// The mix: each category's training bytes before it, and the epochs it takes of each.
+pub(super) struct Mix {
+    pub(super) bytes_before: BTreeMap<String, u64>,
+    pub(super) epochs: BTreeMap<String, f64>,
+}
+
+impl ClusterTask {
+    /// The mix, once semantic dedup (in-context order) has taken `removed` training bytes out of
+    /// each category.
+    pub(super) fn mix(&self, data: &Data, removed: &BTreeMap<String, u64>) -> Mix {
+        let bytes_before: BTreeMap<String, u64> = self
+            .bytes_before
+            .iter()
+            .map(|(c, b)| (c.clone(), b.saturating_sub(removed.get(c).copied().unwrap_or(0))))
+            .collect();
+        let epochs = mix_epochs(&bytes_before, &data.mix.weights, data.mix.max_epochs);
+        Mix { bytes_before, epochs }
+    }
 }
 
 impl ClusterTask {
@@ -107,9 +120,8 @@ pub(super) async fn cluster_task(ctx: &Context, hash: &str) -> Result<()> {
     let (mut sources, mut difficulties) = (sums.sources, sums.difficulties);
     let runs = tmp.path().join("decision-runs");
     let mut decisions = ExternalSorter::<2>::new(&runs, 1 << 20);
+    let mut sample = if in_context(data) { Some(Sample::read(ctx, &done.thresholds).await?) } else { None };
     // Near duplicates: every document of a cluster of pairs but its first.
-    let mut dropped: HashSet<u64> = HashSet::new();
-    let in_context = data.order.strategy == OrderStrategy::InContext;
     for doc in sums.clusters.dropped() {
         let &[location, packed, score] = sums.members.get(&doc).ok_or_else(|| {
             DataPrepError::Invalid(format!(
@@ -123,8 +135,8 @@ pub(super) async fn cluster_task(ctx: &Context, hash: &str) -> Result<()> {
         uncount(data, seed, doc, (source, bytes, score), &mut sources, &mut difficulties);
         decisions.push([location, DROP]).map_err(scratch(&runs))?;
         done.near_removed += 1;
-        if in_context {
-            dropped.insert(doc);
+        if let Some(s) = &mut sample {
+            s.remove(doc);
         }
     }
     for task in 0..data.dedup_tasks() {
@@ -133,32 +145,18 @@ pub(super) async fn cluster_task(ctx: &Context, hash: &str) -> Result<()> {
         ctx.dir.store().download(&ctx.dir.key(&name)?, &local).await?;
         for entry in Merge::<2>::open(std::slice::from_ref(&local)).map_err(scratch(&local))? {
             let [location, doc] = entry.map_err(|e| corrupt(&ctx.dir, &name, &e.to_string()))?;
-            if in_context {
-                dropped.insert(doc);
+            if let Some(s) = &mut sample {
+                s.remove(doc);
             }
             decisions.push([location, DROP]).map_err(scratch(&runs))?;
         }
     }
-    if in_context {
-        let plan = in_context_plan(ctx, hash, &done.thresholds, &dropped).await?;
-        for (d, decision) in plan.decisions {
-            if decision == DROP {
-                uncount(
-                    data,
-                    seed,
-                    d.key.doc(),
-                    (d.key.source, d.key.bytes, d.key.score),
-                    &mut sources,
-                    &mut difficulties,
-                );
-                done.semantic_removed += 1;
-            }
-            decisions.push([u64::from(d.shard) << 32 | d.pos as u64, decision]).map_err(scratch(&runs))?;
-        }
-        done.adjacent_similarity = Some(plan.similarity);
-    }
     done.add_sources(data, &sources);
-    done.epochs = mix_epochs(&done.bytes_before, &data.mix.weights, data.mix.max_epochs);
+    if let Some(sample) = sample {
+        let quality_removed: u64 = done.quality_removed.values().sum();
+        let path_documents = done.candidates.saturating_sub(quality_removed + done.exact_removed + done.near_removed);
+        done.partitions = partition(ctx, sample, done.candidates, path_documents).await?;
+    }
     let out = tmp.path().join("decisions.bin");
     decisions.finish(&out, true).map_err(scratch(&out))?;
     done.decisions = per_shard(&out, data.shards).map_err(scratch(&out))?;
@@ -189,7 +187,7 @@ fn uncount(
 
 /// Where each map task's entries begin in a file of `[location, value]` entries sorted by location,
 /// and (last) their count.
-fn per_shard(path: &Path, shards: u32) -> std::io::Result<Vec<u64>> {
+pub(super) fn per_shard(path: &Path, shards: u32) -> std::io::Result<Vec<u64>> {
     let mut offsets = vec![0u64; shards as usize + 1];
     for entry in Merge::<2>::open(&[path.to_path_buf()])? {
         let [location, _] = entry?;
@@ -264,69 +262,17 @@ fn words<const W: usize>(bytes: &[u8]) -> Option<Vec<Entry<W>>> {
     })
 }
 
-/// The in-context plan's decisions: each surviving document's place on the path, or [`DROP`] for a
-/// semantic duplicate; and the path's mean neighbour similarity against canonical order's.
-struct InContextPlan {
-    decisions: Vec<(DocRef, u64)>,
-    similarity: [f64; 2],
-}
-
-/// Plans the in-context path over every document that passes quality and is not `dropped` (exact and
-/// near duplicates), reading every map task's key records and topic terms.
-async fn in_context_plan(
-    ctx: &Context,
-    hash: &str,
-    thresholds: &BTreeMap<String, f32>,
-    dropped: &HashSet<u64>,
-) -> Result<InContextPlan> {
-    let data = ctx.run.spec.data.clone();
-    let (docs, terms) = read_keys(ctx, hash).await?;
-    let included: Vec<bool> = docs
-        .iter()
-        .map(|d| passes_quality(&data, thresholds, d.key.source, d.key.score) && !dropped.contains(&d.key.doc()))
-        .collect();
-    let (seed, threshold) = (ctx.run.spec.seed, data.order.semantic_dedup as f32);
-    let (plan, included) = tokio::task::spawn_blocking(move || {
-        let plan = order::plan(&terms, &included, seed, threshold);
-        (plan, included)
-    })
-    .await
-    .expect("the in-context plan does not panic");
-    let decisions = docs
-        .into_iter()
-        .enumerate()
-        .filter(|(i, _)| included[*i])
-        .map(|(i, d)| (d, if plan.dropped[i] { DROP } else { plan.position[i].to_bits() }))
-        .collect();
-    Ok(InContextPlan { decisions, similarity: [plan.adjacent_similarity, plan.canonical_similarity] })
-}
-
-/// Every map task's key records, as documents in canonical order, with their topic terms. Every
-/// map task must be done for this spec.
-async fn read_keys(ctx: &Context, hash: &str) -> Result<(Vec<DocRef>, Vec<Vec<(u32, u16)>>)> {
-    let shards = ctx.run.spec.data.shards;
-    let mut missing = Vec::new();
-    let mut docs: Vec<(DocRef, Vec<(u32, u16)>)> = Vec::new();
-    for shard in 0..shards {
-        if map_done(&ctx.dir, shard, shards, hash).await?.is_none() {
-            missing.push(shard);
-            continue;
-        }
-        let name = format!("{}/keys.bin", map_dir(shard, shards));
-        let keys = KeyRecord::parse_all(&ctx.dir.get(&name).await?)
-            .ok_or_else(|| corrupt(&ctx.dir, &name, "not a whole number of key records"))?;
-        let name = format!("{}/terms.bin", map_dir(shard, shards));
-        let terms = parse_terms(&ctx.dir.get(&name).await?)
-            .filter(|t| t.len() == keys.len())
-            .ok_or_else(|| corrupt(&ctx.dir, &name, "term lists do not match the key records"))?;
-        docs.extend(
-            keys.into_iter().zip(terms).enumerate().map(|(pos, (key, terms))| (DocRef { shard, pos, key }, terms)),
-        );
+/// Map task `shard`'s entries of `name`, a file of `[location, value]` entries sorted by location
+/// whose map tasks begin at `offsets` (in entries): `(line, value)`, sorted by line.
+pub(super) async fn shard_entries(dir: &StageDir, name: &str, offsets: &[u64], shard: u32) -> Result<Vec<(u64, u64)>> {
+    let (from, to) = (offsets[shard as usize], offsets[shard as usize + 1]);
+    if from == to {
+        return Ok(Vec::new());
     }
-    if !missing.is_empty() {
-        return Err(DataPrepError::TasksMissing { phase: "map", missing, tasks: shards, next: "cluster task" });
-    }
-    // Canonical order: input file, then record, whatever the shard count.
-    docs.sort_by_key(|(d, _)| (d.key.input, d.key.seq));
-    Ok(docs.into_iter().unzip())
+    let range = from * 16..to * 16;
+    let got = dir.store().get_ranges(&dir.key(name)?, std::slice::from_ref(&range)).await?;
+    let bytes = got.first().filter(|b| b.len() as u64 == (to - from) * 16);
+    let bytes = bytes.ok_or_else(|| corrupt(dir, name, "shorter than its index in _DONE.json"))?;
+    let word = |c: &[u8]| u64::from_le_bytes(c.try_into().expect("8 bytes"));
+    Ok(bytes.chunks_exact(16).map(|c| (word(&c[..8]) & 0xffff_ffff, word(&c[8..]))).collect())
 }

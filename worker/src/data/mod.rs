@@ -10,16 +10,19 @@
 //! - `dedup`: exact keys, MinHash signatures, LSH buckets verified by signature Jaccard, clusters of
 //!   duplicate pairs; `buckets`: the dedup tasks, each verifying its share of the buckets; `cluster`:
 //!   the one task that unions the pairs and decides the mix.
+//! - `order`: in-context order's embedding, neighbour graph, walk and partitions; `incontext`: the
+//!   tasks that plan it at scale (feature counts and sample in the map, embed and order tasks).
 //! - `plan`: every decision about one document (quality, held out, copies, stream position), pure;
 //!   `route`: the route and write tasks that move each document to its output shard; `reduce`: the
 //!   commit.
 //! - `runs`: sorted runs on disk (external sort, k-way merge, slice index) that hold the exact-hash
-//!   and LSH indexes.
+//!   and LSH indexes; `sections`: files of per-reader sections (route and embed tasks).
 
 pub mod bert;
 mod buckets;
 pub mod charset;
 mod cluster;
+mod incontext;
 pub mod dedup;
 pub mod extract;
 pub mod filters;
@@ -31,6 +34,7 @@ pub mod reader;
 mod reduce;
 mod route;
 pub mod runs;
+mod sections;
 mod scoring;
 pub mod stage;
 pub mod warc;

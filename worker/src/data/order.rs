@@ -6,8 +6,8 @@
 //! documents share contexts without any guess at bytes per token.
 //!
 //! - **Embedding.** The paper embeds with Contriever; we use a cheaper, documented one: TF-IDF over
-//!   each document's [`TERMS_PER_DOCUMENT`] most frequent hashed words (sublinear term frequency),
-//!   projected to [`DIMS`] dimensions by a random ±1 projection (Achlioptas 2003; inner products are
+//!   each document's [`TERMS_PER_DOCUMENT`] most frequent words (sublinear term frequency), hashed
+//!   into [`FEATURES`] features whose document frequencies fit one fixed table ([`Idf`]), projected to [`DIMS`] dimensions by a random ±1 projection (Achlioptas 2003; inner products are
 //!   kept within about 1/sqrt(DIMS)), L2-normalised. Thousands of times cheaper than a transformer
 //!   pass, and it ranks neighbours by shared distinctive vocabulary, which is what topical
 //!   relatedness means here.
@@ -19,6 +19,11 @@
 //!   at cosine `semanticDedup` or more is dropped, as near-identical.
 //! - **Traversal.** The paper's greedy walk: start at the unvisited document fewest others list as
 //!   a neighbour, go to the most similar unvisited neighbour while there is one, else start again.
+//! - **Partitions, at scale.** The graph and walk of a partition are held in memory, so a large
+//!   corpus is split by topic first, as SemDeDup (Abbas et al. 2023) splits before its dedup:
+//!   spherical [`kmeans`] on a sample of the embeddings, each document to its [`nearest`] centroid,
+//!   each partition planned alone, and the partitions in the order of a path through their
+//!   centroids ([`centroid_path`]).
 //!
 //! Everything is a function of the documents and the seed: no dependence on shard counts or threads.
 
@@ -60,43 +65,102 @@ pub fn top_terms(text: &str) -> Vec<(u32, u16)> {
     terms
 }
 
-/// Unit embeddings of the `included` documents, `DIMS` floats each (zeros for the others).
-pub fn embed(terms: &[Vec<(u32, u16)>], included: &[bool]) -> Vec<f32> {
-    let mut df: HashMap<u32, u32> = HashMap::new();
-    for (doc, keep) in terms.iter().zip(included) {
-        if *keep {
-            for (t, _) in doc {
-                *df.entry(*t).or_default() += 1;
+/// Bits of a hashed feature: terms are hashed into `2^FEATURE_BITS` features (the hashing trick, as
+/// scikit-learn's `HashingVectorizer` does), so document frequencies fit one fixed-size table
+/// whatever the corpus's vocabulary.
+pub const FEATURE_BITS: u32 = 22;
+/// Hashed features.
+pub const FEATURES: usize = 1 << FEATURE_BITS;
+
+/// The feature of a hashed term.
+pub fn feature(term: u32) -> u32 {
+    term >> (32 - FEATURE_BITS)
+}
+
+/// Each document's distinct features.
+pub fn features(terms: &[(u32, u16)]) -> impl Iterator<Item = u32> + '_ {
+    let mut seen: Vec<u32> = terms.iter().map(|(t, _)| feature(*t)).collect();
+    seen.sort_unstable();
+    seen.dedup();
+    seen.into_iter()
+}
+
+/// Smoothed inverse document frequencies of the features: `ln((1 + n) / (1 + df)) + 1`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Idf {
+    weights: Vec<f32>,
+}
+
+impl Idf {
+    /// From each feature's document frequency (`FEATURES` counts) among `documents`.
+    pub fn from_counts(df: &[u64], documents: u64) -> Self {
+        let n = documents as f64;
+        Self { weights: df.iter().map(|&d| (((1.0 + n) / (1.0 + d as f64)).ln() + 1.0) as f32).collect() }
+    }
+
+    /// Over the `included` documents' terms.
+    pub fn of(terms: &[Vec<(u32, u16)>], included: &[bool]) -> Self {
+        let mut df = vec![0u64; FEATURES];
+        for (doc, _) in terms.iter().zip(included).filter(|(_, keep)| **keep) {
+            features(doc).for_each(|f| df[f as usize] += 1);
+        }
+        Self::from_counts(&df, included.iter().filter(|k| **k).count() as u64)
+    }
+
+    /// The stored form: `FEATURES` little-endian `f32`.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.weights.iter().flat_map(|w| w.to_le_bytes()).collect()
+    }
+
+    /// The stored form read back; `None` unless it holds `FEATURES` weights.
+    pub fn parse(bytes: &[u8]) -> Option<Self> {
+        (bytes.len() == FEATURES * 4).then(|| Self { weights: floats(bytes) })
+    }
+}
+
+/// Little-endian `f32`s.
+pub fn floats(bytes: &[u8]) -> Vec<f32> {
+    bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect()
+}
+
+/// One document's unit embedding (`DIMS` floats, into `v`; zeros for a document without terms):
+/// its terms' sublinear frequencies times their features' IDF, each along its feature's random ±1
+/// direction.
+pub fn embed_document(terms: &[(u32, u16)], idf: &Idf, v: &mut [f32]) {
+    v.fill(0.0);
+    for (t, count) in terms {
+        let f = feature(*t);
+        let weight = ((1.0 + f64::from(*count).ln()) * f64::from(idf.weights[f as usize])) as f32;
+        // The feature's random ±1 direction: DIMS sign bits drawn from it.
+        let mut state = u64::from(f) ^ 0x5eed_1c0d;
+        for block in v.chunks_mut(64) {
+            let bits = splitmix(&mut state);
+            for (d, x) in block.iter_mut().enumerate() {
+                *x += if bits >> d & 1 == 1 { weight } else { -weight };
             }
         }
     }
-    let n = included.iter().filter(|k| **k).count() as f64;
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if norm > 0.0 {
+        v.iter_mut().for_each(|x| *x /= norm);
+    }
+}
+
+/// Unit embeddings of the `included` documents, `DIMS` floats each (zeros for the others), with
+/// the IDF of the included documents.
+pub fn embed(terms: &[Vec<(u32, u16)>], included: &[bool]) -> Vec<f32> {
+    let idf = Idf::of(terms, included);
     let mut out = vec![0f32; terms.len() * DIMS];
     out.par_chunks_mut(DIMS).zip(terms.par_iter().zip(included)).for_each(|(v, (doc, keep))| {
-        if !*keep {
-            return;
-        }
-        for (t, count) in doc {
-            let idf = ((1.0 + n) / (1.0 + f64::from(df[t]))).ln() + 1.0;
-            let weight = ((1.0 + f64::from(*count).ln()) * idf) as f32;
-            // The term's random ±1 direction: DIMS sign bits drawn from its hash.
-            let mut state = u64::from(*t) ^ 0x5eed_1c0d;
-            for block in v.chunks_mut(64) {
-                let bits = splitmix(&mut state);
-                for (d, x) in block.iter_mut().enumerate() {
-                    *x += if bits >> d & 1 == 1 { weight } else { -weight };
-                }
-            }
-        }
-        let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-        if norm > 0.0 {
-            v.iter_mut().for_each(|x| *x /= norm);
+        if *keep {
+            embed_document(doc, &idf, v);
         }
     });
     out
 }
 
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+/// The inner product.
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
@@ -212,38 +276,105 @@ pub fn adjacent_similarity(embeddings: &[f32], path: &[usize]) -> f64 {
     total / path.len().saturating_sub(1).max(1) as f64
 }
 
-/// The in-context plan of a corpus.
+/// The in-context plan of one partition.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PathPlan {
     /// Documents dropped as near-identical to an earlier neighbour.
     pub dropped: Vec<bool>,
-    /// Each kept document's place on the traversal, as a fraction of it (0 for the others).
-    pub position: Vec<f64>,
-    /// Mean cosine of consecutive documents on the path.
-    pub adjacent_similarity: f64,
-    /// The same for the kept documents in canonical (input) order, the baseline.
-    pub canonical_similarity: f64,
+    /// The kept documents, in the order of the path.
+    pub path: Vec<usize>,
+    /// The sum of the cosines of consecutive documents on the path.
+    pub similarity: f64,
 }
 
-/// Embeds the `included` documents, builds their neighbour graph, drops semantic duplicates at
-/// cosine `threshold` (above 1: none) and traverses the rest.
-pub fn plan(terms: &[Vec<(u32, u16)>], included: &[bool], seed: u64, threshold: f32) -> PathPlan {
-    let embeddings = embed(terms, included);
-    let graph = Graph::build(&embeddings, included, seed);
-    let dropped = graph.semantic_duplicates(included, threshold);
-    let kept: Vec<bool> = included.iter().zip(&dropped).map(|(i, d)| *i && !*d).collect();
+/// Plans the path over unit `embeddings` (`DIMS` floats a document, in canonical order): builds
+/// their neighbour graph, drops semantic duplicates at cosine `threshold` (above 1: none) and
+/// traverses the rest.
+pub fn plan(embeddings: &[f32], seed: u64, threshold: f32) -> PathPlan {
+    let included = vec![true; embeddings.len() / DIMS];
+    let graph = Graph::build(embeddings, &included, seed);
+    let dropped = graph.semantic_duplicates(&included, threshold);
+    let kept: Vec<bool> = dropped.iter().map(|d| !d).collect();
     let path = graph.traverse(&kept);
-    let mut position = vec![0.0; included.len()];
-    for (rank, &i) in path.iter().enumerate() {
-        position[i] = rank as f64 / path.len() as f64;
+    let similarity = adjacent_similarity(embeddings, &path) * path.len().saturating_sub(1) as f64;
+    PathPlan { dropped, path, similarity }
+}
+
+/// The mean cosine of two distinct documents drawn at random from `n` unit vectors whose sum is
+/// `sum`: `(|sum|^2 - n) / (n (n - 1))`, the baseline the in-context path is measured against.
+pub fn random_pair_similarity(sum: &[f64], n: u64) -> f64 {
+    if n < 2 {
+        return 0.0;
     }
-    let canonical: Vec<usize> = (0..kept.len()).filter(|&i| kept[i]).collect();
-    PathPlan {
-        dropped,
-        position,
-        adjacent_similarity: adjacent_similarity(&embeddings, &path),
-        canonical_similarity: adjacent_similarity(&embeddings, &canonical),
+    let n = n as f64;
+    (sum.iter().map(|x| x * x).sum::<f64>() - n) / (n * (n - 1.0))
+}
+
+/// The index of the centroid (`DIMS` floats each) most similar to `v` (the first on ties).
+pub fn nearest(v: &[f32], centroids: &[f32]) -> usize {
+    let mut best = (0, f32::NEG_INFINITY);
+    for (i, c) in centroids.chunks_exact(DIMS).enumerate() {
+        let s = dot(v, c);
+        if s > best.1 {
+            best = (i, s);
+        }
     }
+    best.0
+}
+
+/// Spherical k-means (Lloyd's iterations on cosine similarity) of unit `vectors` into `k` unit
+/// centroids, starting from the first `k` vectors (the sample is in hash order, so they are a
+/// random choice); a centroid that loses every vector keeps its place. Deterministic.
+pub fn kmeans(vectors: &[f32], k: usize, iterations: usize) -> Vec<f32> {
+    let mut centroids = vectors[..k * DIMS].to_vec();
+    for _ in 0..iterations {
+        let assigned: Vec<usize> = vectors.par_chunks_exact(DIMS).map(|v| nearest(v, &centroids)).collect();
+        let mut sums = vec![0f64; k * DIMS];
+        for (v, &c) in vectors.chunks_exact(DIMS).zip(&assigned) {
+            sums[c * DIMS..(c + 1) * DIMS].iter_mut().zip(v).for_each(|(s, x)| *s += f64::from(*x));
+        }
+        let mut moved = false;
+        for (c, sum) in centroids.chunks_exact_mut(DIMS).zip(sums.chunks_exact(DIMS)) {
+            let norm = sum.iter().map(|x| x * x).sum::<f64>().sqrt();
+            if norm > 0.0 {
+                for (x, s) in c.iter_mut().zip(sum) {
+                    let next = (s / norm) as f32;
+                    moved |= next != *x;
+                    *x = next;
+                }
+            }
+        }
+        if !moved {
+            break;
+        }
+    }
+    centroids
+}
+
+/// The centroids (`DIMS` floats each) in the order of a greedy path: from the first, each step to
+/// the most similar one not yet visited (the first on ties).
+pub fn centroid_path(centroids: &[f32]) -> Vec<usize> {
+    let k = centroids.len() / DIMS;
+    let vector = |i: usize| &centroids[i * DIMS..(i + 1) * DIMS];
+    let mut visited = vec![false; k];
+    let mut path = Vec::with_capacity(k);
+    let mut current = 0;
+    while path.len() < k {
+        visited[current] = true;
+        path.push(current);
+        let next = (0..k).filter(|&j| !visited[j]).map(|j| (j, dot(vector(current), vector(j)))).fold(
+            None,
+            |best: Option<(usize, f32)>, (j, s)| match best {
+                Some((_, b)) if b >= s => best,
+                _ => Some((j, s)),
+            },
+        );
+        match next {
+            Some((j, _)) => current = j,
+            None => break,
+        }
+    }
+    path
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
 //! The data-prep reduce, the stage's last step: once every write task is done, it gathers the map,
-//! cluster, route and write tasks' small records into the stage's [`DataPrepStats`] and commits the
+//! cluster, embed, order, route and write tasks' small records into the stage's [`DataPrepStats`] and commits the
 //! files the write tasks wrote. It reads no document.
 
 use std::collections::BTreeMap;
@@ -9,6 +9,7 @@ use pretrain_store::artifact::{
     DataPrepStats, DedupStats, HeldOutStats, MapStats, MixStats, QualityStats, StreamStats,
 };
 
+use super::incontext::{Paths, in_context, random_pair_similarity};
 use super::route::{require_cluster, route_done, write_done};
 use super::scoring::trained_eval;
 use super::stage::{DataPrepError, OUTPUT_VERSION, Result, map_done};
@@ -60,6 +61,15 @@ pub(super) async fn reduce(ctx: &Context, hash: &str) -> Result<StageCommit> {
         })?;
         map.merge(&done.task.stats);
     }
+    let (paths, similarity) = if in_context(data) {
+        let paths = Paths::read(ctx, &cluster, hash, "reduce").await?;
+        let baseline = random_pair_similarity(ctx, hash).await?;
+        let similarity = Some([paths.similarity, baseline]);
+        (Some(paths), similarity)
+    } else {
+        (None, None)
+    };
+    let mix = cluster.mix(data, &paths.as_ref().map(|p| p.removed_bytes.clone()).unwrap_or_default());
     let total: u64 = bytes.values().sum();
     let stats = DataPrepStats {
         output_version: OUTPUT_VERSION,
@@ -76,12 +86,12 @@ pub(super) async fn reduce(ctx: &Context, hash: &str) -> Result<StageCommit> {
             lsh_pairs_compared: cluster.lsh.compared,
             lsh_pairs_merged: cluster.lsh.merged,
             lsh_collisions_rejected: cluster.lsh.rejected,
-            semantic_removed: cluster.semantic_removed,
+            semantic_removed: paths.as_ref().map_or(0, |p| p.semantic_removed),
         },
         held_out: HeldOutStats { documents: held_out },
         mix: MixStats {
-            bytes_before_mix: cluster.bytes_before,
-            epochs: cluster.epochs,
+            bytes_before_mix: mix.bytes_before,
+            epochs: mix.epochs,
             realised_share: bytes.iter().map(|(c, b)| (c.clone(), *b as f64 / total.max(1) as f64)).collect(),
             documents,
             bytes,
@@ -89,7 +99,7 @@ pub(super) async fn reduce(ctx: &Context, hash: &str) -> Result<StageCommit> {
         train: StreamStats {
             documents: train_documents,
             shards: u64::from(data.shards),
-            adjacent_similarity: cluster.adjacent_similarity,
+            adjacent_similarity: similarity,
         },
     };
     let stats = serde_json::to_value(&stats).expect("data-prep stats serialise");

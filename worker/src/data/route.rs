@@ -29,9 +29,11 @@ use pretrain_store::{FileEntry, StageDir};
 use serde::{Deserialize, Serialize};
 
 use super::buckets::corrupt;
-use super::cluster::{CLUSTER_DIR, ClusterTask, DROP, cluster_done, difficulties};
+use super::cluster::{CLUSTER_DIR, ClusterTask, DROP, cluster_done, difficulties, shard_entries};
+use super::incontext::{Paths, in_context};
 use super::keys::KeyRecord;
 use super::plan::{Spread, StreamOrder, copies, held_out, held_out_shard, output_shard, passes_quality};
+use super::sections::{self, Sections};
 use super::stage::{DataPrepError, Result, check_task, map_dir};
 use crate::Context;
 use crate::frame::{MapDone, ScratchError, scratch};
@@ -125,6 +127,9 @@ pub(super) async fn route_task(ctx: &Context, task: u32, hash: &str) -> Result<(
         return Ok(());
     }
     let cluster = require_cluster(ctx, hash, "route tasks").await?;
+    let paths = if in_context(data) { Some(Paths::read(ctx, &cluster, hash, "route tasks").await?) } else { None };
+    let removed = paths.as_ref().map(|p| p.removed_bytes.clone()).unwrap_or_default();
+    let epochs = cluster.mix(data, &removed).epochs;
     let order = StreamOrder::new(data, ctx.run.spec.seed, &difficulties(&ctx.dir).await?);
     let tmp = tempfile::tempdir().map_err(scratch(Path::new("tempdir")))?;
     let lines_path = tmp.path().join("lines.bin");
@@ -132,6 +137,8 @@ pub(super) async fn route_task(ctx: &Context, task: u32, hash: &str) -> Result<(
     let mut router = Router {
         ctx,
         cluster: &cluster,
+        paths: paths.as_ref(),
+        epochs,
         order,
         lines_path: lines_path.clone(),
         routed: Vec::new(),
@@ -147,40 +154,19 @@ pub(super) async fn route_task(ctx: &Context, task: u32, hash: &str) -> Result<(
     let Router { mut routed, mut done, .. } = router;
     routed.sort_unstable();
     let dir_name = route_dir(task, tasks);
-    let mut writer = ctx.dir.writer(&format!("{dir_name}/docs.bin"))?;
-    let offsets = write_sections(&mut writer, &routed, &lines_path, 2 * data.shards as usize).await?;
-    writer.finish().await?;
-    let index: Vec<u8> = offsets.iter().flat_map(|o| o.to_le_bytes()).collect();
-    ctx.dir.put(&format!("{dir_name}/docs.idx"), index.into()).await?;
+    write_sections(&ctx.dir, &format!("{dir_name}/docs"), &routed, &lines_path, data.shards).await?;
     done.format = ROUTE_FORMAT;
     MapDone { config_hash: hash.into(), task: done }.write(&ctx.dir, &format!("{dir_name}/_DONE.json")).await?;
     Ok(())
 }
 
-/// Writes the routed copies (sorted) as sections, one per output shard and held-out file, each sorted
-/// by position and compressed as one zstd frame, their lines read from the scratch file `lines`;
-/// returns where each of the `sections` begins, in bytes, and (last) the file's length.
-async fn write_sections(
-    writer: &mut pretrain_store::FileWriter,
-    routed: &[Routed],
-    lines: &Path,
-    sections: usize,
-) -> Result<Vec<u64>> {
+/// Writes the routed copies (sorted) as the sections of `name`, one per output shard and held-out
+/// file, each sorted by position, their lines read from the scratch file `lines`; and the index.
+async fn write_sections(dir: &StageDir, name: &str, routed: &[Routed], lines: &Path, shards: u32) -> Result<()> {
     let file = File::open(lines).map_err(scratch(lines))?;
-    let mut offsets = vec![0u64; sections + 1];
-    let (mut current, mut written, mut record) = (None, 0u64, Vec::new());
-    let mut encoder = zstd::Encoder::new(Vec::new(), 1).map_err(scratch(lines))?;
+    let mut sections = Sections::create(dir, &format!("{name}.bin"), 2 * shards as usize)?;
+    let mut record = Vec::new();
     for r in routed {
-        if current != Some(r.section) {
-            if let Some(section) = current {
-                let frame = std::mem::replace(&mut encoder, zstd::Encoder::new(Vec::new(), 1).map_err(scratch(lines))?);
-                let rest = frame.finish().map_err(scratch(lines))?;
-                writer.write(&rest).await?;
-                written += rest.len() as u64;
-                offsets[section as usize + 1] = written;
-            }
-            current = Some(r.section);
-        }
         record.clear();
         record.extend_from_slice(&r.key.to_le_bytes());
         record.extend_from_slice(&r.doc.to_le_bytes());
@@ -189,29 +175,19 @@ async fn write_sections(
         record.extend_from_slice(&r.len.to_le_bytes());
         record.resize(HEADER + r.len as usize, 0);
         file.read_exact_at(&mut record[HEADER..], r.offset).map_err(scratch(lines))?;
-        encoder.write_all(&record).map_err(scratch(lines))?;
-        if encoder.get_ref().len() >= 1 << 20 {
-            let chunk = std::mem::take(encoder.get_mut());
-            writer.write(&chunk).await?;
-            written += chunk.len() as u64;
-        }
+        sections.push(r.section, &record).await?;
     }
-    if let Some(section) = current {
-        let rest = encoder.finish().map_err(scratch(lines))?;
-        writer.write(&rest).await?;
-        written += rest.len() as u64;
-        offsets[section as usize + 1] = written;
-    }
-    for k in 1..offsets.len() {
-        offsets[k] = offsets[k].max(offsets[k - 1]);
-    }
-    Ok(offsets)
+    sections.finish(dir, &format!("{name}.idx")).await
 }
 
 /// A route task's state: the copies routed so far (their lines in the scratch file) and the counts.
 struct Router<'a> {
     ctx: &'a Context,
     cluster: &'a ClusterTask,
+    /// In-context order's paths.
+    paths: Option<&'a Paths>,
+    /// Epochs of each category the mix takes.
+    epochs: BTreeMap<String, f64>,
     order: StreamOrder,
     /// The scratch file of the routed lines.
     lines_path: PathBuf,
@@ -274,7 +250,7 @@ impl Router<'_> {
                 self.routed.push(copy_of(shards + held_out_shard(seed, doc, shards), doc, 0));
                 continue;
             }
-            let c = copies(seed, self.cluster.epochs.get(category).copied().unwrap_or(0.0), doc);
+            let c = copies(seed, self.epochs.get(category).copied().unwrap_or(0.0), doc);
             let path = decision.map_or(0.0, f64::from_bits);
             for copy in 0..c {
                 let position = self.order.position(record, copy, c, path);
@@ -289,20 +265,17 @@ impl Router<'_> {
         Ok(())
     }
 
-    /// The cluster task's decisions for map task `shard`: `(line, value)`, sorted by line.
+    /// The decisions for map task `shard`: the cluster task's, and the order tasks' for in-context
+    /// order: `(line, value)`, sorted by line.
     async fn decisions(&self, shard: u32) -> Result<Vec<(u64, u64)>> {
         let dir = &self.ctx.dir;
-        let name = format!("{CLUSTER_DIR}/decisions.bin");
-        let (from, to) = (self.cluster.decisions[shard as usize], self.cluster.decisions[shard as usize + 1]);
-        if from == to {
-            return Ok(Vec::new());
+        let mut decisions =
+            shard_entries(dir, &format!("{CLUSTER_DIR}/decisions.bin"), &self.cluster.decisions, shard).await?;
+        if let Some(paths) = self.paths {
+            decisions.extend(paths.decisions(dir, shard).await?);
+            decisions.sort_unstable();
         }
-        let range = from * 16..to * 16;
-        let got = dir.store().get_ranges(&dir.key(&name)?, std::slice::from_ref(&range)).await?;
-        let bytes = got.first().filter(|b| b.len() as u64 == (to - from) * 16);
-        let bytes = bytes.ok_or_else(|| corrupt(dir, &name, "shorter than its index in _DONE.json"))?;
-        let word = |c: &[u8]| u64::from_le_bytes(c.try_into().expect("8 bytes"));
-        Ok(bytes.chunks_exact(16).map(|c| (word(&c[..8]) & 0xffff_ffff, word(&c[8..]))).collect())
+        Ok(decisions)
     }
 }
 
@@ -330,18 +303,8 @@ pub(super) async fn write_task(ctx: &Context, task: u32, hash: &str) -> Result<(
     let mut offsets = Vec::new();
     for r in 0..routes {
         let name = format!("{}/docs.idx", route_dir(r, routes));
-        let ranges = [
-            u64::from(mine.start) * 8..(u64::from(mine.end) + 1) * 8,
-            u64::from(shards + mine.start) * 8..(u64::from(shards + mine.end) + 1) * 8,
-        ];
-        let got = ctx.dir.store().get_ranges(&ctx.dir.key(&name)?, &ranges).await?;
-        let parse = |b: &bytes::Bytes| -> Vec<u64> {
-            b.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect()
-        };
-        let [train, held] = [&got[0], &got[1]].map(parse);
-        if train.len() != mine.len() + 1 || held.len() != mine.len() + 1 {
-            return Err(corrupt(&ctx.dir, &name, "shorter than spec.data.shards asks"));
-        }
+        let train = sections::ranges(&ctx.dir, &name, mine.clone()).await?;
+        let held = sections::ranges(&ctx.dir, &name, shards + mine.start..shards + mine.end).await?;
         offsets.push((train, held));
     }
     let tmp = tempfile::tempdir().map_err(scratch(Path::new("tempdir")))?;
@@ -350,7 +313,7 @@ pub(super) async fn write_task(ctx: &Context, task: u32, hash: &str) -> Result<(
     let mut progress = Progress::new(format!("data-prep write {task}"), "documents", None);
     for (i, k) in mine.enumerate() {
         let sections = |held: bool| -> Vec<Range<u64>> {
-            offsets.iter().map(|(t, h)| if held { h[i]..h[i + 1] } else { t[i]..t[i + 1] }).collect()
+            offsets.iter().map(|(t, h)| if held { h[i].clone() } else { t[i].clone() }).collect()
         };
         let parts = download_sections(&ctx.dir, routes, &sections(false), tmp.path()).await?;
         let name = format!("shards/{k:05}.jsonl.zst");

@@ -9,8 +9,9 @@
 //!   (`signatures.bin`, fixed-size, in the same order), LSH band buckets (`bands.bin`: band key and
 //!   document, sorted), topic terms for in-context ordering (`terms.bin`), and its statistics
 //!   (`_DONE.json`, written last).
-//! - `dedup/`, `cluster/`, `route/`, `write/`: the later phases' outputs (`buckets.rs`, `cluster.rs`,
-//!   `route.rs`).
+//!   For in-context order also the feature counts (`df.bin`) and a sample (`sample.bin`).
+//! - `dedup/`, `cluster/`, `embed/`, `order/`, `route/`, `write/`: the later phases' outputs
+//!   (`buckets.rs`, `cluster.rs`, `incontext.rs`, `route.rs`).
 //! - `shards/NNNNN.jsonl.zst`, `heldout/NNNNN.jsonl.zst`: the training stream and the held-out split;
 //!   each line is `{id, text, source, category, url?, title?}`.
 //!
@@ -33,6 +34,7 @@ use super::buckets::{dedup_task, pack};
 use super::cluster::cluster_task;
 use super::dedup::{MinHasher, exact_key};
 use super::filters::{Verdict, apply};
+use super::incontext::{Sketch, embed_task, in_context, order_task};
 use super::keys::{KeyRecord, write_terms};
 use super::order::top_terms;
 use super::quality::ScoreHistogram;
@@ -183,8 +185,9 @@ pub(super) struct MapTask {
 /// The map files' layout: 2 moved signatures out of `keys.bin` and added `bands.bin`; 3 put each
 /// document's location in the band entries, indexed them by slice (`bands.idx`) and added the
 /// exact-hash index (`exact.bin`, `exact.idx`) and the score histogram (`scores.bin`); 4 writes an
-/// exact-hash entry for every document (exact dedup on or off), with its source, size and score.
-const MAP_FORMAT: u32 = 4;
+/// exact-hash entry for every document (exact dedup on or off), with its source, size and score; 5
+/// adds in-context order's feature counts (`df.bin`) and sample (`sample.bin`).
+const MAP_FORMAT: u32 = 5;
 
 pub(super) fn map_dir(shard: u32, shards: u32) -> String {
     format!("map/{shard:05}-of-{shards:05}")
@@ -225,6 +228,14 @@ pub async fn run(ctx: &Context, phase: Phase) -> Result<Option<StageCommit>> {
             cluster_task(ctx, &hash).await?;
             Ok(None)
         }
+        Phase::Embed(task) => {
+            embed_task(ctx, task, &hash).await?;
+            Ok(None)
+        }
+        Phase::Order(task) => {
+            order_task(ctx, task, &hash).await?;
+            Ok(None)
+        }
         Phase::Route(task) => {
             route_task(ctx, task, &hash).await?;
             Ok(None)
@@ -242,6 +253,14 @@ pub async fn run(ctx: &Context, phase: Phase) -> Result<Option<StageCommit>> {
                 dedup_task(ctx, task, &hash).await?;
             }
             cluster_task(ctx, &hash).await?;
+            if in_context(data) {
+                for task in 0..data.embed_tasks() {
+                    embed_task(ctx, task, &hash).await?;
+                }
+                for task in 0..data.order_tasks() {
+                    order_task(ctx, task, &hash).await?;
+                }
+            }
             for task in 0..data.route_tasks() {
                 route_task(ctx, task, &hash).await?;
             }
@@ -296,7 +315,7 @@ async fn map_shard(ctx: &Context, shard: u32, hash: &str) -> Result<()> {
     Ok(())
 }
 
-const MAP_FILES: [&str; 9] = [
+const MAP_FILES: [&str; 11] = [
     "docs.jsonl.zst",
     "keys.bin",
     "signatures.bin",
@@ -306,6 +325,8 @@ const MAP_FILES: [&str; 9] = [
     "exact.idx",
     "scores.bin",
     "terms.bin",
+    "df.bin",
+    "sample.bin",
 ];
 
 /// A map task's outputs, written as documents are kept: `docs.jsonl.zst`, their key records, MinHash
@@ -323,8 +344,9 @@ struct MapWriter {
     exact: ExternalSorter<6>,
     scores: ScoreHistogram,
     terms: BufWriter<File>,
+    /// In-context order's feature counts and sample.
+    sketch: Option<Sketch>,
     minhash: Option<MinHasher>,
-    in_context: bool,
     shard: u32,
     written: u64,
 }
@@ -347,7 +369,7 @@ impl MapWriter {
             scores: ScoreHistogram::default(),
             terms: create("terms.bin")?,
             minhash: hasher(data, seed),
-            in_context: data.order.strategy == OrderStrategy::InContext,
+            sketch: in_context(data).then(|| Sketch::new(data, seed)),
             shard,
             written: 0,
         })
@@ -369,8 +391,10 @@ impl MapWriter {
         self.exact.push([(hash >> 64) as u64, hash as u64, record.doc(), location, packed, score])?;
         self.scores.add(record.source, record.score);
         self.written += 1;
-        if self.in_context {
-            write_terms(&mut self.terms, &top_terms(&line.text))?;
+        if let Some(sketch) = &mut self.sketch {
+            let terms = top_terms(&line.text);
+            write_terms(&mut self.terms, &terms)?;
+            sketch.add(record, &terms);
         }
         Ok(())
     }
@@ -392,6 +416,7 @@ impl MapWriter {
         }
         let scores = path("scores.bin");
         std::fs::write(&scores, self.scores.to_bytes()).map_err(scratch(&scores))?;
+        Sketch::finish(self.sketch.as_ref(), &self.out).map_err(scratch(&path("df.bin")))?;
         let mut terms = self.terms;
         terms.flush().map_err(scratch(&path("terms.bin")))
     }

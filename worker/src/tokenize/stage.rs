@@ -202,7 +202,7 @@ pub async fn run(ctx: &Context, phase: Phase) -> Result<Option<StageCommit>> {
             Ok(None)
         }
         Phase::Reduce => reduce(ctx, &upstream, &hash, tok).await.map(Some),
-        Phase::Dedup(_) | Phase::Cluster | Phase::Route(_) | Phase::Write(_) => {
+        Phase::Dedup(_) | Phase::Cluster | Phase::Embed(_) | Phase::Order(_) | Phase::Route(_) | Phase::Write(_) => {
             Err(TokenizeError::Invalid(format!("tokenize has no {} phase; run map or reduce", phase.name())))
         }
         Phase::All => {
