@@ -6,6 +6,12 @@
 # count T given. Rule filters and the quality cut are off, so dedup alone removes documents.
 #
 #   scripts/bench-data-prep-scale.sh [N] [TASKS...]     (default: 2000000, then 1 8)
+#   PRETRAIN_BENCH_ORDER=in-context scripts/bench-data-prep-scale.sh [N] [TASKS...]
+#
+# With PRETRAIN_BENCH_ORDER=in-context the stream is ordered in context, in partitions of
+# PRETRAIN_BENCH_PARTITION (default 250000) documents: T embed and T order tasks run between the
+# cluster and route tasks (the corpus has no topics, so this measures cost, not order quality:
+# `bench-order` measures that).
 #
 # Prints each task's peak memory (RSS) and time, each phase's wall time (two tasks at a time on
 # this machine's two cores), dedup recall and precision against the plant, and whether the outputs
@@ -30,6 +36,12 @@ fi
 cargo build --quiet --release -p pretrain-worker --bin pretrain-worker
 worker=$PWD/target/release/pretrain-worker
 stage=$work/store/scale/data-prep
+order_spec=""
+in_context=false
+if [ "${PRETRAIN_BENCH_ORDER:-shuffle}" = in-context ]; then
+    in_context=true
+    order_spec="order: {strategy: in-context, partitionDocuments: ${PRETRAIN_BENCH_PARTITION:-250000}}"
+fi
 
 # One task under /usr/bin/time: appends "phase task peak-KiB seconds" to the log.
 task() {
@@ -68,26 +80,47 @@ spec:
     filters: {gopherQuality: {enabled: false}, gopherRepetition: {enabled: false}, c4: {enabled: false}, fineweb: {enabled: false}, language: {enabled: false}}
     heldOutFraction: 0.001
     shards: 8
-    tasks: {dedup: $tasks, route: $shared, write: $shared}
+    tasks: {dedup: $tasks, route: $shared, order: $shared, write: $shared}
+    $order_spec
   model: {preset: tiny}
   train: {seqLen: 64, tokens: 100000, globalBatchTokens: 1024, microBatchSize: 16, schedule: {warmupSteps: 1}, resources: {gpusPerNode: 0}}
 EOF
     # Each count redoes every phase after the map; the map outputs stay.
-    rm -rf "$stage/_SUCCESS.json" "$stage/dedup" "$stage/cluster" "$stage/route" "$stage/write" \
+    rm -rf "$stage/_SUCCESS.json" "$stage/dedup" "$stage/cluster" "$stage/embed" "$stage/order" \
+        "$stage/route" "$stage/write" \
         "$stage/shards" "$stage/heldout"
     export log=$work/tasks-$tasks.log
     : > "$log"
     map_s=$(phase map 8 "$manifest")
     dedup_s=$(phase dedup "$tasks" "$manifest")
     cluster_s=$(phase cluster 1 "$manifest")
+    ordered=""
+    if $in_context; then
+        embed_s=$(phase embed "$shared" "$manifest")
+        order_s=$(phase order "$shared" "$manifest")
+        ordered=" embed ${embed_s} s, order ${order_s} s,"
+    fi
     route_s=$(phase route "$shared" "$manifest")
     write_s=$(phase write "$shared" "$manifest")
     reduce_s=$(phase reduce 1 "$manifest")
     echo "== $tasks dedup, $shared route and write tasks: map ${map_s} s (its outputs reused after the first count)," \
-        "dedup ${dedup_s} s, cluster ${cluster_s} s, route ${route_s} s, write ${write_s} s, reduce ${reduce_s} s"
+        "dedup ${dedup_s} s, cluster ${cluster_s} s,${ordered} route ${route_s} s, write ${write_s} s, reduce ${reduce_s} s"
     echo "   phase task peak-KiB seconds:"
     sort -k1,1 -k2,2n "$log" | sed 's/^/    /'
     awk '{if ($3 > m[$1]) m[$1] = $3} END {for (p in m) printf "   largest %s task: %.0f MiB\n", p, m[p] / 1024}' "$log"
+    if $in_context; then
+        python3 - "$stage" <<'PY'
+import glob, json, sys
+stage = sys.argv[1]
+parts = [p for f in sorted(glob.glob(f"{stage}/order/*/_DONE.json")) for p in json.load(open(f))["partitions"]]
+sizes = [p["documents"] for p in parts]
+stats = json.load(open(f"{stage}/_SUCCESS.json"))["stats"]
+print(f"   {len(parts)} partitions: largest {max(sizes)}, mean {sum(sizes) / len(sizes):.0f} documents on the path;"
+      f" {stats['dedup']['semanticRemoved']} semantic duplicates;"
+      f" adjacent similarity {stats['train']['adjacentSimilarity'][0]:.3f} on the paths,"
+      f" {stats['train']['adjacentSimilarity'][1]:.3f} for two random documents")
+PY
+    fi
     (cd "$stage" && sha256sum shards/* heldout/*) > "$work/sums-$tasks.txt"
     "$py" scripts/web_corpus.py score "$work/corpus" "$stage"
 done

@@ -8,7 +8,7 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use pretrain_crd::Stage;
 use pretrain_operator::k8s::render::{Object, RunObjects, job_name, object_name, to_yaml_stream};
-use pretrain_operator::plan::Role;
+use pretrain_operator::plan::{Role, layout};
 use serde_json::Value;
 
 fn fixture(name: &str) -> pretrain_crd::PretrainRun {
@@ -156,6 +156,33 @@ fn dedup_route_and_write_tasks_are_indexed_jobs_retried_by_index() {
     assert_eq!(cluster["spec"]["backoffLimit"], 0);
     let args = &cluster["spec"]["template"]["spec"]["containers"][0]["args"];
     assert_eq!(*args, serde_json::json!(["data-prep", "--spec", "/etc/pretrain/run.yaml", "--phase", "cluster"]));
+}
+
+/// In-context order adds as many embed tasks as route tasks and `data.tasks.order` order tasks,
+/// indexed like the others, between the cluster task and the route tasks.
+#[test]
+fn in_context_order_adds_embed_and_order_tasks() {
+    let mut run = fixture("gpu-gang.yaml");
+    run.spec.data.order.strategy = pretrain_crd::spec::OrderStrategy::InContext;
+    run.spec.data.tasks.order = Some(3);
+    run.spec.data.tasks.route = Some(5);
+    let roles = Role::of(layout(&run.spec, Stage::DataPrep));
+    let names: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
+    assert_eq!(names, ["map", "dedup", "cluster", "embed", "order", "route", "write", "reduce"]);
+    let objects = RunObjects::new(&run).unwrap();
+    for (role, count) in [(Role::Embed, 5), (Role::Order, 3), (Role::Route, 5)] {
+        let job = serde_json::to_value(objects.job(Stage::DataPrep, role, 1)).unwrap();
+        check::<Job>(&job);
+        assert_eq!(job["spec"]["completions"], count, "{role:?}");
+        assert_eq!(job["spec"]["completionMode"], "Indexed");
+        assert_eq!(job["spec"]["backoffLimitPerIndex"], 3);
+        let args = &job["spec"]["template"]["spec"]["containers"][0]["args"];
+        let phase = role.as_str();
+        assert_eq!(*args, serde_json::json!(["data-prep", "--spec", "/etc/pretrain/run.yaml", "--phase", phase]));
+    }
+    // The other orders have neither.
+    run.spec.data.order.strategy = pretrain_crd::spec::OrderStrategy::Shuffle;
+    assert!(!Role::of(layout(&run.spec, Stage::DataPrep)).contains(&Role::Embed));
 }
 
 #[test]

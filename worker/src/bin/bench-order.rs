@@ -2,7 +2,15 @@
 //! traversal, on a synthetic corpus of N documents or on a real crawl.
 //!
 //!     cargo run --release -p pretrain-worker --bin bench-order -- synthetic 1000000
+//!     cargo run --release -p pretrain-worker --bin bench-order -- synthetic 1000000 250000
 //!     cargo run --release -p pretrain-worker --bin bench-order -- warc CRAWL.warc.gz
+//!
+//! With a third argument, the plan is split as data-prep's order tasks split it at scale
+//! (`order.partitionDocuments`): a sample of 32 documents a partition (by a hash of each document),
+//! spherical k-means into `N / partitionDocuments` centroids ordered along a path, each document to
+//! its nearest centroid, each partition planned alone and the paths joined. That row prints the
+//! partitions' count and largest size, the time to cluster and assign, the summed time to plan the
+//! partitions, and the same quality measures, against the first row's single plan.
 //!
 //! The synthetic corpus: N documents of 150-450 words, each on one of N/40 topics. A topic has 120
 //! words of its own, anywhere in a vocabulary of a million words, used with Zipf-distributed
@@ -16,7 +24,9 @@ use std::time::Instant;
 
 use pretrain_crd::seeded::{shuffle, splitmix};
 use pretrain_crd::spec::{Extract, SourceFormat};
-use pretrain_worker::data::order::{Graph, adjacent_similarity, embed, top_terms};
+use pretrain_worker::data::order::{
+    DIMS, Graph, adjacent_similarity, centroid_path, embed, kmeans, nearest, plan, top_terms,
+};
 use pretrain_worker::data::reader::{Item, ReadOptions, read_file};
 use rayon::prelude::*;
 
@@ -31,6 +41,10 @@ fn main() {
     let prepare = started.elapsed().as_secs_f64();
     let n = terms.len();
     let included = vec![true; n];
+    if let Some(size) = args.get(3) {
+        partitioned(&terms, &topics, size.parse().expect("partitionDocuments is a count"));
+        return;
+    }
 
     let t = Instant::now();
     let embeddings = embed(&terms, &included);
@@ -66,6 +80,49 @@ fn main() {
         total / n_log_n * 1e9
     );
     eprintln!("prepared the corpus in {prepare:.1} s");
+}
+
+/// The plan split into partitions of about `size` documents, as data-prep's order tasks split it.
+fn partitioned(terms: &[Vec<(u32, u16)>], topics: &[u32], size: usize) {
+    let n = terms.len();
+    let t = Instant::now();
+    let embeddings = embed(terms, &vec![true; n]);
+    let embed_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let hash = |i: usize| splitmix(&mut (i as u64 ^ 0x5a4d));
+    let bound = (32.0 / size as f64).min(1.0) * u64::MAX as f64;
+    let mut sample: Vec<usize> = (0..n).filter(|&i| (hash(i) as f64) <= bound).collect();
+    sample.sort_by_key(|&i| (hash(i), i));
+    let k = n.div_ceil(size).min(sample.len()).max(1);
+    let vectors: Vec<f32> = sample.iter().flat_map(|&i| embeddings[i * DIMS..(i + 1) * DIMS].to_vec()).collect();
+    let centroids = kmeans(&vectors, k, 10);
+    let centroids: Vec<f32> =
+        centroid_path(&centroids).into_iter().flat_map(|c| centroids[c * DIMS..(c + 1) * DIMS].to_vec()).collect();
+    let assigned: Vec<usize> = embeddings.par_chunks_exact(DIMS).map(|v| nearest(v, &centroids)).collect();
+    let mut members = vec![Vec::new(); k];
+    assigned.iter().enumerate().for_each(|(i, &p)| members[p].push(i));
+    let cluster_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let (mut path, mut dropped) = (Vec::new(), 0);
+    for m in &members {
+        let part: Vec<f32> = m.iter().flat_map(|&i| embeddings[i * DIMS..(i + 1) * DIMS].to_vec()).collect();
+        let p = plan(&part, 1, 0.95);
+        dropped += p.dropped.iter().filter(|d| **d).count();
+        path.extend(p.path.iter().map(|&j| m[j]));
+    }
+    let plan_s = t.elapsed().as_secs_f64();
+    let mut random = path.clone();
+    shuffle(&mut random, &mut 7u64);
+    let (ours, baseline) = (adjacent_similarity(&embeddings, &path), adjacent_similarity(&embeddings, &random));
+    let same = |p: &[usize]| {
+        p.windows(2).filter(|w| topics[w[0]] == topics[w[1]]).count() as f64 / p.len().saturating_sub(1) as f64
+    };
+    let largest = members.iter().map(Vec::len).max().unwrap_or(0);
+    println!(
+        "| {n} | {k} of up to {size} (largest {largest}) | {embed_s:.1} s | {cluster_s:.1} s | {plan_s:.1} s | {ours:.3} / {baseline:.3} | {:.3} / {:.4} | {dropped} |",
+        same(&path),
+        same(&random)
+    );
 }
 
 /// Documents' top terms and topics of the synthetic corpus.

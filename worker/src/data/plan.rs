@@ -15,17 +15,6 @@ use xxhash_rust::xxh3::xxh3_64_with_seed;
 use super::keys::KeyRecord;
 use super::quality::ScoreHistogram;
 
-/// A document the map phase kept: its key record, and where its map shard left it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct DocRef {
-    /// The map shard that holds it.
-    pub shard: u32,
-    /// Its line in that shard's `docs.jsonl.zst`.
-    pub pos: usize,
-    /// Its key record.
-    pub key: KeyRecord,
-}
-
 /// The quality threshold of each scored category under `data.quality`: the fixed threshold, or
 /// the floor of each category's top fraction in the map tasks' summed score histograms. Empty when
 /// no classifier runs.
@@ -329,6 +318,14 @@ mod tests {
         assert!((generous["web"] - 1.0).abs() < 1e-9 && (generous["code"] - 9.0).abs() < 1e-9);
     }
 
+    /// A document the map phase kept: its key record, and where its map shard left it.
+    #[derive(Debug, Clone, PartialEq)]
+    struct DocRef {
+        shard: u32,
+        pos: usize,
+        key: KeyRecord,
+    }
+
     fn data(yaml: &str) -> Data {
         let base = "sources:\n  - {name: web, url: /in/web.jsonl}\n  - {name: code, url: /in/code.jsonl}\n";
         serde_yaml::from_str(&format!("{base}{yaml}")).unwrap()
@@ -423,8 +420,12 @@ mod tests {
             let d = data(&format!("order: {{strategy: {strategy}}}\n"));
             let all = docs(300, 2);
             // Related documents in pairs, so the in-context walk wants to put copies together.
-            let terms: Vec<Vec<(u32, u16)>> = all.iter().map(|x| vec![(x.key.seq / 2, 3), (9999, 1)]).collect();
-            let path = super::super::order::plan(&terms, &vec![true; all.len()], 5, 1.1).position;
+            // (Terms are hashes, spread over the features.)
+            let terms: Vec<Vec<(u32, u16)>> =
+                all.iter().map(|x| vec![((x.key.seq / 2).wrapping_mul(0x9e37_79b9), 3), (u32::MAX, 1)]).collect();
+            let walk = super::super::order::plan(&super::super::order::embed(&terms, &vec![true; all.len()]), 5, 1.1).path;
+            let mut path = vec![0.0; all.len()];
+            walk.iter().enumerate().for_each(|(rank, &i)| path[i] = rank as f64 / walk.len() as f64);
             for shards in [1, 3] {
                 let s = stream(&d, &all, 2.5, &path, shards);
                 let total: u32 = all.iter().map(|x| copies(5, 2.5, x.key.doc())).sum();
