@@ -249,7 +249,11 @@ async fn in_context_order_puts_related_documents_side_by_side() {
     // One traversal walks each topic through before it jumps, so all but a few of the 47 pairs of
     // neighbours share a topic; a random order would put about 1 in 8 (6 of 47) on the same topic.
     let same = same_topic(&stream);
-    assert!(same >= 36, "{same} of 47 neighbours share a topic: {:?}", stream.iter().map(|d| &d.id).collect::<Vec<_>>());
+    assert!(
+        same >= 36,
+        "{same} of 47 neighbours share a topic: {:?}",
+        stream.iter().map(|d| &d.id).collect::<Vec<_>>()
+    );
     let similarity = &stats["train"]["adjacentSimilarity"];
     assert!(
         similarity[0].as_f64().unwrap() > similarity[1].as_f64().unwrap() + 0.2,

@@ -92,7 +92,7 @@ pub struct Tasks {
     #[schemars(range(min = 1, max = 10000))]
     pub write: Option<u32>,
     /// Order tasks (in-context order only): each plans a contiguous share of the partitions
-    /// (`order.partitionDocuments`), one at a time: memory about 1 KB a document of the largest
+    /// (`order.partitionDocuments`), one at a time: memory about 1.1 KB a document of the largest
     /// partition. Default: `shards`.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 10000))]
@@ -294,9 +294,10 @@ pub struct Order {
     pub semantic_dedup: f64,
     /// In-context order: documents per partition. The documents are split by topic (k-means on a
     /// sample of their embeddings) into about `documents / partitionDocuments` partitions, each
-    /// planned alone by an order task, which holds it in memory (about 1 KB a document) and walks
-    /// it; the partitions follow each other along a path through their centroids. One partition
-    /// walks the whole corpus at once.
+    /// planned alone by an order task, which holds it in memory (about 1.1 KB a document) and
+    /// walks it; the partitions follow each other along a path through their centroids. k-means
+    /// follows the topics, so a partition can hold up to about twice this. One partition walks the
+    /// whole corpus at once.
     #[schemars(range(min = 2))]
     pub partition_documents: u64,
 }
@@ -403,7 +404,11 @@ impl Data {
             );
         }
         if let Some(n) = self.tasks.order {
-            e.check((1..=10_000).contains(&n), "spec.data.tasks.order", format!("must be between 1 and 10000, got {n}"));
+            e.check(
+                (1..=10_000).contains(&n),
+                "spec.data.tasks.order",
+                format!("must be between 1 and 10000, got {n}"),
+            );
         }
         e.check(
             self.order.partition_documents >= 2,

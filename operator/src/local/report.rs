@@ -209,10 +209,10 @@ fn data_section(md: &mut String, s: &DataPrepStats) {
             c.auc
         );
     }
-    if let Some([path, input]) = s.train.adjacent_similarity {
+    if let Some([path, random]) = s.train.adjacent_similarity {
         let _ = writeln!(
             md,
-            "\nIn-context order: consecutive documents at a mean cosine similarity of {path:.3} on the path ({input:.3} in input order); {} dropped as near-identical neighbours.",
+            "\nIn-context order: consecutive documents at a mean cosine similarity of {path:.3} on the path ({random:.3} for two random documents); {} dropped as near-identical neighbours.",
             s.dedup.semantic_removed
         );
     }
@@ -367,6 +367,9 @@ mod tests {
             md.contains("Quality classifier (bert-head), trained on 80 labelled documents and measured on 22 held out (10 good): precision 0.900, recall 0.800, F1 0.847 at score 0.5, AUC 0.950."),
             "{md}"
         );
-        assert!(md.contains("mean cosine similarity of 0.470 on the path (0.010 in input order); 3 dropped"), "{md}");
+        assert!(
+            md.contains("mean cosine similarity of 0.470 on the path (0.010 for two random documents); 3 dropped"),
+            "{md}"
+        );
     }
 }

@@ -271,7 +271,10 @@ mod tests {
             Action::Run {
                 stage: Stage::DataPrep,
                 attempt: 1,
-                layout: Layout::Sharded { shards: 8, after_map: Some(DataTasks { dedup: 8, order: None, route: 8, write: 8 }) }
+                layout: Layout::Sharded {
+                    shards: 8,
+                    after_map: Some(DataTasks { dedup: 8, order: None, route: 8, write: 8 })
+                }
             }
         );
         let done = observed(&[(Stage::DataPrep, Observed::Committed), (Stage::Tokenize, Observed::Committed)]);

@@ -195,8 +195,9 @@ pub struct StreamStats {
     pub documents: u64,
     /// Output shards.
     pub shards: u64,
-    /// In-context order: the mean cosine similarity of consecutive documents on its path, and in
-    /// canonical order (the baseline), over the document embeddings.
+    /// In-context order: the mean cosine similarity of consecutive documents on its paths (within
+    /// each partition), and of two random documents of them (the baseline), over the document
+    /// embeddings.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub adjacent_similarity: Option<[f64; 2]>,
 }

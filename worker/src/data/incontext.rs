@@ -6,30 +6,33 @@
 //!   partition, so the sample is the same for any number of map tasks): `sample.bin`.
 //! - **Dedup task `t`**: sums slice `t` of every map task's counts ([`sum_df`]).
 //! - **Cluster task**: the IDF from the summed counts (`cluster/idf.bin`), and the partitions
-//!   ([`partition`]): the sample's surviving documents embedded, spherical k-means into about
-//!   `documents / order.partitionDocuments` centroids, ordered along a path
-//!   (`cluster/centroids.bin`).
+//!   ([`partition`]): the sample's surviving documents embedded, centred on their mean, spherical
+//!   k-means into about `documents / order.partitionDocuments` centroids, ordered along a path
+//!   (`cluster/centroids.bin`: the mean, then the centroids).
 //! - **Embed task `e` of `E`** (as many as route tasks, owning the same map tasks): embeds each
-//!   surviving document of its map tasks, sends it to its nearest centroid's partition, and writes
+//!   surviving document of its map tasks, sends it to its nearest centroid's partition (after
+//!   centring), and writes
 //!   one file of sections, one per partition, each sorted by document
 //!   (`embed/<e>-of-<E>/vectors.bin`, `vectors.idx`). Memory 24 bytes a document; local disk 540.
 //! - **Order task `o` of `O`**: plans its share of the partitions one at a time: reads the
 //!   partition's section of every embed file, builds its neighbour graph, drops its semantic
 //!   duplicates and walks it (`order::plan`); writes each document's decision, sorted by location
 //!   (`order/<o>-of-<O>/positions.bin`: [`DROP`], or the partition and the document's rank on its
-//!   path), and each partition's length. Memory about 1 KB a document of one partition.
+//!   path), and each partition's length. Memory about 1.1 KB a document of one partition.
 //! - **Route tasks** read the decisions of their map tasks from every order task ([`Paths`]) and
 //!   place each document at `(documents on earlier partitions + rank) / documents on all`.
 //!
 //! Every number is a function of the documents, the seed and the spec: the same bytes for any
 //! number of map, dedup, embed, order and route tasks.
 
-use std::collections::{BTreeMap, HashMap};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::{BufReader, BufWriter, Read, Write};
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
+use futures::{StreamExt, TryStreamExt, stream};
 use pretrain_crd::spec::{Data, OrderStrategy};
 use pretrain_store::StageDir;
 use serde::{Deserialize, Serialize};
@@ -38,7 +41,7 @@ use xxhash_rust::xxh3::xxh3_64_with_seed;
 use super::buckets::{corrupt, dedup_dir};
 use super::cluster::{ClusterTask, DROP, per_shard, shard_entries};
 use super::keys::{KeyRecord, parse_terms};
-use super::order::{self, DIMS, FEATURES, Idf, centroid_path, embed_document, features, floats, kmeans, nearest};
+use super::order::{self, DIMS, FEATURES, Idf, Partitions, embed_document, features, floats};
 use super::plan::{held_out, passes_quality};
 use super::route::{require_cluster, share};
 use super::runs::ExternalSorter;
@@ -50,6 +53,9 @@ use crate::progress::Progress;
 
 /// Sampled documents a partition, for its centroid.
 pub const SAMPLE_PER_PARTITION: u64 = 32;
+
+/// Ranged reads a route task has in flight, one per order task.
+const READS: usize = 16;
 
 /// Lloyd iterations of the partitions' k-means.
 const KMEANS_ITERATIONS: usize = 10;
@@ -187,10 +193,7 @@ impl Sample {
             let sample =
                 parse_sample(&ctx.dir.get(&name).await?).ok_or_else(|| corrupt(&ctx.dir, &name, "truncated"))?;
             docs.extend(
-                sample
-                    .into_iter()
-                    .filter(|s| passes_quality(data, thresholds, s.source, s.score))
-                    .map(|s| (s.doc, s)),
+                sample.into_iter().filter(|s| passes_quality(data, thresholds, s.source, s.score)).map(|s| (s.doc, s)),
             );
         }
         Ok(Self(docs))
@@ -237,17 +240,12 @@ pub(super) async fn partition(ctx: &Context, sample: Sample, documents: u64, pat
             for (v, s) in vectors.chunks_exact_mut(DIMS).zip(&sampled) {
                 embed_document(&s.terms, &idf, v);
             }
-            let centroids = kmeans(&vectors, partitions, KMEANS_ITERATIONS);
-            centroid_path(&centroids)
-                .into_iter()
-                .flat_map(|c| centroids[c * DIMS..(c + 1) * DIMS].to_vec())
-                .collect::<Vec<f32>>()
+            Partitions::fit(&vectors, partitions, KMEANS_ITERATIONS).to_bytes()
         })
         .await
         .expect("k-means does not panic")
     };
-    let bytes: Vec<u8> = centroids.iter().flat_map(|x| x.to_le_bytes()).collect();
-    ctx.dir.put("cluster/centroids.bin", bytes.into()).await?;
+    ctx.dir.put("cluster/centroids.bin", centroids.into()).await?;
     Ok(partitions as u32)
 }
 
@@ -269,6 +267,8 @@ pub(super) struct EmbedTask {
     documents: u64,
     /// The sum of their embeddings, in fixed point ([`FIXED`] to 1).
     sum: Vec<i64>,
+    /// Documents sent to each partition.
+    partitions: Vec<u64>,
 }
 
 /// One partition's path (in an order task's `_DONE.json`).
@@ -320,16 +320,25 @@ pub(super) async fn embed_task(ctx: &Context, task: u32, hash: &str) -> Result<(
     let cluster = require_cluster(ctx, hash, "embed tasks").await?;
     let idf = Idf::parse(&ctx.dir.get("cluster/idf.bin").await?)
         .ok_or_else(|| corrupt(&ctx.dir, "cluster/idf.bin", "not a weight for every feature"))?;
-    let centroids = floats(&ctx.dir.get("cluster/centroids.bin").await?);
-    if centroids.len() != if cluster.partitions > 1 { cluster.partitions as usize * DIMS } else { 0 } {
-        return Err(corrupt(&ctx.dir, "cluster/centroids.bin", "not a centroid for every partition"));
-    }
+    let bytes = ctx.dir.get("cluster/centroids.bin").await?;
+    let partitions = match cluster.partitions {
+        0 | 1 if bytes.is_empty() => None,
+        k => Some(
+            Partitions::parse(&bytes, k as usize)
+                .ok_or_else(|| corrupt(&ctx.dir, "cluster/centroids.bin", "not a centroid for every partition"))?,
+        ),
+    };
     let tmp = tempfile::tempdir().map_err(scratch(Path::new("tempdir")))?;
     let records_path = tmp.path().join("records.bin");
     let mut records = BufWriter::new(File::create(&records_path).map_err(scratch(&records_path))?);
     // (partition, document, record number): the records sorted into sections.
     let mut index: Vec<(u32, u64, u64)> = Vec::new();
-    let mut done = EmbedTask { format: FORMAT, documents: 0, sum: vec![0; DIMS] };
+    let mut done = EmbedTask {
+        format: FORMAT,
+        documents: 0,
+        sum: vec![0; DIMS],
+        partitions: vec![0; cluster.partitions as usize],
+    };
     let mut progress = Progress::new(format!("data-prep embed {task}"), "documents", None);
     let (mut v, mut record) = (vec![0f32; DIMS], Vec::with_capacity(RECORD));
     for shard in share(task, tasks, data.shards) {
@@ -348,7 +357,7 @@ pub(super) async fn embed_task(ctx: &Context, task: u32, hash: &str) -> Result<(
                 continue;
             }
             embed_document(terms, &idf, &mut v);
-            let partition = if centroids.is_empty() { 0 } else { nearest(&v, &centroids) as u32 };
+            let partition = partitions.as_ref().map_or(0, |p| p.assign(&v) as u32);
             record.clear();
             record.extend_from_slice(&key.doc().to_le_bytes());
             record.extend_from_slice(&(u64::from(shard) << 32 | line as u64).to_le_bytes());
@@ -359,6 +368,7 @@ pub(super) async fn embed_task(ctx: &Context, task: u32, hash: &str) -> Result<(
                 *s += (f64::from(*x) * FIXED).round() as i64;
             }
             index.push((partition, key.doc(), done.documents));
+            done.partitions[partition as usize] += 1;
             done.documents += 1;
             progress.update(done.documents, String::new);
         }
@@ -412,7 +422,7 @@ pub(super) async fn order_task(ctx: &Context, task: u32, hash: &str) -> Result<(
         return Ok(());
     }
     let cluster = require_cluster(ctx, hash, "order tasks").await?;
-    let embeds = embeds_done(ctx, hash, "order tasks").await?.len() as u32;
+    let embeds = embeds_done(ctx, hash, "order tasks").await?;
     let (seed, threshold) = (ctx.run.spec.seed, data.order.semantic_dedup as f32);
     let tmp = tempfile::tempdir().map_err(scratch(Path::new("tempdir")))?;
     let runs = tmp.path().join("position-runs");
@@ -420,19 +430,15 @@ pub(super) async fn order_task(ctx: &Context, task: u32, hash: &str) -> Result<(
     let mut done = OrderTask { format: FORMAT, ..OrderTask::default() };
     let mut progress = Progress::new(format!("data-prep order {task}"), "partitions", None);
     for partition in share(task, tasks, cluster.partitions) {
-        let mut records = Vec::new();
-        for e in 0..embeds {
-            let dir = embed_dir(e, embeds);
-            let (name, index) = (format!("{dir}/vectors.bin"), format!("{dir}/vectors.idx"));
-            let section = sections::read(&ctx.dir, &name, &index, partition).await?;
-            if section.len() % RECORD != 0 {
-                return Err(corrupt(&ctx.dir, &name, "a section is not a whole number of records"));
-            }
-            records.extend(section.chunks_exact(RECORD).map(<[u8]>::to_vec));
+        let documents: u64 = embeds.iter().map(|e| e.partitions.get(partition as usize).copied().unwrap_or(0)).sum();
+        let (records, embeddings) =
+            read_partition(ctx, embeds.len() as u32, (partition, documents), tmp.path()).await?;
+        if records.len() as u64 != documents {
+            return Err(DataPrepError::Invalid(format!(
+                "partition {partition} holds {} documents, but the embed tasks sent it {documents}; delete the data-prep embed/ folder and run the embed tasks again",
+                records.len()
+            )));
         }
-        // Canonical order within the partition, whichever embed task sent each document.
-        records.sort_unstable_by_key(|r| word(r, 0));
-        let embeddings: Vec<f32> = records.iter().flat_map(|r| floats(&r[24..])).collect();
         let plan = tokio::task::spawn_blocking(move || order::plan(&embeddings, seed, threshold))
             .await
             .expect("the in-context plan does not panic");
@@ -440,9 +446,8 @@ pub(super) async fn order_task(ctx: &Context, task: u32, hash: &str) -> Result<(
         for (rank, &i) in plan.path.iter().enumerate() {
             decision[i] = u64::from(partition) << 32 | rank as u64;
         }
-        for (r, value) in records.iter().zip(decision) {
-            positions.push([word(r, 8), value]).map_err(scratch(&runs))?;
-            let (doc, packed) = (word(r, 0), word(r, 16));
+        for (&[doc, location, packed], value) in records.iter().zip(decision) {
+            positions.push([location, value]).map_err(scratch(&runs))?;
             if value == DROP {
                 done.semantic_removed += 1;
                 if !held_out(data, seed, doc) {
@@ -466,6 +471,80 @@ pub(super) async fn order_task(ctx: &Context, task: u32, hash: &str) -> Result<(
 
 fn word(record: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(record[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// Partition `partition`'s section of every embed file: each document's `[document, location,
+/// source << 32 | bytes]` and its embedding, in canonical order (whichever embed task sent it). The
+/// sections are downloaded into `tmp` and merged as they decompress, so memory holds only the
+/// result.
+async fn read_partition(
+    ctx: &Context,
+    embeds: u32,
+    (partition, documents): (u32, u64),
+    tmp: &Path,
+) -> Result<(Vec<[u64; 3]>, Vec<f32>)> {
+    let mut parts = Vec::new();
+    for e in 0..embeds {
+        let dir = embed_dir(e, embeds);
+        let (name, index) = (format!("{dir}/vectors.bin"), format!("{dir}/vectors.idx"));
+        let range = sections::ranges(&ctx.dir, &index, partition..partition + 1).await?.remove(0);
+        if range.is_empty() {
+            continue;
+        }
+        let local = tmp.join(format!("section-{e:05}.bin"));
+        ctx.dir.store().download_range(&ctx.dir.key(&name)?, range, &local).await?;
+        parts.push((name, local));
+    }
+    let dir = ctx.dir.clone();
+    tokio::task::spawn_blocking(move || merge_sections(&dir, &parts, documents as usize))
+        .await
+        .expect("the merge does not panic")
+}
+
+/// Reads the next whole record into `buf`; `false` at the end, an error at a partial record.
+fn read_record(reader: &mut impl Read, buf: &mut [u8]) -> std::io::Result<bool> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match reader.read(&mut buf[filled..]) {
+            Ok(0) if filled == 0 => return Ok(false),
+            Ok(0) => return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "a partial record")),
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
+/// Merges sections of records sorted by document (`(store name, local file)`) into canonical order;
+/// `documents` is how many they hold.
+fn merge_sections(dir: &StageDir, parts: &[(String, PathBuf)], documents: usize) -> Result<(Vec<[u64; 3]>, Vec<f32>)> {
+    let mut readers = Vec::new();
+    for (_, local) in parts {
+        let decoder = File::open(local).and_then(zstd::Decoder::new).map_err(scratch(local))?;
+        readers.push(BufReader::with_capacity(1 << 16, decoder));
+    }
+    let mut heads: Vec<Vec<u8>> = vec![vec![0u8; RECORD]; parts.len()];
+    let mut heap = BinaryHeap::new();
+    let mut next = |i: usize, heads: &mut Vec<Vec<u8>>, heap: &mut BinaryHeap<Reverse<(u64, usize)>>| -> Result<()> {
+        match read_record(&mut readers[i], &mut heads[i]) {
+            Ok(true) => heap.push(Reverse((word(&heads[i], 0), i))),
+            Ok(false) => {}
+            Err(e) => return Err(corrupt(dir, &parts[i].0, &format!("a section does not decompress whole: {e}"))),
+        }
+        Ok(())
+    };
+    for i in 0..parts.len() {
+        next(i, &mut heads, &mut heap)?;
+    }
+    let (mut records, mut embeddings) = (Vec::with_capacity(documents), Vec::with_capacity(documents * DIMS));
+    while let Some(Reverse((_, i))) = heap.pop() {
+        let r = &heads[i];
+        records.push([word(r, 0), word(r, 8), word(r, 16)]);
+        embeddings.extend(floats(&r[24..]));
+        next(i, &mut heads, &mut heap)?;
+    }
+    Ok((records, embeddings))
 }
 
 /// The in-context paths, as the route tasks and the reduce read them: where each partition's
@@ -529,20 +608,28 @@ impl Paths {
     pub(super) async fn decisions(&self, dir: &StageDir, shard: u32) -> Result<Vec<(u64, u64)>> {
         let count = self.tasks.len() as u32;
         let total = *self.starts.last().expect("a start for every partition and the end");
-        let mut out = Vec::new();
-        for (task, done) in self.tasks.iter().enumerate() {
-            let name = format!("{}/positions.bin", order_dir(task as u32, count));
-            for (line, value) in shard_entries(dir, &name, &done.positions, shard).await? {
-                let value = if value == DROP {
-                    DROP
-                } else {
-                    let (partition, rank) = ((value >> 32) as usize, value & 0xffff_ffff);
-                    let start = self.starts.get(partition).ok_or_else(|| corrupt(dir, &name, "an unknown partition"))?;
-                    ((start + rank) as f64 / total.max(1) as f64).to_bits()
-                };
-                out.push((line, value));
-            }
-        }
+        // One small ranged read per order task, READS at a time.
+        let parts: Vec<Vec<(u64, u64)>> = stream::iter(self.tasks.iter().enumerate())
+            .map(|(task, done)| async move {
+                let name = format!("{}/positions.bin", order_dir(task as u32, count));
+                let entries = shard_entries(dir, &name, &done.positions, shard).await?;
+                entries
+                    .into_iter()
+                    .map(|(line, value)| {
+                        if value == DROP {
+                            return Ok((line, DROP));
+                        }
+                        let (partition, rank) = ((value >> 32) as usize, value & 0xffff_ffff);
+                        let start =
+                            self.starts.get(partition).ok_or_else(|| corrupt(dir, &name, "an unknown partition"))?;
+                        Ok((line, ((start + rank) as f64 / total.max(1) as f64).to_bits()))
+                    })
+                    .collect::<Result<Vec<_>>>()
+            })
+            .buffered(READS)
+            .try_collect()
+            .await?;
+        let mut out: Vec<(u64, u64)> = parts.into_iter().flatten().collect();
         out.sort_unstable();
         Ok(out)
     }

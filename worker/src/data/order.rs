@@ -178,8 +178,9 @@ impl Graph {
         let members: Vec<u32> = (0..n as u32).filter(|&i| included[i as usize]).collect();
         let vector = |i: u32| &embeddings[i as usize * DIMS..(i as usize + 1) * DIMS];
         // Each table: the members sorted by their signature; a document's candidates are its
-        // WINDOW neighbours on either side.
-        let mut candidates: Vec<Vec<u32>> = vec![Vec::new(); n];
+        // WINDOW neighbours on either side, in its table's slots (u32::MAX where there are fewer).
+        let slots = TABLES * 2 * WINDOW;
+        let mut candidates = vec![u32::MAX; n * slots];
         for table in 0..TABLES {
             // BITS random ±1 hyperplanes.
             let mut state = seed ^ 0x15c0_7ab1e ^ (table as u64) << 40;
@@ -199,11 +200,15 @@ impl Graph {
             sorted.par_sort_unstable();
             for (at, &(_, i)) in sorted.iter().enumerate() {
                 let (from, to) = (at.saturating_sub(WINDOW), (at + WINDOW + 1).min(sorted.len()));
-                candidates[i as usize].extend(sorted[from..to].iter().map(|s| s.1).filter(|&j| j != i));
+                let mine = &mut candidates[i as usize * slots + table * 2 * WINDOW..][..2 * WINDOW];
+                for (slot, j) in mine.iter_mut().zip(sorted[from..to].iter().map(|s| s.1).filter(|&j| j != i)) {
+                    *slot = j;
+                }
             }
         }
         let mut edges = vec![(u32::MAX, 0f32); n * NEIGHBOURS];
-        edges.par_chunks_mut(NEIGHBOURS).zip(candidates.par_iter_mut()).enumerate().for_each(|(i, (out, c))| {
+        edges.par_chunks_mut(NEIGHBOURS).zip(candidates.par_chunks(slots)).enumerate().for_each(|(i, (out, c))| {
+            let mut c: Vec<u32> = c.iter().copied().filter(|&j| j != u32::MAX).collect();
             c.sort_unstable();
             c.dedup();
             let mut scored: Vec<(u32, f32)> = c.iter().map(|&j| (j, dot(vector(i as u32), vector(j)))).collect();
@@ -377,6 +382,69 @@ pub fn centroid_path(centroids: &[f32]) -> Vec<usize> {
     path
 }
 
+/// The partitions of in-context order at scale: spherical k-means centroids of a sample of the
+/// embeddings, after centring them on the sample's mean (documents share common words, so their
+/// embeddings share a direction; a centroid near it would draw most documents, and partitions would
+/// be uneven), in the order of a path through them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Partitions {
+    mean: Vec<f32>,
+    centroids: Vec<f32>,
+}
+
+impl Partitions {
+    /// `k` partitions of the unit `sample` embeddings (`DIMS` floats each, in a random order), by
+    /// `iterations` Lloyd iterations.
+    pub fn fit(sample: &[f32], k: usize, iterations: usize) -> Self {
+        let n = sample.len() / DIMS;
+        let mut mean = vec![0f64; DIMS];
+        for v in sample.chunks_exact(DIMS) {
+            mean.iter_mut().zip(v).for_each(|(m, x)| *m += f64::from(*x));
+        }
+        let mean: Vec<f32> = mean.iter().map(|m| (m / n.max(1) as f64) as f32).collect();
+        let mut centred = sample.to_vec();
+        for v in centred.chunks_exact_mut(DIMS) {
+            v.iter_mut().zip(&mean).for_each(|(x, m)| *x -= m);
+            let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+            if norm > 0.0 {
+                v.iter_mut().for_each(|x| *x /= norm);
+            }
+        }
+        let centroids = kmeans(&centred, k, iterations);
+        let centroids =
+            centroid_path(&centroids).into_iter().flat_map(|c| centroids[c * DIMS..(c + 1) * DIMS].to_vec()).collect();
+        Self { mean, centroids }
+    }
+
+    /// How many.
+    pub fn len(&self) -> usize {
+        self.centroids.len() / DIMS
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.centroids.is_empty()
+    }
+
+    /// The partition of a unit embedding: its nearest centroid, after centring.
+    pub fn assign(&self, v: &[f32]) -> usize {
+        let centred: Vec<f32> = v.iter().zip(&self.mean).map(|(x, m)| x - m).collect();
+        nearest(&centred, &self.centroids)
+    }
+
+    /// The stored form: the mean, then the centroids in path order, little-endian `f32`s.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.mean.iter().chain(&self.centroids).flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    /// The stored form read back; `None` unless it holds a mean and `k` centroids.
+    pub fn parse(bytes: &[u8], k: usize) -> Option<Self> {
+        let all = floats(bytes);
+        (bytes.len() == (k + 1) * DIMS * 4)
+            .then(|| Self { mean: all[..DIMS].to_vec(), centroids: all[DIMS..].to_vec() })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -455,5 +523,78 @@ mod tests {
         let path = graph.traverse(&included);
         assert_eq!(path.len(), terms.len() - 1);
         assert!(!path.contains(&3));
+    }
+
+    #[test]
+    fn partitions_follow_the_topics_and_the_random_baseline_is_the_mean_over_pairs() {
+        let (terms, topic_of) = corpus();
+        let embeddings = embed(&terms, &vec![true; terms.len()]);
+        // Ten topics into ten centroids, from the first ten documents (one of each topic): each
+        // topic goes whole to a centroid of its own.
+        let centroids = kmeans(&embeddings, 10, 10);
+        let assigned: Vec<usize> = embeddings.chunks_exact(DIMS).map(|v| nearest(v, &centroids)).collect();
+        for i in 0..200 {
+            assert_eq!(assigned[i], topic_of[i], "document {i}");
+        }
+        assert_eq!(kmeans(&embeddings, 10, 10), centroids, "deterministic");
+        let path = centroid_path(&centroids);
+        let mut sorted = path.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..10).collect::<Vec<_>>(), "every centroid once");
+        assert_eq!(path[0], 0);
+        // The baseline from the sum of the vectors is the mean cosine over every pair.
+        let n = 60;
+        let sum: Vec<f64> = (0..DIMS).map(|d| (0..n).map(|i| f64::from(embeddings[i * DIMS + d])).sum()).collect();
+        let (mut total, mut pairs) = (0.0, 0);
+        for i in 0..n {
+            for j in 0..n {
+                if i != j {
+                    total +=
+                        f64::from(dot(&embeddings[i * DIMS..(i + 1) * DIMS], &embeddings[j * DIMS..(j + 1) * DIMS]));
+                    pairs += 1;
+                }
+            }
+        }
+        let baseline = random_pair_similarity(&sum, n as u64);
+        assert!((baseline - total / f64::from(pairs)).abs() < 1e-5, "{baseline} against {}", total / f64::from(pairs));
+    }
+
+    #[test]
+    fn centred_partitions_keep_each_topic_whole_and_round_trip() {
+        let (terms, topic_of) = corpus();
+        let embeddings = embed(&terms, &vec![true; terms.len()]);
+        let partitions = Partitions::fit(&embeddings, 10, 10);
+        assert_eq!(partitions.len(), 10);
+        let assigned: Vec<usize> = embeddings.chunks_exact(DIMS).map(|v| partitions.assign(v)).collect();
+        for topic in 0..10 {
+            let mut of: Vec<usize> = (0..200).filter(|&i| topic_of[i] == topic).map(|i| assigned[i]).collect();
+            of.sort_unstable();
+            of.dedup();
+            assert_eq!(of.len(), 1, "topic {topic} is split: {of:?}");
+        }
+        let mut used = assigned;
+        used.sort_unstable();
+        used.dedup();
+        assert_eq!(used.len(), 10, "one partition a topic");
+        let bytes = partitions.to_bytes();
+        assert_eq!(Partitions::parse(&bytes, 10), Some(partitions));
+        assert!(Partitions::parse(&bytes, 9).is_none());
+    }
+
+    #[test]
+    fn idf_round_trips_and_weighs_rare_features_more() {
+        let (terms, _) = corpus();
+        let idf = Idf::of(&terms, &vec![true; terms.len()]);
+        assert_eq!(Idf::parse(&idf.to_bytes()), Some(idf.clone()));
+        assert!(Idf::parse(&idf.to_bytes()[4..]).is_none());
+        let common = feature(
+            terms[0]
+                .iter()
+                .map(|t| t.0)
+                .find(|&t| terms.iter().filter(|d| d.iter().any(|x| x.0 == t)).count() > 50)
+                .unwrap(),
+        );
+        let rare = feature(u32::MAX - 7);
+        assert!(idf.weights[rare as usize] > idf.weights[common as usize] + 1.0);
     }
 }

@@ -423,7 +423,8 @@ mod tests {
             // (Terms are hashes, spread over the features.)
             let terms: Vec<Vec<(u32, u16)>> =
                 all.iter().map(|x| vec![((x.key.seq / 2).wrapping_mul(0x9e37_79b9), 3), (u32::MAX, 1)]).collect();
-            let walk = super::super::order::plan(&super::super::order::embed(&terms, &vec![true; all.len()]), 5, 1.1).path;
+            let walk =
+                super::super::order::plan(&super::super::order::embed(&terms, &vec![true; all.len()]), 5, 1.1).path;
             let mut path = vec![0.0; all.len()];
             walk.iter().enumerate().for_each(|(rank, &i)| path[i] = rank as f64 / walk.len() as f64);
             for shards in [1, 3] {

@@ -2,15 +2,13 @@
 //! cluster, embed, order, route and write tasks' small records into the stage's [`DataPrepStats`] and commits the
 //! files the write tasks wrote. It reads no document.
 
-use std::collections::BTreeMap;
-
 use pretrain_store::StageCommit;
 use pretrain_store::artifact::{
     DataPrepStats, DedupStats, HeldOutStats, MapStats, MixStats, QualityStats, StreamStats,
 };
 
 use super::incontext::{Paths, in_context, random_pair_similarity};
-use super::route::{require_cluster, route_done, write_done};
+use super::route::{RouteTask, require_cluster, route_done, write_done};
 use super::scoring::trained_eval;
 use super::stage::{DataPrepError, OUTPUT_VERSION, Result, map_done};
 use crate::Context;
@@ -18,7 +16,7 @@ use crate::Context;
 /// Commits the stage from the task outputs of this spec (`hash`).
 pub(super) async fn reduce(ctx: &Context, hash: &str) -> Result<StageCommit> {
     let data = &ctx.run.spec.data;
-    let (writes, routes) = (data.write_tasks(), data.route_tasks());
+    let writes = data.write_tasks();
     let mut files = Vec::new();
     let mut missing = Vec::new();
     let mut train_documents = 0;
@@ -35,22 +33,7 @@ pub(super) async fn reduce(ctx: &Context, hash: &str) -> Result<StageCommit> {
         return Err(DataPrepError::TasksMissing { phase: "write", missing, tasks: writes, next: "reduce" });
     }
     let cluster = require_cluster(ctx, hash, "reduce").await?;
-    let (mut documents, mut bytes, mut held_out) = (BTreeMap::<String, u64>::new(), BTreeMap::new(), 0);
-    for task in 0..routes {
-        let done = route_done(&ctx.dir, task, routes, hash).await?.ok_or(DataPrepError::TasksMissing {
-            phase: "route",
-            missing: vec![task],
-            tasks: routes,
-            next: "reduce",
-        })?;
-        held_out += done.held_out;
-        for (c, n) in done.documents {
-            *documents.entry(c).or_default() += n;
-        }
-        for (c, n) in done.bytes {
-            *bytes.entry(c).or_default() += n;
-        }
-    }
+    let RouteTask { documents, bytes, held_out, .. } = routed(ctx, hash).await?;
     let mut map = MapStats::default();
     for shard in 0..data.shards {
         let done = map_done(&ctx.dir, shard, data.shards, hash).await?.ok_or(DataPrepError::TasksMissing {
@@ -104,4 +87,26 @@ pub(super) async fn reduce(ctx: &Context, hash: &str) -> Result<StageCommit> {
     };
     let stats = serde_json::to_value(&stats).expect("data-prep stats serialise");
     Ok(ctx.dir.commit(hash, files, stats).await?)
+}
+
+/// The route tasks' records, summed.
+async fn routed(ctx: &Context, hash: &str) -> Result<RouteTask> {
+    let routes = ctx.run.spec.data.route_tasks();
+    let mut sum = RouteTask::default();
+    for task in 0..routes {
+        let done = route_done(&ctx.dir, task, routes, hash).await?.ok_or(DataPrepError::TasksMissing {
+            phase: "route",
+            missing: vec![task],
+            tasks: routes,
+            next: "reduce",
+        })?;
+        sum.held_out += done.held_out;
+        for (c, n) in done.documents {
+            *sum.documents.entry(c).or_default() += n;
+        }
+        for (c, n) in done.bytes {
+            *sum.bytes.entry(c).or_default() += n;
+        }
+    }
+    Ok(sum)
 }

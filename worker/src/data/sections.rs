@@ -7,7 +7,6 @@ use std::io::Write;
 use std::ops::Range;
 use std::path::Path;
 
-use bytes::Bytes;
 use pretrain_store::{FileWriter, StageDir};
 
 use super::buckets::corrupt;
@@ -89,18 +88,4 @@ pub(super) async fn ranges(dir: &StageDir, index: &str, wanted: Range<u32>) -> R
         return Err(corrupt(dir, index, "shorter than the sections the spec asks for"));
     }
     Ok(offsets.windows(2).map(|w| w[0]..w[1].max(w[0])).collect())
-}
-
-/// Section `section` of file `name` (indexed by `index`), decompressed.
-pub(super) async fn read(dir: &StageDir, name: &str, index: &str, section: u32) -> Result<Vec<u8>> {
-    let range = ranges(dir, index, section..section + 1).await?.remove(0);
-    if range.is_empty() {
-        return Ok(Vec::new());
-    }
-    let len = range.end - range.start;
-    let got: Bytes = dir.store().get_ranges(&dir.key(name)?, &[range]).await?.remove(0);
-    if got.len() as u64 != len {
-        return Err(corrupt(dir, name, "shorter than its index"));
-    }
-    zstd::decode_all(&got[..]).map_err(|e| corrupt(dir, name, &format!("a section does not decompress: {e}")))
 }
