@@ -299,9 +299,10 @@ async fn in_context_partitions_keep_topics_together_for_any_number_of_tasks() {
 
 /// The shared corpus's Debian licenses (full of near duplicates) and Python sources, through a
 /// quality cut, exact and MinHash dedup, a 40/60 mix and held-out split, with 1, 4 and 16 dedup
-/// tasks and 1 to 3 route and write tasks: the same output bytes and the same statistics. (The task
-/// counts are not part of the spec's hash, so the later runs reuse the map tasks' outputs and redo
-/// the phases after it.)
+/// tasks and 1 to 3 route and write tasks: the same output bytes and the same statistics; then the
+/// same in in-context order, in partitions of about 100 documents, with 1 to 3 embed and order
+/// tasks. (The task counts are not part of the spec's hash, so the later runs reuse the map tasks'
+/// outputs and redo the phases after it.)
 #[tokio::test]
 async fn the_outputs_do_not_depend_on_the_number_of_tasks_on_the_shared_corpus() {
     let tmp = tempfile::tempdir().unwrap();
@@ -316,26 +317,47 @@ async fn the_outputs_do_not_depend_on_the_number_of_tasks_on_the_shared_corpus()
         }
         files
     };
+    let orders = [("tasks", ""), ("tasks-in-context", "\n    order: {strategy: in-context, partitionDocuments: 100}")];
+    for (name, order) in orders {
+        check_task_counts(&shared, tmp.path(), name, order, &outputs).await;
+    }
+}
+
+/// Runs data-prep of the shared corpus as run `name` (`order` added to its data) with several task
+/// counts a phase, and checks that each gives the same bytes and statistics.
+async fn check_task_counts(
+    shared: &Path,
+    dir: &Path,
+    name: &str,
+    order: &str,
+    outputs: &dyn Fn(&str) -> Vec<(std::ffi::OsString, Vec<u8>)>,
+) {
     let mut first = None;
-    let name = "tasks";
-    for (dedup, route, write) in [(1, 1, 1), (4, 2, 3), (16, 3, 2)] {
+    for (dedup, route, order_tasks, write) in [(1, 1, 1, 1), (4, 2, 3, 3), (16, 3, 2, 2)] {
         let data = format!(
-            "    sources:\n      - {{name: legal, url: \"{legal}\"}}\n      - {{name: code, url: \"{code}\"}}\n    quality: {{classifier: ngram, referenceSources: [code], keepTopFraction: 0.9}}\n    mix: {{weights: {{legal: 0.4, code: 0.6}}, maxEpochs: 3}}\n    heldOutFraction: 0.05\n    shards: 3\n    tasks: {{dedup: {dedup}, route: {route}, write: {write}}}",
+            "    sources:\n      - {{name: legal, url: \"{legal}\"}}\n      - {{name: code, url: \"{code}\"}}\n    quality: {{classifier: ngram, referenceSources: [code], keepTopFraction: 0.9}}\n    mix: {{weights: {{legal: 0.4, code: 0.6}}, maxEpochs: 3}}\n    heldOutFraction: 0.05\n    shards: 3\n    tasks: {{dedup: {dedup}, route: {route}, order: {order_tasks}, write: {write}}}{order}",
             legal = shared.join("legal-debian.jsonl.gz").display(),
             code = shared.join("code-python-stdlib.jsonl.gz").display(),
         );
-        let manifest = write_manifest(tmp.path(), name, &data, SMALL_TRAIN);
+        let manifest = write_manifest(dir, name, &data, SMALL_TRAIN);
         let ctx = Context::from_env(Stage::DataPrep, manifest.to_str().unwrap()).await.unwrap();
         let commit = run(&ctx, Phase::All).await.unwrap().expect("the reduce commits");
         let dedup = &commit.stats["dedup"];
         assert!(dedup["nearRemoved"].as_u64().unwrap() > 10, "the licenses have near duplicates: {dedup}");
         assert!(dedup["exactRemoved"].as_u64().unwrap() > 100, "and exact ones: {dedup}");
+        if !order.is_empty() {
+            let cluster = std::fs::read(dir.join(format!("store/{name}/data-prep/cluster/_DONE.json"))).unwrap();
+            let partitions = serde_json::from_slice::<serde_json::Value>(&cluster).unwrap()["partitions"].clone();
+            assert!(partitions.as_u64().unwrap() > 2, "in partitions: {partitions}");
+            assert!(commit.stats["train"]["adjacentSimilarity"].is_array(), "{}", commit.stats["train"]);
+        }
         let files = outputs(name);
+        let tasks = format!("{name}: {dedup}/{route}/{order_tasks}/{write} tasks");
         match &first {
             None => first = Some((commit.stats, files)),
             Some((stats, want)) => {
-                assert_eq!(&commit.stats, stats, "{dedup}/{route}/{write} tasks");
-                assert!(files == *want, "{dedup}/{route}/{write} tasks write other bytes");
+                assert_eq!(&commit.stats, stats, "{tasks}");
+                assert!(files == *want, "{tasks} write other bytes");
             }
         }
     }
