@@ -323,6 +323,9 @@ async fn the_outputs_do_not_depend_on_the_number_of_tasks_on_the_shared_corpus()
     }
 }
 
+/// A committed file's name and bytes.
+type StageFile = (std::ffi::OsString, Vec<u8>);
+
 /// Runs data-prep of the shared corpus as run `name` (`order` added to its data) with several task
 /// counts a phase, and checks that each gives the same bytes and statistics.
 async fn check_task_counts(
@@ -330,7 +333,7 @@ async fn check_task_counts(
     dir: &Path,
     name: &str,
     order: &str,
-    outputs: &dyn Fn(&str) -> Vec<(std::ffi::OsString, Vec<u8>)>,
+    outputs: &dyn Fn(&str) -> Vec<StageFile>,
 ) {
     let mut first = None;
     for (dedup, route, order_tasks, write) in [(1, 1, 1, 1), (4, 2, 3, 3), (16, 3, 2, 2)] {
