@@ -33,7 +33,7 @@ use super::keys::KeyRecord;
 use super::plan::{DifficultyHistogram, difficulty, held_out, passes_quality, quality_thresholds};
 use super::quality::ScoreHistogram;
 use super::runs::{Entry, ExternalSorter, Merge, SliceIndex, entry_bytes, task_slices};
-use super::stage::{DataPrepError, Result, check_task, map_dir, map_done};
+use super::stage::{DataPrepError, Result, all_done, check_task, map_dir, map_done};
 use crate::Context;
 use crate::frame::{MapDone, ScratchError, scratch};
 use crate::progress::Progress;
@@ -129,17 +129,7 @@ pub(super) async fn thresholds(ctx: &Context) -> Result<BTreeMap<String, f32>> {
 /// Fails unless every map task is done for this spec, naming the phase that needs them (`next`).
 async fn require_maps(ctx: &Context, hash: &str, next: &'static str) -> Result<()> {
     let shards = ctx.run.spec.data.shards;
-    let mut missing = Vec::new();
-    for shard in 0..shards {
-        if map_done(&ctx.dir, shard, shards, hash).await?.is_none() {
-            missing.push(shard);
-        }
-    }
-    if missing.is_empty() {
-        Ok(())
-    } else {
-        Err(DataPrepError::TasksMissing { phase: "map", missing, tasks: shards, next })
-    }
+    all_done("map", shards, next, |shard| map_done(&ctx.dir, shard, shards, hash)).await.map(drop)
 }
 
 /// The stage's file `name` is not what its writer wrote.

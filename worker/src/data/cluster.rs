@@ -65,18 +65,14 @@ pub(super) struct Mix {
 impl ClusterTask {
     /// The mix, once semantic dedup (in-context order) has taken `removed` training bytes out of
     /// each category.
-    pub(super) fn mix(&self, data: &Data, removed: &BTreeMap<String, u64>) -> Mix {
-        let bytes_before: BTreeMap<String, u64> = self
-            .bytes_before
-            .iter()
-            .map(|(c, b)| (c.clone(), b.saturating_sub(removed.get(c).copied().unwrap_or(0))))
-            .collect();
+    pub(super) fn mix(&self, data: &Data, removed: Option<&BTreeMap<String, u64>>) -> Mix {
+        let removed = |c: &str| removed.and_then(|r| r.get(c)).copied().unwrap_or(0);
+        let bytes_before: BTreeMap<String, u64> =
+            self.bytes_before.iter().map(|(c, b)| (c.clone(), b.saturating_sub(removed(c)))).collect();
         let epochs = mix_epochs(&bytes_before, &data.mix.weights, data.mix.max_epochs);
         Mix { bytes_before, epochs }
     }
-}
 
-impl ClusterTask {
     /// Counts the sources' documents, quality removals and training bytes per category.
     fn add_sources(&mut self, data: &Data, sources: &[SourceTally]) {
         for (i, tally) in sources.iter().enumerate() {

@@ -46,7 +46,7 @@ use super::plan::{held_out, passes_quality};
 use super::route::{require_cluster, share};
 use super::runs::ExternalSorter;
 use super::sections::{self, Sections};
-use super::stage::{DataPrepError, Result, check_task, map_dir};
+use super::stage::{DataPrepError, Result, all_done, check_task, map_dir};
 use crate::Context;
 use crate::frame::{MapDone, scratch};
 use crate::progress::Progress;
@@ -398,18 +398,7 @@ async fn cluster_drops(ctx: &Context, cluster: &ClusterTask, shard: u32) -> Resu
 /// Every embed task's `_DONE.json`, or an error naming the missing ones before `next`.
 async fn embeds_done(ctx: &Context, hash: &str, next: &'static str) -> Result<Vec<EmbedTask>> {
     let tasks = ctx.run.spec.data.embed_tasks();
-    let (mut done, mut missing) = (Vec::new(), Vec::new());
-    for task in 0..tasks {
-        match embed_done(&ctx.dir, task, tasks, hash).await? {
-            Some(d) => done.push(d),
-            None => missing.push(task),
-        }
-    }
-    if missing.is_empty() {
-        Ok(done)
-    } else {
-        Err(DataPrepError::TasksMissing { phase: "embed", missing, tasks, next })
-    }
+    all_done("embed", tasks, next, |task| embed_done(&ctx.dir, task, tasks, hash)).await
 }
 
 /// Runs order task `task` of this spec (`hash`), unless it is done.
@@ -458,7 +447,7 @@ pub(super) async fn order_task(ctx: &Context, task: u32, hash: &str) -> Result<(
         }
         let documents = plan.path.len() as u64;
         done.partitions.push(PartitionPath { partition, documents, similarity: plan.similarity });
-        progress.update(u64::from(partition), String::new);
+        progress.update(done.partitions.len() as u64, String::new);
     }
     let out = tmp.path().join("positions.bin");
     positions.finish(&out, false).map_err(scratch(&out))?;
@@ -564,16 +553,7 @@ impl Paths {
     /// Every order task's decisions for this spec (all must be done), before `next`.
     pub(super) async fn read(ctx: &Context, cluster: &ClusterTask, hash: &str, next: &'static str) -> Result<Self> {
         let count = ctx.run.spec.data.order_tasks();
-        let (mut tasks, mut missing) = (Vec::new(), Vec::new());
-        for task in 0..count {
-            match order_done(&ctx.dir, task, count, hash).await? {
-                Some(d) => tasks.push(d),
-                None => missing.push(task),
-            }
-        }
-        if !missing.is_empty() {
-            return Err(DataPrepError::TasksMissing { phase: "order", missing, tasks: count, next });
-        }
+        let tasks = all_done("order", count, next, |task| order_done(&ctx.dir, task, count, hash)).await?;
         let mut by_partition = vec![None; cluster.partitions as usize];
         let (mut removed_bytes, mut semantic_removed) = (BTreeMap::new(), 0);
         for t in &tasks {

@@ -10,27 +10,17 @@ use pretrain_store::artifact::{
 use super::incontext::{Paths, in_context, random_pair_similarity};
 use super::route::{RouteTask, require_cluster, route_done, write_done};
 use super::scoring::trained_eval;
-use super::stage::{DataPrepError, OUTPUT_VERSION, Result, map_done};
+use super::stage::{DataPrepError, OUTPUT_VERSION, Result, all_done, map_done};
 use crate::Context;
 
 /// Commits the stage from the task outputs of this spec (`hash`).
 pub(super) async fn reduce(ctx: &Context, hash: &str) -> Result<StageCommit> {
     let data = &ctx.run.spec.data;
     let writes = data.write_tasks();
-    let mut files = Vec::new();
-    let mut missing = Vec::new();
-    let mut train_documents = 0;
-    for task in 0..writes {
-        match write_done(&ctx.dir, task, writes, hash).await? {
-            Some(done) => {
-                files.extend(done.files);
-                train_documents += done.documents;
-            }
-            None => missing.push(task),
-        }
-    }
-    if !missing.is_empty() {
-        return Err(DataPrepError::TasksMissing { phase: "write", missing, tasks: writes, next: "reduce" });
+    let (mut files, mut train_documents) = (Vec::new(), 0);
+    for done in all_done("write", writes, "reduce", |task| write_done(&ctx.dir, task, writes, hash)).await? {
+        files.extend(done.files);
+        train_documents += done.documents;
     }
     let cluster = require_cluster(ctx, hash, "reduce").await?;
     let RouteTask { documents, bytes, held_out, .. } = routed(ctx, hash).await?;
@@ -52,7 +42,7 @@ pub(super) async fn reduce(ctx: &Context, hash: &str) -> Result<StageCommit> {
     } else {
         (None, None)
     };
-    let mix = cluster.mix(data, &paths.as_ref().map(|p| p.removed_bytes.clone()).unwrap_or_default());
+    let mix = cluster.mix(data, paths.as_ref().map(|p| &p.removed_bytes));
     let total: u64 = bytes.values().sum();
     let stats = DataPrepStats {
         output_version: OUTPUT_VERSION,

@@ -34,7 +34,7 @@ use super::incontext::{Paths, in_context};
 use super::keys::KeyRecord;
 use super::plan::{Spread, StreamOrder, copies, held_out, held_out_shard, output_shard, passes_quality};
 use super::sections::{self, Sections};
-use super::stage::{DataPrepError, Result, check_task, map_dir};
+use super::stage::{DataPrepError, Result, all_done, check_task, map_dir};
 use crate::Context;
 use crate::frame::{MapDone, ScratchError, scratch};
 use crate::progress::Progress;
@@ -128,8 +128,7 @@ pub(super) async fn route_task(ctx: &Context, task: u32, hash: &str) -> Result<(
     }
     let cluster = require_cluster(ctx, hash, "route tasks").await?;
     let paths = if in_context(data) { Some(Paths::read(ctx, &cluster, hash, "route tasks").await?) } else { None };
-    let removed = paths.as_ref().map(|p| p.removed_bytes.clone()).unwrap_or_default();
-    let epochs = cluster.mix(data, &removed).epochs;
+    let epochs = cluster.mix(data, paths.as_ref().map(|p| &p.removed_bytes)).epochs;
     let order = StreamOrder::new(data, ctx.run.spec.seed, &difficulties(&ctx.dir).await?);
     let tmp = tempfile::tempdir().map_err(scratch(Path::new("tempdir")))?;
     let lines_path = tmp.path().join("lines.bin");
@@ -288,15 +287,7 @@ pub(super) async fn write_task(ctx: &Context, task: u32, hash: &str) -> Result<(
         return Ok(());
     }
     let routes = data.route_tasks();
-    let mut missing = Vec::new();
-    for r in 0..routes {
-        if route_done(&ctx.dir, r, routes, hash).await?.is_none() {
-            missing.push(r);
-        }
-    }
-    if !missing.is_empty() {
-        return Err(DataPrepError::TasksMissing { phase: "route", missing, tasks: routes, next: "write tasks" });
-    }
+    all_done("route", routes, "write tasks", |r| route_done(&ctx.dir, r, routes, hash)).await?;
     let shards = data.shards;
     let mine = share(task, tasks, shards);
     // Each route file's offsets for this task's training sections and held-out sections.

@@ -91,6 +91,28 @@ fn tasks_missing(phase: &str, missing: &[u32], tasks: u32, next: &str) -> String
     }
 }
 
+/// Every task's record of `phase` (`tasks` of them, each read by `done`), or an error naming the
+/// ones not finished for this spec, before `next`.
+pub(super) async fn all_done<T, F, Fut>(
+    phase: &'static str,
+    tasks: u32,
+    next: &'static str,
+    mut done: F,
+) -> Result<Vec<T>>
+where
+    F: FnMut(u32) -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>>>,
+{
+    let (mut records, mut missing) = (Vec::new(), Vec::new());
+    for task in 0..tasks {
+        match done(task).await? {
+            Some(record) => records.push(record),
+            None => missing.push(task),
+        }
+    }
+    if missing.is_empty() { Ok(records) } else { Err(DataPrepError::TasksMissing { phase, missing, tasks, next }) }
+}
+
 /// Fails unless `task` is one of the `tasks` of `phase` (`spec.data.tasks.<phase>`).
 pub(super) fn check_task(phase: &str, task: u32, tasks: u32) -> Result<()> {
     if task < tasks {
