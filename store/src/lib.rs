@@ -30,7 +30,7 @@ mod upload;
 pub use faults::{ENV_FAULTS, Faults, FaultyStore};
 pub use retry::Retry;
 pub use stage::{FileEntry, StageCommit, StageDir};
-pub use upload::{FileWriter, PART_SIZE};
+pub use upload::{FileWriter, PART_SIZE, PARTS_IN_FLIGHT};
 
 /// The commit marker's file name; written last in a stage directory.
 pub const SUCCESS_FILE: &str = "_SUCCESS.json";

@@ -91,6 +91,12 @@ impl StageDir {
         upload::put_file(&self.store, self.key(name)?, name, local).await
     }
 
+    /// Writes a file held in memory as `chunks` (its bytes in order) and returns its commit entry:
+    /// hashed while it uploads in parallel parts, with nothing copied (see [`crate::PARTS_IN_FLIGHT`]).
+    pub async fn put_chunks(&self, name: &str, chunks: Vec<Bytes>) -> Result<FileEntry> {
+        upload::put_chunks(&self.store, &self.key(name)?, name, chunks).await
+    }
+
     /// Reads a whole file.
     pub async fn get(&self, name: &str) -> Result<Bytes> {
         self.store.get(&self.key(name)?).await

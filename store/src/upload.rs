@@ -7,6 +7,7 @@ use std::io::Write as _;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
 use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path;
 use object_store::{MultipartId, ObjectStoreExt, PutPayload};
@@ -17,6 +18,9 @@ use crate::{Error, FileEntry, Result, Store, retry};
 
 /// Size of one part of an upload (S3 wants at least 5 MiB for all but the last).
 pub const PART_SIZE: usize = 8 << 20;
+
+/// Parts of one upload from memory that are sent at once ([`put_chunks`]).
+pub const PARTS_IN_FLIGHT: usize = 8;
 
 /// A streaming upload that hashes what it writes.
 pub struct FileWriter {
@@ -110,27 +114,7 @@ impl FileWriter {
         let (store, key) = (&self.store, &self.key);
         match std::mem::replace(&mut self.sink, Sink::Pending) {
             Sink::Pending => store.put(key, Bytes::from(std::mem::take(&mut self.buf))).await?,
-            Sink::Parts { multipart, id, parts } => {
-                let (m, id_ref, size) = (&*multipart, &id, self.size);
-                let complete = move || {
-                    let parts = parts.clone();
-                    async move {
-                        match m.complete_multipart(key, id_ref, parts).await {
-                            Ok(_) => Ok(()),
-                            // An earlier try that took effect before its answer was lost leaves nothing
-                            // to complete: the object is there, whole.
-                            Err(e) => match store.inner.head(key).await {
-                                Ok(meta) if meta.size == size && !retry::is_transient(&e) => Ok(()),
-                                _ => Err(e),
-                            },
-                        }
-                    }
-                };
-                if let Err(e) = store.retry.run("complete upload", key, complete).await {
-                    let _ = multipart.abort_multipart(key, &id).await;
-                    return Err(store.object_error(key, e));
-                }
-            }
+            Sink::Parts { multipart, id, parts } => complete(store, key, &*multipart, &id, parts, self.size).await?,
             Sink::Spool { mut file, path } => {
                 file.flush().map_err(|e| spool_error(store, key, &e))?;
                 drop(file);
@@ -153,6 +137,135 @@ impl FileWriter {
         }
         Ok(())
     }
+}
+
+/// Completes multipart upload `id` of `size` bytes from `parts`; a failure aborts it.
+async fn complete(
+    store: &Store,
+    key: &Path,
+    multipart: &dyn MultipartStore,
+    id: &MultipartId,
+    parts: Vec<PartId>,
+    size: u64,
+) -> Result<()> {
+    let complete = || {
+        let parts = parts.clone();
+        async move {
+            match multipart.complete_multipart(key, id, parts).await {
+                Ok(_) => Ok(()),
+                // An earlier try that took effect before its answer was lost leaves nothing to
+                // complete: the object is there, whole.
+                Err(e) => match store.inner.head(key).await {
+                    Ok(meta) if meta.size == size && !retry::is_transient(&e) => Ok(()),
+                    _ => Err(e),
+                },
+            }
+        }
+    };
+    if let Err(e) = store.retry.run("complete upload", key, complete).await {
+        let _ = multipart.abort_multipart(key, id).await;
+        return Err(store.object_error(key, e));
+    }
+    Ok(())
+}
+
+/// Uploads an object held in memory as `chunks` (its bytes in order) to `key`, returning its commit
+/// entry under `name`. The chunks are hashed on a blocking thread while the upload runs, in parts of
+/// [`PART_SIZE`] made of slices of the chunks (nothing is copied), [`PARTS_IN_FLIGHT`] at a time.
+/// Where the store uploads part by part, a failed part is sent again on its own; elsewhere (local
+/// files) a failure sends the object again whole, from memory.
+pub(crate) async fn put_chunks(store: &Store, key: &Path, name: &str, chunks: Vec<Bytes>) -> Result<FileEntry> {
+    let size: u64 = chunks.iter().map(|c| c.len() as u64).sum();
+    let hashing = {
+        let chunks = chunks.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut hasher = Sha256::new();
+            chunks.iter().for_each(|c| hasher.update(c));
+            hex::encode(hasher.finalize())
+        })
+    };
+    let parts = split_parts(chunks, PART_SIZE);
+    let uploaded = match (&store.multipart, parts.len()) {
+        (_, 0 | 1) => {
+            let payload: PutPayload = parts.into_iter().flatten().collect();
+            let write = || store.inner.put(key, payload.clone());
+            store.retry.run("put", key, write).await.map(drop).map_err(|e| store.object_error(key, e))
+        }
+        (Some(multipart), _) => put_parts(store, key, &**multipart, parts, size).await,
+        (None, _) => {
+            let once = || put_streaming(store, key, &parts);
+            store.retry.run("upload", key, once).await.map_err(|e| store.object_error(key, e))
+        }
+    };
+    let sha256 = hashing.await.expect("hashing does not panic");
+    uploaded?;
+    Ok(FileEntry { path: name.into(), size, sha256 })
+}
+
+/// `chunks` regrouped into parts of `part_size` bytes (the last one shorter), by slicing.
+fn split_parts(chunks: Vec<Bytes>, part_size: usize) -> Vec<Vec<Bytes>> {
+    let (mut parts, mut part, mut filled) = (Vec::new(), Vec::new(), 0);
+    for mut chunk in chunks {
+        while !chunk.is_empty() {
+            let take = chunk.len().min(part_size - filled);
+            part.push(chunk.split_to(take));
+            filled += take;
+            if filled == part_size {
+                parts.push(std::mem::take(&mut part));
+                filled = 0;
+            }
+        }
+    }
+    if !part.is_empty() {
+        parts.push(part);
+    }
+    parts
+}
+
+/// Sends `parts` through the store's part-by-part interface, several at once, each retried alone.
+async fn put_parts(
+    store: &Store,
+    key: &Path,
+    multipart: &dyn MultipartStore,
+    parts: Vec<Vec<Bytes>>,
+    size: u64,
+) -> Result<()> {
+    let create = || multipart.create_multipart(key);
+    let id = store.retry.run("create upload", key, create).await.map_err(|e| store.object_error(key, e))?;
+    let id_ref = &id;
+    let sent: std::result::Result<Vec<PartId>, object_store::Error> =
+        futures::stream::iter(parts.into_iter().enumerate())
+            .map(|(index, part)| {
+                let payload: PutPayload = part.into_iter().collect();
+                let upload = move || multipart.put_part(key, id_ref, index, payload.clone());
+                async move { store.retry.run(&format!("put part {index} of"), key, upload).await }
+            })
+            .buffered(PARTS_IN_FLIGHT)
+            .try_collect()
+            .await;
+    match sent {
+        Ok(ids) => complete(store, key, multipart, &id, ids, size).await,
+        Err(e) => {
+            let _ = multipart.abort_multipart(key, &id).await;
+            Err(store.object_error(key, e))
+        }
+    }
+}
+
+/// One try at sending `parts` through the store's streaming interface, several at once; a failure
+/// aborts the upload.
+async fn put_streaming(store: &Store, key: &Path, parts: &[Vec<Bytes>]) -> object_store::Result<()> {
+    let mut upload = store.inner.put_multipart(key).await?;
+    let sends: Vec<_> = parts.iter().map(|part| upload.put_part(part.iter().cloned().collect())).collect();
+    let sent = futures::stream::iter(sends).buffered(PARTS_IN_FLIGHT).try_collect::<Vec<()>>().await;
+    let result = match sent {
+        Ok(_) => upload.complete().await.map(drop),
+        Err(e) => Err(e),
+    };
+    if result.is_err() {
+        let _ = upload.abort().await;
+    }
+    result
 }
 
 fn spool_error(store: &Store, key: &Path, e: &std::io::Error) -> Error {

@@ -29,6 +29,11 @@ fn pattern(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+fn sha256(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
 /// Writes, reads back, lists, commits, verifies and deletes through `store`.
 async fn drill(store: &Store) {
     let dir = store.stage("run", Stage::Tokenize).unwrap();
@@ -49,21 +54,32 @@ async fn drill(store: &Store) {
         writer.write(chunk).await.unwrap();
     }
     files.push(writer.finish().await.unwrap());
+    // From memory in parallel parts: chunks that straddle part boundaries, and a one-part object.
+    let chunked = pattern(3 * PART_SIZE + 4_321, 5);
+    let cuts = [0, 100, PART_SIZE - 1, PART_SIZE + 7, 2 * PART_SIZE + 9_999, chunked.len()];
+    let chunks = cuts.windows(2).map(|w| Bytes::copy_from_slice(&chunked[w[0]..w[1]])).collect();
+    let entry = dir.put_chunks("shards/chunked.tok", chunks).await.unwrap();
+    assert_eq!((entry.size, entry.sha256.as_str()), (chunked.len() as u64, sha256(&chunked).as_str()));
+    files.push(entry);
+    let small = pattern(1_000, 3);
+    let chunks = vec![Bytes::copy_from_slice(&small[..10]), Bytes::copy_from_slice(&small[10..])];
+    files.push(dir.put_chunks("small/chunked.json", chunks).await.unwrap());
 
     for i in 0..20u64 {
         assert_eq!(dir.get(&format!("small/{i:02}.json")).await.unwrap(), pattern(1000 + i as usize * 37, i));
     }
-    for (name, expected) in [("big.tok", &big), ("streamed.tok", &streamed)] {
+    assert_eq!(dir.get("small/chunked.json").await.unwrap(), small);
+    for (name, expected) in [("big.tok", &big), ("streamed.tok", &streamed), ("chunked.tok", &chunked)] {
         let local = tmp.path().join(format!("{name}.down"));
         let n = store.download(&dir.key(&format!("shards/{name}")).unwrap(), &local).await.unwrap();
         assert_eq!(n as usize, expected.len());
         assert!(std::fs::read(&local).unwrap() == *expected, "{name} differs after download");
     }
-    assert_eq!(store.list(dir.prefix()).await.unwrap().len(), 22);
+    assert_eq!(store.list(dir.prefix()).await.unwrap().len(), 24);
     let commit = dir.commit("hash", files, serde_json::json!({})).await.unwrap();
     dir.verify(&commit).await.unwrap();
     assert_eq!(dir.committed("hash").await.unwrap(), Some(commit));
-    assert_eq!(store.delete_prefix(dir.prefix()).await.unwrap(), 23);
+    assert_eq!(store.delete_prefix(dir.prefix()).await.unwrap(), 25);
     assert!(store.list(dir.prefix()).await.unwrap().is_empty());
 }
 

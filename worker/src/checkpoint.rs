@@ -2,44 +2,149 @@
 //! `<run>/<stage>/ckpt/step-<09d>/{model.safetensors, optim.safetensors, state.json}`, then
 //! `MANIFEST.json` (size and sha256 of every file) written last, then the `ckpt/latest` pointer.
 //!
-//! Saving snapshots the weights and moments to host memory in the step loop and writes and uploads
-//! them on a background task. Loading takes the newest checkpoint whose manifest validates: one
-//! without a manifest (torn) or with a file of the wrong size or hash is skipped with a warning naming it.
+//! Saving copies the weights and moments to host memory (on the CPU while the next step's forward and
+//! backward run: only its optimizer update waits for the copy), then serialises them as safetensors
+//! straight from that copy into parallel part uploads, hashing as they go, on a background task.
+//! Loading takes the newest checkpoint whose manifest validates: one without a manifest (torn) or
+//! with a file of the wrong size or hash is skipped with a warning naming it.
 
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::Path;
 
 use bytes::Bytes;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use pretrain_store::{FileEntry, StageDir};
+use safetensors::tensor::{Metadata, TensorInfo};
 use sha2::{Digest, Sha256};
 
 pub use pretrain_store::artifact::{FORMAT_VERSION, Manifest, TrainState, dir_name};
+
+/// One tensor copied to host memory, as a safetensors file stores it.
+#[derive(Debug, Clone)]
+pub struct HostTensor {
+    /// Its name in the file.
+    pub name: String,
+    /// Element type.
+    pub dtype: safetensors::Dtype,
+    /// Dimensions.
+    pub shape: Vec<usize>,
+    /// Little-endian elements, row-major.
+    pub data: Bytes,
+}
+
+impl HostTensor {
+    /// Copies `tensor` (from any device) to host memory; an f32 tensor is copied once.
+    pub fn copy(name: String, tensor: &Tensor) -> candle_core::Result<Self> {
+        let data = match tensor.dtype() {
+            DType::F32 => Bytes::from_owner(F32Bytes(tensor.flatten_all()?.to_vec1::<f32>()?)),
+            _ => {
+                let mut bytes = Vec::with_capacity(tensor.elem_count() * tensor.dtype().size_in_bytes());
+                tensor.write_bytes(&mut bytes)?;
+                Bytes::from(bytes)
+            }
+        };
+        Ok(Self { name, dtype: tensor.dtype().into(), shape: tensor.dims().to_vec(), data })
+    }
+}
+
+/// f32 elements as their little-endian bytes (the host's order: candle's CPU backend assumes it too).
+struct F32Bytes(Vec<f32>);
+
+impl AsRef<[u8]> for F32Bytes {
+    fn as_ref(&self) -> &[u8] {
+        bytemuck::cast_slice(&self.0)
+    }
+}
 
 /// Host copies of everything a checkpoint holds.
 #[derive(Debug)]
 pub struct Snapshot {
     /// `state.json`.
     pub state: TrainState,
-    /// Weights by name.
-    pub model: Vec<(String, Tensor)>,
-    /// Optimizer moments by name.
-    pub optim: Vec<(String, Tensor)>,
+    /// Weights.
+    pub model: Vec<HostTensor>,
+    /// Optimizer moments.
+    pub optim: Vec<HostTensor>,
 }
 
 impl Snapshot {
-    /// Deep copies on the host: the step loop can go on changing the originals.
+    /// Copies `model` and `optim` to host memory now: the step loop can go on changing the originals.
     pub fn take(
         state: TrainState,
         model: Vec<(String, Tensor)>,
         optim: Vec<(String, Tensor)>,
     ) -> candle_core::Result<Self> {
-        let host = |all: Vec<(String, Tensor)>| -> candle_core::Result<Vec<(String, Tensor)>> {
-            all.into_iter().map(|(n, t)| Ok((n, t.to_device(&Device::Cpu)?.copy()?))).collect()
+        let host = |all: Vec<(String, Tensor)>| -> candle_core::Result<Vec<HostTensor>> {
+            all.into_iter().map(|(n, t)| HostTensor::copy(n, &t)).collect()
         };
         Ok(Self { state, model: host(model)?, optim: host(optim)? })
     }
+
+    /// Copies `model` and `optim` on a thread of its own while the caller goes on reading them;
+    /// nothing may write them before [`Copying::fence`]. The snapshot (or the copy's error) arrives
+    /// on the receiver.
+    pub fn start(state: TrainState, model: Vec<(String, Tensor)>, optim: Vec<(String, Tensor)>) -> (Copying, Copied) {
+        let (send, receive) = tokio::sync::oneshot::channel();
+        let thread = std::thread::Builder::new()
+            .name("checkpoint-copy".into())
+            .spawn(move || {
+                // The saver may have gone (the step loop failed meanwhile): nothing to hand over.
+                let _ = send.send(Self::take(state, model, optim));
+            })
+            .expect("a thread for the checkpoint copy");
+        (Copying { thread: Some(thread) }, receive)
+    }
+}
+
+/// Where a snapshot copied by [`Snapshot::start`] arrives.
+pub type Copied = tokio::sync::oneshot::Receiver<candle_core::Result<Snapshot>>;
+
+/// A snapshot being copied from tensors the step loop still reads.
+#[derive(Debug)]
+pub struct Copying {
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Copying {
+    /// Waits until the copy is done, so the tensors may change; returns the seconds waited.
+    pub fn fence(&mut self) -> f64 {
+        let Some(thread) = self.thread.take() else { return 0.0 };
+        let waited = std::time::Instant::now();
+        if let Err(panic) = thread.join() {
+            std::panic::resume_unwind(panic);
+        }
+        waited.elapsed().as_secs_f64()
+    }
+}
+
+impl Drop for Copying {
+    /// The tensors outlive no copy of them: a step loop that ends early still waits.
+    fn drop(&mut self) {
+        let _ = self.thread.take().map(std::thread::JoinHandle::join);
+    }
+}
+
+/// A safetensors file of `tensors` as chunks of bytes: its header, then each tensor's data, laid out
+/// as the `safetensors` crate lays them out (by descending dtype alignment, then name), without
+/// copying the data.
+pub fn safetensors_chunks(tensors: &[HostTensor]) -> Result<Vec<Bytes>, String> {
+    let mut order: Vec<&HostTensor> = tensors.iter().collect();
+    order.sort_by(|a, b| b.dtype.cmp(&a.dtype).then_with(|| a.name.cmp(&b.name)));
+    let mut offset = 0;
+    let mut infos = Vec::with_capacity(order.len());
+    for t in &order {
+        let end = offset + t.data.len();
+        infos
+            .push((t.name.clone(), TensorInfo { dtype: t.dtype, shape: t.shape.clone(), data_offsets: (offset, end) }));
+        offset = end;
+    }
+    let metadata = Metadata::new(None, infos).map_err(|e| e.to_string())?;
+    let mut header = serde_json::to_vec(&metadata).map_err(|e| e.to_string())?;
+    header.resize(header.len().next_multiple_of(8), b' ');
+    let mut first = (header.len() as u64).to_le_bytes().to_vec();
+    first.extend(header);
+    Ok(std::iter::once(Bytes::from(first)).chain(order.iter().map(|t| t.data.clone())).collect())
 }
 
 /// A checkpoint failure.
@@ -78,40 +183,27 @@ impl From<CheckpointError> for crate::frame::StageError {
     }
 }
 
-/// Writes and uploads a checkpoint, then the `latest` pointer, then deletes all but the newest `keep`.
-/// Returns the entries of the checkpoint's files (paths relative to the stage directory).
+/// Uploads a checkpoint, then the `latest` pointer, then deletes all but the newest `keep`. Returns
+/// the entries of the checkpoint's files (paths relative to the stage directory).
 pub async fn save(dir: &StageDir, snapshot: Snapshot, keep: u32) -> Result<Vec<FileEntry>, CheckpointError> {
     let name = dir_name(snapshot.state.step);
     let local = |reason: String| CheckpointError::Local { name: name.clone(), reason };
-    let tmp = tempfile::tempdir().map_err(|e| local(e.to_string()))?;
-    let step = snapshot.state.step;
-    let (tmp_path, name_for_task) = (tmp.path().to_path_buf(), name.clone());
-    tokio::task::spawn_blocking(move || write_local(&tmp_path, &snapshot))
-        .await
-        .expect("checkpoint serialisation does not panic")
-        .map_err(|reason| CheckpointError::Local { name: name_for_task, reason })?;
+    let state = serde_json::to_vec_pretty(&snapshot.state).map_err(|e| local(e.to_string()))?;
     let mut files = Vec::new();
-    for file in ["model.safetensors", "optim.safetensors", "state.json"] {
-        let mut entry = dir.put_file(&format!("ckpt/{name}/{file}"), &tmp.path().join(file)).await?;
-        entry.path = file.into();
-        files.push(entry);
+    for (file, tensors) in [("model.safetensors", &snapshot.model), ("optim.safetensors", &snapshot.optim)] {
+        let chunks = safetensors_chunks(tensors).map_err(|e| local(format!("{file}: {e}")))?;
+        files.push(dir.put_chunks(&format!("ckpt/{name}/{file}"), chunks).await?);
     }
-    let manifest = Manifest::new(step, files.clone());
+    files.push(dir.put(&format!("ckpt/{name}/state.json"), Bytes::from(state)).await?);
+    for entry in &mut files {
+        entry.path = entry.path.rsplit('/').next().unwrap_or_default().to_string();
+    }
+    let manifest = Manifest::new(snapshot.state.step, files.clone());
     let json = serde_json::to_vec_pretty(&manifest).expect("a manifest serialises");
     dir.put(&format!("ckpt/{name}/MANIFEST.json"), Bytes::from(json)).await?;
     dir.put("ckpt/latest", Bytes::from(name.clone())).await?;
     retain(dir, keep).await?;
     Ok(in_stage_dir(&name, files))
-}
-
-fn write_local(dir: &Path, snapshot: &Snapshot) -> Result<(), String> {
-    let to_map = |all: &[(String, Tensor)]| all.iter().cloned().collect::<HashMap<String, Tensor>>();
-    candle_core::safetensors::save(&to_map(&snapshot.model), dir.join("model.safetensors"))
-        .map_err(|e| e.to_string())?;
-    candle_core::safetensors::save(&to_map(&snapshot.optim), dir.join("optim.safetensors"))
-        .map_err(|e| e.to_string())?;
-    let state = serde_json::to_vec_pretty(&snapshot.state).map_err(|e| e.to_string())?;
-    std::fs::write(dir.join("state.json"), state).map_err(|e| e.to_string())
 }
 
 /// Steps of the checkpoint directories under `ckpt/`, newest first (whether or not complete).
@@ -256,5 +348,90 @@ fn sha256_file(path: &Path) -> std::io::Result<String> {
             return Ok(hex::encode(hasher.finalize()));
         }
         hasher.update(&buf[..n]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tensors() -> Vec<(String, Tensor)> {
+        let f32s = Tensor::arange(0f32, 12.0, &Device::Cpu).unwrap().reshape((3, 4)).unwrap();
+        let bf16s = Tensor::arange(0f32, 5.0, &Device::Cpu).unwrap().to_dtype(DType::BF16).unwrap();
+        let u8s = Tensor::new(&[1u8, 2, 3], &Device::Cpu).unwrap();
+        vec![("b.weight".into(), f32s.clone()), ("a.weight".into(), f32s), ("norm".into(), bf16s), ("ids".into(), u8s)]
+    }
+
+    #[test]
+    fn chunks_are_the_bytes_the_safetensors_crate_writes() {
+        let named = tensors();
+        let host: Vec<HostTensor> = named.iter().map(|(n, t)| HostTensor::copy(n.clone(), t).unwrap()).collect();
+        let ours: Vec<u8> = safetensors_chunks(&host).unwrap().concat();
+        let theirs = safetensors::serialize(named.iter().map(|(n, t)| (n.as_str(), t)), None).unwrap();
+        assert!(ours == theirs, "the layouts differ");
+        let loaded = candle_core::safetensors::load_buffer(&ours, &Device::Cpu).unwrap();
+        for (name, t) in &named {
+            let back = &loaded[name];
+            assert_eq!(back.dtype(), t.dtype());
+            let same = back.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+                == t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert!(same, "{name} reads back different");
+        }
+    }
+
+    #[test]
+    fn a_copy_beside_the_loop_holds_the_values_at_its_start() {
+        let weight = Tensor::arange(0f32, 1000.0, &Device::Cpu).unwrap();
+        let moment = Tensor::ones(1000, DType::F32, &Device::Cpu).unwrap();
+        let state = TrainState { step: 7, ..state() };
+        let (mut copying, mut copied) =
+            Snapshot::start(state, vec![("w".into(), weight.clone())], vec![("m".into(), moment)]);
+        // Reading goes on beside the copy; writing waits for the fence.
+        assert_eq!(weight.sum_all().unwrap().to_scalar::<f32>().unwrap(), 499_500.0);
+        copying.fence();
+        weight.inplace_op1(&Negate).unwrap();
+        let snapshot = copied.try_recv().expect("the copy arrived").unwrap();
+        assert_eq!(snapshot.state.step, 7);
+        let w: &[f32] = bytemuck::cast_slice(&snapshot.model[0].data);
+        assert_eq!(w[999], 999.0, "the snapshot holds the weights before the update");
+        assert_eq!(weight.to_vec1::<f32>().unwrap()[999], -999.0);
+        assert_eq!(snapshot.optim[0].shape, [1000]);
+    }
+
+    fn state() -> TrainState {
+        TrainState {
+            format_version: FORMAT_VERSION,
+            step: 0,
+            tokens_seen: 0,
+            cursor: 0,
+            optimizer_updates: 0,
+            lr: 0.0,
+            rng_seed: 1,
+            world_size: 1,
+            config_hash: String::new(),
+            model: crate::model::LlamaConfig::from_spec(&pretrain_crd::spec::ModelPreset::Tiny.config(), 256),
+            seq_len: 0,
+            loss: None,
+            loss_window: Vec::new(),
+            spike_streak: Vec::new(),
+            saved_unix: None,
+            history: Default::default(),
+        }
+    }
+
+    /// Negates in place (an update the copy must not see).
+    struct Negate;
+
+    impl candle_core::InplaceOp1 for Negate {
+        fn name(&self) -> &'static str {
+            "negate"
+        }
+
+        fn cpu_fwd(&self, storage: &mut candle_core::CpuStorage, _: &candle_core::Layout) -> candle_core::Result<()> {
+            if let candle_core::CpuStorage::F32(v) = storage {
+                v.iter_mut().for_each(|x| *x = -*x);
+            }
+            Ok(())
+        }
     }
 }

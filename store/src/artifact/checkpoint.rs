@@ -235,6 +235,14 @@ pub struct RunHistory {
     pub train_seconds: f64,
     /// This checkpoint was taken on SIGTERM (a preemption, not a failure, ended the attempt).
     pub stopped: bool,
+    /// Seconds the step loop spent on checkpoints up to this one: starting each, and waiting for a
+    /// copy of the weights to finish before an update.
+    pub checkpoint_seconds: f64,
+    /// Seconds of held-out loss and probes at checkpoints.
+    pub eval_seconds: f64,
+    /// Seconds from the start of each attempt to its first step: joining the gang, loading the
+    /// checkpoint, opening the data.
+    pub startup_seconds: f64,
 }
 
 /// `MANIFEST.json`.

@@ -96,23 +96,10 @@ fn main() {
     );
     let (mut fwd, mut bwd, mut upd) = (0.0, 0.0, 0.0);
     for step in 0..=steps {
-        let t0 = Instant::now();
-        let (loss, _) = model.loss(&inputs, &targets, dtype).unwrap();
-        let _ = loss.to_scalar::<f32>().unwrap();
-        let t1 = Instant::now();
-        let store = loss.backward().unwrap();
-        let t2 = Instant::now();
-        let mut grads: Vec<Tensor> =
-            model.params.iter().map(|(_, _, v)| store.get(v.as_tensor()).unwrap().clone()).collect();
-        clip(&mut grads, 1.0).unwrap();
-        opt.step(&model.params, &grads, 1e-4).unwrap();
-        dev.synchronize().unwrap();
-        let t3 = Instant::now();
+        let (f, b, u) = train_step(&model, &mut opt, &inputs, &targets, dtype, None);
         if step > 0 {
             // step 0 warms caches and allocations
-            fwd += (t1 - t0).as_secs_f64();
-            bwd += (t2 - t1).as_secs_f64();
-            upd += (t3 - t2).as_secs_f64();
+            (fwd, bwd, upd) = (fwd + f, bwd + b, upd + u);
         }
     }
     let total = fwd + bwd + upd;
@@ -130,14 +117,49 @@ fn main() {
     }
     println!("RESULT tokens_per_s={tokens_per_s:.1}");
     if !dev.is_cuda() {
-        checkpoint_times(&model, &opt);
+        checkpoint_times(&model, &mut opt, &inputs, &targets, dtype);
     }
 }
 
-/// Checkpoint save and load time of this model, against the disk's sequential write speed.
-fn checkpoint_times(model: &Llama, opt: &AdamW) {
-    use pretrain_worker::checkpoint::{self, Snapshot, TrainState};
-    use std::io::Write;
+/// One training step; with `copying`, a checkpoint copy runs beside the forward and backward and the
+/// update waits for it. Returns the seconds of the forward, the backward and the update.
+fn train_step(
+    model: &Llama,
+    opt: &mut AdamW,
+    inputs: &Tensor,
+    targets: &Tensor,
+    dtype: DType,
+    copying: Option<&mut pretrain_worker::checkpoint::Copying>,
+) -> (f64, f64, f64) {
+    let t0 = Instant::now();
+    let (loss, _) = model.loss(inputs, targets, dtype).unwrap();
+    let _ = loss.to_scalar::<f32>().unwrap();
+    let t1 = Instant::now();
+    let store = loss.backward().unwrap();
+    let t2 = Instant::now();
+    let mut grads: Vec<Tensor> =
+        model.params.iter().map(|(_, _, v)| store.get(v.as_tensor()).unwrap().clone()).collect();
+    clip(&mut grads, 1.0).unwrap();
+    if let Some(copying) = copying {
+        copying.fence();
+    }
+    opt.step(&model.params, &grads, 1e-4).unwrap();
+    inputs.device().synchronize().unwrap();
+    let t3 = Instant::now();
+    ((t1 - t0).as_secs_f64(), (t2 - t1).as_secs_f64(), (t3 - t2).as_secs_f64())
+}
+
+/// What a checkpoint of this model costs: the step loop's stall (a step with the copy of the weights
+/// and moments running beside it, against one without; and, for comparison, the copy made in the
+/// loop), the background save's speed against the store's own (the same bytes put as one object),
+/// and loading, against the disk's sequential write speed.
+fn checkpoint_times(model: &Llama, opt: &mut AdamW, inputs: &Tensor, targets: &Tensor, dtype: DType) {
+    use pretrain_worker::checkpoint::{self, Snapshot, TrainState, safetensors_chunks};
+    let seconds = |(f, b, u): (f64, f64, f64)| f + b + u;
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
     let tmp = tempfile::tempdir().expect("a temporary directory");
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
     let store = pretrain_store::Store::open(&format!("file://{}", tmp.path().display())).expect("a file store");
@@ -160,10 +182,25 @@ fn checkpoint_times(model: &Llama, opt: &AdamW) {
         saved_unix: None,
         history: Default::default(),
     };
-    let named = model.params.named();
-    let t = Instant::now();
-    let snapshot = Snapshot::take(state, named, opt.state(&model.params)).expect("snapshot");
-    let snapshot_s = t.elapsed().as_secs_f64();
+    // The stall: steps alternately with and without a copy beside them.
+    // The stall: steps in turn without a copy, with the copy made first in the loop, and with the
+    // copy beside the step.
+    let (mut plain, mut inline, mut beside) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        plain.push(seconds(train_step(model, opt, inputs, targets, dtype, None)));
+        let t = Instant::now();
+        let snapshot = Snapshot::take(state.clone(), model.params.named(), opt.state(&model.params)).expect("snapshot");
+        train_step(model, opt, inputs, targets, dtype, None);
+        inline.push(t.elapsed().as_secs_f64());
+        drop(snapshot);
+        let t = Instant::now();
+        let (mut copy, _copied) = Snapshot::start(state.clone(), model.params.named(), opt.state(&model.params));
+        train_step(model, opt, inputs, targets, dtype, Some(&mut copy));
+        beside.push(t.elapsed().as_secs_f64());
+    }
+    let (plain, inline, beside) = (median(plain), median(inline), median(beside));
+    let snapshot = Snapshot::take(state, model.params.named(), opt.state(&model.params)).expect("snapshot");
+    let chunks = safetensors_chunks(&snapshot.model).expect("a layout");
     let t = Instant::now();
     let files = runtime.block_on(checkpoint::save(&dir, snapshot, 1)).expect("save");
     let save_s = t.elapsed().as_secs_f64();
@@ -171,24 +208,48 @@ fn checkpoint_times(model: &Llama, opt: &AdamW) {
     let t = Instant::now();
     runtime.block_on(checkpoint::load_latest(&dir, &Device::Cpu)).expect("load").expect("a checkpoint");
     let load_s = t.elapsed().as_secs_f64();
-    // The disk: the same number of bytes written sequentially and synced.
-    let path = tmp.path().join("disk-speed");
+    // The store's own speed: as many bytes put as one object, in one request, nothing else done.
+    let payload: object_store::PutPayload = chunks.iter().cycle().take(3 * chunks.len()).cloned().collect();
+    let payload_bytes = payload.content_length() as f64;
+    let key = pretrain_store::key("bench/store-speed").expect("a key");
+    let t = Instant::now();
+    runtime.block_on(object_store::ObjectStoreExt::put(store.object_store(), &key, payload)).expect("put");
+    let store_mb_s = payload_bytes / 1e6 / t.elapsed().as_secs_f64();
+    let disk_mb_s = disk_write_speed(&tmp.path().join("disk-speed"), bytes);
+    let mb = bytes as f64 / 1e6;
+    println!(
+        "checkpoint {mb:.1} MB: median step {plain:.3} s; with the copy first {inline:.3} s (stall {:.3} s); with the copy beside it {beside:.3} s (stall {:.3} s)",
+        inline - plain,
+        beside - plain
+    );
+    println!(
+        "checkpoint save {save_s:.2} s: {:.0} MB/s with sha256, store put {store_mb_s:.0} MB/s ({:.0}%); load + verify {load_s:.2} s ({:.0} MB/s); disk sequential write {disk_mb_s:.0} MB/s",
+        mb / save_s,
+        100.0 * mb / save_s / store_mb_s,
+        mb / load_s,
+    );
+    println!(
+        "RESULT stall_inline_s={:.3} stall_beside_s={:.3} save_vs_store={:.3}",
+        inline - plain,
+        beside - plain,
+        mb / save_s / store_mb_s
+    );
+}
+
+/// Rounds of the stall measurement.
+const ROUNDS: usize = 5;
+
+/// MB/s of `bytes` written sequentially to `path` and synced.
+fn disk_write_speed(path: &std::path::Path, bytes: u64) -> f64 {
+    use std::io::Write;
     let block = vec![7u8; 8 << 20];
     let t = Instant::now();
-    let mut f = std::fs::File::create(&path).expect("create");
+    let mut f = std::fs::File::create(path).expect("create");
     let mut written = 0u64;
     while written < bytes {
         f.write_all(&block).expect("write");
         written += block.len() as u64;
     }
     f.sync_all().expect("sync");
-    let disk_s = t.elapsed().as_secs_f64();
-    let mb = bytes as f64 / 1e6;
-    println!(
-        "checkpoint {mb:.1} MB: snapshot in the step loop {:.3} s; background save {save_s:.2} s ({:.0} MB/s, with sha256); load + verify {load_s:.2} s ({:.0} MB/s); disk sequential write {:.0} MB/s",
-        snapshot_s,
-        mb / save_s,
-        mb / load_s,
-        written as f64 / 1e6 / disk_s
-    );
+    written as f64 / 1e6 / t.elapsed().as_secs_f64()
 }

@@ -85,6 +85,14 @@ impl Interval {
         self.cost
     }
 
+    /// The step after the last checkpoint waited `seconds` for its copy to finish: that is part of
+    /// the checkpoint's cost.
+    pub fn stalled(&mut self, seconds: f64) {
+        if let Some(cost) = &mut self.cost {
+            *cost += seconds;
+        }
+    }
+
     /// A checkpoint of `step` held the step loop for `seconds`.
     pub fn checkpointed(&mut self, step: u64, seconds: f64) {
         self.last = step;
@@ -118,7 +126,7 @@ mod tests {
         assert_eq!(auto.steps(&RunHistory::default()), 339);
         assert!(!auto.due(170 + 338, &RunHistory::default()) && auto.due(170 + 339, &RunHistory::default()));
         // Three failures in 2 hours of training: MTBF (2 h + 2 h) / 4 = 1 h, checkpoints closer.
-        let failing = RunHistory { failures: 3, train_seconds: 7200.0, stopped: false };
+        let failing = RunHistory { failures: 3, train_seconds: 7200.0, ..RunHistory::default() };
         assert_eq!(auto.steps(&failing), 240);
         // Capped at everySteps, and at least every step.
         let mut rare = Interval::new(&spec(CheckpointEvery::Auto, Some(1e9)), 1, 0);

@@ -7,7 +7,7 @@ use tokio::task::JoinHandle;
 
 use super::error::{Result, TrainError};
 use super::tensorboard;
-use crate::checkpoint::{self, Snapshot};
+use crate::checkpoint::{self, Copied, dir_name};
 
 /// The save in flight, and the files of the newest finished one.
 #[derive(Debug)]
@@ -32,14 +32,20 @@ impl Saver {
         Ok(())
     }
 
-    /// Starts saving `snapshot`, with `metrics` (the metrics of its steps) written first: a checkpoint
-    /// is never without them, and a resume from an older checkpoint drops the lines past it. Call
-    /// [`Saver::wait`] first.
-    pub fn start(&mut self, snapshot: Snapshot, metrics: Bytes) {
+    /// Starts saving the checkpoint of `step` once its snapshot is copied, with `metrics` (the
+    /// metrics of its steps) written first: a checkpoint is never without them, and a resume from an
+    /// older checkpoint drops the lines past it. Call [`Saver::wait`] first.
+    pub fn start(&mut self, step: u64, snapshot: Copied, metrics: Bytes) {
         debug_assert!(self.pending.is_none(), "one save at a time");
-        let (dir, keep, step) = (self.dir.clone(), self.keep, snapshot.state.step);
+        let (dir, keep) = (self.dir.clone(), self.keep);
         self.pending = Some(tokio::spawn(async move {
             let saved = async {
+                let copy_failed = |reason: String| checkpoint::CheckpointError::Local { name: dir_name(step), reason };
+                let snapshot = match snapshot.await {
+                    Ok(Ok(snapshot)) => snapshot,
+                    Ok(Err(e)) => return Err(copy_failed(format!("copying the weights to the host: {e}"))),
+                    Err(_) => return Err(copy_failed("the copy of the weights ended without a snapshot".into())),
+                };
                 dir.put(tensorboard::FILE, Bytes::from(tensorboard::events(&metrics))).await?;
                 dir.put("metrics.jsonl", metrics).await?;
                 checkpoint::save(&dir, snapshot, keep).await

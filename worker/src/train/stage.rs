@@ -22,7 +22,7 @@ use super::saver::Saver;
 use super::tensorboard;
 use super::trainer::Trainer;
 use crate::Context;
-use crate::checkpoint::{self, Snapshot};
+use crate::checkpoint;
 use crate::frame::Outcome;
 use crate::model::{Llama, Scaling};
 use crate::score::{Scorer, probe_logprobs};
@@ -127,6 +127,7 @@ async fn check_budget(ctx: &Context, job: &Job, stream_tokens: u64) -> Result<()
 
 /// Runs the train or long-context stage (as `ctx.stage` says) to its commit, or until SIGTERM.
 pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
+    let begun = Instant::now();
     let spec = &ctx.run.spec;
     let tok = Tokenized::load(ctx).await?;
     let job = match ctx.stage {
@@ -157,6 +158,7 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
     }
     trainer.state.history.stopped = false;
     let mut pace = Pace::new(&job, first_step);
+    trainer.state.history.startup_seconds += begun.elapsed().as_secs_f64();
     while trainer.state.step < job.total_steps {
         let Some(batch) = prefetch.next() else { break };
         let started = Instant::now();
@@ -175,8 +177,7 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
             }
             continue;
         }
-        trainer.state.history.train_seconds += line.seconds;
-        interval.step_done(line.seconds);
+        count_step(&mut trainer, &mut interval, line.seconds);
         // Held-out loss and probes only at scheduled checkpoints: a checkpoint on SIGTERM must be quick
         // (the grace period runs), and the metrics stay those of an uninterrupted run.
         let scheduled =
@@ -184,6 +185,7 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
         let held = Instant::now();
         if scheduled {
             measure(&trainer, &streams, &tok, ctx, &mut line)?;
+            trainer.state.history.eval_seconds += held.elapsed().as_secs_f64();
         }
         metrics.write(&line)?;
         pace.report(&line);
@@ -224,14 +226,27 @@ fn announce_interval(job: &Job, interval: &Interval, history: &RunHistory, every
     }
 }
 
+/// Counts a finished step of `seconds` in the ledger: its wait for the last checkpoint's copy is the
+/// checkpoint's, the rest training's; the interval learns both.
+fn count_step(trainer: &mut Trainer, interval: &mut Interval, seconds: f64) {
+    let fenced = trainer.take_fenced();
+    let history = &mut trainer.state.history;
+    history.train_seconds += seconds - fenced;
+    history.checkpoint_seconds += fenced;
+    interval.stalled(fenced);
+    interval.step_done(seconds - fenced);
+}
+
 /// Waits for the save in flight, then hands a snapshot of the trainer to the saver, with the metrics
-/// of its steps.
+/// of its steps. The time this takes is the next checkpoint's to record.
 async fn save(trainer: &mut Trainer, saver: &mut Saver, metrics: &mut MetricsLog) -> Result<()> {
+    let saving = Instant::now();
     saver.wait().await?;
     trainer.state.saved_unix =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok().map(|d| d.as_secs());
-    let optimizer = trainer.optimizer.state(&trainer.model.params);
-    saver.start(Snapshot::take(trainer.state.clone(), trainer.model.params.named(), optimizer)?, metrics.bytes()?);
+    let step = trainer.state.step;
+    saver.start(step, trainer.snapshot()?, metrics.bytes()?);
+    trainer.state.history.checkpoint_seconds += saving.elapsed().as_secs_f64();
     Ok(())
 }
 

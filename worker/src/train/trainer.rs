@@ -14,7 +14,7 @@ use super::loader::{Batch, BatchShape};
 use super::optim::{AdamW, AdamWConfig, clip};
 use super::schedule::learning_rate;
 use crate::Context;
-use crate::checkpoint::{self, Loaded, TrainState};
+use crate::checkpoint::{self, Copied, Copying, Loaded, Snapshot, TrainState};
 use crate::dist::{self, BUCKET_BYTES, Collective};
 use crate::model::{Llama, LlamaConfig, Params};
 
@@ -134,6 +134,10 @@ pub struct Trainer {
     recompute: bool,
     dtype: DType,
     device: Device,
+    /// A checkpoint copy still reading the weights and moments.
+    copying: Option<Copying>,
+    /// Seconds the step loop waited for checkpoint copies to finish, not yet counted.
+    fenced: f64,
 }
 
 impl Trainer {
@@ -198,6 +202,8 @@ impl Trainer {
             recompute,
             dtype,
             device: device.clone(),
+            copying: None,
+            fenced: 0.0,
         })
     }
 
@@ -219,6 +225,34 @@ impl Trainer {
     /// Sequences per forward pass.
     pub fn micro(&self) -> usize {
         self.job.micro
+    }
+
+    /// Starts a checkpoint of the weights, moments and state. On the CPU the copy runs beside the
+    /// next step's forward and backward, which only read them, and the update waits for it; on a
+    /// GPU the copy to the host is made now (it is fast, and a device's stream orders it anyway).
+    pub fn snapshot(&mut self) -> Result<Copied> {
+        self.fence();
+        let (state, model, optim) =
+            (self.state.clone(), self.model.params.named(), self.optimizer.state(&self.model.params));
+        if self.device.is_cpu() {
+            let (copying, copied) = Snapshot::start(state, model, optim);
+            self.copying = Some(copying);
+            return Ok(copied);
+        }
+        let (send, copied) = tokio::sync::oneshot::channel();
+        let _ = send.send(Ok(Snapshot::take(state, model, optim)?));
+        Ok(copied)
+    }
+
+    /// Seconds the step loop waited for checkpoint copies since the last call.
+    pub fn take_fenced(&mut self) -> f64 {
+        std::mem::take(&mut self.fenced)
+    }
+
+    fn fence(&mut self) {
+        if let Some(mut copying) = self.copying.take() {
+            self.fenced += copying.fence();
+        }
     }
 
     /// Whether this rank measures, logs and checkpoints for the gang (rank 0).
@@ -283,6 +317,7 @@ impl Trainer {
             Verdict::Normal => None,
         };
         if spike.is_none() {
+            self.fence();
             self.optimizer.step(&self.model.params, &grads, lr)?;
         }
         let state = &mut self.state;
@@ -302,6 +337,7 @@ impl Trainer {
     /// newest checkpoint (which rank 0 finished writing before the barrier) and goes on past the
     /// batch; the step, cursor and loss window stay where they are.
     pub async fn roll_back(&mut self, ctx: &Context) -> Result<()> {
+        self.fence();
         self.collective.barrier()?;
         if let Some(loaded) = checkpoint::load_latest(&ctx.dir, &self.device).await? {
             let name = loaded.name.clone();
