@@ -37,6 +37,9 @@ pub struct PretrainRunStatus {
     /// The cluster scheduler's request that a running attempt checkpoint and make room.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preemption: Option<Preemption>,
+    /// Goodput of the training stages so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub goodput: Option<Goodput>,
 }
 
 /// A stage attempt admitted by the cluster scheduler.
@@ -112,6 +115,88 @@ pub struct StageStatus {
     /// The last one-line message from the stage (a failure reason, or progress).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// Where a training stage's attempts spent their time (for goodput).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<StageTime>,
+}
+
+/// Where a training stage's attempts spent their time, in seconds. The operator adds each attempt
+/// when it ends: its wall time, and the part of it that no checkpoint kept (the checkpoints'
+/// ledger, `state.json`'s `history`, says what each attempt kept), by why the attempt ended.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", default)]
+pub struct StageTime {
+    /// Wall seconds of the ended attempts, from their start to their end.
+    pub held_seconds: f64,
+    /// Seconds spent waiting to start attempts: for admission, and for the restart backoff.
+    pub queued_seconds: f64,
+    /// Seconds of attempts that failed or that the cluster ended, which no checkpoint kept: the
+    /// steps since the last checkpoint (recomputed by the next attempt), and the failure itself.
+    pub recomputed_seconds: f64,
+    /// Seconds of attempts stopped to make room (preempted or suspended) that no checkpoint kept.
+    pub preempted_seconds: f64,
+    /// Seconds of other attempts that no checkpoint kept: pods starting before the worker, the
+    /// commit after the last checkpoint, attempts stopped by a spec change.
+    pub other_seconds: f64,
+    /// The ledger's seconds when the current attempt started.
+    pub ledger_at_start: f64,
+    /// RFC 3339 time the stage began waiting for its next attempt, while it waits.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waiting_since: Option<String>,
+}
+
+/// The share of the time the training gangs held their nodes that advanced the model, and where
+/// the rest went.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Goodput {
+    /// Productive seconds over held seconds less those in flight (0 to 1).
+    pub ratio: f64,
+    /// GPU-hours the training gangs held (a pod without GPUs counts as one).
+    pub held_gpu_hours: f64,
+    /// Wall seconds the training gangs held their nodes.
+    pub held_seconds: f64,
+    /// Seconds of training steps that checkpoints kept.
+    pub productive_seconds: f64,
+    /// Seconds of the running attempt since its newest checkpoint: neither kept nor lost yet.
+    pub in_flight_seconds: f64,
+    /// Seconds lost, by cause.
+    pub lost: GoodputLoss,
+}
+
+/// Lost seconds by cause. All but `admission` are part of the held time.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GoodputLoss {
+    /// Waiting for admission and restart backoffs, holding no nodes.
+    pub admission: f64,
+    /// From a worker's start to its first step: joining the gang, loading the checkpoint and data.
+    pub startup: f64,
+    /// Failed or disrupted attempts' time that no checkpoint kept.
+    pub recomputed: f64,
+    /// The step loop held by checkpoints.
+    pub checkpoint: f64,
+    /// Preempted or suspended attempts' time that no checkpoint kept.
+    pub preemption: f64,
+    /// Held-out loss and probes at checkpoints.
+    pub evaluation: f64,
+    /// The rest: pods starting before the worker, commits, attempts stopped by a spec change.
+    pub other: f64,
+}
+
+impl GoodputLoss {
+    /// Each cause with its seconds, in the order above.
+    pub fn by_cause(&self) -> [(&'static str, f64); 7] {
+        [
+            ("admission", self.admission),
+            ("startup", self.startup),
+            ("recomputed", self.recomputed),
+            ("checkpoint", self.checkpoint),
+            ("preemption", self.preemption),
+            ("evaluation", self.evaluation),
+            ("other", self.other),
+        ]
+    }
 }
 
 /// Stage phases.

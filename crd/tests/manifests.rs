@@ -330,7 +330,7 @@ fn crd_has_status_subresource_and_printer_columns() {
     assert_eq!(version.name, "v1alpha1");
     assert!(version.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some());
     let columns: Vec<&str> = version.additional_printer_columns.iter().flatten().map(|c| c.name.as_str()).collect();
-    assert_eq!(columns, ["Phase", "Stage", "Step", "Loss", "Age"]);
+    assert_eq!(columns, ["Phase", "Stage", "Step", "Loss", "Goodput", "Age"]);
 }
 
 #[test]

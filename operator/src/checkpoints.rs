@@ -23,3 +23,23 @@ pub async fn newest(dir: &StageDir) -> Result<Option<Newest>, pretrain_store::Er
         .and_then(|s| serde_json::from_slice::<serde_json::Value>(&s).ok());
     Ok(Some(Newest { name, state }))
 }
+
+/// The goodput ledger of `dir`'s newest checkpoint, if it was written for `config_hash`.
+pub async fn ledger(
+    dir: &StageDir,
+    config_hash: &str,
+) -> Result<Option<crate::plan::goodput::Ledger>, pretrain_store::Error> {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct State {
+        config_hash: String,
+        #[serde(default)]
+        saved_unix: Option<i64>,
+        #[serde(default)]
+        history: pretrain_store::artifact::RunHistory,
+    }
+    let state = newest(dir).await?.and_then(|n| n.state).and_then(|s| serde_json::from_value::<State>(s).ok());
+    Ok(state
+        .filter(|s| s.config_hash == config_hash)
+        .map(|s| crate::plan::goodput::Ledger { history: s.history, saved_unix: s.saved_unix }))
+}

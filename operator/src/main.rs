@@ -257,7 +257,15 @@ fn report((store, run): (String, Option<String>)) -> Result<(), Failed> {
     let run = run.ok_or_else(|| Failed::Usage("name the run: pretrain report RUN, or -f MANIFEST".into()))?;
     let keys = block_on(async {
         let s = pretrain_store::Store::open(&store)?;
-        local::report::write(&s, &run).await
+        // The local runner's records give goodput; a run the operator ran has it in its status.
+        let goodput = match local::state::StateDb::open(&store) {
+            Ok(db) => local::goodput(&db, &s, &run).await.unwrap_or_else(|e| {
+                eprintln!("report: goodput not known: {e}");
+                None
+            }),
+            Err(_) => None,
+        };
+        local::report::write(&s, &run, goodput.as_ref()).await
     })?;
     println!("{}", local::report_location(&store, &keys[0]));
     Ok(())

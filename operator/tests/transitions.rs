@@ -5,6 +5,7 @@ use std::path::Path;
 
 use pretrain_crd::{PretrainRunSpec, PretrainRunStatus, Stage};
 use pretrain_operator::plan::cluster::{ClusterView, JobKey, JobView, LivePod, decide};
+use pretrain_operator::plan::goodput::Ledger;
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
@@ -29,6 +30,9 @@ struct Case {
     /// The operator runs its cluster scheduler (stages that need GPUs wait for `status.admission`).
     #[serde(default)]
     scheduler: bool,
+    /// Each training stage's newest checkpoint (`history` and `savedUnix`).
+    #[serde(default)]
+    ledgers: BTreeMap<Stage, Ledger>,
     expect: Expect,
 }
 
@@ -52,6 +56,8 @@ struct Expect {
     conditions: BTreeMap<String, String>,
     #[serde(default)]
     stages: BTreeMap<String, StageExpect>,
+    /// Fields of `status.goodput`.
+    goodput: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -62,6 +68,19 @@ struct StageExpect {
     failures: Option<u32>,
     disruptions: Option<u32>,
     message: Option<String>,
+    /// Fields of the stage's `time`.
+    time: Option<serde_json::Value>,
+}
+
+/// Whether every field `want` names has that value in `got`.
+fn within(got: &serde_json::Value, want: &serde_json::Value) -> bool {
+    match (got, want) {
+        (serde_json::Value::Object(g), serde_json::Value::Object(w)) => {
+            w.iter().all(|(k, v)| g.get(k).is_some_and(|g| within(g, v)))
+        }
+        (serde_json::Value::Number(g), serde_json::Value::Number(w)) => g.as_f64() == w.as_f64(),
+        (g, w) => g == w,
+    }
 }
 
 fn spec(name: &str, patch: Option<&serde_json::Value>) -> PretrainRunSpec {
@@ -111,6 +130,7 @@ fn every_transition_decides_as_the_fixture_says() {
             now: case.now,
             scheduler: case.scheduler,
             live_pods: &case.live_pods,
+            ledgers: &case.ledgers,
         };
         let d = decide(&view);
         let mut problems = Vec::new();
@@ -180,6 +200,18 @@ fn every_transition_decides_as_the_fixture_says() {
                 if !message.contains(m.as_str()) {
                     problems.push(format!("{name}.message: {message:?} lacks {m:?}"));
                 }
+            }
+            if let Some(t) = &want.time {
+                let time = serde_json::to_value(&got.time).unwrap();
+                if !within(&time, t) {
+                    problems.push(format!("{name}.time: got {time}, want {t}"));
+                }
+            }
+        }
+        if let Some(want) = &case.expect.goodput {
+            let got = serde_json::to_value(&d.status.goodput).unwrap();
+            if !within(&got, want) {
+                problems.push(format!("goodput: got {got}, want {want}"));
             }
         }
         for (type_, want) in &case.expect.conditions {

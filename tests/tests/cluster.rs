@@ -524,6 +524,15 @@ async fn a_training_pod_deleted_mid_run_restarts_the_gang_from_its_checkpoint_wi
     let reference = run_end(&client, "undisturbed", "gang").await;
     assert_eq!(reference.phase, Some(pretrain_crd::status::RunPhase::Succeeded), "{reference:#?}");
     assert_eq!(train_stage(&reference).attempts, 1, "{reference:#?}");
+    // Both runs account for their time: trained steps are a share of the time the gangs held
+    // their nodes, and the restarted gang's time is in its record.
+    for status in [&disturbed, &reference] {
+        let g = status.goodput.as_ref().unwrap_or_else(|| panic!("no goodput: {status:#?}"));
+        assert!(g.productive_seconds > 0.0 && g.held_seconds > g.productive_seconds, "{g:?}");
+        assert!(g.ratio > 0.0 && g.ratio <= 1.0, "{g:?}");
+    }
+    let time = train.time.as_ref().expect("the train stage's time");
+    assert!(time.held_seconds > 0.0, "{time:?}");
     assert_eq!(
         weights(cluster, "podkill", "gang"),
         weights(cluster, "undisturbed", "gang"),

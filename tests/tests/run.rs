@@ -37,7 +37,8 @@ fn a_micro_manifest_runs_all_five_stages_and_a_rerun_starts_none() {
     let page_path = store.join("report/README.md");
     assert!(stdout.contains(&format!("report: {}", page_path.display())), "{stdout}");
     let page = std::fs::read_to_string(&page_path).unwrap();
-    for section in ["## Data", "## Tokenizer", "## Training", "## Evaluation", "### base vs long-context"] {
+    for section in ["## Goodput", "## Data", "## Tokenizer", "## Training", "## Evaluation", "### base vs long-context"]
+    {
         assert!(page.contains(section), "{section} missing from\n{page}");
     }
     for plot in ["loss.svg", "lr.svg", "throughput.svg", "probes.svg"] {
@@ -75,6 +76,14 @@ fn a_micro_manifest_runs_all_five_stages_and_a_rerun_starts_none() {
     }
     // Train takes 75% of the 5,120-token budget (long-context the other 25%): 15 steps of 256 tokens.
     assert!(status.contains("checkpoint step-000000015"), "{status}");
+    // Goodput of the two training stages: a share of the time they held, never more than all of it.
+    let percent = status
+        .lines()
+        .find_map(|l| l.trim_start().strip_prefix("goodput "))
+        .and_then(|rest| rest.split('%').next())
+        .and_then(|p| p.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no goodput in\n{status}"));
+    assert!(percent > 0.0 && percent <= 100.0, "{status}");
 
     // The long-context checkpoint as a Hugging Face Llama directory.
     let hf = tmp.path().join("hf");

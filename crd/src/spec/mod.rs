@@ -63,6 +63,7 @@ pub use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
         printcolumn(name = "Stage", type_ = "string", json_path = ".status.stage"),
         printcolumn(name = "Step", type_ = "integer", json_path = ".status.lastCheckpoint.step"),
         printcolumn(name = "Loss", type_ = "number", json_path = ".status.lastCheckpoint.loss"),
+        printcolumn(name = "Goodput", type_ = "number", json_path = ".status.goodput.ratio"),
         printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
         crates(kube_core = "::kube_core"),
         derive = "PartialEq",

@@ -229,22 +229,24 @@ async fn apply_run(run: &PretrainRun, objects: &RunObjects<'_>, ctx: &Context) -
     }
 
     let store = open_store(ctx, objects.run()).await?;
-    let (committed, checkpoint) = observe::store_state(&store, &name, &run.spec).await?;
+    let stored = observe::store_state(&store, &name, &run.spec).await?;
     let (views, live_pods, now) = observe_jobs(ctx, run, &ns, &name).await?;
     let view = ClusterView {
         spec: &run.spec,
         generation: run.metadata.generation,
         status: &status,
-        committed: &committed,
+        committed: &stored.committed,
         jobs: &views,
-        checkpoint,
+        checkpoint: stored.checkpoint,
         now,
         scheduler: ctx.scheduler,
         live_pods: &live_pods,
+        ledgers: &stored.ledgers,
     };
     let decision = decide(&view);
     enact(run, objects, &decision, ctx).await?;
     ctx.metrics.observe_phase(&format!("{ns}/{name}"), decision.status.phase);
+    ctx.metrics.observe_goodput(&format!("{ns}/{name}"), decision.status.goodput.as_ref());
     if decision.status != status {
         match patch_status(&runs, run, &decision.status).await {
             // Decided from a copy of the run older than the server's (the cache lags behind a
@@ -343,6 +345,7 @@ async fn cleanup(run: &PretrainRun, objects: &RunObjects<'_>, ctx: &Context) -> 
         publish(ctx, run, false, "DataDeleted", format!("deleted {removed} objects under {}", store.url())).await;
     }
     ctx.metrics.observe_phase(&format!("{}/{name}", objects.namespace()), None);
+    ctx.metrics.observe_goodput(&format!("{}/{name}", objects.namespace()), None);
     Ok(Action::await_change())
 }
 

@@ -10,7 +10,9 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use pretrain_crd::status::RunPhase;
+use std::sync::atomic::AtomicU64;
+
+use pretrain_crd::status::{Goodput, GoodputLoss, RunPhase};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -27,6 +29,9 @@ pub struct Metrics {
     restarts: Counter,
     runs: Family<Vec<(String, String)>, Gauge>,
     phases: Mutex<HashMap<String, RunPhase>>,
+    goodput: Family<Vec<(String, String)>, Gauge<f64, AtomicU64>>,
+    held: Family<Vec<(String, String)>, Gauge<f64, AtomicU64>>,
+    lost: Family<Vec<(String, String)>, Gauge<f64, AtomicU64>>,
     api_ok: Mutex<Option<Instant>>,
 }
 
@@ -46,7 +51,28 @@ impl Default for Metrics {
         registry.register("reconcile_errors", "Reconciles that failed, by kind of error", errors.clone());
         registry.register("stage_restarts", "Stage attempts started after an earlier attempt ended", restarts.clone());
         registry.register("runs", "PretrainRuns by phase", runs.clone());
-        Self { registry, reconciles, errors, restarts, runs, phases: Mutex::default(), api_ok: Mutex::default() }
+        let goodput = Family::<Vec<(String, String)>, Gauge<f64, AtomicU64>>::default();
+        let held = Family::<Vec<(String, String)>, Gauge<f64, AtomicU64>>::default();
+        let lost = Family::<Vec<(String, String)>, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "goodput_ratio",
+            "Productive training time over the time the run's training gangs held their nodes",
+            goodput.clone(),
+        );
+        registry.register("held_gpu_hours", "GPU-hours the run's training gangs held", held.clone());
+        registry.register("lost_seconds", "Seconds of the run's training stages lost, by cause", lost.clone());
+        Self {
+            registry,
+            reconciles,
+            errors,
+            restarts,
+            runs,
+            phases: Mutex::default(),
+            goodput,
+            held,
+            lost,
+            api_ok: Mutex::default(),
+        }
     }
 }
 
@@ -97,6 +123,25 @@ impl Metrics {
         ] {
             let n = phases.values().filter(|v| **v == p).count();
             self.runs.get_or_create(&vec![("phase".into(), format!("{p:?}"))]).set(n as i64);
+        }
+    }
+
+    /// Run `key` (namespace/name) has `goodput` now; `None` once it is deleted.
+    pub fn observe_goodput(&self, key: &str, goodput: Option<&Goodput>) {
+        let run = || vec![("run".to_string(), key.to_string())];
+        let cause = |c: &str| vec![("run".to_string(), key.to_string()), ("cause".to_string(), c.to_string())];
+        let Some(g) = goodput else {
+            self.goodput.remove(&run());
+            self.held.remove(&run());
+            for (c, _) in GoodputLoss::default().by_cause() {
+                self.lost.remove(&cause(c));
+            }
+            return;
+        };
+        self.goodput.get_or_create(&run()).set(g.ratio);
+        self.held.get_or_create(&run()).set(g.held_gpu_hours);
+        for (c, seconds) in g.lost.by_cause() {
+            self.lost.get_or_create(&cause(c)).set(seconds);
         }
     }
 
@@ -162,6 +207,16 @@ mod tests {
         assert!(text.contains("pretrain_operator_runs{phase=\"Succeeded\"} 1"), "{text}");
         m.observe_phase("ns/a", None);
         assert!(m.encode().contains("pretrain_operator_runs{phase=\"Running\"} 0"));
+        let mut g = Goodput { ratio: 0.875, held_gpu_hours: 64.0, ..Goodput::default() };
+        g.lost.recomputed = 120.5;
+        m.observe_goodput("ns/b", Some(&g));
+        let text = m.encode();
+        assert!(text.contains("pretrain_operator_goodput_ratio{run=\"ns/b\"} 0.875"), "{text}");
+        assert!(text.contains("pretrain_operator_held_gpu_hours{run=\"ns/b\"} 64.0"), "{text}");
+        assert!(text.contains("pretrain_operator_lost_seconds{run=\"ns/b\",cause=\"recomputed\"} 120.5"), "{text}");
+        assert!(text.contains("pretrain_operator_lost_seconds{run=\"ns/b\",cause=\"admission\"} 0.0"), "{text}");
+        m.observe_goodput("ns/b", None);
+        assert!(!m.encode().contains("ns/b"), "a deleted run's series go");
     }
 
     #[tokio::test]

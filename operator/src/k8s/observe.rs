@@ -242,22 +242,34 @@ struct CheckpointState {
     loss: Option<f64>,
     #[serde(default)]
     saved_unix: Option<i64>,
+    #[serde(default)]
+    history: pretrain_store::artifact::RunHistory,
+}
+
+/// What the store says of a run.
+#[derive(Debug, Default)]
+pub struct StoreState {
+    /// The stages whose outputs are committed for the spec.
+    pub committed: BTreeSet<Stage>,
+    /// The newest checkpoint of the training stages (long-context's when it has one).
+    pub checkpoint: Option<CheckpointStatus>,
+    /// Each training stage's newest checkpoint for the spec, for goodput.
+    pub ledgers: std::collections::BTreeMap<Stage, crate::plan::goodput::Ledger>,
 }
 
 /// The stages of `spec` whose outputs `store` has committed for the spec, and the newest checkpoint
-/// of its training stages (long-context's when it has one) written for the spec.
+/// of each training stage written for the spec.
 pub async fn store_state(
     store: &Store,
     run: &str,
     spec: &PretrainRunSpec,
-) -> Result<(BTreeSet<Stage>, Option<CheckpointStatus>), pretrain_store::Error> {
-    let mut committed = BTreeSet::new();
-    let mut checkpoint = None;
+) -> Result<StoreState, pretrain_store::Error> {
+    let mut found = StoreState::default();
     for stage in spec.stages() {
         let hash = spec.stage_config_hash(stage);
         let dir = store.stage(run, stage)?;
         if dir.committed(&hash).await?.is_some() {
-            committed.insert(stage);
+            found.committed.insert(stage);
         }
         if !stage.is_training() {
             continue;
@@ -269,7 +281,7 @@ pub async fn store_state(
         if let Ok(state) = serde_json::from_value::<CheckpointState>(state)
             && state.config_hash == hash
         {
-            checkpoint = Some(CheckpointStatus {
+            found.checkpoint = Some(CheckpointStatus {
                 stage: stage.as_str().into(),
                 step: state.step,
                 tokens: state.tokens_seen,
@@ -277,9 +289,11 @@ pub async fn store_state(
                 url: dir.url(&format!("ckpt/{name}")),
                 time: state.saved_unix.map(crate::plan::cluster::format_time),
             });
+            let ledger = crate::plan::goodput::Ledger { history: state.history, saved_unix: state.saved_unix };
+            found.ledgers.insert(stage, ledger);
         }
     }
-    Ok((committed, checkpoint))
+    Ok(found)
 }
 
 #[cfg(test)]
@@ -425,20 +439,27 @@ mod tests {
         commit(Stage::DataPrep, spec.stage_config_hash(Stage::DataPrep)).await;
         commit(Stage::Tokenize, "an older spec".into()).await;
         let train = store.stage("gang", Stage::Train).unwrap();
-        let state = |hash: String| serde_json::json!({"step": 40, "tokensSeen": 1_310_720, "configHash": hash, "loss": 3.25, "cursor": 7});
+        let state = |hash: String| {
+            serde_json::json!({"step": 40, "tokensSeen": 1_310_720, "configHash": hash, "loss": 3.25, "cursor": 7,
+                "savedUnix": 1_700, "history": {"trainSeconds": 600.0, "startupSeconds": 12.5}})
+        };
         train
             .put("ckpt/step-000000040/state.json", state(spec.stage_config_hash(Stage::Train)).to_string().into())
             .await
             .unwrap();
         train.put("ckpt/latest", "step-000000040".into()).await.unwrap();
-        let (committed, checkpoint) = store_state(&store, "gang", &spec).await.unwrap();
-        assert_eq!(committed.into_iter().collect::<Vec<_>>(), [Stage::DataPrep]);
-        let checkpoint = checkpoint.unwrap();
+        let found = store_state(&store, "gang", &spec).await.unwrap();
+        assert_eq!(found.committed.into_iter().collect::<Vec<_>>(), [Stage::DataPrep]);
+        let ledger = &found.ledgers[&Stage::Train];
+        assert_eq!((ledger.history.train_seconds, ledger.history.startup_seconds), (600.0, 12.5));
+        assert_eq!(ledger.saved_unix, Some(1_700));
+        let checkpoint = found.checkpoint.unwrap();
         assert_eq!((checkpoint.stage.as_str(), checkpoint.step, checkpoint.tokens), ("train", 40, 1_310_720));
         assert_eq!(checkpoint.loss, Some(3.25));
         assert!(checkpoint.url.ends_with("gang/train/ckpt/step-000000040"), "{}", checkpoint.url);
         // A checkpoint of another spec is not this run's progress.
         train.put("ckpt/step-000000040/state.json", state("other".into()).to_string().into()).await.unwrap();
-        assert!(store_state(&store, "gang", &spec).await.unwrap().1.is_none());
+        let found = store_state(&store, "gang", &spec).await.unwrap();
+        assert!(found.checkpoint.is_none() && found.ledgers.is_empty());
     }
 }

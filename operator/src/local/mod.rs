@@ -13,9 +13,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use pretrain_crd::contract::exit;
+use pretrain_crd::status::Goodput;
 use pretrain_crd::{PretrainRun, Stage};
 use pretrain_store::Store;
 
+use crate::plan::goodput::{self, Ended};
 use crate::plan::{self, Action, Observed};
 use state::{RecordPhase, StageRecord, StateDb};
 pub use worker::default_worker;
@@ -127,7 +129,7 @@ pub async fn run(opts: &RunOptions) -> Result<Vec<(Stage, StageOutcome)>, RunErr
         if interrupt.requested() {
             return Err(RunError::Interrupted { stage });
         }
-        local.started(stage, attempt)?;
+        local.started(stage, attempt).await?;
         let result = run_stage(&ctx, stage, layout, opts.workers, &interrupt).await;
         local.ended(stage, attempt, result).await?;
     }
@@ -198,7 +200,7 @@ impl LocalRun {
     }
 
     /// Says and records that `attempt` of `stage` starts.
-    fn started(&self, stage: Stage, attempt: u32) -> Result<(), RunError> {
+    async fn started(&self, stage: Stage, attempt: u32) -> Result<(), RunError> {
         if attempt == 1 {
             println!("{stage}: starting");
         } else {
@@ -209,19 +211,52 @@ impl LocalRun {
             );
         }
         let hash = self.run.spec.stage_config_hash(stage);
+        let accounted = self.accounted(stage).await?;
+        let now = state::now();
         self.update(stage, |r| {
+            let mut time = r.time.take().filter(|_| r.config_hash == hash);
+            if stage.is_training() {
+                let t = time.get_or_insert_default();
+                // Only restarts within one `pretrain run` wait; the time between two runs is not queueing.
+                if attempt == 1 {
+                    t.waiting_since = None;
+                }
+                goodput::started(t, now as i64, accounted);
+            }
             *r = StageRecord {
                 phase: RecordPhase::Running,
                 attempts: attempt,
-                started: Some(state::now()),
+                started: Some(now),
+                time,
                 ..record(&hash)
             };
         })
     }
 
+    /// Seconds the newest checkpoint of a training stage accounts for (0 for other stages).
+    async fn accounted(&self, stage: Stage) -> Result<f64, RunError> {
+        if !stage.is_training() {
+            return Ok(0.0);
+        }
+        let dir = self.store.stage(&self.name, stage)?;
+        let ledger = crate::checkpoints::ledger(&dir, &self.run.spec.stage_config_hash(stage)).await?;
+        Ok(goodput::accounted(ledger.as_ref()))
+    }
+
     /// Records how `attempt` of `stage` ended, for the planner's next choice.
     async fn ended(&mut self, stage: Stage, attempt: u32, result: Result<(), WorkerExit>) -> Result<(), RunError> {
         let finished = Some(state::now());
+        let accounted = self.accounted(stage).await?;
+        let why = match &result {
+            Ok(()) => Ended::Other,
+            Err(WorkerExit::Interrupted) => Ended::Stopped,
+            Err(_) => Ended::Failed,
+        };
+        self.update(stage, |r| {
+            if let (Some(start), Some(end), Some(t)) = (r.started, finished, r.time.as_mut()) {
+                goodput::ended(t, start as i64, end as i64, accounted, why);
+            }
+        })?;
         match result {
             Ok(()) => {
                 let hash = self.run.spec.stage_config_hash(stage);
@@ -264,7 +299,14 @@ impl LocalRun {
     /// The run's report, when a stage ran.
     async fn write_report(&self) {
         if self.outcomes.iter().any(|(_, o)| *o == StageOutcome::Completed) {
-            match report::write(&self.store, &self.name).await {
+            let goodput = match goodput(&self.db, &self.store, &self.name).await {
+                Ok(g) => g,
+                Err(e) => {
+                    eprintln!("report: goodput not known: {e}");
+                    None
+                }
+            };
+            match report::write(&self.store, &self.name, goodput.as_ref()).await {
                 Ok(keys) => println!("report: {}", report_location(&self.store_url, &keys[0])),
                 Err(e) => eprintln!("report: not written: {e}"),
             }
@@ -296,6 +338,7 @@ fn record(hash: &str) -> StageRecord {
         exit_code: None,
         reason: None,
         runner_pid: Some(std::process::id()),
+        time: None,
     }
 }
 
@@ -319,7 +362,7 @@ pub async fn status(store_url: &str, run: Option<&str>) -> Result<String, RunErr
             writeln!(out, "  {:<13} {:<12} {:>8}  {:<24} {:>9}  note", "stage", "phase", "attempts", "started", "took");
         for stage in Stage::ALL {
             let Some(r) = db.get(&name, stage) else { continue };
-            let alive = r.runner_pid.is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+            let alive = runner_alive(&r);
             let phase = match r.phase {
                 RecordPhase::Running if !alive => "stopped".to_string(),
                 p => serde_json::to_value(p).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(),
@@ -351,8 +394,38 @@ pub async fn status(store_url: &str, run: Option<&str>) -> Result<String, RunErr
                 took
             );
         }
+        if let Some(g) = goodput(&db, &store, &name).await? {
+            let _ = writeln!(out, "  {}", goodput::summary(&g));
+        }
     }
     Ok(out)
+}
+
+/// Goodput of `run`'s training stages, from the state database's records and their newest
+/// checkpoints' ledgers (a local run's gang counts as one GPU).
+pub async fn goodput(db: &StateDb, store: &Store, run: &str) -> Result<Option<Goodput>, RunError> {
+    let mut found = Vec::new();
+    for stage in Stage::ALL.into_iter().filter(|s| s.is_training()) {
+        let Some(r) = db.get(run, stage) else { continue };
+        let Some(time) = r.time.clone() else { continue };
+        let ledger = crate::checkpoints::ledger(&store.stage(run, stage)?, &r.config_hash).await?;
+        let running = r.phase == RecordPhase::Running && runner_alive(&r);
+        found.push((time, running.then_some(r.started).flatten().map(|s| s as i64), ledger));
+    }
+    let times: Vec<goodput::StageTimes<'_>> = found
+        .iter()
+        .map(|(time, running_since, ledger)| goodput::StageTimes {
+            time,
+            running_since: *running_since,
+            ledger: ledger.as_ref(),
+        })
+        .collect();
+    Ok(goodput::of(&times, 1))
+}
+
+/// Whether the `pretrain run` that ran a stage last is still running.
+fn runner_alive(r: &StageRecord) -> bool {
+    r.runner_pid.is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
 }
 
 /// The run's stages between `from` and `until`, inclusive.

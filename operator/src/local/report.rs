@@ -9,6 +9,7 @@ use std::fmt::Write as _;
 use bytes::Bytes;
 use plotters::prelude::*;
 use pretrain_crd::Stage;
+use pretrain_crd::status::Goodput;
 use pretrain_store::artifact::{DataPrepStats, MetricsLine, ProbeRow, TokenizeStats};
 use pretrain_store::{StageCommit, Store};
 
@@ -127,12 +128,16 @@ impl Inputs {
     }
 }
 
-/// Writes the report of `run`; returns the keys written (page first).
-pub async fn write(store: &Store, run: &str) -> Result<Vec<String>, pretrain_store::Error> {
+/// Writes the report of `run`, with its `goodput` where known; returns the keys written (page
+/// first).
+pub async fn write(store: &Store, run: &str, goodput: Option<&Goodput>) -> Result<Vec<String>, pretrain_store::Error> {
     let inputs = Inputs::read(store, run).await?;
     let mut md = String::new();
     let mut plots: Vec<(String, String)> = Vec::new();
     stages_section(&mut md, run, &inputs);
+    if let Some(g) = goodput {
+        goodput_section(&mut md, g);
+    }
     if let Some(stats) = inputs.stats::<DataPrepStats>(Stage::DataPrep) {
         data_section(&mut md, &stats);
     }
@@ -171,6 +176,27 @@ fn stages_section(md: &mut String, run: &str, inputs: &Inputs) {
                 let _ = writeln!(md, "| {stage} | no | |");
             }
         }
+    }
+}
+
+/// Goodput of the training stages: the share of held time that trained, and where the rest went.
+fn goodput_section(md: &mut String, g: &Goodput) {
+    let _ = writeln!(md, "\n## Goodput\n\n{}.\n", crate::plan::goodput::summary(g));
+    let _ = writeln!(md, "| time | seconds | share of held |\n|---|---:|---:|");
+    let share = |s: f64| if g.held_seconds > 0.0 { format!("{:.1}%", 100.0 * s / g.held_seconds) } else { "-".into() };
+    let _ = writeln!(md, "| held by the training gangs | {:.0} | 100% |", g.held_seconds);
+    let _ = writeln!(md, "| training steps kept | {:.0} | {} |", g.productive_seconds, share(g.productive_seconds));
+    for (cause, seconds) in g.lost.by_cause() {
+        let share = if cause == "admission" { "(not held)".to_string() } else { share(seconds) };
+        let _ = writeln!(md, "| lost: {cause} | {seconds:.0} | {share} |");
+    }
+    if g.in_flight_seconds > 0.0 {
+        let _ = writeln!(
+            md,
+            "| in flight (since the newest checkpoint) | {:.0} | {} |",
+            g.in_flight_seconds,
+            share(g.in_flight_seconds)
+        );
     }
 }
 

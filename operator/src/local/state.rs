@@ -47,6 +47,9 @@ pub struct StageRecord {
     /// Process id of the `pretrain run` that ran it last.
     #[serde(default)]
     pub runner_pid: Option<u32>,
+    /// A training stage's time over its attempts, for goodput.
+    #[serde(default)]
+    pub time: Option<pretrain_crd::status::StageTime>,
 }
 
 /// The state database.
@@ -164,6 +167,7 @@ mod tests {
             exit_code: Some(1),
             reason: Some("disk full".into()),
             runner_pid: Some(7),
+            time: None,
         };
         {
             let db = StateDb::open(&url).unwrap();

@@ -8,7 +8,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use pretrain_crd::Stage;
 use pretrain_crd::status::{StagePhase, StageStatus};
 
-use super::cluster::{ClusterView, Decision, Event, Failure, JobKey, JobState, JobView};
+use super::cluster::{ClusterView, Decision, Event, Failure, JobKey, JobState, JobView, account_end};
+use super::goodput::{self, Ended};
 use super::{Observed, Role};
 
 /// Where the current attempt of a stage stands, from its Jobs.
@@ -90,6 +91,7 @@ pub(super) fn carried_over(view: &ClusterView<'_>) -> Vec<StageStatus> {
                     start_time: None,
                     finish_time: None,
                     message: None,
+                    time: None,
                 },
                 |s| (*s).clone(),
             )
@@ -109,6 +111,9 @@ pub(super) fn adopt_unrecorded(view: &ClusterView<'_>, decision: &mut Decision, 
             s.attempts = attempt;
             s.phase = StagePhase::Running;
             s.start_time = Some(now.into());
+            if stage.is_training() {
+                goodput::started(s.time.get_or_insert_default(), view.now, view.accounted(stage));
+            }
             s.finish_time = None;
             s.message = None;
             decision.events.push(Event {
@@ -137,6 +142,9 @@ pub(super) fn settle(view: &ClusterView<'_>, decision: &mut Decision, now: &str)
     for (i, stage) in view.spec.stages().into_iter().enumerate() {
         let s = &mut decision.status.stages[i];
         let settled = if view.committed.contains(&stage) {
+            if s.phase == StagePhase::Running {
+                account_end(view, s, stage, Ended::Other);
+            }
             Settled { event: committed(s, stage, now), ..Settled::default() }
         } else {
             if matches!(s.phase, StagePhase::Succeeded | StagePhase::Skipped) {
@@ -195,7 +203,8 @@ fn committed(s: &mut StageStatus, stage: Stage, now: &str) -> Option<Event> {
 
 /// What the Jobs of a running attempt say became of it.
 fn settle_running(view: &ClusterView<'_>, s: &mut StageStatus, stage: Stage, now: &str) -> Settled {
-    let ended = |s: &mut StageStatus, phase: StagePhase, message: String| {
+    let ended = |s: &mut StageStatus, phase: StagePhase, message: String, why: Ended| {
+        account_end(view, s, stage, why);
         s.phase = phase;
         s.finish_time = Some(now.into());
         s.message = Some(message);
@@ -211,7 +220,7 @@ fn settle_running(view: &ClusterView<'_>, s: &mut StageStatus, stage: Stage, now
         }
         Attempt::Stale(active) => {
             settled.stop = active;
-            ended(s, StagePhase::Pending, "the spec changed; restarting with the new one".into());
+            ended(s, StagePhase::Pending, "the spec changed; restarting with the new one".into(), Ended::Other);
             settled.event = Some(Event {
                 warning: false,
                 reason: "SpecChanged",
@@ -219,14 +228,16 @@ fn settle_running(view: &ClusterView<'_>, s: &mut StageStatus, stage: Stage, now
             });
         }
         Attempt::Missing => {
-            ended(s, StagePhase::Pending, format!("the Jobs of attempt {} disappeared; resuming", s.attempts));
+            let why = format!("the Jobs of attempt {} disappeared; resuming", s.attempts);
+            ended(s, StagePhase::Pending, why, Ended::Failed);
         }
         Attempt::Succeeded => {
             s.failures += 1;
-            ended(s, StagePhase::Failed, "the stage's pods exited 0 without committing its outputs".into());
+            let why = "the stage's pods exited 0 without committing its outputs".into();
+            ended(s, StagePhase::Failed, why, Ended::Failed);
         }
         Attempt::Failed(Failure::Resume) => {
-            ended(s, StagePhase::Pending, "checkpointed and stopped; resuming".into());
+            ended(s, StagePhase::Pending, "checkpointed and stopped; resuming".into(), Ended::Stopped);
         }
         Attempt::Failed(Failure::Disruption(reason)) => {
             // What is still running of the attempt stops (a Job holding a lost pod never ends).
@@ -240,7 +251,7 @@ fn settle_running(view: &ClusterView<'_>, s: &mut StageStatus, stage: Stage, now
                     s.attempts
                 ),
             });
-            ended(s, StagePhase::Pending, format!("disrupted ({reason}); resuming"));
+            ended(s, StagePhase::Pending, format!("disrupted ({reason}); resuming"), Ended::Failed);
         }
         Attempt::Failed(Failure::Retry(reason)) => {
             s.failures += 1;
@@ -249,12 +260,12 @@ fn settle_running(view: &ClusterView<'_>, s: &mut StageStatus, stage: Stage, now
                 reason: "StageFailed",
                 note: format!("{stage}: attempt {} failed: {reason}", s.attempts),
             });
-            ended(s, StagePhase::Failed, reason);
+            ended(s, StagePhase::Failed, reason, Ended::Failed);
         }
         Attempt::Failed(Failure::Permanent(reason)) => {
             s.failures += 1;
             settled.permanent = true;
-            ended(s, StagePhase::Failed, reason);
+            ended(s, StagePhase::Failed, reason, Ended::Failed);
         }
     }
     settled

@@ -8,13 +8,13 @@
 //! against the budget), `Pending` (nothing in flight: not started, stopped after a checkpoint, or its
 //! Jobs vanished), `Succeeded`/`Skipped` (committed).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
-use pretrain_crd::status::{CheckpointStatus, Condition, Preemption, RunPhase, StagePhase, StageStatus};
+use pretrain_crd::status::{CheckpointStatus, Condition, Goodput, Preemption, RunPhase, StagePhase, StageStatus};
 use pretrain_crd::{PretrainRunSpec, PretrainRunStatus, Stage};
 use serde::Deserialize;
 
-use super::{Action, Layout, Role, attempt};
+use super::{Action, Layout, Role, attempt, goodput};
 
 /// What the API server shows of one of the run's Jobs.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -105,6 +105,42 @@ pub struct ClusterView<'a> {
     /// The run's pods that have not finished (phase neither Succeeded nor Failed), deleted or not:
     /// a new attempt starts only once those of earlier attempts are gone.
     pub live_pods: &'a [LivePod],
+    /// Each training stage's newest checkpoint, for goodput.
+    pub ledgers: &'a BTreeMap<Stage, goodput::Ledger>,
+}
+
+impl ClusterView<'_> {
+    /// Seconds the checkpoints of `stage` account for.
+    pub fn accounted(&self, stage: Stage) -> f64 {
+        goodput::accounted(self.ledgers.get(&stage))
+    }
+}
+
+/// Files the end of `s`'s running attempt in a training stage's time record.
+pub(super) fn account_end(view: &ClusterView<'_>, s: &mut StageStatus, stage: Stage, why: goodput::Ended) {
+    let Some(start) = s.start_time.as_deref().and_then(parse_time).filter(|_| stage.is_training()) else { return };
+    goodput::ended(s.time.get_or_insert_default(), start, view.now, view.accounted(stage), why);
+}
+
+/// Goodput of the run's training stages, from `status` as decided.
+fn goodput_of(view: &ClusterView<'_>, status: &PretrainRunStatus) -> Option<Goodput> {
+    let times: Vec<goodput::StageTimes<'_>> = view
+        .spec
+        .stages()
+        .into_iter()
+        .zip(&status.stages)
+        .filter(|(stage, _)| stage.is_training())
+        .filter_map(|(stage, s)| {
+            let running = (s.phase == StagePhase::Running).then(|| s.start_time.as_deref().and_then(parse_time));
+            Some(goodput::StageTimes {
+                time: s.time.as_ref()?,
+                running_since: running.flatten(),
+                ledger: view.ledgers.get(&stage),
+            })
+        })
+        .collect();
+    let r = &view.spec.train.resources;
+    goodput::of(&times, r.nodes * r.gpus_per_node.max(1))
 }
 
 /// A pod of the run that is still running or terminating.
@@ -232,6 +268,7 @@ pub fn decide(view: &ClusterView<'_>) -> Decision {
             }
         }
     }
+    decision.status.goodput = goodput_of(view, &decision.status).or_else(|| old.goodput.clone());
     decision
 }
 
@@ -254,17 +291,18 @@ fn preempt(view: &ClusterView<'_>, decision: &mut Decision, stage: Stage, now: &
     let Some(p) = preemption(view, stage, s.attempts).filter(|_| s.phase == StagePhase::Running) else {
         return false;
     };
-    let attempts = s.attempts;
+    let (attempts, by) = (s.attempts, p.by.clone());
+    account_end(view, s, stage, goodput::Ended::Stopped);
     s.phase = StagePhase::Pending;
     s.finish_time = Some(now.into());
-    let why = format!("preempted by {}: checkpointing and stopping", p.by);
+    let why = format!("preempted by {by}: checkpointing and stopping");
     s.message = Some(why.clone());
     decision.stop.extend(attempt::in_flight(view, stage, attempts));
     decision.create.retain(|k| k.stage != stage);
     decision.events.push(Event {
         warning: true,
         reason: "Preempted",
-        note: format!("{stage}: attempt {attempts} preempted by {}; it resumes from its checkpoint", p.by),
+        note: format!("{stage}: attempt {attempts} preempted by {by}; it resumes from its checkpoint"),
     });
     decision.status.reason = Some(format!("{stage}: {why}"));
     set_phase(decision, now, RunPhase::Suspended, "Preempted", &format!("{stage}: {why}"));
@@ -281,6 +319,7 @@ fn suspend(view: &ClusterView<'_>, decision: &mut Decision, stage: Stage, now: &
     let s = entry(view, decision, stage);
     if s.phase == StagePhase::Running {
         let attempts = s.attempts;
+        account_end(view, s, stage, goodput::Ended::Stopped);
         s.phase = StagePhase::Pending;
         s.finish_time = Some(now.into());
         s.message = Some("suspended: checkpointing and stopping".into());
@@ -303,6 +342,9 @@ fn start_attempt(view: &ClusterView<'_>, decision: &mut Decision, stage: Stage, 
     let s = entry(view, decision, stage);
     if s.phase == StagePhase::Running {
         return false;
+    }
+    if stage.is_training() {
+        goodput::waiting(s.time.get_or_insert_default(), view.now);
     }
     let wait = if s.phase == StagePhase::Failed {
         let since = s.finish_time.as_deref().and_then(parse_time).unwrap_or(view.now);
@@ -327,6 +369,9 @@ fn start_attempt(view: &ClusterView<'_>, decision: &mut Decision, stage: Stage, 
     s.attempts = attempt;
     s.phase = StagePhase::Running;
     s.start_time = Some(now.into());
+    if let Some(time) = s.time.as_mut() {
+        goodput::started(time, view.now, view.accounted(stage));
+    }
     s.finish_time = None;
     s.message = None;
     decision.create.push(JobKey { stage, role: Role::of(layout)[0], attempt });

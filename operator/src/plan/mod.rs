@@ -10,6 +10,7 @@ use pretrain_crd::{PretrainRunSpec, Stage};
 
 mod attempt;
 pub mod cluster;
+pub mod goodput;
 pub mod invocation;
 
 /// What has been observed of one stage.
