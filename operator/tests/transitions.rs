@@ -72,11 +72,11 @@ struct StageExpect {
     time: Option<serde_json::Value>,
 }
 
-/// Whether every field `want` names has that value in `got`.
+/// Whether every field `want` names has that value in `got` (a null, that `got` lacks it).
 fn within(got: &serde_json::Value, want: &serde_json::Value) -> bool {
     match (got, want) {
         (serde_json::Value::Object(g), serde_json::Value::Object(w)) => {
-            w.iter().all(|(k, v)| g.get(k).is_some_and(|g| within(g, v)))
+            w.iter().all(|(k, v)| g.get(k).map_or(v.is_null(), |g| within(g, v)))
         }
         (serde_json::Value::Number(g), serde_json::Value::Number(w)) => g.as_f64() == w.as_f64(),
         (g, w) => g == w,

@@ -320,6 +320,10 @@ fn suspend(view: &ClusterView<'_>, decision: &mut Decision, stage: Stage, now: &
     if s.phase == StagePhase::Running {
         let attempts = s.attempts;
         account_end(view, s, stage, goodput::Ended::Stopped);
+        // A suspension is the user's pause, not a wait for admission: the wait starts on resuming.
+        if let Some(time) = s.time.as_mut() {
+            time.waiting_since = None;
+        }
         s.phase = StagePhase::Pending;
         s.finish_time = Some(now.into());
         s.message = Some("suspended: checkpointing and stopping".into());

@@ -122,7 +122,7 @@ pub fn of(stages: &[StageTimes<'_>], gpus: u32) -> Option<Goodput> {
 
 /// One line for people: the ratio, GPU-hours, and the causes that lost time, largest first.
 pub fn summary(g: &Goodput) -> String {
-    let mut lost: Vec<(&str, f64)> = g.lost.by_cause().into_iter().filter(|(_, s)| *s >= 0.5).collect();
+    let mut lost: Vec<(&str, f64)> = g.lost.by_cause().into_iter().filter(|(_, s)| *s >= 1.0).collect();
     lost.sort_by(|a, b| b.1.total_cmp(&a.1));
     let lost: Vec<String> =
         lost.iter().map(|(cause, s)| format!("{cause} {}", pretrain_crd::display::duration(*s as u64))).collect();
