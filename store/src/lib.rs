@@ -29,6 +29,7 @@ mod upload;
 
 pub use faults::{ENV_FAULTS, Faults, FaultyStore};
 pub use retry::Retry;
+use sha2::Digest as _;
 pub use stage::{FileEntry, StageCommit, StageDir};
 pub use upload::{FileWriter, PART_SIZE, PARTS_IN_FLIGHT};
 
@@ -315,6 +316,50 @@ impl Store {
     pub async fn get_ranges(&self, key: &Path, ranges: &[Range<u64>]) -> Result<Vec<Bytes>> {
         let read = || self.inner.get_ranges(key, ranges);
         self.retry.run("get", key, read).await.map_err(|e| self.object_error(key, e))
+    }
+
+    /// Reads a whole object of `size` bytes into memory in ranges of [`PART_SIZE`], [`PARTS_IN_FLIGHT`]
+    /// at a time, each retried on its own, and returns it with its sha256 (hashed as the ranges
+    /// arrive, in order). An object of another size is an error.
+    pub async fn read_hashed(&self, key: &Path, size: u64) -> Result<(Bytes, String)> {
+        let part = PART_SIZE as u64;
+        let ranges = (0..size.div_ceil(part)).map(|i| i * part..((i + 1) * part).min(size));
+        let mut parts = futures::stream::iter(ranges)
+            .map(|range| {
+                let read = move || {
+                    let range = range.clone();
+                    async move {
+                        let options = GetOptions { range: Some(GetRange::Bounded(range)), ..GetOptions::default() };
+                        let result = self.inner.get_opts(key, options).await?;
+                        let object = result.meta.size;
+                        Ok((object, result.bytes().await?))
+                    }
+                };
+                async move {
+                    let (object, bytes) =
+                        self.retry.run("get", key, read).await.map_err(|e| self.object_error(key, e))?;
+                    if object != size {
+                        let reason = format!("holds {object} bytes, {size} expected");
+                        return Err(Error::Corrupt { store: self.url.clone(), key: key.to_string(), reason });
+                    }
+                    Ok(bytes)
+                }
+            })
+            .buffered(PARTS_IN_FLIGHT);
+        let mut whole = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+        let mut hasher = sha2::Sha256::new();
+        while let Some(bytes) = parts.try_next().await? {
+            sha2::Digest::update(&mut hasher, &bytes);
+            whole.extend_from_slice(&bytes);
+        }
+        if whole.len() as u64 != size {
+            return Err(Error::Corrupt {
+                store: self.url.clone(),
+                key: key.to_string(),
+                reason: format!("read {} bytes of an object expected to hold {size}", whole.len()),
+            });
+        }
+        Ok((Bytes::from(whole), hex::encode(sha2::Digest::finalize(hasher))))
     }
 
     async fn download_part(&self, key: &Path, part: Option<Range<u64>>, dest: &std::path::Path) -> Result<u64> {

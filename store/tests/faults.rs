@@ -69,6 +69,11 @@ async fn drill(store: &Store) {
         assert_eq!(dir.get(&format!("small/{i:02}.json")).await.unwrap(), pattern(1000 + i as usize * 37, i));
     }
     assert_eq!(dir.get("small/chunked.json").await.unwrap(), small);
+    // Read back in parallel ranges, hashed as they arrive.
+    let (read, sha) = store.read_hashed(&dir.key("shards/chunked.tok").unwrap(), chunked.len() as u64).await.unwrap();
+    assert!(read == chunked, "chunked.tok differs when read in ranges");
+    assert_eq!(sha, sha256(&chunked));
+    assert!(store.read_hashed(&dir.key("shards/chunked.tok").unwrap(), chunked.len() as u64 - 1).await.is_err());
     for (name, expected) in [("big.tok", &big), ("streamed.tok", &streamed), ("chunked.tok", &chunked)] {
         let local = tmp.path().join(format!("{name}.down"));
         let n = store.download(&dir.key(&format!("shards/{name}")).unwrap(), &local).await.unwrap();

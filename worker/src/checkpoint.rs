@@ -9,14 +9,11 @@
 //! with a file of the wrong size or hash is skipped with a warning naming it.
 
 use std::collections::HashMap;
-use std::io::Read;
-use std::path::Path;
 
 use bytes::Bytes;
 use candle_core::{DType, Device, Tensor};
 use pretrain_store::{FileEntry, StageDir};
 use safetensors::tensor::{Metadata, TensorInfo};
-use sha2::{Digest, Sha256};
 
 pub use pretrain_store::artifact::{FORMAT_VERSION, Manifest, TrainState, dir_name};
 
@@ -273,38 +270,35 @@ pub async fn load(dir: &StageDir, step: u64, device: &Device) -> Result<Loaded, 
         return Err(unusable("no MANIFEST.json (an interrupted save)".into()));
     };
     let manifest = Manifest::parse(&manifest).map_err(|e| unusable(e.reason))?;
-    let tmp = tempfile::tempdir().map_err(|e| CheckpointError::Local { name: name.clone(), reason: e.to_string() })?;
-    for f in &manifest.files {
-        let local = tmp.path().join(&f.path);
-        let key = dir.key(&format!("ckpt/{name}/{}", f.path))?;
-        if dir.store().size(&key).await? != Some(f.size) {
-            return Err(unusable(format!("{} is missing or not {} bytes", f.path, f.size)));
-        }
-        dir.store().download(&key, &local).await?;
-        let sha =
-            sha256_file(&local).map_err(|e| CheckpointError::Local { name: name.clone(), reason: e.to_string() })?;
-        if sha != f.sha256 {
-            return Err(unusable(format!("{} has sha256 {sha}, the manifest says {}", f.path, f.sha256)));
-        }
-    }
     for needed in ["model.safetensors", "optim.safetensors", "state.json"] {
         if !manifest.files.iter().any(|f| f.path == needed) {
             return Err(unusable(format!("the manifest lists no {needed}")));
         }
     }
-    let state: TrainState = match std::fs::read(tmp.path().join("state.json"))
-        .map_err(|e| e.to_string())
-        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
-    {
+    // Each file read into memory in parallel ranges and hashed as they arrive; nothing on local disk.
+    let mut contents = HashMap::new();
+    for f in &manifest.files {
+        let key = dir.key(&format!("ckpt/{name}/{}", f.path))?;
+        if dir.store().size(&key).await? != Some(f.size) {
+            return Err(unusable(format!("{} is missing or not {} bytes", f.path, f.size)));
+        }
+        let (bytes, sha) = dir.store().read_hashed(&key, f.size).await?;
+        if sha != f.sha256 {
+            return Err(unusable(format!("{} has sha256 {sha}, the manifest says {}", f.path, f.sha256)));
+        }
+        contents.insert(f.path.as_str(), bytes);
+    }
+    let state: TrainState = match serde_json::from_slice(&contents["state.json"]) {
         Ok(s) => s,
         Err(e) => return Err(unusable(format!("state.json: {e}"))),
     };
     let read =
-        |file: &str| candle_core::safetensors::load(tmp.path().join(file), device).map_err(|e| format!("{file}: {e}"));
+        |file: &str| candle_core::safetensors::load_buffer(&contents[file], device).map_err(|e| format!("{file}: {e}"));
     let (model, optim) = match (read("model.safetensors"), read("optim.safetensors")) {
         (Ok(m), Ok(o)) => (m, o),
         (Err(e), _) | (_, Err(e)) => return Err(unusable(e)),
     };
+    drop(contents);
     let files = in_stage_dir(&name, manifest.files);
     Ok(Loaded { name, state, model, optim, files })
 }
@@ -336,19 +330,6 @@ fn in_stage_dir(name: &str, files: Vec<FileEntry>) -> Vec<FileEntry> {
             f
         })
         .collect()
-}
-
-fn sha256_file(path: &Path) -> std::io::Result<String> {
-    let mut file = std::fs::File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            return Ok(hex::encode(hasher.finalize()));
-        }
-        hasher.update(&buf[..n]);
-    }
 }
 
 #[cfg(test)]

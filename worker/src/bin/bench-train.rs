@@ -199,22 +199,27 @@ fn checkpoint_times(model: &Llama, opt: &mut AdamW, inputs: &Tensor, targets: &T
         beside.push(t.elapsed().as_secs_f64());
     }
     let (plain, inline, beside) = (median(plain), median(inline), median(beside));
-    let snapshot = Snapshot::take(state, model.params.named(), opt.state(&model.params)).expect("snapshot");
-    let chunks = safetensors_chunks(&snapshot.model).expect("a layout");
-    let t = Instant::now();
-    let files = runtime.block_on(checkpoint::save(&dir, snapshot, 1)).expect("save");
-    let save_s = t.elapsed().as_secs_f64();
-    let bytes: u64 = files.iter().map(|f| f.size).sum();
+    // Saves and the store's own speed in turn (the disk's write-back treats both alike), medians.
+    let key = pretrain_store::key("bench/store-speed").expect("a key");
+    let (mut saves, mut puts, mut bytes) = (Vec::new(), Vec::new(), 0u64);
+    for _ in 0..ROUNDS {
+        let snapshot = Snapshot::take(state.clone(), model.params.named(), opt.state(&model.params)).expect("snapshot");
+        // The store's own speed: as many bytes put as one object, in one request, nothing else done.
+        let chunks = safetensors_chunks(&snapshot.model).expect("a layout");
+        let payload: object_store::PutPayload = chunks.iter().cycle().take(3 * chunks.len()).cloned().collect();
+        let payload_bytes = payload.content_length() as f64;
+        let t = Instant::now();
+        let files = runtime.block_on(checkpoint::save(&dir, snapshot, 1)).expect("save");
+        saves.push(t.elapsed().as_secs_f64());
+        bytes = files.iter().map(|f| f.size).sum();
+        let t = Instant::now();
+        runtime.block_on(object_store::ObjectStoreExt::put(store.object_store(), &key, payload)).expect("put");
+        puts.push(payload_bytes / 1e6 / t.elapsed().as_secs_f64());
+    }
+    let (save_s, store_mb_s) = (median(saves), median(puts));
     let t = Instant::now();
     runtime.block_on(checkpoint::load_latest(&dir, &Device::Cpu)).expect("load").expect("a checkpoint");
     let load_s = t.elapsed().as_secs_f64();
-    // The store's own speed: as many bytes put as one object, in one request, nothing else done.
-    let payload: object_store::PutPayload = chunks.iter().cycle().take(3 * chunks.len()).cloned().collect();
-    let payload_bytes = payload.content_length() as f64;
-    let key = pretrain_store::key("bench/store-speed").expect("a key");
-    let t = Instant::now();
-    runtime.block_on(object_store::ObjectStoreExt::put(store.object_store(), &key, payload)).expect("put");
-    let store_mb_s = payload_bytes / 1e6 / t.elapsed().as_secs_f64();
     let disk_mb_s = disk_write_speed(&tmp.path().join("disk-speed"), bytes);
     let mb = bytes as f64 / 1e6;
     println!(
