@@ -364,7 +364,8 @@ mod tests {
     fn a_copy_beside_the_loop_holds_the_values_at_its_start() {
         let weight = Tensor::arange(0f32, 1000.0, &Device::Cpu).unwrap();
         let moment = Tensor::ones(1000, DType::F32, &Device::Cpu).unwrap();
-        let state = TrainState { step: 7, ..state() };
+        let config = crate::model::LlamaConfig::from_spec(&pretrain_crd::spec::ModelPreset::Tiny.config(), 256);
+        let state = TrainState { step: 7, ..TrainState::new(config) };
         let (mut copying, mut copied) =
             Snapshot::start(state, vec![("w".into(), weight.clone())], vec![("m".into(), moment)]);
         // Reading goes on beside the copy; writing waits for the fence.
@@ -377,27 +378,6 @@ mod tests {
         assert_eq!(w[999], 999.0, "the snapshot holds the weights before the update");
         assert_eq!(weight.to_vec1::<f32>().unwrap()[999], -999.0);
         assert_eq!(snapshot.optim[0].shape, [1000]);
-    }
-
-    fn state() -> TrainState {
-        TrainState {
-            format_version: FORMAT_VERSION,
-            step: 0,
-            tokens_seen: 0,
-            cursor: 0,
-            optimizer_updates: 0,
-            lr: 0.0,
-            rng_seed: 1,
-            world_size: 1,
-            config_hash: String::new(),
-            model: crate::model::LlamaConfig::from_spec(&pretrain_crd::spec::ModelPreset::Tiny.config(), 256),
-            seq_len: 0,
-            loss: None,
-            loss_window: Vec::new(),
-            spike_streak: Vec::new(),
-            saved_unix: None,
-            history: Default::default(),
-        }
     }
 
     /// Negates in place (an update the copy must not see).

@@ -225,6 +225,30 @@ pub struct TrainState {
     pub history: RunHistory,
 }
 
+impl TrainState {
+    /// The state of `model` before its first step: nothing trained, one rank, seed 1.
+    pub fn new(model: LlamaConfig) -> Self {
+        Self {
+            format_version: FORMAT_VERSION,
+            step: 0,
+            tokens_seen: 0,
+            cursor: 0,
+            optimizer_updates: 0,
+            lr: 0.0,
+            rng_seed: 1,
+            world_size: 1,
+            config_hash: String::new(),
+            model,
+            seq_len: 0,
+            loss: None,
+            loss_window: Vec::new(),
+            spike_streak: Vec::new(),
+            saved_unix: None,
+            history: RunHistory::default(),
+        }
+    }
+}
+
 /// What a stage's attempts went through, carried from checkpoint to checkpoint.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default)]

@@ -164,25 +164,7 @@ fn checkpoint_times(model: &Llama, opt: &mut AdamW, inputs: &Tensor, targets: &T
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
     let store = pretrain_store::Store::open(&format!("file://{}", tmp.path().display())).expect("a file store");
     let dir = store.stage("bench", pretrain_crd::Stage::Train).expect("a stage directory");
-    let state = TrainState {
-        format_version: checkpoint::FORMAT_VERSION,
-        step: 1,
-        tokens_seen: 0,
-        cursor: 0,
-        optimizer_updates: opt.updates,
-        lr: 0.0,
-        rng_seed: 1,
-        world_size: 1,
-        config_hash: String::new(),
-        model: model.config.clone(),
-        seq_len: 0,
-        loss: None,
-        loss_window: Vec::new(),
-        spike_streak: Vec::new(),
-        saved_unix: None,
-        history: Default::default(),
-    };
-    // The stall: steps alternately with and without a copy beside them.
+    let state = TrainState { step: 1, optimizer_updates: opt.updates, ..TrainState::new(model.config.clone()) };
     // The stall: steps in turn without a copy, with the copy made first in the loop, and with the
     // copy beside the step.
     let (mut plain, mut inline, mut beside) = (Vec::new(), Vec::new(), Vec::new());
