@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use pretrain_operator::export::hf_config;
-use pretrain_store::artifact::{FORMAT_VERSION, TrainState};
+use pretrain_store::artifact::TrainState;
 use pretrain_tests::{python, relative_difference, transformers_logits};
 use pretrain_worker::model::{Llama, LlamaConfig, Params, Scaling};
 
@@ -89,24 +89,7 @@ fn transformers_gives_our_logits_for_every_rope_setting() {
         let params = weights(&config);
         let tensors: HashMap<String, Tensor> = params.named().into_iter().collect();
         candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
-        let state = TrainState {
-            format_version: FORMAT_VERSION,
-            step: 0,
-            tokens_seen: 0,
-            cursor: 0,
-            optimizer_updates: 0,
-            lr: 0.0,
-            rng_seed: 0,
-            world_size: 1,
-            config_hash: String::new(),
-            model: config.clone(),
-            seq_len,
-            loss: None,
-            loss_window: Vec::new(),
-            spike_streak: Vec::new(),
-            saved_unix: None,
-            history: Default::default(),
-        };
+        let state = TrainState { seq_len, ..TrainState::new(config.clone()) };
         let hf = hf_config(&state, None);
         std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&hf).unwrap()).unwrap();
 

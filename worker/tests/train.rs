@@ -170,22 +170,15 @@ fn snapshot(step: u64, config: &LlamaConfig) -> Snapshot {
     let dev = Device::Cpu;
     let weight = Tensor::full(step as f32, (2, 3), &dev).unwrap();
     let state = TrainState {
-        format_version: checkpoint::FORMAT_VERSION,
         step,
         tokens_seen: step * 10,
         cursor: step * 10,
         optimizer_updates: step,
         lr: 0.1,
-        rng_seed: 1,
-        world_size: 1,
         config_hash: "h".into(),
-        model: config.clone(),
         seq_len: 8,
         loss: Some(1.0),
-        loss_window: vec![],
-        spike_streak: Vec::new(),
-        saved_unix: None,
-        history: Default::default(),
+        ..TrainState::new(config.clone())
     };
     Snapshot::take(state, vec![("w".into(), weight.clone())], vec![("exp_avg.w".into(), weight)]).unwrap()
 }
