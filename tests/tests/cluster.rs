@@ -533,6 +533,10 @@ async fn a_training_pod_deleted_mid_run_restarts_the_gang_from_its_checkpoint_wi
     }
     let time = train.time.as_ref().expect("the train stage's time");
     assert!(time.held_seconds > 0.0, "{time:?}");
+    // The operator keeps the goodput beside the run's stages, for its report.
+    let stored = cluster.s3_root.join("bucket/podkill/gang/goodput.json");
+    let stored: pretrain_crd::status::Goodput = serde_json::from_slice(&std::fs::read(&stored).unwrap()).unwrap();
+    assert_eq!(Some(&stored), disturbed.goodput.as_ref());
     assert_eq!(
         weights(cluster, "podkill", "gang"),
         weights(cluster, "undisturbed", "gang"),

@@ -24,7 +24,7 @@ use super::observe::{self, LABEL_JOB_NAME, PodContext};
 use super::render::{self, FIELD_MANAGER, RenderError, RunObjects, job_name};
 use crate::labels::LABEL_RUN;
 use crate::plan::cluster::{ClusterView, Decision, JobKey, JobView, LivePod, decide};
-use crate::plan::{Layout, layout};
+use crate::plan::{Layout, goodput, layout};
 
 /// The finalizer that lets the operator stop a deleted run's pods and, when asked, delete its data.
 pub const FINALIZER: &str = "pretrain.dev/cleanup";
@@ -244,6 +244,11 @@ async fn apply_run(run: &PretrainRun, objects: &RunObjects<'_>, ctx: &Context) -
         ledgers: &stored.ledgers,
     };
     let decision = decide(&view);
+    if let Some(goodput) = decision.status.goodput.as_ref().filter(|g| Some(*g) != status.goodput.as_ref()) {
+        // Beside the run's stages, so that its report carries it too.
+        let json = serde_json::to_vec_pretty(goodput).expect("goodput serialises");
+        store.put(&pretrain_store::key(&goodput::key(&name))?, json.into()).await?;
+    }
     enact(run, objects, &decision, ctx).await?;
     ctx.metrics.observe_phase(&format!("{ns}/{name}"), decision.status.phase);
     ctx.metrics.observe_goodput(&format!("{ns}/{name}"), decision.status.goodput.as_ref());

@@ -135,7 +135,15 @@ pub async fn write(store: &Store, run: &str, goodput: Option<&Goodput>) -> Resul
     let mut md = String::new();
     let mut plots: Vec<(String, String)> = Vec::new();
     stages_section(&mut md, run, &inputs);
-    if let Some(g) = goodput {
+    // A run the operator ran has its goodput in the store.
+    let stored = match goodput {
+        Some(_) => None,
+        None => store
+            .get_opt(&pretrain_store::key(&crate::plan::goodput::key(run))?)
+            .await?
+            .and_then(|b| serde_json::from_slice::<Goodput>(&b).ok()),
+    };
+    if let Some(g) = goodput.or(stored.as_ref()) {
         goodput_section(&mut md, g);
     }
     if let Some(stats) = inputs.stats::<DataPrepStats>(Stage::DataPrep) {

@@ -13,6 +13,12 @@ use pretrain_store::artifact::RunHistory;
 
 use super::cluster::{format_time, parse_time};
 
+/// The store key of a run's goodput, which the operator keeps beside the run's stages for
+/// `pretrain report`.
+pub fn key(run: &str) -> String {
+    format!("{run}/goodput.json")
+}
+
 /// A training stage's newest checkpoint, as goodput reads it.
 #[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
