@@ -24,22 +24,44 @@ pub async fn newest(dir: &StageDir) -> Result<Option<Newest>, pretrain_store::Er
     Ok(Some(Newest { name, state }))
 }
 
+/// What the operator reads of a checkpoint's `state.json` (leniently: only these fields).
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct State {
+    /// Optimizer step.
+    pub step: u64,
+    /// Tokens trained on.
+    pub tokens_seen: u64,
+    /// Config hash of the spec it was written for.
+    pub config_hash: String,
+    /// Training loss at that step.
+    #[serde(default)]
+    pub loss: Option<f64>,
+    /// Unix seconds it was saved.
+    #[serde(default)]
+    pub saved_unix: Option<i64>,
+    /// The stage's ledger.
+    #[serde(default)]
+    pub history: pretrain_store::artifact::RunHistory,
+}
+
+impl State {
+    /// Its goodput ledger.
+    pub fn into_ledger(self) -> crate::plan::goodput::Ledger {
+        crate::plan::goodput::Ledger { history: self.history, saved_unix: self.saved_unix }
+    }
+}
+
+/// The newest checkpoint of `dir` written for `config_hash`: its directory name and `state.json`.
+pub async fn newest_for(dir: &StageDir, config_hash: &str) -> Result<Option<(String, State)>, pretrain_store::Error> {
+    let Some(Newest { name, state: Some(state) }) = newest(dir).await? else { return Ok(None) };
+    Ok(serde_json::from_value::<State>(state).ok().filter(|s| s.config_hash == config_hash).map(|s| (name, s)))
+}
+
 /// The goodput ledger of `dir`'s newest checkpoint, if it was written for `config_hash`.
 pub async fn ledger(
     dir: &StageDir,
     config_hash: &str,
 ) -> Result<Option<crate::plan::goodput::Ledger>, pretrain_store::Error> {
-    #[derive(serde::Deserialize)]
-    #[serde(rename_all = "camelCase")]
-    struct State {
-        config_hash: String,
-        #[serde(default)]
-        saved_unix: Option<i64>,
-        #[serde(default)]
-        history: pretrain_store::artifact::RunHistory,
-    }
-    let state = newest(dir).await?.and_then(|n| n.state).and_then(|s| serde_json::from_value::<State>(s).ok());
-    Ok(state
-        .filter(|s| s.config_hash == config_hash)
-        .map(|s| crate::plan::goodput::Ledger { history: s.history, saved_unix: s.saved_unix }))
+    Ok(newest_for(dir, config_hash).await?.map(|(_, state)| state.into_ledger()))
 }

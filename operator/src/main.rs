@@ -257,7 +257,8 @@ fn report((store, run): (String, Option<String>)) -> Result<(), Failed> {
     let run = run.ok_or_else(|| Failed::Usage("name the run: pretrain report RUN, or -f MANIFEST".into()))?;
     let keys = block_on(async {
         let s = pretrain_store::Store::open(&store)?;
-        // The local runner's records give goodput; a run the operator ran has it in its status.
+        // The local runner's records give goodput; for a run the operator ran, the report reads it
+        // from the store.
         let goodput = match local::state::StateDb::open(&store) {
             Ok(db) => local::goodput(&db, &s, &run).await.unwrap_or_else(|e| {
                 eprintln!("report: goodput not known: {e}");

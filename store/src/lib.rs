@@ -19,6 +19,7 @@ use object_store::path::Path;
 use object_store::prefix::PrefixStore;
 use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload};
 use pretrain_crd::Stage;
+use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
 pub mod artifact;
@@ -29,7 +30,6 @@ mod upload;
 
 pub use faults::{ENV_FAULTS, Faults, FaultyStore};
 pub use retry::Retry;
-use sha2::Digest as _;
 pub use stage::{FileEntry, StageCommit, StageDir};
 pub use upload::{FileWriter, PART_SIZE, PARTS_IN_FLIGHT};
 
@@ -347,9 +347,9 @@ impl Store {
             })
             .buffered(PARTS_IN_FLIGHT);
         let mut whole = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
-        let mut hasher = sha2::Sha256::new();
+        let mut hasher = Sha256::new();
         while let Some(bytes) = parts.try_next().await? {
-            sha2::Digest::update(&mut hasher, &bytes);
+            hasher.update(&bytes);
             whole.extend_from_slice(&bytes);
         }
         if whole.len() as u64 != size {
@@ -359,7 +359,7 @@ impl Store {
                 reason: format!("read {} bytes of an object expected to hold {size}", whole.len()),
             });
         }
-        Ok((Bytes::from(whole), hex::encode(sha2::Digest::finalize(hasher))))
+        Ok((Bytes::from(whole), hex::encode(hasher.finalize())))
     }
 
     async fn download_part(&self, key: &Path, part: Option<Range<u64>>, dest: &std::path::Path) -> Result<u64> {

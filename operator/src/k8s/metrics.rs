@@ -8,9 +8,8 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
-
 use std::sync::atomic::AtomicU64;
+use std::time::{Duration, Instant};
 
 use pretrain_crd::status::{Goodput, GoodputLoss, RunPhase};
 use prometheus_client::encoding::text::encode;

@@ -9,7 +9,6 @@ use pretrain_crd::contract::exit;
 use pretrain_crd::status::CheckpointStatus;
 use pretrain_crd::{PretrainRunSpec, Stage};
 use pretrain_store::Store;
-use serde::Deserialize;
 
 use crate::labels::{ANNOTATION_CONFIG_HASH, LABEL_ATTEMPT, LABEL_ROLE, LABEL_STAGE};
 use crate::plan::Role;
@@ -231,21 +230,6 @@ pub fn classify(pods: &[Pod], expected: usize, job_failure: Option<String>, clus
     }
 }
 
-/// What the operator reads of a checkpoint's `state.json`.
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct CheckpointState {
-    step: u64,
-    tokens_seen: u64,
-    config_hash: String,
-    #[serde(default)]
-    loss: Option<f64>,
-    #[serde(default)]
-    saved_unix: Option<i64>,
-    #[serde(default)]
-    history: pretrain_store::artifact::RunHistory,
-}
-
 /// What the store says of a run.
 #[derive(Debug, Default)]
 pub struct StoreState {
@@ -274,13 +258,7 @@ pub async fn store_state(
         if !stage.is_training() {
             continue;
         }
-        let Some(crate::checkpoints::Newest { name, state: Some(state) }) = crate::checkpoints::newest(&dir).await?
-        else {
-            continue;
-        };
-        if let Ok(state) = serde_json::from_value::<CheckpointState>(state)
-            && state.config_hash == hash
-        {
+        if let Some((name, state)) = crate::checkpoints::newest_for(&dir, &hash).await? {
             found.checkpoint = Some(CheckpointStatus {
                 stage: stage.as_str().into(),
                 step: state.step,
@@ -289,8 +267,7 @@ pub async fn store_state(
                 url: dir.url(&format!("ckpt/{name}")),
                 time: state.saved_unix.map(crate::plan::cluster::format_time),
             });
-            let ledger = crate::plan::goodput::Ledger { history: state.history, saved_unix: state.saved_unix };
-            found.ledgers.insert(stage, ledger);
+            found.ledgers.insert(stage, state.into_ledger());
         }
     }
     Ok(found)

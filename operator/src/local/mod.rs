@@ -245,7 +245,8 @@ impl LocalRun {
 
     /// Records how `attempt` of `stage` ended, for the planner's next choice.
     async fn ended(&mut self, stage: Stage, attempt: u32, result: Result<(), WorkerExit>) -> Result<(), RunError> {
-        let finished = Some(state::now());
+        let now = state::now();
+        let finished = Some(now);
         let accounted = self.accounted(stage).await?;
         let why = match &result {
             Ok(()) => Ended::Other,
@@ -253,8 +254,10 @@ impl LocalRun {
             Err(_) => Ended::Failed,
         };
         self.update(stage, |r| {
-            if let (Some(start), Some(end), Some(t)) = (r.started, finished, r.time.as_mut()) {
-                goodput::ended(t, start as i64, end as i64, accounted, why);
+            if let (Some(start), Some(t)) = (r.started, r.time.as_mut()) {
+                goodput::ended(t, start as i64, now as i64, accounted, why);
+                // A restart within this `pretrain run` waits from here (see `started`).
+                goodput::waiting(t, now as i64);
             }
         })?;
         match result {

@@ -320,10 +320,6 @@ fn suspend(view: &ClusterView<'_>, decision: &mut Decision, stage: Stage, now: &
     if s.phase == StagePhase::Running {
         let attempts = s.attempts;
         account_end(view, s, stage, goodput::Ended::Stopped);
-        // A suspension is the user's pause, not a wait for admission: the wait starts on resuming.
-        if let Some(time) = s.time.as_mut() {
-            time.waiting_since = None;
-        }
         s.phase = StagePhase::Pending;
         s.finish_time = Some(now.into());
         s.message = Some("suspended: checkpointing and stopping".into());
@@ -347,6 +343,7 @@ fn start_attempt(view: &ClusterView<'_>, decision: &mut Decision, stage: Stage, 
     if s.phase == StagePhase::Running {
         return false;
     }
+    // Waiting starts here, not when an attempt ends: a suspended run never gets this far.
     if stage.is_training() {
         goodput::waiting(s.time.get_or_insert_default(), view.now);
     }

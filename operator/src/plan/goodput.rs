@@ -63,7 +63,8 @@ pub fn started(time: &mut StageTime, now: i64, accounted: f64) {
 }
 
 /// The attempt that started at `start` ended at `now`, why as said, with the stage's checkpoints
-/// accounting for `accounted` seconds.
+/// accounting for `accounted` seconds. Waiting for the next attempt is the executor's to start
+/// ([`waiting`]): a suspended run does not wait for admission.
 pub fn ended(time: &mut StageTime, start: i64, now: i64, accounted: f64, why: Ended) {
     let held = (now - start).max(0) as f64;
     let lost = (held - (accounted - time.ledger_at_start)).max(0.0);
@@ -74,7 +75,6 @@ pub fn ended(time: &mut StageTime, start: i64, now: i64, accounted: f64, why: En
         Ended::Other => time.other_seconds += lost,
     }
     time.ledger_at_start = accounted;
-    time.waiting_since = Some(format_time(now));
 }
 
 /// One training stage, as [`of`] reads it.
@@ -163,10 +163,12 @@ mod tests {
         waiting(&mut t, 0);
         started(&mut t, 100, 0.0);
         ended(&mut t, 100, 1_100, 700.0, Ended::Failed);
+        waiting(&mut t, 1_100);
         assert_eq!((t.queued_seconds, t.held_seconds, t.recomputed_seconds), (100.0, 1_000.0, 300.0));
         // 50 s of backoff; attempt 2 is preempted after 500 s, its SIGTERM checkpoint keeping 480 s.
         started(&mut t, 1_150, 700.0);
         ended(&mut t, 1_150, 1_650, 1_180.0, Ended::Stopped);
+        waiting(&mut t, 1_650);
         assert_eq!((t.queued_seconds, t.preempted_seconds), (150.0, 20.0));
         // Attempt 3 starts at 1,700 and runs; its newest checkpoint, at 2,000, keeps 200 s more.
         started(&mut t, 1_700, 1_180.0);
