@@ -4,6 +4,7 @@
 //! decisions on one machine as child `pretrain-worker` processes, `k8s` on a cluster as Jobs.
 
 pub mod checkpoints;
+pub mod dashboard;
 pub mod export;
 pub mod k8s;
 pub mod labels;

@@ -47,6 +47,9 @@ enum Command {
         /// Address of `/metrics` and `/healthz`.
         #[arg(long, default_value = "0.0.0.0:8080")]
         listen: String,
+        /// Address of the live dashboard (read-only; every replica serves it).
+        #[arg(long, default_value = "0.0.0.0:8090")]
+        ui: String,
         /// Lease used for leader election, as NAMESPACE/NAME.
         #[arg(long, default_value = "pretrain-system/pretrain-operator", env = "PRETRAIN_LEASE")]
         lease: String,
@@ -89,6 +92,10 @@ enum Command {
         /// Processes for the map tasks of sharded stages (data-prep, tokenize).
         #[arg(long, default_value_t = 1)]
         workers: usize,
+        /// Serve the live dashboard at this address (e.g. 127.0.0.1:8090) while the run runs, and
+        /// after it ends until Ctrl-C.
+        #[arg(long, value_name = "ADDR")]
+        ui: Option<String>,
     },
     /// Write a run's report (Markdown and SVG plots) under <store>/<run>/report/.
     Report {
@@ -166,6 +173,7 @@ fn dispatch(command: Command) -> Result<(), Failed> {
         Command::Render { file, namespace } => render(&file, namespace),
         Command::Operator {
             listen,
+            ui,
             lease,
             no_leader_election,
             no_scheduler,
@@ -179,7 +187,7 @@ fn dispatch(command: Command) -> Result<(), Failed> {
                 (std::time::Duration::from_secs(schedule_every.max(1)), policy)
             });
             let defaults = RunDefaults { worker_image, storage_secret };
-            Ok(block_on(operator(&listen, &lease, no_leader_election, scheduler, defaults))?)
+            Ok(block_on(operator(&listen, &ui, &lease, no_leader_election, scheduler, defaults))?)
         }
         Command::Export { run, out, checkpoint, format: _, store, file } => {
             export(target(store, run, file.as_deref())?, &checkpoint, &out)
@@ -190,12 +198,12 @@ fn dispatch(command: Command) -> Result<(), Failed> {
             Ok(())
         }
         Command::Report { run, store, file } => report(target(store, run, file.as_deref())?),
-        Command::Run { file, store, from, until, worker, workers } => {
+        Command::Run { file, store, from, until, worker, workers, ui } => {
             if workers == 0 {
                 return Err(Failed::Usage("--workers must be at least 1".into()));
             }
             let worker = worker.unwrap_or_else(local::default_worker);
-            let opts = RunOptions { manifest: file, store, from, until, worker, workers };
+            let opts = RunOptions { manifest: file, store, from, until, worker, workers, ui };
             match block_on(local::run(&opts)) {
                 Ok(_) => Ok(()),
                 Err(local::RunError::Manifest(e)) => Err(Failed::Usage(e.to_string())),
@@ -285,10 +293,11 @@ fn target(
     Ok((store, run))
 }
 
-/// The operator process: metrics and health endpoint, leader election, then the controller and
-/// (every `scheduler` interval) the cluster scheduler.
+/// The operator process: metrics and health endpoint, the dashboard, leader election, then the
+/// controller and (every `scheduler` interval) the cluster scheduler.
 async fn operator(
     listen: &str,
+    ui: &str,
     lease: &str,
     no_leader_election: bool,
     scheduler: Option<(std::time::Duration, Policy)>,
@@ -315,6 +324,13 @@ async fn operator(
     ctx.scheduler = scheduler.is_some();
     ctx.defaults = defaults;
     let ctx = std::sync::Arc::new(ctx);
+    let dashboard = tokio::net::TcpListener::bind(ui).await?;
+    let runs = std::sync::Arc::new(k8s::dashboard::ClusterRuns::new(std::sync::Arc::clone(&ctx)));
+    tokio::spawn(async move {
+        if let Err(e) = pretrain_operator::dashboard::serve(dashboard, runs).await {
+            tracing::error!("dashboard: {e}");
+        }
+    });
     let work = {
         let client = client.clone();
         async move {

@@ -292,6 +292,37 @@ impl Store {
         }
     }
 
+    /// Up to `max` bytes of an object from `offset` on, with its size, read from one version of it;
+    /// `None` if it does not exist. An object no longer than `offset` gives no bytes (a reader
+    /// following a growing file compares the size with its offset). An object replaced between the
+    /// size and the read is read again.
+    pub async fn read_from(&self, key: &Path, offset: u64, max: u64) -> Result<Option<(Bytes, u64)>> {
+        for _ in 0..self.retry.attempts.max(2) {
+            let meta = match self.retry.run("head", key, || self.inner.head(key)).await {
+                Ok(meta) => meta,
+                Err(object_store::Error::NotFound { .. }) => return Ok(None),
+                Err(e) => return Err(self.object_error(key, e)),
+            };
+            if meta.size <= offset {
+                return Ok(Some((Bytes::new(), meta.size)));
+            }
+            let options = GetOptions {
+                range: Some(GetRange::Bounded(offset..meta.size.min(offset.saturating_add(max)))),
+                if_match: meta.e_tag.clone(),
+                ..GetOptions::default()
+            };
+            let read = || async { self.inner.get_opts(key, options.clone()).await?.bytes().await };
+            match self.retry.run("get", key, read).await {
+                Ok(bytes) => return Ok(Some((bytes, meta.size))),
+                Err(object_store::Error::Precondition { .. } | object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(self.object_error(key, e)),
+            }
+        }
+        let source =
+            object_store::Error::Generic { store: "read_from", source: "replaced while read, again and again".into() };
+        Err(self.object_error(key, source))
+    }
+
     /// Every key under `prefix`, sorted.
     pub async fn list(&self, prefix: &Path) -> Result<Vec<Path>> {
         let listing = || self.inner.list(Some(prefix)).map_ok(|meta| meta.location).try_collect::<Vec<Path>>();

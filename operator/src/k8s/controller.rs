@@ -377,7 +377,7 @@ async fn pod_context(ctx: &Context, pods: &[Pod]) -> Result<PodContext, Error> {
 }
 
 /// Opens `run`'s store (defaults applied) with the store configuration in its storage Secret.
-async fn open_store(ctx: &Context, run: &PretrainRun) -> Result<Store, Error> {
+pub(crate) async fn open_store(ctx: &Context, run: &PretrainRun) -> Result<Store, Error> {
     let mut vars = Vec::new();
     if let Some(secret) = &run.spec.storage.secret_ref {
         let namespace = run.namespace().unwrap_or_else(|| "default".into());

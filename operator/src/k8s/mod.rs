@@ -4,9 +4,11 @@
 //! - [`observe`]: Jobs, pods and the store read into the planner's terms;
 //! - [`controller`]: the reconcile loop (server-side apply, status, Events, finalizer);
 //! - [`scheduler`]: the cluster scheduler's loop (admission, preemption, why-pending);
-//! - [`leader`]: Lease-based leader election; [`metrics`]: Prometheus metrics and health.
+//! - [`leader`]: Lease-based leader election; [`metrics`]: Prometheus metrics and health;
+//! - [`dashboard`]: the cluster's runs for the live dashboard.
 
 pub mod controller;
+pub mod dashboard;
 pub mod leader;
 pub mod metrics;
 pub mod observe;

@@ -5,12 +5,15 @@
 //! last checkpoint within `train.maxRestarts`. Stage phases, attempts and times go to a sled database
 //! (`state`) that `pretrain status` reads.
 
+pub mod queue;
 pub mod report;
 pub mod state;
+pub mod ui;
 mod worker;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use pretrain_crd::contract::exit;
 use pretrain_crd::status::Goodput;
@@ -93,6 +96,9 @@ pub struct RunOptions {
     pub worker: PathBuf,
     /// Processes for the map tasks of sharded stages (1: each sharded stage in one process).
     pub workers: usize,
+    /// Serve the dashboard at this address (`HOST:PORT`) while the run runs, and after it ends
+    /// until Ctrl-C.
+    pub ui: Option<String>,
 }
 
 /// What happened to each stage.
@@ -104,34 +110,61 @@ pub enum StageOutcome {
     Completed,
 }
 
-/// Runs the manifest's stages in order and returns what happened to each.
+/// Runs the manifest's stages in order and returns what happened to each. With `opts.ui`, serves the
+/// dashboard meanwhile, and afterwards (the run state let go to the next runner in the queue) until
+/// Ctrl-C.
 pub async fn run(opts: &RunOptions) -> Result<Vec<(Stage, StageOutcome)>, RunError> {
-    let mut local = LocalRun::open(opts).await?;
-    local.skip_committed().await?;
-    let interrupt = Interrupt::install();
-    // Live progress bars on a terminal; plain log lines otherwise.
-    let bars = std::io::IsTerminal::is_terminal(&std::io::stdout()).then(indicatif::MultiProgress::new);
-    let manifest = std::path::absolute(&opts.manifest).unwrap_or_else(|_| opts.manifest.clone());
-    let (name, store_url) = (local.name.clone(), local.store_url.clone());
-    let ctx = WorkerContext { worker: &opts.worker, manifest: &manifest, run: &name, store: &store_url, bars };
-    loop {
-        let (stage, attempt, layout) = match plan::next(&local.run.spec, &local.stages, &local.observed) {
-            Action::Finished => {
-                local.write_report().await;
-                return Ok(local.outcomes);
+    let local = LocalRun::open(opts).await?;
+    let Some(addr) = &opts.ui else { return local.drive(opts).await };
+    let runs = Arc::new(ui::LocalRuns::new(
+        local.store.clone(),
+        &local.store_url,
+        local.db.clone(),
+        &local.name,
+        local.stages.clone(),
+    ));
+    let at = ui::start(addr, Arc::clone(&runs))
+        .await
+        .map_err(|e| RunError::State(format!("--ui {addr}: cannot listen there: {e}")))?;
+    let name = local.name.clone();
+    println!("dashboard: http://{at}/runs/{}/{name}", crate::dashboard::LOCAL);
+    let result = local.drive(opts).await;
+    runs.release();
+    println!("dashboard: the run has ended; it stays at http://{at}/ until Ctrl-C");
+    let _ = tokio::signal::ctrl_c().await;
+    result
+}
+
+impl LocalRun {
+    /// Runs the selected stages until the planner says the run finished or failed.
+    async fn drive(self, opts: &RunOptions) -> Result<Vec<(Stage, StageOutcome)>, RunError> {
+        let mut local = self;
+        local.skip_committed().await?;
+        let interrupt = Interrupt::install();
+        // Live progress bars on a terminal; plain log lines otherwise.
+        let bars = std::io::IsTerminal::is_terminal(&std::io::stdout()).then(indicatif::MultiProgress::new);
+        let manifest = std::path::absolute(&opts.manifest).unwrap_or_else(|_| opts.manifest.clone());
+        let (name, store_url) = (local.name.clone(), local.store_url.clone());
+        let ctx = WorkerContext { worker: &opts.worker, manifest: &manifest, run: &name, store: &store_url, bars };
+        loop {
+            let (stage, attempt, layout) = match plan::next(&local.run.spec, &local.stages, &local.observed) {
+                Action::Finished => {
+                    local.write_report().await;
+                    return Ok(local.outcomes);
+                }
+                Action::Failed { stage, reason } => {
+                    let code = local.db.get(&local.name, stage).and_then(|r| r.exit_code);
+                    return Err(RunError::StageFailed { stage, code, reason });
+                }
+                Action::Run { stage, attempt, layout } => (stage, attempt, layout),
+            };
+            if interrupt.requested() {
+                return Err(RunError::Interrupted { stage });
             }
-            Action::Failed { stage, reason } => {
-                let code = local.db.get(&local.name, stage).and_then(|r| r.exit_code);
-                return Err(RunError::StageFailed { stage, code, reason });
-            }
-            Action::Run { stage, attempt, layout } => (stage, attempt, layout),
-        };
-        if interrupt.requested() {
-            return Err(RunError::Interrupted { stage });
+            local.started(stage, attempt).await?;
+            let result = run_stage(&ctx, stage, layout, opts.workers, &interrupt).await;
+            local.ended(stage, attempt, result).await?;
         }
-        local.started(stage, attempt).await?;
-        let result = run_stage(&ctx, stage, layout, opts.workers, &interrupt).await;
-        local.ended(stage, attempt, result).await?;
     }
 }
 
@@ -172,7 +205,9 @@ impl LocalRun {
                 }
             }
         }
-        let db = StateDb::open(&store_url).map_err(RunError::State)?;
+        let waiting =
+            queue::Waiting { run: name.clone(), stages: stages.clone(), pid: std::process::id(), since: state::now() };
+        let db = queue::open_in_turn(&store_url, &waiting).await.map_err(RunError::State)?;
         Ok(Self { run, name, store, store_url, db, stages, observed: BTreeMap::new(), outcomes: Vec::new() })
     }
 
@@ -407,12 +442,22 @@ pub async fn status(store_url: &str, run: Option<&str>) -> Result<String, RunErr
 /// Goodput of `run`'s training stages, from the state database's records and their newest
 /// checkpoints' ledgers (a local run's gang counts as one GPU).
 pub async fn goodput(db: &StateDb, store: &Store, run: &str) -> Result<Option<Goodput>, RunError> {
+    let records: BTreeMap<Stage, StageRecord> =
+        Stage::ALL.into_iter().filter_map(|s| db.get(run, s).map(|r| (s, r))).collect();
+    Ok(goodput_of(store, run, &records).await?)
+}
+
+/// Goodput of `run`'s training stages from their `records`.
+pub async fn goodput_of(
+    store: &Store,
+    run: &str,
+    records: &BTreeMap<Stage, StageRecord>,
+) -> Result<Option<Goodput>, pretrain_store::Error> {
     let mut found = Vec::new();
-    for stage in Stage::ALL.into_iter().filter(|s| s.is_training()) {
-        let Some(r) = db.get(run, stage) else { continue };
+    for (&stage, r) in records.iter().filter(|(s, _)| s.is_training()) {
         let Some(time) = r.time.clone() else { continue };
         let ledger = crate::checkpoints::ledger(&store.stage(run, stage)?, &r.config_hash).await?;
-        let running = r.phase == RecordPhase::Running && runner_alive(&r);
+        let running = r.phase == RecordPhase::Running && runner_alive(r);
         found.push((time, running.then_some(r.started).flatten().map(|s| s as i64), ledger));
     }
     let times: Vec<goodput::StageTimes<'_>> = found

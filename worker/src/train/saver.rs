@@ -1,5 +1,8 @@
 //! Checkpoints saved in the background while training goes on: the step loop hands over a snapshot
-//! and waits only for the save before it.
+//! and waits only for the save before it. Between checkpoints the saver also publishes the stage's
+//! `metrics.jsonl` now and then, so that the dashboard's curves move while the run trains.
+
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use pretrain_store::{FileEntry, StageDir};
@@ -9,23 +12,71 @@ use super::error::{Result, TrainError};
 use super::tensorboard;
 use crate::checkpoint::{self, Copied, dir_name};
 
-/// The save in flight, and the files of the newest finished one.
+/// Metrics are published at most this often between checkpoints...
+const PUBLISH_EVERY: Duration = Duration::from_secs(10);
+/// ...and at most this share of the time (a long run's file grows, and each put rewrites it).
+const PUBLISH_SHARE: f64 = 0.01;
+
+/// The save in flight, the files of the newest finished one, and the metrics put in flight.
 #[derive(Debug)]
 pub struct Saver {
     dir: StageDir,
     keep: u32,
     pending: Option<JoinHandle<Result<Vec<FileEntry>>>>,
     files: Vec<FileEntry>,
+    published: Published,
+}
+
+/// The last put of `metrics.jsonl` between checkpoints.
+#[derive(Debug)]
+struct Published {
+    at: Instant,
+    seconds: f64,
+    pending: Option<JoinHandle<f64>>,
 }
 
 impl Saver {
     /// Saves into `dir`, keeping its `keep` newest checkpoints.
     pub fn new(dir: StageDir, keep: u32) -> Self {
-        Self { dir, keep, pending: None, files: Vec::new() }
+        let published = Published { at: Instant::now(), seconds: 0.0, pending: None };
+        Self { dir, keep, pending: None, files: Vec::new(), published }
+    }
+
+    /// Puts `metrics.jsonl` (every line so far, from `metrics`) in the background when the last put
+    /// is at least [`PUBLISH_EVERY`] old and a hundred times its own duration, and no save or put is
+    /// in flight. Only the dashboard reads it before the next checkpoint: a resume keeps the lines up
+    /// to its checkpoint, and a failed put is only said.
+    pub fn publish(&mut self, metrics: &mut super::metrics::MetricsLog) -> Result<()> {
+        let due = PUBLISH_EVERY.max(Duration::from_secs_f64(self.published.seconds / PUBLISH_SHARE));
+        let busy = self.pending.is_some() || self.published.pending.as_ref().is_some_and(|p| !p.is_finished());
+        if busy || self.published.at.elapsed() < due {
+            return Ok(());
+        }
+        if let Some(done) = self.published.pending.take() {
+            self.published.seconds = futures::FutureExt::now_or_never(done).and_then(|r| r.ok()).unwrap_or(0.0);
+        }
+        let (dir, bytes) = (self.dir.clone(), metrics.bytes()?);
+        self.published.at = Instant::now();
+        self.published.pending = Some(tokio::spawn(async move {
+            let began = Instant::now();
+            if let Err(e) = dir.put("metrics.jsonl", bytes).await {
+                eprintln!("metrics.jsonl not published (the next checkpoint writes it): {e}");
+            }
+            began.elapsed().as_secs_f64()
+        }));
+        Ok(())
+    }
+
+    /// Waits for the metrics put in flight: a save's own put of the file must land after it.
+    async fn published(&mut self) {
+        if let Some(pending) = self.published.pending.take() {
+            self.published.seconds = pending.await.unwrap_or(0.0);
+        }
     }
 
     /// Waits for the save in flight, if any; its error is the step loop's.
     pub async fn wait(&mut self) -> Result<()> {
+        self.published().await;
         if let Some(pending) = self.pending.take() {
             self.files = pending.await.expect("the checkpoint task does not panic")?;
         }

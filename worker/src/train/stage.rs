@@ -200,6 +200,8 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
                 trainer.collective.finish()?;
                 return Ok(Outcome::Preempted { step: trainer.state.step });
             }
+        } else {
+            saver.publish(&mut metrics)?;
         }
     }
     if !trainer.leader() {
