@@ -21,6 +21,7 @@ fn the_default_install_is_valid_kubernetes_and_runs_the_operator_safely() {
             "ClusterRoleBinding pretrain",
             "Role pretrain-leader",
             "RoleBinding pretrain-leader",
+            "Service pretrain-dashboard",
             "Service pretrain-metrics",
             "ServiceAccount pretrain",
         ]
@@ -38,6 +39,7 @@ fn the_default_install_is_valid_kubernetes_and_runs_the_operator_safely() {
         json!([
             "operator",
             "--listen=0.0.0.0:8080",
+            "--ui=0.0.0.0:8090",
             "--lease=pretrain-system/pretrain",
             "--schedule-every=5",
             "--preempt-after=900"

@@ -672,6 +672,7 @@ async fn a_higher_priority_run_preempts_a_checkpointing_victim_that_waits_in_lin
     assert_eq!(admitted.status, "False", "a preempted run waiting again is not admitted: {admitted:?}");
     assert!(admitted.reason.is_some() && admitted.observed_generation.is_some(), "{admitted:?}");
     assert_eq!(train_stage(&waiting).failures, 0, "a preemption is not a failure");
+    dashboard_shows_the_wait(&client).await;
     // The run is Suspended as soon as its Jobs are stopped; its pods finish the step and checkpoint
     // on SIGTERM after that, so their logs are waited for, not read at once.
     for pod in &victims {
@@ -705,6 +706,43 @@ async fn a_higher_priority_run_preempts_a_checkpointing_victim_that_waits_in_lin
     .await;
     assert!(log.contains("train: resuming from step-"), "{log}");
     cluster.kubectl_ok(&["-n", "queue", "delete", "ptr", "low", "--wait=false"], None);
+}
+
+/// `GET path` from an operator replica's dashboard (port 8090, on its pod's address): the status
+/// code and the body.
+async fn dashboard_get(client: &kube::Client, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "pretrain-system");
+    let operators = pods.list(&ListParams::default().labels("app.kubernetes.io/name=pretrain-operator")).await.unwrap();
+    let ip = operators.items.iter().find_map(|p| p.status.as_ref()?.pod_ip.clone()).expect("an operator pod's address");
+    let mut socket = tokio::net::TcpStream::connect((ip.as_str(), 8090)).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nhost: {ip}\r\nconnection: close\r\n\r\n");
+    socket.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    socket.read_to_string(&mut response).await.unwrap();
+    let code = response.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (code, response.split_once("\r\n\r\n").map_or(String::new(), |(_, b)| b.to_string()))
+}
+
+/// The operator's dashboard shows the preempted run waiting, why and its place in line, and reads
+/// its curves from the run's store with the run's own Secret.
+async fn dashboard_shows_the_wait(client: &kube::Client) {
+    let (code, body) = dashboard_get(client, "/api/runs").await;
+    assert_eq!(code, 200, "{body}");
+    let runs: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let low = runs.as_array().unwrap().iter().find(|r| r["namespace"] == "queue" && r["name"] == "low").unwrap();
+    let status = &low["status"];
+    assert_eq!(status["phase"], "Suspended", "{low}");
+    assert!(status["queuePosition"].as_u64().is_some(), "{low}");
+    assert!(status["reason"].as_str().is_some_and(|r| r.starts_with("train: ")), "{low}");
+    assert!(low["store"].as_str().is_some_and(|s| s.starts_with("s3://")), "{low}");
+    let (code, page) = dashboard_get(client, "/runs/queue/low").await;
+    assert_eq!(code, 200, "{page}");
+    assert!(page.contains("in the queue; train: ") && page.contains("Suspended"), "{page}");
+    let (code, body) = dashboard_get(client, "/api/runs/queue/low/metrics/train?offset=0").await;
+    assert_eq!(code, 200, "{body}");
+    let chunk: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(!chunk["lines"].as_array().unwrap().is_empty(), "the victim's steps before its checkpoint: {chunk}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

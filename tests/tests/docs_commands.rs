@@ -237,8 +237,36 @@ fn schema_has(crd: &Value, fields: &[&str]) -> bool {
     true
 }
 
+/// `kubectl -n NS port-forward svc/NAME PORT`: the chart, installed as the README installs it
+/// (release `pretrain` in `pretrain-system`), has that Service in that namespace with that port.
+fn check_port_forward(cmd: &DocCommand, args: &[String]) {
+    let shown = cmd.words.join(" ");
+    let namespace = args.windows(2).find(|w| w[0] == "-n").map(|w| w[1].as_str()).unwrap_or("default");
+    let rest: Vec<&String> = args
+        .iter()
+        .enumerate()
+        .filter(|(i, a)| *a != "-n" && (*i == 0 || args[i - 1] != "-n"))
+        .map(|(_, a)| a)
+        .collect();
+    let (Some(service), Some(port)) = (rest.get(1).and_then(|t| t.strip_prefix("svc/")), rest.get(2)) else {
+        panic!("{}: `{shown}`: expected port-forward svc/NAME PORT", cmd.place)
+    };
+    let objects = chart::install("pretrain", "pretrain-system", &json!({}));
+    let found = objects
+        .iter()
+        .find(|o| {
+            o["kind"] == "Service" && o["metadata"]["name"] == *service && o["metadata"]["namespace"] == namespace
+        })
+        .unwrap_or_else(|| panic!("{}: `{shown}`: the chart has no Service {namespace}/{service}", cmd.place));
+    let ports: Vec<String> = found["spec"]["ports"].as_array().unwrap().iter().map(|p| p["port"].to_string()).collect();
+    assert!(ports.contains(port), "{}: `{shown}`: Service {service} has ports {ports:?}", cmd.place);
+}
+
 fn check_kubectl(cmd: &DocCommand, args: &[String], crds: &[Value]) {
     let shown = cmd.words.join(" ");
+    if args.iter().any(|a| a == "port-forward") {
+        return check_port_forward(cmd, args);
+    }
     let verb = args[0].as_str();
     assert!(
         matches!(verb, "apply" | "get" | "describe" | "explain" | "delete" | "edit"),
@@ -439,6 +467,21 @@ fn a_wrong_command_is_caught() {
     assert!(!fails("pretrain run FILE --workers 2", &|c| check_pretrain(c, &c.words[1..])));
     assert!(fails("pretrain-worker training --spec F", &|c| check_worker(c, &c.words[1..])));
     assert!(fails("kubectl get ptx", &|c| check_kubectl(c, &c.words[1..], &crds)));
+    assert!(fails("kubectl -n pretrain-system port-forward svc/pretrain-ui 8090", &|c| check_kubectl(
+        c,
+        &c.words[1..],
+        &crds
+    )));
+    assert!(fails("kubectl -n pretrain-system port-forward svc/pretrain-dashboard 80", &|c| check_kubectl(
+        c,
+        &c.words[1..],
+        &crds
+    )));
+    assert!(!fails("kubectl -n pretrain-system port-forward svc/pretrain-dashboard 8090", &|c| check_kubectl(
+        c,
+        &c.words[1..],
+        &crds
+    )));
     assert!(fails("kubectl get ptr x -o jsonpath='{.status.nope}'", &|c| check_kubectl(c, &c.words[1..], &crds)));
     assert!(!fails("kubectl get ptr x -o jsonpath='{.status.reason}'", &|c| check_kubectl(c, &c.words[1..], &crds)));
     assert!(fails("kubectl explain pretrainrun.spec.nope", &|c| check_kubectl(c, &c.words[1..], &crds)));

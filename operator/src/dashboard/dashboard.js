@@ -87,11 +87,14 @@ function draw(svg, series) {
   svg.append(element("text", { x: left - 4, y: H - bottom, "text-anchor": "end", class: "tick" }, number(y0)));
   svg.append(element("text", { x: left, y: H - 8, class: "tick" }, number(x0)));
   svg.append(element("text", { x: W - right, y: H - 8, "text-anchor": "end", class: "tick" }, `${number(x1)} tokens`));
+  let legend = left + 6;
   series.forEach((s, i) => {
     const color = COLORS[i % COLORS.length];
     const path = thin(s.points).map(([x, y]) => `${sx(x).toFixed(1)},${sy(y).toFixed(1)}`).join(" ");
-    svg.append(element("polyline", { points: path, fill: "none", stroke: color, "stroke-width": 1.5, "data-series": s.name }));
-    svg.append(element("text", { x: left + 6 + i * 118, y: 14, fill: color, class: "legend" }, s.name));
+    svg.append(element("polyline", { points: path, fill: "none", stroke: color, "stroke-width": 1.5, "data-series": s.name, "data-count": s.count }));
+    // Each name after the one before it (about 6.5 px a character at 11 px).
+    svg.append(element("text", { x: legend, y: 14, fill: color, class: "legend" }, s.name));
+    legend += s.name.length * 6.5 + 12;
   });
 }
 

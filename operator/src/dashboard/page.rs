@@ -16,7 +16,7 @@ pub const STYLE: &str = include_str!("dashboard.css");
 /// Seconds between two refreshes of a page's changing parts (the script reads it from the page).
 const REFRESH_MS: u32 = 2000;
 
-fn layout(title: &str, place: &str, body: Markup) -> String {
+fn layout(title: &str, place: &str, body: &Markup) -> String {
     html! {
         (DOCTYPE)
         html lang="en" {
@@ -32,7 +32,7 @@ fn layout(title: &str, place: &str, body: Markup) -> String {
                     a.home href="/" { "pretrain" }
                     span.place { (place) }
                 }
-                main { (body) }
+                main { (*body) }
             }
         }
     }
@@ -44,7 +44,7 @@ pub fn index(place: &str, runs: &[RunEntry]) -> String {
     layout(
         "Runs",
         place,
-        html! {
+        &html! {
             h1 { "Runs" }
             div data-refresh="/parts/runs" { (runs_table(runs)) }
         },
@@ -57,7 +57,7 @@ pub fn runs_table(runs: &[RunEntry]) -> Markup {
         @if runs.is_empty() {
             p.empty { "No runs yet." }
         } @else {
-            p.count { (runs.len()) " runs" }
+            p.count { (runs.len()) " runs: " (by_phase(runs)) }
             div.scroll {
                 table.runs {
                     thead { tr { th { "run" } th { "phase" } th { "stage" } th { "stages done" } th { "goodput" } th { "why" } } }
@@ -89,7 +89,7 @@ pub fn run(place: &str, run: &RunEntry, data: &RunData) -> String {
     layout(
         &run.name,
         place,
-        html! {
+        &html! {
             h1.name { (run.name) }
             div data-refresh=(format!("/parts{href}/status")) { (run_status(run)) }
             section {
@@ -143,6 +143,20 @@ pub fn run_outputs(data: &RunData) -> Markup {
             (found(&data.eval, "eval has not written its tables yet.", |html| html! { div.eval { (PreEscaped(html)) } }))
         }
     }
+}
+
+/// How many runs are in each phase, the busiest first: `12 running, 3 queued`.
+fn by_phase(runs: &[RunEntry]) -> String {
+    let mut counts: Vec<(&str, usize)> = Vec::new();
+    for run in runs {
+        let name = run.status.phase.map_or("Pending", phase_name);
+        match counts.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, count)) => *count += 1,
+            None => counts.push((name, 1)),
+        }
+    }
+    counts.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    counts.iter().map(|(name, n)| format!("{n} {}", name.to_lowercase())).collect::<Vec<_>>().join(", ")
 }
 
 fn run_href(run: &RunEntry) -> String {

@@ -200,9 +200,8 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
                 trainer.collective.finish()?;
                 return Ok(Outcome::Preempted { step: trainer.state.step });
             }
-        } else {
-            saver.publish(&mut metrics)?;
         }
+        saver.publish(&mut metrics)?;
     }
     if !trainer.leader() {
         // Wait for rank 0's commit: a gang whose commit failed must not look finished.
