@@ -3,7 +3,8 @@
 //! - `pretrain run --ui` on the tiny example (its training shortened to 32 steps, so that a debug
 //!   build runs it in minutes): a second run on the same store waits in the local queue and the
 //!   list says why; the loss curve gains points while train runs; the finished run shows its eval
-//!   tables, and its curves hold exactly the lines of its `metrics.jsonl`;
+//!   tables, and its curves hold exactly the lines of its `metrics.jsonl`; the queued run starts
+//!   once the first one ended, while its dashboard stays;
 //! - 200 runs, names of 63 characters among them: every row is there and nothing overflows the
 //!   page's width.
 //!
@@ -216,7 +217,6 @@ async fn the_tiny_example_watched_in_chromium_while_it_trains_waits_and_finishes
     assert!(why.contains("one `pretrain run` at a time uses the run state of file://"), "{why}");
     assert_fits(&client, "the list with a 50-character name").await;
     screenshot(&client, "1-queued.png").await;
-    drop(queued);
 
     // While train runs, the loss curve gains points.
     client.goto(&url).await.unwrap();
@@ -274,6 +274,9 @@ async fn the_tiny_example_watched_in_chromium_while_it_trains_waits_and_finishes
     assert_fits(&client, "the finished run's page").await;
     screenshot(&client, "3-finished.png").await;
     client.close().await.unwrap();
+    // The finished run let the run state go: the queued run starts while the dashboard stays.
+    line_starting(&queued_lines, "data-prep: starting");
+    drop(queued);
 
     // Ctrl-C ends the dashboard; the run's exit says it succeeded.
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(run.0.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();

@@ -130,8 +130,11 @@ pub async fn run(opts: &RunOptions) -> Result<Vec<(Stage, StageOutcome)>, RunErr
     println!("dashboard: http://{at}/runs/{}/{name}", crate::dashboard::LOCAL);
     let result = local.drive(opts).await;
     runs.release();
-    println!("dashboard: the run has ended; it stays at http://{at}/ until Ctrl-C");
-    let _ = tokio::signal::ctrl_c().await;
+    // Ctrl-C during the run stopped it and the dashboard with it.
+    if !matches!(result, Err(RunError::Interrupted { .. })) {
+        println!("dashboard: the run has ended; it stays at http://{at}/ until Ctrl-C");
+        let _ = tokio::signal::ctrl_c().await;
+    }
     result
 }
 
