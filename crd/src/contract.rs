@@ -55,6 +55,11 @@ pub mod exit {
     /// A service the stage needs (the object store, the GPU) stayed unavailable past the stage's own
     /// retries (EX_UNAVAILABLE). Run it again after a backoff, as for [`FAILED`].
     pub const UNAVAILABLE: i32 = 69;
+    /// The GPU or its interconnect failed under the stage (a CUDA error such as an Xid or an
+    /// uncorrectable ECC error, an NCCL system error, a GPU that would not start): the node is
+    /// suspect (EX_IOERR). Run it again, as for [`FAILED`]; the operator counts it against the node,
+    /// and quarantines a node that keeps failing.
+    pub const DEVICE: i32 = 74;
     /// The stage checkpointed on SIGTERM and wants to be resumed (EX_TEMPFAIL).
     pub const RESUME: i32 = 75;
     /// Another rank of the gang died or stalled; this one is healthy. Restart the gang from its

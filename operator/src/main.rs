@@ -72,6 +72,16 @@ enum Command {
         /// Secret with store credentials for runs without `spec.storage.secretRef`.
         #[arg(long, env = "PRETRAIN_STORAGE_SECRET")]
         storage_secret: Option<String>,
+        /// Quarantine (taint) a node after this many attempts failed on it within the window
+        /// (device errors, lost with the node); 0 never.
+        #[arg(long, default_value_t = 3)]
+        quarantine_after: usize,
+        /// The quarantine window, in seconds.
+        #[arg(long, default_value_t = 86_400)]
+        quarantine_window: i64,
+        /// Cordon quarantined nodes too, so that nothing else is scheduled there.
+        #[arg(long)]
+        cordon_bad_nodes: bool,
     },
     /// Run a manifest's stages on this machine, skipping stages already committed.
     Run {
@@ -181,13 +191,22 @@ fn dispatch(command: Command) -> Result<(), Failed> {
             preempt_after,
             worker_image,
             storage_secret,
+            quarantine_after,
+            quarantine_window,
+            cordon_bad_nodes,
         } => {
             let scheduler = (!no_scheduler).then(|| {
                 let policy = Policy { min_runtime: preempt_after.max(0), ..Policy::default() };
                 (std::time::Duration::from_secs(schedule_every.max(1)), policy)
             });
             let defaults = RunDefaults { worker_image, storage_secret };
-            Ok(block_on(operator(&listen, &ui, &lease, no_leader_election, scheduler, defaults))?)
+            let quarantine = pretrain_operator::k8s::quarantine::Policy {
+                failures: quarantine_after,
+                window_seconds: quarantine_window.max(1),
+                cordon: cordon_bad_nodes,
+            };
+            let addresses = Addresses { listen, ui, lease };
+            Ok(block_on(operator(&addresses, no_leader_election, scheduler, defaults, quarantine))?)
         }
         Command::Export { run, out, checkpoint, format: _, store, file } => {
             export(target(store, run, file.as_deref())?, &checkpoint, &out)
@@ -295,14 +314,21 @@ fn target(
 
 /// The operator process: metrics and health endpoint, the dashboard, leader election, then the
 /// controller and (every `scheduler` interval) the cluster scheduler.
+/// Where the operator listens, and its leader lease.
+struct Addresses {
+    listen: String,
+    ui: String,
+    lease: String,
+}
+
 async fn operator(
-    listen: &str,
-    ui: &str,
-    lease: &str,
+    addresses: &Addresses,
     no_leader_election: bool,
     scheduler: Option<(std::time::Duration, Policy)>,
     defaults: RunDefaults,
+    quarantine: pretrain_operator::k8s::quarantine::Policy,
 ) -> anyhow::Result<()> {
+    let Addresses { listen, ui, lease } = addresses;
     controller::init_logging();
     let client = kube::Client::try_default().await?;
     let metrics = std::sync::Arc::new(Metrics::default());
@@ -323,6 +349,7 @@ async fn operator(
     let mut ctx = Context::new(client.clone(), metrics);
     ctx.scheduler = scheduler.is_some();
     ctx.defaults = defaults;
+    ctx.quarantine = quarantine;
     let ctx = std::sync::Arc::new(ctx);
     let dashboard = tokio::net::TcpListener::bind(ui).await?;
     let runs = std::sync::Arc::new(k8s::dashboard::ClusterRuns::new(std::sync::Arc::clone(&ctx)));

@@ -42,7 +42,9 @@ fn the_default_install_is_valid_kubernetes_and_runs_the_operator_safely() {
             "--ui=0.0.0.0:8090",
             "--lease=pretrain-system/pretrain",
             "--schedule-every=5",
-            "--preempt-after=900"
+            "--preempt-after=900",
+            "--quarantine-after=3",
+            "--quarantine-window=86400"
         ])
     );
     assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true);
@@ -116,7 +118,7 @@ const USED: &[(&str, &str, &[&str])] = &[
     ("", "services", &["create", "patch"]),                        // SSA of a gang's Service
     ("", "configmaps", &["create", "patch"]),                      // SSA of the manifest
     ("", "pods", &["list"]),                                       // failure reasons; scheduler capacity
-    ("", "nodes", &["get", "list"]),                               // a deleted pod's node; capacity
+    ("", "nodes", &["get", "list", "patch"]),                      // a deleted pod's node; capacity; quarantine
     ("", "secrets", &["get"]),                                     // a run's store credentials
     ("events.k8s.io", "events", &["create", "patch"]),             // Recorder
 ];

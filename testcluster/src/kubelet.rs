@@ -123,6 +123,8 @@ struct Shared {
     pods: Mutex<BTreeMap<String, RunningPod>>,
     /// Per namespace, the DNS names of its running pods.
     names: Mutex<BTreeMap<String, Names>>,
+    /// Nodes whose GPUs are broken, with what the driver says.
+    broken_gpus: Arc<Mutex<BTreeMap<String, String>>>,
 }
 
 impl Kubelet {
@@ -144,6 +146,7 @@ impl Kubelet {
             nodes: Mutex::new(nodes),
             pods: Mutex::new(BTreeMap::new()),
             names: Mutex::new(BTreeMap::new()),
+            broken_gpus: Arc::default(),
         });
         let mut tasks = Vec::new();
         let names: Vec<String> = shared.nodes.lock().unwrap().keys().cloned().collect();
@@ -163,6 +166,18 @@ impl Kubelet {
         for pod in self.shared.pods.lock().unwrap().values().filter(|p| p.node == node) {
             let _ = pod.stop.send(Some(-1));
         }
+    }
+
+    /// A broken GPU: from now on every container on `node` that asks for `nvidia.com/gpu` fails at
+    /// once with the exit code of a device failure (74) and `message`, as a worker does on an Xid or
+    /// an uncorrectable ECC error. [`Kubelet::repair_gpus`] ends it.
+    pub fn break_gpus(&self, node: &str, message: &str) {
+        self.shared.broken_gpus.lock().unwrap().insert(node.to_string(), message.to_string());
+    }
+
+    /// The node's GPUs work again.
+    pub fn repair_gpus(&self, node: &str) {
+        self.shared.broken_gpus.lock().unwrap().remove(node);
     }
 
     /// The log file of a pod's container.
@@ -429,6 +444,7 @@ fn shared_view(shared: &Arc<Shared>) -> crate::pod::Host {
         images: shared.config.images.clone(),
         dir: shared.config.dir.clone(),
         gpu_node_env: shared.config.gpu_node_env.clone(),
+        broken_gpus: Arc::clone(&shared.broken_gpus),
         names: Arc::new(NamesHandle(Arc::clone(shared))),
     }
 }

@@ -41,6 +41,7 @@ struct Cluster {
 const GANG_GPU: &str = "NVIDIA-H100-80GB-HBM3";
 const QUEUE_GPU: &str = "Test-Queue-GPU";
 const LOSS_GPU: &str = "Test-Loss-GPU";
+const FLAKY_GPU: &str = "Test-Flaky-GPU";
 
 /// The shared cluster, or `None` when `PRETRAIN_SKIP_CLUSTER` is set. Builds the control plane
 /// first when `scripts/control-plane.sh build` has not (needs Go and the module proxy).
@@ -126,6 +127,8 @@ async fn start() -> anyhow::Result<(Cluster, Keep)> {
             NodeConfig::gpu("queue-1", 1, QUEUE_GPU),
             NodeConfig::gpu("lossy-0", 1, LOSS_GPU),
             NodeConfig::gpu("lossy-1", 1, LOSS_GPU),
+            NodeConfig::gpu("flaky-0", 1, FLAKY_GPU),
+            NodeConfig::gpu("flaky-1", 1, FLAKY_GPU),
         ],
         images,
         dir: tmp.path().join("kubelet"),
@@ -630,6 +633,78 @@ async fn a_lost_node_is_evicted_and_the_gang_resumes_elsewhere_without_spending_
     let events =
         cluster.kubectl_ok(&["-n", "nodeloss", "get", "events", "--field-selector=reason=StageDisrupted"], None);
     assert!(events.contains("lost with its node") || events.contains("DisruptionTarget"), "{events}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_whose_gpu_keeps_failing_is_quarantined_avoided_and_cleared_by_an_admin() {
+    use k8s_openapi::api::core::v1::Node;
+    use pretrain_crd::status::RunPhase;
+    let Some(cluster) = cluster() else { return };
+    cluster.namespace("flaky");
+    // flaky-1 is cordoned at first, so that every attempt lands on flaky-0, whose GPU is broken.
+    cluster.kubectl_ok(&["cordon", "flaky-1"], None);
+    let xid = "NVRM: Xid (PCI:0000:3b:00): 79, GPU has fallen off the bus";
+    cluster.kubelet.break_gpus("flaky-0", xid);
+    let mut value: serde_yaml::Value =
+        serde_yaml::from_str(&gang_manifest(cluster, "flaky", "flaky", "flaky", 40_960, FLAKY_GPU)).unwrap();
+    value["spec"]["train"]["resources"]["nodes"] = 1.into();
+    value["spec"]["train"]["maxRestarts"] = 5.into();
+    cluster.kubectl_ok(&["apply", "-f", "-"], Some(&serde_yaml::to_string(&value).unwrap()));
+    let client = cluster.client().await;
+    let nodes: Api<Node> = Api::all(client.clone());
+
+    // Three failed attempts on flaky-0 (the chart's default) quarantine it.
+    let node = eventually(Duration::from_secs(900), "flaky-0 to be quarantined", || {
+        let nodes = nodes.clone();
+        async move { nodes.get("flaky-0").await.ok().filter(pretrain_operator::k8s::quarantine::tainted) }
+    })
+    .await;
+    let record = pretrain_operator::k8s::quarantine::Record::of(&node);
+    assert_eq!(record.failures.len(), 3, "{record:?}");
+    assert!(
+        record.failures.iter().all(|f| f.attempt.starts_with("flaky/flaky/train/") && f.reason.contains("Xid")),
+        "{record:?}"
+    );
+    let quarantined =
+        &node.metadata.annotations.as_ref().unwrap()[pretrain_operator::k8s::quarantine::ANNOTATION_QUARANTINED];
+    assert!(quarantined.contains("3 failed attempts within 24h00m"), "{quarantined}");
+    assert_ne!(node.spec.as_ref().unwrap().unschedulable, Some(true), "cordoning is off by default");
+    let events = cluster.kubectl_ok(&["get", "events", "-A", "--field-selector=reason=Quarantined"], None);
+    assert!(events.contains("flaky-0") && events.contains("pretrain quarantined node flaky-0"), "{events}");
+    // Avoided: with flaky-1 cordoned there is nowhere to go, and the run waits.
+    let runs: Api<PretrainRun> = Api::namespaced(client.clone(), "flaky");
+    eventually(Duration::from_secs(120), "the run to wait for a node", || {
+        let runs = runs.clone();
+        async move {
+            let status = runs.get("flaky").await.ok()?.status?;
+            (status.queue_position.is_some() || status.reason.as_deref().is_some_and(|r| r.contains("needs")))
+                .then_some(())
+        }
+    })
+    .await;
+
+    // Once flaky-1 takes pods again, the run finishes there.
+    cluster.kubectl_ok(&["uncordon", "flaky-1"], None);
+    let status = run_end(&client, "flaky", "flaky").await;
+    assert_eq!(status.phase, Some(RunPhase::Succeeded), "{status:#?}");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "flaky");
+    let train = train_stage(&status);
+    let last = format!("pretrain.dev/run=flaky,pretrain.dev/stage=train,pretrain.dev/attempt={}", train.attempts);
+    let finished = pods.list(&ListParams::default().labels(&last)).await.unwrap().items;
+    assert!(
+        finished.iter().all(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some("flaky-1")),
+        "the last attempt ran on flaky-1"
+    );
+
+    // An admin clears the node: the taint goes, and the failures before the quarantine no longer count.
+    cluster.kubelet.repair_gpus("flaky-0");
+    cluster.kubectl_ok(&["taint", "nodes", "flaky-0", "pretrain.dev/quarantined-"], None);
+    let cleared = nodes.get("flaky-0").await.unwrap();
+    assert!(!pretrain_operator::k8s::quarantine::tainted(&cleared));
+    let policy = pretrain_operator::k8s::quarantine::Policy::default();
+    let record = pretrain_operator::k8s::quarantine::Record::of(&cleared);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    assert!(record.counted(now, &policy).is_empty(), "{record:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

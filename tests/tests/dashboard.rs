@@ -255,18 +255,7 @@ async fn the_tiny_example_watched_in_chromium_while_it_trains_waits_and_finishes
     line_starting(&lines, "dashboard: the run has ended");
     // One more refresh of the curves after the last write.
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    let store = tmp.path().join("store/tiny");
-    for (stage, series) in [("train", "train"), ("long-context", "long-context")] {
-        let text = std::fs::read_to_string(store.join(stage).join("metrics.jsonl")).unwrap();
-        let shown = eval(
-            &client,
-            &format!(
-                "return Number(document.querySelector('#chart-loss polyline[data-series=\"{series}\"]').dataset.count);"
-            ),
-        )
-        .await;
-        assert_eq!(shown.as_u64().unwrap(), text.lines().count() as u64, "{stage}");
-    }
+    assert_curves_hold_the_metrics(&client, &tmp.path().join("store/tiny")).await;
     let eval_text = eval(&client, "return document.getElementById('eval').textContent;").await;
     for shown in ["held-out", "passkey correct", "benchmark"] {
         assert!(eval_text.as_str().unwrap().contains(shown), "{shown}: {eval_text}");
@@ -282,6 +271,21 @@ async fn the_tiny_example_watched_in_chromium_while_it_trains_waits_and_finishes
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(run.0.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
     let status = run.0.wait().unwrap();
     assert!(status.success(), "{status}");
+}
+
+/// The loss chart has a point for every line of each training stage's `metrics.jsonl` under `store`.
+async fn assert_curves_hold_the_metrics(client: &Client, store: &Path) {
+    for stage in ["train", "long-context"] {
+        let text = std::fs::read_to_string(store.join(stage).join("metrics.jsonl")).unwrap();
+        let shown = eval(
+            client,
+            &format!(
+                "return Number(document.querySelector('#chart-loss polyline[data-series=\"{stage}\"]').dataset.count);"
+            ),
+        )
+        .await;
+        assert_eq!(shown.as_u64().unwrap(), text.lines().count() as u64, "{stage}");
+    }
 }
 
 /// Many runs, as a busy cluster has them.

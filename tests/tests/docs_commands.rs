@@ -267,6 +267,16 @@ fn check_kubectl(cmd: &DocCommand, args: &[String], crds: &[Value]) {
     if args.iter().any(|a| a == "port-forward") {
         return check_port_forward(cmd, args);
     }
+    // Clearing a quarantined node: the taint is the operator's.
+    if matches!(args[0].as_str(), "cordon" | "uncordon") {
+        return;
+    }
+    if args[0] == "taint" {
+        assert_eq!(args.get(1).map(String::as_str), Some("nodes"), "{}: `{shown}`", cmd.place);
+        let taint = pretrain_operator::k8s::quarantine::TAINT;
+        assert!(args.iter().any(|a| a.starts_with(taint)), "{}: `{shown}`: not the taint {taint}", cmd.place);
+        return;
+    }
     let verb = args[0].as_str();
     assert!(
         matches!(verb, "apply" | "get" | "describe" | "explain" | "delete" | "edit"),

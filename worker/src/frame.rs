@@ -127,6 +127,10 @@ pub enum StageError {
     /// Another rank of the gang died or stalled: restart the gang from its last checkpoint.
     #[error(transparent)]
     PeerLost(Cause),
+    /// The GPU or its interconnect failed ([`device_fault`]): run the stage again; the operator
+    /// counts it against the node.
+    #[error(transparent)]
+    Device(Cause),
     /// Anything else: run the stage again, counting against `maxRestarts`.
     #[error(transparent)]
     Failed(Cause),
@@ -139,6 +143,7 @@ impl StageError {
             Self::Invalid(_) => exit::INVALID,
             Self::Unavailable(_) => exit::UNAVAILABLE,
             Self::PeerLost(_) => exit::PEER_LOST,
+            Self::Device(_) => exit::DEVICE,
             Self::Failed(_) => exit::FAILED,
         }
     }
@@ -253,14 +258,35 @@ pub enum DeviceError {
     },
 }
 
-/// A build without CUDA is invalid for a GPU spec; a GPU that fails to start is unavailable.
+/// A build without CUDA is invalid for a GPU spec; a GPU that fails to start is the node's fault.
 impl From<DeviceError> for StageError {
     fn from(e: DeviceError) -> Self {
         match e {
             DeviceError::NotBuilt { .. } => Self::Invalid(Box::new(e)),
-            DeviceError::Init { .. } => Self::Unavailable(Box::new(e)),
+            DeviceError::Init { .. } => Self::Device(Box::new(e)),
         }
     }
+}
+
+/// What CUDA, the driver and NCCL say when the hardware under a process failed, rather than the
+/// program: uncorrectable ECC and NVLink errors, a GPU that fell off the bus or is gone, an Xid in
+/// the driver's words, NCCL's system and unhandled-CUDA errors.
+const DEVICE_FAULTS: [&str; 10] = [
+    "CUDA_ERROR_ECC_UNCORRECTABLE",
+    "CUDA_ERROR_HARDWARE_STACK_ERROR",
+    "CUDA_ERROR_NVLINK_UNCORRECTABLE",
+    "CUDA_ERROR_DEVICE_UNAVAILABLE",
+    "CUDA_ERROR_NO_DEVICE",
+    "uncorrectable ECC error",
+    "fallen off the bus",
+    "Xid",
+    "ncclSystemError",
+    "ncclUnhandledCudaError",
+];
+
+/// Whether an error's text says the GPU or its interconnect failed ([`DEVICE_FAULTS`]).
+pub fn device_fault(text: &str) -> bool {
+    DEVICE_FAULTS.iter().any(|sign| text.contains(sign))
 }
 
 /// A local scratch file of a stage failed.
@@ -341,10 +367,17 @@ mod tests {
     }
 
     #[test]
-    fn a_gpu_that_fails_to_start_is_retried_and_a_build_without_cuda_is_not() {
+    fn a_gpu_that_fails_to_start_is_the_nodes_and_a_build_without_cuda_is_invalid() {
         let init = DeviceError::Init { gpus: 8, local: 3, reason: "CUDA_ERROR_ECC_UNCORRECTABLE".into() };
-        assert_eq!(StageError::from(init).exit_code(), exit::UNAVAILABLE);
+        assert_eq!(StageError::from(init).exit_code(), exit::DEVICE);
         assert_eq!(StageError::from(DeviceError::NotBuilt { gpus: 8 }).exit_code(), exit::INVALID);
+    }
+
+    #[test]
+    fn text_that_says_the_hardware_failed_is_a_device_fault() {
+        assert!(device_fault("DriverError(CUDA_ERROR_ECC_UNCORRECTABLE, \"uncorrectable ECC error encountered\")"));
+        assert!(device_fault("NVRM: Xid (PCI:0000:3b:00): 79, GPU has fallen off the bus"));
+        assert!(!device_fault("DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")"));
     }
 
     #[test]

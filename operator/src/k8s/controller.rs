@@ -21,9 +21,10 @@ use serde_json::json;
 
 use super::metrics::Metrics;
 use super::observe::{self, LABEL_JOB_NAME, PodContext};
+use super::quarantine::{self, NodeFailure};
 use super::render::{self, FIELD_MANAGER, RenderError, RunObjects, job_name};
 use crate::labels::LABEL_RUN;
-use crate::plan::cluster::{ClusterView, Decision, JobKey, JobView, LivePod, decide};
+use crate::plan::cluster::{ClusterView, Decision, JobKey, JobState, JobView, LivePod, decide};
 use crate::plan::{Layout, goodput, layout};
 
 /// The finalizer that lets the operator stop a deleted run's pods and, when asked, delete its data.
@@ -96,6 +97,8 @@ pub struct Context {
     pub defaults: RunDefaults,
     /// Consecutive failed reconciles of each run, which set how long the next retry waits.
     pub backoff: Backoff,
+    /// When a node that keeps failing attempts is quarantined.
+    pub quarantine: quarantine::Policy,
 }
 
 /// Per-run exponential backoff of failed reconciles, as controller-runtime's default rate limiter
@@ -183,6 +186,7 @@ impl Context {
             scheduler: true,
             defaults: RunDefaults::default(),
             backoff: Backoff::default(),
+            quarantine: quarantine::Policy::default(),
         }
     }
 }
@@ -230,7 +234,13 @@ async fn apply_run(run: &PretrainRun, objects: &RunObjects<'_>, ctx: &Context) -
 
     let store = open_store(ctx, objects.run()).await?;
     let stored = observe::store_state(&store, &name, &run.spec).await?;
-    let (views, live_pods, now) = observe_jobs(ctx, run, &ns, &name).await?;
+    let (views, live_pods, now, suspects) = observe_jobs(ctx, run, &ns, &name).await?;
+    for (node, failure) in suspects {
+        // Best effort: a refused write is tried again by the next reconcile, which sees the attempt.
+        if let Err(e) = quarantine::record(&ctx.client, &ctx.recorder, &ctx.quarantine, &node, failure).await {
+            tracing::warn!(node, error = %e, "recording a node failure failed");
+        }
+    }
     let view = ClusterView {
         spec: &run.spec,
         generation: run.metadata.generation,
@@ -273,27 +283,34 @@ async fn apply_run(run: &PretrainRun, objects: &RunObjects<'_>, ctx: &Context) -
 
 /// The run's Jobs as the planner sees them (with their pods' outcomes), its pods still running,
 /// and the clock.
-async fn observe_jobs(
-    ctx: &Context,
-    run: &PretrainRun,
-    ns: &str,
-    name: &str,
-) -> Result<(Vec<JobView>, Vec<LivePod>, i64), Error> {
+/// What one look at a run's Jobs and pods found.
+type Observed = (Vec<JobView>, Vec<LivePod>, i64, Vec<(String, NodeFailure)>);
+
+/// The run's Jobs as the planner sees them, its live pods, the time, and the nodes its failed or
+/// lost attempts point at.
+async fn observe_jobs(ctx: &Context, run: &PretrainRun, ns: &str, name: &str) -> Result<Observed, Error> {
     let selector = ListParams::default().labels(&format!("{LABEL_RUN}={name}"));
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), ns);
     let listed = jobs.list(&selector).await?;
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
     let run_pods = pods.list(&selector).await?.items;
     let cluster = pod_context(ctx, &run_pods).await?;
-    let mut views = Vec::new();
+    let (mut views, mut suspects) = (Vec::new(), Vec::new());
     for job in &listed.items {
         let job_name = job.name_any();
         let own: Vec<Pod> =
             run_pods.iter().filter(|p| p.labels().get(LABEL_JOB_NAME) == Some(&job_name)).cloned().collect();
-        views.extend(observe::job_view(job, &run.spec, &own, &cluster));
+        let Some(view) = observe::job_view(job, &run.spec, &own, &cluster) else { continue };
+        if matches!(view.state, JobState::Failed(_) | JobState::Lost(_)) {
+            let attempt = format!("{ns}/{name}/{}/{}", view.stage, view.attempt);
+            for (node, reason) in quarantine::node_failures(&own, &cluster) {
+                suspects.push((node, NodeFailure { at: cluster.now, attempt: attempt.clone(), reason }));
+            }
+        }
+        views.push(view);
     }
     let live_pods = run_pods.iter().filter(|p| !cluster.settled(p)).filter_map(observe::live_pod).collect();
-    Ok((views, live_pods, cluster.now))
+    Ok((views, live_pods, cluster.now, suspects))
 }
 
 /// Creates and stops what `decision` says, in order: the manifest, a gang's Service, the Jobs.

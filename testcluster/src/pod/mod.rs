@@ -40,6 +40,8 @@ pub struct Host {
     pub dir: PathBuf,
     /// Variables added on GPU nodes.
     pub gpu_node_env: Vec<(String, String)>,
+    /// Nodes whose GPUs are broken, with what the driver says.
+    pub broken_gpus: Arc<std::sync::Mutex<BTreeMap<String, String>>>,
     /// The cluster's pod names.
     pub names: Arc<NamesHandle>,
 }

@@ -21,6 +21,17 @@ use super::env::expand;
 use super::{Ended, Host, Statuses, environment, identity, now, resolve, terminated};
 use crate::kubelet::log_tail;
 
+/// `pretrain_crd::contract::exit::DEVICE`: the exit code of a worker whose GPU failed.
+const DEVICE_FAILURE: i32 = 74;
+
+/// What the driver says of the node's GPUs when they are broken ([`crate::Kubelet::break_gpus`])
+/// and `container` asks for one.
+fn broken_gpu(host: &Host, pod: &Pod, container: &Container) -> Option<String> {
+    let limits = container.resources.as_ref().and_then(|r| r.limits.as_ref())?;
+    let node = pod.spec.as_ref()?.node_name.as_ref()?;
+    limits.contains_key("nvidia.com/gpu").then(|| host.broken_gpus.lock().unwrap().get(node).cloned()).flatten()
+}
+
 /// Starts the container, restarts it per `restartPolicy`, probes it and writes its status.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn supervise(
@@ -53,6 +64,13 @@ pub(super) async fn supervise(
     let (uid, gid, groups) = identity(pod, container);
     let restart = spec.restart_policy.clone().unwrap_or_else(|| "Always".into());
 
+    if let Some(message) = broken_gpu(host, pod, container) {
+        // What a worker on a GPU with an Xid says, and its exit code for a device failure.
+        std::fs::write(log, format!("{message}\n"))?;
+        let ended = terminated(DEVICE_FAILURE, Some(message), now());
+        statuses.write("Failed", ended, None, 0, false).await?;
+        return Ok(Ended::Exited(DEVICE_FAILURE));
+    }
     let mut restarts = 0;
     let mut last: Option<ContainerState> = None;
     loop {

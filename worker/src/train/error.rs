@@ -64,8 +64,9 @@ pub enum TrainError {
 }
 
 /// An invalid spec or upstream is permanent; a lost peer restarts the gang; the store and the device
-/// as the frame classifies them; a rank mismatch (the gang loads again), a divergence, a failed save
-/// and anything of the tensor library fail the attempt.
+/// as the frame classifies them; an error of the tensor library or the collectives that says the GPU
+/// failed is the device's; a rank mismatch (the gang loads again), a divergence, a failed save and
+/// anything else of the tensor library fail the attempt.
 impl From<TrainError> for StageError {
     fn from(e: TrainError) -> Self {
         use TrainError as E;
@@ -79,6 +80,7 @@ impl From<TrainError> for StageError {
                 StageError::for_store(store)(Box::new(e))
             }
             E::Dist(crate::dist::DistError::Peer { .. }) => StageError::PeerLost(Box::new(e)),
+            E::Model(_) | E::Dist(_) if crate::frame::device_fault(&e.to_string()) => StageError::Device(Box::new(e)),
             E::RankMismatch { .. }
             | E::NotSaved { .. }
             | E::Shard(_)
@@ -91,3 +93,22 @@ impl From<TrainError> for StageError {
 }
 
 pub(crate) type Result<T, E = TrainError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use pretrain_crd::contract::exit;
+
+    use super::*;
+
+    #[test]
+    fn errors_of_the_tensor_library_that_say_the_hardware_failed_are_the_devices() {
+        let code = |text: &str| StageError::from(TrainError::Model(candle_core::Error::Msg(text.into()))).exit_code();
+        assert_eq!(code("NCCL error: ncclSystemError: System call or external library call failed"), exit::DEVICE);
+        assert_eq!(
+            code("DriverError(CUDA_ERROR_ECC_UNCORRECTABLE, \"uncorrectable ECC error encountered\")"),
+            exit::DEVICE
+        );
+        assert_eq!(code("DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")"), exit::FAILED);
+        assert_eq!(code("shape mismatch in matmul"), exit::FAILED);
+    }
+}
