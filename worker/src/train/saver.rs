@@ -27,6 +27,11 @@ pub struct Saver {
     published: Published,
 }
 
+/// Whether `task` is there and not finished.
+fn running<T>(task: Option<&JoinHandle<T>>) -> bool {
+    task.is_some_and(|t| !t.is_finished())
+}
+
 /// The last put of `metrics.jsonl` between checkpoints.
 #[derive(Debug)]
 struct Published {
@@ -44,11 +49,12 @@ impl Saver {
 
     /// Puts `metrics.jsonl` (every line so far, from `metrics`) in the background when the last put
     /// is at least [`PUBLISH_EVERY`] old and a hundred times its own duration, and no save or put is
-    /// in flight. Only the dashboard reads it before the next checkpoint: a resume keeps the lines up
-    /// to its checkpoint, and a failed put is only said.
+    /// running (a finished save waits for [`Saver::wait`] to collect it). Only the dashboard reads
+    /// it before the next checkpoint: a resume keeps the lines up to its checkpoint, and a failed put
+    /// is only said.
     pub fn publish(&mut self, metrics: &mut super::metrics::MetricsLog) -> Result<()> {
         let due = PUBLISH_EVERY.max(Duration::from_secs_f64(self.published.seconds / PUBLISH_SHARE));
-        let busy = self.pending.is_some() || self.published.pending.as_ref().is_some_and(|p| !p.is_finished());
+        let busy = running(self.pending.as_ref()) || running(self.published.pending.as_ref());
         if busy || self.published.at.elapsed() < due {
             return Ok(());
         }
