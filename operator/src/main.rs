@@ -312,8 +312,6 @@ fn target(
     Ok((store, run))
 }
 
-/// The operator process: metrics and health endpoint, the dashboard, leader election, then the
-/// controller and (every `scheduler` interval) the cluster scheduler.
 /// Where the operator listens, and its leader lease.
 struct Addresses {
     listen: String,
@@ -321,6 +319,8 @@ struct Addresses {
     lease: String,
 }
 
+/// The operator process: metrics and health endpoint, the dashboard, leader election, then the
+/// controller and (every `scheduler` interval) the cluster scheduler.
 async fn operator(
     addresses: &Addresses,
     no_leader_election: bool,

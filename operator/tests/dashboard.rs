@@ -28,8 +28,8 @@ impl Source for OneRun {
             store: self.store.url().to_string(),
         }])
     }
-    async fn store(&self, _: &str, _: &str) -> Result<Store, String> {
-        Ok(self.store.clone())
+    async fn store(&self, namespace: &str, name: &str) -> Result<Option<Store>, String> {
+        Ok((namespace == dashboard::LOCAL && name == "r").then(|| self.store.clone()))
     }
     fn place(&self) -> String {
         "test".into()

@@ -316,7 +316,7 @@ impl Source for ManyRuns {
             })
             .collect())
     }
-    async fn store(&self, _: &str, _: &str) -> Result<pretrain_store::Store, String> {
+    async fn store(&self, _: &str, _: &str) -> Result<Option<pretrain_store::Store>, String> {
         Err("no stores here".into())
     }
     fn place(&self) -> String {

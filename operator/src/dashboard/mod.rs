@@ -48,8 +48,8 @@ pub const LOCAL: &str = "local";
 pub trait Source: Send + Sync + 'static {
     /// Every run, in the order the dashboard lists them.
     async fn runs(&self) -> Result<Vec<RunEntry>, String>;
-    /// The store of run `name` in `namespace`.
-    async fn store(&self, namespace: &str, name: &str) -> Result<Store, String>;
+    /// The store of run `name` in `namespace`; `None` when there is no such run.
+    async fn store(&self, namespace: &str, name: &str) -> Result<Option<Store>, String>;
     /// Where the runs are, for the page's heading.
     fn place(&self) -> String;
 }
@@ -95,11 +95,18 @@ fn unavailable(why: impl std::fmt::Display) -> Failure {
     Failure(StatusCode::BAD_GATEWAY, why.to_string())
 }
 
+fn no_run(namespace: &str, name: &str) -> Failure {
+    Failure(StatusCode::NOT_FOUND, format!("no run {namespace}/{name}"))
+}
+
 async fn find(source: &Shared, namespace: &str, name: &str) -> Result<RunEntry, Failure> {
     let runs = source.runs().await.map_err(unavailable)?;
-    runs.into_iter()
-        .find(|r| r.namespace == namespace && r.name == name)
-        .ok_or_else(|| Failure(StatusCode::NOT_FOUND, format!("no run {namespace}/{name}")))
+    runs.into_iter().find(|r| r.namespace == namespace && r.name == name).ok_or_else(|| no_run(namespace, name))
+}
+
+/// The run's store, without listing every run.
+async fn store_of(source: &Shared, namespace: &str, name: &str) -> Result<Store, Failure> {
+    source.store(namespace, name).await.map_err(unavailable)?.ok_or_else(|| no_run(namespace, name))
 }
 
 async fn index(State(source): State<Shared>) -> Result<Html<String>, Failure> {
@@ -115,9 +122,13 @@ async fn runs_part(State(source): State<Shared>) -> Result<Html<String>, Failure
 /// A run and what its store holds.
 async fn read_run(source: &Shared, namespace: &str, name: &str) -> Result<(RunEntry, data::RunData), Failure> {
     let run = find(source, namespace, name).await?;
-    let store = source.store(namespace, name).await.map_err(unavailable)?;
-    let read = data::RunData::read(&store, name).await.map_err(unavailable)?;
-    Ok((run, read))
+    Ok((run, read_outputs(source, namespace, name).await?))
+}
+
+/// What the run's store holds.
+async fn read_outputs(source: &Shared, namespace: &str, name: &str) -> Result<data::RunData, Failure> {
+    let store = store_of(source, namespace, name).await?;
+    data::RunData::read(&store, name).await.map_err(unavailable)
 }
 
 async fn run_page(
@@ -140,7 +151,7 @@ async fn outputs_part(
     State(source): State<Shared>,
     Path((namespace, name)): Path<(String, String)>,
 ) -> Result<Html<String>, Failure> {
-    let (_, read) = read_run(&source, &namespace, &name).await?;
+    let read = read_outputs(&source, &namespace, &name).await?;
     Ok(Html(page::run_outputs(&read).into_string()))
 }
 
@@ -157,8 +168,7 @@ async fn metrics_json(
         Ok(s) if s.is_training() => s,
         _ => return Err(Failure(StatusCode::NOT_FOUND, format!("{stage}: not a training stage"))),
     };
-    find(&source, &namespace, &name).await?;
-    let store = source.store(&namespace, &name).await.map_err(unavailable)?;
+    let store = store_of(&source, &namespace, &name).await?;
     let chunk = data::metrics_since(&store, &name, stage, &cursor).await.map_err(unavailable)?;
     Ok(axum::Json(chunk))
 }

@@ -281,13 +281,11 @@ async fn apply_run(run: &PretrainRun, objects: &RunObjects<'_>, ctx: &Context) -
     Ok(decision.requeue_after.map_or_else(Action::await_change, |s| Action::requeue(Duration::from_secs(s))))
 }
 
-/// The run's Jobs as the planner sees them (with their pods' outcomes), its pods still running,
-/// and the clock.
 /// What one look at a run's Jobs and pods found.
 type Observed = (Vec<JobView>, Vec<LivePod>, i64, Vec<(String, NodeFailure)>);
 
-/// The run's Jobs as the planner sees them, its live pods, the time, and the nodes its failed or
-/// lost attempts point at.
+/// The run's Jobs as the planner sees them (with their pods' outcomes), its pods still running, the
+/// clock, and the nodes its failed or lost attempts point at.
 async fn observe_jobs(ctx: &Context, run: &PretrainRun, ns: &str, name: &str) -> Result<Observed, Error> {
     let selector = ListParams::default().labels(&format!("{LABEL_RUN}={name}"));
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), ns);

@@ -49,13 +49,13 @@ impl Source for ClusterRuns {
         Ok(runs)
     }
 
-    async fn store(&self, namespace: &str, name: &str) -> Result<Store, String> {
+    async fn store(&self, namespace: &str, name: &str) -> Result<Option<Store>, String> {
         // A list by name, not a get: the operator's ClusterRole grants PretrainRuns list and watch.
         let api: Api<PretrainRun> = Api::namespaced(self.ctx.client.clone(), namespace);
         let named = ListParams::default().fields(&format!("metadata.name={name}"));
         let found = api.list(&named).await.map_err(|e| format!("PretrainRun {namespace}/{name}: {e}"))?;
-        let run = found.items.into_iter().next().ok_or_else(|| format!("no PretrainRun {namespace}/{name}"))?;
-        open_store(&self.ctx, &self.ctx.defaults.apply(&run)).await.map_err(|e| e.to_string())
+        let Some(run) = found.items.into_iter().next() else { return Ok(None) };
+        open_store(&self.ctx, &self.ctx.defaults.apply(&run)).await.map(Some).map_err(|e| e.to_string())
     }
 
     fn place(&self) -> String {

@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{ContainerStateTerminated, Pod};
 use pretrain_crd::contract::exit;
 use pretrain_crd::status::CheckpointStatus;
 use pretrain_crd::{PretrainRunSpec, Stage};
@@ -122,6 +122,17 @@ fn job_failure(job: &Job) -> Option<String> {
     (failed.reason.as_deref() == Some("PodFailurePolicy") && message.contains("DisruptionTarget")).then_some(message)
 }
 
+/// How the pod's worker container ended, if it did.
+pub fn worker_exit(pod: &Pod) -> Option<&ContainerStateTerminated> {
+    let statuses = pod.status.as_ref()?.container_statuses.as_ref()?;
+    statuses.iter().find(|c| c.name == "worker")?.state.as_ref()?.terminated.as_ref()
+}
+
+/// The last line of what an ended container said (its termination message), blank lines skipped.
+pub fn last_line(ended: &ContainerStateTerminated) -> Option<&str> {
+    ended.message.as_deref()?.lines().rev().find(|l| !l.trim().is_empty())
+}
+
 /// Whether the pod reached a terminal phase (it said how it ended).
 fn terminated(pod: &Pod) -> bool {
     matches!(pod.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"))
@@ -159,12 +170,8 @@ pub fn classify(pods: &[Pod], expected: usize, job_failure: Option<String>, clus
     for pod in pods {
         let name = pod.metadata.name.as_deref().unwrap_or("?");
         let status = pod.status.as_ref();
-        let terminated = status
-            .and_then(|s| s.container_statuses.as_ref())
-            .and_then(|cs| cs.iter().find(|c| c.name == "worker"))
-            .and_then(|c| c.state.as_ref()?.terminated.as_ref());
-        let last_line =
-            terminated.and_then(|t| t.message.as_deref()).and_then(|m| m.lines().rev().find(|l| !l.trim().is_empty()));
+        let terminated = worker_exit(pod);
+        let last_line = terminated.and_then(last_line);
         let permanent = terminated.is_some_and(|t| t.exit_code == exit::INVALID);
         if !permanent && let Some(why) = disruption(pod) {
             disrupted.get_or_insert_with(|| format!("pod {name}: {why}"));

@@ -19,7 +19,7 @@ use pretrain_crd::contract::exit;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::observe::PodContext;
+use super::observe::{self, PodContext};
 
 /// The annotation holding a node's failures.
 pub const ANNOTATION_FAILURES: &str = "pretrain.dev/failures";
@@ -64,16 +64,10 @@ pub fn node_failures(pods: &[Pod], cluster: &PodContext) -> Vec<(String, String)
     let mut found = Vec::new();
     for pod in pods {
         let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) else { continue };
-        let terminated = pod
-            .status
-            .as_ref()
-            .and_then(|s| s.container_statuses.as_ref())
-            .and_then(|cs| cs.iter().find(|c| c.name == "worker"))
-            .and_then(|c| c.state.as_ref()?.terminated.as_ref());
-        let why = match terminated {
+        let why = match observe::worker_exit(pod) {
             Some(t) if t.exit_code == exit::DEVICE => {
-                let last = t.message.as_deref().and_then(|m| m.lines().rev().find(|l| !l.trim().is_empty()));
-                Some(format!("pod {}: device failure: {}", pod.name_any(), last.map_or("no message", str::trim)))
+                let last = observe::last_line(t).map_or("no message", str::trim);
+                Some(format!("pod {}: device failure: {last}", pod.name_any()))
             }
             None if cluster.lost(pod) && cluster.unready_nodes.contains(&node) => {
                 Some(format!("pod {}: lost with its NotReady node", pod.name_any()))

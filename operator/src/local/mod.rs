@@ -140,23 +140,22 @@ pub async fn run(opts: &RunOptions) -> Result<Vec<(Stage, StageOutcome)>, RunErr
 
 impl LocalRun {
     /// Runs the selected stages until the planner says the run finished or failed.
-    async fn drive(self, opts: &RunOptions) -> Result<Vec<(Stage, StageOutcome)>, RunError> {
-        let mut local = self;
-        local.skip_committed().await?;
+    async fn drive(mut self, opts: &RunOptions) -> Result<Vec<(Stage, StageOutcome)>, RunError> {
+        self.skip_committed().await?;
         let interrupt = Interrupt::install();
         // Live progress bars on a terminal; plain log lines otherwise.
         let bars = std::io::IsTerminal::is_terminal(&std::io::stdout()).then(indicatif::MultiProgress::new);
         let manifest = std::path::absolute(&opts.manifest).unwrap_or_else(|_| opts.manifest.clone());
-        let (name, store_url) = (local.name.clone(), local.store_url.clone());
+        let (name, store_url) = (self.name.clone(), self.store_url.clone());
         let ctx = WorkerContext { worker: &opts.worker, manifest: &manifest, run: &name, store: &store_url, bars };
         loop {
-            let (stage, attempt, layout) = match plan::next(&local.run.spec, &local.stages, &local.observed) {
+            let (stage, attempt, layout) = match plan::next(&self.run.spec, &self.stages, &self.observed) {
                 Action::Finished => {
-                    local.write_report().await;
-                    return Ok(local.outcomes);
+                    self.write_report().await;
+                    return Ok(self.outcomes);
                 }
                 Action::Failed { stage, reason } => {
-                    let code = local.db.get(&local.name, stage).and_then(|r| r.exit_code);
+                    let code = self.db.get(&self.name, stage).and_then(|r| r.exit_code);
                     return Err(RunError::StageFailed { stage, code, reason });
                 }
                 Action::Run { stage, attempt, layout } => (stage, attempt, layout),
@@ -164,9 +163,9 @@ impl LocalRun {
             if interrupt.requested() {
                 return Err(RunError::Interrupted { stage });
             }
-            local.started(stage, attempt).await?;
+            self.started(stage, attempt).await?;
             let result = run_stage(&ctx, stage, layout, opts.workers, &interrupt).await;
-            local.ended(stage, attempt, result).await?;
+            self.ended(stage, attempt, result).await?;
         }
     }
 }
@@ -445,38 +444,40 @@ pub async fn status(store_url: &str, run: Option<&str>) -> Result<String, RunErr
 /// Goodput of `run`'s training stages, from the state database's records and their newest
 /// checkpoints' ledgers (a local run's gang counts as one GPU).
 pub async fn goodput(db: &StateDb, store: &Store, run: &str) -> Result<Option<Goodput>, RunError> {
-    let records: BTreeMap<Stage, StageRecord> =
-        Stage::ALL.into_iter().filter_map(|s| db.get(run, s).map(|r| (s, r))).collect();
-    Ok(goodput_of(store, run, &records).await?)
+    let records = db.records(run);
+    let mut ledgers = BTreeMap::new();
+    for (&stage, r) in records.iter().filter(|(s, r)| s.is_training() && r.time.is_some()) {
+        if let Some(ledger) = crate::checkpoints::ledger(&store.stage(run, stage)?, &r.config_hash).await? {
+            ledgers.insert(stage, ledger);
+        }
+    }
+    Ok(goodput_of(&records, &ledgers))
 }
 
-/// Goodput of `run`'s training stages from their `records`.
-pub async fn goodput_of(
-    store: &Store,
-    run: &str,
+/// Goodput of a run's training stages from their `records` and their newest checkpoints' `ledgers`
+/// (those written for the record's config).
+pub fn goodput_of(
     records: &BTreeMap<Stage, StageRecord>,
-) -> Result<Option<Goodput>, pretrain_store::Error> {
-    let mut found = Vec::new();
-    for (&stage, r) in records.iter().filter(|(s, _)| s.is_training()) {
-        let Some(time) = r.time.clone() else { continue };
-        let ledger = crate::checkpoints::ledger(&store.stage(run, stage)?, &r.config_hash).await?;
-        let running = r.phase == RecordPhase::Running && runner_alive(r);
-        found.push((time, running.then_some(r.started).flatten().map(|s| s as i64), ledger));
-    }
-    let times: Vec<goodput::StageTimes<'_>> = found
+    ledgers: &BTreeMap<Stage, goodput::Ledger>,
+) -> Option<Goodput> {
+    let times: Vec<goodput::StageTimes<'_>> = records
         .iter()
-        .map(|(time, running_since, ledger)| goodput::StageTimes {
-            time,
-            running_since: *running_since,
-            ledger: ledger.as_ref(),
+        .filter(|(s, _)| s.is_training())
+        .filter_map(|(stage, r)| {
+            let running = r.phase == RecordPhase::Running && runner_alive(r);
+            Some(goodput::StageTimes {
+                time: r.time.as_ref()?,
+                running_since: running.then_some(r.started).flatten().map(|s| s as i64),
+                ledger: ledgers.get(stage),
+            })
         })
         .collect();
-    Ok(goodput::of(&times, 1))
+    goodput::of(&times, 1)
 }
 
 /// Whether the `pretrain run` that ran a stage last is still running.
 fn runner_alive(r: &StageRecord) -> bool {
-    r.runner_pid.is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
+    r.runner_pid.is_some_and(state::alive)
 }
 
 /// The run's stages between `from` and `until`, inclusive.

@@ -54,8 +54,11 @@ impl Drop for Ticket {
     }
 }
 
-fn alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
+/// Writes `value` as JSON to `path` through a temporary file, so readers see all of it or none.
+fn write_json(path: &Path, value: &impl Serialize) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec(value).expect("queue records serialise"))?;
+    std::fs::rename(&tmp, path)
 }
 
 impl Queue {
@@ -71,9 +74,7 @@ impl Queue {
         std::fs::create_dir_all(&self.dir)?;
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
         let path = self.dir.join(format!("{nanos:024}-{}.json", waiting.pid));
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, serde_json::to_vec(waiting).expect("a ticket serialises"))?;
-        std::fs::rename(&tmp, &path)?;
+        write_json(&path, waiting)?;
         Ok(Ticket { path })
     }
 
@@ -90,7 +91,7 @@ impl Queue {
             let Some(w) = std::fs::read(&path).ok().and_then(|b| serde_json::from_slice::<Waiting>(&b).ok()) else {
                 continue;
             };
-            if alive(w.pid) {
+            if state::alive(w.pid) {
                 waiting.push(w);
             } else {
                 let _ = std::fs::remove_file(&path);
@@ -101,16 +102,13 @@ impl Queue {
 
     /// Records `run` of this process as the holder of the run state.
     pub fn hold(&self, run: &str) -> std::io::Result<()> {
-        let holder = Holder { run: run.to_string(), pid: std::process::id() };
-        let tmp = self.holder.with_extension("tmp");
-        std::fs::write(&tmp, serde_json::to_vec(&holder).expect("a holder serialises"))?;
-        std::fs::rename(&tmp, &self.holder)
+        write_json(&self.holder, &Holder { run: run.to_string(), pid: std::process::id() })
     }
 
     /// The runner holding the run state, if it is alive.
     pub fn holder(&self) -> Option<Holder> {
         let h: Holder = serde_json::from_slice(&std::fs::read(&self.holder).ok()?).ok()?;
-        alive(h.pid).then_some(h)
+        state::alive(h.pid).then_some(h)
     }
 
     /// Why a waiting runner waits, for people.
@@ -125,36 +123,31 @@ impl Queue {
 /// the queue (saying so once) until this runner is first and the state is free.
 pub async fn open_in_turn(store_url: &str, waiting: &Waiting) -> Result<StateDb, String> {
     let queue = Queue::for_store(store_url);
-    let first_try = match StateDb::open(store_url) {
-        Ok(db) => Some(db),
-        Err(e) if held(&e) => None,
+    let db = match StateDb::open(store_url) {
+        Ok(db) => db,
+        Err(e) if held(&e) => wait_in_turn(&queue, store_url, waiting).await?,
         Err(e) => return Err(e),
-    };
-    let db = match first_try {
-        Some(db) => db,
-        None => {
-            let ticket = queue.join(waiting).map_err(|e| format!("local queue {}: {e}", queue.dir.display()))?;
-            let place = queue.waiting().iter().position(|w| w.pid == waiting.pid).map_or(1, |p| p + 1);
-            println!("queued at position {place}: {}", queue.reason(store_url));
-            loop {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                let first = queue.waiting().first().is_none_or(|w| w.pid == waiting.pid);
-                if !first {
-                    continue;
-                }
-                match StateDb::open(store_url) {
-                    Ok(db) => {
-                        drop(ticket);
-                        break db;
-                    }
-                    Err(e) if held(&e) => {}
-                    Err(e) => return Err(e),
-                }
-            }
-        }
     };
     queue.hold(&waiting.run).map_err(|e| format!("local queue {}: {e}", queue.holder.display()))?;
     Ok(db)
+}
+
+/// Waits in `queue` until this runner is first and the run state is free, then opens it.
+async fn wait_in_turn(queue: &Queue, store_url: &str, waiting: &Waiting) -> Result<StateDb, String> {
+    let _ticket = queue.join(waiting).map_err(|e| format!("local queue {}: {e}", queue.dir.display()))?;
+    let place = queue.waiting().iter().position(|w| w.pid == waiting.pid).map_or(1, |p| p + 1);
+    println!("queued at position {place}: {}", queue.reason(store_url));
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if queue.waiting().first().is_some_and(|w| w.pid != waiting.pid) {
+            continue;
+        }
+        match StateDb::open(store_url) {
+            Ok(db) => return Ok(db),
+            Err(e) if held(&e) => {}
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Whether opening the run state failed because another process holds it (sled's lock).

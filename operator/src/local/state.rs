@@ -3,7 +3,8 @@
 //! runner was killed). The database sits in the store's local cache: `<root>/.pretrain/state` for a
 //! `file://` store, else `$XDG_CACHE_HOME/pretrain/<store hash>/state` (override: `PRETRAIN_STATE_DIR`).
 
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use pretrain_crd::Stage;
@@ -127,6 +128,11 @@ impl StateDb {
         self.put(run, stage, &record)
     }
 
+    /// Every record of `run`, by stage.
+    pub fn records(&self, run: &str) -> BTreeMap<Stage, StageRecord> {
+        Stage::ALL.into_iter().filter_map(|s| self.get(run, s).map(|r| (s, r))).collect()
+    }
+
     /// Names of the runs with records, sorted.
     pub fn runs(&self) -> Vec<String> {
         let mut names: Vec<String> = self
@@ -140,6 +146,11 @@ impl StateDb {
         names.dedup();
         names
     }
+}
+
+/// Whether process `pid` is alive (on this machine).
+pub fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
 }
 
 /// `YYYY-MM-DD HH:MM:SS UTC` of Unix seconds.

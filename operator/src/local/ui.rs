@@ -49,24 +49,22 @@ impl LocalRuns {
     pub fn release(&self) {
         let mut state = self.state.lock().expect("ui state");
         if let State::Held(db, plans) = &*state {
-            let records = db.runs().into_iter().map(|run| (run.clone(), records(db, &run))).collect();
-            *state = State::Released(records, plans.clone());
+            *state = State::Released(all_records(db), plans.clone());
         }
     }
 
     /// Each run's stages and records, as the state has them now.
     fn read(&self) -> (Records, BTreeMap<String, Vec<Stage>>) {
         match &*self.state.lock().expect("ui state") {
-            State::Held(db, plans) => {
-                (db.runs().into_iter().map(|run| (run.clone(), records(db, &run))).collect(), plans.clone())
-            }
+            State::Held(db, plans) => (all_records(db), plans.clone()),
             State::Released(records, plans) => (records.clone(), plans.clone()),
         }
     }
 }
 
-fn records(db: &StateDb, run: &str) -> BTreeMap<Stage, StageRecord> {
-    Stage::ALL.into_iter().filter_map(|s| db.get(run, s).map(|r| (s, r))).collect()
+/// Every run's records.
+fn all_records(db: &StateDb) -> Records {
+    db.runs().into_iter().map(|run| (run.clone(), db.records(&run))).collect()
 }
 
 #[async_trait::async_trait]
@@ -108,8 +106,10 @@ impl Source for LocalRuns {
         Ok(runs)
     }
 
-    async fn store(&self, namespace: &str, _name: &str) -> Result<Store, String> {
-        if namespace == LOCAL { Ok(self.store.clone()) } else { Err(format!("no namespace {namespace} here")) }
+    async fn store(&self, namespace: &str, name: &str) -> Result<Option<Store>, String> {
+        let known = namespace == LOCAL
+            && (self.read().0.contains_key(name) || self.queue.waiting().iter().any(|w| w.run == name));
+        Ok(known.then(|| self.store.clone()))
     }
 
     fn place(&self) -> String {
@@ -129,6 +129,13 @@ pub async fn status(
     stages: &[Stage],
     records: &BTreeMap<Stage, StageRecord>,
 ) -> Result<PretrainRunStatus, pretrain_store::Error> {
+    // Each training stage's newest checkpoint, read once: for the status and for goodput's ledger.
+    let mut newest = BTreeMap::new();
+    for (&stage, r) in records.iter().filter(|(s, _)| s.is_training()) {
+        if let Some(found) = crate::checkpoints::newest_for(&store.stage(run, stage)?, &r.config_hash).await? {
+            newest.insert(stage, found);
+        }
+    }
     let mut status = PretrainRunStatus::default();
     for &stage in stages {
         let Some(r) = records.get(&stage) else { continue };
@@ -160,18 +167,15 @@ pub async fn status(
                 _ => RunPhase::Suspended,
             });
         }
-        if stage.is_training() && r.phase != RecordPhase::Skipped {
-            let dir = store.stage(run, stage)?;
-            if let Some((name, state)) = crate::checkpoints::newest_for(&dir, &r.config_hash).await? {
-                status.last_checkpoint = Some(CheckpointStatus {
-                    stage: stage.to_string(),
-                    step: state.step,
-                    tokens: state.tokens_seen,
-                    loss: state.loss,
-                    url: dashboard::redact(&format!("{}/{run}/{stage}/ckpt/{name}", store.url().trim_end_matches('/'))),
-                    time: state.saved_unix.and_then(|s| u64::try_from(s).ok()).and_then(rfc3339),
-                });
-            }
+        if let Some((name, state)) = newest.get(&stage).filter(|_| r.phase != RecordPhase::Skipped) {
+            status.last_checkpoint = Some(CheckpointStatus {
+                stage: stage.to_string(),
+                step: state.step,
+                tokens: state.tokens_seen,
+                loss: state.loss,
+                url: dashboard::redact(&format!("{}/{run}/{stage}/ckpt/{name}", store.url().trim_end_matches('/'))),
+                time: state.saved_unix.and_then(|s| u64::try_from(s).ok()).and_then(rfc3339),
+            });
         }
         status.stages.push(StageStatus {
             name: stage.to_string(),
@@ -191,7 +195,8 @@ pub async fn status(
             && status.stages.iter().all(|s| matches!(s.phase, StagePhase::Succeeded | StagePhase::Skipped));
         status.phase = Some(if finished { RunPhase::Succeeded } else { RunPhase::Pending });
     }
-    status.goodput = super::goodput_of(store, run, records).await?;
+    let ledgers = newest.into_iter().map(|(stage, (_, state))| (stage, state.into_ledger())).collect();
+    status.goodput = super::goodput_of(records, &ledgers);
     Ok(status)
 }
 
