@@ -56,7 +56,11 @@ pub struct Admission {
     pub time: String,
 }
 
-/// A running stage attempt asked to checkpoint and stop for a higher-priority one.
+/// [`Preemption::by`] when a gang that shrank (`train.resources.minNodes`) stops to restart on all
+/// its nodes.
+pub const GROW: &str = "grow";
+
+/// A running stage attempt asked to checkpoint and stop, for a higher-priority one or to grow back.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Preemption {
@@ -64,7 +68,8 @@ pub struct Preemption {
     pub stage: String,
     /// The attempt to stop.
     pub attempt: u32,
-    /// `namespace/run/stage` it makes room for.
+    /// `namespace/run/stage` it makes room for, or `grow` when a gang that shrank restarts on all
+    /// its nodes.
     pub by: String,
     /// RFC 3339 time of the request.
     pub time: String,

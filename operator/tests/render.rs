@@ -223,6 +223,25 @@ fn an_admitted_gang_is_kept_on_its_nodes_and_tolerates_gpu_taints() {
 }
 
 #[test]
+fn a_gang_admitted_on_fewer_nodes_runs_that_many_ranks() {
+    let run = fixture("gpu-gang.yaml"); // 4 nodes x 8 GPUs
+    let objects = RunObjects::new(&run).unwrap();
+    let world = |job: &Job| {
+        let value = serde_json::to_value(job).unwrap();
+        let env = value["spec"]["template"]["spec"]["containers"][0]["env"].as_array().unwrap().clone();
+        let world = env.iter().find(|e| e["name"] == "WORLD_SIZE").unwrap()["value"].clone();
+        (value["spec"]["completions"].as_i64(), value["spec"]["parallelism"].as_i64(), world)
+    };
+    let mut whole = objects.job(Stage::Train, Role::Gang, 2);
+    pretrain_operator::k8s::render::place_on(&mut whole, &["n0".into(), "n1".into(), "n2".into(), "n3".into()]);
+    assert_eq!(world(&whole), (Some(4), Some(4), "4".into()));
+    let mut shrunk = objects.job(Stage::Train, Role::Gang, 3);
+    pretrain_operator::k8s::render::place_on(&mut shrunk, &["n0".into(), "n2".into()]);
+    check::<Job>(&serde_json::to_value(&shrunk).unwrap());
+    assert_eq!(world(&shrunk), (Some(2), Some(2), "2".into()));
+}
+
+#[test]
 fn a_kueue_run_creates_suspended_jobs_with_the_queue_label() {
     let mut run = fixture("gpu-gang.yaml");
     run.spec.scheduling.kueue = Some(pretrain_crd::spec::Kueue { queue_name: "team-a".into() });

@@ -19,11 +19,19 @@ fn gpu_nodes(n: usize, kind: &str) -> Vec<Node> {
 }
 
 fn gang(pods: u32, gpus: u32) -> Gang {
-    Gang { pods, per_pod: Resources { gpus, cpu_millis: 16_000, memory: 128 * GIB }, gpu_type: None }
+    Gang { pods, min_pods: pods, per_pod: Resources { gpus, cpu_millis: 16_000, memory: 128 * GIB }, gpu_type: None }
 }
 
 fn request(id: &str, priority: i32, submitted: i64, g: Gang) -> Request {
-    Request { id: id.into(), queue: "default".into(), priority, submitted, gang: g, expected_seconds: None }
+    Request {
+        id: id.into(),
+        queue: "default".into(),
+        priority,
+        submitted,
+        gang: g,
+        expected_seconds: None,
+        shrink_from: None,
+    }
 }
 
 fn running(id: &str, priority: i32, nodes: &[&str], started: i64, checkpoint: Option<i64>) -> Running {
@@ -196,7 +204,12 @@ fn pods_land_only_on_ready_nodes_of_their_gpu_type_and_cpu_stages_hold_no_gpus()
     let h100 = Gang { gpu_type: Some("H100".into()), ..gang(1, 8) };
     let d = schedule(&nodes, &[], &open_queue(), &[request("g", 0, 0, h100)], 0, Policy::default());
     assert_eq!(d.admit[0].1, ["H100-1"]);
-    let cpu = Gang { pods: 4, per_pod: Resources { gpus: 0, cpu_millis: 48_000, memory: 64 * GIB }, gpu_type: None };
+    let cpu = Gang {
+        pods: 4,
+        min_pods: 4,
+        per_pod: Resources { gpus: 0, cpu_millis: 48_000, memory: 64 * GIB },
+        gpu_type: None,
+    };
     let d = schedule(&nodes, &[], &open_queue(), &[request("c", 0, 0, cpu)], 0, Policy::default());
     assert_eq!(d.admit[0].1.len(), 4);
 }
@@ -279,4 +292,45 @@ fn a_simulated_cluster_never_overcommits_never_starts_part_of_a_gang_and_starves
     );
     assert_eq!(started.len(), submitted);
     assert!(preemptions > 0, "the urgent runs preempted some training");
+}
+
+#[test]
+fn an_elastic_gang_shrinks_after_its_wait_and_grows_back_when_its_nodes_return() {
+    // 4 nodes, one of them lost: a gang of 4 that may run on 2 waits, then starts on the 3 left.
+    let mut nodes = gpu_nodes(4, "H100");
+    nodes[3].schedulable = false;
+    let elastic = Request { shrink_from: Some(300), ..request("train", 0, 0, Gang { min_pods: 2, ..gang(4, 8) }) };
+    let policy = Policy { min_runtime: 600, ..Policy::default() };
+    let d = schedule(&nodes, &[], &open_queue(), std::slice::from_ref(&elastic), 299, policy);
+    assert!(d.admit.is_empty(), "it waits for all its nodes until shrink_from: {d:?}");
+    assert_eq!(reason(&d, "train"), "needs 4 nodes x 8 GPUs, 3 free; 0 ahead of it");
+    let d = schedule(&nodes, &[], &open_queue(), std::slice::from_ref(&elastic), 300, policy);
+    assert_eq!(d.admit, [("train".to_string(), vec!["H100-0".to_string(), "H100-1".into(), "H100-2".into()])]);
+    // Never below min_pods: with one node left it waits.
+    let lonely: Vec<Node> = nodes.iter().cloned().enumerate().map(|(i, n)| Node { schedulable: i == 0, ..n }).collect();
+    let d = schedule(&lonely, &[], &open_queue(), std::slice::from_ref(&elastic), 900, policy);
+    assert!(d.admit.is_empty(), "{d:?}");
+    // A gang that may not shrink waits however long.
+    let rigid = Request { shrink_from: None, ..elastic.clone() };
+    assert!(schedule(&nodes, &[], &open_queue(), &[rigid], 10_000, policy).admit.is_empty());
+
+    // Running on 3 of its 4 pods, it holds 24 GPUs, and the free node serves another gang first.
+    let shrunk = Running {
+        gang: Gang { min_pods: 2, ..gang(4, 8) },
+        ..running("train", 0, &["H100-0", "H100-1", "H100-2"], 300, Some(800))
+    };
+    nodes[3].schedulable = true;
+    let other = request("other", 0, 5, gang(1, 8));
+    let d = schedule(&nodes, std::slice::from_ref(&shrunk), &open_queue(), std::slice::from_ref(&other), 1000, policy);
+    assert_eq!(admitted(&d), ["other"]);
+    assert!(d.preempt.is_empty(), "it does not grow while others need the node: {d:?}");
+    // Once the node is back and nothing waits, it is asked to checkpoint and restart on all 4, but
+    // not before it ran min_runtime.
+    let d = schedule(&nodes, std::slice::from_ref(&shrunk), &open_queue(), &[], 899, policy);
+    assert!(d.preempt.is_empty(), "{d:?}");
+    let d = schedule(&nodes, std::slice::from_ref(&shrunk), &open_queue(), &[], 900, policy);
+    assert_eq!(d.preempt, [("train".to_string(), pretrain_crd::status::GROW.to_string())]);
+    // Asked to grow, it waits for all 4 again, and they are free: it starts whole.
+    let d = schedule(&nodes, &[], &open_queue(), std::slice::from_ref(&elastic), 950, policy);
+    assert_eq!(d.admit[0].1.len(), 4);
 }

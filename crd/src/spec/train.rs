@@ -186,6 +186,17 @@ pub struct Resources {
     /// Nodes (pods) in the data-parallel gang.
     #[schemars(range(min = 1, max = 4096))]
     pub nodes: u32,
+    /// Fewest nodes the gang may shrink to: when an attempt fails (a node lost) and the whole gang
+    /// cannot be admitted again within `shrinkAfterSeconds`, training resumes from its checkpoint on
+    /// as many nodes as fit, down to this many, with the same global batch (more micro-batches per
+    /// rank) and bitwise the same updates; it grows back at a checkpoint once the nodes return.
+    /// Unset: the gang always has `nodes`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 4096))]
+    pub min_nodes: Option<u32>,
+    /// Seconds a gang that may shrink waits for all its nodes before it starts on fewer.
+    #[schemars(range(min = 0))]
+    pub shrink_after_seconds: u32,
     /// GPUs per node; 0 trains on CPUs.
     #[schemars(range(min = 0, max = 16))]
     pub gpus_per_node: u32,
@@ -202,6 +213,8 @@ impl Default for Resources {
     fn default() -> Self {
         Self {
             nodes: 1,
+            min_nodes: None,
+            shrink_after_seconds: 300,
             gpus_per_node: 8,
             gpu_type: None,
             cpu: Quantity("16".into()),
@@ -214,6 +227,11 @@ impl Resources {
     /// Data-parallel ranks: one per GPU, or one per node on CPUs.
     pub fn ranks(&self) -> u64 {
         u64::from(self.nodes) * u64::from(self.gpus_per_node.max(1))
+    }
+
+    /// The fewest nodes the gang may train on (`minNodes`, else all of them).
+    pub fn fewest_nodes(&self) -> u32 {
+        self.min_nodes.unwrap_or(self.nodes).clamp(1, self.nodes.max(1))
     }
 }
 
@@ -272,6 +290,13 @@ impl Train {
             e.check(h > 0.0 && h.is_finite(), "spec.train.checkpoint.mtbfHours", format!("must be positive, got {h}"));
         }
         e.check(self.resources.nodes >= 1, "spec.train.resources.nodes", "must be at least 1");
+        if let Some(min) = self.resources.min_nodes {
+            e.check(
+                (1..=self.resources.nodes).contains(&min),
+                "spec.train.resources.minNodes",
+                format!("must be between 1 and spec.train.resources.nodes ({}), got {min}", self.resources.nodes),
+            );
+        }
         e.check(self.resources.gpus_per_node <= 16, "spec.train.resources.gpusPerNode", "must be at most 16");
         if self.precision == Precision::Bf16 && self.resources.gpus_per_node == 0 {
             e.push("spec.train.precision", "bf16 needs GPUs (gpusPerNode > 0); use auto or fp32 on CPUs");

@@ -53,6 +53,7 @@ fn queues() -> Vec<Queue> {
 fn gang(pods: u32, gpus: u32, kind: Option<&str>) -> Gang {
     Gang {
         pods,
+        min_pods: pods,
         per_pod: Resources { gpus, cpu_millis: if gpus > 0 { 32_000 } else { 8_000 }, memory: 128 * GIB },
         gpu_type: kind.map(str::to_string),
     }
@@ -94,6 +95,7 @@ fn requests(queues: &[Queue], rng: &mut Rng) -> Vec<Request> {
                 submitted: i as i64,
                 gang: gang(pods, gpus, (gpus > 0 && i % 3 != 0).then_some(KINDS[i % 2])),
                 expected_seconds: (i % 7 != 0).then(|| 600 + (rng.next() % 7200) as i64),
+                shrink_from: None,
             }
         })
         .collect()

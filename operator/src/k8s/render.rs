@@ -26,7 +26,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
-use pretrain_crd::contract::exit;
+use pretrain_crd::contract::{ENV_WORLD_SIZE, exit};
 use pretrain_crd::{PretrainRun, Stage};
 use sha2::{Digest, Sha256};
 
@@ -467,8 +467,11 @@ fn failure_policy(role: Role) -> PodFailurePolicy {
 /// Keeps the pods of an admitted gang on exactly the nodes the cluster scheduler chose for it, one
 /// pod per node: a required node affinity on the Node's name (`matchFields` on `metadata.name`, not
 /// a label a node could share or change) and a required anti-affinity between the attempt's own pods
-/// on `kubernetes.io/hostname`. The Kubernetes scheduler still binds each pod.
+/// on `kubernetes.io/hostname`. The Kubernetes scheduler still binds each pod. An elastic gang
+/// admitted on fewer nodes than it has pods (`train.resources.minNodes`) runs that many:
+/// completions, parallelism and `WORLD_SIZE` shrink with it.
 pub fn place_on(job: &mut Job, nodes: &[String]) {
+    shrink_to(job, nodes.len());
     let mut hosts: Vec<String> = nodes.to_vec();
     hosts.sort();
     hosts.dedup();
@@ -504,6 +507,23 @@ pub fn place_on(job: &mut Job, nodes: &[String]) {
         }),
         ..Affinity::default()
     });
+}
+
+/// An Indexed Job of more than `pods` pods becomes one of `pods`, its workers told the new world size.
+fn shrink_to(job: &mut Job, pods: usize) {
+    let Some(spec) = job.spec.as_mut() else { return };
+    let (Some(completions), Ok(pods)) = (spec.completions, i32::try_from(pods)) else { return };
+    if pods == 0 || pods >= completions || spec.completion_mode.as_deref() != Some("Indexed") {
+        return;
+    }
+    spec.completions = Some(pods);
+    spec.parallelism = Some(pods);
+    let containers = spec.template.spec.iter_mut().flat_map(|p| p.containers.iter_mut());
+    for var in containers.flat_map(|c| c.env.iter_mut().flatten()) {
+        if var.name == ENV_WORLD_SIZE && var.value.is_some() {
+            var.value = Some(pods.to_string());
+        }
+    }
 }
 
 fn env_value(name: &str, value: &str) -> EnvVar {

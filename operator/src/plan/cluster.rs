@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use pretrain_crd::status::{CheckpointStatus, Condition, Goodput, Preemption, RunPhase, StagePhase, StageStatus};
+use pretrain_crd::status::{CheckpointStatus, Condition, GROW, Goodput, Preemption, RunPhase, StagePhase, StageStatus};
 use pretrain_crd::{PretrainRunSpec, PretrainRunStatus, Stage};
 use serde::Deserialize;
 
@@ -295,17 +295,26 @@ fn preempt(view: &ClusterView<'_>, decision: &mut Decision, stage: Stage, now: &
     account_end(view, s, stage, goodput::Ended::Stopped);
     s.phase = StagePhase::Pending;
     s.finish_time = Some(now.into());
-    let why = format!("preempted by {by}: checkpointing and stopping");
+    let nodes = view.spec.train.resources.nodes;
+    let (reason, why, note) = if by == GROW {
+        (
+            "Growing",
+            format!("checkpointing and stopping to restart on all {nodes} nodes"),
+            format!("{stage}: attempt {attempts} checkpoints and stops to grow back to {nodes} nodes"),
+        )
+    } else {
+        (
+            "Preempted",
+            format!("preempted by {by}: checkpointing and stopping"),
+            format!("{stage}: attempt {attempts} preempted by {by}; it resumes from its checkpoint"),
+        )
+    };
     s.message = Some(why.clone());
     decision.stop.extend(attempt::in_flight(view, stage, attempts));
     decision.create.retain(|k| k.stage != stage);
-    decision.events.push(Event {
-        warning: true,
-        reason: "Preempted",
-        note: format!("{stage}: attempt {attempts} preempted by {by}; it resumes from its checkpoint"),
-    });
+    decision.events.push(Event { warning: by != GROW, reason, note });
     decision.status.reason = Some(format!("{stage}: {why}"));
-    set_phase(decision, now, RunPhase::Suspended, "Preempted", &format!("{stage}: {why}"));
+    set_phase(decision, now, RunPhase::Suspended, reason, &format!("{stage}: {why}"));
     decision.requeue_after = Some(POLL_SECONDS);
     true
 }
@@ -408,6 +417,11 @@ fn wait_for_admission(view: &ClusterView<'_>, decision: &mut Decision, stage: St
     decision.requeue_after = Some(POLL_SECONDS);
     let previous = attempt - 1;
     match preemption(view, stage, previous) {
+        Some(p) if previous > 0 && p.by == GROW => {
+            let nodes = view.spec.train.resources.nodes;
+            let why = format!("{stage}: stopped to restart on all {nodes} nodes; queued again: {waiting}");
+            set_phase(decision, now, RunPhase::Suspended, "Growing", &why);
+        }
         Some(p) if previous > 0 => {
             let why = format!("{stage}: preempted by {}; queued again: {waiting}", p.by);
             set_phase(decision, now, RunPhase::Suspended, "Preempted", &why);

@@ -18,7 +18,7 @@ use k8s_openapi::api::core::v1::{Node as KubeNode, Pod};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::ResourceExt;
 use pretrain_crd::queue::{DEFAULT_QUEUE, PretrainQueueSpec, PretrainQueueStatus};
-use pretrain_crd::status::{Admission, Preemption, RunPhase, StagePhase};
+use pretrain_crd::status::{Admission, Preemption, RunPhase, StagePhase, StageStatus};
 use pretrain_crd::{PretrainQueue, PretrainRun, PretrainRunStatus, Stage};
 
 use super::{Decision, Gang, Node, Queue, Request, Resources, Running};
@@ -79,7 +79,8 @@ pub fn stage_gang(run: &PretrainRun, stage: Stage) -> Gang {
     let pods = plan::pods(&run.spec, role);
     let requests = BTreeMap::from([("cpu".to_string(), pods.cpu.clone()), ("memory".to_string(), pods.memory.clone())]);
     let per_pod = Resources { gpus: pods.gpus, ..resources(Some(&requests)) };
-    Gang { pods: pods.count, per_pod, gpu_type: run.spec.train.resources.gpu_type.clone() }
+    let min_pods = if role == plan::Role::Gang { run.spec.train.resources.fewest_nodes() } else { pods.count };
+    Gang { pods: pods.count, min_pods, per_pod, gpu_type: run.spec.train.resources.gpu_type.clone() }
 }
 
 fn run_id(run: &PretrainRun, stage: Stage) -> String {
@@ -87,11 +88,22 @@ fn run_id(run: &PretrainRun, stage: Stage) -> String {
 }
 
 /// The run's current stage and its status entry.
-fn current(run: &PretrainRun) -> Option<(Stage, &PretrainRunStatus, u32, StagePhase)> {
+fn current(run: &PretrainRun) -> Option<(Stage, &PretrainRunStatus, &StageStatus)> {
     let status = run.status.as_ref()?;
     let stage: Stage = status.stage.as_deref()?.parse().ok()?;
     let entry = status.stages.iter().find(|s| s.name == stage.as_str())?;
-    Some((stage, status, entry.attempts, entry.phase))
+    Some((stage, status, entry))
+}
+
+/// From when a waiting elastic gang may start on fewer nodes: `shrinkAfterSeconds` after the stage
+/// began to wait for this attempt.
+fn shrink_from(run: &PretrainRun, stage: Stage, gang: &Gang, now: i64) -> Option<i64> {
+    if gang.min_pods >= gang.pods || !stage.is_training() {
+        return None;
+    }
+    let (_, _, entry) = current(run)?;
+    let since = entry.time.as_ref().and_then(|t| t.waiting_since.as_deref()).and_then(parse_time).unwrap_or(now);
+    Some(since + i64::from(run.spec.train.resources.shrink_after_seconds))
 }
 
 /// Where a run stands for the scheduler.
@@ -106,7 +118,8 @@ fn place(run: &PretrainRun) -> Place {
         return Place::Elsewhere;
     }
     let Some(status) = run.status.as_ref() else { return Place::Elsewhere };
-    let Some((stage, _, attempts, phase)) = current(run) else { return Place::Elsewhere };
+    let Some((stage, _, entry)) = current(run) else { return Place::Elsewhere };
+    let (attempts, phase) = (entry.attempts, entry.phase);
     if !needs_admission(&run.spec, stage) {
         return Place::Elsewhere;
     }
@@ -161,14 +174,18 @@ fn gangs(runs: &[PretrainRun], now: i64, snapshot: &mut Snapshot) -> BTreeSet<Ga
         let priority = run.spec.scheduling.priority;
         let submitted = run.metadata.creation_timestamp.as_ref().map_or(now, |t| t.0.as_second());
         match place(run) {
-            Place::Waiting { stage, .. } => snapshot.requests.push(Request {
-                id: run_id(run, stage),
-                queue,
-                priority,
-                submitted,
-                gang: stage_gang(run, stage),
-                expected_seconds: None,
-            }),
+            Place::Waiting { stage, .. } => {
+                let gang = stage_gang(run, stage);
+                snapshot.requests.push(Request {
+                    id: run_id(run, stage),
+                    queue,
+                    priority,
+                    submitted,
+                    shrink_from: shrink_from(run, stage, &gang, now),
+                    gang,
+                    expected_seconds: None,
+                });
+            }
             Place::Holding { stage, admission } => {
                 let started = parse_time(&admission.time).unwrap_or(now);
                 let checkpoint = run

@@ -17,7 +17,11 @@
 //!   it leaves that placement untouched or ends before the head's expected start;
 //! - a head that cannot fit may preempt training gangs of lower priority that ran at least
 //!   `min_runtime` seconds: the set whose release lets it fit and that loses the fewest GPU-seconds of
-//!   work since their last checkpoints. Victims are asked to checkpoint and are requeued, never failed.
+//!   work since their last checkpoints. Victims are asked to checkpoint and are requeued, never failed;
+//! - an elastic gang (`min_pods` below `pods`) that waited past its `shrink_from` time starts on as
+//!   many pods as fit, down to `min_pods`, rather than wait for all of them; once all of them fit
+//!   again (on its own nodes and the free ones) and nothing waits, it is asked to checkpoint and
+//!   requeue, to restart on all of them (a grow, at most once per `min_runtime`).
 
 pub mod cluster;
 
@@ -90,6 +94,8 @@ pub struct Queue {
 pub struct Gang {
     /// Pods, all of one shape.
     pub pods: u32,
+    /// Fewest pods it may run on (elastic training); `pods` when it needs all of them.
+    pub min_pods: u32,
     /// Each pod's resources.
     pub per_pod: Resources,
     /// Required GPU type, if any.
@@ -117,6 +123,8 @@ pub struct Request {
     pub gang: Gang,
     /// Expected run time in seconds, when known (from the token budget and measured throughput).
     pub expected_seconds: Option<i64>,
+    /// From when it may start on fewer pods than its gang has (down to `min_pods`), if ever.
+    pub shrink_from: Option<i64>,
 }
 
 /// A stage that holds resources.
@@ -128,9 +136,9 @@ pub struct Running {
     pub queue: String,
     /// Its priority.
     pub priority: i32,
-    /// What it holds.
+    /// Its gang (all its pods, though it may run on fewer).
     pub gang: Gang,
-    /// The node of each pod.
+    /// The node of each pod it runs (fewer than the gang's pods when it shrank).
     pub nodes: Vec<String>,
     /// When it started (seconds).
     pub started: i64,
@@ -140,6 +148,13 @@ pub struct Running {
     pub preemptible: bool,
     /// When it is expected to end, if known.
     pub expected_end: Option<i64>,
+}
+
+impl Running {
+    /// GPUs it holds.
+    fn gpus(&self) -> u64 {
+        self.nodes.len() as u64 * u64::from(self.gang.per_pod.gpus)
+    }
 }
 
 /// Knobs of the scheduler.
@@ -173,7 +188,8 @@ pub struct Waiting {
 pub struct Decision {
     /// Requests to start now, with the node of each pod.
     pub admit: Vec<(String, Vec<String>)>,
-    /// Running gangs to checkpoint and requeue, with the request they make room for.
+    /// Running gangs to checkpoint and requeue, with the request they make room for
+    /// ([`pretrain_crd::status::GROW`] for a shrunk gang that restarts on all its pods).
     pub preempt: Vec<(String, String)>,
     /// Every request that waits.
     pub waiting: Vec<Waiting>,
@@ -198,6 +214,15 @@ impl<'a> State<'a> {
         state
     }
 
+    /// Gives back what a running gang holds on `free`.
+    fn release(&self, r: &Running, free: &mut [Resources]) {
+        for name in &r.nodes {
+            if let Some(&i) = self.index.get(name.as_str()) {
+                free[i].give(&r.gang.per_pod);
+            }
+        }
+    }
+
     fn hold(&mut self, queue: &str, gang: &Gang, nodes: &[String]) {
         for name in nodes {
             if let Some(&i) = self.index.get(name.as_str()) {
@@ -205,7 +230,8 @@ impl<'a> State<'a> {
                 *f = f.minus(&gang.per_pod);
             }
         }
-        *self.queue_use.entry((queue.to_string(), gang_type(gang))).or_default() += gang.gpus();
+        *self.queue_use.entry((queue.to_string(), gang_type(gang))).or_default() +=
+            nodes.len() as u64 * u64::from(gang.per_pod.gpus);
     }
 
     fn eligible(&self, node: usize, gang: &Gang) -> bool {
@@ -217,9 +243,19 @@ impl<'a> State<'a> {
 
     /// Places every pod of `gang` on `free` (best fit), or `None` if one does not fit.
     fn place(&self, gang: &Gang, free: &[Resources]) -> Option<Vec<usize>> {
+        self.place_pods(gang, gang.pods, free)
+    }
+
+    /// Places as many pods of `gang` as fit on `free`, all of them or down to `min_pods`.
+    fn place_shrunk(&self, gang: &Gang, free: &[Resources]) -> Option<Vec<usize>> {
+        (gang.min_pods.max(1)..gang.pods).rev().find_map(|pods| self.place_pods(gang, pods, free))
+    }
+
+    /// Places `pods` pods of `gang` on `free` (best fit), or `None` if one does not fit.
+    fn place_pods(&self, gang: &Gang, pods: u32, free: &[Resources]) -> Option<Vec<usize>> {
         let mut free = free.to_vec();
-        let mut placed = Vec::with_capacity(gang.pods as usize);
-        for _ in 0..gang.pods {
+        let mut placed = Vec::with_capacity(pods as usize);
+        for _ in 0..pods {
             let best = (0..free.len())
                 .filter(|&i| self.eligible(i, gang) && gang.per_pod.fits_in(&free[i]))
                 .min_by_key(|&i| (free[i].gpus - gang.per_pod.gpus, free[i].cpu_millis - gang.per_pod.cpu_millis, i))?;
@@ -324,29 +360,19 @@ pub fn schedule(
             *position += 1;
         };
         if let Some(why) = over_quota(&state, &queues, request, 0) {
-            // Over its queue's quota: the first such request may preempt lower-priority gangs of its
-            // own queue (and GPU type) whose GPUs bring it within the quota.
-            let within = |chosen: &[usize]| {
-                let freed: u64 = chosen.iter().map(|&v| running[v].gang.gpus()).sum();
-                over_quota(&state, &queues, request, freed).is_none()
-            };
-            let same_queue = |r: &Running| r.queue == request.queue && gang_type(&r.gang) == gang_type(&request.gang);
-            if policy.preemption
-                && reservation.is_none()
-                && let Some(victims) = victims(&state, running, request, now, policy, &same_queue, &within)
-            {
-                reservation = Some(preempt(&state, running, request, &victims, &mut decision, now));
-                let names: Vec<&str> = victims.iter().map(|v| running[*v].id.as_str()).collect();
-                let why = format!(
-                    "preempting {} (lower priority, same queue) to fit {} in queue {}'s quota",
-                    names.join(", "),
-                    describe(&request.gang),
-                    request.queue
-                );
-                wait(&mut decision, position, why);
+            let room = if policy.preemption && reservation.is_none() {
+                make_quota(&state, &queues, running, request, now, policy, &mut decision)
             } else {
-                wait(&mut decision, position, why);
-            }
+                None
+            };
+            let why = match room {
+                Some((reserved, preempting)) => {
+                    reservation = Some(reserved);
+                    preempting
+                }
+                None => why,
+            };
+            wait(&mut decision, position, why);
             continue;
         }
         // Where it may go now: everything free, less what the head has reserved unless it ends in time.
@@ -357,7 +383,11 @@ pub fn schedule(
             }
             _ => state.free.clone(),
         };
-        if let Some(placed) = state.place(&request.gang, &free) {
+        let may_shrink = request.shrink_from.is_some_and(|from| now >= from);
+        let placed = state
+            .place(&request.gang, &free)
+            .or_else(|| may_shrink.then(|| state.place_shrunk(&request.gang, &free)).flatten());
+        if let Some(placed) = placed {
             let names: Vec<String> = placed.iter().map(|&i| nodes[i].name.clone()).collect();
             state.hold(&request.queue, &request.gang, &names);
             decision.admit.push((request.id.clone(), names));
@@ -394,7 +424,59 @@ pub fn schedule(
         reservation = Some((start, reserved));
         wait(&mut decision, position, why);
     }
+    if decision.waiting.is_empty() {
+        grow(&state, running, now, policy, &mut decision);
+    }
     decision
+}
+
+/// Over its queue's quota: the first such request may preempt lower-priority gangs of its own queue
+/// (and GPU type) whose GPUs bring it within the quota. Returns the reservation and why it waits.
+fn make_quota(
+    state: &State<'_>,
+    queues: &HashMap<&str, &Queue>,
+    running: &[Running],
+    request: &Request,
+    now: i64,
+    policy: Policy,
+    decision: &mut Decision,
+) -> Option<((i64, Vec<Resources>), String)> {
+    let within = |chosen: &[usize]| {
+        let freed: u64 = chosen.iter().map(|&v| running[v].gpus()).sum();
+        over_quota(state, queues, request, freed).is_none()
+    };
+    let same_queue = |r: &Running| r.queue == request.queue && gang_type(&r.gang) == gang_type(&request.gang);
+    let victims = victims(state, running, request, now, policy, &same_queue, &within)?;
+    let reserved = preempt(state, running, request, &victims, decision, now);
+    let names: Vec<&str> = victims.iter().map(|v| running[*v].id.as_str()).collect();
+    let why = format!(
+        "preempting {} (lower priority, same queue) to fit {} in queue {}'s quota",
+        names.join(", "),
+        describe(&request.gang),
+        request.queue
+    );
+    Some((reserved, why))
+}
+
+/// Shrunk gangs that fit on all their pods again, on their own nodes and what is free, are asked
+/// to checkpoint and restart on all of them (one per pass, so that two never count on the same free
+/// nodes); not before they ran `min_runtime`, so that a gang does not restart again and again.
+fn grow(state: &State<'_>, running: &[Running], now: i64, policy: Policy, decision: &mut Decision) {
+    let mut shrunk: Vec<&Running> = running
+        .iter()
+        .filter(|r| r.preemptible && (r.nodes.len() as u64) < u64::from(r.gang.pods))
+        .filter(|r| now - r.started >= policy.min_runtime)
+        .filter(|r| !decision.preempt.iter().any(|(id, _)| *id == r.id))
+        .collect();
+    shrunk.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.id.cmp(&b.id)));
+    for r in shrunk {
+        let mut free = state.free.clone();
+        state.release(r, &mut free);
+        if state.place(&r.gang, &free).is_some() {
+            decision.preempt.push((r.id.clone(), pretrain_crd::status::GROW.to_string()));
+            return;
+        }
+    }
 }
 
 /// Asks `victims` to make room for `request` and returns the reservation of what they free: the
@@ -410,11 +492,7 @@ fn preempt(
     let mut after = state.free.clone();
     for &v in victims {
         let r = &running[v];
-        for name in &r.nodes {
-            if let Some(&i) = state.index.get(name.as_str()) {
-                after[i].give(&r.gang.per_pod);
-            }
-        }
+        state.release(r, &mut after);
         decision.preempt.push((r.id.clone(), request.id.clone()));
     }
     let placement = state.place(&request.gang, &after).unwrap_or_default();
@@ -432,11 +510,7 @@ fn reserve(state: &State<'_>, running: &[Running], gang: &Gang, now: i64) -> (i6
     ending.sort_by_key(|r| r.expected_end);
     let mut free = state.free.clone();
     for r in ending {
-        for name in &r.nodes {
-            if let Some(&i) = state.index.get(name.as_str()) {
-                free[i].give(&r.gang.per_pod);
-            }
-        }
+        state.release(r, &mut free);
         if let Some(placed) = state.place(gang, &free) {
             let mut reserved = vec![Resources::default(); free.len()];
             for i in placed {
@@ -467,8 +541,7 @@ fn victims(
     eligible: &dyn Fn(&Running) -> bool,
     enough: &dyn Fn(&[usize]) -> bool,
 ) -> Option<Vec<usize>> {
-    let lost =
-        |r: &Running| u64::try_from(now - r.last_checkpoint.unwrap_or(r.started)).unwrap_or(0) * r.gang.gpus().max(1);
+    let lost = |r: &Running| u64::try_from(now - r.last_checkpoint.unwrap_or(r.started)).unwrap_or(0) * r.gpus().max(1);
     let mut candidates: Vec<usize> = (0..running.len())
         .filter(|&i| {
             let r = &running[i];
@@ -481,18 +554,14 @@ fn victims(
     // Cheapest per GPU freed first.
     candidates.sort_by(|&a, &b| {
         let (ra, rb) = (&running[a], &running[b]);
-        (u128::from(lost(ra)) * u128::from(rb.gang.gpus().max(1)))
-            .cmp(&(u128::from(lost(rb)) * u128::from(ra.gang.gpus().max(1))))
+        (u128::from(lost(ra)) * u128::from(rb.gpus().max(1)))
+            .cmp(&(u128::from(lost(rb)) * u128::from(ra.gpus().max(1))))
             .then(ra.id.cmp(&rb.id))
     });
     let freed = |chosen: &[usize]| {
         let mut free = state.free.clone();
         for &v in chosen {
-            for name in &running[v].nodes {
-                if let Some(&i) = state.index.get(name.as_str()) {
-                    free[i].give(&running[v].gang.per_pod);
-                }
-            }
+            state.release(&running[v], &mut free);
         }
         free
     };

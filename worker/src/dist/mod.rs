@@ -1,6 +1,12 @@
 //! Data-parallel collectives: every rank of a training gang holds the whole model, computes
-//! gradients on its own slice of the global batch, and averages them with the others before the
+//! gradients on its own slice of the global batch, and sums them with the others before the
 //! optimizer step, so all ranks apply the same update and their weights stay identical.
+//!
+//! The sum is taken in one order whatever the number of ranks: the step's sequences are cut into
+//! gradient groups (the gang's ranks at full size), each group's gradient is summed over its
+//! micro-batches on the rank that holds it, and the groups are added one at a time in group order
+//! ([`Collective::sum_in_order`]). On the TCP ring that order is exact, so a gang that shrank to
+//! fewer ranks, or one process alone, computes bitwise the same update as the whole gang.
 //!
 //! Two backends sit behind [`Collective`]:
 //! - [`tcp::Ring`], a ring all-reduce over TCP for CPU processes (tests, CPU-only clusters);
@@ -66,8 +72,12 @@ pub trait Collective: std::fmt::Debug {
     fn rank(&self) -> usize;
     /// Processes in the gang.
     fn world(&self) -> usize;
-    /// The element-wise mean over ranks, as fp32; every rank receives bitwise the same values.
-    fn all_reduce_mean(&mut self, flat: &Tensor) -> Result<Tensor>;
+    /// The element-wise sum, as fp32, of every rank's `parts` (1-D, of one length; at least one per
+    /// rank), added one at a time in rank order and, within a rank, in the order given:
+    /// `((r0.p0 + r0.p1) + r1.p0) + ...`. Every rank receives bitwise the same values; on the TCP
+    /// ring they are also the same for any split of the same parts over any number of ranks (NCCL
+    /// adds in its own order).
+    fn sum_in_order(&mut self, parts: &[Tensor]) -> Result<Tensor>;
     /// `root`'s values on every rank.
     fn broadcast(&mut self, flat: &Tensor, root: usize) -> Result<Tensor>;
     /// Returns once every rank has called it.
@@ -87,8 +97,8 @@ impl Collective for Solo {
     fn world(&self) -> usize {
         1
     }
-    fn all_reduce_mean(&mut self, flat: &Tensor) -> Result<Tensor> {
-        Ok(flat.clone())
+    fn sum_in_order(&mut self, parts: &[Tensor]) -> Result<Tensor> {
+        sum_parts(parts)
     }
     fn broadcast(&mut self, flat: &Tensor, _root: usize) -> Result<Tensor> {
         Ok(flat.clone())
@@ -161,46 +171,95 @@ fn buckets(sizes: &[usize], bucket_bytes: usize) -> Vec<std::ops::Range<usize>> 
     out
 }
 
-/// Averages `grads` over the gang in place, packed into flat fp32 buckets of at most `bucket_bytes`;
-/// the `scalars` (the step's loss, the stop request) travel with the last bucket and are averaged too.
-pub fn all_reduce_gradients(
-    collective: &mut dyn Collective,
-    grads: &mut [Tensor],
-    scalars: &mut [f32],
-    bucket_bytes: usize,
-) -> Result<()> {
-    if collective.world() == 1 {
-        return Ok(());
+/// `parts` added one at a time in order, as fp32 (the first is copied, not added to zero, so that
+/// its signed zeros stay as they are).
+pub(crate) fn sum_parts(parts: &[Tensor]) -> Result<Tensor> {
+    let (first, rest) = parts.split_first().ok_or_else(|| DistError::Backend("a sum of no parts".into()))?;
+    let mut sum = first.to_dtype(DType::F32)?;
+    for part in rest {
+        sum = (sum + part.to_dtype(DType::F32)?)?;
     }
-    let sizes: Vec<usize> = grads.iter().map(Tensor::elem_count).collect();
-    let mut groups = buckets(&sizes, bucket_bytes);
-    if groups.is_empty() {
-        groups.push(0..0);
-    }
-    let device = grads.first().map_or(Device::Cpu, |g| g.device().clone());
-    let last = groups.len() - 1;
-    for (b, range) in groups.into_iter().enumerate() {
-        let mut parts = grads[range.clone()]
-            .iter()
-            .map(|g| g.flatten_all()?.to_dtype(DType::F32))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        if b == last && !scalars.is_empty() {
-            parts.push(Tensor::from_slice(scalars, scalars.len(), &device)?);
+    Ok(sum)
+}
+
+/// One rank's gradient groups for a step: each group's gradients (one tensor per parameter) and
+/// scalars (its loss sum, the stop request) that are summed with them.
+#[derive(Debug, Default)]
+pub struct Groups {
+    /// Per group, in group order: the gradients, then the scalars.
+    pub parts: Vec<(Vec<Tensor>, Vec<f32>)>,
+}
+
+impl Groups {
+    /// Adds the next group; rank 0 (which starts the chain of sums) folds it into the one before,
+    /// as the chain would, so that it holds one set of gradients whatever its number of groups.
+    pub fn push(&mut self, rank: usize, grads: Vec<Tensor>, scalars: Vec<f32>) -> candle_core::Result<()> {
+        match self.parts.last_mut() {
+            Some((sum, sum_scalars)) if rank == 0 => {
+                for (s, g) in sum.iter_mut().zip(grads) {
+                    *s = (&*s + g)?;
+                }
+                for (s, v) in sum_scalars.iter_mut().zip(scalars) {
+                    *s += v;
+                }
+            }
+            _ => self.parts.push((grads, scalars)),
         }
-        let flat = Tensor::cat(&parts, 0)?;
-        let reduced = collective.all_reduce_mean(&flat)?;
+        Ok(())
+    }
+}
+
+/// Sums the gang's gradient groups in group order ([`Collective::sum_in_order`]), packed into flat
+/// fp32 buckets of at most `bucket_bytes`; the scalars travel with the last bucket. Returns the
+/// summed gradients (in their dtype) and scalars.
+pub fn sum_gradients(
+    collective: &mut dyn Collective,
+    groups: Groups,
+    bucket_bytes: usize,
+) -> Result<(Vec<Tensor>, Vec<f32>)> {
+    let mut parts = groups.parts;
+    if collective.world() == 1 && parts.len() == 1 {
+        return Ok(parts.pop().expect("one part"));
+    }
+    let (template, scalar_count) = match parts.first() {
+        Some((grads, scalars)) => (grads.clone(), scalars.len()),
+        None => return Err(DistError::Backend("this rank has no gradient group".into())),
+    };
+    let sizes: Vec<usize> = template.iter().map(Tensor::elem_count).collect();
+    let mut ranges = buckets(&sizes, bucket_bytes);
+    if ranges.is_empty() {
+        ranges.push(0..0);
+    }
+    let device = template.first().map_or(Device::Cpu, |g| g.device().clone());
+    let last = ranges.len() - 1;
+    let mut grads = template;
+    let mut scalars = vec![0f32; scalar_count];
+    for (b, range) in ranges.into_iter().enumerate() {
+        let flats = parts
+            .iter()
+            .map(|(part, part_scalars)| {
+                let mut pieces = part[range.clone()]
+                    .iter()
+                    .map(|g| g.flatten_all()?.to_dtype(DType::F32))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                if b == last && !part_scalars.is_empty() {
+                    pieces.push(Tensor::from_slice(part_scalars, part_scalars.len(), &device)?);
+                }
+                Tensor::cat(&pieces, 0)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let summed = collective.sum_in_order(&flats)?;
         let mut offset = 0;
         for g in &mut grads[range] {
             let n = g.elem_count();
-            *g = reduced.narrow(0, offset, n)?.reshape(g.shape())?.to_dtype(g.dtype())?;
+            *g = summed.narrow(0, offset, n)?.reshape(g.shape())?.to_dtype(g.dtype())?;
             offset += n;
         }
-        if b == last && !scalars.is_empty() {
-            let values = reduced.narrow(0, offset, scalars.len())?.to_vec1::<f32>()?;
-            scalars.copy_from_slice(&values);
+        if b == last && scalar_count > 0 {
+            scalars = summed.narrow(0, offset, scalar_count)?.to_vec1::<f32>()?;
         }
     }
-    Ok(())
+    Ok((grads, scalars))
 }
 
 /// Replaces every rank's weights with rank 0's, so a gang starts from one set of weights whatever

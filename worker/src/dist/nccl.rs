@@ -59,7 +59,7 @@ impl InplaceOp1 for Op<'_> {
         }
         let slice = storage.as_cuda_slice_mut::<f32>()?;
         let done = match self.root {
-            None => self.comm.all_reduce_in_place(slice, &ReduceOp::Avg),
+            None => self.comm.all_reduce_in_place(slice, &ReduceOp::Sum),
             Some(root) => self.comm.broadcast_in_place(slice, root as i32),
         };
         done.map(|_| ()).map_err(|e| candle_core::Error::Msg(format!("{}: {e:?}", self.name())))
@@ -141,8 +141,10 @@ impl Collective for Nccl {
         self.world
     }
 
-    fn all_reduce_mean(&mut self, flat: &Tensor) -> Result<Tensor> {
-        self.run(flat, None)
+    /// This rank's parts added in order, then NCCL's sum over ranks (in NCCL's order: bitwise the
+    /// same on every rank, but not for another split over another number of ranks).
+    fn sum_in_order(&mut self, parts: &[Tensor]) -> Result<Tensor> {
+        self.run(&super::sum_parts(parts)?, None)
     }
 
     fn broadcast(&mut self, flat: &Tensor, root: usize) -> Result<Tensor> {

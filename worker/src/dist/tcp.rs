@@ -1,4 +1,4 @@
-//! Rendezvous, liveness and a ring all-reduce over plain TCP.
+//! Rendezvous, liveness and an ordered all-reduce over plain TCP.
 //!
 //! Rendezvous: rank 0 listens on `MASTER_ADDR:MASTER_PORT`; every other rank connects (retrying
 //! until rank 0 is up), says who it is and where its ring listener is, and gets back every rank's
@@ -10,17 +10,21 @@
 //! away without saying goodbye ([`Collective::finish`]) makes this process exit with
 //! [`exit::PEER_LOST`], even when it is blocked inside a collective that would otherwise never end.
 //!
-//! The ring all-reduce is the bandwidth-optimal one: a reduce-scatter and an all-gather of `world`
-//! chunks, each rank sending to its successor while it receives from its predecessor, so every
-//! rank moves 2·(world−1)/world of the buffer. The chunk a rank finishes is averaged there and then
-//! copied verbatim, so every rank ends with bitwise the same values. Every message carries its
-//! collective's sequence number and length, so ranks that disagree fail loudly instead of mixing.
+//! The all-reduce adds in one fixed order ([`Collective::sum_in_order`]): the sum starts at rank 0
+//! and passes down the ranks, each adding its own parts, then the last rank's total goes round the
+//! ring; both passes are pipelined in 1 MiB chunks, each rank sending to its successor while it
+//! receives from its predecessor, so every link carries the buffer once each way (a ring
+//! all-reduce's 2·(world−1)/world of it, for large buffers). The total is copied verbatim, so every
+//! rank ends with bitwise the same values, and because floating-point addition happens in one
+//! order, the same parts split over any number of ranks give the same bits. Every message carries
+//! its collective's sequence number and length, so ranks that disagree fail loudly instead of
+//! mixing.
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 use pretrain_crd::contract::exit;
 use serde::{Deserialize, Serialize};
 
@@ -313,11 +317,19 @@ pub struct Ring {
     membership: Membership,
 }
 
-const OP_ALL_REDUCE: u32 = 1;
+const OP_SUM: u32 = 1;
 const OP_BROADCAST: u32 = 2;
+const OP_RESULT: u32 = 3;
+
+/// Values per message of the ordered sum's pipeline (1 MiB).
+const CHUNK: usize = 1 << 18;
 
 fn op_name(op: u32) -> &'static str {
-    if op == OP_BROADCAST { "broadcast" } else { "all-reduce" }
+    match op {
+        OP_BROADCAST => "broadcast",
+        OP_RESULT => "all-reduce (result)",
+        _ => "all-reduce",
+    }
 }
 
 impl Ring {
@@ -438,27 +450,65 @@ impl Ring {
         }
     }
 
-    /// Ring all-reduce (sum, then scaled by `scale` at the owner of each chunk).
-    fn all_reduce(&mut self, data: &mut [f32], scale: f32) -> Result<()> {
-        let (w, r, n) = (self.world, self.rank, data.len());
-        let bounds = |i: usize| i * n / w..(i + 1) * n / w;
-        for s in 0..w - 1 {
-            let (send, recv) = ((r + w - s) % w, (r + 2 * w - s - 1) % w);
-            let incoming = self.exchange(OP_ALL_REDUCE, Some(&data[bounds(send)]), Some(bounds(recv).len()))?;
-            for (d, v) in data[bounds(recv)].iter_mut().zip(incoming) {
-                *d += v;
+    /// Passes `data` down the chain of ranks in the order of `position` (0 first), pipelined in
+    /// chunks of [`CHUNK`] values: at step `s` the rank at position `p` sends chunk `s - p` to its
+    /// successor while it receives chunk `s - p + 1` from its predecessor, which it stores in `data`
+    /// and hands to `arrived` (its range) before passing it on. The last position sends nothing.
+    fn relay(
+        &mut self,
+        op: u32,
+        position: usize,
+        data: &mut [f32],
+        mut arrived: impl FnMut(&mut [f32], std::ops::Range<usize>),
+    ) -> Result<()> {
+        let (w, n) = (self.world, data.len());
+        let chunks = n.div_ceil(CHUNK).max(1);
+        let bounds = |k: usize| (k * CHUNK).min(n)..((k + 1) * CHUNK).min(n);
+        for s in 0..chunks + w - 2 {
+            let send = s.checked_sub(position).filter(|k| *k < chunks && position + 1 < w);
+            let recv = (s + 1).checked_sub(position).filter(|k| *k < chunks && position > 0);
+            if send.is_none() && recv.is_none() {
+                continue;
+            }
+            let incoming = self.exchange(op, send.map(|k| &data[bounds(k)]), recv.map(|k| bounds(k).len()))?;
+            if let Some(k) = recv {
+                data[bounds(k)].copy_from_slice(&incoming);
+                arrived(data, bounds(k));
             }
         }
-        for d in &mut data[bounds((r + 1) % w)] {
-            *d *= scale;
+        Ok(())
+    }
+
+    /// The ordered sum: rank 0 adds its parts and passes the sum down the ranks, each adding its
+    /// own parts in order as the chunks arrive; the last rank's total then goes round the ring to
+    /// every other rank. Pipelined, each link carries the data once each way, as a ring all-reduce's
+    /// does, and the additions happen in one order whatever the number of ranks.
+    fn chain_sum(&mut self, parts: &[Vec<f32>]) -> Result<Vec<f32>> {
+        let (w, r) = (self.world, self.rank);
+        let n = parts.first().map_or(0, Vec::len);
+        if parts.is_empty() || parts.iter().any(|p| p.len() != n) {
+            return Err(DistError::Backend(format!("rank {r}: an ordered sum needs parts of one length")));
         }
-        for s in 0..w - 1 {
-            let (send, recv) = ((r + 1 + w - s) % w, (r + w - s) % w);
-            let incoming = self.exchange(OP_ALL_REDUCE, Some(&data[bounds(send)]), Some(bounds(recv).len()))?;
-            data[bounds(recv)].copy_from_slice(&incoming);
+        let add = |data: &mut [f32], range: std::ops::Range<usize>, parts: &[Vec<f32>]| {
+            for part in parts {
+                for (d, v) in data[range.clone()].iter_mut().zip(&part[range.clone()]) {
+                    *d += v;
+                }
+            }
+        };
+        let mut data = if r == 0 {
+            let mut data = parts[0].clone();
+            add(&mut data, 0..n, &parts[1..]);
+            data
+        } else {
+            vec![0f32; n]
+        };
+        if w > 1 {
+            self.relay(OP_SUM, r, &mut data, |data, range| add(data, range, parts))?;
+            self.relay(OP_RESULT, (r + 1) % w, &mut data, |_, _| {})?;
         }
         self.seq += 1;
-        Ok(())
+        Ok(data)
     }
 }
 
@@ -471,10 +521,13 @@ impl Collective for Ring {
         self.world
     }
 
-    fn all_reduce_mean(&mut self, flat: &Tensor) -> Result<Tensor> {
-        let mut data = flat.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-        self.all_reduce(&mut data, 1.0 / self.world as f32)?;
-        Ok(Tensor::from_vec(data, flat.elem_count(), flat.device())?)
+    fn sum_in_order(&mut self, parts: &[Tensor]) -> Result<Tensor> {
+        let device = parts.first().map_or(Device::Cpu, |p| p.device().clone());
+        let parts =
+            parts.iter().map(|p| p.to_dtype(DType::F32)?.to_vec1::<f32>()).collect::<candle_core::Result<Vec<_>>>()?;
+        let sum = self.chain_sum(&parts)?;
+        let n = sum.len();
+        Ok(Tensor::from_vec(sum, n, &device)?)
     }
 
     fn broadcast(&mut self, flat: &Tensor, root: usize) -> Result<Tensor> {
@@ -496,7 +549,8 @@ impl Collective for Ring {
     }
 
     fn barrier(&mut self) -> Result<()> {
-        self.all_reduce(&mut [0.0], 1.0)
+        // Nobody has the sum before every rank has added to it.
+        self.chain_sum(&[vec![0.0]]).map(drop)
     }
 
     fn finish(&mut self) -> Result<()> {
@@ -545,28 +599,47 @@ mod tests {
         })
     }
 
+    /// Part `g` of 8: values of very different sizes, so that the order of the additions shows.
+    fn part(g: usize, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * 7 + g * 13) % 11) as f32 * 10f32.powi(((i + 3 * g) % 9) as i32 - 4) - 0.3 * g as f32)
+            .collect()
+    }
+
+    fn bits(values: &[f32]) -> Vec<u32> {
+        values.iter().map(|v| v.to_bits()).collect()
+    }
+
     #[test]
-    fn all_reduce_averages_and_every_rank_gets_the_same_bits() {
-        for world in [2, 3, 4] {
-            // Lengths below, at and above the number of chunks, and not divisible by it.
-            for n in [1, 3, 4, 1001] {
+    fn the_ordered_sum_gives_the_same_bits_for_any_split_over_any_number_of_ranks() {
+        const GROUPS: usize = 8;
+        // Lengths of one value, of a part of a chunk, and of three chunks (the last one short).
+        for n in [1, 1001, 2 * CHUNK + 5] {
+            let parts: Vec<Vec<f32>> = (0..GROUPS).map(|g| part(g, n)).collect();
+            let mut expected = parts[0].clone();
+            for p in &parts[1..] {
+                for (e, v) in expected.iter_mut().zip(p) {
+                    *e += v;
+                }
+            }
+            // The order matters for these values: adding them in pairs gives other bits.
+            let pairs: Vec<f32> = (0..n)
+                .map(|i| {
+                    ((parts[0][i] + parts[1][i]) + (parts[2][i] + parts[3][i]))
+                        + ((parts[4][i] + parts[5][i]) + (parts[6][i] + parts[7][i]))
+                })
+                .collect();
+            assert!(n == 1 || bits(&pairs) != bits(&expected), "n {n}: a test whose order cannot show");
+            for world in [2, 3, 5, 8] {
                 let results = gang(world, |ring| {
                     let rank = ring.rank();
-                    let values: Vec<f32> = (0..n).map(|i| (i * (rank + 1)) as f32 * 0.1 + rank as f32).collect();
-                    let t = Tensor::from_vec(values, n, &candle_core::Device::Cpu).unwrap();
-                    ring.all_reduce_mean(&t).unwrap().to_vec1::<f32>().unwrap()
+                    let own: Vec<Tensor> = (rank * GROUPS / world..(rank + 1) * GROUPS / world)
+                        .map(|g| Tensor::from_vec(parts[g].clone(), n, &Device::Cpu).unwrap())
+                        .collect();
+                    ring.sum_in_order(&own).unwrap().to_vec1::<f32>().unwrap()
                 });
-                for (i, got) in results[0].iter().enumerate() {
-                    let expected =
-                        (0..world).map(|r| (i * (r + 1)) as f32 * 0.1 + r as f32).sum::<f32>() / world as f32;
-                    assert!((got - expected).abs() < 1e-3, "world {world} n {n} [{i}]");
-                }
-                assert_eq!(results[0].len(), n);
-                for r in &results[1..] {
-                    assert_eq!(
-                        r.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                        results[0].iter().map(|v| v.to_bits()).collect::<Vec<_>>()
-                    );
+                for (rank, got) in results.iter().enumerate() {
+                    assert!(bits(got) == bits(&expected), "n {n}, world {world}, rank {rank}: other bits");
                 }
             }
         }
@@ -629,12 +702,12 @@ mod tests {
                     s.spawn(move || {
                         let mut ring = Ring::connect(&options(port, rank, 3))?;
                         let t = Tensor::zeros(64, DType::F32, &candle_core::Device::Cpu)?;
-                        ring.all_reduce_mean(&t)?;
+                        ring.sum_in_order(std::slice::from_ref(&t))?;
                         if rank == 2 {
                             // Dies: its sockets close without a goodbye.
                             return Err(DistError::Backend("rank 2 died".into()));
                         }
-                        ring.all_reduce_mean(&t)
+                        ring.sum_in_order(&[t])
                     })
                 })
                 .collect();
@@ -642,7 +715,7 @@ mod tests {
         });
         for (rank, r) in results.iter().enumerate().take(2) {
             let err = r.as_ref().unwrap_err().to_string();
-            assert!(err.starts_with("all-reduce #1: rank"), "rank {rank}: {err}");
+            assert!(err.starts_with("all-reduce") && err.contains(" #1: rank"), "rank {rank}: {err}");
         }
     }
 }

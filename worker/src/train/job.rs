@@ -27,6 +27,9 @@ pub struct Job {
     pub sequences: usize,
     /// Sequences per forward pass.
     pub micro: usize,
+    /// Gradient groups per step: the gang's data-parallel ranks at full size
+    /// (`spec.train.resources`), whatever number of ranks trains now.
+    pub groups: usize,
     /// Optimizer steps.
     pub total_steps: u64,
     /// Optimizer settings.
@@ -82,6 +85,7 @@ impl Job {
             seq_len: t.seq_len as usize,
             sequences: (t.global_batch_tokens / u64::from(t.seq_len)) as usize,
             micro: t.micro_batch_size as usize,
+            groups: t.resources.ranks() as usize,
             total_steps: spec.train_steps(),
             optimizer: t.optimizer.clone(),
             schedule: t.schedule.clone(),
@@ -103,13 +107,13 @@ impl Job {
         let (train_dir, step) = checkpoint::committed_final(ctx, Stage::Train).await?;
         let base = Self::train(spec, vocab);
         let seq_len = lc.seq_len as usize;
-        let world = ctx.world_size as usize;
         let micro = match lc.micro_batch_size {
             Some(m) => m as usize,
             None => (base.micro * base.seq_len / seq_len).max(1),
         };
-        // Keep train's tokens per step where the new length allows, in whole micro-batches per rank.
-        let unit = micro * world;
+        // Keep train's tokens per step where the new length allows, in whole micro-batches per
+        // gradient group (so the steps do not depend on how many ranks train).
+        let unit = micro * base.groups;
         let sequences = ((spec.train.global_batch_tokens as usize / seq_len) / unit).max(1) * unit;
         let step_tokens = (sequences * seq_len) as u64;
         let tokens = spec.long_context_tokens();
@@ -126,6 +130,7 @@ impl Job {
             seq_len,
             sequences,
             micro,
+            groups: base.groups,
             total_steps,
             optimizer,
             schedule,
@@ -157,23 +162,31 @@ pub fn long_context_rope(model: &LlamaConfig, lc: &LongContext, train_seq_len: u
 }
 
 impl Job {
-    /// How this rank cuts the job's batches; each rank's share must be whole micro-batches.
+    /// How this rank cuts the job's batches: each gradient group is whole micro-batches, and no
+    /// more ranks train than there are groups (a gang may shrink, never grow past its size).
     pub fn batch_shape(&self, ctx: &Context) -> Result<BatchShape> {
         let shape = BatchShape {
             seq_len: self.seq_len,
             sequences: self.sequences,
             rank: ctx.rank as usize,
             world: ctx.world_size as usize,
+            groups: self.groups,
             window: shuffle_window(self.sequences),
             seed: ctx.run.spec.seed,
         };
-        if shape.per_rank() == 0 || !shape.per_rank().is_multiple_of(self.micro) {
+        if shape.world > self.groups {
             return Err(TrainError::Invalid(format!(
-                "{}: {} sequences per step give {} per rank, not a multiple of the micro-batch size {}",
-                self.label,
-                self.sequences,
-                shape.per_rank(),
-                self.micro
+                "{}: {} ranks, but spec.train.resources makes a gang of at most {} (WORLD_SIZE is over the nodes x GPUs per node)",
+                self.label, shape.world, self.groups
+            )));
+        }
+        if shape.group_sequences() == 0
+            || !self.sequences.is_multiple_of(self.groups)
+            || !shape.group_sequences().is_multiple_of(self.micro)
+        {
+            return Err(TrainError::Invalid(format!(
+                "{}: {} sequences per step do not split into {} groups of whole micro-batches of {}",
+                self.label, self.sequences, self.groups, self.micro
             )));
         }
         Ok(shape)

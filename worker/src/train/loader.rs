@@ -3,8 +3,9 @@
 //!
 //! The stream is every shard's tokens back to back (documents already end in `<|eos|>`), repeated in
 //! epochs, cut into sequences of `seq_len` tokens (each read with its next-token targets). Step `s`
-//! takes the next `sequences` sequence numbers after the cursor; data-parallel rank `r` of `w` takes
-//! the `r`-th of `w` equal slices. Sequence numbers map to places in the stream through a seeded
+//! takes the next `sequences` sequence numbers after the cursor, cut into [`BatchShape::groups`]
+//! equal gradient groups (the gang's data-parallel ranks at full size); data-parallel rank `r` of
+//! `w` takes groups `r*groups/w..(r+1)*groups/w`, one each at full size and more after a shrink. Sequence numbers map to places in the stream through a seeded
 //! permutation within windows of [`BatchShape::window`] sequences, reshuffled every epoch: a step
 //! mixes many documents (one long document no longer fills a whole step), while the order data-prep
 //! chose (curriculum, related documents packed together) holds at the scale of a window and every
@@ -45,6 +46,9 @@ pub struct BatchShape {
     pub rank: usize,
     /// Ranks.
     pub world: usize,
+    /// Gradient groups the step's sequences are cut into: the gang's ranks at full size, at least
+    /// `world`. A group's gradient is summed the same way on whichever rank holds it.
+    pub groups: usize,
     /// Sequences shuffled together; 0 or 1 reads the stream in order.
     pub window: usize,
     /// Seed of the shuffle.
@@ -57,14 +61,25 @@ pub fn shuffle_window(sequences_per_step: usize) -> usize {
 }
 
 impl BatchShape {
+    /// The gradient groups this rank trains on.
+    pub fn rank_groups(&self) -> std::ops::Range<usize> {
+        self.rank * self.groups / self.world..(self.rank + 1) * self.groups / self.world
+    }
+
+    /// Sequences per gradient group.
+    pub fn group_sequences(&self) -> usize {
+        self.sequences / self.groups
+    }
+
     /// Sequences this rank trains on per step.
     pub fn per_rank(&self) -> usize {
-        self.sequences / self.world
+        self.rank_groups().len() * self.group_sequences()
     }
 
     /// The batch of `step` when the step starts at `cursor`.
     pub fn batch(&self, stream: &TokenStream, step: u64, cursor: u64) -> Batch {
         let per_rank = self.per_rank();
+        let own = self.rank_groups().start * self.group_sequences();
         let t = self.seq_len;
         let mut inputs = Vec::with_capacity(per_rank * t);
         let mut targets = Vec::with_capacity(per_rank * t);
@@ -73,7 +88,7 @@ impl BatchShape {
         let offset = cursor % t as u64;
         let mut order = None;
         for i in 0..per_rank {
-            let number = first + (self.rank * per_rank + i) as u64;
+            let number = first + (own + i) as u64;
             tokens.clear();
             stream.read(self.place(stream, number, &mut order) + offset, t as u64 + 1, &mut tokens);
             inputs.extend_from_slice(&tokens[..t]);
@@ -267,13 +282,17 @@ mod tests {
     fn ranks_split_a_step_and_the_cursor_resumes_it() {
         let dir = tempfile::tempdir().unwrap();
         let s = Arc::new(stream(dir.path()));
-        let shape = |rank, world| BatchShape { seq_len: 3, sequences: 4, rank, world, window: 0, seed: 0 };
+        let shape = |rank, world| BatchShape { seq_len: 3, sequences: 4, rank, world, groups: 4, window: 0, seed: 0 };
         let whole = shape(0, 1).batch(&s, 0, 2);
         assert_eq!(whole.inputs, [2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]);
         assert_eq!(whole.targets, [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]);
         assert_eq!(whole.cursor_after, 14);
         let r1 = shape(1, 2).batch(&s, 0, 2);
         assert_eq!(r1.inputs, whole.inputs[6..]);
+        // Three ranks share four groups: the last rank takes two.
+        let thirds: Vec<Vec<u32>> = (0..3).map(|r| shape(r, 3).batch(&s, 0, 2).inputs).collect();
+        assert_eq!(thirds, [&whole.inputs[..3], &whole.inputs[3..6], &whole.inputs[6..]]);
+        assert_eq!(shape(2, 3).rank_groups(), 2..4);
         // A prefetcher started from a saved cursor yields what an uninterrupted one yields.
         let all: Vec<Batch> = {
             let mut p = Prefetcher::start(Arc::clone(&s), shape(0, 1), 0, 5, 0, 2);
@@ -295,7 +314,7 @@ mod tests {
         w.push(&(0..1000).collect::<Vec<u32>>()).unwrap();
         w.finish().unwrap();
         let s = Arc::new(TokenStream::open(&[path]).unwrap());
-        let shape = |rank, world| BatchShape { seq_len: 10, sequences: 4, rank, world, window: 16, seed: 7 };
+        let shape = |rank, world| BatchShape { seq_len: 10, sequences: 4, rank, world, groups: 4, window: 16, seed: 7 };
         // 100 sequences per epoch: windows of 16 (the last one of 4); 25 steps per epoch.
         let epoch = |first_step: u64, cursor: u64| -> Vec<Batch> {
             let mut p = Prefetcher::start(Arc::clone(&s), shape(0, 1), first_step, first_step + 25, cursor, 2);

@@ -343,7 +343,7 @@ pub fn evaluate(
 ) -> Result<f64> {
     let available = (stream.len().saturating_sub(1) / seq_len as u64) as usize;
     let sequences = available.min(8 * micro).max(1);
-    let shape = BatchShape { seq_len, sequences, rank: 0, world: 1, window: available, seed: 0 };
+    let shape = BatchShape { seq_len, sequences, rank: 0, world: 1, groups: 1, window: available, seed: 0 };
     let batch = shape.batch(stream, 0, 0);
     let mut total = 0f64;
     let mut n = 0;

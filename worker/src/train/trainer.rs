@@ -161,11 +161,13 @@ impl Trainer {
         state.config_hash = ctx.config_hash();
         if state.world_size != ctx.world_size && state.step > 0 {
             println!(
-                "{}: checkpoint written by {} ranks, resuming on {}: {} sequences per rank per step, {} micro-batches each",
+                "{}: checkpoint written by {} ranks, resuming on {}: rank {} trains {} of {} gradient groups, {} micro-batches per step",
                 job.label,
                 state.world_size,
                 ctx.world_size,
-                shape.per_rank(),
+                ctx.rank,
+                shape.rank_groups().len(),
+                shape.groups,
                 shape.per_rank() / job.micro
             );
         }
@@ -260,40 +262,49 @@ impl Trainer {
         self.collective.rank() == 0
     }
 
-    /// Trains on one batch: accumulates this rank's micro-batches, averages gradients, loss and the
-    /// stop request over the gang, clips, and updates unless the loss is a spike to skip or roll back
-    /// (see [`Trainer::roll_back`]); the state then counts the step.
+    /// Trains on one batch: sums each of this rank's gradient groups over its micro-batches, sums
+    /// gradients, loss and the stop request over the gang in group order (so the update does not
+    /// depend on the number of ranks), clips, and updates unless the loss is a spike to skip or
+    /// roll back (see [`Trainer::roll_back`]); the state then counts the step.
     pub fn step(&mut self, batch: &Batch, stop: bool) -> Result<StepReport> {
         let (micro, seq_len) = (self.job.micro, self.job.seq_len);
-        let accum = self.shape.per_rank() / micro;
-        let mut grads: Vec<Tensor> = Vec::new();
-        let mut loss_sum = 0f64;
-        for m in 0..accum {
-            let range = m * micro * seq_len..(m + 1) * micro * seq_len;
-            let inputs = Tensor::from_slice(&batch.inputs[range.clone()], (micro, seq_len), &self.device)?;
-            let targets = Tensor::from_slice(&batch.targets[range], (micro, seq_len), &self.device)?;
-            let (loss, _) = self.model.loss(&inputs, &targets, self.dtype)?;
-            loss_sum += f64::from(loss.to_scalar::<f32>()?);
-            let store = (loss / accum as f64)?.backward()?;
-            for (i, (name, _, var)) in self.model.params.iter().enumerate() {
-                let g = store
-                    .get(var.as_tensor())
-                    .cloned()
-                    .ok_or_else(|| TrainError::Model(candle_core::Error::Msg(format!("no gradient for {name}"))))?;
-                if m == 0 {
-                    grads.push(g);
-                } else {
-                    grads[i] = (&grads[i] + g)?;
+        // Every micro-batch's loss is scaled by the step's whole count, so the summed gradients are
+        // the mean over the global batch whichever rank computed them.
+        let total = (self.shape.sequences / micro) as f64;
+        let per_group = self.shape.group_sequences() / micro;
+        let rank = self.collective.rank();
+        let mut groups = dist::Groups::default();
+        for (i, _) in self.shape.rank_groups().enumerate() {
+            let mut grads: Vec<Tensor> = Vec::new();
+            let mut loss_sum = 0f32;
+            for m in i * per_group..(i + 1) * per_group {
+                let range = m * micro * seq_len..(m + 1) * micro * seq_len;
+                let inputs = Tensor::from_slice(&batch.inputs[range.clone()], (micro, seq_len), &self.device)?;
+                let targets = Tensor::from_slice(&batch.targets[range], (micro, seq_len), &self.device)?;
+                let (loss, _) = self.model.loss(&inputs, &targets, self.dtype)?;
+                loss_sum += loss.to_scalar::<f32>()?;
+                let store = (loss / total)?.backward()?;
+                for (p, (name, _, var)) in self.model.params.iter().enumerate() {
+                    let g = store
+                        .get(var.as_tensor())
+                        .cloned()
+                        .ok_or_else(|| TrainError::Model(candle_core::Error::Msg(format!("no gradient for {name}"))))?;
+                    if grads.len() == p {
+                        grads.push(g);
+                    } else {
+                        grads[p] = (&grads[p] + g)?;
+                    }
                 }
             }
+            // The stop request rides with this rank's first group.
+            let asked = if i == 0 { f32::from(u8::from(stop)) } else { 0.0 };
+            groups.push(rank, grads, vec![loss_sum, asked])?;
         }
-        // Data-parallel ranks average gradients, loss and the stop request, so every rank applies
-        // the same update and they all stop after the same step.
-        let mut scalars = [(loss_sum / accum as f64) as f32, f32::from(u8::from(stop))];
-        dist::all_reduce_gradients(self.collective.as_mut(), &mut grads, &mut scalars, BUCKET_BYTES)?;
+        // The gang sums gradients, losses and stop requests, so every rank applies the same update
+        // and they all stop after the same step.
+        let (mut grads, scalars) = dist::sum_gradients(self.collective.as_mut(), groups, BUCKET_BYTES)?;
         let stopping = scalars[1] > 0.0;
-        // One process keeps its loss in f64; a gang's is the fp32 mean.
-        let loss = if self.collective.world() == 1 { loss_sum / accum as f64 } else { f64::from(scalars[0]) };
+        let loss = f64::from(scalars[0]) / total;
         if !loss.is_finite() {
             return Err(TrainError::Diverged { step: self.state.step, loss });
         }
