@@ -296,16 +296,21 @@ fn a_simulated_cluster_never_overcommits_never_starts_part_of_a_gang_and_starves
 
 #[test]
 fn an_elastic_gang_shrinks_after_its_wait_and_grows_back_when_its_nodes_return() {
-    // 4 nodes, one of them lost: a gang of 4 that may run on 2 waits, then starts on the 3 left.
-    let mut nodes = gpu_nodes(4, "H100");
+    // 5 nodes, two of them lost: a gang of 4 that may run on 2 waits for all 4, then shrinks.
+    let mut nodes = gpu_nodes(5, "H100");
     nodes[3].schedulable = false;
+    nodes[4].schedulable = false;
     let elastic = Request { shrink_from: Some(300), ..request("train", 0, 0, Gang { min_pods: 2, ..gang(4, 8) }) };
     let policy = Policy { min_runtime: 600, ..Policy::default() };
     let d = schedule(&nodes, &[], &open_queue(), std::slice::from_ref(&elastic), 299, policy);
     assert!(d.admit.is_empty(), "it waits for all its nodes until shrink_from: {d:?}");
     assert_eq!(reason(&d, "train"), "needs 4 nodes x 8 GPUs, 3 free; 0 ahead of it");
-    let d = schedule(&nodes, &[], &open_queue(), std::slice::from_ref(&elastic), 300, policy);
-    assert_eq!(d.admit, [("train".to_string(), vec!["H100-0".to_string(), "H100-1".into(), "H100-2".into()])]);
+    // Three of four ranks train no faster than two (one of the three holds two gradient groups):
+    // it takes two, and leaves the third node to others.
+    let other = request("other", 0, 5, gang(1, 8));
+    let d = schedule(&nodes, &[], &open_queue(), &[elastic.clone(), other.clone()], 300, policy);
+    assert_eq!(d.admit[0], ("train".to_string(), vec!["H100-0".to_string(), "H100-1".into()]));
+    assert_eq!(d.admit[1], ("other".to_string(), vec!["H100-2".to_string()]));
     // Never below min_pods: with one node left it waits.
     let lonely: Vec<Node> = nodes.iter().cloned().enumerate().map(|(i, n)| Node { schedulable: i == 0, ..n }).collect();
     let d = schedule(&lonely, &[], &open_queue(), std::slice::from_ref(&elastic), 900, policy);
@@ -314,18 +319,18 @@ fn an_elastic_gang_shrinks_after_its_wait_and_grows_back_when_its_nodes_return()
     let rigid = Request { shrink_from: None, ..elastic.clone() };
     assert!(schedule(&nodes, &[], &open_queue(), &[rigid], 10_000, policy).admit.is_empty());
 
-    // Running on 3 of its 4 pods, it holds 24 GPUs, and the free node serves another gang first.
+    // Running on 2 of its 4 pods, it holds 16 GPUs; a node comes back, and free nodes serve
+    // waiting gangs first.
     let shrunk = Running {
         gang: Gang { min_pods: 2, ..gang(4, 8) },
-        ..running("train", 0, &["H100-0", "H100-1", "H100-2"], 300, Some(800))
+        ..running("train", 0, &["H100-0", "H100-1"], 300, Some(800))
     };
     nodes[3].schedulable = true;
-    let other = request("other", 0, 5, gang(1, 8));
     let d = schedule(&nodes, std::slice::from_ref(&shrunk), &open_queue(), std::slice::from_ref(&other), 1000, policy);
     assert_eq!(admitted(&d), ["other"]);
-    assert!(d.preempt.is_empty(), "it does not grow while others need the node: {d:?}");
-    // Once the node is back and nothing waits, it is asked to checkpoint and restart on all 4, but
-    // not before it ran min_runtime.
+    assert!(d.preempt.is_empty(), "it does not grow while others need the nodes: {d:?}");
+    // Once its nodes are back and nothing waits, it is asked to checkpoint and restart on all 4,
+    // but not before it ran min_runtime.
     let d = schedule(&nodes, std::slice::from_ref(&shrunk), &open_queue(), &[], 899, policy);
     assert!(d.preempt.is_empty(), "{d:?}");
     let d = schedule(&nodes, std::slice::from_ref(&shrunk), &open_queue(), &[], 900, policy);

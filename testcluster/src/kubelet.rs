@@ -19,7 +19,8 @@
 //!
 //! Every request a node makes uses that node's own client certificate, so the Node authorizer and
 //! `NodeRestriction` judge it as they judge a real kubelet. A node can be lost ([`Kubelet::lose`]):
-//! its processes die and it stops heartbeating, and the node controller takes it from there.
+//! its processes die and it stops heartbeating, and the node controller takes it from there; and it
+//! can come back ([`Kubelet::recover`]), freshly booted.
 //!
 //! Not modelled: resource limits (no cgroups: memory limits are not enforced, so no OOM kills),
 //! image pulls (images are given as unpacked roots), container logs through the API server (they
@@ -91,7 +92,8 @@ pub struct Config {
 /// The running kubelet; stops every pod and task on drop.
 pub struct Kubelet {
     shared: Arc<Shared>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Each node's heartbeat and pod tasks.
+    tasks: Mutex<Vec<(String, tokio::task::JoinHandle<()>)>>,
 }
 
 impl std::fmt::Debug for Kubelet {
@@ -151,10 +153,23 @@ impl Kubelet {
         let mut tasks = Vec::new();
         let names: Vec<String> = shared.nodes.lock().unwrap().keys().cloned().collect();
         for node in names {
-            tasks.push(tokio::spawn(heartbeat(Arc::clone(&shared), node.clone())));
-            tasks.push(tokio::spawn(serve_pods(Arc::clone(&shared), node)));
+            tasks.extend(serve(&shared, &node));
         }
-        Ok(Self { shared, tasks })
+        Ok(Self { shared, tasks: Mutex::new(tasks) })
+    }
+
+    /// The machine of a lost node is back, freshly booted: it posts its status (Ready) at once,
+    /// heartbeats again and serves the pods bound to it; the pods it ran before are gone (it
+    /// confirms the deletion of those the API server still lists).
+    pub fn recover(&self, node: &str) {
+        let Some(lost) = self.shared.nodes.lock().unwrap().get(node).map(|s| Arc::clone(&s.lost)) else { return };
+        let mut tasks = self.tasks.lock().unwrap();
+        for (_, task) in tasks.iter().filter(|(n, _)| n == node) {
+            task.abort();
+        }
+        tasks.retain(|(n, _)| n != node);
+        lost.store(false, Ordering::SeqCst);
+        tasks.extend(serve(&self.shared, node));
     }
 
     /// Node loss: the node's processes die at once (SIGKILL, no status written) and it stops
@@ -190,7 +205,7 @@ impl Kubelet {
         for pod in self.shared.pods.lock().unwrap().values() {
             let _ = pod.stop.send(Some(-1));
         }
-        for task in self.tasks.drain(..) {
+        for (_, task) in self.tasks.lock().unwrap().drain(..) {
             task.abort();
         }
     }
@@ -299,7 +314,16 @@ async fn patch_node_status(client: &Client, node: &NodeConfig) -> anyhow::Result
     Ok(())
 }
 
-/// Renews the node's Lease every 2 s and posts its status every 10 s, until the node is lost.
+/// A node's tasks: its heartbeat and its pods.
+fn serve(shared: &Arc<Shared>, node: &str) -> [(String, tokio::task::JoinHandle<()>); 2] {
+    [
+        (node.to_string(), tokio::spawn(heartbeat(Arc::clone(shared), node.to_string()))),
+        (node.to_string(), tokio::spawn(serve_pods(Arc::clone(shared), node.to_string()))),
+    ]
+}
+
+/// Renews the node's Lease every 2 s and posts its status at once and then every 10 s, until the
+/// node is lost.
 async fn heartbeat(shared: Arc<Shared>, node: String) {
     let (client, config, lost) = {
         let nodes = shared.nodes.lock().unwrap();
@@ -312,7 +336,7 @@ async fn heartbeat(shared: Arc<Shared>, node: String) {
         if let Err(e) = renew(&client, &leases, &node).await {
             report(&shared.config.dir, &format!("node {node}: renewing its lease: {e}"));
         }
-        if tick % 5 == 4
+        if tick.is_multiple_of(5)
             && let Err(e) = patch_node_status(&client, &config).await
         {
             report(&shared.config.dir, &format!("node {node}: posting its status: {e}"));

@@ -42,6 +42,7 @@ const GANG_GPU: &str = "NVIDIA-H100-80GB-HBM3";
 const QUEUE_GPU: &str = "Test-Queue-GPU";
 const LOSS_GPU: &str = "Test-Loss-GPU";
 const FLAKY_GPU: &str = "Test-Flaky-GPU";
+const ELASTIC_GPU: &str = "Test-Elastic-GPU";
 
 /// The shared cluster, or `None` when `PRETRAIN_SKIP_CLUSTER` is set. Builds the control plane
 /// first when `scripts/control-plane.sh build` has not (needs Go and the module proxy).
@@ -129,6 +130,8 @@ async fn start() -> anyhow::Result<(Cluster, Keep)> {
             NodeConfig::gpu("lossy-1", 1, LOSS_GPU),
             NodeConfig::gpu("flaky-0", 1, FLAKY_GPU),
             NodeConfig::gpu("flaky-1", 1, FLAKY_GPU),
+            NodeConfig::gpu("elastic-0", 1, ELASTIC_GPU),
+            NodeConfig::gpu("elastic-1", 1, ELASTIC_GPU),
         ],
         images,
         dir: tmp.path().join("kubelet"),
@@ -633,6 +636,117 @@ async fn a_lost_node_is_evicted_and_the_gang_resumes_elsewhere_without_spending_
     let events =
         cluster.kubectl_ok(&["-n", "nodeloss", "get", "events", "--field-selector=reason=StageDisrupted"], None);
     assert!(events.contains("lost with its node") || events.contains("DisruptionTarget"), "{events}");
+}
+
+/// Runs `manifest` with `pretrain run` on this machine, its store in `dir`, reading the documents
+/// from the cluster's S3 server and training on the CPU as the fake GPU nodes do.
+fn run_locally(cluster: &Cluster, manifest: &str, dir: &std::path::Path) -> std::process::Output {
+    let path = dir.join("run.yaml");
+    std::fs::write(&path, manifest).unwrap();
+    std::process::Command::new(pretrain_tests::bin("pretrain"))
+        .args(["run", &path.display().to_string(), "--store", &format!("file://{}", dir.join("store").display())])
+        .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+        .env("AWS_ENDPOINT", &cluster.s3_local)
+        .env("AWS_ALLOW_HTTP", "true")
+        .env("AWS_REGION", "us-east-1")
+        .env(pretrain_worker::context::ENV_TEST_CPU_FOR_GPUS, "1")
+        .output()
+        .unwrap()
+}
+
+/// The train Jobs of `run` in `namespace`, by attempt: `(attempt, completions)`.
+async fn train_jobs(client: &kube::Client, namespace: &str, run: &str) -> Vec<(u32, i32)> {
+    let jobs: Api<Job> = Api::namespaced(client.clone(), namespace);
+    let selector = format!("pretrain.dev/run={run},pretrain.dev/stage=train");
+    let mut out: Vec<(u32, i32)> = jobs
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|j| {
+            let attempt = j.labels().get("pretrain.dev/attempt")?.parse().ok()?;
+            Some((attempt, j.spec.as_ref()?.completions?))
+        })
+        .collect();
+    out.sort_unstable();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_gang_that_loses_a_node_shrinks_trains_on_grows_back_and_ends_bitwise_as_an_undisturbed_run() {
+    use pretrain_crd::status::RunPhase;
+    let Some(cluster) = cluster() else { return };
+    cluster.namespace("elastic");
+    let mut value: serde_yaml::Value =
+        serde_yaml::from_str(&gang_manifest(cluster, "stretch", "elastic", "elastic", 1_000_000, ELASTIC_GPU)).unwrap();
+    // A gang of 2 that may train on 1, after waiting 5 s for a replacement.
+    value["spec"]["train"]["resources"]["minNodes"] = 1.into();
+    value["spec"]["train"]["resources"]["shrinkAfterSeconds"] = 5.into();
+    let text = serde_yaml::to_string(&value).unwrap();
+    cluster.kubectl_ok(&["apply", "-f", "-"], Some(&text));
+    // The undisturbed reference: the same manifest run by `pretrain run` on this machine, one
+    // process training the gang's two gradient groups.
+    let local = tempfile::tempdir().unwrap();
+    let reference = {
+        let (text, dir) = (text.clone(), local.path().to_path_buf());
+        std::thread::spawn(move || run_locally(cluster, &text, &dir))
+    };
+    let client = cluster.client().await;
+    let runs: Api<PretrainRun> = Api::namespaced(client.clone(), "elastic");
+    let running = training_with_checkpoint(cluster, &client, "elastic", ("elastic", "stretch"), 2).await;
+    let node = running[1].spec.as_ref().and_then(|s| s.node_name.clone()).expect("a bound pod");
+    cluster.kubelet.lose(&node);
+
+    // No node replaces it: after 5 s the gang resumes on the one left, and keeps committing
+    // checkpoints there.
+    eventually(Duration::from_secs(600), "attempt 2 on one node", || {
+        let client = client.clone();
+        async move { train_jobs(&client, "elastic", "stretch").await.contains(&(2, 1)).then_some(()) }
+    })
+    .await;
+    let step_at_shrink =
+        runs.get("stretch").await.unwrap().status.and_then(|s| s.last_checkpoint).map_or(0, |c| c.step);
+    eventually(Duration::from_secs(600), "a checkpoint of the shrunk gang", || {
+        let runs = runs.clone();
+        async move {
+            let status = runs.get("stretch").await.ok()?.status?;
+            let step = status.last_checkpoint.as_ref()?.step;
+            (train_stage(&status).attempts == 2 && step > step_at_shrink).then_some(())
+        }
+    })
+    .await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "elastic");
+    let second = pods
+        .list(&ListParams::default().labels("pretrain.dev/run=stretch,pretrain.dev/stage=train,pretrain.dev/attempt=2"))
+        .await
+        .unwrap()
+        .items;
+    let env = second[0].spec.as_ref().unwrap().containers[0].env.clone().unwrap_or_default();
+    let world = env.iter().find(|e| e.name == "WORLD_SIZE").and_then(|e| e.value.clone());
+    assert_eq!(world.as_deref(), Some("1"), "the shrunk gang's rank is told the world of one");
+
+    // The machine comes back: the gang checkpoints, stops and restarts on both nodes.
+    cluster.kubelet.recover(&node);
+    let status = run_end(&client, "elastic", "stretch").await;
+    assert_eq!(status.phase, Some(RunPhase::Succeeded), "{status:#?}");
+    let train = train_stage(&status);
+    assert_eq!((train.attempts, train.failures, train.disruptions), (3, 0, 1), "{train:?}");
+    // (The Jobs of the attempts before were deleted as they stopped.)
+    assert_eq!(train_jobs(&client, "elastic", "stretch").await.last(), Some(&(3, 2)), "attempt 3 on both nodes");
+    let events = cluster.kubectl_ok(&["-n", "elastic", "get", "events", "--field-selector=reason=Growing"], None);
+    assert!(events.contains("grow back to 2 nodes"), "{events}");
+    let log = std::fs::read_to_string(cluster.kubelet.log_path("elastic", &second[0].name_any())).unwrap();
+    assert!(log.contains("checkpoint written by 2 ranks, resuming on 1"), "{log}");
+
+    let out = reference.join().unwrap();
+    assert!(out.status.success(), "pretrain run: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        weights(cluster, "elastic", "stretch"),
+        pretrain_tests::model_sha(&local.path().join("store/stretch")),
+        "the gang that shrank and grew ends with other weights than the undisturbed run"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -1,6 +1,7 @@
 //! Bad-node quarantine. A training attempt that failed because of its node (a worker that exited
 //! with [`exit::DEVICE`]: a CUDA Xid or ECC error, an NCCL system error, a GPU that would not start;
-//! or a pod lost with its NotReady node) is counted against that node, in the node's own annotation
+//! a pod lost with its NotReady node; or a rank that stalled a collective, which the ranks that
+//! waited on it name) is counted against that node, in the node's own annotation
 //! `pretrain.dev/failures` (one entry per attempt, so a failed Job seen by many reconciles counts
 //! once). A node with `failures` such entries within `window` is quarantined: tainted
 //! `pretrain.dev/quarantined:NoSchedule` (the cluster scheduler and kube-scheduler keep our pods
@@ -20,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::observe::{self, PodContext};
+use crate::labels::{ANNOTATION_COMPLETION_INDEX, GPU_RESOURCE};
 
 /// The annotation holding a node's failures.
 pub const ANNOTATION_FAILURES: &str = "pretrain.dev/failures";
@@ -59,28 +61,71 @@ pub struct NodeFailure {
 }
 
 /// The nodes that failed the pods of one ended attempt, with why: a worker that exited with
-/// [`exit::DEVICE`], or a pod lost with its node.
+/// [`exit::DEVICE`], a pod lost with its node, or a pod whose rank stalled a collective
+/// ([`stalled_pods`]).
 pub fn node_failures(pods: &[Pod], cluster: &PodContext) -> Vec<(String, String)> {
-    let mut found = Vec::new();
-    for pod in pods {
-        let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) else { continue };
-        let why = match observe::worker_exit(pod) {
-            Some(t) if t.exit_code == exit::DEVICE => {
-                let last = observe::last_line(t).map_or("no message", str::trim);
-                Some(format!("pod {}: device failure: {last}", pod.name_any()))
-            }
-            None if cluster.lost(pod) && cluster.unready_nodes.contains(&node) => {
-                Some(format!("pod {}: lost with its NotReady node", pod.name_any()))
-            }
-            _ => None,
-        };
-        if let Some(why) = why
-            && !found.iter().any(|(n, _)| *n == node)
-        {
+    let mut found: Vec<(String, String)> = Vec::new();
+    let mut add = |node: String, why: String| {
+        if !found.iter().any(|(n, _)| *n == node) {
             found.push((node, why));
         }
+    };
+    for pod in pods {
+        let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) else { continue };
+        match observe::worker_exit(pod) {
+            Some(t) if t.exit_code == exit::DEVICE => {
+                let last = observe::last_line(t).map_or("no message", str::trim);
+                add(node, format!("pod {}: device failure: {last}", pod.name_any()));
+            }
+            None if cluster.lost(pod) && cluster.unready_nodes.contains(&node) => {
+                add(node, format!("pod {}: lost with its NotReady node", pod.name_any()));
+            }
+            _ => {}
+        }
+    }
+    for (pod, waited) in stalled_pods(pods) {
+        let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) else { continue };
+        add(
+            node,
+            format!("pod {}: stalled a collective (its peers in {} waited for it)", pod.name_any(), waited.join(", ")),
+        );
     }
     found
+}
+
+/// The pods of a gang whose rank stalled a collective, each with the pods that waited for it. A rank
+/// that waits past the collective timeout exits with [`exit::PEER_LOST`], naming the rank it waited
+/// for (`rank N: nothing for 600 s`). Each rank waits for its predecessor, so when one stalls, the
+/// ranks after it name their own predecessors in turn: the culprit is the named rank whose pod did
+/// not itself report waiting. (NCCL's watchdog cannot name the rank; those stalls are not counted.)
+pub fn stalled_pods(pods: &[Pod]) -> Vec<(&Pod, Vec<String>)> {
+    let index = |pod: &Pod| pod.metadata.annotations.as_ref()?.get(ANNOTATION_COMPLETION_INDEX)?.parse::<u32>().ok();
+    let gpus = |pod: &Pod| {
+        let limits = pod.spec.as_ref()?.containers.first()?.resources.as_ref()?.limits.as_ref()?;
+        limits.get(GPU_RESOURCE)?.0.parse::<u32>().ok()
+    };
+    let mut waited: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+    let mut waiting: Vec<u32> = Vec::new();
+    for pod in pods {
+        let Some(t) = observe::worker_exit(pod).filter(|t| t.exit_code == exit::PEER_LOST) else { continue };
+        let (Some(own), Some(rank)) = (index(pod), observe::last_line(t).and_then(stalled_rank)) else { continue };
+        waiting.push(own);
+        // Ranks are pods on CPUs, and node x GPUs + GPU with several GPUs per pod.
+        let named = rank / gpus(pod).unwrap_or(1).max(1);
+        waited.entry(named).or_default().push(pod.name_any());
+    }
+    waited
+        .into_iter()
+        .filter(|(named, _)| !waiting.contains(named))
+        .filter_map(|(named, by)| Some((pods.iter().find(|p| index(p) == Some(named))?, by)))
+        .collect()
+}
+
+/// The rank a collective waited for, from a worker's last line: `... rank N: nothing for ...`.
+fn stalled_rank(line: &str) -> Option<u32> {
+    let before = &line[..line.find(": nothing for ")?];
+    let number = before.rsplit("rank ").next()?;
+    number.parse().ok()
 }
 
 /// A node's record, read from its annotations.
@@ -201,6 +246,46 @@ mod tests {
 
     fn failure(at: i64, attempt: &str) -> NodeFailure {
         NodeFailure { at, attempt: attempt.into(), reason: "Xid 79".into() }
+    }
+
+    /// Pod `index` of a gang on `node`, ended with `code` and `message`.
+    fn ranked(index: u32, node: &str, code: i32, message: &str) -> Pod {
+        let annotations = BTreeMap::from([(ANNOTATION_COMPLETION_INDEX, index.to_string())]);
+        serde_json::from_value(json!({
+            "metadata": {"name": format!("r-train-3-{index}"), "annotations": annotations},
+            "spec": {"nodeName": node, "containers": [{"name": "worker", "resources": {"limits": {"nvidia.com/gpu": "1"}}}]},
+            "status": {"phase": "Failed", "containerStatuses": [{"name": "worker", "image": "w", "imageID": "", "ready": false, "restartCount": 0,
+                "state": {"terminated": {"exitCode": code, "message": message}}}]}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_rank_that_stalled_a_collective_is_the_one_named_that_did_not_wait_itself() {
+        let waited = |n: u32| {
+            format!(
+                "train: all-reduce #41: rank {n}: nothing for 600 s (stalled or unreachable; PRETRAIN_COLLECTIVE_TIMEOUT sets the limit)"
+            )
+        };
+        // Rank 1 hung: 2 waited for it, 3 for 2; 0 lost its peers when they exited; 1 was killed.
+        let pods = vec![
+            ranked(0, "n0", exit::PEER_LOST, "rank 0: rank 2 is gone (closed its connection without finishing)"),
+            ranked(1, "n1", 137, ""),
+            ranked(2, "n2", exit::PEER_LOST, &waited(1)),
+            ranked(3, "n3", exit::PEER_LOST, &waited(2)),
+        ];
+        let failures = node_failures(&pods, &PodContext::default());
+        assert_eq!(failures.len(), 1, "{failures:?}");
+        assert_eq!(failures[0].0, "n1");
+        assert!(
+            failures[0].1.contains("pod r-train-3-1: stalled a collective (its peers in r-train-3-2 waited for it)"),
+            "{failures:?}"
+        );
+        // Ranks that lost a peer that exited are not stalls.
+        let crashed = vec![ranked(0, "n0", exit::PEER_LOST, "rank 0: rank 1 is gone"), ranked(1, "n1", 1, "boom")];
+        assert!(node_failures(&crashed, &PodContext::default()).is_empty());
+        assert_eq!(stalled_rank("x: broadcast #3: rank 12: nothing for 5 s"), Some(12));
+        assert_eq!(stalled_rank("rank 3: connection lost"), None);
     }
 
     #[test]

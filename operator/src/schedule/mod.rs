@@ -246,9 +246,17 @@ impl<'a> State<'a> {
         self.place_pods(gang, gang.pods, free)
     }
 
-    /// Places as many pods of `gang` as fit on `free`, all of them or down to `min_pods`.
+    /// Places a gang that may shrink on fewer pods than it has, down to `min_pods`: its ranks then
+    /// share the whole gang's gradient groups, so it trains at 1 / ceil(pods / n) of full speed on
+    /// `n` pods. Of the most pods that fit, it takes the fewest that train as fast (3 of 4 train no
+    /// faster than 2), and leaves the rest to others.
     fn place_shrunk(&self, gang: &Gang, free: &[Resources]) -> Option<Vec<usize>> {
-        (gang.min_pods.max(1)..gang.pods).rev().find_map(|pods| self.place_pods(gang, pods, free))
+        let fit = u32::try_from(self.slots_in(gang, free)).unwrap_or(u32::MAX).min(gang.pods.saturating_sub(1));
+        if fit == 0 || fit < gang.min_pods {
+            return None;
+        }
+        let n = gang.pods.div_ceil(gang.pods.div_ceil(fit));
+        self.place_pods(gang, n, free)
     }
 
     /// Places `pods` pods of `gang` on `free` (best fit), or `None` if one does not fit.
@@ -267,10 +275,15 @@ impl<'a> State<'a> {
 
     /// Pods of `gang` that fit on the free resources now.
     fn slots(&self, gang: &Gang) -> u64 {
-        (0..self.free.len())
+        self.slots_in(gang, &self.free)
+    }
+
+    /// Pods of `gang` that fit on `free`.
+    fn slots_in(&self, gang: &Gang, free: &[Resources]) -> u64 {
+        (0..free.len())
             .filter(|&i| self.eligible(i, gang))
             .map(|i| {
-                let f = &self.free[i];
+                let f = &free[i];
                 let p = &gang.per_pod;
                 let by = |have: u64, need: u64| have.checked_div(need).unwrap_or(u64::MAX);
                 by(u64::from(f.gpus), u64::from(p.gpus)).min(by(f.cpu_millis, p.cpu_millis)).min(by(f.memory, p.memory))
