@@ -4,7 +4,9 @@
 //! The model already names its tensors as `LlamaForCausalLM` does (an untied `lm_head.weight` only
 //! when embeddings are untied), so `model.safetensors` is copied as it is, after its sha256 is
 //! checked against the checkpoint's `MANIFEST.json`: a torn or corrupted checkpoint is never
-//! exported. `config.json` comes from the checkpoint's `state.json` (the model shape, RoPE base and
+//! exported. A checkpoint a gang saved in shards is exported as Hugging Face's sharded layout:
+//! `model-00001-of-0000N.safetensors` and so on, with `model.safetensors.index.json` mapping each
+//! tensor to its file. `config.json` comes from the checkpoint's `state.json` (the model shape, RoPE base and
 //! scaling, the sequence length trained at), `tokenizer.json` from the tokenize stage.
 
 use std::path::{Path, PathBuf};
@@ -103,6 +105,56 @@ async fn verified(dir: &StageDir, name: &str, manifest: &Manifest, file: &str) -
     Ok(bytes)
 }
 
+/// Whether a checkpoint file holds weights: `model.safetensors`, or a shard of it.
+fn is_model_file(path: &str) -> bool {
+    path == "model.safetensors" || (path.starts_with("model-") && path.ends_with(".safetensors"))
+}
+
+/// The weight files of an export from a checkpoint's model files (`(name, bytes)`, as the manifest
+/// lists them): one file as `model.safetensors`; shards (`model-<r>-of-<n>.safetensors`, from 0) as
+/// Hugging Face numbers them (from 1), with `model.safetensors.index.json` naming each tensor's file
+/// and the total size of the tensors.
+fn hf_weights(mut shards: Vec<(String, bytes::Bytes)>) -> Result<Vec<(String, Vec<u8>)>, String> {
+    if let [(name, bytes)] = shards.as_slice()
+        && name == "model.safetensors"
+    {
+        return Ok(vec![(name.clone(), bytes.to_vec())]);
+    }
+    shards.sort_by(|a, b| a.0.cmp(&b.0));
+    let count = shards.len();
+    let mut weight_map = serde_json::Map::new();
+    let mut total = 0u64;
+    let mut out = Vec::new();
+    for (i, (name, bytes)) in shards.into_iter().enumerate() {
+        let file = format!("model-{:05}-of-{count:05}.safetensors", i + 1);
+        let header = safetensors_header(&bytes).map_err(|e| format!("{name}: {e}"))?;
+        for (tensor, info) in header.iter().filter(|(k, _)| *k != "__metadata__") {
+            let offsets = &info["data_offsets"];
+            let (Some(start), Some(end)) = (offsets[0].as_u64(), offsets[1].as_u64()) else {
+                return Err(format!("{name}: {tensor} has no data offsets"));
+            };
+            total += end.saturating_sub(start);
+            if weight_map.insert(tensor.clone(), file.clone().into()).is_some() {
+                return Err(format!("{name}: {tensor} is in two shards"));
+            }
+        }
+        out.push((file, bytes.to_vec()));
+    }
+    let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+    let index = format!("{}\n", serde_json::to_string_pretty(&index).expect("JSON values serialise"));
+    out.push(("model.safetensors.index.json".into(), index.into_bytes()));
+    Ok(out)
+}
+
+/// The JSON header of a safetensors file: its tensors (and `__metadata__`).
+fn safetensors_header(bytes: &[u8]) -> Result<serde_json::Map<String, Value>, String> {
+    let size =
+        bytes.get(..8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes"))).ok_or("shorter than a header")?;
+    let end = usize::try_from(size).ok().and_then(|s| s.checked_add(8)).filter(|e| *e <= bytes.len());
+    let header = end.map(|e| &bytes[8..e]).ok_or("its header runs past its end")?;
+    serde_json::from_slice(header).map_err(|e| format!("its header is not JSON: {e}"))
+}
+
 /// The Hugging Face `config.json` of a checkpoint's `state.json`, with the separator token's id as
 /// BOS/EOS when the tokenizer has one.
 pub fn hf_config(state: &TrainState, eos: Option<u64>) -> Value {
@@ -155,7 +207,11 @@ pub async fn export(store: &Store, run: &str, which: &str, out: &Path) -> Result
     let state_bytes = verified(&dir, &name, &manifest, "state.json").await?;
     let state: TrainState =
         serde_json::from_slice(&state_bytes).map_err(|e| ExportError::Checkpoint(format!("{url}/state.json: {e}")))?;
-    let weights = verified(&dir, &name, &manifest, "model.safetensors").await?;
+    let mut shards = Vec::new();
+    for entry in manifest.files.iter().filter(|f| is_model_file(&f.path)) {
+        shards.push((entry.path.clone(), verified(&dir, &name, &manifest, &entry.path).await?));
+    }
+    let weights = hf_weights(shards).map_err(|e| ExportError::Checkpoint(format!("{url}: {e}")))?;
 
     let tokenize = store.stage(run, Stage::Tokenize)?;
     let tokenizer = tokenize.get("tokenizer.json").await?;
@@ -185,13 +241,13 @@ pub async fn export(store: &Store, run: &str, which: &str, out: &Path) -> Result
         generation["eos_token_id"] = (*id).into();
     }
     let pretty = |v: &Value| format!("{}\n", serde_json::to_string_pretty(v).expect("JSON values serialise"));
-    let files: [(&str, Vec<u8>); 5] = [
-        ("config.json", pretty(&config).into_bytes()),
-        ("generation_config.json", pretty(&generation).into_bytes()),
-        ("tokenizer.json", tokenizer.to_vec()),
-        ("tokenizer_config.json", pretty(&tokenizer_config).into_bytes()),
-        ("model.safetensors", weights.to_vec()),
+    let mut files: Vec<(String, Vec<u8>)> = vec![
+        ("config.json".into(), pretty(&config).into_bytes()),
+        ("generation_config.json".into(), pretty(&generation).into_bytes()),
+        ("tokenizer.json".into(), tokenizer.to_vec()),
+        ("tokenizer_config.json".into(), pretty(&tokenizer_config).into_bytes()),
     ];
+    files.extend(weights);
     let write = |path: &Path, bytes: &[u8]| {
         std::fs::write(path, bytes).map_err(|source| ExportError::Output { path: path.to_path_buf(), source })
     };
@@ -208,6 +264,53 @@ pub async fn export(store: &Store, run: &str, which: &str, out: &Path) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A safetensors file of f32 tensors of `n` values each.
+    fn file(tensors: &[(&str, usize)]) -> bytes::Bytes {
+        let mut header = serde_json::Map::new();
+        let mut offset = 0;
+        for (name, n) in tensors {
+            header.insert(
+                (*name).into(),
+                json!({"dtype": "F32", "shape": [n], "data_offsets": [offset, offset + 4 * n]}),
+            );
+            offset += 4 * n;
+        }
+        let header = serde_json::to_vec(&header).unwrap();
+        let mut out = (header.len() as u64).to_le_bytes().to_vec();
+        out.extend(header);
+        out.extend(vec![0u8; offset]);
+        out.into()
+    }
+
+    #[test]
+    fn shards_export_as_hugging_face_numbers_them_with_an_index() {
+        let whole = hf_weights(vec![("model.safetensors".into(), file(&[("a", 2)]))]).unwrap();
+        assert_eq!(whole.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["model.safetensors"]);
+        let shards = vec![
+            ("model-00001-of-00002.safetensors".into(), file(&[("b", 3)])),
+            ("model-00000-of-00002.safetensors".into(), file(&[("a", 2), ("c", 1)])),
+        ];
+        let out = hf_weights(shards).unwrap();
+        let names: Vec<&str> = out.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json"]
+        );
+        let index: Value = serde_json::from_slice(&out[2].1).unwrap();
+        assert_eq!(index["metadata"]["total_size"], 24);
+        assert_eq!(index["weight_map"]["a"], "model-00001-of-00002.safetensors");
+        assert_eq!(index["weight_map"]["b"], "model-00002-of-00002.safetensors");
+        let twice = vec![
+            ("model-00000-of-00002.safetensors".into(), file(&[("a", 1)])),
+            ("model-00001-of-00002.safetensors".into(), file(&[("a", 1)])),
+        ];
+        assert!(hf_weights(twice).unwrap_err().contains("a is in two shards"));
+        assert!(
+            hf_weights(vec![("model-00000-of-00001.safetensors".into(), bytes::Bytes::from_static(b"\xff\xff"))])
+                .is_err()
+        );
+    }
 
     #[test]
     fn the_config_maps_our_model_and_rope_scaling_to_hugging_face_names() {

@@ -96,19 +96,39 @@ spec:
     path
 }
 
-/// The sha256 of the trained weights a run's train stage committed (`store` is `<store>/<run>`).
+/// The sha256 of the trained weights a run's train stage committed (`store` is `<store>/<run>`):
+/// of every tensor, by name, with its dtype, shape and bytes, so that a checkpoint saved whole by one
+/// process and one saved in shards by a gang compare equal when their weights are.
 pub fn model_sha(store: &Path) -> String {
+    use sha2::{Digest, Sha256};
     let commit: serde_json::Value =
         serde_json::from_slice(&std::fs::read(store.join("train/_SUCCESS.json")).unwrap()).unwrap();
-    commit["files"]
+    let files: Vec<Vec<u8>> = commit["files"]
         .as_array()
         .unwrap()
         .iter()
-        .find(|f| f["path"].as_str().unwrap().ends_with("model.safetensors"))
-        .unwrap()["sha256"]
-        .as_str()
-        .unwrap()
-        .to_string()
+        .map(|f| f["path"].as_str().unwrap())
+        .filter(|p| {
+            let file = p.rsplit('/').next().unwrap_or_default();
+            file == "model.safetensors" || (file.starts_with("model-") && file.ends_with(".safetensors"))
+        })
+        .map(|p| std::fs::read(store.join("train").join(p)).unwrap())
+        .collect();
+    assert!(!files.is_empty(), "{}: the train stage committed no weights", store.display());
+    let mut tensors: Vec<(String, String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for bytes in &files {
+        let file = safetensors::SafeTensors::deserialize(bytes).unwrap();
+        for (name, t) in file.tensors() {
+            tensors.push((name, format!("{:?}", t.dtype()), t.shape().to_vec(), t.data().to_vec()));
+        }
+    }
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut hasher = Sha256::new();
+    for (name, dtype, shape, data) in &tensors {
+        hasher.update(format!("{name} {dtype} {shape:?} {}\n", data.len()));
+        hasher.update(data);
+    }
+    hex::encode(hasher.finalize())
 }
 
 /// Ids of the processes whose command line contains `needle` (this test process excluded).

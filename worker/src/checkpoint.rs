@@ -2,6 +2,12 @@
 //! `<run>/<stage>/ckpt/step-<09d>/{model.safetensors, optim.safetensors, state.json}`, then
 //! `MANIFEST.json` (size and sha256 of every file) written last, then the `ckpt/latest` pointer.
 //!
+//! A gang of `w > 1` ranks saves in shards, each rank uploading its share of the bytes at once:
+//! rank `r` writes `model-<r>-of-<w>.safetensors` and `optim-<r>-of-<w>.safetensors` (the tensors
+//! [`shard_of`] gives it), then `part-<r>-of-<w>.json` with their sizes and hashes and the gang's
+//! id; rank 0 writes its shard, waits for every other rank's part record of this gang, then writes
+//! `state.json`, the manifest listing every shard, and the pointer. Loading merges the shards.
+//!
 //! Saving copies the weights and moments to host memory (on the CPU while the next step's forward and
 //! backward run: only its optimizer update waits for the copy), then serialises them as safetensors
 //! straight from that copy into parallel part uploads, hashing as they go, on a background task.
@@ -52,6 +58,57 @@ impl AsRef<[u8]> for F32Bytes {
     fn as_ref(&self) -> &[u8] {
         bytemuck::cast_slice(&self.0)
     }
+}
+
+/// Which rank of how many saves a snapshot, and the gang it belongs to (rank 0 takes only part
+/// records of its own gang, never those an earlier attempt left).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    /// This rank.
+    pub rank: usize,
+    /// Ranks saving.
+    pub world: usize,
+    /// The attempt's gang, the same number on every rank.
+    pub gang: u64,
+}
+
+impl Shard {
+    /// One process saving everything.
+    pub const WHOLE: Shard = Shard { rank: 0, world: 1, gang: 0 };
+
+    /// The file of `kind` (`model`, `optim`) this shard writes.
+    pub fn file(&self, kind: &str) -> String {
+        if self.world <= 1 {
+            format!("{kind}.safetensors")
+        } else {
+            format!("{kind}-{:05}-of-{:05}.safetensors", self.rank, self.world)
+        }
+    }
+
+    fn part(&self, rank: usize) -> String {
+        format!("part-{rank:05}-of-{:05}.json", self.world)
+    }
+}
+
+/// The shard (of `world`) that saves each tensor of `bytes` bytes: each in turn to the shard with
+/// the fewest bytes so far (the lowest on ties), so that every rank uploads about a `world`-th.
+pub fn shard_of(bytes: &[usize], world: usize) -> Vec<usize> {
+    let mut load = vec![0usize; world.max(1)];
+    bytes
+        .iter()
+        .map(|&b| {
+            let (shard, _) = load.iter().enumerate().min_by_key(|(i, l)| (**l, *i)).expect("a shard");
+            load[shard] += b;
+            shard
+        })
+        .collect()
+}
+
+/// A rank's part record: the files it saved for a checkpoint.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Part {
+    gang: u64,
+    files: Vec<FileEntry>,
 }
 
 /// Host copies of everything a checkpoint holds.
@@ -183,24 +240,86 @@ impl From<CheckpointError> for crate::frame::StageError {
 /// Uploads a checkpoint, then the `latest` pointer, then deletes all but the newest `keep`. Returns
 /// the entries of the checkpoint's files (paths relative to the stage directory).
 pub async fn save(dir: &StageDir, snapshot: Snapshot, keep: u32) -> Result<Vec<FileEntry>, CheckpointError> {
+    save_shard(dir, snapshot, Shard::WHOLE, keep, std::time::Duration::ZERO).await
+}
+
+/// Uploads `shard`'s part of a checkpoint (`snapshot` holds its tensors). Rank 0 then waits up to
+/// `wait` for every other rank's part record, and writes `state.json`, the manifest, the pointer,
+/// and deletes all but the newest `keep`; it returns the entries of every file of the checkpoint
+/// (paths relative to the stage directory). Other ranks write their part record and return none.
+pub async fn save_shard(
+    dir: &StageDir,
+    snapshot: Snapshot,
+    shard: Shard,
+    keep: u32,
+    wait: std::time::Duration,
+) -> Result<Vec<FileEntry>, CheckpointError> {
     let name = dir_name(snapshot.state.step);
     let local = |reason: String| CheckpointError::Local { name: name.clone(), reason };
-    let state = serde_json::to_vec_pretty(&snapshot.state).map_err(|e| local(e.to_string()))?;
     let mut files = Vec::new();
-    for (file, tensors) in [("model.safetensors", &snapshot.model), ("optim.safetensors", &snapshot.optim)] {
+    for (kind, tensors) in [("model", &snapshot.model), ("optim", &snapshot.optim)] {
+        let file = shard.file(kind);
         let chunks = safetensors_chunks(tensors).map_err(|e| local(format!("{file}: {e}")))?;
         files.push(dir.put_chunks(&format!("ckpt/{name}/{file}"), chunks).await?);
     }
-    files.push(dir.put(&format!("ckpt/{name}/state.json"), Bytes::from(state)).await?);
     for entry in &mut files {
         entry.path = entry.path.rsplit('/').next().unwrap_or_default().to_string();
     }
+    if shard.rank > 0 {
+        let part = serde_json::to_vec(&Part { gang: shard.gang, files }).map_err(|e| local(e.to_string()))?;
+        dir.put(&format!("ckpt/{name}/{}", shard.part(shard.rank)), Bytes::from(part)).await?;
+        return Ok(Vec::new());
+    }
+    for rank in 1..shard.world {
+        files.extend(wait_for_part(dir, &name, shard, rank, wait).await?);
+    }
+    let state = serde_json::to_vec_pretty(&snapshot.state).map_err(|e| local(e.to_string()))?;
+    let mut state_entry = dir.put(&format!("ckpt/{name}/state.json"), Bytes::from(state)).await?;
+    state_entry.path = "state.json".into();
+    files.push(state_entry);
     let manifest = Manifest::new(snapshot.state.step, files.clone());
     let json = serde_json::to_vec_pretty(&manifest).expect("a manifest serialises");
     dir.put(&format!("ckpt/{name}/MANIFEST.json"), Bytes::from(json)).await?;
     dir.put("ckpt/latest", Bytes::from(name.clone())).await?;
     retain(dir, keep).await?;
     Ok(in_stage_dir(&name, files))
+}
+
+/// The files of `rank`'s part of checkpoint `name`, once its record of this gang is there (polled
+/// every 100 ms, for at most `wait`).
+async fn wait_for_part(
+    dir: &StageDir,
+    name: &str,
+    shard: Shard,
+    rank: usize,
+    wait: std::time::Duration,
+) -> Result<Vec<FileEntry>, CheckpointError> {
+    let key = dir.key(&format!("ckpt/{name}/{}", shard.part(rank)))?;
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        if let Some(bytes) = dir.store().get_opt(&key).await?
+            && let Ok(part) = serde_json::from_slice::<Part>(&bytes)
+            && part.gang == shard.gang
+        {
+            return Ok(part.files);
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(CheckpointError::Local {
+                name: name.to_string(),
+                reason: format!(
+                    "rank {rank} of {} did not save its shard within {:.0} s",
+                    shard.world,
+                    wait.as_secs_f64()
+                ),
+            });
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// Whether `path` is a file of `kind` (`model`, `optim`): whole, or a shard.
+pub fn is_file_of(path: &str, kind: &str) -> bool {
+    path == format!("{kind}.safetensors") || (path.starts_with(&format!("{kind}-")) && path.ends_with(".safetensors"))
 }
 
 /// Steps of the checkpoint directories under `ckpt/`, newest first (whether or not complete).
@@ -270,9 +389,12 @@ pub async fn load(dir: &StageDir, step: u64, device: &Device) -> Result<Loaded, 
         return Err(unusable("no MANIFEST.json (an interrupted save)".into()));
     };
     let manifest = Manifest::parse(&manifest).map_err(|e| unusable(e.reason))?;
-    for needed in ["model.safetensors", "optim.safetensors", "state.json"] {
-        if !manifest.files.iter().any(|f| f.path == needed) {
-            return Err(unusable(format!("the manifest lists no {needed}")));
+    if !manifest.files.iter().any(|f| f.path == "state.json") {
+        return Err(unusable("the manifest lists no state.json".into()));
+    }
+    for kind in ["model", "optim"] {
+        if !manifest.files.iter().any(|f| is_file_of(&f.path, kind)) {
+            return Err(unusable(format!("the manifest lists no {kind}.safetensors (nor shards of it)")));
         }
     }
     // Each file read into memory in parallel ranges and hashed as they arrive; nothing on local disk.
@@ -292,9 +414,19 @@ pub async fn load(dir: &StageDir, step: u64, device: &Device) -> Result<Loaded, 
         Ok(s) => s,
         Err(e) => return Err(unusable(format!("state.json: {e}"))),
     };
-    let read =
-        |file: &str| candle_core::safetensors::load_buffer(&contents[file], device).map_err(|e| format!("{file}: {e}"));
-    let (model, optim) = match (read("model.safetensors"), read("optim.safetensors")) {
+    // Shards merge: each tensor is in exactly one of them.
+    let read = |kind: &str| -> Result<HashMap<String, Tensor>, String> {
+        let mut all = HashMap::new();
+        for (file, bytes) in contents.iter().filter(|(f, _)| is_file_of(f, kind)) {
+            for (name, t) in candle_core::safetensors::load_buffer(bytes, device).map_err(|e| format!("{file}: {e}"))? {
+                if all.insert(name.clone(), t).is_some() {
+                    return Err(format!("{file}: {name} is in two shards"));
+                }
+            }
+        }
+        Ok(all)
+    };
+    let (model, optim) = match (read("model"), read("optim")) {
         (Ok(m), Ok(o)) => (m, o),
         (Err(e), _) | (_, Err(e)) => return Err(unusable(e)),
     };

@@ -130,10 +130,30 @@ fn stage_dir(root: &Path, name: &str) -> PathBuf {
     root.join(name).join("store/dp/train")
 }
 
-/// The final checkpoint's weights file, as stored.
-fn weights(root: &Path, name: &str) -> Vec<u8> {
-    let path = stage_dir(root, name).join("ckpt").join(checkpoint::dir_name(STEPS)).join("model.safetensors");
-    std::fs::read(&path).unwrap()
+/// The final checkpoint's weights: every tensor of its model file or shards, by name, with its bytes.
+fn weights(root: &Path, name: &str) -> Vec<(String, Vec<u8>)> {
+    let dir = stage_dir(root, name).join("ckpt").join(checkpoint::dir_name(STEPS));
+    let mut tensors = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let file = entry.unwrap().file_name().to_string_lossy().to_string();
+        if checkpoint::is_file_of(&file, "model") {
+            let bytes = std::fs::read(dir.join(&file)).unwrap();
+            let parsed = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+            tensors.extend(parsed.tensors().into_iter().map(|(n, t)| (n, t.data().to_vec())));
+        }
+    }
+    tensors.sort();
+    assert!(!tensors.is_empty(), "no weights in {}", dir.display());
+    tensors
+}
+
+/// The files of the final checkpoint, by name.
+fn checkpoint_files(root: &Path, name: &str) -> Vec<String> {
+    let dir = stage_dir(root, name).join("ckpt").join(checkpoint::dir_name(STEPS));
+    let mut files: Vec<String> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
+    files.sort();
+    files
 }
 
 fn losses(root: &Path, name: &str) -> Vec<(u64, f64)> {
@@ -167,6 +187,21 @@ fn gangs_of_two_and_four_train_bitwise_as_one_process_and_a_shrunk_gang_resumes_
         assert!(weights(root, run) == reference, "{world} ranks end with other weights than one process");
         assert_eq!(losses(root, run), reference_losses, "{world} ranks: other losses");
     }
+    // One process saves whole files; each rank of a gang saves its shard, and rank 0 the manifest.
+    assert!(checkpoint_files(root, "solo").contains(&"model.safetensors".to_string()));
+    let quad = checkpoint_files(root, "quad");
+    for rank in 0..4 {
+        for kind in ["model", "optim"] {
+            assert!(quad.contains(&format!("{kind}-{rank:05}-of-00004.safetensors")), "{quad:?}");
+        }
+    }
+    assert!(quad.contains(&"MANIFEST.json".to_string()) && !quad.contains(&"model.safetensors".to_string()));
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(stage_dir(root, "quad").join("ckpt").join(checkpoint::dir_name(STEPS)).join("MANIFEST.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(manifest["files"].as_array().unwrap().len(), 9, "4 model shards, 4 optim shards, state.json");
 
     // Kill rank 3 of 4 once a checkpoint exists: the others stop with the peer-lost code, not a hang.
     let killed = &specs[2];
@@ -189,8 +224,8 @@ fn gangs_of_two_and_four_train_bitwise_as_one_process_and_a_shrunk_gang_resumes_
     }
     assert!(!stage_dir(root, "killed").join("_SUCCESS.json").exists());
 
-    // The gang shrinks to three ranks (the last one takes two groups), resumes, and ends with
-    // bitwise the weights and losses of the uninterrupted run.
+    // The gang shrinks to three ranks (the last one takes two groups), resumes from the four
+    // shards, and ends with bitwise the weights and losses of the uninterrupted run.
     run_gang(killed, 3);
     assert!(weights(root, "killed") == reference, "shrunk to 3 ranks: other weights than the uninterrupted run");
     let resumed = losses(root, "killed");

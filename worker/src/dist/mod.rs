@@ -124,6 +124,12 @@ fn seconds_from_env(name: &str, default: u64) -> Duration {
     )
 }
 
+/// How long a collective waits for a peer (`PRETRAIN_COLLECTIVE_TIMEOUT`, 600 s by default); rank 0
+/// waits as long for the other ranks' checkpoint shards.
+pub fn collective_timeout() -> Duration {
+    seconds_from_env(ENV_TIMEOUT, 600)
+}
+
 /// Joins the gang of a stage process: [`Solo`] for a world of one, else NCCL on CUDA devices (when
 /// built with `nccl`) or the TCP ring. Exits of peers are watched from here on.
 pub fn connect(ctx: &Context, device: &Device) -> Result<Box<dyn Collective>> {
@@ -136,7 +142,7 @@ pub fn connect(ctx: &Context, device: &Device) -> Result<Box<dyn Collective>> {
         world: ctx.world_size as usize,
         gang: format!("{}/{}/{}", ctx.run_name(), ctx.stage, ctx.config_hash()),
         rendezvous_timeout: seconds_from_env(ENV_RENDEZVOUS_TIMEOUT, 600),
-        timeout: seconds_from_env(ENV_TIMEOUT, 600),
+        timeout: collective_timeout(),
         watchdog: true,
     };
     if device.is_cuda() {

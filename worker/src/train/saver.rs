@@ -10,7 +10,7 @@ use tokio::task::JoinHandle;
 
 use super::error::{Result, TrainError};
 use super::tensorboard;
-use crate::checkpoint::{self, Copied, dir_name};
+use crate::checkpoint::{self, Copied, Shard, dir_name};
 
 /// Metrics are published at most this often between checkpoints...
 const PUBLISH_EVERY: Duration = Duration::from_secs(10);
@@ -22,6 +22,9 @@ const PUBLISH_SHARE: f64 = 0.01;
 pub struct Saver {
     dir: StageDir,
     keep: u32,
+    shard: Shard,
+    /// How long rank 0 waits for the other ranks' shards.
+    wait: Duration,
     pending: Option<JoinHandle<Result<Vec<FileEntry>>>>,
     files: Vec<FileEntry>,
     published: Published,
@@ -41,10 +44,11 @@ struct Published {
 }
 
 impl Saver {
-    /// Saves into `dir`, keeping its `keep` newest checkpoints.
-    pub fn new(dir: StageDir, keep: u32) -> Self {
+    /// Saves `shard` of each checkpoint into `dir`, keeping its `keep` newest checkpoints; rank 0
+    /// waits up to `wait` for the other ranks' shards.
+    pub fn new(dir: StageDir, keep: u32, shard: Shard, wait: Duration) -> Self {
         let published = Published { at: Instant::now(), seconds: 0.0, pending: None };
-        Self { dir, keep, pending: None, files: Vec::new(), published }
+        Self { dir, keep, shard, wait, pending: None, files: Vec::new(), published }
     }
 
     /// Puts `metrics.jsonl` (every line so far, from `metrics`) in the background when the last put
@@ -89,12 +93,12 @@ impl Saver {
         Ok(())
     }
 
-    /// Starts saving the checkpoint of `step` once its snapshot is copied, with `metrics` (the
-    /// metrics of its steps) written first: a checkpoint is never without them, and a resume from an
-    /// older checkpoint drops the lines past it. Call [`Saver::wait`] first.
-    pub fn start(&mut self, step: u64, snapshot: Copied, metrics: Bytes) {
+    /// Starts saving this rank's shard of the checkpoint of `step` once its snapshot is copied; rank
+    /// 0 writes `metrics` (the metrics of its steps) first: a checkpoint is never without them, and a
+    /// resume from an older checkpoint drops the lines past it. Call [`Saver::wait`] first.
+    pub fn start(&mut self, step: u64, snapshot: Copied, metrics: Option<Bytes>) {
         debug_assert!(self.pending.is_none(), "one save at a time");
-        let (dir, keep) = (self.dir.clone(), self.keep);
+        let (dir, keep, shard, wait) = (self.dir.clone(), self.keep, self.shard, self.wait);
         self.pending = Some(tokio::spawn(async move {
             let saved = async {
                 let copy_failed = |reason: String| checkpoint::CheckpointError::Local { name: dir_name(step), reason };
@@ -103,9 +107,11 @@ impl Saver {
                     Ok(Err(e)) => return Err(copy_failed(format!("copying the weights to the host: {e}"))),
                     Err(_) => return Err(copy_failed("the copy of the weights ended without a snapshot".into())),
                 };
-                dir.put(tensorboard::FILE, Bytes::from(tensorboard::events(&metrics))).await?;
-                dir.put("metrics.jsonl", metrics).await?;
-                checkpoint::save(&dir, snapshot, keep).await
+                if let Some(metrics) = metrics {
+                    dir.put(tensorboard::FILE, Bytes::from(tensorboard::events(&metrics))).await?;
+                    dir.put("metrics.jsonl", metrics).await?;
+                }
+                checkpoint::save_shard(&dir, snapshot, shard, keep, wait).await
             };
             match saved.await {
                 Ok(files) => Ok(files),

@@ -150,7 +150,8 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
     let mut metrics = MetricsLog::open(&ctx.dir, cache.path(), first_step).await?;
     let mut prefetch = Prefetcher::start(Arc::clone(&streams.train), shape, first_step, job.total_steps, cursor, 4);
     let throughput = Throughput::new(&job, &device, spec.train.resources.gpu_type.as_deref(), shape.world);
-    let mut saver = Saver::new(ctx.dir.clone(), spec.train.checkpoint.keep);
+    let wait = crate::dist::collective_timeout();
+    let mut saver = Saver::new(ctx.dir.clone(), spec.train.checkpoint.keep, trainer.shard(), wait);
     let gpus = spec.train.resources.nodes * spec.train.resources.gpus_per_node.max(1);
     let mut interval = Interval::new(&spec.train.checkpoint, gpus, first_step);
     if first_step > 0 && !trainer.state.history.stopped {
@@ -159,19 +160,31 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
     trainer.state.history.stopped = false;
     let mut pace = Pace::new(&job, first_step);
     trainer.state.history.startup_seconds += begun.elapsed().as_secs_f64();
+    // Rank 0 schedules checkpoints a step ahead; the decision travels with the step's all-reduce,
+    // so that every rank saves its shard of the same step.
+    let due = |interval: &Interval, trainer: &Trainer, step: u64| {
+        trainer.leader() && (interval.due(step, &trainer.state.history) || step == job.total_steps)
+    };
+    let mut scheduled = due(&interval, &trainer, first_step + 1);
     while trainer.state.step < job.total_steps {
         let Some(batch) = prefetch.next() else { break };
         let started = Instant::now();
-        let step = trainer.step(&batch, stop.load(Ordering::SeqCst))?;
+        let step = trainer.step(&batch, stop.load(Ordering::SeqCst), scheduled)?;
         if step.spike == Some(SpikeAction::Rollback) {
-            // Rank 0's newest checkpoint must be complete before any rank reads it.
+            // The newest checkpoint must be complete (every shard, and rank 0's manifest) before
+            // any rank reads it: each waits for its save, then they meet in the rollback.
             saver.wait().await?;
             trainer.roll_back(ctx).await?;
         }
         let mut line = throughput.line(&trainer.state, &step, started.elapsed().as_secs_f64());
         if !trainer.leader() {
-            // Rank 0 measures, logs and checkpoints for the gang.
+            // Rank 0 measures and logs for the gang; every rank saves its shard.
+            if step.checkpoint || step.stopping {
+                saver.wait().await?;
+                saver.start(trainer.state.step, trainer.snapshot()?, None);
+            }
             if step.stopping {
+                saver.wait().await?;
                 trainer.collective.finish()?;
                 return Ok(Outcome::Preempted { step: trainer.state.step });
             }
@@ -180,16 +193,14 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
         count_step(&mut trainer, &mut interval, line.seconds);
         // Held-out loss and probes only at scheduled checkpoints: a checkpoint on SIGTERM must be quick
         // (the grace period runs), and the metrics stay those of an uninterrupted run.
-        let scheduled =
-            interval.due(trainer.state.step, &trainer.state.history) || trainer.state.step == job.total_steps;
         let held = Instant::now();
-        if scheduled {
+        if step.checkpoint {
             measure(&trainer, &streams, &tok, ctx, &mut line)?;
             trainer.state.history.eval_seconds += held.elapsed().as_secs_f64();
         }
         metrics.write(&line)?;
         pace.report(&line);
-        if scheduled || step.stopping {
+        if step.checkpoint || step.stopping {
             trainer.state.history.stopped = step.stopping;
             save(&mut trainer, &mut saver, &mut metrics).await?;
             interval.checkpointed(trainer.state.step, held.elapsed().as_secs_f64());
@@ -202,9 +213,12 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
             }
         }
         saver.publish(&mut metrics)?;
+        scheduled = due(&interval, &trainer, trainer.state.step + 1);
     }
     if !trainer.leader() {
-        // Wait for rank 0's commit: a gang whose commit failed must not look finished.
+        // The last shard saved, wait for rank 0's commit: a gang whose commit failed must not look
+        // finished.
+        saver.wait().await?;
         trainer.collective.finish()?;
         return Ok(Outcome::Joined { step: trainer.state.step });
     }
@@ -246,7 +260,7 @@ async fn save(trainer: &mut Trainer, saver: &mut Saver, metrics: &mut MetricsLog
     trainer.state.saved_unix =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok().map(|d| d.as_secs());
     let step = trainer.state.step;
-    saver.start(step, trainer.snapshot()?, metrics.bytes()?);
+    saver.start(step, trainer.snapshot()?, Some(metrics.bytes()?));
     trainer.state.history.checkpoint_seconds += saving.elapsed().as_secs_f64();
     Ok(())
 }

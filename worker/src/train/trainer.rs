@@ -14,7 +14,7 @@ use super::loader::{Batch, BatchShape};
 use super::optim::{AdamW, AdamWConfig, clip};
 use super::schedule::learning_rate;
 use crate::Context;
-use crate::checkpoint::{self, Copied, Copying, Loaded, Snapshot, TrainState};
+use crate::checkpoint::{self, Copied, Copying, Loaded, Shard, Snapshot, TrainState};
 use crate::dist::{self, BUCKET_BYTES, Collective};
 use crate::model::{Llama, LlamaConfig, Params};
 
@@ -111,8 +111,10 @@ pub struct StepReport {
     /// The loss was a spike after the most allowed in a row, accepted as a new level (the update
     /// was applied).
     pub new_level: bool,
-    /// Some rank was asked to stop: every rank checkpoints (rank 0) and stops after this step.
+    /// Some rank was asked to stop: every rank checkpoints and stops after this step.
     pub stopping: bool,
+    /// Rank 0 scheduled a checkpoint of this step: every rank saves its shard.
+    pub checkpoint: bool,
 }
 
 /// The model, its optimizer and the state a checkpoint records, on one rank of the gang.
@@ -136,6 +138,8 @@ pub struct Trainer {
     device: Device,
     /// A checkpoint copy still reading the weights and moments.
     copying: Option<Copying>,
+    /// The attempt's gang, the same on every rank (rank 0's random number).
+    gang: u64,
     /// Seconds the step loop waited for checkpoint copies to finish, not yet counted.
     fenced: f64,
 }
@@ -181,6 +185,7 @@ impl Trainer {
                 leader: leader_step as u64,
             });
         }
+        let gang = gang_id(collective.as_mut(), device)?;
         let recompute = spec.train.recompute_activations;
         let mut model = Llama::new(job.config.clone(), params, job.seq_len, device)?;
         model.set_recompute(recompute);
@@ -205,6 +210,7 @@ impl Trainer {
             dtype,
             device: device.clone(),
             copying: None,
+            gang,
             fenced: 0.0,
         })
     }
@@ -229,13 +235,25 @@ impl Trainer {
         self.job.micro
     }
 
-    /// Starts a checkpoint of the weights, moments and state. On the CPU the copy runs beside the
-    /// next step's forward and backward, which only read them, and the update waits for it; on a
-    /// GPU the copy to the host is made now (it is fast, and a device's stream orders it anyway).
+    /// Which shard of a checkpoint this rank saves.
+    pub fn shard(&self) -> Shard {
+        Shard { rank: self.collective.rank(), world: self.collective.world(), gang: self.gang }
+    }
+
+    /// Starts a checkpoint of this rank's shard of the weights and moments ([`checkpoint::shard_of`])
+    /// and of the state. On the CPU the copy runs beside the next step's forward and backward, which
+    /// only read them, and the update waits for it; on a GPU the copy to the host is made now (it is
+    /// fast, and a device's stream orders it anyway).
     pub fn snapshot(&mut self) -> Result<Copied> {
         self.fence();
+        let shard = self.shard();
+        let own = |all: Vec<(String, Tensor)>| -> Vec<(String, Tensor)> {
+            let bytes: Vec<usize> = all.iter().map(|(_, t)| t.elem_count() * t.dtype().size_in_bytes()).collect();
+            let owners = checkpoint::shard_of(&bytes, shard.world);
+            all.into_iter().zip(owners).filter(|(_, o)| *o == shard.rank).map(|(t, _)| t).collect()
+        };
         let (state, model, optim) =
-            (self.state.clone(), self.model.params.named(), self.optimizer.state(&self.model.params));
+            (self.state.clone(), own(self.model.params.named()), own(self.optimizer.state(&self.model.params)));
         if self.device.is_cpu() {
             let (copying, copied) = Snapshot::start(state, model, optim);
             self.copying = Some(copying);
@@ -266,7 +284,7 @@ impl Trainer {
     /// gradients, loss and the stop request over the gang in group order (so the update does not
     /// depend on the number of ranks), clips, and updates unless the loss is a spike to skip or
     /// roll back (see [`Trainer::roll_back`]); the state then counts the step.
-    pub fn step(&mut self, batch: &Batch, stop: bool) -> Result<StepReport> {
+    pub fn step(&mut self, batch: &Batch, stop: bool, checkpoint: bool) -> Result<StepReport> {
         let (micro, seq_len) = (self.job.micro, self.job.seq_len);
         // Every micro-batch's loss is scaled by the step's whole count, so the summed gradients are
         // the mean over the global batch whichever rank computed them.
@@ -296,14 +314,14 @@ impl Trainer {
                     }
                 }
             }
-            // The stop request rides with this rank's first group.
-            let asked = if i == 0 { f32::from(u8::from(stop)) } else { 0.0 };
-            groups.push(rank, grads, vec![loss_sum, asked])?;
+            // The stop and checkpoint requests ride with this rank's first group.
+            let flag = |set: bool| if i == 0 { f32::from(u8::from(set)) } else { 0.0 };
+            groups.push(rank, grads, vec![loss_sum, flag(stop), flag(checkpoint)])?;
         }
         // The gang sums gradients, losses and stop requests, so every rank applies the same update
         // and they all stop after the same step.
         let (mut grads, scalars) = dist::sum_gradients(self.collective.as_mut(), groups, BUCKET_BYTES)?;
-        let stopping = scalars[1] > 0.0;
+        let (stopping, checkpoint) = (scalars[1] > 0.0, scalars[2] > 0.0);
         let loss = f64::from(scalars[0]) / total;
         if !loss.is_finite() {
             return Err(TrainError::Diverged { step: self.state.step, loss });
@@ -341,7 +359,7 @@ impl Trainer {
         state.loss_window = self.detector.history();
         state.spike_streak = self.detector.streak().to_vec();
         let new_level = matches!(verdict, Verdict::NewLevel { .. });
-        Ok(StepReport { loss, grad_norm, lr, spike, new_level, stopping })
+        Ok(StepReport { loss, grad_norm, lr, spike, new_level, stopping, checkpoint })
     }
 
     /// After a spike with `rollBack`: every rank reloads the weights and optimizer of the stage's
@@ -361,6 +379,17 @@ impl Trainer {
         }
         Ok(())
     }
+}
+
+/// A number naming this attempt's gang, the same on every rank: rank 0's random 48 bits (two 24-bit
+/// halves, which fp32 carries exactly).
+fn gang_id(collective: &mut dyn Collective, device: &Device) -> Result<u64> {
+    use std::hash::{BuildHasher, Hasher};
+    // The standard library's hasher keys come from the operating system's randomness.
+    let random = std::collections::hash_map::RandomState::new().build_hasher().finish();
+    let halves = [(random & 0xFF_FFFF) as f32, ((random >> 24) & 0xFF_FFFF) as f32];
+    let shared = collective.broadcast(&Tensor::new(&halves, device)?, 0)?.to_vec1::<f32>()?;
+    Ok(shared[0] as u64 | (shared[1] as u64) << 24)
 }
 
 /// The weights, optimizer and state of the stage's own checkpoint, which must be of the job's model.
