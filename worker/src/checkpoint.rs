@@ -104,6 +104,13 @@ pub fn shard_of(bytes: &[usize], world: usize) -> Vec<usize> {
         .collect()
 }
 
+/// The tensors of `all` that `shard` saves ([`shard_of`] by their bytes).
+pub fn own_shard(all: Vec<(String, Tensor)>, shard: Shard) -> Vec<(String, Tensor)> {
+    let bytes: Vec<usize> = all.iter().map(|(_, t)| t.elem_count() * t.dtype().size_in_bytes()).collect();
+    let owners = shard_of(&bytes, shard.world);
+    all.into_iter().zip(owners).filter(|(_, o)| *o == shard.rank).map(|(t, _)| t).collect()
+}
+
 /// A rank's part record: the files it saved for a checkpoint.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct Part {

@@ -154,7 +154,7 @@ fn train_step(
 /// loop), the background save's speed against the store's own (the same bytes put as one object),
 /// and loading, against the disk's sequential write speed.
 fn checkpoint_times(model: &Llama, opt: &mut AdamW, inputs: &Tensor, targets: &Tensor, dtype: DType) {
-    use pretrain_worker::checkpoint::{self, Shard, Snapshot, TrainState, safetensors_chunks};
+    use pretrain_worker::checkpoint::{self, Snapshot, TrainState, safetensors_chunks};
     let seconds = |(f, b, u): (f64, f64, f64)| f + b + u;
     let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
@@ -199,32 +199,7 @@ fn checkpoint_times(model: &Llama, opt: &mut AdamW, inputs: &Tensor, targets: &T
         puts.push(payload_bytes / 1e6 / t.elapsed().as_secs_f64());
     }
     let (save_s, store_mb_s) = (median(saves), median(puts));
-    // A gang saves in shards, each rank its share of the bytes at once: on a cluster each rank has
-    // its own link to the store, so the save takes as long as one rank's share. Timed here for the
-    // last rank of 2 and of 4 (a shard and its part record), in turn with the whole save above.
-    let shard_s: Vec<(usize, f64)> = [2usize, 4]
-        .into_iter()
-        .map(|world| {
-            let shard = Shard { rank: world - 1, world, gang: 1 };
-            let own = |all: Vec<(String, Tensor)>| -> Vec<(String, Tensor)> {
-                let bytes: Vec<usize> = all.iter().map(|(_, t)| t.elem_count() * t.dtype().size_in_bytes()).collect();
-                let owners = checkpoint::shard_of(&bytes, world);
-                all.into_iter().zip(owners).filter(|(_, o)| *o == shard.rank).map(|(t, _)| t).collect()
-            };
-            let times = (0..ROUNDS)
-                .map(|_| {
-                    let snapshot =
-                        Snapshot::take(state.clone(), own(model.params.named()), own(opt.state(&model.params)))
-                            .expect("snapshot");
-                    let t = Instant::now();
-                    let wait = std::time::Duration::ZERO;
-                    runtime.block_on(checkpoint::save_shard(&dir, snapshot, shard, 1, wait)).expect("save a shard");
-                    t.elapsed().as_secs_f64()
-                })
-                .collect();
-            (world, median(times))
-        })
-        .collect();
+    let shard_s = shard_saves(&runtime, &dir, &state, model, opt);
     let t = Instant::now();
     runtime.block_on(checkpoint::load_latest(&dir, &Device::Cpu)).expect("load").expect("a checkpoint");
     let load_s = t.elapsed().as_secs_f64();
@@ -256,6 +231,39 @@ fn checkpoint_times(model: &Llama, opt: &mut AdamW, inputs: &Tensor, targets: &T
         save_s / shard_s[0].1,
         save_s / shard_s[1].1
     );
+}
+
+/// A gang saves in shards, each rank its share of the bytes at once: on a cluster each rank has its
+/// own link to the store, so the save takes as long as one rank's share. Median seconds of the last
+/// rank's share (a shard and its part record) of 2 and of 4.
+fn shard_saves(
+    runtime: &tokio::runtime::Runtime,
+    dir: &pretrain_store::StageDir,
+    state: &pretrain_worker::checkpoint::TrainState,
+    model: &Llama,
+    opt: &AdamW,
+) -> Vec<(usize, f64)> {
+    use pretrain_worker::checkpoint::{self, Shard, Snapshot, own_shard};
+    [2usize, 4]
+        .into_iter()
+        .map(|world| {
+            let shard = Shard { rank: world - 1, world, gang: 1 };
+            let mut times: Vec<f64> = (0..ROUNDS)
+                .map(|_| {
+                    let own = |all| own_shard(all, shard);
+                    let snapshot =
+                        Snapshot::take(state.clone(), own(model.params.named()), own(opt.state(&model.params)))
+                            .expect("snapshot");
+                    let t = Instant::now();
+                    let wait = std::time::Duration::ZERO;
+                    runtime.block_on(checkpoint::save_shard(dir, snapshot, shard, 1, wait)).expect("save a shard");
+                    t.elapsed().as_secs_f64()
+                })
+                .collect();
+            times.sort_by(f64::total_cmp);
+            (world, times[times.len() / 2])
+        })
+        .collect()
 }
 
 /// Rounds of the stall measurement.

@@ -20,7 +20,7 @@ use super::loader::{BatchShape, Prefetcher};
 use super::metrics::{MetricsLine, MetricsLog, Pace, Throughput};
 use super::saver::Saver;
 use super::tensorboard;
-use super::trainer::Trainer;
+use super::trainer::{StepReport, Trainer};
 use crate::Context;
 use crate::checkpoint;
 use crate::frame::Outcome;
@@ -160,12 +160,7 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
     trainer.state.history.stopped = false;
     let mut pace = Pace::new(&job, first_step);
     trainer.state.history.startup_seconds += begun.elapsed().as_secs_f64();
-    // Rank 0 schedules checkpoints a step ahead; the decision travels with the step's all-reduce,
-    // so that every rank saves its shard of the same step.
-    let due = |interval: &Interval, trainer: &Trainer, step: u64| {
-        trainer.leader() && (interval.due(step, &trainer.state.history) || step == job.total_steps)
-    };
-    let mut scheduled = due(&interval, &trainer, first_step + 1);
+    let mut scheduled = due(&interval, &trainer, &job, first_step + 1);
     while trainer.state.step < job.total_steps {
         let Some(batch) = prefetch.next() else { break };
         let started = Instant::now();
@@ -179,16 +174,10 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
         let mut line = throughput.line(&trainer.state, &step, started.elapsed().as_secs_f64());
         if !trainer.leader() {
             // Rank 0 measures and logs for the gang; every rank saves its shard.
-            if step.checkpoint || step.stopping {
-                saver.wait().await?;
-                saver.start(trainer.state.step, trainer.snapshot()?, None);
+            match follow(&mut trainer, &mut saver, &step).await? {
+                Some(stopped) => return Ok(stopped),
+                None => continue,
             }
-            if step.stopping {
-                saver.wait().await?;
-                trainer.collective.finish()?;
-                return Ok(Outcome::Preempted { step: trainer.state.step });
-            }
-            continue;
         }
         count_step(&mut trainer, &mut interval, line.seconds);
         // Held-out loss and probes only at scheduled checkpoints: a checkpoint on SIGTERM must be quick
@@ -213,18 +202,43 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
             }
         }
         saver.publish(&mut metrics)?;
-        scheduled = due(&interval, &trainer, trainer.state.step + 1);
+        scheduled = due(&interval, &trainer, &job, trainer.state.step + 1);
     }
     if !trainer.leader() {
-        // The last shard saved, wait for rank 0's commit: a gang whose commit failed must not look
-        // finished.
-        saver.wait().await?;
-        trainer.collective.finish()?;
-        return Ok(Outcome::Joined { step: trainer.state.step });
+        return joined(trainer, saver).await;
     }
     let files = saver.finish().await?;
     let stats = stats(&job, &trainer, &streams, pace.seconds());
     commit(ctx, trainer, files, &mut metrics, &stats, &device).await
+}
+
+/// Whether rank 0 schedules a checkpoint of `step` (the last step is always one). It decides a step
+/// ahead, and the decision travels in the step's all-reduce, so every rank saves its shard of it.
+fn due(interval: &Interval, trainer: &Trainer, job: &Job, step: u64) -> bool {
+    trainer.leader() && (interval.due(step, &trainer.state.history) || step == job.total_steps)
+}
+
+/// A rank other than 0 after `step`: it saves its shard when the step is a checkpoint, and after a
+/// stop request, saves it and stops (`Some`).
+async fn follow(trainer: &mut Trainer, saver: &mut Saver, step: &StepReport) -> Result<Option<Outcome>> {
+    if step.checkpoint || step.stopping {
+        saver.wait().await?;
+        saver.start(trainer.state.step, trainer.snapshot()?, None);
+    }
+    if !step.stopping {
+        return Ok(None);
+    }
+    saver.wait().await?;
+    trainer.collective.finish()?;
+    Ok(Some(Outcome::Preempted { step: trainer.state.step }))
+}
+
+/// A rank other than 0 at the end: once its last shard is saved, it waits for rank 0's commit (a
+/// gang whose commit failed must not look finished).
+async fn joined(mut trainer: Trainer, mut saver: Saver) -> Result<Outcome> {
+    saver.wait().await?;
+    trainer.collective.finish()?;
+    Ok(Outcome::Joined { step: trainer.state.step })
 }
 
 /// With `checkpoint.every: auto`, says the interval chosen after a checkpoint, and why.

@@ -247,11 +247,7 @@ impl Trainer {
     pub fn snapshot(&mut self) -> Result<Copied> {
         self.fence();
         let shard = self.shard();
-        let own = |all: Vec<(String, Tensor)>| -> Vec<(String, Tensor)> {
-            let bytes: Vec<usize> = all.iter().map(|(_, t)| t.elem_count() * t.dtype().size_in_bytes()).collect();
-            let owners = checkpoint::shard_of(&bytes, shard.world);
-            all.into_iter().zip(owners).filter(|(_, o)| *o == shard.rank).map(|(t, _)| t).collect()
-        };
+        let own = |all| checkpoint::own_shard(all, shard);
         let (state, model, optim) =
             (self.state.clone(), own(self.model.params.named()), own(self.optimizer.state(&self.model.params)));
         if self.device.is_cpu() {
