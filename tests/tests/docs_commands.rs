@@ -313,7 +313,25 @@ fn check_kubectl(cmd: &DocCommand, args: &[String], crds: &[Value]) {
                 i += 2;
                 continue;
             }
+            "-l" => {
+                // A selector of the labels the operator puts on its Jobs and pods.
+                use pretrain_operator::labels::{LABEL_ATTEMPT, LABEL_ROLE, LABEL_RUN, LABEL_STAGE};
+                for term in args[i + 1].split(',') {
+                    let key = term.split_once('=').map_or(term, |(k, _)| k);
+                    assert!(
+                        [LABEL_RUN, LABEL_STAGE, LABEL_ATTEMPT, LABEL_ROLE].contains(&key),
+                        "{}: `{shown}`: {key} is not a label the operator sets",
+                        cmd.place
+                    );
+                }
+                i += 2;
+                continue;
+            }
             "-w" | "--watch" | "-A" => {}
+            "jobs" | "pods" if verb == "get" && resource.is_none() => {
+                // The operator's own objects: they are checked by their labels.
+                assert!(args.iter().any(|a| a == "-l"), "{}: `{shown}`: {a} without a selector", cmd.place);
+            }
             _ if a.starts_with('-') => panic!("{}: `{shown}`: flag {a} is not checked here", cmd.place),
             _ if resource.is_none() && verb != "apply" => {
                 let (name, path) = a.split_once('.').map_or((a, None), |(n, p)| (n, Some(p)));
