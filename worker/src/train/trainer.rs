@@ -1,7 +1,7 @@
-//! One optimizer step at a time: gradient accumulation over micro-batches, the data-parallel
-//! average, clipping, the learning rate, loss-spike handling and the update, with the train state a
-//! checkpoint records. [`Trainer::step`] returns what the step did; metrics, checkpoints and the
-//! loop around it are the stage's.
+//! One optimizer step at a time: gradient accumulation over micro-batches in gradient groups, the
+//! data-parallel sum of the groups in one order, clipping, the learning rate, loss-spike handling
+//! and the update, with the train state a checkpoint records. [`Trainer::step`] returns what the
+//! step did; metrics, checkpoints and the loop around it are the stage's.
 
 use std::collections::VecDeque;
 
