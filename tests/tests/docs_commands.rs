@@ -314,16 +314,7 @@ fn check_kubectl(cmd: &DocCommand, args: &[String], crds: &[Value]) {
                 continue;
             }
             "-l" => {
-                // A selector of the labels the operator puts on its Jobs and pods.
-                use pretrain_operator::labels::{LABEL_ATTEMPT, LABEL_ROLE, LABEL_RUN, LABEL_STAGE};
-                for term in args[i + 1].split(',') {
-                    let key = term.split_once('=').map_or(term, |(k, _)| k);
-                    assert!(
-                        [LABEL_RUN, LABEL_STAGE, LABEL_ATTEMPT, LABEL_ROLE].contains(&key),
-                        "{}: `{shown}`: {key} is not a label the operator sets",
-                        cmd.place
-                    );
-                }
+                check_selector(cmd, &shown, &args[i + 1]);
                 i += 2;
                 continue;
             }
@@ -347,6 +338,19 @@ fn check_kubectl(cmd: &DocCommand, args: &[String], crds: &[Value]) {
             _ => {} // an object's name
         }
         i += 1;
+    }
+}
+
+/// A label selector (`-l`) of the labels the operator puts on its Jobs and pods.
+fn check_selector(cmd: &DocCommand, shown: &str, selector: &str) {
+    use pretrain_operator::labels::{LABEL_ATTEMPT, LABEL_ROLE, LABEL_RUN, LABEL_STAGE};
+    for term in selector.split(',') {
+        let key = term.split_once('=').map_or(term, |(k, _)| k);
+        assert!(
+            [LABEL_RUN, LABEL_STAGE, LABEL_ATTEMPT, LABEL_ROLE].contains(&key),
+            "{}: `{shown}`: {key} is not a label the operator sets",
+            cmd.place
+        );
     }
 }
 
