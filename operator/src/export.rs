@@ -12,7 +12,7 @@
 use std::path::{Path, PathBuf};
 
 use pretrain_crd::Stage;
-use pretrain_store::artifact::{Manifest, Scaling, TrainState};
+use pretrain_store::artifact::{Manifest, Scaling, TrainState, is_file_of};
 use pretrain_store::{StageDir, Store};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -103,11 +103,6 @@ async fn verified(dir: &StageDir, name: &str, manifest: &Manifest, file: &str) -
         )));
     }
     Ok(bytes)
-}
-
-/// Whether a checkpoint file holds weights: `model.safetensors`, or a shard of it.
-fn is_model_file(path: &str) -> bool {
-    path == "model.safetensors" || (path.starts_with("model-") && path.ends_with(".safetensors"))
 }
 
 /// The weight files of an export from a checkpoint's model files (`(name, bytes)`, as the manifest
@@ -208,7 +203,7 @@ pub async fn export(store: &Store, run: &str, which: &str, out: &Path) -> Result
     let state: TrainState =
         serde_json::from_slice(&state_bytes).map_err(|e| ExportError::Checkpoint(format!("{url}/state.json: {e}")))?;
     let mut shards = Vec::new();
-    for entry in manifest.files.iter().filter(|f| is_model_file(&f.path)) {
+    for entry in manifest.files.iter().filter(|f| is_file_of(&f.path, "model")) {
         shards.push((entry.path.clone(), verified(&dir, &name, &manifest, &entry.path).await?));
     }
     let weights = hf_weights(shards).map_err(|e| ExportError::Checkpoint(format!("{url}: {e}")))?;

@@ -108,10 +108,7 @@ pub fn model_sha(store: &Path) -> String {
         .unwrap()
         .iter()
         .map(|f| f["path"].as_str().unwrap())
-        .filter(|p| {
-            let file = p.rsplit('/').next().unwrap_or_default();
-            file == "model.safetensors" || (file.starts_with("model-") && file.ends_with(".safetensors"))
-        })
+        .filter(|p| pretrain_store::artifact::is_file_of(p.rsplit('/').next().unwrap_or_default(), "model"))
         .map(|p| std::fs::read(store.join("train").join(p)).unwrap())
         .collect();
     assert!(!files.is_empty(), "{}: the train stage committed no weights", store.display());

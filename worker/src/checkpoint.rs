@@ -21,7 +21,7 @@ use candle_core::{DType, Device, Tensor};
 use pretrain_store::{FileEntry, StageDir};
 use safetensors::tensor::{Metadata, TensorInfo};
 
-pub use pretrain_store::artifact::{FORMAT_VERSION, Manifest, TrainState, dir_name};
+pub use pretrain_store::artifact::{FORMAT_VERSION, Manifest, TrainState, dir_name, is_file_of};
 
 /// One tensor copied to host memory, as a safetensors file stores it.
 #[derive(Debug, Clone)]
@@ -322,11 +322,6 @@ async fn wait_for_part(
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-}
-
-/// Whether `path` is a file of `kind` (`model`, `optim`): whole, or a shard.
-pub fn is_file_of(path: &str, kind: &str) -> bool {
-    path == format!("{kind}.safetensors") || (path.starts_with(&format!("{kind}-")) && path.ends_with(".safetensors"))
 }
 
 /// Steps of the checkpoint directories under `ckpt/`, newest first (whether or not complete).

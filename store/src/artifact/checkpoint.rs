@@ -329,3 +329,10 @@ impl Manifest {
 pub fn dir_name(step: u64) -> String {
     format!("step-{step:09}")
 }
+
+/// Whether a checkpoint file (a name in its directory) holds `kind` (`model`, `optim`): the whole
+/// `<kind>.safetensors` one process writes, or a shard `<kind>-<r>-of-<w>.safetensors` of a gang.
+pub fn is_file_of(file: &str, kind: &str) -> bool {
+    file.strip_prefix(kind)
+        .is_some_and(|rest| rest == ".safetensors" || (rest.starts_with('-') && rest.ends_with(".safetensors")))
+}

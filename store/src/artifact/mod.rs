@@ -4,8 +4,9 @@
 //! - `<run>/data-prep/shards/NNNNN.jsonl.zst`: [`DocumentLine`]s; the stage's commit carries
 //!   [`DataPrepStats`].
 //! - `<run>/{train,long-context}/ckpt/step-NNNNNNNNN/` ([`dir_name`]): `state.json`
-//!   ([`TrainState`], with the model's shape, [`LlamaConfig`]), `model.safetensors`,
-//!   `optim.safetensors`, and [`Manifest`] (`MANIFEST.json`) written last.
+//!   ([`TrainState`], with the model's shape, [`LlamaConfig`]), `model.safetensors` and
+//!   `optim.safetensors` (or a gang's shards of them, [`is_file_of`]), and [`Manifest`]
+//!   (`MANIFEST.json`) written last.
 //! - `<run>/{train,long-context}/metrics.jsonl`: one [`MetricsLine`] a step; the stage's commit
 //!   carries [`TrainStats`].
 
@@ -17,6 +18,7 @@ mod train;
 
 pub use checkpoint::{
     FORMAT_VERSION, InvalidManifest, LlamaConfig, Manifest, ParamKind, RunHistory, Scaling, TrainState, dir_name,
+    is_file_of,
 };
 pub use data::{
     ClassifierEval, DataPrepStats, DedupStats, DocumentLine, HeldOutStats, MapStats, MixStats, QualityStats, Skipped,

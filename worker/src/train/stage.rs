@@ -191,7 +191,7 @@ pub async fn run(ctx: &Context, stop: Arc<AtomicBool>) -> Result<Outcome> {
         pace.report(&line);
         if step.checkpoint || step.stopping {
             trainer.state.history.stopped = step.stopping;
-            save(&mut trainer, &mut saver, &mut metrics).await?;
+            save(&mut trainer, &mut saver, Some(&mut metrics)).await?;
             interval.checkpointed(trainer.state.step, held.elapsed().as_secs_f64());
             announce_interval(&job, &interval, &trainer.state.history, spec.train.checkpoint.every);
             if step.stopping {
@@ -222,8 +222,7 @@ fn due(interval: &Interval, trainer: &Trainer, job: &Job, step: u64) -> bool {
 /// stop request, saves it and stops (`Some`).
 async fn follow(trainer: &mut Trainer, saver: &mut Saver, step: &StepReport) -> Result<Option<Outcome>> {
     if step.checkpoint || step.stopping {
-        saver.wait().await?;
-        saver.start(trainer.state.step, trainer.snapshot()?, None);
+        save(trainer, saver, None).await?;
     }
     if !step.stopping {
         return Ok(None);
@@ -266,15 +265,16 @@ fn count_step(trainer: &mut Trainer, interval: &mut Interval, seconds: f64) {
     interval.step_done(seconds - fenced);
 }
 
-/// Waits for the save in flight, then hands a snapshot of the trainer to the saver, with the metrics
-/// of its steps. The time this takes is the next checkpoint's to record.
-async fn save(trainer: &mut Trainer, saver: &mut Saver, metrics: &mut MetricsLog) -> Result<()> {
+/// Waits for the save in flight, then hands a snapshot of this rank's shard to the saver, with the
+/// metrics of its steps on rank 0. The time this takes is the next checkpoint's to record.
+async fn save(trainer: &mut Trainer, saver: &mut Saver, metrics: Option<&mut MetricsLog>) -> Result<()> {
     let saving = Instant::now();
     saver.wait().await?;
     trainer.state.saved_unix =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok().map(|d| d.as_secs());
     let step = trainer.state.step;
-    saver.start(step, trainer.snapshot()?, Some(metrics.bytes()?));
+    let metrics = metrics.map(MetricsLog::bytes).transpose()?;
+    saver.start(step, trainer.snapshot()?, metrics);
     trainer.state.history.checkpoint_seconds += saving.elapsed().as_secs_f64();
     Ok(())
 }

@@ -176,8 +176,9 @@ impl Trainer {
             );
         }
         state.world_size = ctx.world_size;
-        // Every rank must resume from the same step (a checkpoint written meanwhile could differ).
-        let leader_step = collective.broadcast(&Tensor::new(&[state.step as f32], device)?, 0)?.to_vec1::<f32>()?[0];
+        // Every rank must resume from the same step (a checkpoint written meanwhile could differ),
+        // and learns the gang's id from rank 0 in the same broadcast.
+        let (leader_step, gang) = leader_start(collective.as_mut(), state.step, device)?;
         if leader_step != state.step as f32 {
             return Err(TrainError::RankMismatch {
                 rank: collective.rank(),
@@ -185,7 +186,6 @@ impl Trainer {
                 leader: leader_step as u64,
             });
         }
-        let gang = gang_id(collective.as_mut(), device)?;
         let recompute = spec.train.recompute_activations;
         let mut model = Llama::new(job.config.clone(), params, job.seq_len, device)?;
         model.set_recompute(recompute);
@@ -377,15 +377,15 @@ impl Trainer {
     }
 }
 
-/// A number naming this attempt's gang, the same on every rank: rank 0's random 48 bits (two 24-bit
-/// halves, which fp32 carries exactly).
-fn gang_id(collective: &mut dyn Collective, device: &Device) -> Result<u64> {
+/// Rank 0's step (as fp32) and a number naming this attempt's gang, the same on every rank: rank 0's
+/// random 48 bits (two 24-bit halves, which fp32 carries exactly), in one broadcast.
+fn leader_start(collective: &mut dyn Collective, step: u64, device: &Device) -> Result<(f32, u64)> {
     use std::hash::{BuildHasher, Hasher};
     // The standard library's hasher keys come from the operating system's randomness.
     let random = std::collections::hash_map::RandomState::new().build_hasher().finish();
-    let halves = [(random & 0xFF_FFFF) as f32, ((random >> 24) & 0xFF_FFFF) as f32];
-    let shared = collective.broadcast(&Tensor::new(&halves, device)?, 0)?.to_vec1::<f32>()?;
-    Ok(shared[0] as u64 | (shared[1] as u64) << 24)
+    let values = [step as f32, (random & 0xFF_FFFF) as f32, ((random >> 24) & 0xFF_FFFF) as f32];
+    let shared = collective.broadcast(&Tensor::new(&values, device)?, 0)?.to_vec1::<f32>()?;
+    Ok((shared[0], shared[1] as u64 | (shared[2] as u64) << 24))
 }
 
 /// The weights, optimizer and state of the stage's own checkpoint, which must be of the job's model.
